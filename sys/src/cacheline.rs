@@ -1,0 +1,290 @@
+//! Cache-line write-back, invalidation and fences for memory that is not kept coherent by
+//! hardware (a CXL pool shared by several hosts).
+//!
+//! The instruction is chosen once at run time from CPUID (x86_64) and can be overridden for
+//! tests. On x86_64: `clwb` (write back, keep the line) is preferred for write-back, `clflushopt`
+//! (write back and evict) for invalidation, `clflush` is the fallback for both. On aarch64:
+//! `dc cvac` (clean to the point of coherence) and `dc civac` (clean and invalidate). Elsewhere
+//! the operations are fences only and [`FlushInstr::None`] is reported, so that the build works
+//! on every target and the choice is visible.
+
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// Size of a cache line, the unit of every pool layout decision.
+pub const CACHE_LINE: usize = 64;
+
+/// Instruction used to write back or invalidate a cache line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum FlushInstr {
+    /// x86_64 `clwb`: write back, the line may stay cached (write-back only).
+    Clwb,
+    /// x86_64 `clflushopt`: write back and invalidate, weakly ordered (needs `sfence`).
+    Clflushopt,
+    /// x86_64 `clflush`: write back and invalidate, strongly ordered.
+    Clflush,
+    /// aarch64 `dc cvac` (write-back) / `dc civac` (invalidate).
+    DcCivac,
+    /// No instruction available on this target: fences only.
+    None,
+}
+
+impl FlushInstr {
+    pub fn name(self) -> &'static str {
+        match self {
+            FlushInstr::Clwb => "clwb",
+            FlushInstr::Clflushopt => "clflushopt",
+            FlushInstr::Clflush => "clflush",
+            FlushInstr::DcCivac => "dc civac",
+            FlushInstr::None => "none",
+        }
+    }
+}
+
+/// What this CPU offers, detected once.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FlushSupport {
+    pub clflush: bool,
+    pub clflushopt: bool,
+    pub clwb: bool,
+    pub aarch64_dc: bool,
+}
+
+impl FlushSupport {
+    /// Reads the CPU's features (CPUID leaf 1 and 7 on x86_64).
+    pub fn detect() -> FlushSupport {
+        static CACHE: AtomicU8 = AtomicU8::new(0);
+        let bits = match CACHE.load(Ordering::Relaxed) {
+            0 => {
+                let b = detect_bits() | 0x80;
+                CACHE.store(b, Ordering::Relaxed);
+                b
+            }
+            b => b,
+        };
+        FlushSupport {
+            clflush: bits & 1 != 0,
+            clflushopt: bits & 2 != 0,
+            clwb: bits & 4 != 0,
+            aarch64_dc: bits & 8 != 0,
+        }
+    }
+
+    /// The instruction to use for writing back a line before publishing a signal.
+    pub fn writeback_instr(self) -> FlushInstr {
+        if self.clwb {
+            FlushInstr::Clwb
+        } else {
+            self.invalidate_instr()
+        }
+    }
+
+    /// The instruction to use for dropping a line before polling it.
+    pub fn invalidate_instr(self) -> FlushInstr {
+        if self.clflushopt {
+            FlushInstr::Clflushopt
+        } else if self.clflush {
+            FlushInstr::Clflush
+        } else if self.aarch64_dc {
+            FlushInstr::DcCivac
+        } else {
+            FlushInstr::None
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+fn detect_bits() -> u8 {
+    use std::arch::x86_64::__cpuid_count;
+    #[allow(unused_unsafe)]
+    // SAFETY: CPUID exists on every x86_64 CPU; leaf 0 reports the highest leaf, so leaf 7
+    // is only read when the CPU has it.
+    let (max_leaf, leaf1, leaf7) = unsafe {
+        let max_leaf = __cpuid_count(0, 0).eax;
+        let leaf1 = __cpuid_count(1, 0);
+        let leaf7 = if max_leaf >= 7 {
+            __cpuid_count(7, 0).ebx
+        } else {
+            0
+        };
+        (max_leaf, leaf1, leaf7)
+    };
+    let _ = max_leaf;
+    let mut bits = 0;
+    if leaf1.edx & (1 << 19) != 0 {
+        bits |= 1;
+    }
+    if leaf7 & (1 << 23) != 0 {
+        bits |= 2;
+    }
+    if leaf7 & (1 << 24) != 0 {
+        bits |= 4;
+    }
+    bits
+}
+
+#[cfg(target_arch = "aarch64")]
+fn detect_bits() -> u8 {
+    8
+}
+
+#[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+fn detect_bits() -> u8 {
+    0
+}
+
+/// Writes back (and for some instructions evicts) every cache line of `[ptr, ptr + len)`.
+/// Weakly ordered: call [`store_fence`] before publishing a signal that depends on it.
+///
+/// # Safety
+/// `[ptr, ptr + len)` must lie inside one live mapping of this process (a flush of an unmapped
+/// address faults). The bytes are not read or changed, so concurrent writers are allowed.
+pub unsafe fn flush_range(instr: FlushInstr, ptr: *const u8, len: usize) {
+    if len == 0 {
+        return;
+    }
+    let start = ptr as usize & !(CACHE_LINE - 1);
+    let end = ptr as usize + len;
+    let mut line = start;
+    while line < end {
+        // SAFETY: `line` is inside the mapped range the caller vouched for (the first line may
+        // start before `ptr`, but a mapping is page aligned, so that line is mapped too).
+        unsafe { flush_line(instr, line as *const u8) };
+        line += CACHE_LINE;
+    }
+}
+
+/// # Safety
+/// `line` must be an address inside a live mapping.
+#[inline(always)]
+unsafe fn flush_line(instr: FlushInstr, line: *const u8) {
+    match instr {
+        #[cfg(target_arch = "x86_64")]
+        FlushInstr::Clwb => {
+            // SAFETY: the caller guarantees `line` is mapped; clwb neither reads nor writes
+            // the bytes as data. The variant is only chosen when CPUID reports clwb.
+            unsafe { std::arch::asm!("clwb [{0}]", in(reg) line, options(nostack, preserves_flags)) }
+        }
+        #[cfg(target_arch = "x86_64")]
+        FlushInstr::Clflushopt => {
+            // SAFETY: as above; only chosen when CPUID reports clflushopt.
+            unsafe {
+                std::arch::asm!("clflushopt [{0}]", in(reg) line, options(nostack, preserves_flags))
+            }
+        }
+        #[cfg(target_arch = "x86_64")]
+        FlushInstr::Clflush => {
+            // SAFETY: as above; clflush is part of SSE2, present on every x86_64 CPU.
+            unsafe { std::arch::x86_64::_mm_clflush(line) }
+        }
+        #[cfg(target_arch = "aarch64")]
+        FlushInstr::DcCivac => {
+            // SAFETY: the caller guarantees `line` is mapped; `dc civac` is allowed at EL0 on
+            // Linux (SCTLR_EL1.UCI is set) and does not change the data.
+            unsafe { std::arch::asm!("dc civac, {0}", in(reg) line, options(nostack, preserves_flags)) }
+        }
+        _ => {}
+    }
+}
+
+/// Orders every earlier store and flush before every later store (x86 `sfence`; aarch64
+/// `dsb st`). Use between flushing data and storing the signal that publishes it.
+#[inline(always)]
+pub fn store_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: sfence has no operands and no memory effects besides ordering.
+    unsafe {
+        std::arch::x86_64::_mm_sfence()
+    }
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: a barrier instruction with no operands.
+    unsafe {
+        std::arch::asm!("dsb st", options(nostack, preserves_flags))
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    std::sync::atomic::fence(Ordering::SeqCst);
+}
+
+/// Orders earlier loads and flushes before later loads (x86 `lfence`; aarch64 `dsb ld`). Use
+/// after invalidating a polled line and before reading it.
+#[inline(always)]
+pub fn load_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: lfence has no operands and no memory effects besides ordering.
+    unsafe {
+        std::arch::x86_64::_mm_lfence()
+    }
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: a barrier instruction with no operands.
+    unsafe {
+        std::arch::asm!("dsb ld", options(nostack, preserves_flags))
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    std::sync::atomic::fence(Ordering::SeqCst);
+}
+
+/// Full fence (x86 `mfence`; aarch64 `dsb sy`): orders a flush (`clflushopt`) before later
+/// loads, which `lfence` alone does not.
+#[inline(always)]
+pub fn full_fence() {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: mfence has no operands and no memory effects besides ordering.
+    unsafe {
+        std::arch::x86_64::_mm_mfence()
+    }
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: a barrier instruction with no operands.
+    unsafe {
+        std::arch::asm!("dsb sy", options(nostack, preserves_flags))
+    }
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    std::sync::atomic::fence(Ordering::SeqCst);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn detection_reports_a_usable_instruction_on_x86_64() {
+        let s = FlushSupport::detect();
+        if cfg!(target_arch = "x86_64") {
+            assert!(s.clflush, "clflush is part of SSE2");
+            assert_ne!(s.invalidate_instr(), FlushInstr::None);
+            assert_ne!(s.writeback_instr(), FlushInstr::None);
+            if s.clwb {
+                assert_eq!(s.writeback_instr(), FlushInstr::Clwb);
+            }
+        }
+        assert_eq!(FlushSupport::detect(), s, "detection is cached and stable");
+    }
+
+    #[test]
+    fn every_available_instruction_flushes_without_changing_data() {
+        let s = FlushSupport::detect();
+        let mut buf = vec![0u8; 4096];
+        for (i, b) in buf.iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        let mut instrs = vec![FlushInstr::None];
+        if s.clflush {
+            instrs.push(FlushInstr::Clflush);
+        }
+        if s.clflushopt {
+            instrs.push(FlushInstr::Clflushopt);
+        }
+        if s.clwb {
+            instrs.push(FlushInstr::Clwb);
+        }
+        if s.aarch64_dc {
+            instrs.push(FlushInstr::DcCivac);
+        }
+        for instr in instrs {
+            // SAFETY: the range is inside `buf`, which is live.
+            unsafe { flush_range(instr, buf.as_ptr().add(3), 1000) };
+            store_fence();
+            load_fence();
+            full_fence();
+            assert!(buf.iter().enumerate().all(|(i, b)| *b == i as u8), "{instr:?}");
+        }
+    }
+}

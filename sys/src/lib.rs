@@ -1,0 +1,22 @@
+//! The FFI boundary of Embarcadero: everything that talks to the kernel or uses a CPU
+//! instruction directly lives here, behind small safe (or clearly `unsafe`) wrappers.
+//!
+//! - [`mapping`]: create or open the shared pool (a file in `/dev/shm`, on hugetlbfs, or a
+//!   DAX device) and map it shared.
+//! - [`cacheline`]: cache-line write-back and invalidation (`clwb`, `clflushopt`, `clflush`;
+//!   `dc cvac`/`dc civac` on aarch64) and the fences around them, with run-time detection.
+//! - [`numa`]: bind a mapping to a NUMA node (`mbind`).
+//! - [`cpu`]: pin the calling thread to a CPU.
+//! - [`futex`]: park on, and wake, a 32-bit word of shared memory across processes.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod cacheline;
+pub mod cpu;
+pub mod futex;
+pub mod mapping;
+pub mod numa;
+
+mod error;
+
+pub use error::{SysError, SysResult};
