@@ -1,1 +1,16 @@
-//! placeholder
+//! The data plane of Embarcadero: the shared pool and everything that lives in it.
+//!
+//! Follow a batch: a publisher's batch lands in a [segment](pool::segments) of the
+//! [pool](pool::Pool); the broker checks its [descriptor](batch) and publishes it into its
+//! [batch ring](ring); the sequencer takes it from the ring and gives it a place in the total
+//! order. Pool layout and the single-writer table: `docs/pool-layout.md`.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+pub mod batch;
+pub mod error;
+pub mod pool;
+pub mod ring;
+pub mod sync;
+
+pub use error::{PoolError, PoolResult};

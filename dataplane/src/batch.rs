@@ -1,0 +1,104 @@
+//! A batch descriptor: the plain values of a [`BatchHeader`]'s producer line, and the checks
+//! every descriptor written by another process passes before anything uses it.
+
+use crate::pool::geometry::PoolGeometry;
+use crate::pool::layout::*;
+use crate::sync::Ordering::Relaxed;
+
+/// The producer line of a batch header, as plain values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct BatchDesc {
+    pub batch_seq: u64,
+    pub client_id: u64,
+    pub num_msg: u32,
+    pub broker_id: u32,
+    pub total_size: u64,
+    pub log_idx: u64,
+    pub start_logical_offset: u64,
+    pub version_flags: u64,
+}
+
+impl BatchDesc {
+    /// Stores every producer field except `ready` (the ring publishes that).
+    pub fn store(&self, h: &BatchHeader) {
+        h.batch_seq.store(self.batch_seq, Relaxed);
+        h.client_id.store(self.client_id, Relaxed);
+        h.num_msg.store(self.num_msg, Relaxed);
+        h.broker_id.store(self.broker_id, Relaxed);
+        h.total_size.store(self.total_size, Relaxed);
+        h.log_idx.store(self.log_idx, Relaxed);
+        h.start_logical_offset.store(self.start_logical_offset, Relaxed);
+        h.version_flags.store(self.version_flags, Relaxed);
+    }
+
+    /// Copies the producer fields out of a header.
+    pub fn load(h: &BatchHeader) -> BatchDesc {
+        BatchDesc {
+            batch_seq: h.batch_seq.load(Relaxed),
+            client_id: h.client_id.load(Relaxed),
+            num_msg: h.num_msg.load(Relaxed),
+            broker_id: h.broker_id.load(Relaxed),
+            total_size: h.total_size.load(Relaxed),
+            log_idx: h.log_idx.load(Relaxed),
+            start_logical_offset: h.start_logical_offset.load(Relaxed),
+            version_flags: h.version_flags.load(Relaxed),
+        }
+    }
+
+    pub fn version(&self) -> u32 {
+        self.version_flags as u32
+    }
+}
+
+/// What a batch published into one broker's ring may claim.
+#[derive(Clone, Copy, Debug)]
+pub struct BatchLimits {
+    pub geometry: PoolGeometry,
+    pub broker_id: u32,
+}
+
+impl BatchLimits {
+    pub fn new(geometry: PoolGeometry, broker_id: u32) -> BatchLimits {
+        BatchLimits {
+            geometry,
+            broker_id,
+        }
+    }
+
+    /// Checks every field of `d`; on failure says which one and why.
+    pub fn check(&self, d: &BatchDesc) -> Result<(), String> {
+        if d.version() != BATCH_HEADER_VERSION {
+            return Err(format!(
+                "header version {} (expected {BATCH_HEADER_VERSION})",
+                d.version()
+            ));
+        }
+        if d.broker_id != self.broker_id {
+            return Err(format!(
+                "broker id {} in the ring of broker {}",
+                d.broker_id, self.broker_id
+            ));
+        }
+        if d.num_msg == 0 || d.num_msg > BATCH_MESSAGES_MAX {
+            return Err(format!(
+                "message count {} (must be 1..={BATCH_MESSAGES_MAX})",
+                d.num_msg
+            ));
+        }
+        let min = u64::from(d.num_msg) * message_stride(0);
+        if d.total_size < min || d.total_size > self.geometry.segment_bytes {
+            return Err(format!(
+                "total size {} for {} messages (must be {min}..={})",
+                d.total_size, d.num_msg, self.geometry.segment_bytes
+            ));
+        }
+        if d.total_size % CACHE_LINE as u64 != 0 || d.log_idx % CACHE_LINE as u64 != 0 {
+            return Err(format!(
+                "payload offset {} or size {} is not 64-byte aligned",
+                d.log_idx, d.total_size
+            ));
+        }
+        self.geometry.check_data_range(d.log_idx, d.total_size)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,70 @@
+use std::path::PathBuf;
+
+use embar_sys::SysError;
+
+/// Every error of the data plane, with the context a user needs to act on it.
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error(transparent)]
+    Sys(#[from] SysError),
+    #[error("{path} is not an Embarcadero pool (magic {found:#018x}, expected {expected:#018x}); nothing was written")]
+    NotAPool {
+        path: PathBuf,
+        found: u64,
+        expected: u64,
+    },
+    #[error("{path} has pool layout version {found}, this build reads version {expected}; nothing was written")]
+    VersionMismatch {
+        path: PathBuf,
+        found: u32,
+        expected: u32,
+    },
+    #[error("{path}: the superblock says {recorded} bytes but the backing holds {actual}; nothing was written")]
+    SizeMismatch {
+        path: PathBuf,
+        recorded: u64,
+        actual: u64,
+    },
+    #[error("{path}: pool is {actual} bytes, the configuration expects {expected}; nothing was written")]
+    UnexpectedSize {
+        path: PathBuf,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("{path}: corrupt layout: {reason}; nothing was written")]
+    CorruptLayout { path: PathBuf, reason: String },
+    #[error("invalid pool configuration: {0}")]
+    Config(String),
+    #[error("topic name {0:?} is invalid: {1}")]
+    TopicName(String, &'static str),
+    #[error("topic {0:?} already exists")]
+    TopicExists(String),
+    #[error("unknown topic {0:?}")]
+    UnknownTopic(String),
+    #[error("topic table is full ({0} topics); delete a topic or format a pool with more")]
+    TopicTableFull(u32),
+    #[error("invalid topic configuration: {0}")]
+    TopicConfig(String),
+    #[error("no free segment of {segment_bytes} bytes left in the pool ({segment_count} in all{scope})")]
+    NoFreeSegment {
+        segment_bytes: u64,
+        segment_count: u64,
+        scope: String,
+    },
+    #[error("segment {segment} is not owned by {claimed} (owner word {owner:#x})")]
+    NotSegmentOwner {
+        segment: u64,
+        claimed: String,
+        owner: u64,
+    },
+    #[error("bad log range: {0}")]
+    BadRange(String),
+    #[error("{what} {value} is out of range (limit {limit})")]
+    OutOfRange {
+        what: &'static str,
+        value: u64,
+        limit: u64,
+    },
+}
+
+pub type PoolResult<T> = Result<T, PoolError>;

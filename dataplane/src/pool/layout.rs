@@ -1,0 +1,286 @@
+//! Every record that lives in the pool, with its size and the role that writes each line.
+//!
+//! All pool words are atomics: other processes (and, on CXL, other hosts) read and write them
+//! concurrently, so a plain load or store would be a data race. A `Relaxed` atomic store
+//! compiles to a plain `mov` on x86_64 and aarch64, so this costs nothing on the hot path.
+//! Only payload bytes (messages inside segments) are plain memory, handed from writer to
+//! reader by the ring's readiness word.
+//!
+//! The single-writer table (which role writes which 64-byte line) is in `docs/pool-layout.md`
+//! and repeated on each record below.
+
+use crate::sync::{AtomicU32, AtomicU64};
+
+/// Cache line size: the unit of ownership in the pool.
+pub const CACHE_LINE: usize = 64;
+/// `"EMBARCXL"` little-endian; written last when a pool is formatted.
+pub const POOL_MAGIC: u64 = u64::from_le_bytes(*b"EMBARCXL");
+/// Bumped whenever any record or region below changes shape.
+pub const LAYOUT_VERSION: u32 = 1;
+/// Brokers a topic can have; fixes the size of a [`TInode`].
+pub const MAX_BROKERS: usize = 32;
+/// Longest topic name, in bytes of UTF-8.
+pub const TOPIC_NAME_MAX_BYTES: usize = 192;
+/// Most topics a pool can be formatted for.
+pub const MAX_TOPICS_LIMIT: u32 = 4096;
+/// Ring slot count bounds (a power of two in between).
+pub const RING_SLOTS_MIN: u32 = 2;
+pub const RING_SLOTS_MAX: u32 = 1 << 20;
+/// Smallest segment; segments are multiples of 4 KiB.
+pub const SEGMENT_BYTES_MIN: u64 = 64 << 10;
+/// Largest message payload.
+pub const MESSAGE_BYTES_MAX: u64 = 64 << 20;
+/// Most messages in one batch.
+pub const BATCH_MESSAGES_MAX: u32 = 1 << 20;
+/// Version stamped in every batch header this build writes.
+pub const BATCH_HEADER_VERSION: u32 = 1;
+/// Superblock alignment of every region after it.
+pub const REGION_ALIGN: u64 = 4096;
+
+/// The first 256 bytes of a pool.
+///
+/// | line | writer | contents |
+/// |---|---|---|
+/// | 0 | formatter (once) | magic, version, sizes, identity |
+/// | 1 | formatter (once) | geometry: counts, region offsets |
+/// | 2 | control process | cluster epoch |
+/// | 3 | nobody yet | reserved |
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct Superblock {
+    /// [`POOL_MAGIC`] once formatting is complete; stored last.
+    pub magic: AtomicU64,
+    pub layout_version: AtomicU32,
+    pub superblock_bytes: AtomicU32,
+    pub pool_bytes: AtomicU64,
+    /// Random identity of this pool, chosen at format time.
+    pub pool_id: AtomicU64,
+    pub created_unix_ms: AtomicU64,
+    /// 0: coherent, 1: non-coherent (see [`crate::pool::coherence`]).
+    pub coherence_mode: AtomicU32,
+    pub _pad0: AtomicU32,
+    pub _pad1: [AtomicU64; 2],
+    pub geometry: GeometryWords,
+    /// Cluster epoch, raised by the control process; fences stale writers.
+    pub epoch: AtomicU64,
+    pub _pad2: [AtomicU64; 7],
+    pub _reserved: [AtomicU64; 8],
+}
+
+/// Line 1 of the superblock: enough to recompute and cross-check every region.
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct GeometryWords {
+    pub max_topics: AtomicU32,
+    pub max_brokers: AtomicU32,
+    pub ring_slots: AtomicU32,
+    pub _pad: AtomicU32,
+    pub segment_bytes: AtomicU64,
+    pub topic_table_offset: AtomicU64,
+    pub ring_region_offset: AtomicU64,
+    pub segment_table_offset: AtomicU64,
+    pub segment_pool_offset: AtomicU64,
+    pub segment_count: AtomicU64,
+}
+
+/// One topic in the topic table ("TInode"): a header written by the control process, then one
+/// [`BrokerEntry`] per broker.
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct TInode {
+    pub header: TopicHeader,
+    pub brokers: [BrokerEntry; MAX_BROKERS],
+}
+
+/// Topic metadata. Writer: the control process (lines 0-3). Readers take a consistent copy by
+/// reading `state` before and after (a sequence lock on the generation).
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct TopicHeader {
+    /// `generation << 8 | TopicState`; see [`crate::pool::topics`].
+    pub state: AtomicU64,
+    /// FNV-1a 64 of the full name.
+    pub name_hash: AtomicU64,
+    pub name_len: AtomicU64,
+    /// `order | ack << 8 | replication_factor << 16`.
+    pub config: AtomicU64,
+    pub batch_bytes: AtomicU64,
+    /// Cluster epoch at creation.
+    pub created_epoch: AtomicU64,
+    pub _pad: [AtomicU64; 2],
+    /// Name bytes, little-endian packed, zero padded.
+    pub name: [AtomicU64; TOPIC_NAME_MAX_BYTES / 8],
+}
+
+/// The per-broker part of a [`TInode`]: three regions with three different writers, each on
+/// its own cache lines (the original's single 256-byte offset entry, split).
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct BrokerEntry {
+    pub broker: BrokerRegion,
+    pub replication: ReplicationRegion,
+    pub sequencer: SequencerRegion,
+}
+
+/// Writer: broker `b` (its receive path).
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct BrokerRegion {
+    /// Pool offset of the broker's current log tail (next byte to be granted).
+    pub log_offset: AtomicU64,
+    /// Pool offset of this (topic, broker)'s batch ring.
+    pub batch_headers_offset: AtomicU64,
+    /// Ring slots published so far (the ring's producer count).
+    pub written: AtomicU64,
+    /// Pool offset of the last batch published.
+    pub written_addr: AtomicU64,
+    pub _pad: [AtomicU64; 4],
+}
+
+/// Writer: broker `b`'s replication (`replication_done[src]`: bytes of broker `src`'s
+/// ordered batches that `b` holds durably).
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct ReplicationRegion {
+    pub replication_done: [AtomicU64; MAX_BROKERS],
+}
+
+/// Writer: the sequencer.
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct SequencerRegion {
+    /// Messages of this broker given a place in the order.
+    pub ordered: AtomicU64,
+    /// Pool offset of the last batch header ordered.
+    pub ordered_offset: AtomicU64,
+    /// Ring slots fully processed, a contiguous prefix; the ring's consumer watermark.
+    pub ring_consumed: AtomicU64,
+    pub _pad: [AtomicU64; 5],
+}
+
+/// A batch: the wire header a publisher sends and the ring slot a broker publishes.
+///
+/// | line | writer | contents |
+/// |---|---|---|
+/// | 0 | publisher, then the broker that publishes the slot | batch fields; `ready` last |
+/// | 1 | sequencer | `total_order`, `ordered` |
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct BatchHeader {
+    /// Per-client dense counter 0, 1, 2, ...
+    pub batch_seq: AtomicU64,
+    pub client_id: AtomicU64,
+    pub num_msg: AtomicU32,
+    pub broker_id: AtomicU32,
+    /// Bytes of the batch payload (message headers and payloads, each 64-byte padded).
+    pub total_size: AtomicU64,
+    /// Pool offset of the payload.
+    pub log_idx: AtomicU64,
+    /// Per-broker logical offset of the first message.
+    pub start_logical_offset: AtomicU64,
+    /// `BATCH_HEADER_VERSION | flags << 32`.
+    pub version_flags: AtomicU64,
+    /// Ring readiness: absolute slot index + 1, stored last. A slot from an earlier lap holds
+    /// a smaller value and is never taken for new.
+    pub ready: AtomicU64,
+    // Line 1: the sequencer.
+    /// First global sequence number of the batch.
+    pub total_order: AtomicU64,
+    /// Absolute slot index + 1 once `total_order` is valid.
+    pub ordered: AtomicU64,
+    pub _pad: [AtomicU64; 6],
+}
+
+/// One message inside a batch payload (as the original `BlogMessageHeader`). Message stride is
+/// `round_up(64 + size, 64)`. Written by the publisher before the batch is published; stamped
+/// by the sequencer under ORDER 4 after the batch is taken, never concurrently.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct MessageHeader {
+    /// Payload bytes following the header.
+    pub size: u32,
+    pub flags: u32,
+    pub client_id: u64,
+    pub batch_seq: u64,
+    /// Per-broker logical offset of this message.
+    pub logical_offset: u64,
+    /// Own total order (ORDER 4 stamps it; otherwise derived from the batch).
+    pub total_order: u64,
+    /// Publisher clock at publish, for latency measurement.
+    pub publish_ts_ns: u64,
+    pub _reserved: [u64; 2],
+}
+
+/// What a subscriber gets for an ordered batch.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DeliveryMeta {
+    pub total_order: u64,
+    pub client_id: u64,
+    pub batch_seq: u64,
+    pub num_msg: u32,
+    pub header_version: u16,
+    pub flags: u16,
+}
+
+/// One segment of the log space. Writer: the owner (allocation is a compare-and-swap on
+/// `owner`, see [`crate::pool::segments`]).
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct SegmentEntry {
+    /// 0 when free; otherwise `OWNED | topic << 16 | broker`.
+    pub owner: AtomicU64,
+    /// Raised by every new owner, so a reader can tell reuse from the same tenancy.
+    pub generation: AtomicU64,
+    pub _pad: [AtomicU64; 6],
+}
+
+/// Bytes a message occupies in a batch payload: header plus payload, 64-byte padded.
+pub const fn message_stride(payload_bytes: u64) -> u64 {
+    (64 + payload_bytes).div_ceil(64) * 64
+}
+
+/// Rounds `v` up to a multiple of `align` (a power of two).
+pub const fn align_up(v: u64, align: u64) -> u64 {
+    (v + align - 1) & !(align - 1)
+}
+
+#[cfg(not(loom))]
+mod size_checks {
+    use super::*;
+    use std::mem::{align_of, offset_of, size_of};
+
+    const _: () = assert!(size_of::<Superblock>() == 256);
+    const _: () = assert!(align_of::<Superblock>() == CACHE_LINE);
+    const _: () = assert!(offset_of!(Superblock, geometry) == 64);
+    const _: () = assert!(offset_of!(Superblock, epoch) == 128);
+    const _: () = assert!(offset_of!(Superblock, _reserved) == 192);
+    const _: () = assert!(size_of::<GeometryWords>() == 64);
+
+    const _: () = assert!(size_of::<TopicHeader>() == 256);
+    const _: () = assert!(offset_of!(TopicHeader, name) == 64);
+    const _: () = assert!(TOPIC_NAME_MAX_BYTES % 8 == 0);
+
+    const _: () = assert!(size_of::<BrokerRegion>() == 64);
+    const _: () = assert!(size_of::<ReplicationRegion>() == 4 * 64);
+    const _: () = assert!(size_of::<SequencerRegion>() == 64);
+    const _: () = assert!(size_of::<BrokerEntry>() == 6 * 64);
+    const _: () = assert!(offset_of!(BrokerEntry, replication) == 64);
+    const _: () = assert!(offset_of!(BrokerEntry, sequencer) == 5 * 64);
+    const _: () = assert!(size_of::<TInode>() == 256 + MAX_BROKERS * 6 * 64);
+    const _: () = assert!(offset_of!(TInode, brokers) == 256);
+
+    const _: () = assert!(size_of::<BatchHeader>() == 128);
+    const _: () = assert!(offset_of!(BatchHeader, ready) == 56);
+    const _: () = assert!(offset_of!(BatchHeader, total_order) == 64);
+    const _: () = assert!(offset_of!(BatchHeader, ordered) == 72);
+
+    const _: () = assert!(size_of::<MessageHeader>() == 64);
+    const _: () = assert!(offset_of!(MessageHeader, total_order) == 32);
+    const _: () = assert!(size_of::<DeliveryMeta>() == 32);
+    const _: () = assert!(size_of::<SegmentEntry>() == 64);
+
+    const _: () = assert!(message_stride(0) == 64);
+    const _: () = assert!(message_stride(1) == 128);
+    const _: () = assert!(message_stride(1024) == 1088);
+}

@@ -1,0 +1,332 @@
+//! The shared pool ("CXL memory"): one mapping that every broker, the sequencer and local
+//! clients map, at any address. Only offsets are ever stored in it.
+//!
+//! [`Pool::create`] formats a new pool (superblock, empty topic table, rings and segment
+//! table; the magic is stored last, so a crash half-way never leaves a pool that opens).
+//! [`Pool::open`] validates an existing one through a read-only mapping, so a wrong, foreign
+//! or damaged file gets a clear error and not a single written byte.
+
+pub mod coherence;
+pub mod geometry;
+pub mod layout;
+pub mod segments;
+pub mod topics;
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::mem::size_of;
+use std::path::Path;
+
+use embar_sys::mapping::{Backing, CreateOptions as MapCreate, SharedMapping};
+
+use crate::error::{PoolError, PoolResult};
+use crate::sync::Ordering::{Acquire, Relaxed};
+use coherence::{Coherence, CoherenceMode, Coherent, NonCoherent};
+use geometry::{PoolConfig, PoolGeometry};
+use layout::*;
+
+/// How to create a pool.
+#[derive(Clone, Debug)]
+pub struct CreateOptions {
+    /// Fault all pages in at creation (`MAP_POPULATE`).
+    pub populate: bool,
+    /// Bind the pool's pages to this NUMA node (the CXL node on a CXL host).
+    pub numa_node: Option<u32>,
+    /// The coherence mode every user of this pool should run with.
+    pub coherence: CoherenceMode,
+}
+
+impl Default for CreateOptions {
+    fn default() -> Self {
+        CreateOptions {
+            populate: false,
+            numa_node: None,
+            coherence: CoherenceMode::Coherent,
+        }
+    }
+}
+
+/// How to open a pool.
+#[derive(Clone, Debug, Default)]
+pub struct OpenOptions {
+    /// Refuse a pool of another size (the configured size).
+    pub expect_bytes: Option<u64>,
+}
+
+/// A mapped, validated pool.
+#[derive(Debug)]
+pub struct Pool {
+    map: SharedMapping,
+    geo: PoolGeometry,
+    mode: CoherenceMode,
+    pool_id: u64,
+}
+
+impl Pool {
+    /// Creates and formats a new pool at `path` (a file in `/dev/shm`, on hugetlbfs, or a DAX
+    /// device). Fails without touching anything if the path exists or `cfg` is invalid.
+    pub fn create(path: &Path, cfg: &PoolConfig, opts: &CreateOptions) -> PoolResult<Pool> {
+        let geo = PoolGeometry::compute(cfg)?;
+        let len = usize::try_from(cfg.pool_bytes)
+            .map_err(|_| PoolError::Config(format!("pool_bytes {} too large", cfg.pool_bytes)))?;
+        let map = SharedMapping::create(
+            path,
+            len,
+            MapCreate {
+                populate: opts.populate && opts.numa_node.is_none(),
+            },
+        )?;
+        let dax = matches!(map.backing(), Backing::DaxDevice { .. });
+        let pool_id = RandomState::new().build_hasher().finish() | 1;
+        let pool = Pool {
+            map,
+            geo,
+            mode: opts.coherence,
+            pool_id,
+        };
+        let result = pool.format(opts, dax);
+        if let Err(e) = result {
+            if !dax {
+                let _ = std::fs::remove_file(path);
+            }
+            return Err(e);
+        }
+        Ok(pool)
+    }
+
+    fn format(&self, opts: &CreateOptions, dax: bool) -> PoolResult<()> {
+        if let Some(node) = opts.numa_node {
+            // SAFETY: the whole mapping is owned by this pool and page aligned.
+            unsafe { embar_sys::numa::bind(self.map.as_ptr(), self.map.len(), node)? };
+        }
+        let meta = self.geo.metadata_bytes() as usize;
+        if dax {
+            // A device keeps old contents; a new file is already zero.
+            // SAFETY: `meta` <= pool length; no other process uses a pool before its magic.
+            unsafe { std::ptr::write_bytes(self.map.as_ptr(), 0, meta) };
+        }
+        let sb = self.superblock();
+        sb.layout_version.store(LAYOUT_VERSION, Relaxed);
+        sb.superblock_bytes.store(size_of::<Superblock>() as u32, Relaxed);
+        sb.pool_bytes.store(self.geo.pool_bytes, Relaxed);
+        sb.pool_id.store(self.pool_id, Relaxed);
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        sb.created_unix_ms.store(now_ms, Relaxed);
+        sb.coherence_mode.store(opts.coherence.code(), Relaxed);
+        self.geo.store(&sb.geometry);
+        for topic in 0..self.geo.max_topics {
+            let t = self.tinode(topic);
+            for broker in 0..self.geo.max_brokers {
+                t.brokers[broker as usize]
+                    .broker
+                    .batch_headers_offset
+                    .store(self.geo.ring_offset(topic, broker), Relaxed);
+            }
+        }
+        // Every metadata line reaches memory before the magic says the pool is ready.
+        let nc = NonCoherent::detect();
+        // SAFETY: `meta` bytes from the start of the mapping are inside it.
+        unsafe { nc.writeback_range(self.map.as_ptr(), meta) };
+        nc.publish(&sb.magic, POOL_MAGIC);
+        Ok(())
+    }
+
+    /// Opens and validates an existing pool; see the module docs.
+    pub fn open(path: &Path, opts: &OpenOptions) -> PoolResult<Pool> {
+        let mut map = SharedMapping::open(path)?;
+        let actual = map.len() as u64;
+        let corrupt = |reason: String| PoolError::CorruptLayout {
+            path: path.to_path_buf(),
+            reason,
+        };
+        if actual < REGION_ALIGN {
+            return Err(PoolError::NotAPool {
+                path: path.to_path_buf(),
+                found: 0,
+                expected: POOL_MAGIC,
+            });
+        }
+        // SAFETY: the mapping is at least 4 KiB, page aligned, and Superblock is made of atomics,
+        // so a shared reference to it is valid while the mapping lives (this function).
+        let sb = unsafe { &*(map.as_ptr() as *const Superblock) };
+        NonCoherent::detect().invalidate(sb);
+        let magic = sb.magic.load(Acquire);
+        if magic != POOL_MAGIC {
+            return Err(PoolError::NotAPool {
+                path: path.to_path_buf(),
+                found: magic,
+                expected: POOL_MAGIC,
+            });
+        }
+        let version = sb.layout_version.load(Relaxed);
+        if version != LAYOUT_VERSION {
+            return Err(PoolError::VersionMismatch {
+                path: path.to_path_buf(),
+                found: version,
+                expected: LAYOUT_VERSION,
+            });
+        }
+        let sb_bytes = sb.superblock_bytes.load(Relaxed);
+        if sb_bytes as usize != size_of::<Superblock>() {
+            return Err(corrupt(format!("superblock size {sb_bytes}")));
+        }
+        let recorded = sb.pool_bytes.load(Relaxed);
+        let size_ok = match map.backing() {
+            Backing::DaxDevice { .. } => recorded <= actual,
+            _ => recorded == actual,
+        };
+        if !size_ok {
+            return Err(PoolError::SizeMismatch {
+                path: path.to_path_buf(),
+                recorded,
+                actual,
+            });
+        }
+        if let Some(expected) = opts.expect_bytes {
+            if expected != recorded {
+                return Err(PoolError::UnexpectedSize {
+                    path: path.to_path_buf(),
+                    expected,
+                    actual: recorded,
+                });
+            }
+        }
+        let geo = PoolGeometry::load(recorded, &sb.geometry).map_err(corrupt)?;
+        let code = sb.coherence_mode.load(Relaxed);
+        let mode = CoherenceMode::from_code(code)
+            .ok_or_else(|| corrupt(format!("unknown coherence mode code {code}")))?;
+        let pool_id = sb.pool_id.load(Relaxed);
+        map.make_writable()?;
+        Ok(Pool {
+            map,
+            geo,
+            mode,
+            pool_id,
+        })
+    }
+
+    pub fn geometry(&self) -> &PoolGeometry {
+        &self.geo
+    }
+
+    /// The coherence mode the pool was created for.
+    pub fn coherence_mode(&self) -> CoherenceMode {
+        self.mode
+    }
+
+    pub fn pool_id(&self) -> u64 {
+        self.pool_id
+    }
+
+    pub fn path(&self) -> &Path {
+        self.map.path()
+    }
+
+    pub fn backing(&self) -> Backing {
+        self.map.backing()
+    }
+
+    /// A reference to a record at a pool offset.
+    ///
+    /// # Safety
+    /// `offset` must be a region offset from the geometry, aligned for `T`, with
+    /// `size_of::<T>()` bytes inside the mapping, and `T` must consist of atomics only.
+    unsafe fn record<T>(&self, offset: u64) -> &T {
+        debug_assert!(offset as usize + size_of::<T>() <= self.map.len());
+        debug_assert_eq!(offset as usize % std::mem::align_of::<T>(), 0);
+        // SAFETY: per the contract the record lies inside the mapping, which lives as long as
+        // `self`, and is made of atomics (shared mutation through `&T` is allowed).
+        unsafe { &*(self.map.as_ptr().add(offset as usize) as *const T) }
+    }
+
+    /// A slice of records at a pool offset.
+    ///
+    /// # Safety
+    /// As [`record`](Self::record), for `n` consecutive records.
+    unsafe fn records<T>(&self, offset: u64, n: usize) -> &[T] {
+        debug_assert!(offset as usize + n * size_of::<T>() <= self.map.len());
+        // SAFETY: as in `record`, for `n` records.
+        unsafe { std::slice::from_raw_parts(self.map.as_ptr().add(offset as usize) as *const T, n) }
+    }
+
+    pub fn superblock(&self) -> &Superblock {
+        // SAFETY: the superblock is at offset 0 of every pool.
+        unsafe { self.record(0) }
+    }
+
+    /// The cluster epoch (written by the control process).
+    pub fn epoch(&self) -> u64 {
+        self.superblock().epoch.load(Acquire)
+    }
+
+    /// The topic table entry in slot `topic`. Panics if `topic >= max_topics`: slots come from
+    /// [`topics`] lookups, never from remote input.
+    pub fn tinode(&self, topic: u32) -> &TInode {
+        assert!(topic < self.geo.max_topics, "topic slot {topic} out of range");
+        let off = self.geo.topic_table_offset + u64::from(topic) * size_of::<TInode>() as u64;
+        // SAFETY: slot < max_topics, so the TInode lies inside the topic table region.
+        unsafe { self.record(off) }
+    }
+
+    /// The batch ring slots of (topic, broker).
+    pub fn ring_slots(&self, topic: u32, broker: u32) -> PoolResult<&[BatchHeader]> {
+        self.check_topic_broker(topic, broker)?;
+        let off = self.geo.ring_offset(topic, broker);
+        // SAFETY: both indices were checked, so the ring lies inside the ring region.
+        Ok(unsafe { self.records(off, self.geo.ring_slots as usize) })
+    }
+
+    /// The whole segment table.
+    pub fn segment_table(&self) -> &[SegmentEntry] {
+        // SAFETY: the table region holds `segment_count` entries by construction.
+        unsafe { self.records(self.geo.segment_table_offset, self.geo.segment_count as usize) }
+    }
+
+    /// A pointer to `len` bytes of log space at pool offset `offset`, after checking that the
+    /// range lies inside one segment of the segment pool (never metadata). The bytes are plain
+    /// memory: a caller may only touch them while the protocol gives it the range.
+    pub fn data_ptr(&self, offset: u64, len: u64) -> PoolResult<*mut u8> {
+        self.geo
+            .check_data_range(offset, len)
+            .map_err(PoolError::BadRange)?;
+        // SAFETY: the range was checked to lie inside the mapping.
+        Ok(unsafe { self.map.as_ptr().add(offset as usize) })
+    }
+
+    pub(crate) fn check_topic_broker(&self, topic: u32, broker: u32) -> PoolResult<()> {
+        if topic >= self.geo.max_topics {
+            return Err(PoolError::OutOfRange {
+                what: "topic slot",
+                value: topic.into(),
+                limit: self.geo.max_topics.into(),
+            });
+        }
+        if broker >= self.geo.max_brokers {
+            return Err(PoolError::OutOfRange {
+                what: "broker id",
+                value: broker.into(),
+                limit: self.geo.max_brokers.into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Runs `f` with the coherence implementation of `mode`: the one place where the run-time
+    /// choice turns into a monomorphised code path.
+    pub fn with_coherence<R>(mode: CoherenceMode, f: impl CoherenceFn<R>) -> R {
+        match mode {
+            CoherenceMode::Coherent => f.call(Coherent),
+            CoherenceMode::NonCoherent => f.call(NonCoherent::detect()),
+        }
+    }
+}
+
+/// A computation generic over the coherence implementation (see [`Pool::with_coherence`]).
+pub trait CoherenceFn<R> {
+    fn call<C: Coherence>(self, c: C) -> R;
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests;
