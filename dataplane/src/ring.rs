@@ -275,3 +275,331 @@ impl crate::pool::Pool {
         ))
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::pool::coherence::{Coherent, NonCoherent};
+    use crate::pool::geometry::{PoolConfig, PoolGeometry};
+    use crate::pool::layout::BATCH_HEADER_VERSION;
+    use proptest::prelude::*;
+    use std::collections::VecDeque;
+
+    /// Ring memory on the heap (the protocol does not care where its words live).
+    pub(crate) struct HeapRing {
+        slots: Vec<BatchHeader>,
+        written: AtomicU64,
+        consumed: AtomicU64,
+    }
+
+    impl HeapRing {
+        pub fn new(n: usize) -> HeapRing {
+            HeapRing {
+                slots: (0..n).map(|_| BatchHeader::default()).collect(),
+                written: AtomicU64::new(0),
+                consumed: AtomicU64::new(0),
+            }
+        }
+        pub fn ring(&self) -> RingRef<'_> {
+            RingRef::new(&self.slots, &self.written, &self.consumed)
+        }
+    }
+
+    fn limits() -> BatchLimits {
+        let geo = PoolGeometry::compute(&PoolConfig {
+            pool_bytes: 64 << 20,
+            ..PoolConfig::default()
+        })
+        .unwrap();
+        BatchLimits::new(geo, 1)
+    }
+
+    fn desc(seq: u64) -> BatchDesc {
+        let g = limits().geometry;
+        BatchDesc {
+            batch_seq: seq,
+            client_id: 42,
+            num_msg: 2,
+            broker_id: 1,
+            total_size: 256,
+            log_idx: g.segment_offset(seq % g.segment_count) + 64 * (seq % 100),
+            start_logical_offset: seq * 2,
+            version_flags: u64::from(BATCH_HEADER_VERSION),
+        }
+    }
+
+    fn take<C: Coherence>(c: &mut RingConsumer<'_, C>) -> (u64, BatchDesc) {
+        match c.poll().unwrap() {
+            Some(Polled::Batch { index, desc }) => (index, desc),
+            other => panic!("expected a batch, got {other:?}"),
+        }
+    }
+
+    fn laps_in_order<C: Coherence>(coh: C) {
+        let mem = HeapRing::new(4);
+        let mut p = RingProducer::new(mem.ring(), coh);
+        let mut c = RingConsumer::new(mem.ring(), coh, limits());
+        let mut next_seq = 0;
+        for lap in 0..10u64 {
+            for i in 0..4 {
+                assert_eq!(p.try_publish(&desc(lap * 4 + i)).unwrap(), lap * 4 + i);
+            }
+            assert_eq!(p.try_publish(&desc(99)), Err(RingError::Full { capacity: 4 }));
+            for _ in 0..4 {
+                let (index, d) = take(&mut c);
+                assert_eq!(d, desc(next_seq));
+                assert_eq!(index, next_seq);
+                c.set_order(index, 1000 + index).unwrap();
+                c.finish(index).unwrap();
+                next_seq += 1;
+            }
+            // Every slot now holds this lap's ready value: none is new.
+            assert_eq!(c.poll().unwrap(), None);
+        }
+        assert_eq!(mem.written.load(Relaxed), 40);
+        assert_eq!(mem.consumed.load(Relaxed), 40);
+        assert_eq!(mem.slots[3].total_order.load(Relaxed), 1039);
+        assert_eq!(mem.slots[3].ordered.load(Relaxed), 40);
+    }
+
+    #[test]
+    fn batches_arrive_once_in_order_over_many_laps_coherent() {
+        laps_in_order(Coherent);
+    }
+
+    #[test]
+    fn batches_arrive_once_in_order_over_many_laps_non_coherent() {
+        laps_in_order(NonCoherent::detect());
+    }
+
+    #[test]
+    fn watermark_covers_only_the_contiguous_finished_prefix() {
+        let mem = HeapRing::new(4);
+        let mut p = RingProducer::new(mem.ring(), Coherent);
+        let mut c = RingConsumer::new(mem.ring(), Coherent, limits());
+        for s in 0..4 {
+            p.try_publish(&desc(s)).unwrap();
+        }
+        let taken: Vec<_> = (0..4).map(|_| take(&mut c).0).collect();
+        // Finish 1, 2, 3 but hold 0: nothing may be reused.
+        for i in &taken[1..] {
+            c.finish(*i).unwrap();
+        }
+        assert_eq!(mem.consumed.load(Relaxed), 0);
+        assert_eq!(p.try_publish(&desc(4)), Err(RingError::Full { capacity: 4 }));
+        c.finish(0).unwrap();
+        assert_eq!(mem.consumed.load(Relaxed), 4);
+        assert_eq!(p.free_slots(), 4);
+        assert_eq!(c.finish(0), Err(RingError::NotTaken { index: 0, consumed: 4, head: 4 }));
+        p.try_publish(&desc(4)).unwrap();
+        let (i, _) = take(&mut c);
+        c.finish(i).unwrap();
+        assert_eq!(c.finish(i), Err(RingError::NotTaken { index: 4, consumed: 5, head: 5 }));
+        assert!(matches!(c.set_order(9, 0), Err(RingError::NotTaken { .. })));
+    }
+
+    #[test]
+    fn finishing_twice_inside_the_window_is_an_error() {
+        let mem = HeapRing::new(4);
+        let mut p = RingProducer::new(mem.ring(), Coherent);
+        let mut c = RingConsumer::new(mem.ring(), Coherent, limits());
+        p.try_publish(&desc(0)).unwrap();
+        p.try_publish(&desc(1)).unwrap();
+        take(&mut c);
+        take(&mut c);
+        c.finish(1).unwrap();
+        assert_eq!(c.finish(1), Err(RingError::AlreadyFinished { index: 1 }));
+    }
+
+    #[test]
+    fn a_bad_slot_is_handed_up_with_its_reason_and_must_still_be_finished() {
+        let mem = HeapRing::new(4);
+        let mut p = RingProducer::new(mem.ring(), Coherent);
+        let mut c = RingConsumer::new(mem.ring(), Coherent, limits());
+        let g = limits().geometry;
+        let bad = [
+            (BatchDesc { num_msg: 0, ..desc(0) }, "message count"),
+            (BatchDesc { total_size: 64, ..desc(0) }, "total size"),
+            (BatchDesc { log_idx: 0, ..desc(0) }, "outside the segment pool"),
+            (BatchDesc { log_idx: g.segment_offset(1) - 64, ..desc(0) }, "crosses"),
+            (BatchDesc { log_idx: u64::MAX - 63, ..desc(0) }, "overflows"),
+            (BatchDesc { log_idx: desc(0).log_idx + 8, ..desc(0) }, "aligned"),
+            (BatchDesc { broker_id: 2, ..desc(0) }, "broker id 2"),
+            (BatchDesc { version_flags: 7, ..desc(0) }, "header version 7"),
+            (BatchDesc { total_size: g.segment_bytes + 64, ..desc(0) }, "total size"),
+        ];
+        for (d, needle) in bad {
+            p.try_publish(&d).unwrap();
+            match c.poll().unwrap() {
+                Some(Polled::Invalid { index, reason, .. }) => {
+                    assert!(reason.contains(needle), "{reason} lacks {needle}");
+                    c.finish(index).unwrap();
+                }
+                other => panic!("{d:?} passed: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn an_overrun_slot_is_reported_not_taken() {
+        let mem = HeapRing::new(4);
+        let mut c = RingConsumer::new(mem.ring(), Coherent, limits());
+        // A writer that ignores the protocol puts index 5's ready into slot 1... and slot 0.
+        mem.slots[0].ready.store(5, Relaxed);
+        assert_eq!(c.poll(), Err(RingError::Overrun { index: 0, ready: 5 }));
+        assert_eq!(c.head(), 0);
+    }
+
+    #[test]
+    fn producer_and_consumer_resume_after_a_restart() {
+        let mem = HeapRing::new(8);
+        {
+            let mut p = RingProducer::new(mem.ring(), Coherent);
+            for s in 0..5 {
+                p.try_publish(&desc(s)).unwrap();
+            }
+        }
+        // A crash after `ready` but before `written` for index 5.
+        desc(5).store(&mem.slots[5]);
+        mem.slots[5].ready.store(6, Relaxed);
+        let p = RingProducer::new(mem.ring(), Coherent);
+        assert_eq!(p.next_index(), 6);
+        assert_eq!(mem.written.load(Relaxed), 6);
+        {
+            let mut c = RingConsumer::new(mem.ring(), Coherent, limits());
+            let taken: Vec<_> = (0..4).map(|_| take(&mut c).0).collect();
+            c.finish(taken[0]).unwrap();
+            c.finish(taken[2]).unwrap();
+        }
+        // The new consumer starts at the watermark: 1, 2, 3, 4, 5 again (2 was finished but
+        // not covered by the watermark, so it is seen again: at-least-once).
+        let mut c = RingConsumer::new(mem.ring(), Coherent, limits());
+        let seqs: Vec<_> = (0..5).map(|_| take(&mut c).1.batch_seq).collect();
+        assert_eq!(seqs, vec![1, 2, 3, 4, 5]);
+        assert_eq!(c.poll().unwrap(), None);
+    }
+
+    fn threads<C: Coherence>(coh: C) {
+        const N: u64 = 200_000;
+        let mem = HeapRing::new(16);
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                let mut p = RingProducer::new(mem.ring(), coh);
+                let mut seq = 0;
+                while seq < N {
+                    match p.try_publish(&desc(seq)) {
+                        Ok(_) => seq += 1,
+                        Err(RingError::Full { .. }) => std::thread::yield_now(),
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+            });
+            let mut c = RingConsumer::new(mem.ring(), coh, limits());
+            let mut held: Vec<u64> = Vec::new();
+            let mut expect = 0;
+            while expect < N || !held.is_empty() {
+                match c.poll().unwrap() {
+                    Some(Polled::Batch { index, desc: d }) => {
+                        assert_eq!(d, desc(expect));
+                        expect += 1;
+                        held.push(index);
+                        // Finish in a scrambled order, three at a time.
+                        if held.len() == 3 {
+                            for i in [held[2], held[0], held[1]] {
+                                c.finish(i).unwrap();
+                            }
+                            held.clear();
+                        }
+                    }
+                    Some(other) => panic!("{other:?}"),
+                    None if expect == N => {
+                        for i in held.drain(..) {
+                            c.finish(i).unwrap();
+                        }
+                    }
+                    None => std::thread::yield_now(),
+                }
+            }
+        });
+        assert_eq!(mem.consumed.load(Relaxed), N);
+    }
+
+    #[test]
+    fn two_threads_pass_every_batch_once_in_order_coherent() {
+        threads(Coherent);
+    }
+
+    #[test]
+    fn two_threads_pass_every_batch_once_in_order_non_coherent() {
+        threads(NonCoherent::detect());
+    }
+
+    #[derive(Clone, Debug)]
+    enum Op {
+        Publish,
+        Poll,
+        Finish(usize),
+    }
+
+    fn ops() -> impl Strategy<Value = Vec<Op>> {
+        prop::collection::vec(
+            prop_oneof![Just(Op::Publish), Just(Op::Poll), (0usize..8).prop_map(Op::Finish)],
+            1..300,
+        )
+    }
+
+    proptest! {
+        /// Any interleaving of publish, poll and out-of-order finish agrees with a simple
+        /// model: the ring is full exactly when `capacity` published batches are unfinished
+        /// or not covered by the watermark, batches come out once and in order, and the
+        /// watermark is the length of the contiguous finished prefix.
+        #[test]
+        fn ring_agrees_with_the_model(slots_log in 1u32..4, ops in ops()) {
+            let cap = 1usize << slots_log;
+            let mem = HeapRing::new(cap);
+            let mut p = RingProducer::new(mem.ring(), Coherent);
+            let mut c = RingConsumer::new(mem.ring(), Coherent, limits());
+            let mut published = 0u64;
+            let mut polled = 0u64;
+            let mut taken: VecDeque<u64> = VecDeque::new();
+            let mut finished = std::collections::BTreeSet::new();
+            let mut watermark = 0u64;
+            for op in ops {
+                match op {
+                    Op::Publish => {
+                        let r = p.try_publish(&desc(published));
+                        if published - watermark >= cap as u64 {
+                            prop_assert_eq!(r, Err(RingError::Full { capacity: cap as u64 }));
+                        } else {
+                            prop_assert_eq!(r, Ok(published));
+                            published += 1;
+                        }
+                    }
+                    Op::Poll => match c.poll().unwrap() {
+                        Some(Polled::Batch { index, desc: d }) => {
+                            prop_assert_eq!(index, polled);
+                            prop_assert_eq!(d, desc(polled));
+                            taken.push_back(index);
+                            polled += 1;
+                        }
+                        Some(other) => prop_assert!(false, "{:?}", other),
+                        None => prop_assert!(polled == published || polled - watermark == cap as u64),
+                    },
+                    Op::Finish(k) => {
+                        if !taken.is_empty() {
+                            let i = taken.remove(k % taken.len()).unwrap();
+                            c.finish(i).unwrap();
+                            finished.insert(i);
+                            while finished.remove(&watermark) {
+                                watermark += 1;
+                            }
+                        }
+                    }
+                }
+                prop_assert_eq!(c.consumed(), watermark);
+                prop_assert_eq!(mem.consumed.load(Relaxed), watermark);
+                prop_assert_eq!(mem.written.load(Relaxed), published);
+            }
+        }
+    }
+}
