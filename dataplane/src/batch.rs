@@ -27,7 +27,8 @@ impl BatchDesc {
         h.broker_id.store(self.broker_id, Relaxed);
         h.total_size.store(self.total_size, Relaxed);
         h.log_idx.store(self.log_idx, Relaxed);
-        h.start_logical_offset.store(self.start_logical_offset, Relaxed);
+        h.start_logical_offset
+            .store(self.start_logical_offset, Relaxed);
         h.version_flags.store(self.version_flags, Relaxed);
     }
 
@@ -101,4 +102,30 @@ impl BatchLimits {
         self.geometry.check_data_range(d.log_idx, d.total_size)?;
         Ok(())
     }
+}
+
+/// Writes one message (header, then payload, padded to the 64-byte stride) at `dst` and
+/// returns the stride.
+///
+/// # Safety
+/// `dst` must be 64-byte aligned and point at `message_stride(payload.len())` writable bytes
+/// of log space that no other process reads until the batch is published.
+pub unsafe fn write_message(dst: *mut u8, header: &MessageHeader, payload: &[u8]) -> u64 {
+    debug_assert_eq!(header.size as usize, payload.len());
+    debug_assert_eq!(dst as usize % CACHE_LINE, 0);
+    // SAFETY: the caller gives us the stride's bytes, aligned; the header is 64 bytes.
+    unsafe {
+        dst.cast::<MessageHeader>().write(*header);
+        std::ptr::copy_nonoverlapping(payload.as_ptr(), dst.add(64), payload.len());
+    }
+    message_stride(payload.len() as u64)
+}
+
+/// Reads the message header at `src`.
+///
+/// # Safety
+/// `src` must be 64-byte aligned and point at 64 readable bytes of a published batch.
+pub unsafe fn read_message_header(src: *const u8) -> MessageHeader {
+    // SAFETY: per the contract.
+    unsafe { src.cast::<MessageHeader>().read() }
 }

@@ -25,7 +25,9 @@ pub enum PoolError {
         recorded: u64,
         actual: u64,
     },
-    #[error("{path}: pool is {actual} bytes, the configuration expects {expected}; nothing was written")]
+    #[error(
+        "{path}: pool is {actual} bytes, the configuration expects {expected}; nothing was written"
+    )]
     UnexpectedSize {
         path: PathBuf,
         expected: u64,
@@ -45,7 +47,9 @@ pub enum PoolError {
     TopicTableFull(u32),
     #[error("invalid topic configuration: {0}")]
     TopicConfig(String),
-    #[error("no free segment of {segment_bytes} bytes left in the pool ({segment_count} in all{scope})")]
+    #[error(
+        "no free segment of {segment_bytes} bytes left in the pool ({segment_count} in all{scope})"
+    )]
     NoFreeSegment {
         segment_bytes: u64,
         segment_count: u64,

@@ -38,7 +38,10 @@ pub struct RingRef<'a> {
 impl<'a> RingRef<'a> {
     /// A ring over `slots` (a power of two of them) and its two watermark words.
     pub fn new(slots: &'a [BatchHeader], written: &'a AtomicU64, consumed: &'a AtomicU64) -> Self {
-        assert!(slots.len().is_power_of_two(), "ring slots must be a power of two");
+        assert!(
+            slots.len().is_power_of_two(),
+            "ring slots must be a power of two"
+        );
         RingRef {
             slots,
             written,
@@ -63,7 +66,11 @@ pub enum RingError {
     #[error("slot for index {index} holds ready={ready}: the producer overran the consumer")]
     Overrun { index: u64, ready: u64 },
     #[error("index {index} was not taken from the ring (taken range {consumed}..{head})")]
-    NotTaken { index: u64, consumed: u64, head: u64 },
+    NotTaken {
+        index: u64,
+        consumed: u64,
+        head: u64,
+    },
     #[error("index {index} was already finished")]
     AlreadyFinished { index: u64 },
 }
@@ -101,6 +108,13 @@ impl<'a, C: Coherence> RingProducer<'a, C> {
         self.next
     }
 
+    /// The consumer's watermark, re-read: every index below it is finished, so the log space
+    /// of those batches may be reused.
+    pub fn consumed(&mut self) -> u64 {
+        self.consumed_seen = self.c.observe(self.ring.consumed);
+        self.consumed_seen
+    }
+
     /// Slots free for publishing, re-reading the consumer's watermark.
     pub fn free_slots(&mut self) -> u64 {
         self.consumed_seen = self.c.observe(self.ring.consumed);
@@ -121,7 +135,10 @@ impl<'a, C: Coherence> RingProducer<'a, C> {
         desc.store(slot);
         // Write back the producer line only: line 1 belongs to the sequencer.
         // SAFETY: a slot is 128 bytes of live pool memory; its first 64 are the producer line.
-        unsafe { self.c.writeback_range((slot as *const BatchHeader).cast(), 64) };
+        unsafe {
+            self.c
+                .writeback_range((slot as *const BatchHeader).cast(), 64)
+        };
         self.c.publish(&slot.ready, index + 1);
         self.c.publish(self.ring.written, index + 1);
         self.next = index + 1;
@@ -344,7 +361,10 @@ mod tests {
             for i in 0..4 {
                 assert_eq!(p.try_publish(&desc(lap * 4 + i)).unwrap(), lap * 4 + i);
             }
-            assert_eq!(p.try_publish(&desc(99)), Err(RingError::Full { capacity: 4 }));
+            assert_eq!(
+                p.try_publish(&desc(99)),
+                Err(RingError::Full { capacity: 4 })
+            );
             for _ in 0..4 {
                 let (index, d) = take(&mut c);
                 assert_eq!(d, desc(next_seq));
@@ -386,15 +406,32 @@ mod tests {
             c.finish(*i).unwrap();
         }
         assert_eq!(mem.consumed.load(Relaxed), 0);
-        assert_eq!(p.try_publish(&desc(4)), Err(RingError::Full { capacity: 4 }));
+        assert_eq!(
+            p.try_publish(&desc(4)),
+            Err(RingError::Full { capacity: 4 })
+        );
         c.finish(0).unwrap();
         assert_eq!(mem.consumed.load(Relaxed), 4);
         assert_eq!(p.free_slots(), 4);
-        assert_eq!(c.finish(0), Err(RingError::NotTaken { index: 0, consumed: 4, head: 4 }));
+        assert_eq!(
+            c.finish(0),
+            Err(RingError::NotTaken {
+                index: 0,
+                consumed: 4,
+                head: 4
+            })
+        );
         p.try_publish(&desc(4)).unwrap();
         let (i, _) = take(&mut c);
         c.finish(i).unwrap();
-        assert_eq!(c.finish(i), Err(RingError::NotTaken { index: 4, consumed: 5, head: 5 }));
+        assert_eq!(
+            c.finish(i),
+            Err(RingError::NotTaken {
+                index: 4,
+                consumed: 5,
+                head: 5
+            })
+        );
         assert!(matches!(c.set_order(9, 0), Err(RingError::NotTaken { .. })));
     }
 
@@ -418,15 +455,69 @@ mod tests {
         let mut c = RingConsumer::new(mem.ring(), Coherent, limits());
         let g = limits().geometry;
         let bad = [
-            (BatchDesc { num_msg: 0, ..desc(0) }, "message count"),
-            (BatchDesc { total_size: 64, ..desc(0) }, "total size"),
-            (BatchDesc { log_idx: 0, ..desc(0) }, "outside the segment pool"),
-            (BatchDesc { log_idx: g.segment_offset(1) - 64, ..desc(0) }, "crosses"),
-            (BatchDesc { log_idx: u64::MAX - 63, ..desc(0) }, "overflows"),
-            (BatchDesc { log_idx: desc(0).log_idx + 8, ..desc(0) }, "aligned"),
-            (BatchDesc { broker_id: 2, ..desc(0) }, "broker id 2"),
-            (BatchDesc { version_flags: 7, ..desc(0) }, "header version 7"),
-            (BatchDesc { total_size: g.segment_bytes + 64, ..desc(0) }, "total size"),
+            (
+                BatchDesc {
+                    num_msg: 0,
+                    ..desc(0)
+                },
+                "message count",
+            ),
+            (
+                BatchDesc {
+                    total_size: 64,
+                    ..desc(0)
+                },
+                "total size",
+            ),
+            (
+                BatchDesc {
+                    log_idx: 0,
+                    ..desc(0)
+                },
+                "outside the segment pool",
+            ),
+            (
+                BatchDesc {
+                    log_idx: g.segment_offset(1) - 64,
+                    ..desc(0)
+                },
+                "crosses",
+            ),
+            (
+                BatchDesc {
+                    log_idx: u64::MAX - 63,
+                    ..desc(0)
+                },
+                "overflows",
+            ),
+            (
+                BatchDesc {
+                    log_idx: desc(0).log_idx + 8,
+                    ..desc(0)
+                },
+                "aligned",
+            ),
+            (
+                BatchDesc {
+                    broker_id: 2,
+                    ..desc(0)
+                },
+                "broker id 2",
+            ),
+            (
+                BatchDesc {
+                    version_flags: 7,
+                    ..desc(0)
+                },
+                "header version 7",
+            ),
+            (
+                BatchDesc {
+                    total_size: g.segment_bytes + 64,
+                    ..desc(0)
+                },
+                "total size",
+            ),
         ];
         for (d, needle) in bad {
             p.try_publish(&d).unwrap();
@@ -543,7 +634,11 @@ mod tests {
 
     fn ops() -> impl Strategy<Value = Vec<Op>> {
         prop::collection::vec(
-            prop_oneof![Just(Op::Publish), Just(Op::Poll), (0usize..8).prop_map(Op::Finish)],
+            prop_oneof![
+                Just(Op::Publish),
+                Just(Op::Poll),
+                (0usize..8).prop_map(Op::Finish)
+            ],
             1..300,
         )
     }

@@ -3,6 +3,6 @@
 
 #[cfg(loom)]
 pub use loom::sync::atomic::{fence, AtomicU32, AtomicU64};
+pub use std::sync::atomic::Ordering;
 #[cfg(not(loom))]
 pub use std::sync::atomic::{fence, AtomicU32, AtomicU64};
-pub use std::sync::atomic::Ordering;

@@ -162,7 +162,9 @@ unsafe fn flush_line(instr: FlushInstr, line: *const u8) {
         FlushInstr::Clwb => {
             // SAFETY: the caller guarantees `line` is mapped; clwb neither reads nor writes
             // the bytes as data. The variant is only chosen when CPUID reports clwb.
-            unsafe { std::arch::asm!("clwb [{0}]", in(reg) line, options(nostack, preserves_flags)) }
+            unsafe {
+                std::arch::asm!("clwb [{0}]", in(reg) line, options(nostack, preserves_flags))
+            }
         }
         #[cfg(target_arch = "x86_64")]
         FlushInstr::Clflushopt => {
@@ -180,7 +182,9 @@ unsafe fn flush_line(instr: FlushInstr, line: *const u8) {
         FlushInstr::DcCivac => {
             // SAFETY: the caller guarantees `line` is mapped; `dc civac` is allowed at EL0 on
             // Linux (SCTLR_EL1.UCI is set) and does not change the data.
-            unsafe { std::arch::asm!("dc civac, {0}", in(reg) line, options(nostack, preserves_flags)) }
+            unsafe {
+                std::arch::asm!("dc civac, {0}", in(reg) line, options(nostack, preserves_flags))
+            }
         }
         _ => {}
     }
@@ -284,7 +288,10 @@ mod tests {
             store_fence();
             load_fence();
             full_fence();
-            assert!(buf.iter().enumerate().all(|(i, b)| *b == i as u8), "{instr:?}");
+            assert!(
+                buf.iter().enumerate().all(|(i, b)| *b == i as u8),
+                "{instr:?}"
+            );
         }
     }
 }

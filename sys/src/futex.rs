@@ -54,7 +54,10 @@ mod tests {
         word.store(1, Ordering::Release);
         wake_all(&word);
         let waited = t.join().unwrap();
-        assert!(waited < Duration::from_secs(10), "woken by the wake, not the timeout");
+        assert!(
+            waited < Duration::from_secs(10),
+            "woken by the wake, not the timeout"
+        );
     }
 
     #[test]

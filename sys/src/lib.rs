@@ -12,6 +12,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod cacheline;
+pub mod clock;
 pub mod cpu;
 pub mod futex;
 pub mod mapping;

@@ -167,7 +167,9 @@ impl PoolGeometry {
         let end = offset
             .checked_add(len)
             .ok_or_else(|| format!("offset {offset} + length {len} overflows"))?;
-        if offset < self.segment_pool_offset || end > self.segment_pool_offset + self.segment_pool_bytes() {
+        if offset < self.segment_pool_offset
+            || end > self.segment_pool_offset + self.segment_pool_bytes()
+        {
             return Err(format!(
                 "range {offset}..{end} is outside the segment pool {}..{}",
                 self.segment_pool_offset,
@@ -176,7 +178,9 @@ impl PoolGeometry {
         }
         let segment = (offset - self.segment_pool_offset) / self.segment_bytes;
         if len > 0 && (end - 1 - self.segment_pool_offset) / self.segment_bytes != segment {
-            return Err(format!("range {offset}..{end} crosses the end of segment {segment}"));
+            return Err(format!(
+                "range {offset}..{end} crosses the end of segment {segment}"
+            ));
         }
         Ok(segment)
     }
@@ -190,8 +194,10 @@ impl PoolGeometry {
         g.segment_bytes.store(self.segment_bytes, Relaxed);
         g.topic_table_offset.store(self.topic_table_offset, Relaxed);
         g.ring_region_offset.store(self.ring_region_offset, Relaxed);
-        g.segment_table_offset.store(self.segment_table_offset, Relaxed);
-        g.segment_pool_offset.store(self.segment_pool_offset, Relaxed);
+        g.segment_table_offset
+            .store(self.segment_table_offset, Relaxed);
+        g.segment_pool_offset
+            .store(self.segment_pool_offset, Relaxed);
         g.segment_count.store(self.segment_count, Relaxed);
     }
 
@@ -238,18 +244,51 @@ mod tests {
         assert!(g.segment_pool_offset >= g.segment_table_offset + g.segment_count * 64);
         assert_eq!(g.segment_pool_offset % (2 << 20), 0);
         assert!(g.segment_pool_offset + g.segment_pool_bytes() <= g.pool_bytes);
-        assert_eq!(g.segment_count, 63, "1 GiB less ~10 MiB metadata in 16 MiB segments");
+        assert_eq!(
+            g.segment_count, 63,
+            "1 GiB less ~10 MiB metadata in 16 MiB segments"
+        );
     }
 
     #[test]
     fn out_of_bounds_parameters_are_refused_with_the_parameter_named() {
         let base = PoolConfig::default();
         let cases = [
-            (PoolConfig { max_topics: 0, ..base.clone() }, "max_topics"),
-            (PoolConfig { max_brokers: 33, ..base.clone() }, "max_brokers"),
-            (PoolConfig { ring_slots: 1000, ..base.clone() }, "ring_slots"),
-            (PoolConfig { segment_bytes: 1000, ..base.clone() }, "segment_bytes"),
-            (PoolConfig { pool_bytes: 1 << 20, ..base.clone() }, "no room"),
+            (
+                PoolConfig {
+                    max_topics: 0,
+                    ..base.clone()
+                },
+                "max_topics",
+            ),
+            (
+                PoolConfig {
+                    max_brokers: 33,
+                    ..base.clone()
+                },
+                "max_brokers",
+            ),
+            (
+                PoolConfig {
+                    ring_slots: 1000,
+                    ..base.clone()
+                },
+                "ring_slots",
+            ),
+            (
+                PoolConfig {
+                    segment_bytes: 1000,
+                    ..base.clone()
+                },
+                "segment_bytes",
+            ),
+            (
+                PoolConfig {
+                    pool_bytes: 1 << 20,
+                    ..base.clone()
+                },
+                "no room",
+            ),
         ];
         for (cfg, needle) in cases {
             let err = PoolGeometry::compute(&cfg).unwrap_err().to_string();
@@ -262,10 +301,19 @@ mod tests {
         let g = PoolGeometry::compute(&PoolConfig::default()).unwrap();
         let s0 = g.segment_offset(0);
         assert_eq!(g.check_data_range(s0, 64), Ok(0));
-        assert_eq!(g.check_data_range(g.segment_offset(5), g.segment_bytes), Ok(5));
+        assert_eq!(
+            g.check_data_range(g.segment_offset(5), g.segment_bytes),
+            Ok(5)
+        );
         assert!(g.check_data_range(0, 64).is_err(), "superblock");
-        assert!(g.check_data_range(g.ring_region_offset, 128).is_err(), "rings");
-        assert!(g.check_data_range(s0 + g.segment_bytes - 64, 128).is_err(), "crosses");
+        assert!(
+            g.check_data_range(g.ring_region_offset, 128).is_err(),
+            "rings"
+        );
+        assert!(
+            g.check_data_range(s0 + g.segment_bytes - 64, 128).is_err(),
+            "crosses"
+        );
         assert!(g.check_data_range(u64::MAX - 10, 64).is_err(), "overflow");
         assert!(g.check_data_range(g.pool_bytes, 1).is_err(), "past the end");
     }

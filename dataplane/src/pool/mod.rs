@@ -51,6 +51,8 @@ impl Default for CreateOptions {
 pub struct OpenOptions {
     /// Refuse a pool of another size (the configured size).
     pub expect_bytes: Option<u64>,
+    /// Fault every page in once validated, so the data path takes no page fault.
+    pub populate: bool,
 }
 
 /// A mapped, validated pool.
@@ -107,7 +109,8 @@ impl Pool {
         }
         let sb = self.superblock();
         sb.layout_version.store(LAYOUT_VERSION, Relaxed);
-        sb.superblock_bytes.store(size_of::<Superblock>() as u32, Relaxed);
+        sb.superblock_bytes
+            .store(size_of::<Superblock>() as u32, Relaxed);
         sb.pool_bytes.store(self.geo.pool_bytes, Relaxed);
         sb.pool_id.store(self.pool_id, Relaxed);
         let now_ms = std::time::SystemTime::now()
@@ -199,6 +202,12 @@ impl Pool {
             .ok_or_else(|| corrupt(format!("unknown coherence mode code {code}")))?;
         let pool_id = sb.pool_id.load(Relaxed);
         map.make_writable()?;
+        if opts.populate && !map.populate() {
+            log::debug!(
+                "{}: the kernel cannot pre-fault the mapping",
+                path.display()
+            );
+        }
         Ok(Pool {
             map,
             geo,
@@ -264,7 +273,10 @@ impl Pool {
     /// The topic table entry in slot `topic`. Panics if `topic >= max_topics`: slots come from
     /// [`topics`] lookups, never from remote input.
     pub fn tinode(&self, topic: u32) -> &TInode {
-        assert!(topic < self.geo.max_topics, "topic slot {topic} out of range");
+        assert!(
+            topic < self.geo.max_topics,
+            "topic slot {topic} out of range"
+        );
         let off = self.geo.topic_table_offset + u64::from(topic) * size_of::<TInode>() as u64;
         // SAFETY: slot < max_topics, so the TInode lies inside the topic table region.
         unsafe { self.record(off) }
@@ -281,7 +293,12 @@ impl Pool {
     /// The whole segment table.
     pub fn segment_table(&self) -> &[SegmentEntry] {
         // SAFETY: the table region holds `segment_count` entries by construction.
-        unsafe { self.records(self.geo.segment_table_offset, self.geo.segment_count as usize) }
+        unsafe {
+            self.records(
+                self.geo.segment_table_offset,
+                self.geo.segment_count as usize,
+            )
+        }
     }
 
     /// A pointer to `len` bytes of log space at pool offset `offset`, after checking that the

@@ -77,7 +77,12 @@ pub struct SegmentAllocator<'p, C: Coherence> {
 }
 
 impl<'p, C: Coherence> SegmentAllocator<'p, C> {
-    pub fn new(pool: &'p Pool, coherence: C, owner: SegmentOwner, policy: AllocPolicy) -> PoolResult<Self> {
+    pub fn new(
+        pool: &'p Pool,
+        coherence: C,
+        owner: SegmentOwner,
+        policy: AllocPolicy,
+    ) -> PoolResult<Self> {
         pool.check_topic_broker(owner.topic, owner.broker)?;
         let cursor = match policy {
             AllocPolicy::Shared => {
@@ -138,7 +143,9 @@ impl<'p, C: Coherence> SegmentAllocator<'p, C> {
                 segment_count: g.segment_count,
                 scope: match self.policy {
                     AllocPolicy::Shared => String::new(),
-                    AllocPolicy::Partitioned { part, parts } => format!(", partition {part} of {parts}"),
+                    AllocPolicy::Partitioned { part, parts } => {
+                        format!(", partition {part} of {parts}")
+                    }
                 },
             });
         };
@@ -161,11 +168,13 @@ impl<'p, C: Coherence> SegmentAllocator<'p, C> {
     /// Returns a segment this owner holds.
     pub fn free(&mut self, segment: &Segment) -> PoolResult<()> {
         let table = self.pool.segment_table();
-        let e = table.get(segment.index as usize).ok_or(PoolError::OutOfRange {
-            what: "segment index",
-            value: segment.index,
-            limit: table.len() as u64,
-        })?;
+        let e = table
+            .get(segment.index as usize)
+            .ok_or(PoolError::OutOfRange {
+                what: "segment index",
+                value: segment.index,
+                limit: table.len() as u64,
+            })?;
         let word = self.owner.word();
         let not_owner = |owner| PoolError::NotSegmentOwner {
             segment: segment.index,

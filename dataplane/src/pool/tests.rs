@@ -13,7 +13,10 @@ impl TempPool {
     pub fn path(name: &str) -> TempPool {
         static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
         let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let p = PathBuf::from(format!("/dev/shm/embar-test-{name}-{}-{n}", std::process::id()));
+        let p = PathBuf::from(format!(
+            "/dev/shm/embar-test-{name}-{}-{n}",
+            std::process::id()
+        ));
         let _ = std::fs::remove_file(&p);
         TempPool(p)
     }
@@ -66,7 +69,10 @@ fn a_created_pool_reopens_with_the_same_geometry_identity_and_mode() {
     // Ring offsets recorded for readers of the paper's field names.
     let g = b.geometry();
     assert_eq!(
-        b.tinode(3).brokers[2].broker.batch_headers_offset.load(Relaxed),
+        b.tinode(3).brokers[2]
+            .broker
+            .batch_headers_offset
+            .load(Relaxed),
         g.ring_offset(3, 2)
     );
 }
@@ -117,7 +123,10 @@ fn another_version_a_wrong_size_or_a_corrupt_geometry_is_refused_without_a_write
     poke(&t.0, 8, &(LAYOUT_VERSION + 1).to_le_bytes());
     let before = file_digest(&t.0);
     let err = Pool::open(&t.0, &OpenOptions::default()).unwrap_err();
-    assert!(matches!(err, PoolError::VersionMismatch { found, .. } if found == LAYOUT_VERSION + 1), "{err}");
+    assert!(
+        matches!(err, PoolError::VersionMismatch { found, .. } if found == LAYOUT_VERSION + 1),
+        "{err}"
+    );
     assert_eq!(file_digest(&t.0), before);
     poke(&t.0, 8, &LAYOUT_VERSION.to_le_bytes());
 
@@ -184,10 +193,22 @@ fn topics_are_found_by_full_name_and_never_collide() {
     let pool = Pool::create(&t.0, &small(), &CreateOptions::default()).unwrap();
     let c = Coherent;
     // Names sharing long prefixes (the original mapped short names to one slot).
-    let names = ["a", "b", "orders", "orders-v2", "orders.v2", "o", "x_y", "Z"];
+    let names = [
+        "a",
+        "b",
+        "orders",
+        "orders-v2",
+        "orders.v2",
+        "o",
+        "x_y",
+        "Z",
+    ];
     let mut slots = Vec::new();
     for (i, n) in names.iter().enumerate() {
-        slots.push(pool.create_topic(c, n, &topic(5, 1, (i % 3) as u8)).unwrap());
+        slots.push(
+            pool.create_topic(c, n, &topic(5, 1, (i % 3) as u8))
+                .unwrap(),
+        );
     }
     let mut sorted = slots.clone();
     sorted.sort();
@@ -197,12 +218,17 @@ fn topics_are_found_by_full_name_and_never_collide() {
         assert_eq!(pool.find_topic(c, n).unwrap(), *s);
         assert_eq!(pool.read_topic(c, *s).unwrap().name, *n);
     }
-    let err = pool.create_topic(c, "one-too-many", &topic(5, 1, 0)).unwrap_err();
+    let err = pool
+        .create_topic(c, "one-too-many", &topic(5, 1, 0))
+        .unwrap_err();
     assert!(matches!(err, PoolError::TopicTableFull(8)), "{err}");
     let err = pool.create_topic(c, "orders", &topic(5, 1, 0)).unwrap_err();
     assert!(matches!(err, PoolError::TopicExists(_)), "{err}");
     let err = pool.find_topic(c, "orders-v3").unwrap_err();
-    assert!(err.to_string().contains("unknown topic \"orders-v3\""), "{err}");
+    assert!(
+        err.to_string().contains("unknown topic \"orders-v3\""),
+        "{err}"
+    );
 
     // Delete leaves a tombstone: later names of the chain stay reachable; the slot is reused.
     pool.delete_topic(c, "orders").unwrap();
@@ -218,7 +244,10 @@ fn topics_are_found_by_full_name_and_never_collide() {
 
     // Another process (another mapping) sees the same table.
     let other = Pool::open(&t.0, &OpenOptions::default()).unwrap();
-    assert_eq!(other.find_topic(NonCoherent::detect(), "payments").unwrap(), s);
+    assert_eq!(
+        other.find_topic(NonCoherent::detect(), "payments").unwrap(),
+        s
+    );
 }
 
 #[test]
@@ -227,18 +256,36 @@ fn bad_topic_names_and_configs_fail_closed() {
     let pool = Pool::create(&t.0, &small(), &CreateOptions::default()).unwrap();
     let c = Coherent;
     let long = "x".repeat(TOPIC_NAME_MAX_BYTES + 1);
-    for (name, needle) in [("", "empty"), (long.as_str(), "longer"), ("a b", "allowed"), ("é", "allowed")] {
+    for (name, needle) in [
+        ("", "empty"),
+        (long.as_str(), "longer"),
+        ("a b", "allowed"),
+        ("é", "allowed"),
+    ] {
         let err = pool.create_topic(c, name, &topic(5, 1, 0)).unwrap_err();
         assert!(err.to_string().contains(needle), "{name:?}: {err}");
     }
-    pool.create_topic(c, &"x".repeat(TOPIC_NAME_MAX_BYTES), &topic(5, 1, 0)).unwrap();
+    pool.create_topic(c, &"x".repeat(TOPIC_NAME_MAX_BYTES), &topic(5, 1, 0))
+        .unwrap();
     let cases = [
         (topic(6, 1, 0), "ORDER 6"),
         (topic(5, 3, 0), "ACK 3"),
         (topic(5, 2, 0), "ACK 2"),
         (topic(5, 1, 5), "exceeds"),
-        (TopicConfig { batch_bytes: 2 << 20, ..topic(5, 1, 0) }, "batch size"),
-        (TopicConfig { batch_bytes: 10, ..topic(5, 1, 0) }, "batch size"),
+        (
+            TopicConfig {
+                batch_bytes: 2 << 20,
+                ..topic(5, 1, 0)
+            },
+            "batch size",
+        ),
+        (
+            TopicConfig {
+                batch_bytes: 10,
+                ..topic(5, 1, 0)
+            },
+            "batch size",
+        ),
     ];
     for (cfg, needle) in cases {
         let err = pool.create_topic(c, "t", &cfg).unwrap_err();
@@ -253,9 +300,21 @@ fn segments_are_owned_once_and_freed_only_by_their_owner() {
     let pool = Pool::create(&t.0, &small(), &CreateOptions::default()).unwrap();
     let c = Coherent;
     let n = pool.geometry().segment_count;
-    let a_owner = SegmentOwner { topic: 1, broker: 0 };
+    let a_owner = SegmentOwner {
+        topic: 1,
+        broker: 0,
+    };
     let mut a = SegmentAllocator::new(&pool, c, a_owner, AllocPolicy::Shared).unwrap();
-    let mut b = SegmentAllocator::new(&pool, c, SegmentOwner { topic: 1, broker: 1 }, AllocPolicy::Shared).unwrap();
+    let mut b = SegmentAllocator::new(
+        &pool,
+        c,
+        SegmentOwner {
+            topic: 1,
+            broker: 1,
+        },
+        AllocPolicy::Shared,
+    )
+    .unwrap();
     let mut held = Vec::new();
     for i in 0..n {
         let s = if i % 2 == 0 { a.alloc() } else { b.alloc() }.unwrap();
@@ -272,13 +331,22 @@ fn segments_are_owned_once_and_freed_only_by_their_owner() {
     // b cannot free a's segment; a can, once.
     let s0 = held[0];
     assert_eq!(pool.segment_owner(c, s0.index), Some(a_owner));
-    assert!(matches!(b.free(&s0), Err(PoolError::NotSegmentOwner { .. })));
+    assert!(matches!(
+        b.free(&s0),
+        Err(PoolError::NotSegmentOwner { .. })
+    ));
     a.free(&s0).unwrap();
-    assert!(matches!(a.free(&s0), Err(PoolError::NotSegmentOwner { .. })), "double free");
+    assert!(
+        matches!(a.free(&s0), Err(PoolError::NotSegmentOwner { .. })),
+        "double free"
+    );
     let again = b.alloc().unwrap();
     assert_eq!(again.index, s0.index);
     assert_eq!(again.generation, s0.generation + 1);
-    assert!(matches!(a.free(&s0), Err(PoolError::NotSegmentOwner { .. })), "stale handle");
+    assert!(
+        matches!(a.free(&s0), Err(PoolError::NotSegmentOwner { .. })),
+        "stale handle"
+    );
 }
 
 #[test]
@@ -290,16 +358,29 @@ fn partitioned_allocation_stays_in_its_partition() {
     let parts = 3;
     let mut total = 0;
     for part in 0..parts {
-        let owner = SegmentOwner { topic: 0, broker: part };
-        let mut al = SegmentAllocator::new(&pool, c, owner, AllocPolicy::Partitioned { part, parts }).unwrap();
+        let owner = SegmentOwner {
+            topic: 0,
+            broker: part,
+        };
+        let mut al =
+            SegmentAllocator::new(&pool, c, owner, AllocPolicy::Partitioned { part, parts })
+                .unwrap();
         while let Ok(s) = al.alloc() {
             assert_eq!(s.index % u64::from(parts), u64::from(part));
             total += 1;
         }
     }
     assert_eq!(total, n, "the partitions cover the table");
-    let err = SegmentAllocator::new(&pool, c, SegmentOwner { topic: 0, broker: 0 }, AllocPolicy::Partitioned { part: 3, parts: 3 })
-        .unwrap_err();
+    let err = SegmentAllocator::new(
+        &pool,
+        c,
+        SegmentOwner {
+            topic: 0,
+            broker: 0,
+        },
+        AllocPolicy::Partitioned { part: 3, parts: 3 },
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("partition 3 of 3"), "{err}");
 }
 
@@ -309,7 +390,12 @@ fn data_ranges_are_bounds_checked() {
     let pool = Pool::create(&t.0, &small(), &CreateOptions::default()).unwrap();
     let g = *pool.geometry();
     assert!(pool.data_ptr(g.segment_offset(0), 64).is_ok());
-    for (off, len) in [(0, 64), (g.ring_region_offset, 64), (g.pool_bytes - 64, 128), (u64::MAX, 1)] {
+    for (off, len) in [
+        (0, 64),
+        (g.ring_region_offset, 64),
+        (g.pool_bytes - 64, 128),
+        (u64::MAX, 1),
+    ] {
         let err = pool.data_ptr(off, len).unwrap_err();
         assert!(err.to_string().contains("bad log range"), "{err}");
     }

@@ -46,7 +46,9 @@ impl TopicConfig {
             return err(format!("ACK {} is unknown (0..={ACK_MAX})", self.ack));
         }
         if self.ack == 2 && self.replication_factor == 0 {
-            return err("ACK 2 (durable on every replica) needs a replication factor of at least 1".into());
+            return err(
+                "ACK 2 (durable on every replica) needs a replication factor of at least 1".into(),
+            );
         }
         if u32::from(self.replication_factor) > geo.max_brokers {
             return err(format!(
@@ -153,12 +155,19 @@ impl Pool {
     }
 
     /// Creates a topic and returns its slot.
-    pub fn create_topic<C: Coherence>(&self, c: C, name: &str, cfg: &TopicConfig) -> PoolResult<u32> {
+    pub fn create_topic<C: Coherence>(
+        &self,
+        c: C,
+        name: &str,
+        cfg: &TopicConfig,
+    ) -> PoolResult<u32> {
         check_topic_name(name)?;
         cfg.check(self.geometry())?;
         let (slot, seen) = match self.probe(c, name) {
             Probe::Found(_) => return Err(PoolError::TopicExists(name.to_string())),
-            Probe::Absent(None) => return Err(PoolError::TopicTableFull(self.geometry().max_topics)),
+            Probe::Absent(None) => {
+                return Err(PoolError::TopicTableFull(self.geometry().max_topics))
+            }
             Probe::Absent(Some(free)) => free,
         };
         let h = &self.tinode(slot).header;
@@ -179,7 +188,10 @@ impl Pool {
         let mut padded = [0u8; TOPIC_NAME_MAX_BYTES];
         padded[..name.len()].copy_from_slice(name.as_bytes());
         for (word, chunk) in h.name.iter().zip(padded.chunks_exact(8)) {
-            word.store(u64::from_le_bytes(chunk.try_into().expect("8-byte chunk")), Relaxed);
+            word.store(
+                u64::from_le_bytes(chunk.try_into().expect("8-byte chunk")),
+                Relaxed,
+            );
         }
         c.writeback(h);
         c.publish(&h.state, generation << 8 | STATE_ACTIVE);
