@@ -116,14 +116,6 @@ pub fn memcpy_gbps() -> f64 {
     BYTES as f64 / best / 1e9
 }
 
-fn percentile_us(sorted_ns: &[u64], q: f64) -> f64 {
-    if sorted_ns.is_empty() {
-        return 0.0;
-    }
-    let i = ((sorted_ns.len() as f64 * q).ceil() as usize).clamp(1, sorted_ns.len()) - 1;
-    sorted_ns[i] as f64 / 1e3
-}
-
 /// Removes the bench pool however the run ends.
 struct PoolFile(PathBuf);
 
@@ -255,10 +247,10 @@ pub fn run(a: &BenchArgs) -> Result<bool, String> {
         payload_bytes: drain.payload_bytes,
         elapsed_s,
         latency_us: LatencyUs {
-            p50: percentile_us(lat, 0.50),
-            p99: percentile_us(lat, 0.99),
-            p999: percentile_us(lat, 0.999),
-            max: percentile_us(lat, 1.0),
+            p50: lat.p50 as f64 / 1e3,
+            p99: lat.p99 as f64 / 1e3,
+            p999: lat.p999 as f64 / 1e3,
+            max: lat.max as f64 / 1e3,
         },
         ring_laps: drain.ring_laps,
         pool_multiples_moved: drain.payload_bytes as f64 / a.pool_bytes as f64,

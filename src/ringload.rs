@@ -101,8 +101,36 @@ pub struct DrainerReport {
     pub ring_laps: u64,
     pub error_count: u64,
     pub errors: Vec<String>,
-    /// Publish-to-take latency of each batch, nanoseconds, sorted.
-    pub batch_latency_ns: Vec<u64>,
+    /// Publish-to-take latency of the batches, nanoseconds.
+    pub batch_latency_ns: LatencySummary,
+}
+
+/// Percentiles of a latency sample, nanoseconds.
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct LatencySummary {
+    pub p50: u64,
+    pub p99: u64,
+    pub p999: u64,
+    pub max: u64,
+}
+
+impl LatencySummary {
+    pub fn of(mut samples: Vec<u64>) -> LatencySummary {
+        samples.sort_unstable();
+        let at = |q: f64| {
+            if samples.is_empty() {
+                return 0;
+            }
+            let i = ((samples.len() as f64 * q).ceil() as usize).clamp(1, samples.len()) - 1;
+            samples[i]
+        };
+        LatencySummary {
+            p50: at(0.50),
+            p99: at(0.99),
+            p999: at(0.999),
+            max: at(1.0),
+        }
+    }
 }
 
 /// Spin, then yield; reports a stall past [`STALL_LIMIT`].
@@ -520,7 +548,6 @@ fn drain<C: Coherence>(
         consumer.finish(p.index()).map_err(|e| e.to_string())?;
     }
     let last_ns = monotonic_ns();
-    latencies.sort_unstable();
     Ok(DrainerReport {
         batches,
         messages: checker.next_logical,
@@ -530,7 +557,7 @@ fn drain<C: Coherence>(
         ring_laps: consumer.consumed() / capacity,
         error_count: checker.error_count,
         errors: checker.errors,
-        batch_latency_ns: latencies,
+        batch_latency_ns: LatencySummary::of(latencies),
     })
 }
 

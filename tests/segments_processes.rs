@@ -3,11 +3,21 @@
 
 use std::process::{Command, Stdio};
 
+/// Removes a test file however the test ends.
+struct Cleanup(String);
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
 #[test]
 fn concurrent_processes_never_share_a_segment() {
     let exe = env!("CARGO_BIN_EXE_embar");
     let path = format!("/dev/shm/embar-test-churn-{}", std::process::id());
     let _ = std::fs::remove_file(&path);
+    let _cleanup = Cleanup(path.clone());
     let created = Command::new(exe)
         .args([
             "pool",
@@ -81,6 +91,7 @@ fn pool_create_and_inspect_give_clear_errors_for_bad_input() {
     let exe = env!("CARGO_BIN_EXE_embar");
     let path = format!("/dev/shm/embar-test-cli-{}", std::process::id());
     let _ = std::fs::remove_file(&path);
+    let _cleanup = Cleanup(path.clone());
     let run = |args: &[&str]| {
         let out = Command::new(exe).args(args).output().unwrap();
         (

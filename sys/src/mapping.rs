@@ -310,6 +310,8 @@ fn statfs_of(path: &Path) -> io::Result<libc::statfs> {
     Ok(st)
 }
 
+// `f_type` is `i64` on some targets and `u32`/`i32` on others.
+#[allow(clippy::unnecessary_cast)]
 fn backing_from_statfs(st: &libc::statfs) -> Backing {
     if st.f_type as i64 == HUGETLBFS_MAGIC {
         Backing::HugeTlbFs {

@@ -142,6 +142,7 @@ fn another_version_a_wrong_size_or_a_corrupt_geometry_is_refused_without_a_write
         &t.0,
         &OpenOptions {
             expect_bytes: Some(128 << 20),
+            ..Default::default()
         },
     )
     .unwrap_err();
