@@ -1,4 +1,4 @@
-//! Model checking of the batch ring with loom: every interleaving (up to a preemption bound)
+//! Model checking of the batch ring with loom: every interleaving (no preemption bound)
 //! of a producer and a consumer thread running the real `ring` code over loom's atomics.
 //!
 //! Run: `RUSTFLAGS="--cfg loom" cargo test -p embar-dataplane --test loom_ring --release`
@@ -54,34 +54,41 @@ fn desc(seq: u64) -> BatchDesc {
     }
 }
 
+/// A producer thread that publishes batches 0..items, waiting while the ring is full.
+fn spawn_producer(mem: Arc<Mem>, items: u64) -> loom::thread::JoinHandle<()> {
+    loom::thread::spawn(move || {
+        let mut p = RingProducer::new(mem.ring(), Coherent);
+        let mut seq = 0;
+        while seq < items {
+            match p.try_publish(&desc(seq)) {
+                Ok(i) => {
+                    assert_eq!(i, seq);
+                    seq += 1;
+                }
+                Err(RingError::Full { .. }) => loom::thread::yield_now(),
+                Err(e) => panic!("{e}"),
+            }
+        }
+    })
+}
+
 fn builder() -> loom::model::Builder {
     let mut b = loom::model::Builder::new();
-    b.preemption_bound = Some(3);
+    // No preemption bound: loom explores every interleaving (exhaustive).
+    b.preemption_bound = None;
     b
 }
 
-/// Producer publishes ITEMS batches through a 2-slot ring (so every slot is reused); the
+/// Producer publishes ITEMS batches through a 2-slot ring (each slot used twice); the
 /// consumer must see each exactly once, in order, with every field intact.
 #[test]
 fn every_batch_arrives_once_in_order_across_laps() {
-    const ITEMS: u64 = 3;
+    const ITEMS: u64 = 4;
+    static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     builder().check(|| {
+        RUNS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let mem = Mem::new(2);
-        let m = mem.clone();
-        let producer = loom::thread::spawn(move || {
-            let mut p = RingProducer::new(m.ring(), Coherent);
-            let mut seq = 0;
-            while seq < ITEMS {
-                match p.try_publish(&desc(seq)) {
-                    Ok(i) => {
-                        assert_eq!(i, seq);
-                        seq += 1;
-                    }
-                    Err(RingError::Full { .. }) => loom::thread::yield_now(),
-                    Err(e) => panic!("{e}"),
-                }
-            }
-        });
+        let producer = spawn_producer(mem.clone(), ITEMS);
         let mut c = RingConsumer::new(mem.ring(), Coherent, BatchLimits::new(geometry(), 0));
         let mut expect = 0;
         while expect < ITEMS {
@@ -98,6 +105,10 @@ fn every_batch_arrives_once_in_order_across_laps() {
         }
         producer.join().unwrap();
     });
+    eprintln!(
+        "explored {} executions",
+        RUNS.load(std::sync::atomic::Ordering::Relaxed)
+    );
 }
 
 /// The consumer holds slot 0 and finishes slot 1 first: the producer must not overwrite slot
@@ -107,18 +118,7 @@ fn a_held_slot_is_never_overwritten() {
     const ITEMS: u64 = 3;
     builder().check(|| {
         let mem = Mem::new(2);
-        let m = mem.clone();
-        let producer = loom::thread::spawn(move || {
-            let mut p = RingProducer::new(m.ring(), Coherent);
-            let mut seq = 0;
-            while seq < ITEMS {
-                match p.try_publish(&desc(seq)) {
-                    Ok(_) => seq += 1,
-                    Err(RingError::Full { .. }) => loom::thread::yield_now(),
-                    Err(e) => panic!("{e}"),
-                }
-            }
-        });
+        let producer = spawn_producer(mem.clone(), ITEMS);
         let mut c = RingConsumer::new(mem.ring(), Coherent, BatchLimits::new(geometry(), 0));
         let mut got = Vec::new();
         while got.len() < 2 {
