@@ -11,6 +11,7 @@ pub mod batch;
 pub mod error;
 pub mod pool;
 pub mod ring;
+pub mod sequencer;
 pub mod sync;
 
 pub use error::{PoolError, PoolResult};

@@ -247,6 +247,19 @@ impl<'a, C: Coherence> RingConsumer<'a, C> {
         Ok(())
     }
 
+    /// The order recorded in a taken slot by an earlier consumer (the slot's `ordered` stamp
+    /// matches this lap), if any: a batch committed before a restart.
+    pub fn committed_order(&self, index: u64) -> Option<u64> {
+        self.check_taken(index).ok()?;
+        let slot = self.ring.slot(index);
+        // SAFETY: line 1 of a live slot (64 bytes from its start).
+        unsafe {
+            self.c
+                .invalidate_range((slot as *const BatchHeader).cast::<u8>().add(64), 64)
+        };
+        (self.c.observe(&slot.ordered) == index + 1).then(|| slot.total_order.load(Relaxed))
+    }
+
     /// Finishes a taken slot; advances the watermark over the contiguous finished prefix.
     pub fn finish(&mut self, index: u64) -> Result<(), RingError> {
         self.check_taken(index)?;

@@ -4,6 +4,7 @@
 //! 0                superblock (256 B)
 //! 4 KiB            topic table: max_topics x TInode
 //! (4 KiB aligned)  batch rings: max_topics x max_brokers x ring_slots x 128 B
+//! (4 KiB aligned)  sequencer state: max_topics x SequencerState (32 KiB each)
 //! (4 KiB aligned)  segment table: segment_count x 64 B
 //! (segment align)  segment pool: segment_count x segment_bytes   (the logs)
 //! ```
@@ -49,6 +50,7 @@ pub struct PoolGeometry {
     pub segment_bytes: u64,
     pub topic_table_offset: u64,
     pub ring_region_offset: u64,
+    pub sequencer_region_offset: u64,
     pub segment_table_offset: u64,
     pub segment_pool_offset: u64,
     pub segment_count: u64,
@@ -94,7 +96,10 @@ impl PoolGeometry {
             * u64::from(cfg.max_brokers)
             * u64::from(cfg.ring_slots)
             * size_of::<BatchHeader>() as u64;
-        let segment_table_offset = align_up(ring_region_offset + ring_bytes, REGION_ALIGN);
+        let sequencer_region_offset = align_up(ring_region_offset + ring_bytes, REGION_ALIGN);
+        let sequencer_bytes = u64::from(cfg.max_topics) * size_of::<SequencerState>() as u64;
+        let segment_table_offset =
+            align_up(sequencer_region_offset + sequencer_bytes, REGION_ALIGN);
         let seg_align = cfg.segment_bytes.min(2 << 20).next_power_of_two();
         let entry = size_of::<SegmentEntry>() as u64;
         let room = cfg.pool_bytes.saturating_sub(segment_table_offset);
@@ -123,6 +128,7 @@ impl PoolGeometry {
             segment_bytes: cfg.segment_bytes,
             topic_table_offset,
             ring_region_offset,
+            sequencer_region_offset,
             segment_table_offset,
             segment_pool_offset,
             segment_count,
@@ -156,6 +162,12 @@ impl PoolGeometry {
             + (u64::from(topic) * u64::from(self.max_brokers) + u64::from(broker)) * ring_bytes
     }
 
+    /// Pool offset of the sequencer state of topic slot `topic`.
+    pub fn sequencer_state_offset(&self, topic: u32) -> u64 {
+        debug_assert!(topic < self.max_topics);
+        self.sequencer_region_offset + u64::from(topic) * size_of::<SequencerState>() as u64
+    }
+
     pub fn segment_offset(&self, segment: u64) -> u64 {
         debug_assert!(segment < self.segment_count);
         self.segment_pool_offset + segment * self.segment_bytes
@@ -186,7 +198,10 @@ impl PoolGeometry {
     }
 
     /// Stores the geometry into the superblock's geometry line (formatter only).
-    pub(crate) fn store(&self, g: &GeometryWords) {
+    pub(crate) fn store(&self, sb: &Superblock) {
+        let g = &sb.geometry;
+        sb.sequencer_region_offset
+            .store(self.sequencer_region_offset, crate::sync::Ordering::Relaxed);
         use crate::sync::Ordering::Relaxed;
         g.max_topics.store(self.max_topics, Relaxed);
         g.max_brokers.store(self.max_brokers, Relaxed);
@@ -203,8 +218,10 @@ impl PoolGeometry {
 
     /// Reads a geometry back from a superblock and checks that it is exactly what the stored
     /// parameters produce.
-    pub(crate) fn load(pool_bytes: u64, g: &GeometryWords) -> Result<PoolGeometry, String> {
+    pub(crate) fn load(sb: &Superblock) -> Result<PoolGeometry, String> {
         use crate::sync::Ordering::Relaxed;
+        let g = &sb.geometry;
+        let pool_bytes = sb.pool_bytes.load(Relaxed);
         let cfg = PoolConfig {
             pool_bytes,
             max_topics: g.max_topics.load(Relaxed),
@@ -216,6 +233,7 @@ impl PoolGeometry {
         let found = PoolGeometry {
             topic_table_offset: g.topic_table_offset.load(Relaxed),
             ring_region_offset: g.ring_region_offset.load(Relaxed),
+            sequencer_region_offset: sb.sequencer_region_offset.load(Relaxed),
             segment_table_offset: g.segment_table_offset.load(Relaxed),
             segment_pool_offset: g.segment_pool_offset.load(Relaxed),
             segment_count: g.segment_count.load(Relaxed),
@@ -240,7 +258,8 @@ mod tests {
         let g = PoolGeometry::compute(&PoolConfig::default()).unwrap();
         assert_eq!(g.topic_table_offset, 4096);
         assert!(g.ring_region_offset >= g.topic_table_offset + 16 * size_of::<TInode>() as u64);
-        assert!(g.segment_table_offset >= g.ring_region_offset + 16 * 4 * 1024 * 128);
+        assert!(g.sequencer_region_offset >= g.ring_region_offset + 16 * 4 * 1024 * 128);
+        assert!(g.segment_table_offset >= g.sequencer_region_offset + 16 * 32 * 1024);
         assert!(g.segment_pool_offset >= g.segment_table_offset + g.segment_count * 64);
         assert_eq!(g.segment_pool_offset % (2 << 20), 0);
         assert!(g.segment_pool_offset + g.segment_pool_bytes() <= g.pool_bytes);
@@ -336,7 +355,9 @@ mod tests {
                 let tt_end = g.topic_table_offset + u64::from(topics) * size_of::<TInode>() as u64;
                 prop_assert!(tt_end <= g.ring_region_offset);
                 prop_assert!(g.ring_offset(topics - 1, brokers - 1)
-                    + u64::from(cfg.ring_slots) * 128 <= g.segment_table_offset);
+                    + u64::from(cfg.ring_slots) * 128 <= g.sequencer_region_offset);
+                prop_assert!(g.sequencer_state_offset(topics - 1)
+                    + size_of::<SequencerState>() as u64 <= g.segment_table_offset);
                 prop_assert!(g.segment_table_offset + g.segment_count * 64 <= g.segment_pool_offset);
                 prop_assert!(g.segment_pool_offset + g.segment_pool_bytes() <= cfg.pool_bytes);
                 prop_assert_eq!(g.segment_pool_offset % 64, 0);

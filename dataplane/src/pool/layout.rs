@@ -16,7 +16,7 @@ pub const CACHE_LINE: usize = 64;
 /// `"EMBARCXL"` little-endian; written last when a pool is formatted.
 pub const POOL_MAGIC: u64 = u64::from_le_bytes(*b"EMBARCXL");
 /// Bumped whenever any record or region below changes shape.
-pub const LAYOUT_VERSION: u32 = 1;
+pub const LAYOUT_VERSION: u32 = 2;
 /// Brokers a topic can have; fixes the size of a [`TInode`].
 pub const MAX_BROKERS: usize = 32;
 /// Longest topic name, in bytes of UTF-8.
@@ -44,7 +44,7 @@ pub const REGION_ALIGN: u64 = 4096;
 /// | 0 | formatter (once) | magic, version, sizes, identity |
 /// | 1 | formatter (once) | geometry: counts, region offsets |
 /// | 2 | control process | cluster epoch |
-/// | 3 | nobody yet | reserved |
+/// | 3 | formatter (once) | more geometry (sequencer state region) |
 #[repr(C, align(64))]
 #[derive(Debug, Default)]
 pub struct Superblock {
@@ -64,7 +64,9 @@ pub struct Superblock {
     /// Cluster epoch, raised by the control process; fences stale writers.
     pub epoch: AtomicU64,
     pub _pad2: [AtomicU64; 7],
-    pub _reserved: [AtomicU64; 8],
+    /// Pool offset of the per-topic sequencer state ([`SequencerState`]).
+    pub sequencer_region_offset: AtomicU64,
+    pub _reserved: [AtomicU64; 7],
 }
 
 /// Line 1 of the superblock: enough to recompute and cross-check every region.
@@ -223,6 +225,44 @@ pub struct DeliveryMeta {
     pub flags: u16,
 }
 
+/// Clients a topic's sequencer can track (ORDER 4 and 5).
+pub const SEQUENCER_CLIENTS_MAX: usize = 1024;
+
+/// What a topic's sequencer keeps in the pool so that a restarted sequencer resumes without a
+/// duplicate or a gap.
+///
+/// | line | writer | contents |
+/// |---|---|---|
+/// | 0 | sequencer | `epoch`, `next_global`, counters |
+/// | 1 | brokers (any) | `doorbell`: bumped to wake a parked sequencer |
+/// | 2.. | sequencer | client table: `SEQUENCER_CLIENTS_MAX` x [`ClientEntry`] |
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub struct SequencerState {
+    /// Raised by every sequencer instance at start; an instance that sees another value stops.
+    pub epoch: AtomicU64,
+    /// The next total-order number to hand out (saved after each ordered batch).
+    pub next_global: AtomicU64,
+    pub duplicates: AtomicU64,
+    pub fences: AtomicU64,
+    pub _pad0: [AtomicU64; 4],
+    pub doorbell: AtomicU32,
+    pub _pad1: [AtomicU32; 15],
+    pub clients: [ClientEntry; SEQUENCER_CLIENTS_MAX],
+}
+
+/// One client of a topic's sequencer: open addressing on `client_id`.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct ClientEntry {
+    /// `client_id + 1`; 0 when the entry is free.
+    pub client_key: AtomicU64,
+    pub next_expected: AtomicU64,
+    /// Bit 0: fenced.
+    pub flags: AtomicU64,
+    pub _pad: AtomicU64,
+}
+
 /// One segment of the log space. Writer: the owner (allocation is a compare-and-swap on
 /// `owner`, see [`crate::pool::segments`]).
 #[repr(C, align(64))]
@@ -254,7 +294,11 @@ mod size_checks {
     const _: () = assert!(align_of::<Superblock>() == CACHE_LINE);
     const _: () = assert!(offset_of!(Superblock, geometry) == 64);
     const _: () = assert!(offset_of!(Superblock, epoch) == 128);
-    const _: () = assert!(offset_of!(Superblock, _reserved) == 192);
+    const _: () = assert!(offset_of!(Superblock, sequencer_region_offset) == 192);
+    const _: () = assert!(size_of::<ClientEntry>() == 32);
+    const _: () = assert!(offset_of!(SequencerState, doorbell) == 64);
+    const _: () = assert!(offset_of!(SequencerState, clients) == 128);
+    const _: () = assert!(size_of::<SequencerState>() == 128 + 32 * SEQUENCER_CLIENTS_MAX);
     const _: () = assert!(size_of::<GeometryWords>() == 64);
 
     const _: () = assert!(size_of::<TopicHeader>() == 256);

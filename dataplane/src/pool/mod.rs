@@ -118,7 +118,7 @@ impl Pool {
             .map_or(0, |d| d.as_millis() as u64);
         sb.created_unix_ms.store(now_ms, Relaxed);
         sb.coherence_mode.store(opts.coherence.code(), Relaxed);
-        self.geo.store(&sb.geometry);
+        self.geo.store(sb);
         for topic in 0..self.geo.max_topics {
             let t = self.tinode(topic);
             for broker in 0..self.geo.max_brokers {
@@ -196,7 +196,7 @@ impl Pool {
                 });
             }
         }
-        let geo = PoolGeometry::load(recorded, &sb.geometry).map_err(corrupt)?;
+        let geo = PoolGeometry::load(sb).map_err(corrupt)?;
         let code = sb.coherence_mode.load(Relaxed);
         let mode = CoherenceMode::from_code(code)
             .ok_or_else(|| corrupt(format!("unknown coherence mode code {code}")))?;
@@ -280,6 +280,16 @@ impl Pool {
         let off = self.geo.topic_table_offset + u64::from(topic) * size_of::<TInode>() as u64;
         // SAFETY: slot < max_topics, so the TInode lies inside the topic table region.
         unsafe { self.record(off) }
+    }
+
+    /// The sequencer state of topic slot `topic`.
+    pub fn sequencer_state(&self, topic: u32) -> &SequencerState {
+        assert!(
+            topic < self.geo.max_topics,
+            "topic slot {topic} out of range"
+        );
+        // SAFETY: slot < max_topics, so the state lies inside the sequencer region.
+        unsafe { self.record(self.geo.sequencer_state_offset(topic)) }
     }
 
     /// The batch ring slots of (topic, broker).

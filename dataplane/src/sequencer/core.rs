@@ -1,0 +1,401 @@
+//! The sequencer's state machine, with no threads, clocks or pool access: the driver feeds it
+//! [`Landed`] events and the time, and carries out the [`Action`]s it returns. Tests drive it
+//! step by step (`sequencer::core::tests`, property tests against a reference model).
+//!
+//! ORDER 5 (and 4, which only adds a per-message stamp done by the driver): each client has
+//! `next_expected_batch_seq`, starting at 0.
+//! - `batch_seq == expected`: the batch gets `[global, global + num_msg)`; then every held
+//!   batch of that client that is now next is released, in sequence.
+//! - `batch_seq > expected`: held, in a buffer bounded per client and in total. A client whose
+//!   gap stays open past the hold timeout, or whose holds exceed a bound, is **fenced**: its
+//!   held batches are dropped and reported, and so is everything it sends later. A gap is never
+//!   skipped silently.
+//! - `batch_seq < expected` (or equal to a held one): a duplicate (a resend), dropped.
+//!
+//! ORDER 2 orders batches as they arrive; ORDER 1 gives each broker's batches a dense
+//! per-broker message sequence; ORDER 0 orders nothing (per-broker logical offsets only).
+//! ORDER 3 (client-assigned tokens) is not built: [`OrderLevel::from_level`] refuses it.
+
+use std::collections::{BTreeMap, HashMap};
+
+/// The ordering level of a topic (ORDER 3 is not built).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum OrderLevel {
+    /// ORDER 0: no order beyond per-broker logical offsets.
+    Unordered,
+    /// ORDER 1: a dense per-broker message sequence.
+    PerBroker,
+    /// ORDER 2: total order across brokers, no per-client rule.
+    Total,
+    /// ORDER 4: as ORDER 5, and every message header is stamped with its own total order.
+    TotalFifoStamped,
+    /// ORDER 5: total order, per-client FIFO, duplicates dropped.
+    TotalFifo,
+}
+
+impl OrderLevel {
+    pub fn from_level(level: u8) -> Result<OrderLevel, String> {
+        match level {
+            0 => Ok(OrderLevel::Unordered),
+            1 => Ok(OrderLevel::PerBroker),
+            2 => Ok(OrderLevel::Total),
+            3 => Err("ORDER 3 (client-assigned tokens) is not supported by this sequencer".into()),
+            4 => Ok(OrderLevel::TotalFifoStamped),
+            5 => Ok(OrderLevel::TotalFifo),
+            other => Err(format!("ORDER {other} is unknown (0..=5)")),
+        }
+    }
+
+    pub fn level(self) -> u8 {
+        match self {
+            OrderLevel::Unordered => 0,
+            OrderLevel::PerBroker => 1,
+            OrderLevel::Total => 2,
+            OrderLevel::TotalFifoStamped => 4,
+            OrderLevel::TotalFifo => 5,
+        }
+    }
+
+    fn per_client(self) -> bool {
+        matches!(self, OrderLevel::TotalFifo | OrderLevel::TotalFifoStamped)
+    }
+}
+
+/// A batch that broker `broker` published at ring index `index`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Landed {
+    pub broker: u32,
+    pub index: u64,
+    pub client_id: u64,
+    pub batch_seq: u64,
+    pub num_msg: u32,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DropReason {
+    /// Already ordered or already held: a resend.
+    Duplicate,
+    /// The client is fenced.
+    Fenced,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FenceReason {
+    /// A gap in the client's sequence stayed open past the hold timeout.
+    HoldTimeout,
+    /// The client held more batches than one client may.
+    ClientHoldFull,
+    /// All clients together held more batches than the sequencer may; the client waiting
+    /// longest is fenced.
+    TotalHoldFull,
+    /// A new client arrived when the client table was full.
+    ClientTableFull,
+}
+
+/// What the driver must do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Give the batch the sequence range `[first, first + num_msg)`: the topic's total order
+    /// (ORDER 2, 4, 5) or the broker's sequence (ORDER 1). Then finish its ring slot.
+    Order { batch: Landed, first: u64 },
+    /// ORDER 0: finish the slot, no order.
+    Pass { batch: Landed },
+    /// Finish the slot without an order, and count/report it.
+    Drop { batch: Landed, why: DropReason },
+    /// Record that a client is fenced (it must start a new session).
+    Fence {
+        client_id: u64,
+        expected: u64,
+        why: FenceReason,
+    },
+}
+
+/// Named bounds of the core.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub held_per_client_max: usize,
+    pub held_total_max: usize,
+    pub hold_timeout_ns: u64,
+    pub clients_max: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            held_per_client_max: 256,
+            held_total_max: 4096,
+            hold_timeout_ns: 5_000_000_000,
+            clients_max: 4096,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Client {
+    next_expected: u64,
+    fenced: bool,
+    held: BTreeMap<u64, Landed>,
+    /// When the current gap opened (the first hold since the client last advanced).
+    gap_since_ns: u64,
+}
+
+/// Counters for metrics and tests.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CoreStats {
+    pub ordered_batches: u64,
+    pub ordered_messages: u64,
+    pub duplicates: u64,
+    pub fenced_drops: u64,
+    pub fences: u64,
+    pub held_now: u64,
+}
+
+/// The state machine. See the module docs.
+#[derive(Debug)]
+pub struct SequencerCore {
+    order: OrderLevel,
+    limits: Limits,
+    next_global: u64,
+    per_broker_next: Vec<u64>,
+    clients: HashMap<u64, Client>,
+    held_total: usize,
+    stats: CoreStats,
+}
+
+/// What a restarted sequencer resumes from (kept in the pool).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Resume {
+    pub next_global: u64,
+    pub per_broker_next: Vec<u64>,
+    /// `(client_id, next_expected, fenced)`.
+    pub clients: Vec<(u64, u64, bool)>,
+}
+
+impl SequencerCore {
+    pub fn new(order: OrderLevel, brokers: u32, limits: Limits) -> SequencerCore {
+        SequencerCore::resume(
+            order,
+            limits,
+            Resume {
+                per_broker_next: vec![0; brokers as usize],
+                ..Resume::default()
+            },
+        )
+    }
+
+    pub fn resume(order: OrderLevel, limits: Limits, r: Resume) -> SequencerCore {
+        let clients = r
+            .clients
+            .iter()
+            .map(|&(id, next_expected, fenced)| {
+                (
+                    id,
+                    Client {
+                        next_expected,
+                        fenced,
+                        ..Client::default()
+                    },
+                )
+            })
+            .collect();
+        SequencerCore {
+            order,
+            limits,
+            next_global: r.next_global,
+            per_broker_next: r.per_broker_next,
+            clients,
+            held_total: 0,
+            stats: CoreStats::default(),
+        }
+    }
+
+    pub fn order(&self) -> OrderLevel {
+        self.order
+    }
+
+    /// The next total-order number to hand out.
+    pub fn next_global(&self) -> u64 {
+        self.next_global
+    }
+
+    pub fn next_expected(&self, client_id: u64) -> Option<u64> {
+        self.clients.get(&client_id).map(|c| c.next_expected)
+    }
+
+    pub fn stats(&self) -> CoreStats {
+        CoreStats {
+            held_now: self.held_total as u64,
+            ..self.stats
+        }
+    }
+
+    /// Takes one landed batch; appends what to do to `out`.
+    pub fn on_landed(&mut self, b: Landed, now_ns: u64, out: &mut Vec<Action>) {
+        match self.order {
+            OrderLevel::Unordered => out.push(Action::Pass { batch: b }),
+            OrderLevel::PerBroker => {
+                let next = &mut self.per_broker_next[b.broker as usize];
+                out.push(Action::Order {
+                    batch: b,
+                    first: *next,
+                });
+                *next += u64::from(b.num_msg);
+                self.count_ordered(b);
+            }
+            OrderLevel::Total => self.assign(b, out),
+            OrderLevel::TotalFifo | OrderLevel::TotalFifoStamped => self.fifo(b, now_ns, out),
+        }
+    }
+
+    fn count_ordered(&mut self, b: Landed) {
+        self.stats.ordered_batches += 1;
+        self.stats.ordered_messages += u64::from(b.num_msg);
+    }
+
+    fn assign(&mut self, b: Landed, out: &mut Vec<Action>) {
+        out.push(Action::Order {
+            batch: b,
+            first: self.next_global,
+        });
+        self.next_global += u64::from(b.num_msg);
+        self.count_ordered(b);
+    }
+
+    fn fifo(&mut self, b: Landed, now_ns: u64, out: &mut Vec<Action>) {
+        if !self.clients.contains_key(&b.client_id) && self.clients.len() >= self.limits.clients_max
+        {
+            self.stats.fences += 1;
+            self.stats.fenced_drops += 1;
+            out.push(Action::Fence {
+                client_id: b.client_id,
+                expected: 0,
+                why: FenceReason::ClientTableFull,
+            });
+            out.push(Action::Drop {
+                batch: b,
+                why: DropReason::Fenced,
+            });
+            return;
+        }
+        let client = self.clients.entry(b.client_id).or_default();
+        if client.fenced {
+            self.stats.fenced_drops += 1;
+            out.push(Action::Drop {
+                batch: b,
+                why: DropReason::Fenced,
+            });
+            return;
+        }
+        if b.batch_seq < client.next_expected || client.held.contains_key(&b.batch_seq) {
+            self.stats.duplicates += 1;
+            out.push(Action::Drop {
+                batch: b,
+                why: DropReason::Duplicate,
+            });
+            return;
+        }
+        if b.batch_seq > client.next_expected {
+            if client.held.is_empty() {
+                client.gap_since_ns = now_ns;
+            }
+            client.held.insert(b.batch_seq, b);
+            self.held_total += 1;
+            if client.held.len() > self.limits.held_per_client_max {
+                self.fence(b.client_id, FenceReason::ClientHoldFull, out);
+            } else if self.held_total > self.limits.held_total_max {
+                let oldest = self
+                    .clients
+                    .iter()
+                    .filter(|(_, c)| !c.held.is_empty())
+                    .min_by_key(|(id, c)| (c.gap_since_ns, **id))
+                    .map(|(id, _)| *id)
+                    .expect("some client holds a batch");
+                self.fence(oldest, FenceReason::TotalHoldFull, out);
+            }
+            return;
+        }
+        // The batch is next: order it and release what it unblocks.
+        self.assign(b, out);
+        let mut expected = b.batch_seq + 1;
+        loop {
+            let client = self.clients.get_mut(&b.client_id).expect("client exists");
+            match client.held.remove(&expected) {
+                Some(h) => {
+                    self.held_total -= 1;
+                    self.assign(h, out);
+                    expected += 1;
+                }
+                None => {
+                    client.next_expected = expected;
+                    if !client.held.is_empty() {
+                        // Progress restarts the clock of the gap that remains.
+                        client.gap_since_ns = now_ns;
+                    }
+                    break;
+                }
+            }
+        }
+    }
+
+    fn fence(&mut self, client_id: u64, why: FenceReason, out: &mut Vec<Action>) {
+        let Some(client) = self.clients.get_mut(&client_id) else {
+            return;
+        };
+        client.fenced = true;
+        self.stats.fences += 1;
+        out.push(Action::Fence {
+            client_id,
+            expected: client.next_expected,
+            why,
+        });
+        let held = std::mem::take(&mut client.held);
+        self.held_total -= held.len();
+        self.stats.fenced_drops += held.len() as u64;
+        out.extend(held.into_values().map(|batch| Action::Drop {
+            batch,
+            why: DropReason::Fenced,
+        }));
+    }
+
+    /// Fences every client whose gap has been open longer than the hold timeout.
+    pub fn on_tick(&mut self, now_ns: u64, out: &mut Vec<Action>) {
+        if self.held_total == 0 {
+            return;
+        }
+        let expired: Vec<u64> = self
+            .clients
+            .iter()
+            .filter(|(_, c)| {
+                !c.held.is_empty()
+                    && now_ns.saturating_sub(c.gap_since_ns) > self.limits.hold_timeout_ns
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in expired {
+            self.fence(id, FenceReason::HoldTimeout, out);
+        }
+    }
+
+    /// Recovery: a batch found already ordered in the pool (committed before a crash, its
+    /// counters possibly not yet saved). Brings the counters past it.
+    pub fn replay_ordered(&mut self, b: Landed, first: u64) {
+        let end = first + u64::from(b.num_msg);
+        match self.order {
+            OrderLevel::Unordered => {}
+            OrderLevel::PerBroker => {
+                let next = &mut self.per_broker_next[b.broker as usize];
+                *next = (*next).max(end);
+            }
+            OrderLevel::Total | OrderLevel::TotalFifo | OrderLevel::TotalFifoStamped => {
+                self.next_global = self.next_global.max(end);
+                if self.order.per_client() {
+                    let c = self.clients.entry(b.client_id).or_default();
+                    c.next_expected = c.next_expected.max(b.batch_seq + 1);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,139 @@
+//! The part of the sequencer that lives in the pool ([`SequencerState`]): its epoch, the next
+//! total-order number, and the per-client table. Written by the sequencer only, after each
+//! ordered batch (one save per batch, never per message).
+//!
+//! Commit protocol for one batch (see `driver`): (1) stamp the ring slot's `total_order` and
+//! `ordered` (the commit point), (2) save `next_global` and the client's `next_expected`
+//! here, (3) finish the ring slot. A crash between (1) and (2) is repaired on restart by
+//! replaying committed, unfinished slots; a crash before (1) leaves the slot unfinished, so it
+//! is read again.
+
+use std::collections::HashMap;
+
+use crate::pool::coherence::Coherence;
+use crate::pool::layout::{SequencerState, SEQUENCER_CLIENTS_MAX};
+use crate::sync::Ordering::Relaxed;
+
+const FENCED: u64 = 1;
+
+/// A sequencer's handle on its topic's state in the pool.
+#[derive(Debug)]
+pub struct PoolState<'p, C: Coherence> {
+    st: &'p SequencerState,
+    c: C,
+    epoch: u64,
+    /// client id -> entry index, so the table is probed once per client, not per batch.
+    index: HashMap<u64, usize>,
+}
+
+fn home(client_id: u64) -> usize {
+    // Fibonacci hashing spreads consecutive client ids.
+    (client_id.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> 32) as usize % SEQUENCER_CLIENTS_MAX
+}
+
+impl<'p, C: Coherence> PoolState<'p, C> {
+    /// Takes over the topic's sequencer state: raises the epoch, so an older instance that is
+    /// still running sees it and stops.
+    pub fn attach(st: &'p SequencerState, c: C) -> PoolState<'p, C> {
+        let epoch = c.observe(&st.epoch) + 1;
+        c.publish(&st.epoch, epoch);
+        PoolState {
+            st,
+            c,
+            epoch,
+            index: HashMap::new(),
+        }
+    }
+
+    pub fn epoch(&self) -> u64 {
+        self.epoch
+    }
+
+    /// Whether a newer sequencer has taken over.
+    pub fn superseded(&self) -> bool {
+        self.c.observe(&self.st.epoch) != self.epoch
+    }
+
+    pub fn doorbell(&self) -> &'p crate::sync::AtomicU32 {
+        &self.st.doorbell
+    }
+
+    /// Saved next total-order number and the client table: `(client, next_expected, fenced)`.
+    pub fn load(&mut self) -> (u64, Vec<(u64, u64, bool)>) {
+        self.c.invalidate(self.st);
+        let next_global = self.c.observe(&self.st.next_global);
+        let mut clients = Vec::new();
+        for (i, e) in self.st.clients.iter().enumerate() {
+            let key = e.client_key.load(Relaxed);
+            if key != 0 {
+                let id = key - 1;
+                self.index.insert(id, i);
+                clients.push((
+                    id,
+                    e.next_expected.load(Relaxed),
+                    e.flags.load(Relaxed) & FENCED != 0,
+                ));
+            }
+        }
+        (next_global, clients)
+    }
+
+    fn entry(&mut self, client_id: u64) -> Option<usize> {
+        if let Some(&i) = self.index.get(&client_id) {
+            return Some(i);
+        }
+        let start = home(client_id);
+        for k in 0..SEQUENCER_CLIENTS_MAX {
+            let i = (start + k) % SEQUENCER_CLIENTS_MAX;
+            let e = &self.st.clients[i];
+            if e.client_key.load(Relaxed) == 0 {
+                e.next_expected.store(0, Relaxed);
+                e.flags.store(0, Relaxed);
+                e.client_key.store(client_id + 1, Relaxed);
+                self.index.insert(client_id, i);
+                return Some(i);
+            }
+        }
+        None
+    }
+
+    /// Saves the effect of one ordered batch. The core bounds clients to the table's size, so a
+    /// full table here is a bug; it is reported rather than ignored.
+    pub fn save_order(
+        &mut self,
+        client_id: u64,
+        batch_seq: u64,
+        next_global: u64,
+    ) -> Result<(), String> {
+        let i = self
+            .entry(client_id)
+            .ok_or_else(|| format!("sequencer client table full ({SEQUENCER_CLIENTS_MAX})"))?;
+        let e = &self.st.clients[i];
+        e.next_expected.store(batch_seq + 1, Relaxed);
+        self.c.writeback(e);
+        self.c.publish(&self.st.next_global, next_global);
+        Ok(())
+    }
+
+    /// Saves the global counter alone (ORDER 2, no client table).
+    pub fn save_global(&self, next_global: u64) {
+        self.c.publish(&self.st.next_global, next_global);
+    }
+
+    pub fn save_fence(&mut self, client_id: u64) -> Result<(), String> {
+        let i = self
+            .entry(client_id)
+            .ok_or_else(|| format!("sequencer client table full ({SEQUENCER_CLIENTS_MAX})"))?;
+        let e = &self.st.clients[i];
+        e.flags.store(FENCED, Relaxed);
+        self.c.writeback(e);
+        self.c
+            .publish(&self.st.fences, self.st.fences.load(Relaxed) + 1);
+        Ok(())
+    }
+
+    pub fn count_duplicate(&self) {
+        self.c
+            .publish(&self.st.duplicates, self.st.duplicates.load(Relaxed) + 1);
+    }
+}
