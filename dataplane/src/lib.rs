@@ -8,6 +8,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod batch;
+pub mod checker;
 pub mod error;
 pub mod pool;
 pub mod ring;
