@@ -1,6 +1,7 @@
 //! `embar`: the command line of Embarcadero in Rust.
 
 mod bench;
+mod order_load;
 mod pool_cmd;
 mod ringload;
 mod units;
@@ -28,6 +29,8 @@ enum Cmd {
     Pool(PoolCmd),
     /// Benchmark the pool data path between real processes (the default command).
     Bench(bench::BenchArgs),
+    /// Run the sequencer of one topic until SIGINT or SIGTERM.
+    Sequencer(SequencerArgs),
     /// A worker process of `embar bench` (started by it).
     #[command(hide = true, subcommand)]
     RingWorker(WorkerCmd),
@@ -37,6 +40,21 @@ enum Cmd {
 enum PoolCmd {
     /// Create and format a new pool.
     Create(pool_cmd::CreateArgs),
+    /// Create a topic in the pool's topic table.
+    CreateTopic {
+        #[arg(long, default_value = "/dev/shm/embar.pool")]
+        path: PathBuf,
+        #[arg(long)]
+        name: String,
+        #[arg(long, default_value_t = 5)]
+        order: u8,
+        #[arg(long, default_value_t = 1)]
+        ack: u8,
+        #[arg(long, default_value_t = 0)]
+        replication_factor: u8,
+        #[arg(long, default_value = "2MiB", value_parser = units::parse_bytes)]
+        batch_bytes: u64,
+    },
     /// Show a pool's layout, topics and ring positions.
     Inspect {
         #[arg(long, default_value = "/dev/shm/embar.pool")]
@@ -46,8 +64,29 @@ enum PoolCmd {
     },
 }
 
+#[derive(clap::Args)]
+struct SequencerArgs {
+    #[arg(long, default_value = "/dev/shm/embar.pool")]
+    pool: PathBuf,
+    #[arg(long)]
+    topic: String,
+    /// Brokers whose rings to order (ids 0..N).
+    #[arg(long)]
+    brokers: u32,
+    /// Pin the polling thread to this CPU.
+    #[arg(long)]
+    pin_cpu: Option<usize>,
+    /// Fence a client whose sequence gap stays open this long.
+    #[arg(long, default_value_t = 5000)]
+    hold_timeout_ms: u64,
+}
+
 #[derive(Subcommand)]
 enum WorkerCmd {
+    /// Play one broker feeding a topic's ring with striped, partly duplicated client batches.
+    Feed(order_load::FeedArgs),
+    /// Check a finished run's order (the ring must hold the whole run).
+    VerifyOrder(order_load::VerifyArgs),
     Land {
         #[command(flatten)]
         workload: ringload::Workload,
@@ -79,6 +118,49 @@ fn print_report<T: serde::Serialize>(r: Result<T, String>) -> Result<bool, Strin
     Ok(true)
 }
 
+fn run_sequencer(a: &SequencerArgs) -> Result<(), String> {
+    use embar_dataplane::pool::coherence::Coherence;
+    use embar_dataplane::pool::{CoherenceFn, OpenOptions, Pool};
+    use embar_dataplane::sequencer::driver::{DriverConfig, Sequencer};
+    use embar_dataplane::sequencer::Limits;
+
+    let pool = Pool::open(&a.pool, &OpenOptions::default()).map_err(|e| e.to_string())?;
+    let stop = embar_sys::signal::stop_on_term();
+    struct Go<'a>(
+        &'a Pool,
+        &'a SequencerArgs,
+        &'static std::sync::atomic::AtomicBool,
+    );
+    impl CoherenceFn<Result<(), String>> for Go<'_> {
+        fn call<C: Coherence>(self, c: C) -> Result<(), String> {
+            let Go(pool, a, stop) = self;
+            let topic = pool.find_topic(c, &a.topic).map_err(|e| e.to_string())?;
+            let cfg = DriverConfig {
+                limits: Limits {
+                    hold_timeout_ns: a.hold_timeout_ms * 1_000_000,
+                    ..Limits::default()
+                },
+                pin_cpu: a.pin_cpu,
+                ..DriverConfig::default()
+            };
+            let mut s =
+                Sequencer::start(pool, c, topic, a.brokers, cfg).map_err(|e| e.to_string())?;
+            log::info!(
+                "sequencer for topic {:?} (slot {topic}), {} brokers, epoch {}, resumed at total order {} ({} batches replayed)",
+                a.topic,
+                a.brokers,
+                s.epoch(),
+                s.core().next_global(),
+                s.stats().replayed
+            );
+            s.run(stop).map_err(|e| e.to_string())?;
+            log::info!("sequencer stopped: {:?} {:?}", s.stats(), s.core().stats());
+            Ok(())
+        }
+    }
+    Pool::with_coherence(pool.coherence_mode(), Go(&pool, a, stop))
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
@@ -88,7 +170,22 @@ fn main() -> ExitCode {
     let result = match command {
         Cmd::Pool(PoolCmd::Create(a)) => pool_cmd::create(&a).map(|()| true),
         Cmd::Pool(PoolCmd::Inspect { path, json }) => pool_cmd::inspect(&path, json).map(|()| true),
+        Cmd::Pool(PoolCmd::CreateTopic {
+            path,
+            name,
+            order,
+            ack,
+            replication_factor,
+            batch_bytes,
+        }) => pool_cmd::create_topic(&path, &name, order, ack, replication_factor, batch_bytes)
+            .map(|()| true),
         Cmd::Bench(a) => bench::run(&a),
+        Cmd::Sequencer(a) => run_sequencer(&a).map(|()| true),
+        Cmd::RingWorker(WorkerCmd::Feed(a)) => print_report(order_load::feed(&a)),
+        Cmd::RingWorker(WorkerCmd::VerifyOrder(a)) => order_load::verify(&a).and_then(|r| {
+            let passed = r.check == "passed";
+            print_report(Ok(r)).map(|_| passed)
+        }),
         Cmd::RingWorker(WorkerCmd::Land { workload, fault }) => {
             print_report(ringload::run_lander(&workload, fault))
         }

@@ -239,3 +239,35 @@ pub fn inspect(path: &Path, json: bool) -> Result<(), String> {
     }
     Ok(())
 }
+
+pub fn create_topic(
+    path: &Path,
+    name: &str,
+    order: u8,
+    ack: u8,
+    rf: u8,
+    batch_bytes: u64,
+) -> Result<(), String> {
+    use embar_dataplane::pool::topics::TopicConfig;
+    let pool = Pool::open(path, &OpenOptions::default()).map_err(|e| e.to_string())?;
+    let cfg = TopicConfig {
+        order,
+        ack,
+        replication_factor: rf,
+        batch_bytes,
+    };
+    struct Go<'a>(&'a Pool, &'a str, TopicConfig);
+    impl embar_dataplane::pool::CoherenceFn<Result<u32, String>> for Go<'_> {
+        fn call<C: embar_dataplane::pool::coherence::Coherence>(self, c: C) -> Result<u32, String> {
+            self.0
+                .create_topic(c, self.1, &self.2)
+                .map_err(|e| e.to_string())
+        }
+    }
+    let slot = Pool::with_coherence(pool.coherence_mode(), Go(&pool, name, cfg))?;
+    println!(
+        "created topic {name:?} in slot {slot}: ORDER {order} ACK {ack} RF {rf} batch {}",
+        format_bytes(batch_bytes)
+    );
+    Ok(())
+}

@@ -24,7 +24,11 @@ pub struct Delivered {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Violation {
     #[error("message {position}: total order {found}, expected {expected} (hole or duplicate)")]
-    TotalOrder { position: u64, found: u64, expected: u64 },
+    TotalOrder {
+        position: u64,
+        found: u64,
+        expected: u64,
+    },
     #[error("message {position}: batch (client {client_id}, seq {batch_seq}) not contiguous: index {found}, expected {expected}")]
     BatchSplit {
         position: u64,
@@ -148,7 +152,11 @@ impl OrderChecker {
 }
 
 /// Checks a whole delivered sequence.
-pub fn check_sequence(msgs: &[Delivered], per_client_fifo: bool, expected: Option<u64>) -> Result<u64, Violation> {
+pub fn check_sequence(
+    msgs: &[Delivered],
+    per_client_fifo: bool,
+    expected: Option<u64>,
+) -> Result<u64, Violation> {
     let mut c = OrderChecker::new(per_client_fifo);
     for m in msgs {
         c.push(m)?;
@@ -203,10 +211,16 @@ mod tests {
     fn a_hole_or_a_duplicate_total_order_fails() {
         let mut v = deliver(&[(1, 0, 3), (1, 1, 2)]);
         v.remove(2);
-        assert!(matches!(check_sequence(&v, false, None), Err(Violation::TotalOrder { position: 2, .. })));
+        assert!(matches!(
+            check_sequence(&v, false, None),
+            Err(Violation::TotalOrder { position: 2, .. })
+        ));
         let mut v = deliver(&[(1, 0, 3)]);
         v[2].total_order = 1;
-        assert!(matches!(check_sequence(&v, false, None), Err(Violation::TotalOrder { .. })));
+        assert!(matches!(
+            check_sequence(&v, false, None),
+            Err(Violation::TotalOrder { .. })
+        ));
     }
 
     #[test]
@@ -216,18 +230,34 @@ mod tests {
         for (i, m) in v.iter_mut().enumerate() {
             m.total_order = i as u64;
         }
-        assert!(matches!(check_sequence(&v, false, None), Err(Violation::BatchSplit { .. })));
+        assert!(matches!(
+            check_sequence(&v, false, None),
+            Err(Violation::BatchSplit { .. })
+        ));
         let v = deliver(&[(1, 0, 3)]);
-        assert!(matches!(check_sequence(&v[..2], false, None), Err(Violation::BatchSplit { .. })));
+        assert!(matches!(
+            check_sequence(&v[..2], false, None),
+            Err(Violation::BatchSplit { .. })
+        ));
     }
 
     #[test]
     fn per_client_fifo_breaks_fail_only_when_asked() {
         let v = deliver(&[(1, 1, 2), (1, 0, 2)]);
-        assert!(matches!(check_sequence(&v, true, None), Err(Violation::ClientFifo { .. })));
-        assert_eq!(check_sequence(&v, false, None), Ok(4), "ORDER 2 has no per-client rule");
+        assert!(matches!(
+            check_sequence(&v, true, None),
+            Err(Violation::ClientFifo { .. })
+        ));
+        assert_eq!(
+            check_sequence(&v, false, None),
+            Ok(4),
+            "ORDER 2 has no per-client rule"
+        );
         let v = deliver(&[(1, 0, 1), (1, 2, 1)]);
-        assert!(matches!(check_sequence(&v, true, None), Err(Violation::ClientFifo { found: 2, .. })));
+        assert!(matches!(
+            check_sequence(&v, true, None),
+            Err(Violation::ClientFifo { found: 2, .. })
+        ));
         let v = deliver(&[(1, 0, 1), (1, 0, 1)]);
         assert!(check_sequence(&v, true, None).is_err(), "a repeated batch");
     }
@@ -235,9 +265,21 @@ mod tests {
     #[test]
     fn a_wrong_count_or_diverging_subscribers_fail() {
         let v = deliver(&[(1, 0, 3)]);
-        assert!(matches!(check_sequence(&v, true, Some(4)), Err(Violation::Count { found: 3, expected: 4 })));
+        assert!(matches!(
+            check_sequence(&v, true, Some(4)),
+            Err(Violation::Count {
+                found: 3,
+                expected: 4
+            })
+        ));
         let w = deliver(&[(2, 0, 3)]);
-        assert!(matches!(same_sequence(&v, &w), Err(Violation::Diverged { position: 0, .. })));
-        assert!(matches!(same_sequence(&v, &v[..2]), Err(Violation::Diverged { position: 2, .. })));
+        assert!(matches!(
+            same_sequence(&v, &w),
+            Err(Violation::Diverged { position: 0, .. })
+        ));
+        assert!(matches!(
+            same_sequence(&v, &v[..2]),
+            Err(Violation::Diverged { position: 2, .. })
+        ));
     }
 }
