@@ -132,6 +132,8 @@ struct TopicView {
     batch_bytes: u64,
     /// Per broker: ring slots published (`written`) and consumed.
     rings: Vec<(u64, u64)>,
+    /// Per broker: messages ordered by the sequencer.
+    ordered: Vec<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -171,6 +173,14 @@ pub fn inspect(path: &Path, json: bool) -> Result<(), String> {
                     )
                 })
                 .collect();
+            let ordered = (0..g.max_brokers)
+                .map(|b| {
+                    pool.tinode(t.slot).brokers[b as usize]
+                        .sequencer
+                        .ordered
+                        .load(std::sync::atomic::Ordering::Acquire)
+                })
+                .collect();
             TopicView {
                 slot: t.slot,
                 name: t.name,
@@ -179,6 +189,7 @@ pub fn inspect(path: &Path, json: bool) -> Result<(), String> {
                 replication_factor: t.config.replication_factor,
                 batch_bytes: t.config.batch_bytes,
                 rings,
+                ordered,
             }
         })
         .collect();

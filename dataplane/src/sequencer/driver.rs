@@ -381,3 +381,181 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
         Ok(())
     }
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+    use crate::pool::coherence::Coherent;
+    use crate::pool::geometry::PoolConfig;
+    use crate::pool::layout::BATCH_HEADER_VERSION;
+    use crate::pool::topics::TopicConfig;
+    use crate::pool::CreateOptions;
+    use crate::ring::RingProducer;
+
+    struct TempPool(std::path::PathBuf);
+    impl Drop for TempPool {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+
+    fn setup(order: u8) -> (TempPool, Pool, u32) {
+        let path = std::path::PathBuf::from(format!(
+            "/dev/shm/embar-test-driver-{order}-{}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&path);
+        let cfg = PoolConfig {
+            pool_bytes: 64 << 20,
+            max_topics: 2,
+            max_brokers: 2,
+            ring_slots: 64,
+            segment_bytes: 1 << 20,
+        };
+        let pool = Pool::create(&path, &cfg, &CreateOptions::default()).unwrap();
+        let topic = TopicConfig {
+            order,
+            ack: 1,
+            replication_factor: 0,
+            batch_bytes: 64 << 10,
+        };
+        let slot = pool.create_topic(Coherent, "t", &topic).unwrap();
+        (TempPool(path), pool, slot)
+    }
+
+    /// Publishes batch `seq` of `client` into broker `b`'s ring (two 64-byte messages).
+    fn publish(pool: &Pool, topic: u32, b: u32, client: u64, seq: u64) {
+        let mut p = RingProducer::new(pool.ring(topic, b).unwrap(), Coherent);
+        let base = pool.geometry().segment_offset(b as u64);
+        let d = BatchDesc {
+            batch_seq: seq,
+            client_id: client,
+            num_msg: 2,
+            broker_id: b,
+            total_size: 128,
+            log_idx: base + 128 * (p.next_index() % 64),
+            start_logical_offset: 0,
+            version_flags: u64::from(BATCH_HEADER_VERSION),
+        };
+        p.try_publish(&d).unwrap();
+    }
+
+    fn drain(s: &mut Sequencer<'_, Coherent>) {
+        while s.poll_once().unwrap() > 0 {}
+    }
+
+    /// `(first, broker, index)` of every ordered slot, sorted by first.
+    fn ordered_slots(pool: &Pool, topic: u32) -> Vec<(u64, u32, u64)> {
+        let mut v = Vec::new();
+        for b in 0..2u32 {
+            let written = pool.tinode(topic).brokers[b as usize]
+                .broker
+                .written
+                .load(Relaxed);
+            for (i, slot) in pool
+                .ring_slots(topic, b)
+                .unwrap()
+                .iter()
+                .enumerate()
+                .take(written as usize)
+            {
+                if slot.ordered.load(Relaxed) == i as u64 + 1 {
+                    v.push((slot.total_order.load(Relaxed), b, i as u64));
+                }
+            }
+        }
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn a_crash_between_commit_and_saving_the_counter_is_replayed_not_reordered() {
+        let (_t, pool, topic) = setup(5);
+        // Client 1's batches alternate brokers; batch 1 arrives before batch 0.
+        publish(&pool, topic, 1, 1, 1);
+        publish(&pool, topic, 0, 1, 0);
+        publish(&pool, topic, 0, 1, 2);
+        let mut a = Sequencer::start(&pool, Coherent, topic, 2, DriverConfig::default()).unwrap();
+        drain(&mut a);
+        assert_eq!(a.core().next_global(), 6);
+        drop(a);
+        // Emulate a crash after the last batch (broker 0, index 1: first 4) was committed and
+        // the client table saved, but before the global counter was saved and the slot
+        // finished.
+        let st = pool.sequencer_state(topic);
+        st.next_global.store(4, Relaxed);
+        pool.tinode(topic).brokers[0]
+            .sequencer
+            .ring_consumed
+            .store(1, Relaxed);
+
+        let mut b = Sequencer::start(&pool, Coherent, topic, 2, DriverConfig::default()).unwrap();
+        assert_eq!(b.stats().replayed, 1);
+        assert_eq!(
+            b.core().next_global(),
+            6,
+            "the counter is rebuilt past the committed batch"
+        );
+        publish(&pool, topic, 1, 1, 3);
+        drain(&mut b);
+        let firsts: Vec<u64> = ordered_slots(&pool, topic).iter().map(|s| s.0).collect();
+        assert_eq!(firsts, vec![0, 2, 4, 6], "no range handed out twice");
+        assert_eq!(b.epoch(), 2);
+    }
+
+    #[test]
+    fn an_older_sequencer_stops_when_a_newer_one_takes_over() {
+        let (_t, pool, topic) = setup(2);
+        let mut a = Sequencer::start(&pool, Coherent, topic, 2, DriverConfig::default()).unwrap();
+        let _b = Sequencer::start(&pool, Coherent, topic, 2, DriverConfig::default()).unwrap();
+        let stop = AtomicBool::new(false);
+        let err = a.run(&stop).unwrap_err();
+        assert!(matches!(err, SequencerError::Superseded(1)), "{err}");
+    }
+
+    #[test]
+    fn order_4_stamps_each_message_and_order_1_counts_per_broker() {
+        let (_t, pool, topic) = setup(4);
+        for b in 0..2u32 {
+            let base = pool.geometry().segment_offset(u64::from(b));
+            let ptr = pool.data_ptr(base, 128).unwrap();
+            for i in 0..2 {
+                let h = MessageHeader {
+                    size: 0,
+                    client_id: 9,
+                    batch_seq: u64::from(b),
+                    ..Default::default()
+                };
+                // SAFETY: two 64-byte messages at the start of a segment this test owns.
+                unsafe { crate::batch::write_message(ptr.add(64 * i), &h, &[]) };
+            }
+        }
+        publish(&pool, topic, 1, 9, 1);
+        publish(&pool, topic, 0, 9, 0);
+        let mut s = Sequencer::start(&pool, Coherent, topic, 2, DriverConfig::default()).unwrap();
+        drain(&mut s);
+        let stamps: Vec<u64> = (0..2u64)
+            .flat_map(|b| {
+                let p = pool.data_ptr(pool.geometry().segment_offset(b), 128).unwrap();
+                // SAFETY: the two message headers written above.
+                (0..2).map(move |i| unsafe { crate::batch::read_message_header(p.add(64 * i)) }.total_order)
+            })
+            .collect();
+        assert_eq!(
+            stamps,
+            vec![0, 1, 2, 3],
+            "client 9's batch 0 (broker 0) first"
+        );
+
+        let (_t1, pool1, topic1) = setup(1);
+        publish(&pool1, topic1, 0, 1, 0);
+        publish(&pool1, topic1, 1, 2, 0);
+        publish(&pool1, topic1, 0, 3, 0);
+        let mut s1 =
+            Sequencer::start(&pool1, Coherent, topic1, 2, DriverConfig::default()).unwrap();
+        drain(&mut s1);
+        let t = pool1.tinode(topic1);
+        assert_eq!(t.brokers[0].sequencer.ordered.load(Relaxed), 4);
+        assert_eq!(t.brokers[1].sequencer.ordered.load(Relaxed), 2);
+    }
+}
