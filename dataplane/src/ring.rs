@@ -179,6 +179,8 @@ pub struct RingConsumer<'a, C: Coherence> {
     consumed: u64,
     /// `finished[i % N]` for taken indices in `consumed..head`.
     finished: Box<[bool]>,
+    /// The watermark moved since it was last published.
+    watermark_dirty: bool,
 }
 
 impl<'a, C: Coherence> RingConsumer<'a, C> {
@@ -192,6 +194,7 @@ impl<'a, C: Coherence> RingConsumer<'a, C> {
             head: consumed,
             consumed,
             finished: vec![false; ring.capacity() as usize].into_boxed_slice(),
+            watermark_dirty: false,
         }
     }
 
@@ -240,10 +243,26 @@ impl<'a, C: Coherence> RingConsumer<'a, C> {
 
     /// Records the batch's place in the total order in the slot's sequencer line.
     pub fn set_order(&self, index: u64, total_order: u64) -> Result<(), RingError> {
+        self.set_order_deferred(index, total_order)?;
+        self.c.fence();
+        Ok(())
+    }
+
+    /// As [`set_order`](Self::set_order), without the closing fence: the line is written
+    /// back but may not be visible to another host until the caller's next fence or publish.
+    /// Lets a sequencer pay one fence per round instead of one per batch.
+    pub fn set_order_deferred(&self, index: u64, total_order: u64) -> Result<(), RingError> {
         self.check_taken(index)?;
         let slot = self.ring.slot(index);
         slot.total_order.store(total_order, Relaxed);
-        self.c.publish(&slot.ordered, index + 1);
+        // Both words share the sequencer's line, so one write-back carries them together.
+        slot.ordered
+            .store(index + 1, crate::sync::Ordering::Release);
+        // SAFETY: line 1 of a live slot (64 bytes from its start).
+        unsafe {
+            self.c
+                .writeback_range((slot as *const BatchHeader).cast::<u8>().add(64), 64)
+        };
         Ok(())
     }
 
@@ -260,8 +279,26 @@ impl<'a, C: Coherence> RingConsumer<'a, C> {
         (self.c.observe(&slot.ordered) == index + 1).then(|| slot.total_order.load(Relaxed))
     }
 
-    /// Finishes a taken slot; advances the watermark over the contiguous finished prefix.
+    /// Finishes a taken slot; advances the watermark over the contiguous finished prefix and
+    /// publishes it.
     pub fn finish(&mut self, index: u64) -> Result<(), RingError> {
+        self.finish_deferred(index)?;
+        self.publish_watermark();
+        Ok(())
+    }
+
+    /// Publishes the watermark if it moved since the last publish.
+    pub fn publish_watermark(&mut self) {
+        if self.watermark_dirty {
+            self.c.publish(self.ring.consumed, self.consumed);
+            self.watermark_dirty = false;
+        }
+    }
+
+    /// As [`finish`](Self::finish), but the watermark is only published by the next
+    /// [`publish_watermark`](Self::publish_watermark): the producer sees the space later, and
+    /// the caller can save its own state first.
+    pub fn finish_deferred(&mut self, index: u64) -> Result<(), RingError> {
         self.check_taken(index)?;
         let mask = self.ring.capacity() - 1;
         let f = &mut self.finished[(index & mask) as usize];
@@ -274,9 +311,7 @@ impl<'a, C: Coherence> RingConsumer<'a, C> {
             self.finished[(self.consumed & mask) as usize] = false;
             self.consumed += 1;
         }
-        if self.consumed != before {
-            self.c.publish(self.ring.consumed, self.consumed);
-        }
+        self.watermark_dirty |= self.consumed != before;
         Ok(())
     }
 

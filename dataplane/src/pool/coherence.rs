@@ -95,6 +95,10 @@ pub trait Coherence: Copy + Debug + Send + Sync + 'static {
         unsafe { self.invalidate_range((obj as *const T).cast(), size_of_val(obj)) }
     }
 
+    /// Orders every earlier store and write-back before every later store (a no-op where
+    /// hardware keeps memory coherent: the next `publish` is a Release store).
+    fn fence(&self);
+
     /// Publishes `value` in a signal word: every store and write-back before it is visible to
     /// a reader that [`observe`](Self::observe)s the value.
     fn publish(&self, word: &AtomicU64, value: u64);
@@ -115,6 +119,9 @@ impl Coherence for Coherent {
     }
     unsafe fn writeback_range(&self, _ptr: *const u8, _len: usize) {}
     unsafe fn invalidate_range(&self, _ptr: *const u8, _len: usize) {}
+
+    #[inline(always)]
+    fn fence(&self) {}
 
     #[inline(always)]
     fn publish(&self, word: &AtomicU64, value: u64) {
@@ -170,6 +177,10 @@ impl Coherence for NonCoherent {
     unsafe fn invalidate_range(&self, ptr: *const u8, len: usize) {
         // SAFETY: forwarded from the caller's contract.
         unsafe { cacheline::flush_range(self.invalidate, ptr, len) }
+    }
+
+    fn fence(&self) {
+        cacheline::store_fence();
     }
 
     fn publish(&self, word: &AtomicU64, value: u64) {

@@ -82,6 +82,8 @@ pub struct Sequencer<'p, C: Coherence> {
     pin_cpu: Option<usize>,
     hold_tick_ns: u64,
     last_tick_ns: u64,
+    /// Messages ordered per broker this round, published at its end.
+    ordered_unsaved: Vec<u64>,
     stats: DriverStats,
 }
 
@@ -148,6 +150,7 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
             pin_cpu: cfg.pin_cpu,
             hold_tick_ns: (cfg.limits.hold_timeout_ns / 10).clamp(100_000, 100_000_000),
             last_tick_ns: 0,
+            ordered_unsaved: vec![0; brokers as usize],
             stats: DriverStats::default(),
         };
         s.recover()?;
@@ -198,6 +201,7 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
             self.core.on_landed(landed, now, &mut self.actions);
             self.apply()?;
         }
+        self.end_round();
         Ok(())
     }
 
@@ -220,14 +224,34 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
         );
         self.stats.rejected += 1;
         self.rings[b]
-            .finish(index)
+            .finish_deferred(index)
             .map_err(|e| SequencerError::Pool(e.to_string()))
     }
 
+    /// Finishes a slot; its watermark is published at the end of the round.
     fn finish(&mut self, l: Landed) -> Result<(), SequencerError> {
         self.rings[l.broker as usize]
-            .finish(l.index)
+            .finish_deferred(l.index)
             .map_err(|e| SequencerError::Pool(e.to_string()))
+    }
+
+    /// Closes a round: the slot commits reach memory, then the counters, then the watermarks
+    /// (see `state` for why in that order).
+    fn end_round(&mut self) {
+        self.c.fence();
+        self.state.save();
+        let tinode = self.pool.tinode(self.topic);
+        for (b, n) in self.ordered_unsaved.iter_mut().enumerate() {
+            if *n > 0 {
+                let region = &tinode.brokers[b].sequencer;
+                self.c
+                    .publish(&region.ordered, region.ordered.load(Relaxed) + *n);
+                *n = 0;
+            }
+        }
+        for r in &mut self.rings {
+            r.publish_watermark();
+        }
     }
 
     /// Stamps every message of the batch with its own total order (ORDER 4).
@@ -271,21 +295,22 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
                         self.stamp_messages(&desc, first)?;
                     }
                     self.rings[b]
-                        .set_order(batch.index, first)
+                        .set_order_deferred(batch.index, first)
                         .map_err(|e| SequencerError::Pool(e.to_string()))?;
                     let end = first + u64::from(batch.num_msg);
                     match self.core.order() {
                         OrderLevel::TotalFifo | OrderLevel::TotalFifoStamped => self
                             .state
-                            .save_order(batch.client_id, batch.batch_seq, end)
+                            .record_order(batch.client_id, batch.batch_seq, end)
                             .map_err(SequencerError::Pool)?,
-                        OrderLevel::Total => self.state.save_global(end),
+                        OrderLevel::Total => self.state.record_global(end),
                         _ => {}
                     }
-                    let region = &self.pool.tinode(self.topic).brokers[b].sequencer;
-                    let ordered = region.ordered.load(Relaxed) + u64::from(batch.num_msg);
-                    region.ordered_offset.store(desc.log_idx, Relaxed);
-                    self.c.publish(&region.ordered, ordered);
+                    self.pool.tinode(self.topic).brokers[b]
+                        .sequencer
+                        .ordered_offset
+                        .store(desc.log_idx, Relaxed);
+                    self.ordered_unsaved[b] += u64::from(batch.num_msg);
                     self.stats.batches += 1;
                     self.finish(batch)?;
                 }
@@ -295,7 +320,7 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
                 }
                 Action::Drop { batch, why } => {
                     if why == DropReason::Duplicate {
-                        self.state.count_duplicate();
+                        self.state.record_duplicate();
                     }
                     self.finish(batch)?;
                 }
@@ -348,6 +373,7 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
             self.core.on_tick(now, &mut self.actions);
             self.apply()?;
         }
+        self.end_round();
         Ok(work)
     }
 

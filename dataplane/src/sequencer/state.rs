@@ -1,12 +1,14 @@
 //! The part of the sequencer that lives in the pool ([`SequencerState`]): its epoch, the next
-//! total-order number, and the per-client table. Written by the sequencer only, after each
-//! ordered batch (one save per batch, never per message).
+//! total-order number, and the per-client table. Written by the sequencer only, once per
+//! polling round (never per message).
 //!
-//! Commit protocol for one batch (see `driver`): (1) stamp the ring slot's `total_order` and
-//! `ordered` (the commit point), (2) save `next_global` and the client's `next_expected`
-//! here, (3) finish the ring slot. A crash between (1) and (2) is repaired on restart by
-//! replaying committed, unfinished slots; a crash before (1) leaves the slot unfinished, so it
-//! is read again.
+//! Commit protocol (see `driver`), per polling round: (1) for each ordered batch, stamp the
+//! ring slot's `total_order` and `ordered` (the commit point) and record the counters here;
+//! (2) fence, then [`PoolState::save`] the counters; (3) publish the ring watermarks. A crash
+//! before (3) leaves the round's slots unfinished, so a restarted sequencer reads them again:
+//! committed ones are replayed (the counters are brought past them), the rest ordered anew.
+//! The counters are never saved behind a published watermark, so nothing is lost, and never
+//! ahead of a commit, so no range is handed out twice.
 
 use std::collections::HashMap;
 
@@ -24,6 +26,11 @@ pub struct PoolState<'p, C: Coherence> {
     epoch: u64,
     /// client id -> entry index, so the table is probed once per client, not per batch.
     index: HashMap<u64, usize>,
+    /// Entries changed since the last [`save`](Self::save), and the unsaved counters.
+    dirty: Vec<usize>,
+    next_global: u64,
+    duplicates: u64,
+    unsaved: bool,
 }
 
 fn home(client_id: u64) -> usize {
@@ -42,6 +49,10 @@ impl<'p, C: Coherence> PoolState<'p, C> {
             c,
             epoch,
             index: HashMap::new(),
+            dirty: Vec::new(),
+            next_global: st.next_global.load(Relaxed),
+            duplicates: st.duplicates.load(Relaxed),
+            unsaved: false,
         }
     }
 
@@ -97,9 +108,10 @@ impl<'p, C: Coherence> PoolState<'p, C> {
         None
     }
 
-    /// Saves the effect of one ordered batch. The core bounds clients to the table's size, so a
-    /// full table here is a bug; it is reported rather than ignored.
-    pub fn save_order(
+    /// Records the effect of one ordered batch; [`save`](Self::save) makes it durable. The
+    /// core bounds clients to the table's size, so a full table here is a bug; it is reported
+    /// rather than ignored.
+    pub fn record_order(
         &mut self,
         client_id: u64,
         batch_seq: u64,
@@ -108,16 +120,40 @@ impl<'p, C: Coherence> PoolState<'p, C> {
         let i = self
             .entry(client_id)
             .ok_or_else(|| format!("sequencer client table full ({SEQUENCER_CLIENTS_MAX})"))?;
-        let e = &self.st.clients[i];
-        e.next_expected.store(batch_seq + 1, Relaxed);
-        self.c.writeback(e);
-        self.c.publish(&self.st.next_global, next_global);
+        self.st.clients[i]
+            .next_expected
+            .store(batch_seq + 1, Relaxed);
+        if self.dirty.last() != Some(&i) {
+            self.dirty.push(i);
+        }
+        self.record_global(next_global);
         Ok(())
     }
 
-    /// Saves the global counter alone (ORDER 2, no client table).
-    pub fn save_global(&self, next_global: u64) {
-        self.c.publish(&self.st.next_global, next_global);
+    /// Records the global counter alone (ORDER 2, no client table).
+    pub fn record_global(&mut self, next_global: u64) {
+        self.next_global = next_global;
+        self.unsaved = true;
+    }
+
+    pub fn record_duplicate(&mut self) {
+        self.duplicates += 1;
+        self.unsaved = true;
+    }
+
+    /// Writes back every recorded change and publishes the counters: after it returns, a
+    /// restarted sequencer finds them. Callers save before publishing ring watermarks.
+    pub fn save(&mut self) {
+        if !self.unsaved && self.dirty.is_empty() {
+            return;
+        }
+        for &i in &self.dirty {
+            self.c.writeback(&self.st.clients[i]);
+        }
+        self.dirty.clear();
+        self.st.duplicates.store(self.duplicates, Relaxed);
+        self.c.publish(&self.st.next_global, self.next_global);
+        self.unsaved = false;
     }
 
     pub fn save_fence(&mut self, client_id: u64) -> Result<(), String> {
