@@ -210,6 +210,7 @@ pub fn inspect(path: &Path, json: bool) -> Result<(), String> {
             ("superblock", 0),
             ("topic_table", g.topic_table_offset),
             ("rings", g.ring_region_offset),
+            ("sequencer", g.sequencer_region_offset),
             ("segment_table", g.segment_table_offset),
             ("segment_pool", g.segment_pool_offset),
         ],

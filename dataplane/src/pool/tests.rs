@@ -270,6 +270,7 @@ fn bad_topic_names_and_configs_fail_closed() {
         .unwrap();
     let cases = [
         (topic(6, 1, 0), "ORDER 6"),
+        (topic(3, 1, 0), "ORDER 3"),
         (topic(5, 3, 0), "ACK 3"),
         (topic(5, 2, 0), "ACK 2"),
         (topic(5, 1, 5), "exceeds"),

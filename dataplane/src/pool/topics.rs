@@ -42,6 +42,9 @@ impl TopicConfig {
         if self.order > ORDER_MAX {
             return err(format!("ORDER {} is unknown (0..={ORDER_MAX})", self.order));
         }
+        if self.order == 3 {
+            return err("ORDER 3 (client-assigned tokens) is not supported yet; use ORDER 5 for per-client order".into());
+        }
         if self.ack > ACK_MAX {
             return err(format!("ACK {} is unknown (0..={ACK_MAX})", self.ack));
         }
