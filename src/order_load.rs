@@ -201,7 +201,12 @@ pub fn verify(a: &VerifyArgs) -> Result<VerifyReport, String> {
             .map_err(|e| e.to_string())?;
         let mut off = 0;
         for i in 0..d.num_msg {
-            // SAFETY: inside the bounds-checked batch range; the run is over, nobody writes.
+            if off + 64 > d.total_size {
+                check = Err(format!("batch at {} ends inside message {i}", d.log_idx));
+                break 'outer;
+            }
+            // SAFETY: `off + 64 <= total_size`: inside the bounds-checked batch range; the run
+            // is over, nobody writes it.
             let h = unsafe { read_message_header(base.add(off as usize)) };
             off += message_stride(u64::from(h.size));
             if h.client_id != d.client_id || h.batch_seq != d.batch_seq {
