@@ -1,6 +1,7 @@
 //! `embar`: the command line of Embarcadero in Rust.
 
 mod bench;
+mod control_cmd;
 mod order_load;
 mod pool_cmd;
 mod ringload;
@@ -31,9 +32,31 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Run the sequencer of one topic until SIGINT or SIGTERM.
     Sequencer(SequencerArgs),
+    /// Run the control process (membership, topics, pool formatting) until SIGINT or SIGTERM.
+    Control(control_cmd::ControlArgs),
+    /// Create, list, describe or delete topics (through the control process).
+    Topic {
+        #[command(flatten)]
+        client: control_cmd::ClientArgs,
+        #[command(subcommand)]
+        cmd: control_cmd::TopicCmd,
+    },
+    /// Cluster commands (through the control process).
+    Cluster {
+        #[command(flatten)]
+        client: control_cmd::ClientArgs,
+        #[command(subcommand)]
+        cmd: ClusterCmd,
+    },
     /// A worker process of `embar bench` (started by it).
     #[command(hide = true, subcommand)]
     RingWorker(WorkerCmd),
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Brokers and their liveness, the pool, topics with sequencer and per-broker progress.
+    Status,
 }
 
 #[derive(Subcommand)]
@@ -87,6 +110,11 @@ enum WorkerCmd {
     Feed(order_load::FeedArgs),
     /// Check a finished run's order (the ring must hold the whole run).
     VerifyOrder(order_load::VerifyArgs),
+    /// Register with the control process and heartbeat until killed.
+    Heartbeat {
+        #[arg(long)]
+        control: std::net::SocketAddr,
+    },
     Land {
         #[command(flatten)]
         workload: ringload::Workload,
@@ -181,6 +209,13 @@ fn main() -> ExitCode {
             .map(|()| true),
         Cmd::Bench(a) => bench::run(&a),
         Cmd::Sequencer(a) => run_sequencer(&a).map(|()| true),
+        Cmd::Control(a) => control_cmd::run_control(&a).map(|()| true),
+        Cmd::Topic { client, cmd } => control_cmd::topic(&client, &cmd).map(|()| true),
+        Cmd::Cluster {
+            client,
+            cmd: ClusterCmd::Status,
+        } => control_cmd::cluster_status(&client).map(|()| true),
+        Cmd::RingWorker(WorkerCmd::Heartbeat { control }) => control_cmd::heartbeat_worker(control).map(|()| true),
         Cmd::RingWorker(WorkerCmd::Feed(a)) => print_report(order_load::feed(&a)),
         Cmd::RingWorker(WorkerCmd::VerifyOrder(a)) => order_load::verify(&a).and_then(|r| {
             let passed = r.check == "passed";

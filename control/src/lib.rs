@@ -1,7 +1,18 @@
 //! The control process of Embarcadero (`embar control`): broker membership (register,
-//! heartbeat, failure detection), topic metadata (create, describe, list, delete), discovery
-//! (where brokers and the sequencer are), formatting the pool, and keeping its own state
-//! durable.
+//! heartbeat, failure detection), topic metadata (create, describe, list, delete), discovery,
+//! formatting of the pool, and durable state. API: HTTP/JSON (`docs/control-api.md`).
 //!
-//! It writes the pool's topic table through `embar_dataplane::pool::Pool::create_topic`, which
-//! already refuses invalid topics; membership and the API come with the control-process issue.
+//! - [`membership`]: the sans-IO membership state machine.
+//! - [`topics`]: topic specifications and the cluster-level rules.
+//! - [`store`]: durable state, replaced atomically.
+//! - [`server`]: the process; [`client`]: its Rust client; [`http`]: the wire.
+
+pub mod client;
+pub mod http;
+pub mod membership;
+pub mod server;
+pub mod store;
+pub mod topics;
+
+pub use client::ControlClient;
+pub use server::{start, ControlConfig, ControlHandle};

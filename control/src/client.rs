@@ -1,0 +1,86 @@
+//! The Rust client of the control API, used by the command line and the brokers.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use crate::http::{call, ClientError};
+use crate::topics::TopicSpec;
+
+#[derive(Clone, Copy, Debug)]
+pub struct ControlClient {
+    pub addr: SocketAddr,
+}
+
+impl ControlClient {
+    pub fn new(addr: SocketAddr) -> ControlClient {
+        ControlClient { addr }
+    }
+
+    fn request(&self, method: &str, path: &str, body: Option<Value>, timeout: Duration) -> Result<Value, ClientError> {
+        let text = body.map(|b| b.to_string());
+        let (status, body) = call(self.addr, method, path, text.as_deref(), timeout)?;
+        let v: Value = if body.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&body).map_err(|e| ClientError::Malformed {
+                addr: self.addr,
+                detail: format!("{e}: {body:?}"),
+            })?
+        };
+        if status >= 400 {
+            let message = v["error"].as_str().unwrap_or("error without a message").to_string();
+            return Err(ClientError::Api { status, message });
+        }
+        Ok(v)
+    }
+
+    fn get(&self, path: &str) -> Result<Value, ClientError> {
+        self.request("GET", path, None, Duration::from_secs(10))
+    }
+
+    /// Registers a broker; returns `(broker_id, heartbeat interval)`.
+    pub fn register(&self, addresses: &BTreeMap<String, String>) -> Result<(u32, Duration), ClientError> {
+        let v = self.request("POST", "/v1/brokers", Some(json!({ "addresses": addresses })), Duration::from_secs(10))?;
+        let id = v["broker_id"].as_u64().unwrap_or(u64::MAX) as u32;
+        Ok((id, Duration::from_millis(v["heartbeat_ms"].as_u64().unwrap_or(1000))))
+    }
+
+    pub fn heartbeat(&self, id: u32) -> Result<(), ClientError> {
+        self.request("POST", &format!("/v1/brokers/{id}/heartbeat"), None, Duration::from_secs(5))
+            .map(|_| ())
+    }
+
+    /// The brokers; with `wait`, blocks until the membership changes past `since` or the
+    /// wait ends (long poll).
+    pub fn brokers(&self, since: u64, wait: Duration) -> Result<Value, ClientError> {
+        let path = format!("/v1/brokers?since={since}&wait_ms={}", wait.as_millis());
+        self.request("GET", &path, None, wait + Duration::from_secs(10))
+    }
+
+    pub fn create_topic(&self, spec: &TopicSpec) -> Result<Value, ClientError> {
+        let body = serde_json::to_value(spec).map_err(|e| ClientError::Malformed {
+            addr: self.addr,
+            detail: e.to_string(),
+        })?;
+        self.request("POST", "/v1/topics", Some(body), Duration::from_secs(10))
+    }
+
+    pub fn list_topics(&self) -> Result<Value, ClientError> {
+        self.get("/v1/topics")
+    }
+
+    pub fn describe_topic(&self, name: &str) -> Result<Value, ClientError> {
+        self.get(&format!("/v1/topics/{name}"))
+    }
+
+    pub fn delete_topic(&self, name: &str) -> Result<Value, ClientError> {
+        self.request("DELETE", &format!("/v1/topics/{name}"), None, Duration::from_secs(10))
+    }
+
+    pub fn status(&self) -> Result<Value, ClientError> {
+        self.get("/v1/status")
+    }
+}

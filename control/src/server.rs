@@ -1,0 +1,452 @@
+//! The control process: an HTTP/JSON API over membership, topics and the pool.
+//! API reference: `docs/control-api.md`.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use embar_dataplane::pool::coherence::{CoherenceMode, Coherent, NonCoherent};
+use embar_dataplane::pool::geometry::PoolConfig;
+use embar_dataplane::pool::{CreateOptions, OpenOptions, Pool};
+use embar_dataplane::PoolError;
+use serde_json::{json, Value};
+
+use crate::http::{read_request, write_response, Request, Response};
+use crate::membership::{Membership, MembershipError};
+use crate::store::{self, Durable, STATE_FORMAT};
+use crate::topics::TopicSpec;
+
+/// Connections served at once; more are answered 503.
+pub const CONNECTIONS_MAX: usize = 256;
+/// Longest long-poll a client may ask for.
+pub const LONG_POLL_MAX: Duration = Duration::from_secs(30);
+
+#[derive(Clone, Debug)]
+pub struct ControlConfig {
+    pub listen: SocketAddr,
+    pub state_dir: PathBuf,
+    pub pool_path: PathBuf,
+    pub pool: PoolConfig,
+    pub pool_options: CreateOptions,
+    pub heartbeat: Duration,
+    pub miss_limit: u32,
+}
+
+struct Inner {
+    members: Membership,
+    durable: Durable,
+}
+
+struct Shared {
+    inner: Mutex<Inner>,
+    changed: Condvar,
+    pool: Pool,
+    cfg: ControlConfig,
+    start: Instant,
+    active: AtomicUsize,
+    requests: AtomicU64,
+    errors: AtomicU64,
+}
+
+/// A running control process.
+pub struct ControlHandle {
+    pub addr: SocketAddr,
+    pub epoch: u64,
+    _shared: Arc<Shared>,
+}
+
+fn now_ns(s: &Shared) -> u64 {
+    s.start.elapsed().as_nanos() as u64
+}
+
+/// Attaches to (or creates and formats) the pool, loads durable state, raises the epoch,
+/// and starts serving.
+pub fn start(cfg: ControlConfig) -> Result<ControlHandle, String> {
+    std::fs::create_dir_all(&cfg.state_dir)
+        .map_err(|e| format!("cannot create state directory {}: {e}", cfg.state_dir.display()))?;
+    let mut durable = store::load(&cfg.state_dir)?.unwrap_or(Durable {
+        format: STATE_FORMAT,
+        ..Durable::default()
+    });
+    durable.epoch += 1;
+    store::save(&cfg.state_dir, &durable)?;
+    let pool = if cfg.pool_path.exists() {
+        let p = Pool::open(
+            &cfg.pool_path,
+            &OpenOptions {
+                expect_bytes: Some(cfg.pool.pool_bytes),
+                ..Default::default()
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        log::info!("attached to pool {}", cfg.pool_path.display());
+        p
+    } else {
+        let p = Pool::create(&cfg.pool_path, &cfg.pool, &cfg.pool_options).map_err(|e| e.to_string())?;
+        log::info!("created pool {}", cfg.pool_path.display());
+        p
+    };
+    NonCoherent::detect().publish_epoch(&pool, durable.epoch);
+    for t in &durable.topics {
+        match pool.find_topic(Coherent, &t.name) {
+            Ok(_) => {}
+            Err(PoolError::UnknownTopic(_)) => {
+                pool.create_topic(Coherent, &t.name, &t.config())
+                    .map_err(|e| format!("cannot restore topic {:?} into the pool: {e}", t.name))?;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    let members = Membership::new(
+        durable.next_broker_id,
+        pool.geometry().max_brokers,
+        cfg.heartbeat.as_nanos() as u64,
+        cfg.miss_limit,
+    );
+    let listener = TcpListener::bind(cfg.listen).map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    let epoch = durable.epoch;
+    let shared = Arc::new(Shared {
+        inner: Mutex::new(Inner { members, durable }),
+        changed: Condvar::new(),
+        pool,
+        cfg,
+        start: Instant::now(),
+        active: AtomicUsize::new(0),
+        requests: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+    });
+    let s = shared.clone();
+    std::thread::Builder::new()
+        .name("control-ticker".into())
+        .spawn(move || ticker(&s))
+        .map_err(|e| e.to_string())?;
+    let s = shared.clone();
+    std::thread::Builder::new()
+        .name("control-accept".into())
+        .spawn(move || accept(&s, listener))
+        .map_err(|e| e.to_string())?;
+    Ok(ControlHandle {
+        addr,
+        epoch,
+        _shared: shared,
+    })
+}
+
+trait EpochWriter {
+    fn publish_epoch(&self, pool: &Pool, epoch: u64);
+}
+
+impl EpochWriter for NonCoherent {
+    fn publish_epoch(&self, pool: &Pool, epoch: u64) {
+        use embar_dataplane::pool::coherence::Coherence;
+        self.publish(&pool.superblock().epoch, epoch);
+    }
+}
+
+fn lock(s: &Shared) -> MutexGuard<'_, Inner> {
+    s.inner.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn ticker(s: &Shared) {
+    let period = (s.cfg.heartbeat / 4).max(Duration::from_millis(5));
+    loop {
+        std::thread::sleep(period);
+        let mut g = lock(s);
+        let died = g.members.tick(now_ns(s));
+        if !died.is_empty() {
+            log::warn!("brokers {died:?} missed {} heartbeats: dead", s.cfg.miss_limit);
+            s.changed.notify_all();
+        }
+    }
+}
+
+fn accept(s: &Arc<Shared>, listener: TcpListener) {
+    for conn in listener.incoming() {
+        let Ok(stream) = conn else { continue };
+        if s.active.fetch_add(1, Ordering::AcqRel) >= CONNECTIONS_MAX {
+            s.active.fetch_sub(1, Ordering::AcqRel);
+            let _ = write_response(&stream, &Response::error(503, "too many connections"));
+            continue;
+        }
+        let s = s.clone();
+        let spawned = std::thread::Builder::new().name("control-conn".into()).spawn(move || {
+            serve(&s, stream);
+            s.active.fetch_sub(1, Ordering::AcqRel);
+        });
+        if let Err(e) = spawned {
+            log::error!("cannot start a connection thread: {e}");
+        }
+    }
+}
+
+fn serve(s: &Shared, stream: TcpStream) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let resp = match read_request(&stream) {
+        Ok(req) => route(s, &req),
+        Err(resp) => resp,
+    };
+    s.requests.fetch_add(1, Ordering::Relaxed);
+    if resp.status >= 400 {
+        s.errors.fetch_add(1, Ordering::Relaxed);
+    }
+    let _ = write_response(&stream, &resp);
+}
+
+fn route(s: &Shared, req: &Request) -> Response {
+    let parts: Vec<&str> = req.path.trim_matches('/').split('/').collect();
+    match (req.method.as_str(), parts.as_slice()) {
+        ("POST", ["v1", "brokers"]) => register(s, req),
+        ("POST", ["v1", "brokers", id, "heartbeat"]) => heartbeat(s, id),
+        ("GET", ["v1", "brokers"]) => brokers(s, req),
+        ("POST", ["v1", "topics"]) => create_topic(s, req),
+        ("GET", ["v1", "topics"]) => list_topics(s),
+        ("GET", ["v1", "topics", name]) => describe_topic(s, name),
+        ("DELETE", ["v1", "topics", name]) => delete_topic(s, name),
+        ("GET", ["v1", "status"]) => status(s),
+        ("GET", ["metrics"]) => metrics(s),
+        (_, ["v1", "brokers" | "topics" | "status", ..]) | (_, ["metrics"]) => {
+            Response::error(405, format!("{} is not allowed on {}", req.method, req.path))
+        }
+        _ => Response::error(404, format!("no such endpoint: {} {}", req.method, req.path)),
+    }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(req: &Request) -> Result<T, Response> {
+    serde_json::from_slice(&req.body).map_err(|e| Response::error(400, format!("malformed request body: {e}")))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RegisterBody {
+    #[serde(default)]
+    addresses: BTreeMap<String, String>,
+}
+
+fn register(s: &Shared, req: &Request) -> Response {
+    let body: RegisterBody = match parse(req) {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let mut g = lock(s);
+    let id = match g.members.register(body.addresses, now_ns(s)) {
+        Ok(id) => id,
+        Err(e) => return Response::error(503, e.to_string()),
+    };
+    // The id is durable before anyone hears of it: a restarted control never reuses it.
+    g.durable.next_broker_id = g.members.next_id();
+    if let Err(e) = store::save(&s.cfg.state_dir, &g.durable) {
+        return Response::error(500, e);
+    }
+    s.changed.notify_all();
+    log::info!("broker {id} registered");
+    Response::json(
+        201,
+        &json!({ "broker_id": id, "heartbeat_ms": s.cfg.heartbeat.as_millis() as u64, "epoch": g.durable.epoch }),
+    )
+}
+
+fn heartbeat(s: &Shared, id: &str) -> Response {
+    let Ok(id) = id.parse::<u32>() else {
+        return Response::error(400, format!("broker id {id:?} is not a number"));
+    };
+    match lock(s).members.heartbeat(id, now_ns(s)) {
+        Ok(()) => Response::json(200, &json!({ "broker_id": id })),
+        Err(e @ MembershipError::Dead(_)) => Response::error(410, e.to_string()),
+        Err(e) => Response::error(404, e.to_string()),
+    }
+}
+
+fn brokers(s: &Shared, req: &Request) -> Response {
+    let since: u64 = match req.query("since").map(str::parse).transpose() {
+        Ok(v) => v.unwrap_or(0),
+        Err(_) => return Response::error(400, "since must be a number"),
+    };
+    let wait = match req.query("wait_ms").map(str::parse::<u64>).transpose() {
+        Ok(v) => Duration::from_millis(v.unwrap_or(0)).min(LONG_POLL_MAX),
+        Err(_) => return Response::error(400, "wait_ms must be a number"),
+    };
+    let deadline = Instant::now() + wait;
+    let mut g = lock(s);
+    while g.members.version() <= since {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        g = s.changed.wait_timeout(g, left).unwrap_or_else(|p| p.into_inner()).0;
+    }
+    Response::json(
+        200,
+        &json!({ "version": g.members.version(), "brokers": g.members.brokers(now_ns(s)) }),
+    )
+}
+
+fn pool_error_status(e: &PoolError) -> u16 {
+    match e {
+        PoolError::TopicExists(_) => 409,
+        PoolError::UnknownTopic(_) => 404,
+        PoolError::TopicTableFull(_) => 507,
+        _ => 422,
+    }
+}
+
+fn create_topic(s: &Shared, req: &Request) -> Response {
+    let spec: TopicSpec = match parse(req) {
+        Ok(t) => t,
+        Err(r) => return r,
+    };
+    let mut g = lock(s);
+    if let Err(e) = spec.check_cluster(g.members.live_count()) {
+        return Response::error(422, e);
+    }
+    if g.durable.topics.iter().any(|t| t.name == spec.name) {
+        return Response::error(409, format!("topic {:?} already exists", spec.name));
+    }
+    let slot = match s.pool.create_topic(Coherent, &spec.name, &spec.config()) {
+        Ok(slot) => slot,
+        Err(e) => return Response::error(pool_error_status(&e), e.to_string()),
+    };
+    g.durable.topics.push(spec.clone());
+    if let Err(e) = store::save(&s.cfg.state_dir, &g.durable) {
+        g.durable.topics.pop();
+        let _ = s.pool.delete_topic(Coherent, &spec.name);
+        return Response::error(500, e);
+    }
+    log::info!("topic {:?} created in slot {slot}", spec.name);
+    Response::json(201, &json!({ "topic": spec, "slot": slot }))
+}
+
+fn topic_json(s: &Shared, spec: &TopicSpec) -> Value {
+    let Ok(slot) = s.pool.find_topic(Coherent, &spec.name) else {
+        return json!({ "topic": spec, "slot": null });
+    };
+    let t = s.pool.tinode(slot);
+    let brokers = s.pool.geometry().max_brokers as usize;
+    let progress: Vec<Value> = (0..brokers)
+        .map(|b| {
+            let e = &t.brokers[b];
+            json!({
+                "broker": b,
+                "written": e.broker.written.load(Ordering::Acquire),
+                "consumed": e.sequencer.ring_consumed.load(Ordering::Acquire),
+                "ordered_messages": e.sequencer.ordered.load(Ordering::Acquire),
+            })
+        })
+        .collect();
+    let seq = s.pool.sequencer_state(slot);
+    json!({
+        "topic": spec,
+        "slot": slot,
+        "sequencer": {
+            "epoch": seq.epoch.load(Ordering::Acquire),
+            "next_total_order": seq.next_global.load(Ordering::Acquire),
+            "duplicates_dropped": seq.duplicates.load(Ordering::Acquire),
+            "clients_fenced": seq.fences.load(Ordering::Acquire),
+        },
+        "brokers": progress,
+    })
+}
+
+fn list_topics(s: &Shared) -> Response {
+    let g = lock(s);
+    Response::json(200, &json!({ "topics": g.durable.topics }))
+}
+
+fn describe_topic(s: &Shared, name: &str) -> Response {
+    let g = lock(s);
+    match g.durable.topics.iter().find(|t| t.name == name) {
+        Some(spec) => Response::json(200, &topic_json(s, spec)),
+        None => Response::error(404, format!("unknown topic {name:?}")),
+    }
+}
+
+fn delete_topic(s: &Shared, name: &str) -> Response {
+    let mut g = lock(s);
+    let Some(pos) = g.durable.topics.iter().position(|t| t.name == name) else {
+        return Response::error(404, format!("unknown topic {name:?}"));
+    };
+    let spec = g.durable.topics.remove(pos);
+    if let Err(e) = store::save(&s.cfg.state_dir, &g.durable) {
+        g.durable.topics.insert(pos, spec);
+        return Response::error(500, e);
+    }
+    if let Err(e) = s.pool.delete_topic(Coherent, name) {
+        log::warn!("topic {name:?} was not in the pool's table: {e}");
+    }
+    log::info!("topic {name:?} deleted");
+    Response::json(200, &json!({ "deleted": name }))
+}
+
+fn status(s: &Shared) -> Response {
+    let g = lock(s);
+    let geo = s.pool.geometry();
+    Response::json(
+        200,
+        &json!({
+            "epoch": g.durable.epoch,
+            "pool": {
+                "path": s.cfg.pool_path.display().to_string(),
+                "bytes": geo.pool_bytes,
+                "coherence": s.pool.coherence_mode().name(),
+                "segments": geo.segment_count,
+                "segments_in_use": s.pool.segments_in_use(Coherent),
+            },
+            "membership_version": g.members.version(),
+            "live_brokers": g.members.live_count(),
+            "brokers": g.members.brokers(now_ns(s)),
+            "topics": g.durable.topics.iter().map(|t| topic_json(s, t)).collect::<Vec<_>>(),
+        }),
+    )
+}
+
+fn metrics(s: &Shared) -> Response {
+    let g = lock(s);
+    let brokers = g.members.brokers(now_ns(s));
+    let mut out = String::new();
+    let mut gauge = |name: &str, help: &str, v: u64| {
+        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"));
+    };
+    gauge("embar_control_epoch", "Cluster epoch.", g.durable.epoch);
+    gauge("embar_control_brokers_registered", "Brokers registered since start.", brokers.len() as u64);
+    gauge("embar_control_brokers_live", "Brokers alive.", u64::from(g.members.live_count()));
+    gauge("embar_control_membership_version", "Membership changes.", g.members.version());
+    gauge("embar_control_topics", "Topics.", g.durable.topics.len() as u64);
+    gauge(
+        "embar_control_pool_segments_in_use",
+        "Pool segments allocated.",
+        s.pool.segments_in_use(Coherent),
+    );
+    out.push_str(&format!(
+        "# HELP embar_control_requests_total API requests served.\n# TYPE embar_control_requests_total counter\nembar_control_requests_total {}\n",
+        s.requests.load(Ordering::Relaxed)
+    ));
+    out.push_str(&format!(
+        "# HELP embar_control_request_errors_total API requests answered with an error.\n# TYPE embar_control_request_errors_total counter\nembar_control_request_errors_total {}\n",
+        s.errors.load(Ordering::Relaxed)
+    ));
+    Response {
+        status: 200,
+        content_type: "text/plain; version=0.0.4",
+        body: out,
+    }
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            listen: "127.0.0.1:7400".parse().expect("a valid address"),
+            state_dir: PathBuf::from("/var/tmp/embar-control"),
+            pool_path: PathBuf::from("/dev/shm/embar.pool"),
+            pool: PoolConfig::default(),
+            pool_options: CreateOptions {
+                coherence: CoherenceMode::Coherent,
+                ..CreateOptions::default()
+            },
+            heartbeat: Duration::from_secs(1),
+            miss_limit: 3,
+        }
+    }
+}
