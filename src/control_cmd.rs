@@ -49,7 +49,10 @@ pub fn run_control(a: &ControlArgs) -> Result<(), String> {
         miss_limit: a.miss_limit,
     };
     let handle = embar_control::start(cfg)?;
-    println!("embar control listening on {} (epoch {})", handle.addr, handle.epoch);
+    println!(
+        "embar control listening on {} (epoch {})",
+        handle.addr, handle.epoch
+    );
     let stop = embar_sys::signal::stop_on_term();
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
@@ -92,7 +95,10 @@ pub struct ClientArgs {
 
 fn show(json: bool, v: &Value, human: impl FnOnce(&Value)) -> Result<(), String> {
     if json {
-        println!("{}", serde_json::to_string_pretty(v).map_err(|e| e.to_string())?);
+        println!(
+            "{}",
+            serde_json::to_string_pretty(v).map_err(|e| e.to_string())?
+        );
     } else {
         human(v);
     }
@@ -129,7 +135,9 @@ pub fn topic(c: &ClientArgs, cmd: &TopicCmd) -> Result<(), String> {
                 batch_bytes: *batch_bytes,
             };
             let v = client.create_topic(&spec).map_err(e)?;
-            show(c.json, &v, |v| println!("created {} in slot {}", topic_line(&v["topic"]), v["slot"]))
+            show(c.json, &v, |v| {
+                println!("created {} in slot {}", topic_line(&v["topic"]), v["slot"])
+            })
         }
         TopicCmd::List => {
             let v = client.list_topics().map_err(e)?;
@@ -168,7 +176,9 @@ fn print_topic(v: &Value) {
 }
 
 pub fn cluster_status(c: &ClientArgs) -> Result<(), String> {
-    let v = ControlClient::new(c.control).status().map_err(|e| e.to_string())?;
+    let v = ControlClient::new(c.control)
+        .status()
+        .map_err(|e| e.to_string())?;
     show(c.json, &v, |v| {
         let p = &v["pool"];
         println!(
@@ -185,7 +195,11 @@ pub fn cluster_status(c: &ClientArgs) -> Result<(), String> {
             println!(
                 "  broker {:<3} {:<5} last heartbeat {} ms ago  {}",
                 b["id"],
-                if b["alive"].as_bool() == Some(true) { "alive" } else { "dead" },
+                if b["alive"].as_bool() == Some(true) {
+                    "alive"
+                } else {
+                    "dead"
+                },
                 b["last_heartbeat_ms_ago"],
                 b["addresses"]
             );
@@ -201,7 +215,8 @@ pub fn cluster_status(c: &ClientArgs) -> Result<(), String> {
 /// membership half of a broker, for tests of failure detection).
 pub fn heartbeat_worker(control: SocketAddr) -> Result<(), String> {
     let client = ControlClient::new(control);
-    let addrs: BTreeMap<String, String> = [("pid".to_string(), std::process::id().to_string())].into();
+    let addrs: BTreeMap<String, String> =
+        [("pid".to_string(), std::process::id().to_string())].into();
     let (id, interval) = client.register(&addrs).map_err(|e| e.to_string())?;
     println!("{id}");
     use std::io::Write;

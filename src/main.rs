@@ -215,7 +215,9 @@ fn main() -> ExitCode {
             client,
             cmd: ClusterCmd::Status,
         } => control_cmd::cluster_status(&client).map(|()| true),
-        Cmd::RingWorker(WorkerCmd::Heartbeat { control }) => control_cmd::heartbeat_worker(control).map(|()| true),
+        Cmd::RingWorker(WorkerCmd::Heartbeat { control }) => {
+            control_cmd::heartbeat_worker(control).map(|()| true)
+        }
         Cmd::RingWorker(WorkerCmd::Feed(a)) => print_report(order_load::feed(&a)),
         Cmd::RingWorker(WorkerCmd::VerifyOrder(a)) => order_load::verify(&a).and_then(|r| {
             let passed = r.check == "passed";

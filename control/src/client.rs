@@ -19,7 +19,13 @@ impl ControlClient {
         ControlClient { addr }
     }
 
-    fn request(&self, method: &str, path: &str, body: Option<Value>, timeout: Duration) -> Result<Value, ClientError> {
+    fn request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<Value>,
+        timeout: Duration,
+    ) -> Result<Value, ClientError> {
         let text = body.map(|b| b.to_string());
         let (status, body) = call(self.addr, method, path, text.as_deref(), timeout)?;
         let v: Value = if body.is_empty() {
@@ -31,7 +37,10 @@ impl ControlClient {
             })?
         };
         if status >= 400 {
-            let message = v["error"].as_str().unwrap_or("error without a message").to_string();
+            let message = v["error"]
+                .as_str()
+                .unwrap_or("error without a message")
+                .to_string();
             return Err(ClientError::Api { status, message });
         }
         Ok(v)
@@ -42,15 +51,31 @@ impl ControlClient {
     }
 
     /// Registers a broker; returns `(broker_id, heartbeat interval)`.
-    pub fn register(&self, addresses: &BTreeMap<String, String>) -> Result<(u32, Duration), ClientError> {
-        let v = self.request("POST", "/v1/brokers", Some(json!({ "addresses": addresses })), Duration::from_secs(10))?;
+    pub fn register(
+        &self,
+        addresses: &BTreeMap<String, String>,
+    ) -> Result<(u32, Duration), ClientError> {
+        let v = self.request(
+            "POST",
+            "/v1/brokers",
+            Some(json!({ "addresses": addresses })),
+            Duration::from_secs(10),
+        )?;
         let id = v["broker_id"].as_u64().unwrap_or(u64::MAX) as u32;
-        Ok((id, Duration::from_millis(v["heartbeat_ms"].as_u64().unwrap_or(1000))))
+        Ok((
+            id,
+            Duration::from_millis(v["heartbeat_ms"].as_u64().unwrap_or(1000)),
+        ))
     }
 
     pub fn heartbeat(&self, id: u32) -> Result<(), ClientError> {
-        self.request("POST", &format!("/v1/brokers/{id}/heartbeat"), None, Duration::from_secs(5))
-            .map(|_| ())
+        self.request(
+            "POST",
+            &format!("/v1/brokers/{id}/heartbeat"),
+            None,
+            Duration::from_secs(5),
+        )
+        .map(|_| ())
     }
 
     /// The brokers; with `wait`, blocks until the membership changes past `since` or the
@@ -77,7 +102,12 @@ impl ControlClient {
     }
 
     pub fn delete_topic(&self, name: &str) -> Result<Value, ClientError> {
-        self.request("DELETE", &format!("/v1/topics/{name}"), None, Duration::from_secs(10))
+        self.request(
+            "DELETE",
+            &format!("/v1/topics/{name}"),
+            None,
+            Duration::from_secs(10),
+        )
     }
 
     pub fn status(&self) -> Result<Value, ClientError> {

@@ -20,7 +20,10 @@ pub struct Request {
 
 impl Request {
     pub fn query(&self, key: &str) -> Option<&str> {
-        self.query.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.query
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 }
 
@@ -72,46 +75,65 @@ pub fn read_request(stream: &TcpStream) -> Result<Request, Response> {
             .read_until(b'\n', &mut line)
             .map_err(|e| Response::error(400, format!("cannot read the request: {e}")))?;
         if n == 0 {
-            return Err(Response::error(400, "connection closed inside the request head"));
+            return Err(Response::error(
+                400,
+                "connection closed inside the request head",
+            ));
         }
         head.extend_from_slice(&line);
         if head.len() > HEAD_BYTES_MAX {
-            return Err(Response::error(413, format!("request head over {HEAD_BYTES_MAX} bytes")));
+            return Err(Response::error(
+                413,
+                format!("request head over {HEAD_BYTES_MAX} bytes"),
+            ));
         }
         if line == b"\r\n" || line == b"\n" {
             break;
         }
     }
-    let head = String::from_utf8(head).map_err(|_| Response::error(400, "request head is not UTF-8"))?;
+    let head =
+        String::from_utf8(head).map_err(|_| Response::error(400, "request head is not UTF-8"))?;
     let mut lines = head.lines();
     let first = lines.next().unwrap_or_default();
     let mut parts = first.split_whitespace();
-    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next()) else {
-        return Err(Response::error(400, format!("malformed request line {first:?}")));
+    let (Some(method), Some(target), Some(version)) = (parts.next(), parts.next(), parts.next())
+    else {
+        return Err(Response::error(
+            400,
+            format!("malformed request line {first:?}"),
+        ));
     };
     if !version.starts_with("HTTP/1.") {
-        return Err(Response::error(400, format!("unsupported protocol {version:?}")));
+        return Err(Response::error(
+            400,
+            format!("unsupported protocol {version:?}"),
+        ));
     }
     let mut content_length = 0usize;
     for l in lines {
         if let Some((k, v)) = l.split_once(':') {
             if k.trim().eq_ignore_ascii_case("content-length") {
-                content_length = v
-                    .trim()
-                    .parse()
-                    .map_err(|_| Response::error(400, format!("bad Content-Length {:?}", v.trim())))?;
+                content_length = v.trim().parse().map_err(|_| {
+                    Response::error(400, format!("bad Content-Length {:?}", v.trim()))
+                })?;
             }
         }
     }
     if content_length > BODY_BYTES_MAX {
         return Err(Response::error(
             413,
-            format!("request body of {content_length} bytes is over the {BODY_BYTES_MAX}-byte limit"),
+            format!(
+                "request body of {content_length} bytes is over the {BODY_BYTES_MAX}-byte limit"
+            ),
         ));
     }
     let mut body = vec![0; content_length];
-    r.read_exact(&mut body)
-        .map_err(|e| Response::error(400, format!("request body shorter than its Content-Length: {e}")))?;
+    r.read_exact(&mut body).map_err(|e| {
+        Response::error(
+            400,
+            format!("request body shorter than its Content-Length: {e}"),
+        )
+    })?;
     let (path, q) = target.split_once('?').unwrap_or((target, ""));
     let query = q
         .split('&')
@@ -146,9 +168,15 @@ pub fn write_response(mut stream: &TcpStream, r: &Response) -> std::io::Result<(
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("cannot reach the control process at {addr}: {source} (is `embar control` running?)")]
-    Unreachable { addr: SocketAddr, source: std::io::Error },
+    Unreachable {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("control process at {addr}: {source}")]
-    Io { addr: SocketAddr, source: std::io::Error },
+    Io {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("control process at {addr} sent a malformed response: {detail}")]
     Malformed { addr: SocketAddr, detail: String },
     #[error("{message}")]
@@ -156,7 +184,13 @@ pub enum ClientError {
 }
 
 /// Sends one request and reads the response: `(status, body)`.
-pub fn call(addr: SocketAddr, method: &str, path: &str, body: Option<&str>, timeout: Duration) -> Result<(u16, String), ClientError> {
+pub fn call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    timeout: Duration,
+) -> Result<(u16, String), ClientError> {
     let stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
         .map_err(|source| ClientError::Unreachable { addr, source })?;
     let io = |source| ClientError::Io { addr, source };
@@ -171,10 +205,12 @@ pub fn call(addr: SocketAddr, method: &str, path: &str, body: Option<&str>, time
     .map_err(io)?;
     let mut text = String::new();
     (&stream).read_to_string(&mut text).map_err(io)?;
-    let (head, body) = text.split_once("\r\n\r\n").ok_or_else(|| ClientError::Malformed {
-        addr,
-        detail: "no end of head".into(),
-    })?;
+    let (head, body) = text
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| ClientError::Malformed {
+            addr,
+            detail: "no end of head".into(),
+        })?;
     let status = head
         .split_whitespace()
         .nth(1)

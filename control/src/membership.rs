@@ -70,7 +70,11 @@ impl Membership {
         self.next_id
     }
 
-    pub fn register(&mut self, addresses: BTreeMap<String, String>, now_ns: u64) -> Result<u32, MembershipError> {
+    pub fn register(
+        &mut self,
+        addresses: BTreeMap<String, String>,
+        now_ns: u64,
+    ) -> Result<u32, MembershipError> {
         if self.next_id >= self.max_brokers {
             return Err(MembershipError::NoIds(self.max_brokers));
         }
@@ -89,7 +93,10 @@ impl Membership {
     }
 
     pub fn heartbeat(&mut self, id: u32, now_ns: u64) -> Result<(), MembershipError> {
-        let m = self.members.get_mut(&id).ok_or(MembershipError::Unknown(id))?;
+        let m = self
+            .members
+            .get_mut(&id)
+            .ok_or(MembershipError::Unknown(id))?;
         if !m.alive {
             return Err(MembershipError::Dead(id));
         }

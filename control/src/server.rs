@@ -2,6 +2,7 @@
 //! API reference: `docs/control-api.md`.
 
 use std::collections::BTreeMap;
+use std::io::Read;
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -21,6 +22,8 @@ use crate::topics::TopicSpec;
 
 /// Connections served at once; more are answered 503.
 pub const CONNECTIONS_MAX: usize = 256;
+/// Bytes of a refused request read and dropped before closing.
+const DRAIN_BYTES_MAX: u64 = 1 << 20;
 /// Longest long-poll a client may ask for.
 pub const LONG_POLL_MAX: Duration = Duration::from_secs(30);
 
@@ -65,8 +68,12 @@ fn now_ns(s: &Shared) -> u64 {
 /// Attaches to (or creates and formats) the pool, loads durable state, raises the epoch,
 /// and starts serving.
 pub fn start(cfg: ControlConfig) -> Result<ControlHandle, String> {
-    std::fs::create_dir_all(&cfg.state_dir)
-        .map_err(|e| format!("cannot create state directory {}: {e}", cfg.state_dir.display()))?;
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
+        format!(
+            "cannot create state directory {}: {e}",
+            cfg.state_dir.display()
+        )
+    })?;
     let mut durable = store::load(&cfg.state_dir)?.unwrap_or(Durable {
         format: STATE_FORMAT,
         ..Durable::default()
@@ -85,7 +92,8 @@ pub fn start(cfg: ControlConfig) -> Result<ControlHandle, String> {
         log::info!("attached to pool {}", cfg.pool_path.display());
         p
     } else {
-        let p = Pool::create(&cfg.pool_path, &cfg.pool, &cfg.pool_options).map_err(|e| e.to_string())?;
+        let p = Pool::create(&cfg.pool_path, &cfg.pool, &cfg.pool_options)
+            .map_err(|e| e.to_string())?;
         log::info!("created pool {}", cfg.pool_path.display());
         p
     };
@@ -106,7 +114,8 @@ pub fn start(cfg: ControlConfig) -> Result<ControlHandle, String> {
         cfg.heartbeat.as_nanos() as u64,
         cfg.miss_limit,
     );
-    let listener = TcpListener::bind(cfg.listen).map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
+    let listener = TcpListener::bind(cfg.listen)
+        .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let epoch = durable.epoch;
     let shared = Arc::new(Shared {
@@ -158,7 +167,10 @@ fn ticker(s: &Shared) {
         let mut g = lock(s);
         let died = g.members.tick(now_ns(s));
         if !died.is_empty() {
-            log::warn!("brokers {died:?} missed {} heartbeats: dead", s.cfg.miss_limit);
+            log::warn!(
+                "brokers {died:?} missed {} heartbeats: dead",
+                s.cfg.miss_limit
+            );
             s.changed.notify_all();
         }
     }
@@ -173,10 +185,12 @@ fn accept(s: &Arc<Shared>, listener: TcpListener) {
             continue;
         }
         let s = s.clone();
-        let spawned = std::thread::Builder::new().name("control-conn".into()).spawn(move || {
-            serve(&s, stream);
-            s.active.fetch_sub(1, Ordering::AcqRel);
-        });
+        let spawned = std::thread::Builder::new()
+            .name("control-conn".into())
+            .spawn(move || {
+                serve(&s, stream);
+                s.active.fetch_sub(1, Ordering::AcqRel);
+            });
         if let Err(e) = spawned {
             log::error!("cannot start a connection thread: {e}");
         }
@@ -194,6 +208,11 @@ fn serve(s: &Shared, stream: TcpStream) {
         s.errors.fetch_add(1, Ordering::Relaxed);
     }
     let _ = write_response(&stream, &resp);
+    // Read what the client may still be sending (a refused oversized body), so that closing
+    // does not reset the connection before the client has read the answer.
+    let _ = stream.shutdown(std::net::Shutdown::Write);
+    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
+    let _ = std::io::copy(&mut (&stream).take(DRAIN_BYTES_MAX), &mut std::io::sink());
 }
 
 fn route(s: &Shared, req: &Request) -> Response {
@@ -208,15 +227,20 @@ fn route(s: &Shared, req: &Request) -> Response {
         ("DELETE", ["v1", "topics", name]) => delete_topic(s, name),
         ("GET", ["v1", "status"]) => status(s),
         ("GET", ["metrics"]) => metrics(s),
-        (_, ["v1", "brokers" | "topics" | "status", ..]) | (_, ["metrics"]) => {
-            Response::error(405, format!("{} is not allowed on {}", req.method, req.path))
-        }
-        _ => Response::error(404, format!("no such endpoint: {} {}", req.method, req.path)),
+        (_, ["v1", "brokers" | "topics" | "status", ..]) | (_, ["metrics"]) => Response::error(
+            405,
+            format!("{} is not allowed on {}", req.method, req.path),
+        ),
+        _ => Response::error(
+            404,
+            format!("no such endpoint: {} {}", req.method, req.path),
+        ),
     }
 }
 
 fn parse<T: serde::de::DeserializeOwned>(req: &Request) -> Result<T, Response> {
-    serde_json::from_slice(&req.body).map_err(|e| Response::error(400, format!("malformed request body: {e}")))
+    serde_json::from_slice(&req.body)
+        .map_err(|e| Response::error(400, format!("malformed request body: {e}")))
 }
 
 #[derive(serde::Deserialize)]
@@ -276,7 +300,11 @@ fn brokers(s: &Shared, req: &Request) -> Response {
         if left.is_zero() {
             break;
         }
-        g = s.changed.wait_timeout(g, left).unwrap_or_else(|p| p.into_inner()).0;
+        g = s
+            .changed
+            .wait_timeout(g, left)
+            .unwrap_or_else(|p| p.into_inner())
+            .0;
     }
     Response::json(
         200,
@@ -407,13 +435,31 @@ fn metrics(s: &Shared) -> Response {
     let brokers = g.members.brokers(now_ns(s));
     let mut out = String::new();
     let mut gauge = |name: &str, help: &str, v: u64| {
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"));
+        out.push_str(&format!(
+            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
+        ));
     };
     gauge("embar_control_epoch", "Cluster epoch.", g.durable.epoch);
-    gauge("embar_control_brokers_registered", "Brokers registered since start.", brokers.len() as u64);
-    gauge("embar_control_brokers_live", "Brokers alive.", u64::from(g.members.live_count()));
-    gauge("embar_control_membership_version", "Membership changes.", g.members.version());
-    gauge("embar_control_topics", "Topics.", g.durable.topics.len() as u64);
+    gauge(
+        "embar_control_brokers_registered",
+        "Brokers registered since start.",
+        brokers.len() as u64,
+    );
+    gauge(
+        "embar_control_brokers_live",
+        "Brokers alive.",
+        u64::from(g.members.live_count()),
+    );
+    gauge(
+        "embar_control_membership_version",
+        "Membership changes.",
+        g.members.version(),
+    );
+    gauge(
+        "embar_control_topics",
+        "Topics.",
+        g.durable.topics.len() as u64,
+    );
     gauge(
         "embar_control_pool_segments_in_use",
         "Pool segments allocated.",

@@ -36,8 +36,12 @@ pub fn load(dir: &Path) -> Result<Option<Durable>, String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     };
-    let d: Durable = serde_json::from_str(&text)
-        .map_err(|e| format!("{} is damaged ({e}); refusing to start over it", path.display()))?;
+    let d: Durable = serde_json::from_str(&text).map_err(|e| {
+        format!(
+            "{} is damaged ({e}); refusing to start over it",
+            path.display()
+        )
+    })?;
     if d.format != STATE_FORMAT {
         return Err(format!(
             "{} has state format {}, this build reads {STATE_FORMAT}",
@@ -57,7 +61,8 @@ pub fn save(dir: &Path, d: &Durable) -> Result<(), String> {
     f.write_all(text.as_bytes()).map_err(|e| io("write", e))?;
     f.sync_all().map_err(|e| io("fsync", e))?;
     drop(f);
-    std::fs::rename(&tmp, &path).map_err(|e| format!("cannot rename over {}: {e}", path.display()))?;
+    std::fs::rename(&tmp, &path)
+        .map_err(|e| format!("cannot rename over {}: {e}", path.display()))?;
     File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(|e| format!("cannot fsync {}: {e}", dir.display()))?;
