@@ -193,8 +193,9 @@ pub fn cluster_status(c: &ClientArgs) -> Result<(), String> {
         println!("brokers: {} live", v["live_brokers"]);
         for b in v["brokers"].as_array().into_iter().flatten() {
             println!(
-                "  broker {:<3} {:<5} last heartbeat {} ms ago  {}",
+                "  broker {:<3} slot {:<2} {:<5} last heartbeat {} ms ago  {}",
                 b["id"],
+                b["slot"],
                 if b["alive"].as_bool() == Some(true) {
                     "alive"
                 } else {
@@ -217,7 +218,8 @@ pub fn heartbeat_worker(control: SocketAddr) -> Result<(), String> {
     let client = ControlClient::new(control);
     let addrs: BTreeMap<String, String> =
         [("pid".to_string(), std::process::id().to_string())].into();
-    let (id, interval) = client.register(&addrs).map_err(|e| e.to_string())?;
+    let r = client.register(&addrs).map_err(|e| e.to_string())?;
+    let (id, interval) = (r.broker_id, r.heartbeat);
     println!("{id}");
     use std::io::Write;
     let _ = std::io::stdout().flush();

@@ -9,6 +9,16 @@ use serde_json::{json, Value};
 use crate::http::{call, ClientError};
 use crate::topics::TopicSpec;
 
+/// What a broker gets when it registers.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Registration {
+    pub broker_id: u32,
+    /// Index of its regions in the pool.
+    pub slot: u32,
+    pub heartbeat: Duration,
+    pub epoch: u64,
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct ControlClient {
     pub addr: SocketAddr,
@@ -50,22 +60,25 @@ impl ControlClient {
         self.request("GET", path, None, Duration::from_secs(10))
     }
 
-    /// Registers a broker; returns `(broker_id, heartbeat interval)`.
+    /// Registers a broker.
     pub fn register(
         &self,
         addresses: &BTreeMap<String, String>,
-    ) -> Result<(u32, Duration), ClientError> {
-        let v = self.request(
-            "POST",
-            "/v1/brokers",
-            Some(json!({ "addresses": addresses })),
-            Duration::from_secs(10),
-        )?;
-        let id = v["broker_id"].as_u64().unwrap_or(u64::MAX) as u32;
-        Ok((
-            id,
-            Duration::from_millis(v["heartbeat_ms"].as_u64().unwrap_or(1000)),
-        ))
+    ) -> Result<Registration, ClientError> {
+        let body = json!({ "addresses": addresses });
+        let v = self.request("POST", "/v1/brokers", Some(body), Duration::from_secs(10))?;
+        let field = |k: &str| {
+            v[k].as_u64().ok_or_else(|| ClientError::Malformed {
+                addr: self.addr,
+                detail: format!("registration answer without {k}: {v}"),
+            })
+        };
+        Ok(Registration {
+            broker_id: field("broker_id")? as u32,
+            slot: field("slot")? as u32,
+            heartbeat: Duration::from_millis(field("heartbeat_ms")?),
+            epoch: field("epoch")?,
+        })
     }
 
     pub fn heartbeat(&self, id: u32) -> Result<(), ClientError> {

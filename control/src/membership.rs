@@ -1,9 +1,14 @@
 //! Broker membership as a sans-IO state machine: the server feeds it registrations,
 //! heartbeats and the time; it decides ids and liveness.
 //!
-//! A broker registers (gets a new id, never one handed out before, even across restarts of the
-//! control process) and heartbeats every interval; after `miss_limit` missed intervals it is
+//! A broker registers and heartbeats every interval. It gets a new **id**, never one handed
+//! out before (even across restarts of the control process), and a pool **slot**: the index
+//! of its per-broker regions in the pool (rings, offsets), below the pool's `max_brokers`. A
+//! slot is held by one live broker at a time; a dead broker's slot goes to a later registrant
+//! (the one with the same addresses first), which takes over that broker's log; after `miss_limit` missed intervals it is
 //! dead. A dead broker's heartbeat is refused: it must register again (and gets a new id).
+//! A registration that names the same addresses as a live broker (a broker process restarted
+//! before its old session timed out) supersedes it: the old id is dead at once.
 //! Every change raises `version`, which clients long-poll on.
 
 use std::collections::BTreeMap;
@@ -12,6 +17,8 @@ use std::collections::BTreeMap;
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BrokerInfo {
     pub id: u32,
+    /// Index of its regions in the pool.
+    pub slot: u32,
     /// Data-plane addresses per transport (`shm`: pool path, `tcp`: host:port, ...).
     pub addresses: BTreeMap<String, String>,
     pub alive: bool,
@@ -25,12 +32,15 @@ pub enum MembershipError {
     Unknown(u32),
     #[error("broker {0} was declared dead; it must register again")]
     Dead(u32),
-    #[error("broker ids are exhausted ({0} in the pool)")]
-    NoIds(u32),
+    #[error("all {0} broker slots of the pool are held by live brokers")]
+    NoSlots(u32),
+    #[error("broker ids are exhausted")]
+    NoIds,
 }
 
 #[derive(Debug)]
 struct Member {
+    slot: u32,
     addresses: BTreeMap<String, String>,
     last_heartbeat_ns: u64,
     alive: bool,
@@ -70,26 +80,46 @@ impl Membership {
         self.next_id
     }
 
+    /// Registers a broker; returns `(id, slot)`.
     pub fn register(
         &mut self,
         addresses: BTreeMap<String, String>,
         now_ns: u64,
-    ) -> Result<u32, MembershipError> {
-        if self.next_id >= self.max_brokers {
-            return Err(MembershipError::NoIds(self.max_brokers));
-        }
+    ) -> Result<(u32, u32), MembershipError> {
         let id = self.next_id;
-        self.next_id += 1;
+        let next_id = id.checked_add(1).ok_or(MembershipError::NoIds)?;
+        // The newest session with the same addresses (a restarted broker) gives up its slot.
+        let previous = self
+            .members
+            .values_mut()
+            .rev()
+            .find(|m| !addresses.is_empty() && m.addresses == addresses);
+        let preferred = previous.map(|m| {
+            m.alive = false;
+            m.slot
+        });
+        let held: Vec<u32> = self
+            .members
+            .values()
+            .filter(|m| m.alive)
+            .map(|m| m.slot)
+            .collect();
+        let slot = preferred
+            .filter(|s| !held.contains(s))
+            .or_else(|| (0..self.max_brokers).find(|s| !held.contains(s)))
+            .ok_or(MembershipError::NoSlots(self.max_brokers))?;
+        self.next_id = next_id;
         self.members.insert(
             id,
             Member {
+                slot,
                 addresses,
                 last_heartbeat_ns: now_ns,
                 alive: true,
             },
         );
         self.version += 1;
-        Ok(id)
+        Ok((id, slot))
     }
 
     pub fn heartbeat(&mut self, id: u32, now_ns: u64) -> Result<(), MembershipError> {
@@ -130,6 +160,7 @@ impl Membership {
             .iter()
             .map(|(id, m)| BrokerInfo {
                 id: *id,
+                slot: m.slot,
                 addresses: m.addresses.clone(),
                 alive: m.alive,
                 last_heartbeat_ms_ago: now_ns.saturating_sub(m.last_heartbeat_ns) / 1_000_000,
@@ -144,15 +175,15 @@ mod tests {
 
     const S: u64 = 1_000_000_000;
 
-    fn addrs() -> BTreeMap<String, String> {
-        [("shm".to_string(), "/dev/shm/p".to_string())].into()
+    fn addr(n: u32) -> BTreeMap<String, String> {
+        [("tcp".to_string(), format!("10.0.0.{n}:9000"))].into()
     }
 
     #[test]
     fn a_broker_that_misses_three_heartbeats_is_dead_and_must_register_again() {
         let mut m = Membership::new(0, 8, S, 3);
-        let a = m.register(addrs(), 0).unwrap();
-        let b = m.register(addrs(), 0).unwrap();
+        let (a, _) = m.register(addr(1), 0).unwrap();
+        let (b, b_slot) = m.register(addr(2), 0).unwrap();
         assert_eq!((a, b), (0, 1));
         let v = m.version();
         for t in 1..=3 {
@@ -164,16 +195,40 @@ mod tests {
         assert_eq!(m.live_count(), 1);
         assert_eq!(m.heartbeat(b, 4 * S), Err(MembershipError::Dead(b)));
         assert_eq!(m.heartbeat(9, 4 * S), Err(MembershipError::Unknown(9)));
-        let again = m.register(addrs(), 4 * S).unwrap();
+        let (again, slot) = m.register(addr(2), 4 * S).unwrap();
         assert_eq!(again, 2, "a new id, never a used one");
+        assert_eq!(
+            slot, b_slot,
+            "the same broker takes its slot (its log) back"
+        );
     }
 
     #[test]
-    fn ids_continue_after_a_restart_and_run_out_clearly() {
-        let mut m = Membership::new(6, 8, S, 3);
-        assert_eq!(m.register(addrs(), 0), Ok(6));
-        assert_eq!(m.register(addrs(), 0), Ok(7));
-        assert_eq!(m.register(addrs(), 0), Err(MembershipError::NoIds(8)));
-        assert_eq!(m.next_id(), 8);
+    fn registering_again_with_the_same_addresses_supersedes_the_old_session() {
+        let mut m = Membership::new(0, 8, S, 3);
+        let (old, old_slot) = m.register(addr(0), 0).unwrap();
+        let (other, _) = m.register(addr(9), 0).unwrap();
+        let (new, new_slot) = m.register(addr(0), S).unwrap();
+        assert_eq!(m.heartbeat(old, S), Err(MembershipError::Dead(old)));
+        assert_eq!(m.heartbeat(other, S), Ok(()));
+        assert_eq!(m.heartbeat(new, S), Ok(()));
+        assert_eq!(new_slot, old_slot);
+        assert_eq!(m.live_count(), 2);
+    }
+
+    #[test]
+    fn ids_never_repeat_and_slots_are_reused_only_from_dead_brokers() {
+        let mut m = Membership::new(6, 2, S, 3);
+        assert_eq!(m.register(addr(1), 0), Ok((6, 0)));
+        assert_eq!(m.register(addr(2), 0), Ok((7, 1)));
+        assert_eq!(m.register(addr(3), 0), Err(MembershipError::NoSlots(2)));
+        assert_eq!(m.next_id(), 8, "a refused registration uses no id");
+        m.heartbeat(7, 4 * S).unwrap();
+        m.tick(4 * S);
+        assert_eq!(
+            m.register(addr(3), 4 * S),
+            Ok((8, 0)),
+            "broker 6 died; its slot is free"
+        );
     }
 }

@@ -256,8 +256,8 @@ fn register(s: &Shared, req: &Request) -> Response {
         Err(r) => return r,
     };
     let mut g = lock(s);
-    let id = match g.members.register(body.addresses, now_ns(s)) {
-        Ok(id) => id,
+    let (id, slot) = match g.members.register(body.addresses, now_ns(s)) {
+        Ok(r) => r,
         Err(e) => return Response::error(503, e.to_string()),
     };
     // The id is durable before anyone hears of it: a restarted control never reuses it.
@@ -266,10 +266,15 @@ fn register(s: &Shared, req: &Request) -> Response {
         return Response::error(500, e);
     }
     s.changed.notify_all();
-    log::info!("broker {id} registered");
+    log::info!("broker {id} registered in slot {slot}");
     Response::json(
         201,
-        &json!({ "broker_id": id, "heartbeat_ms": s.cfg.heartbeat.as_millis() as u64, "epoch": g.durable.epoch }),
+        &json!({
+            "broker_id": id,
+            "slot": slot,
+            "heartbeat_ms": s.cfg.heartbeat.as_millis() as u64,
+            "epoch": g.durable.epoch,
+        }),
     )
 }
 
