@@ -10,8 +10,8 @@ use embar_control::topics::TopicSpec;
 use embar_control::{ControlClient, ControlConfig};
 use serde_json::Value;
 
-use crate::pool_cmd::CreateArgs;
-use crate::units::{format_bytes, parse_bytes};
+use crate::pool_cmd::{CreateArgs, TopicSettings};
+use crate::units::format_bytes;
 
 pub const DEFAULT_CONTROL: &str = "127.0.0.1:7400";
 
@@ -66,14 +66,8 @@ pub enum TopicCmd {
     /// Create a topic.
     Create {
         name: String,
-        #[arg(long, default_value_t = 5)]
-        order: u8,
-        #[arg(long, default_value_t = 1)]
-        ack: u8,
-        #[arg(long, default_value_t = 0)]
-        replication_factor: u8,
-        #[arg(long, default_value = "2MiB", value_parser = parse_bytes)]
-        batch_bytes: u64,
+        #[command(flatten)]
+        settings: TopicSettings,
     },
     /// List topics.
     List,
@@ -120,19 +114,13 @@ pub fn topic(c: &ClientArgs, cmd: &TopicCmd) -> Result<(), String> {
     let client = ControlClient::new(c.control);
     let e = |e: embar_control::http::ClientError| e.to_string();
     match cmd {
-        TopicCmd::Create {
-            name,
-            order,
-            ack,
-            replication_factor,
-            batch_bytes,
-        } => {
+        TopicCmd::Create { name, settings } => {
             let spec = TopicSpec {
                 name: name.clone(),
-                order: *order,
-                ack: *ack,
-                replication_factor: *replication_factor,
-                batch_bytes: *batch_bytes,
+                order: settings.order,
+                ack: settings.ack,
+                replication_factor: settings.replication_factor,
+                batch_bytes: settings.batch_bytes,
             };
             let v = client.create_topic(&spec).map_err(e)?;
             show(c.json, &v, |v| {

@@ -63,20 +63,15 @@ enum ClusterCmd {
 enum PoolCmd {
     /// Create and format a new pool.
     Create(pool_cmd::CreateArgs),
-    /// Create a topic in the pool's topic table.
+    /// Create a topic in the pool's topic table directly (the control process does this
+    /// for a cluster: `embar topic create`).
     CreateTopic {
         #[arg(long, default_value = "/dev/shm/embar.pool")]
         path: PathBuf,
         #[arg(long)]
         name: String,
-        #[arg(long, default_value_t = 5)]
-        order: u8,
-        #[arg(long, default_value_t = 1)]
-        ack: u8,
-        #[arg(long, default_value_t = 0)]
-        replication_factor: u8,
-        #[arg(long, default_value = "2MiB", value_parser = units::parse_bytes)]
-        batch_bytes: u64,
+        #[command(flatten)]
+        settings: pool_cmd::TopicSettings,
     },
     /// Show a pool's layout, topics and ring positions.
     Inspect {
@@ -201,12 +196,8 @@ fn main() -> ExitCode {
         Cmd::Pool(PoolCmd::CreateTopic {
             path,
             name,
-            order,
-            ack,
-            replication_factor,
-            batch_bytes,
-        }) => pool_cmd::create_topic(&path, &name, order, ack, replication_factor, batch_bytes)
-            .map(|()| true),
+            settings,
+        }) => pool_cmd::create_topic(&path, &name, &settings).map(|()| true),
         Cmd::Bench(a) => bench::run(&a),
         Cmd::Sequencer(a) => run_sequencer(&a).map(|()| true),
         Cmd::Control(a) => control_cmd::run_control(&a).map(|()| true),

@@ -10,6 +10,30 @@ use serde::{Deserialize, Serialize};
 
 use crate::units::{format_bytes, parse_bytes};
 
+/// A topic's settings, as flags (shared by `pool create-topic` and `topic create`).
+#[derive(Clone, Copy, Debug, clap::Args)]
+pub struct TopicSettings {
+    #[arg(long, default_value_t = 5)]
+    pub order: u8,
+    #[arg(long, default_value_t = 1)]
+    pub ack: u8,
+    #[arg(long, default_value_t = 0)]
+    pub replication_factor: u8,
+    #[arg(long, default_value = "2MiB", value_parser = parse_bytes)]
+    pub batch_bytes: u64,
+}
+
+impl TopicSettings {
+    pub fn config(&self) -> embar_dataplane::pool::topics::TopicConfig {
+        embar_dataplane::pool::topics::TopicConfig {
+            order: self.order,
+            ack: self.ack,
+            replication_factor: self.replication_factor,
+            batch_bytes: self.batch_bytes,
+        }
+    }
+}
+
 #[derive(Clone, Debug, clap::Args)]
 pub struct CreateArgs {
     /// TOML file with a [pool] table (see configs/local.toml); flags override its keys.
@@ -252,22 +276,9 @@ pub fn inspect(path: &Path, json: bool) -> Result<(), String> {
     Ok(())
 }
 
-pub fn create_topic(
-    path: &Path,
-    name: &str,
-    order: u8,
-    ack: u8,
-    rf: u8,
-    batch_bytes: u64,
-) -> Result<(), String> {
+pub fn create_topic(path: &Path, name: &str, t: &TopicSettings) -> Result<(), String> {
     use embar_dataplane::pool::topics::TopicConfig;
     let pool = Pool::open(path, &OpenOptions::default()).map_err(|e| e.to_string())?;
-    let cfg = TopicConfig {
-        order,
-        ack,
-        replication_factor: rf,
-        batch_bytes,
-    };
     struct Go<'a>(&'a Pool, &'a str, TopicConfig);
     impl embar_dataplane::pool::CoherenceFn<Result<u32, String>> for Go<'_> {
         fn call<C: embar_dataplane::pool::coherence::Coherence>(self, c: C) -> Result<u32, String> {
@@ -276,10 +287,13 @@ pub fn create_topic(
                 .map_err(|e| e.to_string())
         }
     }
-    let slot = Pool::with_coherence(pool.coherence_mode(), Go(&pool, name, cfg))?;
+    let slot = Pool::with_coherence(pool.coherence_mode(), Go(&pool, name, t.config()))?;
     println!(
-        "created topic {name:?} in slot {slot}: ORDER {order} ACK {ack} RF {rf} batch {}",
-        format_bytes(batch_bytes)
+        "created topic {name:?} in slot {slot}: ORDER {} ACK {} RF {} batch {}",
+        t.order,
+        t.ack,
+        t.replication_factor,
+        format_bytes(t.batch_bytes)
     );
     Ok(())
 }

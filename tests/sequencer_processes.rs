@@ -73,27 +73,6 @@ fn run(order: &str) {
         "256MiB",
         "--segment-bytes",
         "1MiB",
-    ]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = embar(&["pool", "create", "--path", &pool, "--ring-slots", "4096"]);
-    assert!(
-        !out.status.success(),
-        "a second create of the same pool is refused"
-    );
-    std::fs::remove_file(&pool).unwrap();
-    let out = embar(&[
-        "pool",
-        "create",
-        "--path",
-        &pool,
-        "--pool-bytes",
-        "256MiB",
-        "--segment-bytes",
-        "1MiB",
         "--ring-slots",
         "4096",
     ]);
