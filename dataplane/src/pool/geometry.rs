@@ -4,7 +4,9 @@
 //! 0                superblock (256 B)
 //! 4 KiB            topic table: max_topics x TInode
 //! (4 KiB aligned)  batch rings: max_topics x max_brokers x ring_slots x 128 B
-//! (4 KiB aligned)  sequencer state: max_topics x SequencerState (32 KiB each)
+//! (4 KiB aligned)  sequencer state: max_topics x SequencerState (clients, subscribers,
+//!                  delivery ring: ~557 KiB each)
+//! (4 KiB aligned)  sessions: max_brokers x SESSIONS_PER_BROKER x Session (4.3 KiB each)
 //! (4 KiB aligned)  segment table: segment_count x 64 B
 //! (segment align)  segment pool: segment_count x segment_bytes   (the logs)
 //! ```
@@ -51,6 +53,7 @@ pub struct PoolGeometry {
     pub topic_table_offset: u64,
     pub ring_region_offset: u64,
     pub sequencer_region_offset: u64,
+    pub session_region_offset: u64,
     pub segment_table_offset: u64,
     pub segment_pool_offset: u64,
     pub segment_count: u64,
@@ -98,8 +101,12 @@ impl PoolGeometry {
             * size_of::<BatchHeader>() as u64;
         let sequencer_region_offset = align_up(ring_region_offset + ring_bytes, REGION_ALIGN);
         let sequencer_bytes = u64::from(cfg.max_topics) * size_of::<SequencerState>() as u64;
-        let segment_table_offset =
+        let session_region_offset =
             align_up(sequencer_region_offset + sequencer_bytes, REGION_ALIGN);
+        let session_bytes = u64::from(cfg.max_brokers)
+            * SESSIONS_PER_BROKER as u64
+            * size_of::<Session>() as u64;
+        let segment_table_offset = align_up(session_region_offset + session_bytes, REGION_ALIGN);
         let seg_align = cfg.segment_bytes.min(2 << 20).next_power_of_two();
         let entry = size_of::<SegmentEntry>() as u64;
         let room = cfg.pool_bytes.saturating_sub(segment_table_offset);
@@ -129,6 +136,7 @@ impl PoolGeometry {
             topic_table_offset,
             ring_region_offset,
             sequencer_region_offset,
+            session_region_offset,
             segment_table_offset,
             segment_pool_offset,
             segment_count,
@@ -168,6 +176,14 @@ impl PoolGeometry {
         self.sequencer_region_offset + u64::from(topic) * size_of::<SequencerState>() as u64
     }
 
+    /// Pool offset of session `session` of broker `broker`.
+    pub fn session_offset(&self, broker: u32, session: u32) -> u64 {
+        debug_assert!(broker < self.max_brokers && (session as usize) < SESSIONS_PER_BROKER);
+        self.session_region_offset
+            + (u64::from(broker) * SESSIONS_PER_BROKER as u64 + u64::from(session))
+                * size_of::<Session>() as u64
+    }
+
     pub fn segment_offset(&self, segment: u64) -> u64 {
         debug_assert!(segment < self.segment_count);
         self.segment_pool_offset + segment * self.segment_bytes
@@ -202,6 +218,8 @@ impl PoolGeometry {
         let g = &sb.geometry;
         sb.sequencer_region_offset
             .store(self.sequencer_region_offset, crate::sync::Ordering::Relaxed);
+        sb.session_region_offset
+            .store(self.session_region_offset, crate::sync::Ordering::Relaxed);
         use crate::sync::Ordering::Relaxed;
         g.max_topics.store(self.max_topics, Relaxed);
         g.max_brokers.store(self.max_brokers, Relaxed);
@@ -234,6 +252,7 @@ impl PoolGeometry {
             topic_table_offset: g.topic_table_offset.load(Relaxed),
             ring_region_offset: g.ring_region_offset.load(Relaxed),
             sequencer_region_offset: sb.sequencer_region_offset.load(Relaxed),
+            session_region_offset: sb.session_region_offset.load(Relaxed),
             segment_table_offset: g.segment_table_offset.load(Relaxed),
             segment_pool_offset: g.segment_pool_offset.load(Relaxed),
             segment_count: g.segment_count.load(Relaxed),
@@ -259,13 +278,14 @@ mod tests {
         assert_eq!(g.topic_table_offset, 4096);
         assert!(g.ring_region_offset >= g.topic_table_offset + 16 * size_of::<TInode>() as u64);
         assert!(g.sequencer_region_offset >= g.ring_region_offset + 16 * 4 * 1024 * 128);
-        assert!(g.segment_table_offset >= g.sequencer_region_offset + 16 * 32 * 1024);
+        assert!(g.session_region_offset >= g.sequencer_region_offset + 16 * 32 * 1024);
+        assert!(g.segment_table_offset >= g.session_region_offset + 4 * 32 * 4352);
         assert!(g.segment_pool_offset >= g.segment_table_offset + g.segment_count * 64);
         assert_eq!(g.segment_pool_offset % (2 << 20), 0);
         assert!(g.segment_pool_offset + g.segment_pool_bytes() <= g.pool_bytes);
         assert_eq!(
-            g.segment_count, 63,
-            "1 GiB less ~10 MiB metadata in 16 MiB segments"
+            g.segment_count, 62,
+            "1 GiB less ~19 MiB metadata in 16 MiB segments"
         );
     }
 
@@ -357,7 +377,9 @@ mod tests {
                 prop_assert!(g.ring_offset(topics - 1, brokers - 1)
                     + u64::from(cfg.ring_slots) * 128 <= g.sequencer_region_offset);
                 prop_assert!(g.sequencer_state_offset(topics - 1)
-                    + size_of::<SequencerState>() as u64 <= g.segment_table_offset);
+                    + size_of::<SequencerState>() as u64 <= g.session_region_offset);
+                prop_assert!(g.session_offset(brokers - 1, SESSIONS_PER_BROKER as u32 - 1)
+                    + size_of::<Session>() as u64 <= g.segment_table_offset);
                 prop_assert!(g.segment_table_offset + g.segment_count * 64 <= g.segment_pool_offset);
                 prop_assert!(g.segment_pool_offset + g.segment_pool_bytes() <= cfg.pool_bytes);
                 prop_assert_eq!(g.segment_pool_offset % 64, 0);

@@ -16,7 +16,7 @@ pub const CACHE_LINE: usize = 64;
 /// `"EMBARCXL"` little-endian; written last when a pool is formatted.
 pub const POOL_MAGIC: u64 = u64::from_le_bytes(*b"EMBARCXL");
 /// Bumped whenever any record or region below changes shape.
-pub const LAYOUT_VERSION: u32 = 2;
+pub const LAYOUT_VERSION: u32 = 3;
 /// Brokers a topic can have; fixes the size of a [`TInode`].
 pub const MAX_BROKERS: usize = 32;
 /// Longest topic name, in bytes of UTF-8.
@@ -66,7 +66,9 @@ pub struct Superblock {
     pub _pad2: [AtomicU64; 7],
     /// Pool offset of the per-topic sequencer state ([`SequencerState`]).
     pub sequencer_region_offset: AtomicU64,
-    pub _reserved: [AtomicU64; 7],
+    /// Pool offset of the publisher sessions ([`Session`]).
+    pub session_region_offset: AtomicU64,
+    pub _reserved: [AtomicU64; 6],
 }
 
 /// Line 1 of the superblock: enough to recompute and cross-check every region.
@@ -188,10 +190,23 @@ pub struct BatchHeader {
     // Line 1: the sequencer.
     /// First global sequence number of the batch.
     pub total_order: AtomicU64,
-    /// Absolute slot index + 1 once `total_order` is valid.
+    /// Absolute slot index + 1 once the sequencer has decided the slot (`outcome`).
     pub ordered: AtomicU64,
-    pub _pad: [AtomicU64; 6],
+    /// What the sequencer decided: [`OUTCOME_ORDERED`], [`OUTCOME_DUPLICATE`], ...
+    pub outcome: AtomicU64,
+    /// Index of the batch in the topic's delivery ring (when ordered).
+    pub delivery_index: AtomicU64,
+    pub _pad: [AtomicU64; 4],
 }
+
+/// The sequencer gave the batch a place in the order (or passed it, ORDER 0).
+pub const OUTCOME_ORDERED: u64 = 1;
+/// A resend of a batch already ordered: dropped, its data is in the log once.
+pub const OUTCOME_DUPLICATE: u64 = 2;
+/// The client is fenced: dropped, not in the log.
+pub const OUTCOME_FENCED: u64 = 3;
+/// The slot failed a check: dropped.
+pub const OUTCOME_REJECTED: u64 = 4;
 
 /// One message inside a batch payload (as the original `BlogMessageHeader`). Message stride is
 /// `round_up(64 + size, 64)`. Written by the publisher before the batch is published; stamped
@@ -249,6 +264,43 @@ pub struct SequencerState {
     pub doorbell: AtomicU32,
     pub _pad1: [AtomicU32; 15],
     pub clients: [ClientEntry; SEQUENCER_CLIENTS_MAX],
+    /// Subscriber cursors (each line written by its subscriber).
+    pub subscribers: [SubscriberEntry; SUBSCRIBERS_MAX],
+    /// Ordered batches in total order (written by the sequencer, read by subscribers).
+    pub delivery: [DeliveryEntry; DELIVERY_SLOTS],
+}
+
+/// Subscribers a topic can have at once.
+pub const SUBSCRIBERS_MAX: usize = 16;
+/// Entries of a topic's delivery ring.
+pub const DELIVERY_SLOTS: usize = 8192;
+
+/// A subscriber's cursor. Writer: that subscriber.
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct SubscriberEntry {
+    /// `generation << 8 | state` (0 free, 1 active).
+    pub state: AtomicU64,
+    /// Next delivery index it will read: everything below may be reclaimed.
+    pub position: AtomicU64,
+    pub pid: AtomicU64,
+    pub _pad: [AtomicU64; 5],
+}
+
+/// One ordered batch, in total order. Writer: the sequencer.
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct DeliveryEntry {
+    /// Delivery index + 1, stored last.
+    pub stamp: AtomicU64,
+    pub total_order: AtomicU64,
+    pub client_id: AtomicU64,
+    pub batch_seq: AtomicU64,
+    pub log_idx: AtomicU64,
+    pub total_size: AtomicU64,
+    pub num_msg: AtomicU32,
+    pub broker: AtomicU32,
+    pub _pad: AtomicU64,
 }
 
 /// One client of a topic's sequencer: open addressing on `client_id`.
@@ -261,6 +313,61 @@ pub struct ClientEntry {
     /// Bit 0: fenced.
     pub flags: AtomicU64,
     pub _pad: AtomicU64,
+}
+
+/// Publisher sessions a broker serves at once (shm transport).
+pub const SESSIONS_PER_BROKER: usize = 32;
+/// Grants a session can hold (its credits).
+pub const SESSION_GRANT_SLOTS: usize = 8;
+/// Batches a session can have submitted and not yet taken by its broker.
+pub const SESSION_SUBMIT_SLOTS: usize = 32;
+
+/// A publisher's session with one broker, in the pool (shm transport): the publisher asks
+/// for log space, the broker grants it, the publisher writes batches there and submits them,
+/// the broker checks and publishes them and writes acks back.
+///
+/// | line | writer | contents |
+/// |---|---|---|
+/// | 0 | publisher | `state`, `client_id`, `topic`, `pid`, `grants_taken`, `submitted` |
+/// | 1 | broker | `accepted`, `grants_issued`, `submit_consumed`, acks, rejections, error |
+/// | 2-3 | broker | grant ring |
+/// | 4.. | publisher (line 0 of each slot) | submission ring |
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub struct Session {
+    /// `generation << 8 | state` (0 free, 1 open, 2 closed).
+    pub state: AtomicU64,
+    pub client_id: AtomicU64,
+    /// Topic slot.
+    pub topic: AtomicU64,
+    /// Process id of the publisher (a vanished process's session is reclaimed).
+    pub pid: AtomicU64,
+    /// Grants the publisher has taken (a grant is done once the next one is taken).
+    pub grants_taken: AtomicU64,
+    /// Submission ring producer count.
+    pub submitted: AtomicU64,
+    pub _pad0: [AtomicU64; 2],
+    /// The generation the broker accepted (`| REFUSED` bit 63 when it refused it).
+    pub accepted: AtomicU64,
+    pub grants_issued: AtomicU64,
+    /// Submission ring consumer watermark.
+    pub submit_consumed: AtomicU64,
+    pub acked_messages: AtomicU64,
+    pub acked_batches: AtomicU64,
+    pub rejected_batches: AtomicU64,
+    /// Last error: `code | batch_seq << 8`.
+    pub error: AtomicU64,
+    pub _pad1: AtomicU64,
+    pub grants: [GrantEntry; SESSION_GRANT_SLOTS],
+    pub submissions: [BatchHeader; SESSION_SUBMIT_SLOTS],
+}
+
+/// Log space granted to a session. Writer: the broker.
+#[repr(C)]
+#[derive(Debug, Default)]
+pub struct GrantEntry {
+    pub offset: AtomicU64,
+    pub bytes: AtomicU64,
 }
 
 /// One segment of the log space. Writer: the owner (allocation is a compare-and-swap on
@@ -298,7 +405,18 @@ mod size_checks {
     const _: () = assert!(size_of::<ClientEntry>() == 32);
     const _: () = assert!(offset_of!(SequencerState, doorbell) == 64);
     const _: () = assert!(offset_of!(SequencerState, clients) == 128);
-    const _: () = assert!(size_of::<SequencerState>() == 128 + 32 * SEQUENCER_CLIENTS_MAX);
+    const _: () = assert!(
+        size_of::<SequencerState>()
+            == 128 + 32 * SEQUENCER_CLIENTS_MAX + 64 * SUBSCRIBERS_MAX + 64 * DELIVERY_SLOTS
+    );
+    const _: () = assert!(offset_of!(SequencerState, subscribers) % 64 == 0);
+    const _: () = assert!(size_of::<DeliveryEntry>() == 64);
+    const _: () = assert!(size_of::<SubscriberEntry>() == 64);
+    const _: () = assert!(offset_of!(BatchHeader, outcome) == 80);
+    const _: () = assert!(size_of::<Session>() == 256 + 128 * SESSION_SUBMIT_SLOTS);
+    const _: () = assert!(offset_of!(Session, accepted) == 64);
+    const _: () = assert!(offset_of!(Session, grants) == 128);
+    const _: () = assert!(offset_of!(Session, submissions) == 256);
     const _: () = assert!(size_of::<GeometryWords>() == 64);
 
     const _: () = assert!(size_of::<TopicHeader>() == 256);

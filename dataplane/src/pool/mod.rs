@@ -292,6 +292,20 @@ impl Pool {
         unsafe { self.record(self.geo.sequencer_state_offset(topic)) }
     }
 
+    /// Session `session` of broker `broker`.
+    pub fn session(&self, broker: u32, session: u32) -> PoolResult<&Session> {
+        self.check_topic_broker(0, broker)?;
+        if session as usize >= SESSIONS_PER_BROKER {
+            return Err(PoolError::OutOfRange {
+                what: "session",
+                value: session.into(),
+                limit: SESSIONS_PER_BROKER as u64,
+            });
+        }
+        // SAFETY: both indices were checked, so the session lies inside the session region.
+        Ok(unsafe { self.record(self.geo.session_offset(broker, session)) })
+    }
+
     /// The batch ring slots of (topic, broker).
     pub fn ring_slots(&self, topic: u32, broker: u32) -> PoolResult<&[BatchHeader]> {
         self.check_topic_broker(topic, broker)?;

@@ -107,16 +107,18 @@ impl<'p, C: Coherence> SegmentAllocator<'p, C> {
         })
     }
 
+    /// Entries this allocator may take, starting at the cursor (next fit) and wrapping
+    /// around inside its scope.
     fn candidates(&self) -> impl Iterator<Item = u64> + '_ {
         let n = self.pool.geometry().segment_count;
-        let (step, count) = match self.policy {
-            AllocPolicy::Shared => (1, n),
-            AllocPolicy::Partitioned { part, parts } => {
-                let parts = u64::from(parts);
-                (parts, (n + parts - 1 - u64::from(part)) / parts)
-            }
+        let (first, step) = match self.policy {
+            AllocPolicy::Shared => (0, 1),
+            AllocPolicy::Partitioned { part, parts } => (u64::from(part), u64::from(parts)),
         };
-        (0..count).map(move |k| (self.cursor + k * step) % n)
+        // Entries first, first + step, ... below n; the cursor is one of them.
+        let count = if first < n { (n - first).div_ceil(step) } else { 0 };
+        let start = self.cursor.saturating_sub(first) / step;
+        (0..count).map(move |k| first + ((start + k) % count) * step)
     }
 
     /// Takes a free segment, or says that none is left in this allocator's scope.
