@@ -181,7 +181,10 @@ pub fn verify(a: &VerifyArgs) -> Result<VerifyReport, String> {
             return Err(format!("broker {b}'s ring wrapped ({written} > {slots_n} slots): verification needs a ring that holds the run"));
         }
         for (idx, slot) in slots.iter().enumerate().take(written as usize) {
-            if slot.ordered.load(std::sync::atomic::Ordering::Acquire) == idx as u64 + 1 {
+            if slot.ordered.load(std::sync::atomic::Ordering::Acquire) == idx as u64 + 1
+                && slot.outcome.load(std::sync::atomic::Ordering::Relaxed)
+                    == embar_dataplane::pool::layout::OUTCOME_ORDERED
+            {
                 ordered.push((
                     slot.total_order.load(std::sync::atomic::Ordering::Relaxed),
                     BatchDesc::load(slot),

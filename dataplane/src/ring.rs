@@ -252,10 +252,31 @@ impl<'a, C: Coherence> RingConsumer<'a, C> {
     /// back but may not be visible to another host until the caller's next fence or publish.
     /// Lets a sequencer pay one fence per round instead of one per batch.
     pub fn set_order_deferred(&self, index: u64, total_order: u64) -> Result<(), RingError> {
+        self.decide_deferred(
+            index,
+            crate::pool::layout::OUTCOME_ORDERED,
+            total_order,
+            u64::MAX,
+        )
+    }
+
+    /// Records the sequencer's decision on a taken slot in its sequencer line: the outcome,
+    /// the total order and delivery index (when ordered), and the stamp `ordered = index + 1`
+    /// that says the line is valid for this lap. Written back without a fence (see
+    /// [`set_order_deferred`](Self::set_order_deferred)).
+    pub fn decide_deferred(
+        &self,
+        index: u64,
+        outcome: u64,
+        total_order: u64,
+        delivery_index: u64,
+    ) -> Result<(), RingError> {
         self.check_taken(index)?;
         let slot = self.ring.slot(index);
         slot.total_order.store(total_order, Relaxed);
-        // Both words share the sequencer's line, so one write-back carries them together.
+        slot.outcome.store(outcome, Relaxed);
+        slot.delivery_index.store(delivery_index, Relaxed);
+        // Every word shares the sequencer's line, so one write-back carries them together.
         slot.ordered
             .store(index + 1, crate::sync::Ordering::Release);
         // SAFETY: line 1 of a live slot (64 bytes from its start).
@@ -266,9 +287,10 @@ impl<'a, C: Coherence> RingConsumer<'a, C> {
         Ok(())
     }
 
-    /// The order recorded in a taken slot by an earlier consumer (the slot's `ordered` stamp
-    /// matches this lap), if any: a batch committed before a restart.
-    pub fn committed_order(&self, index: u64) -> Option<u64> {
+    /// The order recorded in a taken slot by an earlier consumer (the slot's stamp matches
+    /// this lap and its outcome is ordered), if any: `(total_order, delivery_index)` of a batch
+    /// committed before a restart.
+    pub fn committed_order(&self, index: u64) -> Option<(u64, u64)> {
         self.check_taken(index).ok()?;
         let slot = self.ring.slot(index);
         // SAFETY: line 1 of a live slot (64 bytes from its start).
@@ -276,7 +298,14 @@ impl<'a, C: Coherence> RingConsumer<'a, C> {
             self.c
                 .invalidate_range((slot as *const BatchHeader).cast::<u8>().add(64), 64)
         };
-        (self.c.observe(&slot.ordered) == index + 1).then(|| slot.total_order.load(Relaxed))
+        (self.c.observe(&slot.ordered) == index + 1
+            && slot.outcome.load(Relaxed) == crate::pool::layout::OUTCOME_ORDERED)
+            .then(|| {
+                (
+                    slot.total_order.load(Relaxed),
+                    slot.delivery_index.load(Relaxed),
+                )
+            })
     }
 
     /// Finishes a taken slot; advances the watermark over the contiguous finished prefix and

@@ -103,9 +103,8 @@ impl PoolGeometry {
         let sequencer_bytes = u64::from(cfg.max_topics) * size_of::<SequencerState>() as u64;
         let session_region_offset =
             align_up(sequencer_region_offset + sequencer_bytes, REGION_ALIGN);
-        let session_bytes = u64::from(cfg.max_brokers)
-            * SESSIONS_PER_BROKER as u64
-            * size_of::<Session>() as u64;
+        let session_bytes =
+            u64::from(cfg.max_brokers) * SESSIONS_PER_BROKER as u64 * size_of::<Session>() as u64;
         let segment_table_offset = align_up(session_region_offset + session_bytes, REGION_ALIGN);
         let seg_align = cfg.segment_bytes.min(2 << 20).next_power_of_two();
         let entry = size_of::<SegmentEntry>() as u64;

@@ -260,7 +260,11 @@ pub struct SequencerState {
     pub next_global: AtomicU64,
     pub duplicates: AtomicU64,
     pub fences: AtomicU64,
-    pub _pad0: [AtomicU64; 4],
+    /// Delivery entries written and saved (the next delivery index).
+    pub next_delivery: AtomicU64,
+    /// Delivery entries subscribers may read: below it every entry is committed.
+    pub delivered: AtomicU64,
+    pub _pad0: [AtomicU64; 2],
     pub doorbell: AtomicU32,
     pub _pad1: [AtomicU32; 15],
     pub clients: [ClientEntry; SEQUENCER_CLIENTS_MAX],
@@ -274,6 +278,9 @@ pub struct SequencerState {
 pub const SUBSCRIBERS_MAX: usize = 16;
 /// Entries of a topic's delivery ring.
 pub const DELIVERY_SLOTS: usize = 8192;
+
+/// `SubscriberEntry::state & 0xff` of a registered subscriber.
+pub const SUBSCRIBER_ACTIVE: u64 = 1;
 
 /// A subscriber's cursor. Writer: that subscriber.
 #[repr(C, align(64))]

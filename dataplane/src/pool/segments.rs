@@ -116,7 +116,11 @@ impl<'p, C: Coherence> SegmentAllocator<'p, C> {
             AllocPolicy::Partitioned { part, parts } => (u64::from(part), u64::from(parts)),
         };
         // Entries first, first + step, ... below n; the cursor is one of them.
-        let count = if first < n { (n - first).div_ceil(step) } else { 0 };
+        let count = if first < n {
+            (n - first).div_ceil(step)
+        } else {
+            0
+        };
         let start = self.cursor.saturating_sub(first) / step;
         (0..count).map(move |k| first + ((start + k) % count) * step)
     }

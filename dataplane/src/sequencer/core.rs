@@ -13,7 +13,9 @@
 //! - `batch_seq < expected` (or equal to a held one): a duplicate (a resend), dropped.
 //!
 //! ORDER 2 orders batches as they arrive; ORDER 1 gives each broker's batches a dense
-//! per-broker message sequence; ORDER 0 orders nothing (per-broker logical offsets only).
+//! per-broker message sequence. ORDER 0 promises nothing across brokers; batches still get
+//! delivery positions in arrival order (the ORDER 2 path), so that subscribers can read them
+//! from the same delivery ring.
 //! ORDER 3 (client-assigned tokens) is not built: [`OrderLevel::from_level`] refuses it.
 
 use std::collections::{BTreeMap, HashMap};
@@ -96,10 +98,9 @@ pub enum FenceReason {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
     /// Give the batch the sequence range `[first, first + num_msg)`: the topic's total order
-    /// (ORDER 2, 4, 5) or the broker's sequence (ORDER 1). Then finish its ring slot.
+    /// (ORDER 2, 4, 5), its delivery position (ORDER 0) or the broker's sequence (ORDER 1).
+    /// Then finish its ring slot.
     Order { batch: Landed, first: u64 },
-    /// ORDER 0: finish the slot, no order.
-    Pass { batch: Landed },
     /// Finish the slot without an order, and count/report it.
     Drop { batch: Landed, why: DropReason },
     /// Record that a client is fenced (it must start a new session).
@@ -232,7 +233,6 @@ impl SequencerCore {
     /// Takes one landed batch; appends what to do to `out`.
     pub fn on_landed(&mut self, b: Landed, now_ns: u64, out: &mut Vec<Action>) {
         match self.order {
-            OrderLevel::Unordered => out.push(Action::Pass { batch: b }),
             OrderLevel::PerBroker => {
                 let next = &mut self.per_broker_next[b.broker as usize];
                 out.push(Action::Order {
@@ -242,7 +242,7 @@ impl SequencerCore {
                 *next += u64::from(b.num_msg);
                 self.count_ordered(b);
             }
-            OrderLevel::Total => self.assign(b, out),
+            OrderLevel::Total | OrderLevel::Unordered => self.assign(b, out),
             OrderLevel::TotalFifo | OrderLevel::TotalFifoStamped => self.fifo(b, now_ns, out),
         }
     }
@@ -381,12 +381,14 @@ impl SequencerCore {
     pub fn replay_ordered(&mut self, b: Landed, first: u64) {
         let end = first + u64::from(b.num_msg);
         match self.order {
-            OrderLevel::Unordered => {}
             OrderLevel::PerBroker => {
                 let next = &mut self.per_broker_next[b.broker as usize];
                 *next = (*next).max(end);
             }
-            OrderLevel::Total | OrderLevel::TotalFifo | OrderLevel::TotalFifoStamped => {
+            OrderLevel::Unordered
+            | OrderLevel::Total
+            | OrderLevel::TotalFifo
+            | OrderLevel::TotalFifoStamped => {
                 self.next_global = self.next_global.max(end);
                 if self.order.per_client() {
                     let c = self.clients.entry(b.client_id).or_default();

@@ -15,7 +15,10 @@ use super::core::{Action, DropReason, Landed, Limits, OrderLevel, Resume, Sequen
 use super::state::PoolState;
 use crate::batch::{BatchDesc, BatchLimits};
 use crate::pool::coherence::Coherence;
-use crate::pool::layout::{message_stride, MessageHeader, BATCH_MESSAGES_MAX};
+use crate::pool::layout::{
+    message_stride, MessageHeader, BATCH_MESSAGES_MAX, DELIVERY_SLOTS, OUTCOME_DUPLICATE,
+    OUTCOME_FENCED, OUTCOME_ORDERED, OUTCOME_REJECTED,
+};
 use crate::pool::Pool;
 use crate::ring::{Polled, RingConsumer};
 use crate::sync::Ordering::Relaxed;
@@ -84,6 +87,8 @@ pub struct Sequencer<'p, C: Coherence> {
     last_tick_ns: u64,
     /// Messages ordered per broker this round, published at its end.
     ordered_unsaved: Vec<u64>,
+    /// Next delivery-ring index to write.
+    next_delivery: u64,
     stats: DriverStats,
 }
 
@@ -110,6 +115,7 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
         }
         let mut state = PoolState::attach(pool.sequencer_state(topic), c);
         let (next_global, clients) = state.load();
+        let next_delivery = state.next_delivery();
         let tinode = pool.tinode(topic);
         let per_broker_next = (0..brokers as usize)
             .map(|b| c.observe(&tinode.brokers[b].sequencer.ordered))
@@ -151,8 +157,10 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
             hold_tick_ns: (cfg.limits.hold_timeout_ns / 10).clamp(100_000, 100_000_000),
             last_tick_ns: 0,
             ordered_unsaved: vec![0; brokers as usize],
+            next_delivery: 0,
             stats: DriverStats::default(),
         };
+        s.next_delivery = next_delivery;
         s.recover()?;
         Ok(s)
     }
@@ -183,7 +191,7 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
                     Polled::Batch { index, desc } => {
                         let landed = self.remember(b, index, desc);
                         match self.rings[b].committed_order(index) {
-                            Some(first) => committed.push((landed, first)),
+                            Some((first, d)) => committed.push((landed, first, d)),
                             None => fresh.push(landed),
                         }
                     }
@@ -191,8 +199,9 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
                 }
             }
         }
-        for (landed, first) in committed {
+        for (landed, first, d) in committed {
             self.core.replay_ordered(landed, first);
+            self.next_delivery = self.next_delivery.max(d + 1);
             self.stats.replayed += 1;
             self.finish(landed)?;
         }
@@ -224,7 +233,8 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
         );
         self.stats.rejected += 1;
         self.rings[b]
-            .finish_deferred(index)
+            .decide_deferred(index, OUTCOME_REJECTED, u64::MAX, u64::MAX)
+            .and_then(|()| self.rings[b].finish_deferred(index))
             .map_err(|e| SequencerError::Pool(e.to_string()))
     }
 
@@ -239,7 +249,7 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
     /// (see `state` for why in that order).
     fn end_round(&mut self) {
         self.c.fence();
-        self.state.save();
+        self.state.save(self.next_delivery);
         let tinode = self.pool.tinode(self.topic);
         for (b, n) in self.ordered_unsaved.iter_mut().enumerate() {
             if *n > 0 {
@@ -294,8 +304,11 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
                     if self.core.order() == OrderLevel::TotalFifoStamped {
                         self.stamp_messages(&desc, first)?;
                     }
+                    let d = self.next_delivery;
+                    self.write_delivery(d, &batch, &desc, first);
+                    self.next_delivery = d + 1;
                     self.rings[b]
-                        .set_order_deferred(batch.index, first)
+                        .decide_deferred(batch.index, OUTCOME_ORDERED, first, d)
                         .map_err(|e| SequencerError::Pool(e.to_string()))?;
                     let end = first + u64::from(batch.num_msg);
                     match self.core.order() {
@@ -303,8 +316,8 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
                             .state
                             .record_order(batch.client_id, batch.batch_seq, end)
                             .map_err(SequencerError::Pool)?,
-                        OrderLevel::Total => self.state.record_global(end),
-                        _ => {}
+                        OrderLevel::Total | OrderLevel::Unordered => self.state.record_global(end),
+                        OrderLevel::PerBroker => self.state.record_global(self.core.next_global()),
                     }
                     self.pool.tinode(self.topic).brokers[b]
                         .sequencer
@@ -314,14 +327,17 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
                     self.stats.batches += 1;
                     self.finish(batch)?;
                 }
-                Action::Pass { batch } => {
-                    self.stats.batches += 1;
-                    self.finish(batch)?;
-                }
                 Action::Drop { batch, why } => {
-                    if why == DropReason::Duplicate {
-                        self.state.record_duplicate();
-                    }
+                    let outcome = match why {
+                        DropReason::Duplicate => {
+                            self.state.record_duplicate();
+                            OUTCOME_DUPLICATE
+                        }
+                        DropReason::Fenced => OUTCOME_FENCED,
+                    };
+                    self.rings[batch.broker as usize]
+                        .decide_deferred(batch.index, outcome, u64::MAX, u64::MAX)
+                        .map_err(|e| SequencerError::Pool(e.to_string()))?;
                     self.finish(batch)?;
                 }
                 Action::Fence {
@@ -343,11 +359,43 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
         Ok(())
     }
 
+    /// Writes delivery entry `d` (its stamp last); subscribers read it once the round's
+    /// `delivered` watermark covers it.
+    fn write_delivery(&self, d: u64, batch: &Landed, desc: &BatchDesc, first: u64) {
+        let e = &self.state.delivery()[(d % DELIVERY_SLOTS as u64) as usize];
+        e.total_order.store(first, Relaxed);
+        e.client_id.store(batch.client_id, Relaxed);
+        e.batch_seq.store(batch.batch_seq, Relaxed);
+        e.log_idx.store(desc.log_idx, Relaxed);
+        e.total_size.store(desc.total_size, Relaxed);
+        e.num_msg.store(batch.num_msg, Relaxed);
+        e.broker.store(batch.broker, Relaxed);
+        e.stamp.store(d + 1, crate::sync::Ordering::Release);
+        self.c.writeback(e);
+    }
+
+    /// Delivery entries the sequencer may still write before it would overwrite one the
+    /// slowest subscriber has not read.
+    fn delivery_room(&self) -> u64 {
+        match self.state.slowest_subscriber() {
+            Some(pos) => (pos + DELIVERY_SLOTS as u64).saturating_sub(self.next_delivery),
+            None => DELIVERY_SLOTS as u64,
+        }
+    }
+
     /// One round over every ring; returns how many slots it took.
     pub fn poll_once(&mut self) -> Result<usize, SequencerError> {
         let mut work = 0;
         let now = monotonic_ns();
-        for b in 0..self.rings.len() {
+        // A round may order up to 64 batches per ring plus every held batch: if the delivery
+        // ring cannot take that many, wait for subscribers (backpressure up to publishers).
+        let round_max = 64 * self.rings.len() as u64 + self.core.stats().held_now + 1;
+        let rings = if self.delivery_room() >= round_max {
+            self.rings.len()
+        } else {
+            0
+        };
+        for b in 0..rings {
             // A bounded burst per ring keeps the rounds fair between brokers.
             for _ in 0..64 {
                 match self.rings[b]
@@ -485,7 +533,9 @@ mod tests {
                 .enumerate()
                 .take(written as usize)
             {
-                if slot.ordered.load(Relaxed) == i as u64 + 1 {
+                if slot.ordered.load(Relaxed) == i as u64 + 1
+                    && slot.outcome.load(Relaxed) == OUTCOME_ORDERED
+                {
                     v.push((slot.total_order.load(Relaxed), b, i as u64));
                 }
             }

@@ -69,11 +69,17 @@ impl<'p, C: Coherence> PoolState<'p, C> {
         &self.st.doorbell
     }
 
+    /// The saved next delivery index.
+    pub fn next_delivery(&self) -> u64 {
+        self.c.observe(&self.st.next_delivery)
+    }
+
     /// Saved next total-order number and the client table: `(client, next_expected, fenced)`.
     pub fn load(&mut self) -> (u64, Vec<(u64, u64, bool)>) {
-        self.c.invalidate(self.st);
+        self.c.invalidate(&self.st.epoch);
         let next_global = self.c.observe(&self.st.next_global);
         let mut clients = Vec::new();
+        self.c.invalidate(&self.st.clients);
         for (i, e) in self.st.clients.iter().enumerate() {
             let key = e.client_key.load(Relaxed);
             if key != 0 {
@@ -141,9 +147,10 @@ impl<'p, C: Coherence> PoolState<'p, C> {
         self.unsaved = true;
     }
 
-    /// Writes back every recorded change and publishes the counters: after it returns, a
-    /// restarted sequencer finds them. Callers save before publishing ring watermarks.
-    pub fn save(&mut self) {
+    /// Writes back every recorded change and publishes the counters, then lets subscribers
+    /// read delivery entries below `next_delivery`: after it returns, a restarted sequencer
+    /// finds them. Callers save before publishing ring watermarks.
+    pub fn save(&mut self, next_delivery: u64) {
         if !self.unsaved && self.dirty.is_empty() {
             return;
         }
@@ -152,8 +159,24 @@ impl<'p, C: Coherence> PoolState<'p, C> {
         }
         self.dirty.clear();
         self.st.duplicates.store(self.duplicates, Relaxed);
-        self.c.publish(&self.st.next_global, self.next_global);
+        self.st.next_global.store(self.next_global, Relaxed);
+        self.c.publish(&self.st.next_delivery, next_delivery);
+        self.c.publish(&self.st.delivered, next_delivery);
         self.unsaved = false;
+    }
+
+    /// The lowest position of any active subscriber, if one is registered.
+    pub fn slowest_subscriber(&self) -> Option<u64> {
+        self.st
+            .subscribers
+            .iter()
+            .filter(|e| self.c.observe(&e.state) & 0xff == crate::pool::layout::SUBSCRIBER_ACTIVE)
+            .map(|e| self.c.observe(&e.position))
+            .min()
+    }
+
+    pub fn delivery(&self) -> &'p [crate::pool::layout::DeliveryEntry] {
+        &self.st.delivery
     }
 
     pub fn save_fence(&mut self, client_id: u64) -> Result<(), String> {
