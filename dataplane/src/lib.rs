@@ -9,6 +9,8 @@
 
 pub mod batch;
 pub mod checker;
+#[cfg(not(loom))]
+pub mod client;
 pub mod error;
 pub mod pool;
 pub mod ring;

@@ -17,6 +17,7 @@ pub mod cpu;
 pub mod futex;
 pub mod mapping;
 pub mod numa;
+pub mod process;
 pub mod signal;
 
 mod error;

@@ -138,7 +138,9 @@ pub struct BrokerRegion {
     pub written: AtomicU64,
     /// Pool offset of the last batch published.
     pub written_addr: AtomicU64,
-    pub _pad: [AtomicU64; 4],
+    /// Delivery index below which this broker may have freed log space of this topic.
+    pub reclaimed_below: AtomicU64,
+    pub _pad: [AtomicU64; 3],
 }
 
 /// Writer: broker `b`'s replication (`replication_done[src]`: bytes of broker `src`'s
