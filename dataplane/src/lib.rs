@@ -8,6 +8,8 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod batch;
+#[cfg(not(loom))]
+pub mod broker;
 pub mod checker;
 #[cfg(not(loom))]
 pub mod client;
@@ -17,6 +19,8 @@ pub mod ring;
 // The sequencer parks on a futex over a real pool word; loom models only the ring.
 #[cfg(not(loom))]
 pub mod sequencer;
+#[cfg(not(loom))]
+pub mod session;
 pub mod sync;
 
 pub use error::{PoolError, PoolResult};

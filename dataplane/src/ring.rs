@@ -115,6 +115,19 @@ impl<'a, C: Coherence> RingProducer<'a, C> {
         self.consumed_seen
     }
 
+    /// The sequencer's decision on a published slot below the consumer's watermark, before
+    /// the producer reuses the slot: `(outcome, delivery_index)`.
+    pub fn decision(&self, index: u64) -> (u64, u64) {
+        debug_assert!(index < self.consumed_seen && index + self.ring.capacity() >= self.next);
+        let slot = self.ring.slot(index);
+        // SAFETY: line 1 of a live slot (64 bytes from its start).
+        unsafe { self.c.invalidate_range((slot as *const BatchHeader).cast::<u8>().add(64), 64) };
+        if self.c.observe(&slot.ordered) != index + 1 {
+            return (0, u64::MAX);
+        }
+        (slot.outcome.load(Relaxed), slot.delivery_index.load(Relaxed))
+    }
+
     /// Slots free for publishing, re-reading the consumer's watermark.
     pub fn free_slots(&mut self) -> u64 {
         self.consumed_seen = self.c.observe(self.ring.consumed);

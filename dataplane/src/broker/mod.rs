@@ -1,0 +1,513 @@
+//! The broker's data path on the pool host (shm transport): sessions with publishers,
+//! grants of log space (credits), checks of every submitted batch, publication into the
+//! topic's batch ring, acks, and reclaiming log space once the sequencer and every subscriber
+//! have passed it. One polling loop does all of it (run to completion).
+//!
+//! The session protocol is described in [`crate::session`].
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use embar_sys::clock::monotonic_ns;
+
+use crate::batch::{BatchDesc, BatchLimits};
+use crate::client::subscriber::pid_alive;
+use crate::pool::coherence::Coherence;
+use crate::pool::layout::{
+    Session, OUTCOME_DUPLICATE, OUTCOME_FENCED, OUTCOME_ORDERED, SESSION_GRANT_SLOTS,
+    SUBSCRIBER_ACTIVE,
+};
+use crate::pool::segments::{AllocPolicy, Segment, SegmentAllocator, SegmentOwner};
+use crate::pool::Pool;
+use crate::ring::{Polled, RingConsumer, RingProducer};
+use crate::session::*;
+use crate::sync::Ordering::{Relaxed, SeqCst};
+use crate::PoolError;
+
+/// How often sessions are checked for a vanished publisher process.
+const PID_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+/// Submissions taken from one session per round (fairness between sessions).
+const SUBMISSIONS_PER_ROUND: usize = 16;
+
+/// Counters (exported as metrics by the broker process).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BrokerStats {
+    pub batches_landed: u64,
+    pub batches_rejected: u64,
+    pub batches_acked: u64,
+    pub messages_acked: u64,
+    pub grants_issued: u64,
+    pub grant_waits: u64,
+    pub ring_full_waits: u64,
+    pub segments_reclaimed: u64,
+    pub sessions_opened: u64,
+    pub sessions_closed: u64,
+}
+
+#[derive(Debug)]
+struct Grant {
+    seg: Segment,
+    /// Offset after the last accepted batch: the next batch must start here or later.
+    fill: u64,
+    /// Batches published into the ring and not yet decided by the sequencer.
+    inflight: u64,
+    /// Highest delivery index of its batches.
+    max_delivery: Option<u64>,
+    /// No further batch can land in it.
+    closed: bool,
+}
+
+#[derive(Debug)]
+struct Pending {
+    ring_index: u64,
+    session: usize,
+    generation: u64,
+    num_msg: u32,
+    grant: u64,
+}
+
+struct TopicState<'p, C: Coherence> {
+    order: u8,
+    ack: u8,
+    producer: RingProducer<'p, C>,
+    alloc: SegmentAllocator<'p, C>,
+    /// Published batches awaiting the sequencer's decision, in ring order.
+    pending: VecDeque<Pending>,
+    grants: HashMap<u64, Grant>,
+    next_grant_id: u64,
+    logical: u64,
+}
+
+struct SessionState<'p, C: Coherence> {
+    /// The generation accepted (0: none).
+    generation: u64,
+    open: bool,
+    topic: u32,
+    client_id: u64,
+    pid: u64,
+    issued: u64,
+    /// Grant ids by grant number, for this session.
+    grants: VecDeque<(u64, u64)>,
+    consumer: Option<RingConsumer<'p, C>>,
+    acked_messages: u64,
+    acked_batches: u64,
+    rejected: u64,
+}
+
+impl<C: Coherence> Default for SessionState<'_, C> {
+    fn default() -> Self {
+        SessionState {
+            generation: 0,
+            open: false,
+            topic: 0,
+            client_id: 0,
+            pid: 0,
+            issued: 0,
+            grants: VecDeque::new(),
+            consumer: None,
+            acked_messages: 0,
+            acked_batches: 0,
+            rejected: 0,
+        }
+    }
+}
+
+/// The data path of one broker.
+pub struct Broker<'p, C: Coherence> {
+    pool: &'p Pool,
+    c: C,
+    broker: u32,
+    sessions: Vec<SessionState<'p, C>>,
+    topics: HashMap<u32, TopicState<'p, C>>,
+    stats: BrokerStats,
+    last_pid_check_ns: u64,
+}
+
+impl<'p, C: Coherence> Broker<'p, C> {
+    /// Serves pool slot `broker`.
+    pub fn new(pool: &'p Pool, c: C, broker: u32) -> Result<Self, PoolError> {
+        pool.check_topic_broker(0, broker)?;
+        let sessions = (0..SESSIONS).map(|_| SessionState::default()).collect();
+        Ok(Broker {
+            pool,
+            c,
+            broker,
+            sessions,
+            topics: HashMap::new(),
+            stats: BrokerStats::default(),
+            last_pid_check_ns: 0,
+        })
+    }
+
+    pub fn stats(&self) -> BrokerStats {
+        self.stats
+    }
+
+    /// Open sessions now.
+    pub fn sessions_open(&self) -> usize {
+        self.sessions.iter().filter(|s| s.open).count()
+    }
+
+    /// Ring slots published and not yet decided, per topic slot.
+    pub fn ring_occupancy(&self) -> Vec<(u32, u64)> {
+        self.topics.iter().map(|(t, s)| (*t, s.pending.len() as u64)).collect()
+    }
+
+    fn session(&self, i: usize) -> &'p Session {
+        self.pool.session(self.broker, i as u32).expect("session index below SESSIONS")
+    }
+
+    /// One round over sessions and topics; returns how much work it did.
+    pub fn poll_once(&mut self) -> Result<usize, PoolError> {
+        let mut work = 0;
+        let now = monotonic_ns();
+        let check_pids = now.saturating_sub(self.last_pid_check_ns) >= PID_CHECK_INTERVAL.as_nanos() as u64;
+        if check_pids {
+            self.last_pid_check_ns = now;
+        }
+        for i in 0..self.sessions.len() {
+            work += self.lifecycle(i, check_pids)?;
+            if self.sessions[i].open {
+                work += self.receive(i)?;
+                self.grant(i)?;
+            }
+        }
+        let topics: Vec<u32> = self.topics.keys().copied().collect();
+        for t in topics {
+            work += self.decisions(t)?;
+            self.reclaim(t)?;
+        }
+        Ok(work)
+    }
+
+    /// Opens, refuses or closes session `i` as its publisher asks.
+    fn lifecycle(&mut self, i: usize, check_pids: bool) -> Result<usize, PoolError> {
+        let s = self.session(i);
+        let state = self.c.observe(&s.state);
+        let (gen, st) = (state >> 8, state & 0xff);
+        let known = &self.sessions[i];
+        if known.open && (gen != known.generation || st == STATE_CLOSED || (check_pids && !pid_alive(known.pid))) {
+            self.close(i)?;
+            return Ok(1);
+        }
+        if st == STATE_OPEN && !known.open && self.c.observe(&s.accepted) >> 8 != gen {
+            self.accept(i, gen)?;
+            return Ok(1);
+        }
+        Ok(0)
+    }
+
+    fn accept(&mut self, i: usize, gen: u64) -> Result<(), PoolError> {
+        let s = self.session(i);
+        self.c.invalidate(s);
+        let topic = s.topic.load(Relaxed) as u32;
+        let refuse = |err: SessionError| {
+            s.error.store(err as u64, Relaxed);
+            self.c.publish(&s.accepted, gen << 8 | REFUSED);
+        };
+        let Some(info) = (topic < self.pool.geometry().max_topics)
+            .then(|| self.pool.read_topic(self.c, topic))
+            .flatten()
+        else {
+            refuse(SessionError::UnknownTopic);
+            return Ok(());
+        };
+        if info.config.ack == 2 {
+            refuse(SessionError::Ack2Unsupported);
+            return Ok(());
+        }
+        if let std::collections::hash_map::Entry::Vacant(v) = self.topics.entry(topic) {
+            let ring = self.pool.ring(topic, self.broker)?;
+            let owner = SegmentOwner {
+                topic,
+                broker: self.broker,
+            };
+            v.insert(TopicState {
+                order: info.config.order,
+                ack: info.config.ack,
+                producer: RingProducer::new(ring, self.c),
+                alloc: SegmentAllocator::new(self.pool, self.c, owner, AllocPolicy::Shared)?,
+                pending: VecDeque::new(),
+                grants: HashMap::new(),
+                next_grant_id: 0,
+                logical: 0,
+            });
+        }
+        // Reset the broker's side; the publisher waits for `accepted`, so it writes nothing.
+        for slot in s.submissions.iter() {
+            slot.ready.store(0, Relaxed);
+        }
+        for w in [&s.grants_issued, &s.submit_consumed, &s.acked_messages, &s.acked_batches, &s.rejected_batches, &s.error] {
+            w.store(0, Relaxed);
+        }
+        s.submitted.store(0, Relaxed);
+        self.c.writeback(s);
+        let limits = BatchLimits::new(*self.pool.geometry(), self.broker);
+        self.sessions[i] = SessionState {
+            generation: gen,
+            open: true,
+            topic,
+            client_id: s.client_id.load(Relaxed),
+            pid: s.pid.load(Relaxed),
+            consumer: Some(RingConsumer::new(submission_ring(s), self.c, limits)),
+            ..SessionState::default()
+        };
+        self.c.publish(&s.accepted, gen << 8 | ACCEPTED);
+        self.stats.sessions_opened += 1;
+        Ok(())
+    }
+
+    /// Takes what is left in the submission ring, closes every grant, releases the slot.
+    fn close(&mut self, i: usize) -> Result<(), PoolError> {
+        while self.receive(i)? > 0 {}
+        let st = std::mem::take(&mut self.sessions[i]);
+        if let Some(t) = self.topics.get_mut(&st.topic) {
+            for (_, id) in &st.grants {
+                if let Some(g) = t.grants.get_mut(id) {
+                    g.closed = true;
+                }
+            }
+        }
+        let s = self.session(i);
+        self.c.publish(&s.accepted, st.generation << 8 | RELEASED);
+        self.stats.sessions_closed += 1;
+        Ok(())
+    }
+
+    /// Keeps the session's grant ring full: its credits.
+    fn grant(&mut self, i: usize) -> Result<(), PoolError> {
+        let s = self.session(i);
+        let taken = self.c.observe(&s.grants_taken);
+        let st = &mut self.sessions[i];
+        let Some(t) = self.topics.get_mut(&st.topic) else {
+            return Ok(());
+        };
+        while st.issued - taken.min(st.issued) < SESSION_GRANT_SLOTS as u64 {
+            let seg = match t.alloc.alloc() {
+                Ok(seg) => seg,
+                Err(PoolError::NoFreeSegment { .. }) => {
+                    self.stats.grant_waits += 1;
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            let id = t.next_grant_id;
+            t.next_grant_id += 1;
+            t.grants.insert(
+                id,
+                Grant {
+                    seg,
+                    fill: seg.offset,
+                    inflight: 0,
+                    max_delivery: None,
+                    closed: false,
+                },
+            );
+            st.grants.push_back((st.issued, id));
+            let e = &s.grants[grant_slot(st.issued)];
+            e.offset.store(seg.offset, Relaxed);
+            e.bytes.store(seg.bytes, Relaxed);
+            self.c.writeback(e);
+            st.issued += 1;
+            self.c.publish(&s.grants_issued, st.issued);
+            self.stats.grants_issued += 1;
+        }
+        Ok(())
+    }
+
+    /// Takes submitted batches, checks them, publishes them into the topic ring.
+    fn receive(&mut self, i: usize) -> Result<usize, PoolError> {
+        let s = self.session(i);
+        let mut work = 0;
+        for _ in 0..SUBMISSIONS_PER_ROUND {
+            let st = &mut self.sessions[i];
+            let Some(t) = self.topics.get_mut(&st.topic) else {
+                break;
+            };
+            if t.producer.free_slots() == 0 {
+                self.stats.ring_full_waits += 1;
+                break;
+            }
+            let Some(consumer) = st.consumer.as_mut() else {
+                break;
+            };
+            let Some(p) = consumer.poll().map_err(|e| PoolError::BadRange(e.to_string()))? else {
+                break;
+            };
+            work += 1;
+            let verdict = match &p {
+                Polled::Invalid { reason, .. } => Err((SessionError::BadDescriptor, reason.clone())),
+                Polled::Batch { desc, .. } => check_submission(st, t, desc),
+            };
+            match (verdict, p) {
+                (Ok(grant_id), Polled::Batch { index, desc }) => {
+                    let published = BatchDesc {
+                        start_logical_offset: t.logical,
+                        ..desc
+                    };
+                    let ring_index = t
+                        .producer
+                        .try_publish(&published)
+                        .map_err(|e| PoolError::BadRange(e.to_string()))?;
+                    t.logical += u64::from(desc.num_msg);
+                    let g = t.grants.get_mut(&grant_id).expect("checked grant");
+                    g.fill = desc.log_idx + desc.total_size;
+                    g.inflight += 1;
+                    t.pending.push_back(Pending {
+                        ring_index,
+                        session: i,
+                        generation: st.generation,
+                        num_msg: desc.num_msg,
+                        grant: grant_id,
+                    });
+                    self.stats.batches_landed += 1;
+                    if t.order == 0 && t.ack == 1 {
+                        // ORDER 0, ACK 1: acknowledged once written in the pool.
+                        st.acked_messages += u64::from(desc.num_msg);
+                        st.acked_batches += 1;
+                        s.acked_batches.store(st.acked_batches, Relaxed);
+                        self.c.publish(&s.acked_messages, st.acked_messages);
+                    }
+                    st.consumer.as_mut().expect("open").finish(index).map_err(|e| PoolError::BadRange(e.to_string()))?;
+                }
+                (verdict, p) => {
+                    let (err, reason) = verdict.err().unwrap_or((SessionError::BadDescriptor, String::new()));
+                    let (index, seq) = match &p {
+                        Polled::Batch { index, desc } | Polled::Invalid { index, desc, .. } => (*index, desc.batch_seq),
+                    };
+                    log::warn!("broker {} session {i}: batch {seq} rejected: {}: {reason}", self.broker, err.describe());
+                    st.rejected += 1;
+                    s.error.store(err as u64 | seq << 8, Relaxed);
+                    self.c.publish(&s.rejected_batches, st.rejected);
+                    self.stats.batches_rejected += 1;
+                    st.consumer.as_mut().expect("open").finish(index).map_err(|e| PoolError::BadRange(e.to_string()))?;
+                }
+            }
+        }
+        Ok(work)
+    }
+
+    /// Reads the sequencer's decisions on published batches: acks, errors, grant bookkeeping.
+    fn decisions(&mut self, topic: u32) -> Result<usize, PoolError> {
+        let Some(t) = self.topics.get_mut(&topic) else {
+            return Ok(0);
+        };
+        let consumed = t.producer.consumed();
+        let mut work = 0;
+        while t.pending.front().is_some_and(|p| p.ring_index < consumed) {
+            let p = t.pending.pop_front().expect("front exists");
+            work += 1;
+            let (outcome, delivery) = t.producer.decision(p.ring_index);
+            if let Some(g) = t.grants.get_mut(&p.grant) {
+                g.inflight -= 1;
+                if outcome == OUTCOME_ORDERED {
+                    g.max_delivery = Some(g.max_delivery.map_or(delivery, |m| m.max(delivery)));
+                }
+            }
+            let st = &mut self.sessions[p.session];
+            if !st.open || st.generation != p.generation {
+                continue;
+            }
+            let s = self.pool.session(self.broker, p.session as u32)?;
+            match outcome {
+                OUTCOME_ORDERED | OUTCOME_DUPLICATE => {
+                    if !(t.order == 0 && t.ack == 1) && t.ack > 0 {
+                        st.acked_messages += u64::from(p.num_msg);
+                        st.acked_batches += 1;
+                        s.acked_batches.store(st.acked_batches, Relaxed);
+                        self.c.publish(&s.acked_messages, st.acked_messages);
+                        self.stats.batches_acked += 1;
+                        self.stats.messages_acked += u64::from(p.num_msg);
+                    }
+                }
+                other => {
+                    let err = if other == OUTCOME_FENCED {
+                        SessionError::Fenced
+                    } else {
+                        SessionError::RejectedBySequencer
+                    };
+                    st.rejected += 1;
+                    s.error.store(err as u64, Relaxed);
+                    self.c.publish(&s.rejected_batches, st.rejected);
+                }
+            }
+        }
+        Ok(work)
+    }
+
+    /// Frees closed grants whose batches every reader has passed.
+    fn reclaim(&mut self, topic: u32) -> Result<(), PoolError> {
+        let Some(t) = self.topics.get_mut(&topic) else {
+            return Ok(());
+        };
+        if !t.grants.values().any(|g| g.closed && g.inflight == 0) {
+            return Ok(());
+        }
+        let st = self.pool.sequencer_state(topic);
+        let slowest = |c: C| {
+            st.subscribers
+                .iter()
+                .filter(|e| c.observe(&e.state) & 0xff == SUBSCRIBER_ACTIVE && pid_alive(e.pid.load(Relaxed)))
+                .map(|e| c.observe(&e.position))
+                .min()
+        };
+        let floor = slowest(self.c).unwrap_or_else(|| self.c.observe(&st.delivered));
+        let region = &self.pool.tinode(topic).brokers[self.broker as usize].broker;
+        if floor > self.c.observe(&region.reclaimed_below) {
+            self.c.publish(&region.reclaimed_below, floor);
+        }
+        // A subscriber registering now stores its position, fences, then reads
+        // `reclaimed_below`; this side stored that, fences, and reads positions again.
+        crate::sync::fence(SeqCst);
+        if slowest(self.c).is_some_and(|p| p < floor) {
+            return Ok(());
+        }
+        let done: Vec<u64> = t
+            .grants
+            .iter()
+            .filter(|(_, g)| g.closed && g.inflight == 0 && g.max_delivery.is_none_or(|d| d < floor))
+            .map(|(id, _)| *id)
+            .collect();
+        for id in done {
+            let g = t.grants.remove(&id).expect("listed");
+            t.alloc.free(&g.seg)?;
+            self.stats.segments_reclaimed += 1;
+        }
+        Ok(())
+    }
+}
+
+/// Checks a submitted batch against its session: client, grant, order inside the grant.
+/// Closes the grants the publisher has moved past. Returns the grant id.
+fn check_submission<C: Coherence>(
+    st: &mut SessionState<'_, C>,
+    t: &mut TopicState<'_, C>,
+    d: &BatchDesc,
+) -> Result<u64, (SessionError, String)> {
+    if d.client_id != st.client_id {
+        return Err((
+            SessionError::WrongClient,
+            format!("client {} in a session of client {}", d.client_id, st.client_id),
+        ));
+    }
+    let end = d.log_idx + d.total_size;
+    let found = st.grants.iter().find(|(_, id)| {
+        t.grants
+            .get(id)
+            .is_some_and(|g| !g.closed && d.log_idx >= g.fill && end <= g.seg.offset + g.seg.bytes)
+    });
+    let Some(&(k, id)) = found else {
+        return Err((
+            SessionError::OutsideGrant,
+            format!("{}..{end} is not free space of an open grant of this session", d.log_idx),
+        ));
+    };
+    // The publisher fills grants in order: every earlier grant is done.
+    for (_, earlier) in st.grants.iter().filter(|(n, _)| *n < k) {
+        if let Some(g) = t.grants.get_mut(earlier) {
+            g.closed = true;
+        }
+    }
+    st.grants.retain(|(n, _)| *n >= k);
+    Ok(id)
+}

@@ -1,0 +1,95 @@
+//! The shm transport's session between a publisher and a broker, in the pool (see
+//! [`Session`]): no socket on the data path.
+//!
+//! Life of a session (`state` is the publisher's word, `accepted` the broker's):
+//!
+//! 1. The publisher claims a free slot (compare-and-swap of `state` to `gen | OPENING`),
+//!    fills in its client id, topic and pid, and publishes `gen | OPEN`.
+//! 2. The broker resets its side (counters, grant ring, the submission ring's readiness
+//!    words) and publishes `accepted = gen | ACCEPTED`, or `gen | REFUSED` with an error code.
+//! 3. The broker grants log space (whole segments) into the grant ring, up to
+//!    `SESSION_GRANT_SLOTS` ahead of what the publisher has taken: the publisher's credits.
+//!    The publisher writes batches only inside grants it took, in order, and submits each
+//!    batch's descriptor into the submission ring (the batch ring protocol).
+//! 4. The broker checks each submission (the ring's descriptor checks, plus: inside a grant of
+//!    this session, after the previous batch of that grant, the session's client id) and
+//!    publishes it into the topic's batch ring; a bad one is counted in `rejected_batches`
+//!    with its reason in `error`, and nothing else is touched.
+//! 5. Acks: once the sequencer has decided a batch, the broker adds its messages to
+//!    `acked_messages` (ordered, or a resend of an ordered batch) or reports the error.
+//! 6. The publisher publishes `gen | CLOSED`; the broker reclaims what was never used and
+//!    publishes `gen | RELEASED`. A publisher process that vanishes is treated as closed.
+
+use crate::pool::layout::{BatchHeader, Session, SESSIONS_PER_BROKER, SESSION_GRANT_SLOTS};
+use crate::ring::RingRef;
+
+pub const STATE_FREE: u64 = 0;
+pub const STATE_OPEN: u64 = 1;
+pub const STATE_CLOSED: u64 = 2;
+pub const STATE_OPENING: u64 = 3;
+
+pub const ACCEPTED: u64 = 1;
+pub const RELEASED: u64 = 2;
+pub const REFUSED: u64 = 3;
+
+/// Why the broker refused a session or rejected a batch (`error & 0xff`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum SessionError {
+    None = 0,
+    UnknownTopic = 1,
+    /// The topic asks for ACK 2, which needs replication.
+    Ack2Unsupported = 2,
+    /// A descriptor failed the ring's checks (sizes, counts, alignment, bounds).
+    BadDescriptor = 3,
+    /// The batch lies outside the session's grants, or overlaps an earlier batch.
+    OutsideGrant = 4,
+    /// The batch names another client than the session's.
+    WrongClient = 5,
+    /// The sequencer fenced this client (a gap that never filled).
+    Fenced = 6,
+    /// The sequencer rejected the batch.
+    RejectedBySequencer = 7,
+}
+
+impl SessionError {
+    pub fn from_code(code: u64) -> SessionError {
+        match code & 0xff {
+            1 => SessionError::UnknownTopic,
+            2 => SessionError::Ack2Unsupported,
+            3 => SessionError::BadDescriptor,
+            4 => SessionError::OutsideGrant,
+            5 => SessionError::WrongClient,
+            6 => SessionError::Fenced,
+            7 => SessionError::RejectedBySequencer,
+            _ => SessionError::None,
+        }
+    }
+
+    pub fn describe(self) -> &'static str {
+        match self {
+            SessionError::None => "no error",
+            SessionError::UnknownTopic => "the broker does not know the session's topic",
+            SessionError::Ack2Unsupported => "ACK 2 needs replication, which this build does not have",
+            SessionError::BadDescriptor => "a batch descriptor failed its checks",
+            SessionError::OutsideGrant => "a batch lies outside the log space granted to the session",
+            SessionError::WrongClient => "a batch names another client than the session's",
+            SessionError::Fenced => "the sequencer fenced this client (a gap in its batch sequence never filled)",
+            SessionError::RejectedBySequencer => "the sequencer rejected a batch",
+        }
+    }
+}
+
+/// The submission ring of a session.
+pub fn submission_ring(s: &Session) -> RingRef<'_> {
+    let slots: &[BatchHeader] = &s.submissions;
+    RingRef::new(slots, &s.submitted, &s.submit_consumed)
+}
+
+/// Grant ring entry of grant number `k`.
+pub fn grant_slot(k: u64) -> usize {
+    (k % SESSION_GRANT_SLOTS as u64) as usize
+}
+
+/// Sessions of one broker.
+pub const SESSIONS: u32 = SESSIONS_PER_BROKER as u32;
