@@ -108,6 +108,10 @@ impl<'a, C: Coherence> RingProducer<'a, C> {
         self.next
     }
 
+    pub fn capacity(&self) -> u64 {
+        self.ring.capacity()
+    }
+
     /// The consumer's watermark, re-read: every index below it is finished, so the log space
     /// of those batches may be reused.
     pub fn consumed(&mut self) -> u64 {
@@ -121,11 +125,17 @@ impl<'a, C: Coherence> RingProducer<'a, C> {
         debug_assert!(index < self.consumed_seen && index + self.ring.capacity() >= self.next);
         let slot = self.ring.slot(index);
         // SAFETY: line 1 of a live slot (64 bytes from its start).
-        unsafe { self.c.invalidate_range((slot as *const BatchHeader).cast::<u8>().add(64), 64) };
+        unsafe {
+            self.c
+                .invalidate_range((slot as *const BatchHeader).cast::<u8>().add(64), 64)
+        };
         if self.c.observe(&slot.ordered) != index + 1 {
             return (0, u64::MAX);
         }
-        (slot.outcome.load(Relaxed), slot.delivery_index.load(Relaxed))
+        (
+            slot.outcome.load(Relaxed),
+            slot.delivery_index.load(Relaxed),
+        )
     }
 
     /// Slots free for publishing, re-reading the consumer's watermark.

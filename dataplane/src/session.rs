@@ -70,11 +70,17 @@ impl SessionError {
         match self {
             SessionError::None => "no error",
             SessionError::UnknownTopic => "the broker does not know the session's topic",
-            SessionError::Ack2Unsupported => "ACK 2 needs replication, which this build does not have",
+            SessionError::Ack2Unsupported => {
+                "ACK 2 needs replication, which this build does not have"
+            }
             SessionError::BadDescriptor => "a batch descriptor failed its checks",
-            SessionError::OutsideGrant => "a batch lies outside the log space granted to the session",
+            SessionError::OutsideGrant => {
+                "a batch lies outside the log space granted to the session"
+            }
             SessionError::WrongClient => "a batch names another client than the session's",
-            SessionError::Fenced => "the sequencer fenced this client (a gap in its batch sequence never filled)",
+            SessionError::Fenced => {
+                "the sequencer fenced this client (a gap in its batch sequence never filled)"
+            }
             SessionError::RejectedBySequencer => "the sequencer rejected a batch",
         }
     }

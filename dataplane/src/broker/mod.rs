@@ -150,18 +150,24 @@ impl<'p, C: Coherence> Broker<'p, C> {
 
     /// Ring slots published and not yet decided, per topic slot.
     pub fn ring_occupancy(&self) -> Vec<(u32, u64)> {
-        self.topics.iter().map(|(t, s)| (*t, s.pending.len() as u64)).collect()
+        self.topics
+            .iter()
+            .map(|(t, s)| (*t, s.pending.len() as u64))
+            .collect()
     }
 
     fn session(&self, i: usize) -> &'p Session {
-        self.pool.session(self.broker, i as u32).expect("session index below SESSIONS")
+        self.pool
+            .session(self.broker, i as u32)
+            .expect("session index below SESSIONS")
     }
 
     /// One round over sessions and topics; returns how much work it did.
     pub fn poll_once(&mut self) -> Result<usize, PoolError> {
         let mut work = 0;
         let now = monotonic_ns();
-        let check_pids = now.saturating_sub(self.last_pid_check_ns) >= PID_CHECK_INTERVAL.as_nanos() as u64;
+        let check_pids =
+            now.saturating_sub(self.last_pid_check_ns) >= PID_CHECK_INTERVAL.as_nanos() as u64;
         if check_pids {
             self.last_pid_check_ns = now;
         }
@@ -186,7 +192,11 @@ impl<'p, C: Coherence> Broker<'p, C> {
         let state = self.c.observe(&s.state);
         let (gen, st) = (state >> 8, state & 0xff);
         let known = &self.sessions[i];
-        if known.open && (gen != known.generation || st == STATE_CLOSED || (check_pids && !pid_alive(known.pid))) {
+        if known.open
+            && (gen != known.generation
+                || st == STATE_CLOSED
+                || (check_pids && !pid_alive(known.pid)))
+        {
             self.close(i)?;
             return Ok(1);
         }
@@ -237,7 +247,14 @@ impl<'p, C: Coherence> Broker<'p, C> {
         for slot in s.submissions.iter() {
             slot.ready.store(0, Relaxed);
         }
-        for w in [&s.grants_issued, &s.submit_consumed, &s.acked_messages, &s.acked_batches, &s.rejected_batches, &s.error] {
+        for w in [
+            &s.grants_issued,
+            &s.submit_consumed,
+            &s.acked_messages,
+            &s.acked_batches,
+            &s.rejected_batches,
+            &s.error,
+        ] {
             w.store(0, Relaxed);
         }
         s.submitted.store(0, Relaxed);
@@ -324,19 +341,30 @@ impl<'p, C: Coherence> Broker<'p, C> {
             let Some(t) = self.topics.get_mut(&st.topic) else {
                 break;
             };
-            if t.producer.free_slots() == 0 {
+            // A slot is reused only after its sequencer decision was read (`decisions`).
+            let cap = t.producer.capacity();
+            let undecided_limit = t
+                .pending
+                .front()
+                .is_some_and(|p| t.producer.next_index() >= p.ring_index + cap);
+            if undecided_limit || t.producer.free_slots() == 0 {
                 self.stats.ring_full_waits += 1;
                 break;
             }
             let Some(consumer) = st.consumer.as_mut() else {
                 break;
             };
-            let Some(p) = consumer.poll().map_err(|e| PoolError::BadRange(e.to_string()))? else {
+            let Some(p) = consumer
+                .poll()
+                .map_err(|e| PoolError::BadRange(e.to_string()))?
+            else {
                 break;
             };
             work += 1;
             let verdict = match &p {
-                Polled::Invalid { reason, .. } => Err((SessionError::BadDescriptor, reason.clone())),
+                Polled::Invalid { reason, .. } => {
+                    Err((SessionError::BadDescriptor, reason.clone()))
+                }
                 Polled::Batch { desc, .. } => check_submission(st, t, desc),
             };
             match (verdict, p) {
@@ -368,19 +396,35 @@ impl<'p, C: Coherence> Broker<'p, C> {
                         s.acked_batches.store(st.acked_batches, Relaxed);
                         self.c.publish(&s.acked_messages, st.acked_messages);
                     }
-                    st.consumer.as_mut().expect("open").finish(index).map_err(|e| PoolError::BadRange(e.to_string()))?;
+                    st.consumer
+                        .as_mut()
+                        .expect("open")
+                        .finish(index)
+                        .map_err(|e| PoolError::BadRange(e.to_string()))?;
                 }
                 (verdict, p) => {
-                    let (err, reason) = verdict.err().unwrap_or((SessionError::BadDescriptor, String::new()));
+                    let (err, reason) = verdict
+                        .err()
+                        .unwrap_or((SessionError::BadDescriptor, String::new()));
                     let (index, seq) = match &p {
-                        Polled::Batch { index, desc } | Polled::Invalid { index, desc, .. } => (*index, desc.batch_seq),
+                        Polled::Batch { index, desc } | Polled::Invalid { index, desc, .. } => {
+                            (*index, desc.batch_seq)
+                        }
                     };
-                    log::warn!("broker {} session {i}: batch {seq} rejected: {}: {reason}", self.broker, err.describe());
+                    log::warn!(
+                        "broker {} session {i}: batch {seq} rejected: {}: {reason}",
+                        self.broker,
+                        err.describe()
+                    );
                     st.rejected += 1;
                     s.error.store(err as u64 | seq << 8, Relaxed);
                     self.c.publish(&s.rejected_batches, st.rejected);
                     self.stats.batches_rejected += 1;
-                    st.consumer.as_mut().expect("open").finish(index).map_err(|e| PoolError::BadRange(e.to_string()))?;
+                    st.consumer
+                        .as_mut()
+                        .expect("open")
+                        .finish(index)
+                        .map_err(|e| PoolError::BadRange(e.to_string()))?;
                 }
             }
         }
@@ -447,7 +491,10 @@ impl<'p, C: Coherence> Broker<'p, C> {
         let slowest = |c: C| {
             st.subscribers
                 .iter()
-                .filter(|e| c.observe(&e.state) & 0xff == SUBSCRIBER_ACTIVE && pid_alive(e.pid.load(Relaxed)))
+                .filter(|e| {
+                    c.observe(&e.state) & 0xff == SUBSCRIBER_ACTIVE
+                        && pid_alive(e.pid.load(Relaxed))
+                })
                 .map(|e| c.observe(&e.position))
                 .min()
         };
@@ -465,7 +512,9 @@ impl<'p, C: Coherence> Broker<'p, C> {
         let done: Vec<u64> = t
             .grants
             .iter()
-            .filter(|(_, g)| g.closed && g.inflight == 0 && g.max_delivery.is_none_or(|d| d < floor))
+            .filter(|(_, g)| {
+                g.closed && g.inflight == 0 && g.max_delivery.is_none_or(|d| d < floor)
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in done {
@@ -487,7 +536,10 @@ fn check_submission<C: Coherence>(
     if d.client_id != st.client_id {
         return Err((
             SessionError::WrongClient,
-            format!("client {} in a session of client {}", d.client_id, st.client_id),
+            format!(
+                "client {} in a session of client {}",
+                d.client_id, st.client_id
+            ),
         ));
     }
     let end = d.log_idx + d.total_size;
@@ -499,7 +551,10 @@ fn check_submission<C: Coherence>(
     let Some(&(k, id)) = found else {
         return Err((
             SessionError::OutsideGrant,
-            format!("{}..{end} is not free space of an open grant of this session", d.log_idx),
+            format!(
+                "{}..{end} is not free space of an open grant of this session",
+                d.log_idx
+            ),
         ));
     };
     // The publisher fills grants in order: every earlier grant is done.

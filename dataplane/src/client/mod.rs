@@ -1,4 +1,6 @@
-//! Client libraries on the pool host: [`subscriber`] reads a topic in total order straight
+//! Client libraries on the pool host: [`publisher`] writes batches straight into granted log
+//! space, [`subscriber`] reads a topic in total order straight
 //! from the pool.
 
+pub mod publisher;
 pub mod subscriber;

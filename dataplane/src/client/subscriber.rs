@@ -101,7 +101,8 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
         let first_of = |d: u64| {
             let e = entry(st, d);
             c.invalidate(e);
-            (c.observe(&e.stamp) == d + 1).then(|| (e.total_order.load(Relaxed), e.num_msg.load(Relaxed)))
+            (c.observe(&e.stamp) == d + 1)
+                .then(|| (e.total_order.load(Relaxed), e.num_msg.load(Relaxed)))
         };
         if hi == lo || t >= first_of(hi - 1).map_or(0, |(f, n)| f + u64::from(n)) {
             // Not ordered yet: start at the end and skip up to it as it arrives.
@@ -139,7 +140,13 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
         Ok((a, (t - f) as u32))
     }
 
-    fn register(pool: &'p Pool, c: C, topic: u32, st: &'p SequencerState, next: u64) -> PoolResult<&'p SubscriberEntry> {
+    fn register(
+        pool: &'p Pool,
+        c: C,
+        topic: u32,
+        st: &'p SequencerState,
+        next: u64,
+    ) -> PoolResult<&'p SubscriberEntry> {
         for e in &st.subscribers {
             let s = c.observe(&e.state);
             if s & 0xff == SUBSCRIBER_ACTIVE && pid_alive(e.pid.load(Relaxed)) {
@@ -181,7 +188,11 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
 
     /// Delivers every message of up to `max_batches` ordered batches to `f`, in total order.
     /// Returns the number of messages delivered (0 when nothing new is ordered yet).
-    pub fn poll(&mut self, max_batches: usize, mut f: impl FnMut(&Message<'_>)) -> PoolResult<usize> {
+    pub fn poll(
+        &mut self,
+        max_batches: usize,
+        mut f: impl FnMut(&Message<'_>),
+    ) -> PoolResult<usize> {
         let delivered = self.c.observe(&self.st.delivered);
         let mut n = 0;
         for _ in 0..max_batches {
@@ -225,7 +236,9 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
                 if i >= self.skip {
                     // SAFETY: the payload lies inside the checked, retained batch range and
                     // nothing writes it while it is retained.
-                    let payload = unsafe { std::slice::from_raw_parts(base.add(off as usize + 64), size as usize) };
+                    let payload = unsafe {
+                        std::slice::from_raw_parts(base.add(off as usize + 64), size as usize)
+                    };
                     f(&Message {
                         total_order: first + u64::from(i),
                         client_id,

@@ -1,0 +1,464 @@
+//! A publisher on the pool host (shm transport). `publish` writes each message straight into
+//! log space its broker granted (the one copy of the data), so the batch is built in place;
+//! a batch is sealed at the topic's batch size, on `flush`, or when it has lingered, and
+//! submitted to its broker's session. Batches are striped round-robin over the brokers, with
+//! a per-client dense `batch_seq`. Acks come back as per-session cumulative counts.
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use embar_sys::clock::monotonic_ns;
+
+use crate::batch::{write_message, BatchDesc};
+use crate::pool::coherence::Coherence;
+use crate::pool::layout::{
+    message_stride, MessageHeader, Session, BATCH_HEADER_VERSION, BATCH_MESSAGES_MAX,
+};
+use crate::pool::Pool;
+use crate::ring::{RingError, RingProducer};
+use crate::session::*;
+use crate::sync::Ordering::{AcqRel, Acquire, Relaxed};
+use crate::PoolError;
+
+#[derive(Clone, Copy, Debug)]
+pub struct PublisherConfig {
+    /// A batch older than this is sealed by the next `publish` or `poll`.
+    pub linger: Duration,
+    /// Longest wait for a broker (session answer, a grant, a ring slot) before an error.
+    pub wait_timeout: Duration,
+}
+
+impl Default for PublisherConfig {
+    fn default() -> Self {
+        PublisherConfig {
+            linger: Duration::from_millis(1),
+            wait_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error("broker {broker} refused the session: {reason}")]
+    Refused { broker: u32, reason: &'static str },
+    #[error("timed out after {waited:?} waiting for {what}")]
+    Timeout { what: String, waited: Duration },
+    #[error("message of {size} bytes does not fit a batch of {max} bytes")]
+    TooLarge { size: usize, max: u64 },
+    #[error("broker {broker} rejected {count} batch(es) of this publisher: {reason} (last batch {batch_seq})")]
+    Rejected {
+        broker: u32,
+        count: u64,
+        reason: &'static str,
+        batch_seq: u64,
+    },
+    #[error("no broker to publish to")]
+    NoBrokers,
+}
+
+struct Link<'p, C: Coherence> {
+    broker: u32,
+    session: &'p Session,
+    submit: RingProducer<'p, C>,
+    taken: u64,
+    /// Current grant: (offset, bytes, used).
+    grant: Option<(u64, u64, u64)>,
+    /// Messages submitted through this link, and `(cumulative at seal, first publish ns)` of
+    /// each batch not yet acked, for latency.
+    submitted_messages: u64,
+    unacked: VecDeque<(u64, u64)>,
+}
+
+struct OpenBatch {
+    link: usize,
+    start: u64,
+    fill: u64,
+    num_msg: u32,
+    first_ns: u64,
+    limit: u64,
+}
+
+/// See the module docs.
+pub struct Publisher<'p, C: Coherence> {
+    pool: &'p Pool,
+    c: C,
+    client_id: u64,
+    batch_bytes: u64,
+    ack: u8,
+    cfg: PublisherConfig,
+    links: Vec<Link<'p, C>>,
+    next_link: usize,
+    batch_seq: u64,
+    open: Option<OpenBatch>,
+    sealed_messages: u64,
+    submit_waits: u64,
+    grant_waits: u64,
+}
+
+fn wait<T>(
+    what: impl Fn() -> String,
+    timeout: Duration,
+    mut f: impl FnMut() -> Option<T>,
+) -> Result<T, PublishError> {
+    let start = Instant::now();
+    let mut spins = 0u32;
+    loop {
+        if let Some(v) = f() {
+            return Ok(v);
+        }
+        if start.elapsed() > timeout {
+            return Err(PublishError::Timeout {
+                what: what(),
+                waited: start.elapsed(),
+            });
+        }
+        spins += 1;
+        if spins < 64 {
+            std::hint::spin_loop();
+        } else if spins < 1024 {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+}
+
+impl<'p, C: Coherence> Publisher<'p, C> {
+    /// Opens a session with each of `brokers` (pool slots) for `topic`.
+    pub fn open(
+        pool: &'p Pool,
+        c: C,
+        topic: &str,
+        brokers: &[u32],
+        client_id: u64,
+        cfg: PublisherConfig,
+    ) -> Result<Self, PublishError> {
+        if brokers.is_empty() {
+            return Err(PublishError::NoBrokers);
+        }
+        let slot = pool.find_topic(c, topic)?;
+        let info = pool
+            .read_topic(c, slot)
+            .ok_or_else(|| PoolError::UnknownTopic(topic.to_string()))?;
+        let mut links = Vec::with_capacity(brokers.len());
+        for &b in brokers {
+            let session = Self::claim(pool, c, b, slot, client_id, cfg)?;
+            links.push(Link {
+                broker: b,
+                session,
+                submit: RingProducer::new(submission_ring(session), c),
+                taken: 0,
+                grant: None,
+                submitted_messages: 0,
+                unacked: VecDeque::new(),
+            });
+        }
+        Ok(Publisher {
+            pool,
+            c,
+            client_id,
+            batch_bytes: info.config.batch_bytes,
+            ack: info.config.ack,
+            cfg,
+            links,
+            next_link: 0,
+            batch_seq: 0,
+            open: None,
+            sealed_messages: 0,
+            submit_waits: 0,
+            grant_waits: 0,
+        })
+    }
+
+    fn claim(
+        pool: &'p Pool,
+        c: C,
+        broker: u32,
+        topic: u32,
+        client_id: u64,
+        cfg: PublisherConfig,
+    ) -> Result<&'p Session, PublishError> {
+        for i in 0..SESSIONS {
+            let s = pool.session(broker, i)?;
+            let state = c.observe(&s.state);
+            let gen = state >> 8;
+            let accepted = c.observe(&s.accepted);
+            let free = state & 0xff == STATE_FREE
+                || (accepted >> 8 == gen && matches!(accepted & 0xff, RELEASED | REFUSED));
+            if !free {
+                continue;
+            }
+            let mine = gen + 1;
+            if s.state
+                .compare_exchange(state, mine << 8 | STATE_OPENING, AcqRel, Acquire)
+                .is_err()
+            {
+                continue;
+            }
+            s.client_id.store(client_id, Relaxed);
+            s.topic.store(u64::from(topic), Relaxed);
+            s.pid.store(u64::from(std::process::id()), Relaxed);
+            s.grants_taken.store(0, Relaxed);
+            s.submitted.store(0, Relaxed);
+            c.writeback(s);
+            c.publish(&s.state, mine << 8 | STATE_OPEN);
+            let answer = wait(
+                || {
+                    format!("broker {broker} to accept a session (is `embar broker` running for slot {broker}?)")
+                },
+                cfg.wait_timeout,
+                || {
+                    let a = c.observe(&s.accepted);
+                    (a >> 8 == mine && matches!(a & 0xff, ACCEPTED | REFUSED)).then_some(a & 0xff)
+                },
+            );
+            match answer {
+                Ok(ACCEPTED) => return Ok(s),
+                Ok(_) => {
+                    let reason = SessionError::from_code(s.error.load(Relaxed)).describe();
+                    return Err(PublishError::Refused { broker, reason });
+                }
+                Err(e) => {
+                    c.publish(&s.state, mine << 8 | STATE_CLOSED);
+                    return Err(e);
+                }
+            }
+        }
+        Err(PublishError::Pool(PoolError::OutOfRange {
+            what: "sessions of broker",
+            value: u64::from(SESSIONS),
+            limit: u64::from(SESSIONS),
+        }))
+    }
+
+    pub fn client_id(&self) -> u64 {
+        self.client_id
+    }
+
+    /// Messages handed to `publish` and sealed into submitted batches.
+    pub fn sealed_messages(&self) -> u64 {
+        self.sealed_messages
+    }
+
+    /// Times the publisher waited for a grant (credits) or a submission slot.
+    pub fn waits(&self) -> (u64, u64) {
+        (self.grant_waits, self.submit_waits)
+    }
+
+    /// Appends one message to the current batch, sealing batches as they fill or linger.
+    pub fn publish(&mut self, payload: &[u8]) -> Result<(), PublishError> {
+        let stride = message_stride(payload.len() as u64);
+        if stride > self.batch_bytes {
+            return Err(PublishError::TooLarge {
+                size: payload.len(),
+                max: self.batch_bytes,
+            });
+        }
+        let now = monotonic_ns();
+        if let Some(b) = &self.open {
+            let lingered = now.saturating_sub(b.first_ns) > self.cfg.linger.as_nanos() as u64;
+            if b.fill + stride > b.limit || b.num_msg >= BATCH_MESSAGES_MAX || lingered {
+                self.seal()?;
+            }
+        }
+        if self.open.is_none() {
+            self.start_batch(stride, now)?;
+        }
+        let b = self.open.as_mut().expect("a batch is open");
+        let header = MessageHeader {
+            size: payload.len() as u32,
+            client_id: self.client_id,
+            batch_seq: self.batch_seq,
+            publish_ts_ns: now,
+            ..MessageHeader::default()
+        };
+        let dst = self.pool.data_ptr(b.start + b.fill, stride)?;
+        // SAFETY: `dst` is `stride` bytes of a grant this publisher took and nobody else writes
+        // (the broker reads it only after the batch is submitted); 64-byte aligned because
+        // grants and strides are.
+        unsafe { write_message(dst, &header, payload) };
+        b.fill += stride;
+        b.num_msg += 1;
+        Ok(())
+    }
+
+    fn start_batch(&mut self, stride: u64, now: u64) -> Result<(), PublishError> {
+        let i = self.next_link;
+        self.next_link = (self.next_link + 1) % self.links.len();
+        let timeout = self.cfg.wait_timeout;
+        let link = &mut self.links[i];
+        if link
+            .grant
+            .is_none_or(|(_, bytes, used)| used + stride > bytes)
+        {
+            let s = link.session;
+            let k = link.taken;
+            let c = self.c;
+            let mut waited = false;
+            wait(
+                || {
+                    format!("log space from broker {} (every grant is in use: subscribers or the sequencer are behind)", link.broker)
+                },
+                timeout,
+                || {
+                    let ok = c.observe(&s.grants_issued) > k;
+                    waited |= !ok;
+                    ok.then_some(())
+                },
+            )?;
+            if waited {
+                self.grant_waits += 1;
+            }
+            let e = &s.grants[grant_slot(k)];
+            c.invalidate(e);
+            link.grant = Some((e.offset.load(Relaxed), e.bytes.load(Relaxed), 0));
+            link.taken = k + 1;
+            c.publish(&s.grants_taken, link.taken);
+        }
+        let (offset, bytes, used) = link.grant.expect("a grant");
+        self.open = Some(OpenBatch {
+            link: i,
+            start: offset + used,
+            fill: 0,
+            num_msg: 0,
+            first_ns: now,
+            limit: self.batch_bytes.min(bytes - used),
+        });
+        Ok(())
+    }
+
+    /// Seals the open batch and submits it to its broker.
+    fn seal(&mut self) -> Result<(), PublishError> {
+        let Some(b) = self.open.take() else {
+            return Ok(());
+        };
+        let base = self.pool.data_ptr(b.start, b.fill)?;
+        // SAFETY: the batch's bytes, checked by `data_ptr`.
+        unsafe { self.c.writeback_range(base, b.fill as usize) };
+        let link = &mut self.links[b.link];
+        let desc = BatchDesc {
+            batch_seq: self.batch_seq,
+            client_id: self.client_id,
+            num_msg: b.num_msg,
+            broker_id: link.broker,
+            total_size: b.fill,
+            log_idx: b.start,
+            start_logical_offset: 0,
+            version_flags: u64::from(BATCH_HEADER_VERSION),
+        };
+        let mut waited = false;
+        let broker = link.broker;
+        let submit = &mut link.submit;
+        wait(
+            || format!("broker {broker} to take submitted batches"),
+            self.cfg.wait_timeout,
+            || match submit.try_publish(&desc) {
+                Ok(_) => Some(()),
+                Err(RingError::Full { .. }) => {
+                    waited = true;
+                    None
+                }
+                Err(_) => None,
+            },
+        )?;
+        if waited {
+            self.submit_waits += 1;
+        }
+        if let Some((_, _, used)) = link.grant.as_mut() {
+            *used += b.fill;
+        }
+        link.submitted_messages += u64::from(b.num_msg);
+        link.unacked
+            .push_back((link.submitted_messages, b.first_ns));
+        self.sealed_messages += u64::from(b.num_msg);
+        self.batch_seq += 1;
+        Ok(())
+    }
+
+    /// Seals the open batch, if it has lingered long enough (call when idle).
+    pub fn poll(&mut self) -> Result<(), PublishError> {
+        let lingered = self.open.as_ref().is_some_and(|b| {
+            monotonic_ns().saturating_sub(b.first_ns) > self.cfg.linger.as_nanos() as u64
+        });
+        if lingered {
+            self.seal()?;
+        }
+        Ok(())
+    }
+
+    /// Seals the open batch now.
+    pub fn flush(&mut self) -> Result<(), PublishError> {
+        self.seal()
+    }
+
+    /// Messages acknowledged so far, over every broker; an error if a broker rejected any.
+    pub fn acked(&self) -> Result<u64, PublishError> {
+        let mut total = 0;
+        for l in &self.links {
+            let rejected = self.c.observe(&l.session.rejected_batches);
+            if rejected > 0 {
+                let e = l.session.error.load(Relaxed);
+                return Err(PublishError::Rejected {
+                    broker: l.broker,
+                    count: rejected,
+                    reason: SessionError::from_code(e).describe(),
+                    batch_seq: e >> 8,
+                });
+            }
+            total += self.c.observe(&l.session.acked_messages);
+        }
+        Ok(total)
+    }
+
+    /// Publish-to-ack latency (ns, from each batch's first message) of every batch acked
+    /// since the last call.
+    pub fn take_ack_latencies(&mut self, out: &mut Vec<u64>) {
+        let now = monotonic_ns();
+        for l in &mut self.links {
+            let acked = self.c.observe(&l.session.acked_messages);
+            while l.unacked.front().is_some_and(|(cum, _)| *cum <= acked) {
+                let (_, first) = l.unacked.pop_front().expect("front exists");
+                out.push(now.saturating_sub(first));
+            }
+        }
+    }
+
+    /// Flushes, then waits until every message is acknowledged per the topic's ACK level
+    /// (ACK 0: returns at once).
+    pub fn wait_acks(&mut self, timeout: Duration) -> Result<u64, PublishError> {
+        self.flush()?;
+        if self.ack == 0 {
+            return Ok(self.sealed_messages);
+        }
+        let target = self.sealed_messages;
+        let mut err = None;
+        let r = wait(
+            || format!("acks of {target} messages"),
+            timeout,
+            || match self.acked() {
+                Ok(n) if n >= target => Some(n),
+                Ok(_) => None,
+                Err(e) => {
+                    err = Some(e);
+                    Some(0)
+                }
+            },
+        );
+        match err {
+            Some(e) => Err(e),
+            None => r,
+        }
+    }
+}
+
+impl<C: Coherence> Drop for Publisher<'_, C> {
+    fn drop(&mut self) {
+        let _ = self.seal();
+        for l in &self.links {
+            let gen = l.session.state.load(Relaxed) >> 8;
+            self.c.publish(&l.session.state, gen << 8 | STATE_CLOSED);
+        }
+    }
+}
