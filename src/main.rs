@@ -1,6 +1,9 @@
 //! `embar`: the command line of Embarcadero in Rust.
 
 mod bench;
+mod broker_cmd;
+mod client_cmd;
+mod cluster_cmd;
 mod control_cmd;
 mod order_load;
 mod pool_cmd;
@@ -32,6 +35,12 @@ enum Cmd {
     Bench(bench::BenchArgs),
     /// Run the sequencer of one topic until SIGINT or SIGTERM.
     Sequencer(SequencerArgs),
+    /// Publish each line of stdin as one message; exit 0 only when all are acknowledged.
+    Publish(client_cmd::PublishArgs),
+    /// Print a topic's messages in total order.
+    Subscribe(client_cmd::SubscribeArgs),
+    /// Run a broker (and optionally the sequencer) until SIGINT or SIGTERM.
+    Broker(broker_cmd::BrokerArgs),
     /// Run the control process (membership, topics, pool formatting) until SIGINT or SIGTERM.
     Control(control_cmd::ControlArgs),
     /// Create, list, describe or delete topics (through the control process).
@@ -57,6 +66,13 @@ enum Cmd {
 enum ClusterCmd {
     /// Brokers and their liveness, the pool, topics with sequencer and per-broker progress.
     Status,
+    /// Start a local cluster (control process, brokers, sequencer) in the background.
+    Up(cluster_cmd::UpArgs),
+    /// Stop the local cluster started by `cluster up`.
+    Down {
+        #[arg(long, default_value = "/tmp/embar-cluster")]
+        dir: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -201,11 +217,32 @@ fn main() -> ExitCode {
         Cmd::Bench(a) => bench::run(&a),
         Cmd::Sequencer(a) => run_sequencer(&a).map(|()| true),
         Cmd::Control(a) => control_cmd::run_control(&a).map(|()| true),
+        Cmd::Broker(a) => broker_cmd::run(&a).map(|()| true),
         Cmd::Topic { client, cmd } => control_cmd::topic(&client, &cmd).map(|()| true),
         Cmd::Cluster {
             client,
             cmd: ClusterCmd::Status,
         } => control_cmd::cluster_status(&client).map(|()| true),
+        Cmd::Cluster {
+            cmd: ClusterCmd::Up(a),
+            ..
+        } => cluster_cmd::up(&a).map(|f| {
+            println!(
+                "cluster up: control at {}, {} brokers, pool {}\n  embar topic create NAME --control {}\n  stop: embar cluster down --dir {}",
+                f.control,
+                f.pids.len() - 1,
+                f.pool.display(),
+                f.control,
+                a.dir.display()
+            );
+            true
+        }),
+        Cmd::Cluster {
+            cmd: ClusterCmd::Down { dir },
+            ..
+        } => cluster_cmd::down(&dir).map(|()| true),
+        Cmd::Publish(a) => client_cmd::publish(&a).map(|()| true),
+        Cmd::Subscribe(a) => client_cmd::subscribe(&a).map(|()| true),
         Cmd::RingWorker(WorkerCmd::Heartbeat { control }) => {
             control_cmd::heartbeat_worker(control).map(|()| true)
         }

@@ -26,6 +26,11 @@ use crate::PoolError;
 
 /// How often sessions are checked for a vanished publisher process.
 const PID_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the broker checks whether the pool is running short of free segments.
+const SPACE_CHECK_INTERVAL: Duration = Duration::from_millis(20);
+/// Log space is reclaimed only when fewer than this fraction (1/n) of the pool's segments
+/// are free, or a grant found none: recent batches stay readable by late subscribers.
+const RECLAIM_WHEN_FREE_BELOW: u64 = 4;
 /// Submissions taken from one session per round (fairness between sessions).
 const SUBMISSIONS_PER_ROUND: usize = 16;
 
@@ -121,6 +126,9 @@ pub struct Broker<'p, C: Coherence> {
     topics: HashMap<u32, TopicState<'p, C>>,
     stats: BrokerStats,
     last_pid_check_ns: u64,
+    last_space_check_ns: u64,
+    /// Segments are short: reclaim what readers have passed.
+    need_space: bool,
 }
 
 impl<'p, C: Coherence> Broker<'p, C> {
@@ -136,6 +144,8 @@ impl<'p, C: Coherence> Broker<'p, C> {
             topics: HashMap::new(),
             stats: BrokerStats::default(),
             last_pid_check_ns: 0,
+            last_space_check_ns: 0,
+            need_space: false,
         })
     }
 
@@ -178,10 +188,21 @@ impl<'p, C: Coherence> Broker<'p, C> {
                 self.grant(i)?;
             }
         }
+        if now.saturating_sub(self.last_space_check_ns) >= SPACE_CHECK_INTERVAL.as_nanos() as u64 {
+            self.last_space_check_ns = now;
+            let g = self.pool.geometry();
+            let free = g.segment_count - self.pool.segments_in_use(self.c);
+            self.need_space |= free < g.segment_count / RECLAIM_WHEN_FREE_BELOW;
+        }
         let topics: Vec<u32> = self.topics.keys().copied().collect();
-        for t in topics {
-            work += self.decisions(t)?;
-            self.reclaim(t)?;
+        for t in &topics {
+            work += self.decisions(*t)?;
+        }
+        if self.need_space {
+            self.need_space = false;
+            for t in topics {
+                self.reclaim(t)?;
+            }
         }
         Ok(work)
     }
@@ -304,6 +325,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
                 Ok(seg) => seg,
                 Err(PoolError::NoFreeSegment { .. }) => {
                     self.stats.grant_waits += 1;
+                    self.need_space = true;
                     break;
                 }
                 Err(e) => return Err(e),

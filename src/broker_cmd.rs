@@ -1,0 +1,310 @@
+//! `embar broker`: registers with the control process, attaches to the pool, runs the data
+//! path (and, with `--sequencer`, the sequencer of every topic), heartbeats, and serves
+//! Prometheus metrics.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use embar_control::http::{read_request, write_response, Response};
+use embar_control::ControlClient;
+use embar_dataplane::broker::{Broker, BrokerStats};
+use embar_dataplane::pool::coherence::Coherence;
+use embar_dataplane::pool::{CoherenceFn, OpenOptions, Pool};
+use embar_dataplane::sequencer::driver::{DriverConfig, Sequencer};
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct BrokerArgs {
+    /// Address of the control process.
+    #[arg(long, default_value = crate::control_cmd::DEFAULT_CONTROL)]
+    pub control: SocketAddr,
+    /// Also run the sequencer of every topic in this process.
+    #[arg(long)]
+    pub sequencer: bool,
+    /// Address of the Prometheus endpoint (`:0`: a free port, given to the control process).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub metrics: SocketAddr,
+    /// Pin the data-path thread to this CPU (the sequencer to the next one).
+    #[arg(long)]
+    pub pin_cpu: Option<usize>,
+}
+
+/// Empty rounds before the polling threads start sleeping briefly.
+const BUSY_ROUNDS: u32 = 2000;
+/// Sleep of an idle polling thread.
+const IDLE_SLEEP: Duration = Duration::from_micros(50);
+/// How often the sequencer thread looks for new topics.
+const TOPIC_SCAN: Duration = Duration::from_millis(100);
+
+fn idle(rounds: &mut u32, work: usize) {
+    if work > 0 {
+        *rounds = 0;
+    } else {
+        *rounds = rounds.saturating_add(1);
+        if *rounds < 64 {
+            std::hint::spin_loop();
+        } else if *rounds < BUSY_ROUNDS {
+            std::thread::yield_now();
+        } else {
+            std::thread::sleep(IDLE_SLEEP);
+        }
+    }
+}
+
+pub fn run(a: &BrokerArgs) -> Result<(), String> {
+    let client = ControlClient::new(a.control);
+    let status = client.status().map_err(|e| e.to_string())?;
+    let pool_path = PathBuf::from(
+        status["pool"]["path"]
+            .as_str()
+            .ok_or("the control process names no pool")?,
+    );
+    let pool = Pool::open(
+        &pool_path,
+        &OpenOptions {
+            populate: true,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    let metrics =
+        TcpListener::bind(a.metrics).map_err(|e| format!("cannot listen on {}: {e}", a.metrics))?;
+    let metrics_addr = metrics.local_addr().map_err(|e| e.to_string())?;
+    let mut addrs: BTreeMap<String, String> = BTreeMap::new();
+    addrs.insert("shm".into(), pool_path.display().to_string());
+    addrs.insert("metrics".into(), metrics_addr.to_string());
+    addrs.insert("pid".into(), std::process::id().to_string());
+    if a.sequencer {
+        addrs.insert("sequencer".into(), "all topics".into());
+    }
+    let reg = client.register(&addrs).map_err(|e| e.to_string())?;
+    println!(
+        "embar broker {} in pool slot {} (pool {}, metrics {metrics_addr}{})",
+        reg.broker_id,
+        reg.slot,
+        pool_path.display(),
+        if a.sequencer { ", sequencer" } else { "" }
+    );
+    let stop = embar_sys::signal::stop_on_term();
+    let stats = Arc::new(Mutex::new((BrokerStats::default(), 0usize)));
+    let st = stats.clone();
+    let slot = reg.slot;
+    std::thread::Builder::new()
+        .name("broker-metrics".into())
+        .spawn(move || serve_metrics(metrics, slot, &st))
+        .map_err(|e| e.to_string())?;
+    let hb_stop = Arc::new(AtomicBool::new(false));
+    let hb = hb_stop.clone();
+    let heartbeat = std::thread::Builder::new()
+        .name("broker-heartbeat".into())
+        .spawn(move || -> Result<(), String> {
+            while !hb.load(Ordering::Relaxed) {
+                std::thread::sleep(reg.heartbeat);
+                client.heartbeat(reg.broker_id).map_err(|e| e.to_string())?;
+            }
+            Ok(())
+        })
+        .map_err(|e| e.to_string())?;
+    struct Go<'a> {
+        pool: &'a Pool,
+        slot: u32,
+        args: &'a BrokerArgs,
+        stop: &'a AtomicBool,
+        stats: &'a Mutex<(BrokerStats, usize)>,
+        heartbeat: &'a std::thread::JoinHandle<Result<(), String>>,
+    }
+    impl CoherenceFn<Result<(), String>> for Go<'_> {
+        fn call<C: Coherence>(self, c: C) -> Result<(), String> {
+            std::thread::scope(|s| {
+                if self.args.sequencer {
+                    let (pool, stop, pin) =
+                        (self.pool, self.stop, self.args.pin_cpu.map(|p| p + 1));
+                    s.spawn(move || sequence_all(pool, c, stop, pin));
+                }
+                if let Some(cpu) = self.args.pin_cpu {
+                    if let Err(e) = embar_sys::cpu::pin_current_thread(cpu) {
+                        log::warn!("{e}; running unpinned");
+                    }
+                }
+                let mut broker = Broker::new(self.pool, c, self.slot).map_err(|e| e.to_string())?;
+                let mut rounds = 0;
+                let mut last = Instant::now();
+                while !self.stop.load(Ordering::Relaxed) {
+                    if self.heartbeat.is_finished() {
+                        // Declared dead, or the control process is gone: stop serving.
+                        self.stop.store(true, Ordering::Relaxed);
+                        return Err(
+                            "lost the control process or was declared dead; stopping".into()
+                        );
+                    }
+                    let work = broker.poll_once().map_err(|e| e.to_string())?;
+                    idle(&mut rounds, work);
+                    if last.elapsed() > Duration::from_millis(100) {
+                        last = Instant::now();
+                        if let Ok(mut g) = self.stats.lock() {
+                            *g = (broker.stats(), broker.sessions_open());
+                        }
+                    }
+                }
+                Ok(())
+            })
+        }
+    }
+    let result = Pool::with_coherence(
+        pool.coherence_mode(),
+        Go {
+            pool: &pool,
+            slot,
+            args: a,
+            stop,
+            stats: &stats,
+            heartbeat: &heartbeat,
+        },
+    );
+    hb_stop.store(true, Ordering::Relaxed);
+    if let Err(e) = &result {
+        if heartbeat.is_finished() {
+            if let Ok(Err(hb_err)) = heartbeat.join() {
+                return Err(format!("{e}: {hb_err}"));
+            }
+        }
+    }
+    result
+}
+
+/// The sequencer of every topic in the pool, one polling thread, topics added as they appear.
+fn sequence_all<C: Coherence>(pool: &Pool, c: C, stop: &AtomicBool, pin: Option<usize>) {
+    if let Some(cpu) = pin {
+        if let Err(e) = embar_sys::cpu::pin_current_thread(cpu) {
+            log::warn!("{e}; sequencer running unpinned");
+        }
+    }
+    let brokers = pool.geometry().max_brokers;
+    let mut seqs: HashMap<u32, (u64, Sequencer<'_, C>)> = HashMap::new();
+    let mut last_scan: Option<Instant> = None;
+    let mut rounds = 0;
+    while !stop.load(Ordering::Relaxed) {
+        if last_scan.is_none_or(|t| t.elapsed() > TOPIC_SCAN) {
+            last_scan = Some(Instant::now());
+            let topics = pool.list_topics(c);
+            seqs.retain(|slot, (gen, _)| {
+                topics
+                    .iter()
+                    .any(|t| t.slot == *slot && t.generation == *gen)
+            });
+            for t in topics {
+                if seqs.contains_key(&t.slot) {
+                    continue;
+                }
+                match Sequencer::start(pool, c, t.slot, brokers, DriverConfig::default()) {
+                    Ok(s) => {
+                        log::info!("sequencing topic {:?} (epoch {})", t.name, s.epoch());
+                        seqs.insert(t.slot, (t.generation, s));
+                    }
+                    Err(e) => log::warn!("cannot sequence topic {:?}: {e}", t.name),
+                }
+            }
+        }
+        let mut work = 0;
+        let mut failed = Vec::new();
+        for (slot, (_, s)) in seqs.iter_mut() {
+            match s.poll_once() {
+                Ok(n) => work += n,
+                Err(e) => {
+                    log::error!("sequencer of topic slot {slot}: {e}");
+                    failed.push(*slot);
+                }
+            }
+        }
+        for slot in failed {
+            seqs.remove(&slot);
+        }
+        idle(&mut rounds, work);
+    }
+}
+
+fn serve_metrics(listener: TcpListener, slot: u32, stats: &Mutex<(BrokerStats, usize)>) {
+    for conn in listener.incoming() {
+        let Ok(stream) = conn else { continue };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+        let resp = match read_request(&stream) {
+            Ok(req) if req.method == "GET" && req.path == "/metrics" => {
+                let (s, open) = stats.lock().map(|g| *g).unwrap_or_default();
+                let mut out = String::new();
+                let mut put = |name: &str, kind: &str, help: &str, v: u64| {
+                    out.push_str(&format!(
+                        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{slot=\"{slot}\"}} {v}\n"
+                    ));
+                };
+                put(
+                    "embar_broker_batches_landed_total",
+                    "counter",
+                    "Batches checked and published into a ring.",
+                    s.batches_landed,
+                );
+                put(
+                    "embar_broker_batches_rejected_total",
+                    "counter",
+                    "Batches rejected.",
+                    s.batches_rejected,
+                );
+                put(
+                    "embar_broker_batches_acked_total",
+                    "counter",
+                    "Batches acknowledged.",
+                    s.batches_acked,
+                );
+                put(
+                    "embar_broker_messages_acked_total",
+                    "counter",
+                    "Messages acknowledged.",
+                    s.messages_acked,
+                );
+                put(
+                    "embar_broker_grants_issued_total",
+                    "counter",
+                    "Segments granted to sessions.",
+                    s.grants_issued,
+                );
+                put(
+                    "embar_broker_grant_waits_total",
+                    "counter",
+                    "Times no segment was free for a grant.",
+                    s.grant_waits,
+                );
+                put(
+                    "embar_broker_ring_full_waits_total",
+                    "counter",
+                    "Times the topic ring was full.",
+                    s.ring_full_waits,
+                );
+                put(
+                    "embar_broker_segments_reclaimed_total",
+                    "counter",
+                    "Segments freed after every reader passed.",
+                    s.segments_reclaimed,
+                );
+                put(
+                    "embar_broker_sessions_open",
+                    "gauge",
+                    "Open publisher sessions.",
+                    open as u64,
+                );
+                Response {
+                    status: 200,
+                    content_type: "text/plain; version=0.0.4",
+                    body: out,
+                }
+            }
+            Ok(req) => Response::error(
+                404,
+                format!("no such endpoint: {} {}", req.method, req.path),
+            ),
+            Err(resp) => resp,
+        };
+        let _ = write_response(&stream, &resp);
+    }
+}

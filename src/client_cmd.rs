@@ -1,0 +1,204 @@
+//! `embar publish` and `embar subscribe` on the pool host (shm transport).
+
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::io::{BufRead, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use embar_control::ControlClient;
+use embar_dataplane::client::publisher::{Publisher, PublisherConfig};
+use embar_dataplane::client::subscriber::{StartAt, Subscriber};
+use embar_dataplane::pool::coherence::Coherence;
+use embar_dataplane::pool::{CoherenceFn, OpenOptions, Pool};
+
+/// The pool path and the pool slots of the live brokers, from the control process.
+pub fn discover(control: SocketAddr) -> Result<(PathBuf, Vec<u32>), String> {
+    let status = ControlClient::new(control)
+        .status()
+        .map_err(|e| e.to_string())?;
+    let pool = PathBuf::from(
+        status["pool"]["path"]
+            .as_str()
+            .ok_or("the control process names no pool")?,
+    );
+    let mut slots: Vec<u32> = status["brokers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|b| b["alive"] == true)
+        .filter_map(|b| b["slot"].as_u64().map(|s| s as u32))
+        .collect();
+    slots.sort_unstable();
+    slots.dedup();
+    if slots.is_empty() {
+        return Err("no live broker (start one with `embar broker` or `embar cluster up`)".into());
+    }
+    Ok((pool, slots))
+}
+
+pub fn open_pool(path: &std::path::Path) -> Result<Pool, String> {
+    Pool::open(path, &OpenOptions::default()).map_err(|e| e.to_string())
+}
+
+/// A client id for this publisher: random, so two publishers never share one.
+pub fn new_client_id() -> u64 {
+    RandomState::new().build_hasher().finish() >> 1
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct PublishArgs {
+    #[arg(long)]
+    pub topic: String,
+    #[arg(long, default_value = crate::control_cmd::DEFAULT_CONTROL)]
+    pub control: SocketAddr,
+    /// How long to wait for the acks of everything published.
+    #[arg(long, default_value_t = 30)]
+    pub ack_timeout_s: u64,
+}
+
+/// Publishes each line of stdin as one message; succeeds only when all are acked per the
+/// topic's ACK level.
+pub fn publish(a: &PublishArgs) -> Result<(), String> {
+    let (path, brokers) = discover(a.control)?;
+    let pool = open_pool(&path)?;
+    struct Go<'a>(&'a Pool, &'a PublishArgs, &'a [u32]);
+    impl CoherenceFn<Result<(), String>> for Go<'_> {
+        fn call<C: Coherence>(self, c: C) -> Result<(), String> {
+            let Go(pool, a, brokers) = self;
+            let mut p = Publisher::open(
+                pool,
+                c,
+                &a.topic,
+                brokers,
+                new_client_id(),
+                PublisherConfig::default(),
+            )
+            .map_err(|e| e.to_string())?;
+            let stdin = std::io::stdin();
+            let mut n = 0u64;
+            for line in stdin.lock().lines() {
+                let line = line.map_err(|e| format!("cannot read stdin: {e}"))?;
+                p.publish(line.as_bytes()).map_err(|e| e.to_string())?;
+                n += 1;
+            }
+            let acked = p
+                .wait_acks(Duration::from_secs(a.ack_timeout_s))
+                .map_err(|e| e.to_string())?;
+            eprintln!(
+                "published {n} messages to {:?}, {acked} acknowledged",
+                a.topic
+            );
+            Ok(())
+        }
+    }
+    Pool::with_coherence(pool.coherence_mode(), Go(&pool, a, &brokers))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    Text,
+    Jsonl,
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct SubscribeArgs {
+    #[arg(long)]
+    pub topic: String,
+    #[arg(long, default_value = crate::control_cmd::DEFAULT_CONTROL)]
+    pub control: SocketAddr,
+    /// `oldest`, `latest`, or a total order.
+    #[arg(long, default_value = "oldest")]
+    pub from: String,
+    /// Stop after this many messages.
+    #[arg(long)]
+    pub count: Option<u64>,
+    #[arg(long, value_enum, default_value_t = Format::Text)]
+    pub format: Format,
+    /// Stop when no message arrives for this long (default: wait forever).
+    #[arg(long)]
+    pub idle_timeout_s: Option<u64>,
+}
+
+pub fn subscribe(a: &SubscribeArgs) -> Result<(), String> {
+    let start = match a.from.as_str() {
+        "oldest" => StartAt::Oldest,
+        "latest" => StartAt::Latest,
+        n => StartAt::TotalOrder(
+            n.parse()
+                .map_err(|_| format!("--from {n:?}: expected oldest, latest or a number"))?,
+        ),
+    };
+    let (path, _) = discover(a.control).or_else(|e| {
+        // Subscribing needs no live broker, only the pool.
+        let status = ControlClient::new(a.control)
+            .status()
+            .map_err(|_| e.clone())?;
+        status["pool"]["path"]
+            .as_str()
+            .map(|p| (PathBuf::from(p), Vec::new()))
+            .ok_or(e)
+    })?;
+    let pool = open_pool(&path)?;
+    struct Go<'a>(&'a Pool, &'a SubscribeArgs, StartAt);
+    impl CoherenceFn<Result<(), String>> for Go<'_> {
+        fn call<C: Coherence>(self, c: C) -> Result<(), String> {
+            let Go(pool, a, start) = self;
+            let mut sub = Subscriber::open(pool, c, &a.topic, start).map_err(|e| e.to_string())?;
+            let stop = embar_sys::signal::stop_on_term();
+            let out = std::io::stdout();
+            let mut out = std::io::BufWriter::new(out.lock());
+            let mut printed = 0u64;
+            let limit = a.count.unwrap_or(u64::MAX);
+            let mut last = Instant::now();
+            let mut err = None;
+            while printed < limit && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let n = sub
+                    .poll(1, |m| {
+                        if printed >= limit || err.is_some() {
+                            return;
+                        }
+                        let r = match a.format {
+                            Format::Text => {
+                                out.write_all(m.payload).and_then(|()| out.write_all(b"\n"))
+                            }
+                            Format::Jsonl => writeln!(
+                                out,
+                                "{}",
+                                serde_json::json!({
+                                    "total_order": m.total_order,
+                                    "client_id": m.client_id,
+                                    "batch_seq": m.batch_seq,
+                                    "index": m.index,
+                                    "size": m.payload.len(),
+                                    "payload": String::from_utf8_lossy(m.payload),
+                                })
+                            ),
+                        };
+                        if let Err(e) = r {
+                            err = Some(e);
+                        }
+                        printed += 1;
+                    })
+                    .map_err(|e| e.to_string())?;
+                if let Some(e) = err.take() {
+                    return Err(format!("cannot write to stdout: {e}"));
+                }
+                if n > 0 {
+                    last = Instant::now();
+                    continue;
+                }
+                let _ = out.flush();
+                if a.idle_timeout_s
+                    .is_some_and(|t| last.elapsed() > Duration::from_secs(t))
+                {
+                    break;
+                }
+                std::thread::sleep(Duration::from_micros(200));
+            }
+            out.flush().map_err(|e| e.to_string())
+        }
+    }
+    Pool::with_coherence(pool.coherence_mode(), Go(&pool, a, start))
+}
