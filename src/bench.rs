@@ -1,354 +1,63 @@
-//! `embar bench`: the pool data path, end to end, between real processes.
-//!
-//! A lander process writes batches of messages into log segments of a fresh pool and
-//! publishes them into a broker's batch ring; a drainer process takes them, checks every
-//! message (order, headers, payload), and finishes the slots, so segments are reused. The
-//! figure is payload bytes over the time from the lander's start to the drainer's last batch,
-//! set against single-thread memcpy bandwidth measured in the same run.
+//! `embar bench`, the main job: a local cluster (control process, brokers, sequencer as
+//! separate processes) unless pointed at one, publishers and subscribers in this process on
+//! the shm transport, every message checked (total order, per-client order, payload), and
+//! throughput, publish-to-ack latency (HDR histogram) and the same run's memcpy bandwidth.
 
-use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use embar_dataplane::pool::coherence::{CoherenceMode, Coherent};
-use embar_dataplane::pool::geometry::PoolConfig;
-use embar_dataplane::pool::topics::TopicConfig;
-use embar_dataplane::pool::{CreateOptions, Pool};
-use serde::Serialize;
+use embar_control::topics::TopicSpec;
+use embar_control::ControlClient;
+use embar_dataplane::checker::{Delivered, OrderChecker};
+use embar_dataplane::client::publisher::{Publisher, PublisherConfig};
+use embar_dataplane::client::subscriber::{StartAt, Subscriber};
+use embar_dataplane::pool::coherence::Coherence;
+use embar_dataplane::pool::{CoherenceFn, Pool};
+use embar_sys::clock::monotonic_ns;
+use hdrhistogram::Histogram;
+use serde_json::{json, Value};
 
-use crate::ringload::{DrainerReport, Fault, LanderReport, Workload};
 use crate::units::{format_bytes, parse_bytes};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct BenchArgs {
-    /// Payload bytes to move through the pool.
-    #[arg(long, default_value = "4GiB", value_parser = parse_bytes)]
+    /// Use this running cluster instead of starting one.
+    #[arg(long)]
+    pub control: Option<SocketAddr>,
+    /// Brokers of the cluster the bench starts.
+    #[arg(long, default_value_t = 2)]
+    pub brokers: u32,
+    #[arg(long, default_value_t = 1)]
+    pub publishers: u32,
+    #[arg(long, default_value_t = 1)]
+    pub subscribers: u32,
+    /// Payload bytes to publish in all.
+    #[arg(long, default_value = "2GiB", value_parser = parse_bytes)]
     pub total_bytes: u64,
-    /// Payload bytes of each message.
     #[arg(long, default_value = "1KiB", value_parser = parse_bytes)]
     pub message_bytes: u64,
-    /// Batch size (headers and payloads).
     #[arg(long, default_value = "2MiB", value_parser = parse_bytes)]
     pub batch_bytes: u64,
+    #[arg(long, default_value_t = 5)]
+    pub order: u8,
+    #[arg(long, default_value_t = 1)]
+    pub ack: u8,
+    /// Also run this ORDER in the same run and report the ratio (e.g. 0).
+    #[arg(long)]
+    pub compare_order: Option<u8>,
+    /// Open loop: messages per second per publisher, paced by a schedule; latency counts
+    /// from the scheduled time, so a stall is not hidden (no coordinated omission).
+    #[arg(long)]
+    pub rate: Option<u64>,
+    /// Pool of the cluster the bench starts.
     #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
     pub pool_bytes: u64,
     #[arg(long, default_value = "16MiB", value_parser = parse_bytes)]
     pub segment_bytes: u64,
-    #[arg(long, default_value_t = 1024)]
-    pub ring_slots: u32,
-    #[arg(long, default_value = "coherent")]
-    pub coherence: CoherenceMode,
-    /// The drainer holds this many taken batches and finishes them newest first, so the ring
-    /// watermark is exercised with out-of-order completion.
-    #[arg(long, default_value_t = 0)]
-    pub hold: usize,
-    /// Directory of the pool file.
-    #[arg(long, default_value = "/dev/shm")]
-    pub pool_dir: PathBuf,
-    /// Print one JSON object instead of the human summary.
+    /// One JSON object on stdout instead of the summary.
     #[arg(long)]
     pub json: bool,
-    /// Inject a fault in the lander (to check that the drainer catches it).
-    #[arg(long, hide = true)]
-    pub fault: Option<Fault>,
-}
-
-#[derive(Debug, Serialize)]
-struct LatencyUs {
-    p50: f64,
-    p99: f64,
-    p999: f64,
-    max: f64,
-}
-
-#[derive(Debug, Serialize)]
-struct BenchConfig {
-    transport: &'static str,
-    brokers: u32,
-    order: u8,
-    ack: u8,
-    message_size: u64,
-    batch_size: u64,
-    messages_per_batch: u64,
-    pool_bytes: u64,
-    segment_bytes: u64,
-    ring_slots: u32,
-    coherence: &'static str,
-    hold: usize,
-}
-
-#[derive(Debug, Serialize)]
-struct BenchResult {
-    throughput_gbps: f64,
-    messages_per_s: f64,
-    memcpy_gbps: f64,
-    ratio_to_memcpy: f64,
-    messages: u64,
-    batches: u64,
-    payload_bytes: u64,
-    elapsed_s: f64,
-    /// Publish-to-take latency per batch (lander stamp to drainer take).
-    latency_us: LatencyUs,
-    ring_laps: u64,
-    pool_multiples_moved: f64,
-    segments_reused: u64,
-    ring_full_waits: u64,
-    segment_waits: u64,
-    order_check: &'static str,
-    errors: Vec<String>,
-    config: BenchConfig,
-}
-
-/// Single-thread memcpy bandwidth of this machine, GB/s (best of a few 256 MiB copies).
-pub fn memcpy_gbps() -> f64 {
-    const BYTES: usize = 256 << 20;
-    let src = vec![0x5au8; BYTES];
-    let mut dst = vec![0u8; BYTES];
-    dst.copy_from_slice(&src); // fault the pages in
-    let mut best = f64::MAX;
-    for _ in 0..4 {
-        let t = Instant::now();
-        dst.copy_from_slice(std::hint::black_box(&src));
-        std::hint::black_box(&dst);
-        best = best.min(t.elapsed().as_secs_f64());
-    }
-    BYTES as f64 / best / 1e9
-}
-
-/// Removes the bench pool however the run ends.
-struct PoolFile(PathBuf);
-
-impl Drop for PoolFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-fn spawn_worker(args: &[String]) -> Result<Child, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find the embar binary: {e}"))?;
-    Command::new(exe)
-        .args(args)
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .map_err(|e| format!("cannot start a worker process: {e}"))
-}
-
-fn workload_args(w: &Workload) -> Vec<String> {
-    vec![
-        "--pool".into(),
-        w.pool.display().to_string(),
-        "--topic-slot".into(),
-        w.topic_slot.to_string(),
-        "--broker".into(),
-        w.broker.to_string(),
-        "--client-id".into(),
-        w.client_id.to_string(),
-        "--messages".into(),
-        w.messages.to_string(),
-        "--message-bytes".into(),
-        w.message_bytes.to_string(),
-        "--batch-bytes".into(),
-        w.batch_bytes.to_string(),
-        "--seed".into(),
-        w.seed.to_string(),
-    ]
-}
-
-fn report_of<T: serde::de::DeserializeOwned>(child: Child, what: &str) -> Result<T, String> {
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("{what}: {e}"))?;
-    let line = BufReader::new(&out.stdout[..])
-        .lines()
-        .map_while(Result::ok)
-        .last()
-        .unwrap_or_default();
-    if !out.status.success() {
-        return Err(format!("{what} failed ({}): {line}", out.status));
-    }
-    serde_json::from_str(&line).map_err(|e| format!("{what} printed no report ({e}): {line:?}"))
-}
-
-pub fn run(a: &BenchArgs) -> Result<bool, String> {
-    if a.message_bytes == 0 || a.total_bytes < a.message_bytes {
-        return Err("--message-bytes must be at least 1 and at most --total-bytes".into());
-    }
-    let memcpy = memcpy_gbps();
-    let path = a
-        .pool_dir
-        .join(format!("embar-bench-{}.pool", std::process::id()));
-    let cfg = PoolConfig {
-        pool_bytes: a.pool_bytes,
-        max_topics: 4,
-        max_brokers: 1,
-        ring_slots: a.ring_slots,
-        segment_bytes: a.segment_bytes,
-    };
-    let pool = Pool::create(
-        &path,
-        &cfg,
-        &CreateOptions {
-            populate: true,
-            coherence: a.coherence,
-            ..Default::default()
-        },
-    )
-    .map_err(|e| e.to_string())?;
-    let _cleanup = PoolFile(path.clone());
-    let topic = TopicConfig {
-        order: 0,
-        ack: 0,
-        replication_factor: 0,
-        batch_bytes: a.batch_bytes,
-    };
-    let slot = pool
-        .create_topic(Coherent, "bench", &topic)
-        .map_err(|e| e.to_string())?;
-    let w = Workload {
-        pool: path.clone(),
-        topic_slot: slot,
-        broker: 0,
-        client_id: 1,
-        messages: a.total_bytes / a.message_bytes,
-        message_bytes: a.message_bytes,
-        batch_bytes: a.batch_bytes,
-        seed: 0x5eed,
-    };
-    let mut drain_args = vec!["ring-worker".to_string(), "drain".into()];
-    drain_args.extend(workload_args(&w));
-    drain_args.extend(["--hold".into(), a.hold.to_string()]);
-    let mut land_args = vec!["ring-worker".to_string(), "land".into()];
-    land_args.extend(workload_args(&w));
-    if let Some(f) = a.fault {
-        let name = clap::ValueEnum::to_possible_value(&f).map(|v| v.get_name().to_string());
-        land_args.extend(["--fault".into(), name.unwrap_or_default()]);
-    }
-    let mut drainer = spawn_worker(&drain_args)?;
-    let lander = spawn_worker(&land_args)?;
-    progress(&pool, slot, &w, a.json, &mut drainer);
-    let land: LanderReport = report_of(lander, "lander")?;
-    let drain: DrainerReport = report_of(drainer, "drainer")?;
-
-    let elapsed_ns = drain.last_ns.saturating_sub(land.start_ns).max(1);
-    let elapsed_s = elapsed_ns as f64 / 1e9;
-    let gbps = drain.payload_bytes as f64 / elapsed_s / 1e9;
-    let passed =
-        drain.error_count == 0 && drain.messages == w.messages && land.batches == w.batches();
-    let lat = &drain.batch_latency_ns;
-    let result = BenchResult {
-        throughput_gbps: gbps,
-        messages_per_s: drain.messages as f64 / elapsed_s,
-        memcpy_gbps: memcpy,
-        ratio_to_memcpy: gbps / memcpy,
-        messages: drain.messages,
-        batches: drain.batches,
-        payload_bytes: drain.payload_bytes,
-        elapsed_s,
-        latency_us: LatencyUs {
-            p50: lat.p50 as f64 / 1e3,
-            p99: lat.p99 as f64 / 1e3,
-            p999: lat.p999 as f64 / 1e3,
-            max: lat.max as f64 / 1e3,
-        },
-        ring_laps: drain.ring_laps,
-        pool_multiples_moved: drain.payload_bytes as f64 / a.pool_bytes as f64,
-        segments_reused: land.segments_reused,
-        ring_full_waits: land.ring_full_waits,
-        segment_waits: land.segment_waits,
-        order_check: if passed { "passed" } else { "failed" },
-        errors: drain.errors,
-        config: BenchConfig {
-            transport: "shm",
-            brokers: 1,
-            order: 0,
-            ack: 0,
-            message_size: a.message_bytes,
-            batch_size: a.batch_bytes,
-            messages_per_batch: w.messages_per_batch(),
-            pool_bytes: a.pool_bytes,
-            segment_bytes: a.segment_bytes,
-            ring_slots: a.ring_slots,
-            coherence: a.coherence.name(),
-            hold: a.hold,
-        },
-    };
-    if a.json {
-        println!(
-            "{}",
-            serde_json::to_string(&result).map_err(|e| e.to_string())?
-        );
-    } else {
-        print_human(&result);
-    }
-    Ok(passed)
-}
-
-/// Prints progress on stderr until the drainer exits.
-fn progress(pool: &Pool, slot: u32, w: &Workload, quiet: bool, drainer: &mut Child) {
-    let entry = &pool.tinode(slot).brokers[0];
-    let total = w.batches();
-    let start = Instant::now();
-    let mut last_print = Instant::now();
-    loop {
-        let consumed = entry
-            .sequencer
-            .ring_consumed
-            .load(std::sync::atomic::Ordering::Acquire);
-        if !matches!(drainer.try_wait(), Ok(None)) {
-            break;
-        }
-        if !quiet && last_print.elapsed() >= Duration::from_secs(1) {
-            let bytes = consumed * w.messages_per_batch() * w.message_bytes;
-            eprintln!(
-                "bench: {consumed}/{total} batches ({}), {:.2} GB/s so far",
-                format_bytes(bytes),
-                bytes as f64 / start.elapsed().as_secs_f64() / 1e9
-            );
-            last_print = Instant::now();
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn print_human(r: &BenchResult) {
-    let c = &r.config;
-    println!(
-        "embar bench: pool data path, {} transport, {} coherence, {} B messages, {} batches ({} msgs each), ring {} slots",
-        c.transport,
-        c.coherence,
-        c.message_size,
-        format_bytes(c.batch_size),
-        c.messages_per_batch,
-        c.ring_slots
-    );
-    println!(
-        "  moved      {} in {} messages, {} batches, {:.2} s ({:.1}x the pool, {} ring laps)",
-        format_bytes(r.payload_bytes),
-        r.messages,
-        r.batches,
-        r.elapsed_s,
-        r.pool_multiples_moved,
-        r.ring_laps
-    );
-    println!(
-        "  throughput {:.2} GB/s, {:.2} M msgs/s",
-        r.throughput_gbps,
-        r.messages_per_s / 1e6
-    );
-    println!(
-        "  memcpy     {:.2} GB/s single thread, this run  ->  ratio {:.2}",
-        r.memcpy_gbps, r.ratio_to_memcpy
-    );
-    println!(
-        "  batch publish-to-take latency: p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us",
-        r.latency_us.p50, r.latency_us.p99, r.latency_us.p999, r.latency_us.max
-    );
-    println!("  order check {}", r.order_check);
-    for e in &r.errors {
-        println!("    {e}");
-    }
 }
 
 impl BenchArgs {
@@ -361,4 +70,405 @@ impl BenchArgs {
         }
         <Only as clap::Parser>::parse_from(["embar-bench"]).a
     }
+}
+
+/// Payloads: a random template whose first 8 bytes are replaced by the message's identity
+/// (publisher, index). A subscriber checks the identity and a sum over every other byte, a
+/// full read of the payload at memory speed.
+struct Payloads {
+    template: Vec<u8>,
+    tail_sum: u64,
+}
+
+impl Payloads {
+    fn new(bytes: usize) -> Payloads {
+        let mut x = 0x5eed_u64;
+        let template: Vec<u8> = (0..bytes)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let tail_sum = word_sum(&template[bytes.min(8)..]);
+        Payloads { template, tail_sum }
+    }
+
+    fn stamp(buf: &mut [u8], p: u64, i: u64) {
+        let k = buf.len().min(8);
+        buf[..k].copy_from_slice(&(p << 40 | i).to_le_bytes()[..k]);
+    }
+
+    /// `(publisher, index)` of a payload whose every byte is as published.
+    fn check(&self, buf: &[u8]) -> Option<(u64, u64)> {
+        let k = buf.len().min(8);
+        if buf.len() != self.template.len() || word_sum(&buf[k..]) != self.tail_sum {
+            return None;
+        }
+        let mut idb = [0u8; 8];
+        idb[..k].copy_from_slice(&buf[..k]);
+        let id = u64::from_le_bytes(idb);
+        Some((id >> 40, id & ((1 << 40) - 1)))
+    }
+}
+
+fn word_sum(b: &[u8]) -> u64 {
+    let mut chunks = b.chunks_exact(8);
+    let mut sum = 0u64;
+    for c in &mut chunks {
+        sum = sum.wrapping_add(u64::from_le_bytes(c.try_into().expect("8 bytes")));
+    }
+    for (i, x) in chunks.remainder().iter().enumerate() {
+        sum = sum.wrapping_add(u64::from(*x) << (8 * i));
+    }
+    sum
+}
+
+struct Run {
+    order: u8,
+    messages: u64,
+    bytes: u64,
+    elapsed_s: f64,
+    latency: Histogram<u64>,
+    errors: Vec<String>,
+    grant_waits: u64,
+}
+
+pub fn run(a: &BenchArgs) -> Result<bool, String> {
+    if a.message_bytes == 0 || a.total_bytes < a.message_bytes || a.publishers == 0 {
+        return Err("--message-bytes, --publishers must be at least 1 and --total-bytes at least one message".into());
+    }
+    let memcpy = crate::baseline::memcpy_gbps();
+    let dir = std::env::temp_dir().join(format!("embar-bench-{}", std::process::id()));
+    let started;
+    let control = match a.control {
+        Some(c) => {
+            started = None;
+            c
+        }
+        None => {
+            let up = crate::cluster_cmd::UpArgs {
+                brokers: a.brokers,
+                dir: dir.clone(),
+                listen: "127.0.0.1:0".parse().expect("an address"),
+                pool: crate::pool_cmd::CreateArgs {
+                    pool_bytes: Some(a.pool_bytes),
+                    segment_bytes: Some(a.segment_bytes),
+                    max_brokers: Some(a.brokers.max(2)),
+                    ..crate::pool_cmd::CreateArgs::default()
+                },
+            };
+            let f = crate::cluster_cmd::up(&up)?;
+            if !a.json {
+                eprintln!("bench: started a local cluster: control {}, {} brokers, pool {}", f.control, a.brokers, f.pool.display());
+            }
+            started = Some(dir.clone());
+            f.control
+        }
+    };
+    struct Down(Option<std::path::PathBuf>);
+    impl Drop for Down {
+        fn drop(&mut self) {
+            if let Some(d) = &self.0 {
+                let _ = crate::cluster_cmd::down(d);
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
+    }
+    let _down = Down(started);
+    let (pool_path, brokers) = crate::client_cmd::discover(control)?;
+    let pool = crate::client_cmd::open_pool(&pool_path)?;
+    let mut orders = vec![a.order];
+    orders.extend(a.compare_order);
+    let mut runs = Vec::new();
+    for order in orders {
+        let name = format!("bench-o{order}-{}-{}", std::process::id(), runs.len());
+        let spec = TopicSpec {
+            name: name.clone(),
+            order,
+            ack: a.ack,
+            replication_factor: 0,
+            batch_bytes: a.batch_bytes,
+        };
+        ControlClient::new(control).create_topic(&spec).map_err(|e| e.to_string())?;
+        struct Go<'a>(&'a Pool, &'a BenchArgs, &'a str, &'a [u32], u8);
+        impl CoherenceFn<Result<Run, String>> for Go<'_> {
+            fn call<C: Coherence>(self, c: C) -> Result<Run, String> {
+                one_run(self.0, c, self.1, self.2, self.3, self.4)
+            }
+        }
+        runs.push(Pool::with_coherence(pool.coherence_mode(), Go(&pool, a, &name, &brokers, order))?);
+        let _ = ControlClient::new(control).delete_topic(&name);
+    }
+    report(a, memcpy, brokers.len(), &runs)
+}
+
+fn one_run<C: Coherence>(pool: &Pool, c: C, a: &BenchArgs, topic: &str, brokers: &[u32], order: u8) -> Result<Run, String> {
+    let per_pub = (a.total_bytes / a.message_bytes).div_ceil(u64::from(a.publishers));
+    let total = per_pub * u64::from(a.publishers);
+    let acked = AtomicU64::new(0);
+    let delivered = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let fifo = matches!(order, 4 | 5);
+    let payloads = Payloads::new(a.message_bytes as usize);
+    let payloads = &payloads;
+    let subs: Vec<_> = (0..a.subscribers)
+        .map(|_| Subscriber::open(pool, c, topic, StartAt::Oldest).map_err(|e| e.to_string()))
+        .collect::<Result<_, _>>()?;
+    let start_ns = monotonic_ns();
+    let result = std::thread::scope(|s| {
+        let sub_handles: Vec<_> = subs
+            .into_iter()
+            .map(|mut sub| {
+                let (delivered, failed) = (&delivered, &failed);
+                s.spawn(move || -> Result<(u64, u64), String> {
+                    let mut checker = OrderChecker::new(fifo);
+                    let mut next: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+                    let mut digest = 0xcbf2_9ce4_8422_2325u64;
+                    let mut err = None;
+                    let mut last = Instant::now();
+                    while checker.delivered() < total && err.is_none() && !failed.load(Ordering::Relaxed) {
+                        let n = sub
+                            .poll(64, |m| {
+                                if err.is_some() {
+                                    return;
+                                }
+                                let d = Delivered {
+                                    total_order: m.total_order,
+                                    client_id: m.client_id,
+                                    batch_seq: m.batch_seq,
+                                    index: m.index,
+                                    num_msg: m.num_msg,
+                                };
+                                if let Err(v) = checker.push(&d) {
+                                    err = Some(v.to_string());
+                                    return;
+                                }
+                                match payloads.check(m.payload) {
+                                    Some((p, i)) => {
+                                        if fifo {
+                                            let want = next.entry(p).or_insert(0);
+                                            if i != *want {
+                                                err = Some(format!("publisher {p}: message {i} where {want} was next"));
+                                            }
+                                            *want += 1;
+                                        }
+                                    }
+                                    None => err = Some(format!("message {}: payload checksum mismatch", m.total_order)),
+                                }
+                                digest = (digest ^ m.total_order ^ m.client_id.rotate_left(17) ^ u64::from(m.index)).wrapping_mul(0x100_0000_01b3);
+                            })
+                            .map_err(|e| e.to_string())?;
+                        if n > 0 {
+                            delivered.fetch_add(n as u64, Ordering::Relaxed);
+                            last = Instant::now();
+                        } else {
+                            if last.elapsed() > Duration::from_secs(60) {
+                                err = Some(format!("no message for 60 s after {}", checker.delivered()));
+                            }
+                            std::thread::yield_now();
+                        }
+                    }
+                    if let Some(e) = err {
+                        failed.store(true, Ordering::Relaxed);
+                        return Err(e);
+                    }
+                    checker.finish(Some(total)).map_err(|v| v.to_string())?;
+                    Ok((checker.delivered(), digest))
+                })
+            })
+            .collect();
+        let pub_handles: Vec<_> = (0..a.publishers)
+            .map(|p| {
+                let (acked, failed) = (&acked, &failed);
+                s.spawn(move || -> Result<(Histogram<u64>, u64, u64), String> {
+                    let cfg = PublisherConfig {
+                        linger: if a.rate.is_some() { Duration::ZERO } else { Duration::from_millis(1) },
+                        ..PublisherConfig::default()
+                    };
+                    let client = crate::client_cmd::new_client_id();
+                    let mut publ = Publisher::open(pool, c, topic, brokers, client, cfg).map_err(|e| e.to_string())?;
+                    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?;
+                    let mut lat = Vec::with_capacity(1024);
+                    let mut buf = payloads.template.clone();
+                    let interval_ns = a.rate.map(|r| 1_000_000_000 / r.max(1));
+                    let t0 = monotonic_ns();
+                    for i in 0..per_pub {
+                        if failed.load(Ordering::Relaxed) {
+                            return Err("stopped: another thread failed".into());
+                        }
+                        if let Some(iv) = interval_ns {
+                            let due = t0 + i * iv;
+                            while monotonic_ns() < due {
+                                publ.take_ack_latencies(&mut lat);
+                                std::hint::spin_loop();
+                            }
+                        }
+                        Payloads::stamp(&mut buf, p.into(), i);
+                        publ.publish(&buf).map_err(|e| e.to_string())?;
+                        if interval_ns.is_some() {
+                            publ.flush().map_err(|e| e.to_string())?;
+                        }
+                        if i % 256 == 0 {
+                            publ.take_ack_latencies(&mut lat);
+                            for l in lat.drain(..) {
+                                let _ = hist.record(l.max(1));
+                            }
+                            acked.store(publ.acked().map_err(|e| e.to_string())?, Ordering::Relaxed);
+                        }
+                    }
+                    publ.flush().map_err(|e| e.to_string())?;
+                    let deadline = Instant::now() + Duration::from_secs(120);
+                    loop {
+                        let n = publ.acked().map_err(|e| e.to_string())?;
+                        publ.take_ack_latencies(&mut lat);
+                        if n >= publ.sealed_messages() {
+                            break;
+                        }
+                        if Instant::now() > deadline {
+                            return Err(format!("acks: {n} of {} after 120 s", publ.sealed_messages()));
+                        }
+                        std::thread::yield_now();
+                    }
+                    let end = monotonic_ns();
+                    for l in lat.drain(..) {
+                        let _ = hist.record(l.max(1));
+                    }
+                    Ok((hist, end, publ.waits().0))
+                })
+            })
+            .collect();
+        let mut last = Instant::now();
+        while pub_handles.iter().any(|h| !h.is_finished()) || sub_handles.iter().any(|h| !h.is_finished()) {
+            std::thread::sleep(Duration::from_millis(50));
+            if !a.json && last.elapsed() > Duration::from_secs(1) {
+                last = Instant::now();
+                let el = (monotonic_ns() - start_ns) as f64 / 1e9;
+                let d = delivered.load(Ordering::Relaxed);
+                eprintln!(
+                    "bench ORDER {order}: {d}/{total} delivered to each subscriber, {:.2} GB/s so far",
+                    d as f64 * a.message_bytes as f64 / el / 1e9 / f64::from(a.subscribers.max(1))
+                );
+            }
+        }
+        let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?;
+        let mut errors = Vec::new();
+        let mut end_ns = start_ns;
+        let mut grant_waits = 0;
+        for h in pub_handles {
+            match h.join().map_err(|_| "a publisher panicked".to_string())? {
+                Ok((hist, end, waits)) => {
+                    let _ = latency.add(&hist);
+                    end_ns = end_ns.max(end);
+                    grant_waits += waits;
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        let mut digests = Vec::new();
+        for h in sub_handles {
+            match h.join().map_err(|_| "a subscriber panicked".to_string())? {
+                Ok((_, digest)) => digests.push(digest),
+                Err(e) => errors.push(e),
+            }
+        }
+        if digests.windows(2).any(|w| w[0] != w[1]) {
+            errors.push("subscribers saw different sequences".into());
+        }
+        Ok::<Run, String>(Run {
+            order,
+            messages: total,
+            bytes: total * a.message_bytes,
+            elapsed_s: (end_ns - start_ns) as f64 / 1e9,
+            latency,
+            errors,
+            grant_waits,
+        })
+    })?;
+    Ok(result)
+}
+
+fn run_json(r: &Run) -> Value {
+    let us = |q: f64| r.latency.value_at_quantile(q) as f64 / 1e3;
+    json!({
+        "order": r.order,
+        "throughput_gbps": r.bytes as f64 / r.elapsed_s / 1e9,
+        "messages_per_s": r.messages as f64 / r.elapsed_s,
+        "messages": r.messages,
+        "elapsed_s": r.elapsed_s,
+        "order_check": if r.errors.is_empty() { "passed" } else { "failed" },
+        "errors": r.errors,
+        "latency_us": { "p50": us(0.5), "p99": us(0.99), "p999": us(0.999), "max": r.latency.max() as f64 / 1e3 },
+        "grant_waits": r.grant_waits,
+    })
+}
+
+fn report(a: &BenchArgs, memcpy: f64, brokers: usize, runs: &[Run]) -> Result<bool, String> {
+    let main = &runs[0];
+    let mut out = run_json(main);
+    let gbps = out["throughput_gbps"].as_f64().unwrap_or(0.0);
+    out["memcpy_gbps"] = json!(memcpy);
+    out["ratio_to_memcpy"] = json!(gbps / memcpy);
+    out["config"] = json!({
+        "transport": "shm",
+        "brokers": brokers,
+        "order": a.order,
+        "ack": a.ack,
+        "message_size": a.message_bytes,
+        "batch_size": a.batch_bytes,
+        "publishers": a.publishers,
+        "subscribers": a.subscribers,
+        "rate_per_publisher": a.rate,
+    });
+    if let Some(other) = runs.get(1) {
+        let o = run_json(other);
+        let og = o["throughput_gbps"].as_f64().unwrap_or(0.0);
+        out["comparison"] = json!({ "run": o, "ratio": if og > 0.0 { gbps / og } else { 0.0 } });
+    }
+    let passed = runs.iter().all(|r| r.errors.is_empty());
+    if a.json {
+        println!("{out}");
+        return Ok(passed);
+    }
+    println!(
+        "embar bench: {} brokers, shm transport, ORDER {} ACK {}, {} B messages, {} batches, {} publisher(s), {} subscriber(s){}",
+        brokers,
+        a.order,
+        a.ack,
+        a.message_bytes,
+        format_bytes(a.batch_bytes),
+        a.publishers,
+        a.subscribers,
+        a.rate.map_or(String::new(), |r| format!(", open loop {r} msgs/s per publisher"))
+    );
+    for (i, r) in runs.iter().enumerate() {
+        let j = run_json(r);
+        let l = &j["latency_us"];
+        println!(
+            "  ORDER {}: {} in {} messages, {:.2} s: {:.2} GB/s, {:.2} M msgs/s{}",
+            r.order,
+            format_bytes(r.bytes),
+            r.messages,
+            r.elapsed_s,
+            j["throughput_gbps"].as_f64().unwrap_or(0.0),
+            j["messages_per_s"].as_f64().unwrap_or(0.0) / 1e6,
+            if i == 0 { format!("  ({:.2} x memcpy {memcpy:.2} GB/s)", gbps / memcpy) } else { String::new() }
+        );
+        println!(
+            "    publish-to-ack latency: p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us; order check {}",
+            l["p50"].as_f64().unwrap_or(0.0),
+            l["p99"].as_f64().unwrap_or(0.0),
+            l["p999"].as_f64().unwrap_or(0.0),
+            l["max"].as_f64().unwrap_or(0.0),
+            j["order_check"].as_str().unwrap_or("?")
+        );
+        for e in &r.errors {
+            println!("    error: {e}");
+        }
+    }
+    if let Some(c) = out.get("comparison") {
+        println!("  ORDER {} / ORDER {} throughput: {:.2}", a.order, runs[1].order, c["ratio"].as_f64().unwrap_or(0.0));
+    }
+    Ok(passed)
 }

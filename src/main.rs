@@ -1,5 +1,6 @@
 //! `embar`: the command line of Embarcadero in Rust.
 
+mod baseline;
 mod bench;
 mod broker_cmd;
 mod client_cmd;
@@ -7,6 +8,7 @@ mod cluster_cmd;
 mod control_cmd;
 mod order_load;
 mod pool_cmd;
+mod ring_bench;
 mod ringload;
 mod units;
 
@@ -31,8 +33,11 @@ enum Cmd {
     /// Create or inspect a pool.
     #[command(subcommand)]
     Pool(PoolCmd),
-    /// Benchmark the pool data path between real processes (the default command).
+    /// The main job: a local cluster, publishers and subscribers, every message checked,
+    /// throughput and latency (the default command).
     Bench(bench::BenchArgs),
+    /// Benchmark the pool data path alone (segments and one ring) between two processes.
+    RingBench(ring_bench::RingBenchArgs),
     /// Run the sequencer of one topic until SIGINT or SIGTERM.
     Sequencer(SequencerArgs),
     /// Publish each line of stdin as one message; exit 0 only when all are acknowledged.
@@ -215,6 +220,7 @@ fn main() -> ExitCode {
             settings,
         }) => pool_cmd::create_topic(&path, &name, &settings).map(|()| true),
         Cmd::Bench(a) => bench::run(&a),
+        Cmd::RingBench(a) => ring_bench::run(&a),
         Cmd::Sequencer(a) => run_sequencer(&a).map(|()| true),
         Cmd::Control(a) => control_cmd::run_control(&a).map(|()| true),
         Cmd::Broker(a) => broker_cmd::run(&a).map(|()| true),

@@ -34,7 +34,7 @@ impl TopicSettings {
     }
 }
 
-#[derive(Clone, Debug, clap::Args)]
+#[derive(Clone, Debug, Default, clap::Args)]
 pub struct CreateArgs {
     /// TOML file with a [pool] table (see configs/local.toml); flags override its keys.
     #[arg(long)]

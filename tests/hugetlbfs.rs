@@ -60,7 +60,7 @@ fn a_pool_on_hugetlbfs_is_created_checked_and_used() {
 
     let out = Command::new(exe)
         .args([
-            "bench",
+            "ring-bench",
             "--json",
             "--pool-dir",
             &dir,

@@ -8,7 +8,7 @@ use std::process::Command;
 fn bench(total: &str, extra: &[&str]) -> (i32, serde_json::Value) {
     let out = Command::new(env!("CARGO_BIN_EXE_embar"))
         .args([
-            "bench",
+            "ring-bench",
             "--json",
             "--total-bytes",
             total,
@@ -80,7 +80,7 @@ fn a_gap_a_duplicate_and_a_corrupt_payload_are_each_caught() {
 #[test]
 fn a_bad_size_argument_is_a_clear_error() {
     let out = Command::new(env!("CARGO_BIN_EXE_embar"))
-        .args(["bench", "--total-bytes", "lots"])
+        .args(["ring-bench", "--total-bytes", "lots"])
         .output()
         .unwrap();
     assert!(!out.status.success());
