@@ -161,7 +161,12 @@ pub fn run(a: &BenchArgs) -> Result<bool, String> {
             };
             let f = crate::cluster_cmd::up(&up)?;
             if !a.json {
-                eprintln!("bench: started a local cluster: control {}, {} brokers, pool {}", f.control, a.brokers, f.pool.display());
+                eprintln!(
+                    "bench: started a local cluster: control {}, {} brokers, pool {}",
+                    f.control,
+                    a.brokers,
+                    f.pool.display()
+                );
             }
             started = Some(dir.clone());
             f.control
@@ -182,6 +187,7 @@ pub fn run(a: &BenchArgs) -> Result<bool, String> {
     let mut orders = vec![a.order];
     orders.extend(a.compare_order);
     let mut runs = Vec::new();
+    let mut names = Vec::new();
     for order in orders {
         let name = format!("bench-o{order}-{}-{}", std::process::id(), runs.len());
         let spec = TopicSpec {
@@ -191,20 +197,35 @@ pub fn run(a: &BenchArgs) -> Result<bool, String> {
             replication_factor: 0,
             batch_bytes: a.batch_bytes,
         };
-        ControlClient::new(control).create_topic(&spec).map_err(|e| e.to_string())?;
+        ControlClient::new(control)
+            .create_topic(&spec)
+            .map_err(|e| e.to_string())?;
         struct Go<'a>(&'a Pool, &'a BenchArgs, &'a str, &'a [u32], u8);
         impl CoherenceFn<Result<Run, String>> for Go<'_> {
             fn call<C: Coherence>(self, c: C) -> Result<Run, String> {
                 one_run(self.0, c, self.1, self.2, self.3, self.4)
             }
         }
-        runs.push(Pool::with_coherence(pool.coherence_mode(), Go(&pool, a, &name, &brokers, order))?);
+        runs.push(Pool::with_coherence(
+            pool.coherence_mode(),
+            Go(&pool, a, &name, &brokers, order),
+        )?);
+        names.push(name);
+    }
+    for name in names {
         let _ = ControlClient::new(control).delete_topic(&name);
     }
     report(a, memcpy, brokers.len(), &runs)
 }
 
-fn one_run<C: Coherence>(pool: &Pool, c: C, a: &BenchArgs, topic: &str, brokers: &[u32], order: u8) -> Result<Run, String> {
+fn one_run<C: Coherence>(
+    pool: &Pool,
+    c: C,
+    a: &BenchArgs,
+    topic: &str,
+    brokers: &[u32],
+    order: u8,
+) -> Result<Run, String> {
     let per_pub = (a.total_bytes / a.message_bytes).div_ceil(u64::from(a.publishers));
     let total = per_pub * u64::from(a.publishers);
     let acked = AtomicU64::new(0);
@@ -267,7 +288,11 @@ fn one_run<C: Coherence>(pool: &Pool, c: C, a: &BenchArgs, topic: &str, brokers:
                             if last.elapsed() > Duration::from_secs(60) {
                                 err = Some(format!("no message for 60 s after {}", checker.delivered()));
                             }
-                            std::thread::yield_now();
+                            if last.elapsed() > Duration::from_micros(200) {
+                                std::thread::sleep(Duration::from_micros(50));
+                            } else {
+                                std::thread::yield_now();
+                            }
                         }
                     }
                     if let Some(e) = err {
@@ -284,12 +309,18 @@ fn one_run<C: Coherence>(pool: &Pool, c: C, a: &BenchArgs, topic: &str, brokers:
                 let (acked, failed) = (&acked, &failed);
                 s.spawn(move || -> Result<(Histogram<u64>, u64, u64), String> {
                     let cfg = PublisherConfig {
-                        linger: if a.rate.is_some() { Duration::ZERO } else { Duration::from_millis(1) },
+                        linger: if a.rate.is_some() {
+                            Duration::ZERO
+                        } else {
+                            Duration::from_millis(1)
+                        },
                         ..PublisherConfig::default()
                     };
                     let client = crate::client_cmd::new_client_id();
-                    let mut publ = Publisher::open(pool, c, topic, brokers, client, cfg).map_err(|e| e.to_string())?;
-                    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?;
+                    let mut publ = Publisher::open(pool, c, topic, brokers, client, cfg)
+                        .map_err(|e| e.to_string())?;
+                    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
+                        .map_err(|e| e.to_string())?;
                     let mut lat = Vec::with_capacity(1024);
                     let mut buf = payloads.template.clone();
                     let interval_ns = a.rate.map(|r| 1_000_000_000 / r.max(1));
@@ -299,10 +330,20 @@ fn one_run<C: Coherence>(pool: &Pool, c: C, a: &BenchArgs, topic: &str, brokers:
                             return Err("stopped: another thread failed".into());
                         }
                         if let Some(iv) = interval_ns {
+                            // Sleep through most of the gap (this host may have fewer cores
+                            // than polling threads), spin the last part.
                             let due = t0 + i * iv;
-                            while monotonic_ns() < due {
+                            loop {
                                 publ.take_ack_latencies(&mut lat);
-                                std::hint::spin_loop();
+                                let now = monotonic_ns();
+                                if now >= due {
+                                    break;
+                                }
+                                if due - now > 150_000 {
+                                    std::thread::sleep(Duration::from_nanos(due - now - 100_000));
+                                } else {
+                                    std::hint::spin_loop();
+                                }
                             }
                         }
                         Payloads::stamp(&mut buf, p.into(), i);
@@ -315,7 +356,8 @@ fn one_run<C: Coherence>(pool: &Pool, c: C, a: &BenchArgs, topic: &str, brokers:
                             for l in lat.drain(..) {
                                 let _ = hist.record(l.max(1));
                             }
-                            acked.store(publ.acked().map_err(|e| e.to_string())?, Ordering::Relaxed);
+                            acked
+                                .store(publ.acked().map_err(|e| e.to_string())?, Ordering::Relaxed);
                         }
                     }
                     publ.flush().map_err(|e| e.to_string())?;
@@ -327,7 +369,10 @@ fn one_run<C: Coherence>(pool: &Pool, c: C, a: &BenchArgs, topic: &str, brokers:
                             break;
                         }
                         if Instant::now() > deadline {
-                            return Err(format!("acks: {n} of {} after 120 s", publ.sealed_messages()));
+                            return Err(format!(
+                                "acks: {n} of {} after 120 s",
+                                publ.sealed_messages()
+                            ));
                         }
                         std::thread::yield_now();
                     }
@@ -340,7 +385,9 @@ fn one_run<C: Coherence>(pool: &Pool, c: C, a: &BenchArgs, topic: &str, brokers:
             })
             .collect();
         let mut last = Instant::now();
-        while pub_handles.iter().any(|h| !h.is_finished()) || sub_handles.iter().any(|h| !h.is_finished()) {
+        while pub_handles.iter().any(|h| !h.is_finished())
+            || sub_handles.iter().any(|h| !h.is_finished())
+        {
             std::thread::sleep(Duration::from_millis(50));
             if !a.json && last.elapsed() > Duration::from_secs(1) {
                 last = Instant::now();
@@ -352,7 +399,8 @@ fn one_run<C: Coherence>(pool: &Pool, c: C, a: &BenchArgs, topic: &str, brokers:
                 );
             }
         }
-        let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?;
+        let mut latency =
+            Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?;
         let mut errors = Vec::new();
         let mut end_ns = start_ns;
         let mut grant_waits = 0;
@@ -453,7 +501,11 @@ fn report(a: &BenchArgs, memcpy: f64, brokers: usize, runs: &[Run]) -> Result<bo
             r.elapsed_s,
             j["throughput_gbps"].as_f64().unwrap_or(0.0),
             j["messages_per_s"].as_f64().unwrap_or(0.0) / 1e6,
-            if i == 0 { format!("  ({:.2} x memcpy {memcpy:.2} GB/s)", gbps / memcpy) } else { String::new() }
+            if i == 0 {
+                format!("  ({:.2} x memcpy {memcpy:.2} GB/s)", gbps / memcpy)
+            } else {
+                String::new()
+            }
         );
         println!(
             "    publish-to-ack latency: p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us; order check {}",
@@ -468,7 +520,12 @@ fn report(a: &BenchArgs, memcpy: f64, brokers: usize, runs: &[Run]) -> Result<bo
         }
     }
     if let Some(c) = out.get("comparison") {
-        println!("  ORDER {} / ORDER {} throughput: {:.2}", a.order, runs[1].order, c["ratio"].as_f64().unwrap_or(0.0));
+        println!(
+            "  ORDER {} / ORDER {} throughput: {:.2}",
+            a.order,
+            runs[1].order,
+            c["ratio"].as_f64().unwrap_or(0.0)
+        );
     }
     Ok(passed)
 }

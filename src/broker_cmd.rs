@@ -33,7 +33,7 @@ pub struct BrokerArgs {
 }
 
 /// Empty rounds before the polling threads start sleeping briefly.
-const BUSY_ROUNDS: u32 = 2000;
+const BUSY_ROUNDS: u32 = 200;
 /// Sleep of an idle polling thread.
 const IDLE_SLEEP: Duration = Duration::from_micros(50);
 /// How often the sequencer thread looks for new topics.
@@ -213,6 +213,10 @@ fn sequence_all<C: Coherence>(pool: &Pool, c: C, stop: &AtomicBool, pin: Option<
         for (slot, (_, s)) in seqs.iter_mut() {
             match s.poll_once() {
                 Ok(n) => work += n,
+                Err(e @ embar_dataplane::sequencer::driver::SequencerError::TopicGone(_)) => {
+                    log::info!("{e}; its sequencer stops");
+                    failed.push(*slot);
+                }
                 Err(e) => {
                     log::error!("sequencer of topic slot {slot}: {e}");
                     failed.push(*slot);

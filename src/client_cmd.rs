@@ -38,8 +38,16 @@ pub fn discover(control: SocketAddr) -> Result<(PathBuf, Vec<u32>), String> {
     Ok((pool, slots))
 }
 
+/// Maps the pool with every page faulted in, so the data path takes no page fault.
 pub fn open_pool(path: &std::path::Path) -> Result<Pool, String> {
-    Pool::open(path, &OpenOptions::default()).map_err(|e| e.to_string())
+    Pool::open(
+        path,
+        &OpenOptions {
+            populate: true,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| e.to_string())
 }
 
 /// A client id for this publisher: random, so two publishers never share one.

@@ -40,6 +40,16 @@ fn pool(name: &str, pool_mib: u64) -> (TempPool, Pool) {
 
 /// Runs the pipeline; returns the segments the brokers reclaimed and the pool's segment count.
 fn run_pipeline(order: u8, publishers: u64, per_publisher: u64, pool_mib: u64) -> (u64, u64) {
+    run_pipeline_with(order, publishers, per_publisher, pool_mib, false)
+}
+
+fn run_pipeline_with(
+    order: u8,
+    publishers: u64,
+    per_publisher: u64,
+    pool_mib: u64,
+    flush_each: bool,
+) -> (u64, u64) {
     let (_t, pool) = pool(&format!("o{order}"), pool_mib);
     let cfg = TopicConfig {
         order,
@@ -96,6 +106,9 @@ fn run_pipeline(order: u8, publishers: u64, per_publisher: u64, pool_mib: u64) -
                         let msg =
                             format!("client {k} message {i} {}", "x".repeat((i % 300) as usize));
                         p.publish(msg.as_bytes())?;
+                        if flush_each {
+                            p.flush()?;
+                        }
                     }
                     p.wait_acks(Duration::from_secs(30))
                 })
@@ -157,6 +170,13 @@ fn run_pipeline(order: u8, publishers: u64, per_publisher: u64, pool_mib: u64) -
 #[test]
 fn publishers_brokers_sequencer_and_a_subscriber_agree_order_5() {
     run_pipeline(5, 3, 3000, 64);
+}
+
+#[test]
+fn one_message_batches_alternate_brokers_and_stay_in_order() {
+    for _ in 0..20 {
+        run_pipeline_with(5, 1, 2000, 64, true);
+    }
 }
 
 #[test]

@@ -72,6 +72,8 @@ struct Pending {
 }
 
 struct TopicState<'p, C: Coherence> {
+    /// Generation of the topic slot this state belongs to.
+    generation: u64,
     order: u8,
     ack: u8,
     producer: RingProducer<'p, C>,
@@ -180,6 +182,20 @@ impl<'p, C: Coherence> Broker<'p, C> {
             now.saturating_sub(self.last_pid_check_ns) >= PID_CHECK_INTERVAL.as_nanos() as u64;
         if check_pids {
             self.last_pid_check_ns = now;
+            // Topics deleted (or deleted and created again) since: drop their state.
+            let gone: Vec<u32> = self
+                .topics
+                .iter()
+                .filter(|(slot, t)| {
+                    self.pool
+                        .read_topic(self.c, **slot)
+                        .is_none_or(|i| i.generation != t.generation)
+                })
+                .map(|(slot, _)| *slot)
+                .collect();
+            for slot in gone {
+                self.drop_topic(slot)?;
+            }
         }
         for i in 0..self.sessions.len() {
             work += self.lifecycle(i, check_pids)?;
@@ -247,6 +263,13 @@ impl<'p, C: Coherence> Broker<'p, C> {
             refuse(SessionError::Ack2Unsupported);
             return Ok(());
         }
+        if self
+            .topics
+            .get(&topic)
+            .is_some_and(|t| t.generation != info.generation)
+        {
+            self.drop_topic(topic)?;
+        }
         if let std::collections::hash_map::Entry::Vacant(v) = self.topics.entry(topic) {
             let ring = self.pool.ring(topic, self.broker)?;
             let owner = SegmentOwner {
@@ -254,6 +277,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
                 broker: self.broker,
             };
             v.insert(TopicState {
+                generation: info.generation,
                 order: info.config.order,
                 ack: info.config.ack,
                 producer: RingProducer::new(ring, self.c),
@@ -309,6 +333,30 @@ impl<'p, C: Coherence> Broker<'p, C> {
         let s = self.session(i);
         self.c.publish(&s.accepted, st.generation << 8 | RELEASED);
         self.stats.sessions_closed += 1;
+        Ok(())
+    }
+
+    /// Forgets a deleted topic: closes its sessions and frees every segment it held.
+    fn drop_topic(&mut self, slot: u32) -> Result<(), PoolError> {
+        for i in 0..self.sessions.len() {
+            if self.sessions[i].open && self.sessions[i].topic == slot {
+                let st = std::mem::take(&mut self.sessions[i]);
+                let s = self.session(i);
+                s.error.store(SessionError::UnknownTopic as u64, Relaxed);
+                self.c.publish(&s.accepted, st.generation << 8 | RELEASED);
+                self.stats.sessions_closed += 1;
+            }
+        }
+        if let Some(mut t) = self.topics.remove(&slot) {
+            for (_, g) in t.grants.drain() {
+                t.alloc.free(&g.seg)?;
+                self.stats.segments_reclaimed += 1;
+            }
+            log::info!(
+                "broker {}: topic slot {slot} is gone; its log space is freed",
+                self.broker
+            );
+        }
         Ok(())
     }
 
@@ -416,6 +464,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
                         st.acked_messages += u64::from(desc.num_msg);
                         st.acked_batches += 1;
                         s.acked_batches.store(st.acked_batches, Relaxed);
+                        s.ack_ns.store(monotonic_ns(), Relaxed);
                         self.c.publish(&s.acked_messages, st.acked_messages);
                     }
                     st.consumer
@@ -481,6 +530,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
                         st.acked_messages += u64::from(p.num_msg);
                         st.acked_batches += 1;
                         s.acked_batches.store(st.acked_batches, Relaxed);
+                        s.ack_ns.store(monotonic_ns(), Relaxed);
                         self.c.publish(&s.acked_messages, st.acked_messages);
                         self.stats.batches_acked += 1;
                         self.stats.messages_acked += u64::from(p.num_msg);

@@ -412,15 +412,17 @@ impl<'p, C: Coherence> Publisher<'p, C> {
         Ok(total)
     }
 
-    /// Publish-to-ack latency (ns, from each batch's first message) of every batch acked
-    /// since the last call.
+    /// Publish-to-ack latency (ns, from each batch's first message to the broker's ack) of
+    /// every batch acked since the last call. The ack time is the broker's stamp, so a
+    /// publisher that looks late does not inflate it (it may round a batch up to a later ack
+    /// of the same session).
     pub fn take_ack_latencies(&mut self, out: &mut Vec<u64>) {
-        let now = monotonic_ns();
         for l in &mut self.links {
             let acked = self.c.observe(&l.session.acked_messages);
+            let ack_ns = l.session.ack_ns.load(Relaxed);
             while l.unacked.front().is_some_and(|(cum, _)| *cum <= acked) {
                 let (_, first) = l.unacked.pop_front().expect("front exists");
-                out.push(now.saturating_sub(first));
+                out.push(ack_ns.saturating_sub(first));
             }
         }
     }

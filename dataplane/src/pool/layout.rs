@@ -366,7 +366,8 @@ pub struct Session {
     pub rejected_batches: AtomicU64,
     /// Last error: `code | batch_seq << 8`.
     pub error: AtomicU64,
-    pub _pad1: AtomicU64,
+    /// `CLOCK_MONOTONIC` ns of the latest ack (for publish-to-ack latency).
+    pub ack_ns: AtomicU64,
     pub grants: [GrantEntry; SESSION_GRANT_SLOTS],
     pub submissions: [BatchHeader; SESSION_SUBMIT_SLOTS],
 }

@@ -17,7 +17,7 @@ use crate::sync::Ordering::{AcqRel, Acquire, Relaxed};
 
 const STATE_EMPTY: u64 = 0;
 const STATE_CREATING: u64 = 1;
-const STATE_ACTIVE: u64 = 2;
+pub(crate) const STATE_ACTIVE: u64 = 2;
 const STATE_DELETED: u64 = 3;
 
 /// Highest ORDER level and ACK level a topic can name.
@@ -197,8 +197,65 @@ impl Pool {
             );
         }
         c.writeback(h);
+        self.reset_topic_regions(c, slot);
         c.publish(&h.state, generation << 8 | STATE_ACTIVE);
         Ok(slot)
+    }
+
+    /// Zeroes what a topic slot's previous tenant left: per-broker regions, ring slots and the
+    /// sequencer state (a reused slot starts like a fresh one). Runs before the slot turns
+    /// active; brokers and sequencers of the previous tenant drop it when they see the
+    /// generation change.
+    fn reset_topic_regions<C: Coherence>(&self, c: C, slot: u32) {
+        let t = self.tinode(slot);
+        for (b, e) in t.brokers.iter().enumerate() {
+            let r = &e.broker;
+            for w in [
+                &r.log_offset,
+                &r.written,
+                &r.written_addr,
+                &r.reclaimed_below,
+            ] {
+                w.store(0, Relaxed);
+            }
+            for w in &e.replication.replication_done {
+                w.store(0, Relaxed);
+            }
+            let s = &e.sequencer;
+            for w in [&s.ordered, &s.ordered_offset, &s.ring_consumed] {
+                w.store(0, Relaxed);
+            }
+            c.writeback(e);
+            if let Ok(ring) = self.ring_slots(slot, b as u32) {
+                for h in ring {
+                    h.ready.store(0, Relaxed);
+                    h.ordered.store(0, Relaxed);
+                }
+                // SAFETY: the ring lies inside the mapping (`ring_slots` checked it).
+                unsafe { c.writeback_range(ring.as_ptr().cast(), std::mem::size_of_val(ring)) };
+            }
+        }
+        let st = self.sequencer_state(slot);
+        for w in [
+            &st.next_global,
+            &st.duplicates,
+            &st.fences,
+            &st.next_delivery,
+            &st.delivered,
+        ] {
+            w.store(0, Relaxed);
+        }
+        for e in &st.clients {
+            e.client_key.store(0, Relaxed);
+        }
+        for e in &st.subscribers {
+            let s = e.state.load(Relaxed);
+            e.state.store(s & !0xff, Relaxed);
+        }
+        for e in &st.delivery {
+            e.stamp.store(0, Relaxed);
+        }
+        c.writeback(st);
     }
 
     /// Finds a topic by its full name.

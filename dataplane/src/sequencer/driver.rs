@@ -57,6 +57,8 @@ pub struct DriverConfig {
 pub enum SequencerError {
     #[error("fenced: a newer sequencer (epoch above {0}) took over this topic")]
     Superseded(u64),
+    #[error("topic slot {0} was deleted (or deleted and created again)")]
+    TopicGone(u32),
     #[error("{0}")]
     Pool(String),
 }
@@ -89,6 +91,10 @@ pub struct Sequencer<'p, C: Coherence> {
     ordered_unsaved: Vec<u64>,
     /// Next delivery-ring index to write.
     next_delivery: u64,
+    /// Slots taken from one ring per round.
+    burst: usize,
+    /// Generation of the topic slot when this sequencer started.
+    generation: u64,
     stats: DriverStats,
 }
 
@@ -158,6 +164,8 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
             last_tick_ns: 0,
             ordered_unsaved: vec![0; brokers as usize],
             next_delivery: 0,
+            burst: (limits.held_per_client_max / (2 * brokers as usize)).clamp(1, 64),
+            generation: info.generation,
             stats: DriverStats::default(),
         };
         s.next_delivery = next_delivery;
@@ -182,22 +190,33 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
     fn recover(&mut self) -> Result<(), SequencerError> {
         let mut fresh = Vec::new();
         let mut committed = Vec::new();
-        for b in 0..self.rings.len() {
-            while let Some(p) = self.rings[b]
-                .poll()
-                .map_err(|e| SequencerError::Pool(e.to_string()))?
-            {
-                match p {
-                    Polled::Batch { index, desc } => {
+        // Take the rings' backlogs in turn, one slot from each, so that a client whose
+        // batches are striped over brokers arrives interleaved (as it would have live), not
+        // one broker's whole backlog first (which would fill its hold buffer).
+        let mut open: Vec<usize> = (0..self.rings.len()).collect();
+        while !open.is_empty() {
+            let mut still = Vec::with_capacity(open.len());
+            for b in open {
+                match self.rings[b]
+                    .poll()
+                    .map_err(|e| SequencerError::Pool(e.to_string()))?
+                {
+                    Some(Polled::Batch { index, desc }) => {
                         let landed = self.remember(b, index, desc);
                         match self.rings[b].committed_order(index) {
                             Some((first, d)) => committed.push((landed, first, d)),
                             None => fresh.push(landed),
                         }
+                        still.push(b);
                     }
-                    Polled::Invalid { index, reason, .. } => self.reject(b, index, &reason)?,
+                    Some(Polled::Invalid { index, reason, .. }) => {
+                        self.reject(b, index, &reason)?;
+                        still.push(b);
+                    }
+                    None => {}
                 }
             }
+            open = still;
         }
         for (landed, first, d) in committed {
             self.core.replay_ordered(landed, first);
@@ -385,19 +404,26 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
 
     /// One round over every ring; returns how many slots it took.
     pub fn poll_once(&mut self) -> Result<usize, SequencerError> {
+        let state = self.c.observe(&self.pool.tinode(self.topic).header.state);
+        if state >> 8 != self.generation || state & 0xff != crate::pool::topics::STATE_ACTIVE {
+            return Err(SequencerError::TopicGone(self.topic));
+        }
         let mut work = 0;
         let now = monotonic_ns();
         // A round may order up to 64 batches per ring plus every held batch: if the delivery
         // ring cannot take that many, wait for subscribers (backpressure up to publishers).
-        let round_max = 64 * self.rings.len() as u64 + self.core.stats().held_now + 1;
+        let round_max =
+            self.burst as u64 * self.rings.len() as u64 + self.core.stats().held_now + 1;
         let rings = if self.delivery_room() >= round_max {
             self.rings.len()
         } else {
             0
         };
         for b in 0..rings {
-            // A bounded burst per ring keeps the rounds fair between brokers.
-            for _ in 0..64 {
+            // A bounded burst per ring keeps the rounds fair between brokers, and small
+            // enough that a client striped over every broker cannot fill its hold buffer
+            // from the rings visited before the one with its next batch.
+            for _ in 0..self.burst {
                 match self.rings[b]
                     .poll()
                     .map_err(|e| SequencerError::Pool(e.to_string()))?
