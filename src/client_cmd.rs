@@ -64,6 +64,9 @@ pub struct PublishArgs {
     /// How long to wait for the acks of everything published.
     #[arg(long, default_value_t = 30)]
     pub ack_timeout_s: u64,
+    /// Longest wait for log space or a broker before giving up.
+    #[arg(long, default_value_t = 30)]
+    pub wait_timeout_s: u64,
 }
 
 /// Publishes each line of stdin as one message; succeeds only when all are acked per the
@@ -75,15 +78,12 @@ pub fn publish(a: &PublishArgs) -> Result<(), String> {
     impl CoherenceFn<Result<(), String>> for Go<'_> {
         fn call<C: Coherence>(self, c: C) -> Result<(), String> {
             let Go(pool, a, brokers) = self;
-            let mut p = Publisher::open(
-                pool,
-                c,
-                &a.topic,
-                brokers,
-                new_client_id(),
-                PublisherConfig::default(),
-            )
-            .map_err(|e| e.to_string())?;
+            let cfg = PublisherConfig {
+                wait_timeout: Duration::from_secs(a.wait_timeout_s),
+                ..PublisherConfig::default()
+            };
+            let mut p = Publisher::open(pool, c, &a.topic, brokers, new_client_id(), cfg)
+                .map_err(|e| e.to_string())?;
             let stdin = std::io::stdin();
             let mut n = 0u64;
             for line in stdin.lock().lines() {
@@ -127,6 +127,10 @@ pub struct SubscribeArgs {
     /// Stop when no message arrives for this long (default: wait forever).
     #[arg(long)]
     pub idle_timeout_s: Option<u64>,
+    /// Register, then wait this long before reading (holds log space: for tests of
+    /// backpressure).
+    #[arg(long, hide = true)]
+    pub pause_ms: Option<u64>,
 }
 
 pub fn subscribe(a: &SubscribeArgs) -> Result<(), String> {
@@ -154,6 +158,13 @@ pub fn subscribe(a: &SubscribeArgs) -> Result<(), String> {
         fn call<C: Coherence>(self, c: C) -> Result<(), String> {
             let Go(pool, a, start) = self;
             let mut sub = Subscriber::open(pool, c, &a.topic, start).map_err(|e| e.to_string())?;
+            if let Some(ms) = a.pause_ms {
+                eprintln!(
+                    "subscriber registered at delivery index {}; pausing {ms} ms",
+                    sub.position()
+                );
+                std::thread::sleep(Duration::from_millis(ms));
+            }
             let stop = embar_sys::signal::stop_on_term();
             let out = std::io::stdout();
             let mut out = std::io::BufWriter::new(out.lock());
@@ -209,4 +220,107 @@ pub fn subscribe(a: &SubscribeArgs) -> Result<(), String> {
         }
     }
     Pool::with_coherence(pool.coherence_mode(), Go(&pool, a, start))
+}
+
+#[derive(Clone, Debug, clap::Args)]
+pub struct RogueArgs {
+    #[arg(long)]
+    pub topic: String,
+    #[arg(long, default_value = crate::control_cmd::DEFAULT_CONTROL)]
+    pub control: SocketAddr,
+    /// What the rogue batch does wrong: outside-grant, bad-size, wrong-client.
+    #[arg(long)]
+    pub fault: String,
+}
+
+/// A publisher that sends good messages, then one batch descriptor that breaks the rules,
+/// and reports what its broker answered.
+pub fn rogue_publish(a: &RogueArgs) -> Result<(), String> {
+    use embar_dataplane::batch::BatchDesc;
+    use embar_dataplane::pool::layout::BATCH_HEADER_VERSION;
+    let (path, brokers) = discover(a.control)?;
+    let pool = open_pool(&path)?;
+    struct Go<'a>(&'a Pool, &'a RogueArgs, &'a [u32]);
+    impl CoherenceFn<Result<(), String>> for Go<'_> {
+        fn call<C: Coherence>(self, c: C) -> Result<(), String> {
+            let Go(pool, a, brokers) = self;
+            let mut p = Publisher::open(
+                pool,
+                c,
+                &a.topic,
+                &brokers[..1],
+                new_client_id(),
+                PublisherConfig::default(),
+            )
+            .map_err(|e| e.to_string())?;
+            for i in 0..10 {
+                p.publish(format!("good {i}").as_bytes())
+                    .map_err(|e| e.to_string())?;
+            }
+            p.wait_acks(Duration::from_secs(10))
+                .map_err(|e| e.to_string())?;
+            let (offset, bytes, used) = p.grant(0).ok_or("no grant")?;
+            let good = BatchDesc {
+                batch_seq: 1,
+                client_id: p.client_id(),
+                num_msg: 1,
+                broker_id: brokers[0],
+                total_size: 64,
+                log_idx: offset + used,
+                start_logical_offset: 0,
+                version_flags: u64::from(BATCH_HEADER_VERSION),
+            };
+            let bad = match a.fault.as_str() {
+                // Pool metadata: fails the descriptor's bounds check.
+                "metadata" => BatchDesc {
+                    log_idx: pool.geometry().ring_region_offset,
+                    ..good
+                },
+                // Log space this session was never granted: a free segment.
+                "outside-grant" => {
+                    let free = (0..pool.geometry().segment_count)
+                        .find(|i| pool.segment_owner(c, *i).is_none())
+                        .ok_or("no free segment to aim at")?;
+                    BatchDesc {
+                        log_idx: pool.geometry().segment_offset(free),
+                        ..good
+                    }
+                }
+                "past-grant" => BatchDesc {
+                    log_idx: offset + bytes - 64,
+                    total_size: 128,
+                    ..good
+                },
+                "bad-size" => BatchDesc {
+                    num_msg: 4,
+                    total_size: 64,
+                    ..good
+                },
+                "wrong-client" => BatchDesc {
+                    client_id: p.client_id() ^ 1,
+                    ..good
+                },
+                other => return Err(format!("unknown fault {other:?}")),
+            };
+            p.submit_unchecked(0, &bad).map_err(|e| e.to_string())?;
+            let start = std::time::Instant::now();
+            loop {
+                match p.acked() {
+                    Err(e) => {
+                        println!(
+                            "{}",
+                            serde_json::json!({ "rejected": true, "error": e.to_string() })
+                        );
+                        return Ok(());
+                    }
+                    Ok(_) if start.elapsed() > Duration::from_secs(10) => {
+                        println!("{}", serde_json::json!({ "rejected": false }));
+                        return Ok(());
+                    }
+                    Ok(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        }
+    }
+    Pool::with_coherence(pool.coherence_mode(), Go(&pool, a, &brokers))
 }

@@ -126,6 +126,8 @@ enum WorkerCmd {
     Feed(order_load::FeedArgs),
     /// Check a finished run's order (the ring must hold the whole run).
     VerifyOrder(order_load::VerifyArgs),
+    /// Publish good messages, then a batch that breaks the rules; report the broker's answer.
+    RoguePublish(client_cmd::RogueArgs),
     /// Register with the control process and heartbeat until killed.
     Heartbeat {
         #[arg(long)]
@@ -249,6 +251,7 @@ fn main() -> ExitCode {
         } => cluster_cmd::down(&dir).map(|()| true),
         Cmd::Publish(a) => client_cmd::publish(&a).map(|()| true),
         Cmd::Subscribe(a) => client_cmd::subscribe(&a).map(|()| true),
+        Cmd::RingWorker(WorkerCmd::RoguePublish(a)) => client_cmd::rogue_publish(&a).map(|()| true),
         Cmd::RingWorker(WorkerCmd::Heartbeat { control }) => {
             control_cmd::heartbeat_worker(control).map(|()| true)
         }

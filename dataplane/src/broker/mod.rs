@@ -31,6 +31,10 @@ const SPACE_CHECK_INTERVAL: Duration = Duration::from_millis(20);
 /// Log space is reclaimed only when fewer than this fraction (1/n) of the pool's segments
 /// are free, or a grant found none: recent batches stay readable by late subscribers.
 const RECLAIM_WHEN_FREE_BELOW: u64 = 4;
+/// Grants issued to a session and not yet taken (its credits beyond the grant it fills):
+/// enough to never wait on a fast path, few enough that idle sessions do not hoard the pool.
+const GRANTS_AHEAD: u64 = 2;
+const _: () = assert!(GRANTS_AHEAD as usize <= SESSION_GRANT_SLOTS);
 /// Submissions taken from one session per round (fairness between sessions).
 const SUBMISSIONS_PER_ROUND: usize = 16;
 
@@ -368,7 +372,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
         let Some(t) = self.topics.get_mut(&st.topic) else {
             return Ok(());
         };
-        while st.issued - taken.min(st.issued) < SESSION_GRANT_SLOTS as u64 {
+        while st.issued - taken.min(st.issued) < GRANTS_AHEAD {
             let seg = match t.alloc.alloc() {
                 Ok(seg) => seg,
                 Err(PoolError::NoFreeSegment { .. }) => {

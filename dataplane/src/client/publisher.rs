@@ -377,6 +377,22 @@ impl<'p, C: Coherence> Publisher<'p, C> {
         Ok(())
     }
 
+    /// Submits `desc` as it is to broker link `link`, bypassing every check this library
+    /// makes: what a misbehaving or malicious publisher can do to its broker. For testing the
+    /// broker's checks (`embar ring-worker rogue-publish`).
+    pub fn submit_unchecked(&mut self, link: usize, desc: &BatchDesc) -> Result<(), PublishError> {
+        let l = self.links.get_mut(link).ok_or(PublishError::NoBrokers)?;
+        l.submit
+            .try_publish(desc)
+            .map(|_| ())
+            .map_err(|e| PublishError::Pool(PoolError::BadRange(e.to_string())))
+    }
+
+    /// The current grant of link `link`: `(offset, bytes, used)`.
+    pub fn grant(&self, link: usize) -> Option<(u64, u64, u64)> {
+        self.links.get(link).and_then(|l| l.grant)
+    }
+
     /// Seals the open batch, if it has lingered long enough (call when idle).
     pub fn poll(&mut self) -> Result<(), PublishError> {
         let lingered = self.open.as_ref().is_some_and(|b| {

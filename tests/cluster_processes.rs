@@ -1,0 +1,338 @@
+//! The running system on one machine, as real processes: `embar cluster up` (control process,
+//! two brokers, the sequencer), publishers and subscribers as separate processes.
+
+use std::io::Write;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const EXE: &str = env!("CARGO_BIN_EXE_embar");
+
+/// A cluster started with `embar cluster up`, stopped however the test ends.
+struct Cluster {
+    dir: String,
+    control: String,
+}
+
+/// The cluster tests run one at a time: each starts several polling processes, and a 2-core
+/// machine running two such clusters at once measures the scheduler, not the system.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Cluster {
+    fn up(name: &str, extra: &[&str]) -> Cluster {
+        let dir = format!("/tmp/embar-test-cluster-{name}-{}", std::process::id());
+        let _ = Command::new(EXE)
+            .args(["cluster", "down", "--dir", &dir])
+            .output();
+        let out = Command::new(EXE)
+            .args(["cluster", "up", "--brokers", "2", "--dir", &dir])
+            .args(extra)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let file: Value =
+            serde_json::from_str(&std::fs::read_to_string(format!("{dir}/cluster.json")).unwrap())
+                .unwrap();
+        Cluster {
+            control: file["control"].as_str().unwrap().to_string(),
+            dir,
+        }
+    }
+
+    fn embar(&self, args: &[&str]) -> (bool, String, String) {
+        let out = Command::new(EXE)
+            .args(args)
+            .args(["--control", &self.control])
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    }
+
+    fn topic(&self, name: &str, extra: &[&str]) {
+        let mut args = vec!["topic", "create", name];
+        args.extend(extra);
+        let (ok, _, err) = self.embar(&args);
+        assert!(ok, "{err}");
+    }
+
+    fn spawn(&self, args: &[&str], stdin: Option<String>) -> Child {
+        let mut c = Command::new(EXE)
+            .args(args)
+            .args(["--control", &self.control])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = c.stdin.take().unwrap();
+        if let Some(text) = stdin {
+            std::thread::spawn(move || {
+                let _ = input.write_all(text.as_bytes());
+            });
+        }
+        c
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new(EXE)
+            .args(["cluster", "down", "--dir", &self.dir])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn lines(prefix: &str, n: usize, width: usize) -> String {
+    (0..n)
+        .map(|i| format!("{prefix} {i:06} {}\n", "p".repeat(width)))
+        .collect()
+}
+
+#[test]
+fn several_publishers_and_two_subscribers_agree_and_keep_each_publishers_order() {
+    let _serial = serial();
+    let c = Cluster::up(
+        "agree",
+        &["--pool-bytes", "128MiB", "--segment-bytes", "2MiB"],
+    );
+    c.topic("orders", &["--order", "5", "--batch-bytes", "64KiB"]);
+    let n = 3000;
+    let subs: Vec<_> = (0..2)
+        .map(|_| {
+            c.spawn(
+                &[
+                    "subscribe",
+                    "--topic",
+                    "orders",
+                    "--count",
+                    &(3 * n).to_string(),
+                    "--format",
+                    "jsonl",
+                ],
+                None,
+            )
+        })
+        // Drain each subscriber's output as it comes (a full pipe would stop it reading).
+        .map(|s| std::thread::spawn(move || s.wait_with_output().unwrap()))
+        .collect();
+    let pubs: Vec<Child> = ["alpha", "beta", "gamma"]
+        .iter()
+        .map(|p| c.spawn(&["publish", "--topic", "orders"], Some(lines(p, n, 100))))
+        .collect();
+    for p in pubs {
+        let out = p.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("{n} acknowledged")));
+    }
+    let outs: Vec<String> = subs
+        .into_iter()
+        .map(|s| {
+            let out = s.join().unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            String::from_utf8(out.stdout).unwrap()
+        })
+        .collect();
+    assert_eq!(outs[0], outs[1], "both subscribers saw the same sequence");
+    let msgs: Vec<Value> = outs[0]
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(msgs.len(), 3 * n);
+    let mut next = std::collections::HashMap::new();
+    for (i, m) in msgs.iter().enumerate() {
+        assert_eq!(m["total_order"], i as u64, "total orders 0..N-1");
+        let payload = m["payload"].as_str().unwrap();
+        let mut parts = payload.split(' ');
+        let (who, k): (&str, usize) = (
+            parts.next().unwrap(),
+            parts.next().unwrap().parse().unwrap(),
+        );
+        let want = next.entry(who.to_string()).or_insert(0usize);
+        assert_eq!(k, *want, "{who}'s lines in order");
+        *want += 1;
+    }
+    assert_eq!(next.len(), 3);
+}
+
+#[test]
+fn a_rogue_batch_is_rejected_with_its_reason_and_nothing_else_is_touched() {
+    let _serial = serial();
+    let c = Cluster::up(
+        "rogue",
+        &["--pool-bytes", "64MiB", "--segment-bytes", "1MiB"],
+    );
+    c.topic("t", &["--batch-bytes", "64KiB"]);
+    let honest = c.spawn(&["publish", "--topic", "t"], Some(lines("honest", 500, 50)));
+    for (fault, needle) in [
+        ("metadata", "descriptor failed its checks"),
+        ("outside-grant", "outside the log space granted"),
+        ("past-grant", "descriptor failed its checks"),
+        ("bad-size", "descriptor failed its checks"),
+        ("wrong-client", "another client"),
+    ] {
+        let (ok, out, err) = c.embar(&[
+            "ring-worker",
+            "rogue-publish",
+            "--topic",
+            "t",
+            "--fault",
+            fault,
+        ]);
+        assert!(ok, "{err}");
+        let r: Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(r["rejected"], true, "{fault}: {r}");
+        assert!(
+            r["error"].as_str().unwrap().contains(needle),
+            "{fault}: {r}"
+        );
+    }
+    let out = honest.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Everything good is there, in order: the 500 honest lines and each rogue's 10 good ones.
+    let (ok, text, err) = c.embar(&[
+        "subscribe",
+        "--topic",
+        "t",
+        "--count",
+        "540",
+        "--idle-timeout-s",
+        "5",
+    ]);
+    assert!(ok, "{err}");
+    let got: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        got.len(),
+        540,
+        "no rogue batch was published, nothing good was lost"
+    );
+    assert_eq!(got.iter().filter(|l| l.starts_with("honest")).count(), 500);
+    assert_eq!(got.iter().filter(|l| l.starts_with("good")).count(), 40);
+}
+
+#[test]
+fn a_publisher_blocked_on_credits_resumes_when_the_slow_subscriber_catches_up() {
+    let _serial = serial();
+    // About 15 segments of 1 MiB; 24 MiB of messages cannot fit while a subscriber holds
+    // the oldest.
+    let c = Cluster::up(
+        "credits",
+        &[
+            "--pool-bytes",
+            "24MiB",
+            "--segment-bytes",
+            "1MiB",
+            "--max-topics",
+            "2",
+        ],
+    );
+    c.topic("slow", &["--batch-bytes", "64KiB"]);
+    let n = 24_000;
+    let pause_ms = 3000;
+    let sub = c.spawn(
+        &[
+            "subscribe",
+            "--topic",
+            "slow",
+            "--count",
+            &n.to_string(),
+            "--pause-ms",
+            &pause_ms.to_string(),
+        ],
+        None,
+    );
+    // Drain its output as it comes (a full pipe would stop it reading).
+    let sub = std::thread::spawn(move || sub.wait_with_output().unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    let publisher = c.spawn(&["publish", "--topic", "slow"], Some(lines("m", n, 1000)));
+    let out = publisher.wait_with_output().unwrap();
+    let took = start.elapsed();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        took > Duration::from_millis(pause_ms - 300),
+        "the publisher finished in {took:?}: it never waited for the subscriber"
+    );
+    let out = sub.join().unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    assert_eq!(text.lines().count(), n);
+    assert!(text
+        .lines()
+        .enumerate()
+        .all(|(i, l)| l.starts_with(&format!("m {i:06} "))));
+    let (_, status, _) = c.embar(&["cluster", "status", "--json"]);
+    let v: Value = serde_json::from_str(&status).unwrap();
+    assert!(v["pool"]["segments"].as_u64().unwrap() < 24, "{v}");
+}
+
+#[test]
+fn the_benchmark_moves_ten_times_the_pool_and_checks_every_message() {
+    let _serial = serial();
+    let out = Command::new(EXE)
+        .args([
+            "bench",
+            "--json",
+            "--publishers",
+            "2",
+            "--subscribers",
+            "2",
+            "--pool-bytes",
+            "64MiB",
+        ])
+        .args([
+            "--segment-bytes",
+            "1MiB",
+            "--batch-bytes",
+            "256KiB",
+            "--total-bytes",
+            "700MiB",
+        ])
+        .args(["--compare-order", "0"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let r: Value = serde_json::from_str(stdout.trim())
+        .unwrap_or_else(|e| panic!("{e}: {stdout} {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(out.status.success(), "{r:#}");
+    assert_eq!(r["order_check"], "passed", "{r:#}");
+    assert_eq!(r["comparison"]["run"]["order_check"], "passed", "{r:#}");
+    assert_eq!(r["messages"], 700 * 1024);
+    for key in ["throughput_gbps", "memcpy_gbps", "ratio_to_memcpy"] {
+        assert!(r[key].as_f64().unwrap() > 0.0, "{key}: {r:#}");
+    }
+    for key in ["p50", "p99", "p999", "max"] {
+        assert!(r["latency_us"][key].as_f64().unwrap() > 0.0, "{key}: {r:#}");
+    }
+    assert_eq!(r["config"]["transport"], "shm");
+    assert_eq!(r["config"]["order"], 5);
+}
