@@ -119,11 +119,15 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
     impl CoherenceFn<Result<(), String>> for Go<'_> {
         fn call<C: Coherence>(self, c: C) -> Result<(), String> {
             std::thread::scope(|s| {
-                if self.args.sequencer {
+                // On a host with few cores every polling thread beyond the cores costs a
+                // scheduler time slice of latency: run the sequencer in this loop instead.
+                let inline = self.args.sequencer && embar_sys::cpu::available_cpus() <= 2;
+                if self.args.sequencer && !inline {
                     let (pool, stop, pin) =
                         (self.pool, self.stop, self.args.pin_cpu.map(|p| p + 1));
                     s.spawn(move || sequence_all(pool, c, stop, pin));
                 }
+                let mut seqs = inline.then(|| TopicSequencers::new(self.pool, c));
                 if let Some(cpu) = self.args.pin_cpu {
                     if let Err(e) = embar_sys::cpu::pin_current_thread(cpu) {
                         log::warn!("{e}; running unpinned");
@@ -140,7 +144,10 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
                             "lost the control process or was declared dead; stopping".into()
                         );
                     }
-                    let work = broker.poll_once().map_err(|e| e.to_string())?;
+                    let mut work = broker.poll_once().map_err(|e| e.to_string())?;
+                    if let Some(seqs) = seqs.as_mut() {
+                        work += seqs.poll_once();
+                    }
                     idle(&mut rounds, work);
                     if last.elapsed() > Duration::from_millis(100) {
                         last = Instant::now();
@@ -175,34 +182,45 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
     result
 }
 
-/// The sequencer of every topic in the pool, one polling thread, topics added as they appear.
-fn sequence_all<C: Coherence>(pool: &Pool, c: C, stop: &AtomicBool, pin: Option<usize>) {
-    if let Some(cpu) = pin {
-        if let Err(e) = embar_sys::cpu::pin_current_thread(cpu) {
-            log::warn!("{e}; sequencer running unpinned");
+/// The sequencers of every topic in the pool, topics added as they appear and dropped when
+/// deleted. Polled from the broker's own loop (run to completion, on hosts with few cores)
+/// or from a thread of its own.
+struct TopicSequencers<'p, C: Coherence> {
+    pool: &'p Pool,
+    c: C,
+    seqs: HashMap<u32, (u64, Sequencer<'p, C>)>,
+    last_scan: Option<Instant>,
+}
+
+impl<'p, C: Coherence> TopicSequencers<'p, C> {
+    fn new(pool: &'p Pool, c: C) -> Self {
+        TopicSequencers {
+            pool,
+            c,
+            seqs: HashMap::new(),
+            last_scan: None,
         }
     }
-    let brokers = pool.geometry().max_brokers;
-    let mut seqs: HashMap<u32, (u64, Sequencer<'_, C>)> = HashMap::new();
-    let mut last_scan: Option<Instant> = None;
-    let mut rounds = 0;
-    while !stop.load(Ordering::Relaxed) {
-        if last_scan.is_none_or(|t| t.elapsed() > TOPIC_SCAN) {
-            last_scan = Some(Instant::now());
-            let topics = pool.list_topics(c);
-            seqs.retain(|slot, (gen, _)| {
+
+    fn poll_once(&mut self) -> usize {
+        if self.last_scan.is_none_or(|t| t.elapsed() > TOPIC_SCAN) {
+            self.last_scan = Some(Instant::now());
+            let topics = self.pool.list_topics(self.c);
+            self.seqs.retain(|slot, (gen, _)| {
                 topics
                     .iter()
                     .any(|t| t.slot == *slot && t.generation == *gen)
             });
             for t in topics {
-                if seqs.contains_key(&t.slot) {
+                if self.seqs.contains_key(&t.slot) {
                     continue;
                 }
-                match Sequencer::start(pool, c, t.slot, brokers, DriverConfig::default()) {
+                let brokers = self.pool.geometry().max_brokers;
+                match Sequencer::start(self.pool, self.c, t.slot, brokers, DriverConfig::default())
+                {
                     Ok(s) => {
                         log::info!("sequencing topic {:?} (epoch {})", t.name, s.epoch());
-                        seqs.insert(t.slot, (t.generation, s));
+                        self.seqs.insert(t.slot, (t.generation, s));
                     }
                     Err(e) => log::warn!("cannot sequence topic {:?}: {e}", t.name),
                 }
@@ -210,7 +228,7 @@ fn sequence_all<C: Coherence>(pool: &Pool, c: C, stop: &AtomicBool, pin: Option<
         }
         let mut work = 0;
         let mut failed = Vec::new();
-        for (slot, (_, s)) in seqs.iter_mut() {
+        for (slot, (_, s)) in self.seqs.iter_mut() {
             match s.poll_once() {
                 Ok(n) => work += n,
                 Err(e @ embar_dataplane::sequencer::driver::SequencerError::TopicGone(_)) => {
@@ -224,8 +242,23 @@ fn sequence_all<C: Coherence>(pool: &Pool, c: C, stop: &AtomicBool, pin: Option<
             }
         }
         for slot in failed {
-            seqs.remove(&slot);
+            self.seqs.remove(&slot);
         }
+        work
+    }
+}
+
+/// The sequencers on a thread of their own.
+fn sequence_all<C: Coherence>(pool: &Pool, c: C, stop: &AtomicBool, pin: Option<usize>) {
+    if let Some(cpu) = pin {
+        if let Err(e) = embar_sys::cpu::pin_current_thread(cpu) {
+            log::warn!("{e}; sequencer running unpinned");
+        }
+    }
+    let mut seqs = TopicSequencers::new(pool, c);
+    let mut rounds = 0;
+    while !stop.load(Ordering::Relaxed) {
+        let work = seqs.poll_once();
         idle(&mut rounds, work);
     }
 }
