@@ -89,7 +89,7 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
         if a.sequencer { ", sequencer" } else { "" }
     );
     let stop = embar_sys::signal::stop_on_term();
-    let stats = Arc::new(Mutex::new((BrokerStats::default(), 0usize)));
+    let stats = Arc::new(Mutex::new((BrokerStats::default(), 0usize, 0u64)));
     let st = stats.clone();
     let slot = reg.slot;
     std::thread::Builder::new()
@@ -113,7 +113,7 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
         slot: u32,
         args: &'a BrokerArgs,
         stop: &'a AtomicBool,
-        stats: &'a Mutex<(BrokerStats, usize)>,
+        stats: &'a Mutex<(BrokerStats, usize, u64)>,
         heartbeat: &'a std::thread::JoinHandle<Result<(), String>>,
     }
     impl CoherenceFn<Result<(), String>> for Go<'_> {
@@ -152,7 +152,8 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
                     if last.elapsed() > Duration::from_millis(100) {
                         last = Instant::now();
                         if let Ok(mut g) = self.stats.lock() {
-                            *g = (broker.stats(), broker.sessions_open());
+                            let occupancy = broker.ring_occupancy().iter().map(|(_, n)| n).sum();
+                            *g = (broker.stats(), broker.sessions_open(), occupancy);
                         }
                     }
                 }
@@ -263,13 +264,13 @@ fn sequence_all<C: Coherence>(pool: &Pool, c: C, stop: &AtomicBool, pin: Option<
     }
 }
 
-fn serve_metrics(listener: TcpListener, slot: u32, stats: &Mutex<(BrokerStats, usize)>) {
+fn serve_metrics(listener: TcpListener, slot: u32, stats: &Mutex<(BrokerStats, usize, u64)>) {
     for conn in listener.incoming() {
         let Ok(stream) = conn else { continue };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
         let resp = match read_request(&stream) {
             Ok(req) if req.method == "GET" && req.path == "/metrics" => {
-                let (s, open) = stats.lock().map(|g| *g).unwrap_or_default();
+                let (s, open, occupancy) = stats.lock().map(|g| *g).unwrap_or_default();
                 let mut out = String::new();
                 let mut put = |name: &str, kind: &str, help: &str, v: u64| {
                     out.push_str(&format!(
@@ -329,6 +330,12 @@ fn serve_metrics(listener: TcpListener, slot: u32, stats: &Mutex<(BrokerStats, u
                     "gauge",
                     "Open publisher sessions.",
                     open as u64,
+                );
+                put(
+                    "embar_broker_ring_occupancy",
+                    "gauge",
+                    "Batches in this broker's rings not yet ordered.",
+                    occupancy,
                 );
                 Response {
                     status: 200,

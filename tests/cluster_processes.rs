@@ -336,3 +336,63 @@ fn the_benchmark_moves_ten_times_the_pool_and_checks_every_message() {
     assert_eq!(r["config"]["transport"], "shm");
     assert_eq!(r["config"]["order"], 5);
 }
+
+#[test]
+fn unknown_topic_no_cluster_and_missing_pool_are_clear_errors() {
+    let _serial = serial();
+    let run = |args: &[&str]| {
+        let out = Command::new(EXE)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (ok, err) = run(&["publish", "--topic", "t", "--control", "127.0.0.1:1"]);
+    assert!(
+        !ok && err.contains("cannot reach the control process"),
+        "{err}"
+    );
+    let (ok, err) = run(&["subscribe", "--topic", "t", "--control", "127.0.0.1:1"]);
+    assert!(
+        !ok && err.contains("cannot reach the control process"),
+        "{err}"
+    );
+    let c = Cluster::up(
+        "errors",
+        &["--pool-bytes", "64MiB", "--segment-bytes", "1MiB"],
+    );
+    let (ok, _, err) = c.embar(&["publish", "--topic", "nope"]);
+    assert!(!ok && err.contains("unknown topic \"nope\""), "{err}");
+    let (ok, _, err) = c.embar(&["subscribe", "--topic", "nope"]);
+    assert!(!ok && err.contains("unknown topic \"nope\""), "{err}");
+    // Metrics of a broker: the endpoint its registration names.
+    let (_, status, _) = c.embar(&["cluster", "status", "--json"]);
+    let v: Value = serde_json::from_str(&status).unwrap();
+    let addr = v["brokers"][0]["addresses"]["metrics"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let mut s = std::net::TcpStream::connect(&addr).unwrap();
+    write!(s, "GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    let mut m = String::new();
+    std::io::Read::read_to_string(&mut s, &mut m).unwrap();
+    for name in [
+        "batches_landed_total",
+        "batches_rejected_total",
+        "batches_acked_total",
+        "ring_occupancy",
+        "grant_waits_total",
+    ] {
+        assert!(m.contains(&format!("embar_broker_{name}")), "{name}: {m}");
+    }
+    // The pool vanishes under a running cluster: a new client gets a clear error.
+    let pool = v["pool"]["path"].as_str().unwrap().to_string();
+    std::fs::remove_file(&pool).unwrap();
+    c.topic("late", &["--batch-bytes", "64KiB"]);
+    let (ok, _, err) = c.embar(&["subscribe", "--topic", "late"]);
+    assert!(!ok && err.contains(&format!("cannot open {pool}")), "{err}");
+}
