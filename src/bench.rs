@@ -7,6 +7,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::ringload::payload_sum as word_sum;
 use embar_control::topics::TopicSpec;
 use embar_control::ControlClient;
 use embar_dataplane::checker::{Delivered, OrderChecker};
@@ -111,18 +112,6 @@ impl Payloads {
         let id = u64::from_le_bytes(idb);
         Some((id >> 40, id & ((1 << 40) - 1)))
     }
-}
-
-fn word_sum(b: &[u8]) -> u64 {
-    let mut chunks = b.chunks_exact(8);
-    let mut sum = 0u64;
-    for c in &mut chunks {
-        sum = sum.wrapping_add(u64::from_le_bytes(c.try_into().expect("8 bytes")));
-    }
-    for (i, x) in chunks.remainder().iter().enumerate() {
-        sum = sum.wrapping_add(u64::from(*x) << (8 * i));
-    }
-    sum
 }
 
 struct Run {

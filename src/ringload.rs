@@ -10,6 +10,7 @@ use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::client_cmd::open_pool as open;
 use embar_dataplane::batch::{read_message_header, write_message, BatchDesc, BatchLimits};
 use embar_dataplane::pool::coherence::Coherence;
 use embar_dataplane::pool::layout::{message_stride, MessageHeader, BATCH_HEADER_VERSION};
@@ -167,17 +168,6 @@ impl Waiter {
         }
         Ok(())
     }
-}
-
-fn open(path: &std::path::Path) -> Result<Pool, String> {
-    Pool::open(
-        path,
-        &OpenOptions {
-            populate: true,
-            ..Default::default()
-        },
-    )
-    .map_err(|e| e.to_string())
 }
 
 /// Runs the lander with the pool's coherence mode.
@@ -375,7 +365,7 @@ fn stamp(payload: &mut [u8], logical: u64) {
 }
 
 /// Wrapping sum of bytes as little-endian words (and a tail): a cheap read of every byte.
-fn payload_sum(bytes: &[u8]) -> u64 {
+pub(crate) fn payload_sum(bytes: &[u8]) -> u64 {
     let mut chunks = bytes.chunks_exact(8);
     let mut sum = 0u64;
     for ch in &mut chunks {

@@ -19,7 +19,18 @@ fn a_pool_on_hugetlbfs_is_created_checked_and_used() {
     let path = format!("{dir}/embar-test-{}", std::process::id());
     let _ = std::fs::remove_file(&path);
     let out = Command::new(exe)
-        .args(["pool", "create", "--path", &path, "--pool-bytes", "33MiB"])
+        .args([
+            "pool",
+            "create",
+            "--path",
+            &path,
+            "--pool-bytes",
+            "33MiB",
+            "--max-topics",
+            "2",
+            "--segment-bytes",
+            "2MiB",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
