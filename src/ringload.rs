@@ -15,7 +15,7 @@ use embar_dataplane::batch::{read_message_header, write_message, BatchDesc, Batc
 use embar_dataplane::pool::coherence::Coherence;
 use embar_dataplane::pool::layout::{message_stride, MessageHeader, BATCH_HEADER_VERSION};
 use embar_dataplane::pool::segments::{AllocPolicy, Segment, SegmentAllocator, SegmentOwner};
-use embar_dataplane::pool::{CoherenceFn, OpenOptions, Pool};
+use embar_dataplane::pool::{CoherenceFn, Pool};
 use embar_dataplane::ring::{Polled, RingConsumer, RingError, RingProducer};
 use embar_dataplane::PoolError;
 use embar_sys::clock::monotonic_ns;
