@@ -247,6 +247,16 @@ fn one_run<C: Coherence>(
     let fifo = matches!(order, 4 | 5);
     let payloads = Payloads::new(a.message_bytes as usize);
     let payloads = &payloads;
+    // The sequencer picks a new topic up within its topic scan; measuring before that would
+    // count the scan in the first batches' latency.
+    let slot = pool.find_topic(c, topic).map_err(|e| e.to_string())?;
+    let waiting = Instant::now();
+    while c.observe(&pool.sequencer_state(slot).epoch) == 0 {
+        if waiting.elapsed() > Duration::from_secs(10) {
+            return Err(format!("no sequencer took topic {topic:?} within 10 s (is a broker running with --sequencer?)"));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
     let subs: Vec<_> = (0..a.subscribers)
         .map(|_| Subscriber::open(pool, c, topic, StartAt::Oldest).map_err(|e| e.to_string()))
         .collect::<Result<_, _>>()?;

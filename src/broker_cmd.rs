@@ -32,21 +32,40 @@ pub struct BrokerArgs {
     pub pin_cpu: Option<usize>,
 }
 
-/// Empty rounds before the polling threads start sleeping briefly.
-const BUSY_ROUNDS: u32 = 200;
+/// An idle polling loop spins this long (yielding the core to anything runnable) before it
+/// starts sleeping: a publisher that sends every millisecond or faster finds it awake, so a
+/// batch is taken within microseconds; an idle broker costs no core.
+const SPIN_BEFORE_SLEEP: Duration = Duration::from_millis(5);
 /// Sleep of an idle polling thread.
 const IDLE_SLEEP: Duration = Duration::from_micros(50);
-/// How often the sequencer thread looks for new topics.
+/// How often the sequencer looks for new topics.
 const TOPIC_SCAN: Duration = Duration::from_millis(100);
 
-fn idle(rounds: &mut u32, work: usize) {
-    if work > 0 {
-        *rounds = 0;
-    } else {
-        *rounds = rounds.saturating_add(1);
-        if *rounds < 64 {
+/// Spin, then yield, then sleep, by how long the loop has found nothing to do.
+struct Idle {
+    rounds: u32,
+    since: Option<Instant>,
+}
+
+impl Idle {
+    fn new() -> Idle {
+        Idle {
+            rounds: 0,
+            since: None,
+        }
+    }
+
+    fn after(&mut self, work: usize) {
+        if work > 0 {
+            self.rounds = 0;
+            self.since = None;
+            return;
+        }
+        self.rounds = self.rounds.saturating_add(1);
+        let since = *self.since.get_or_insert_with(Instant::now);
+        if self.rounds < 64 {
             std::hint::spin_loop();
-        } else if *rounds < BUSY_ROUNDS {
+        } else if since.elapsed() < SPIN_BEFORE_SLEEP {
             std::thread::yield_now();
         } else {
             std::thread::sleep(IDLE_SLEEP);
@@ -134,7 +153,7 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
                     }
                 }
                 let mut broker = Broker::new(self.pool, c, self.slot).map_err(|e| e.to_string())?;
-                let mut rounds = 0;
+                let mut idle = Idle::new();
                 let mut last = Instant::now();
                 while !self.stop.load(Ordering::Relaxed) {
                     if self.heartbeat.is_finished() {
@@ -148,7 +167,7 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
                     if let Some(seqs) = seqs.as_mut() {
                         work += seqs.poll_once();
                     }
-                    idle(&mut rounds, work);
+                    idle.after(work);
                     if last.elapsed() > Duration::from_millis(100) {
                         last = Instant::now();
                         if let Ok(mut g) = self.stats.lock() {
@@ -257,10 +276,9 @@ fn sequence_all<C: Coherence>(pool: &Pool, c: C, stop: &AtomicBool, pin: Option<
         }
     }
     let mut seqs = TopicSequencers::new(pool, c);
-    let mut rounds = 0;
+    let mut idle = Idle::new();
     while !stop.load(Ordering::Relaxed) {
-        let work = seqs.poll_once();
-        idle(&mut rounds, work);
+        idle.after(seqs.poll_once());
     }
 }
 
