@@ -22,8 +22,11 @@ impl Drop for TempPool {
 }
 
 fn pool(name: &str, pool_mib: u64) -> (TempPool, Pool) {
+    // Tests run in parallel: every pool gets its own file.
+    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
     let path = std::path::PathBuf::from(format!(
-        "/dev/shm/embar-test-pipeline-{name}-{}",
+        "/dev/shm/embar-test-pipeline-{name}-{}-{n}",
         std::process::id()
     ));
     let _ = std::fs::remove_file(&path);
