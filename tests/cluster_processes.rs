@@ -396,3 +396,34 @@ fn unknown_topic_no_cluster_and_missing_pool_are_clear_errors() {
     let (ok, _, err) = c.embar(&["subscribe", "--topic", "late"]);
     assert!(!ok && err.contains(&format!("cannot open {pool}")), "{err}");
 }
+
+#[test]
+fn a_subscriber_killed_while_registered_does_not_stall_the_topic() {
+    let _serial = serial();
+    let c = Cluster::up(
+        "deadsub",
+        &["--pool-bytes", "64MiB", "--segment-bytes", "1MiB"],
+    );
+    // One message per batch, so that the run needs more batches than the delivery ring holds.
+    c.topic("tiny", &["--batch-bytes", "128"]);
+    let mut sub = c.spawn(
+        &["subscribe", "--topic", "tiny", "--pause-ms", "600000"],
+        None,
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    sub.kill().unwrap(); // SIGKILL: its cursor stays registered at position 0
+    sub.wait().unwrap();
+    let n = 12_000; // more than the 8,192 delivery entries
+    let text: String = (0..n).map(|i| format!("{i}\n")).collect();
+    let publisher = c.spawn(
+        &["publish", "--topic", "tiny", "--wait-timeout-s", "20"],
+        Some(text),
+    );
+    let out = publisher.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("{n} acknowledged")));
+}

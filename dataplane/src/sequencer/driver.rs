@@ -395,7 +395,7 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
 
     /// Delivery entries the sequencer may still write before it would overwrite one the
     /// slowest subscriber has not read.
-    fn delivery_room(&self) -> u64 {
+    fn delivery_room(&mut self) -> u64 {
         match self.state.slowest_subscriber() {
             Some(pos) => (pos + DELIVERY_SLOTS as u64).saturating_sub(self.next_delivery),
             None => DELIVERY_SLOTS as u64,

@@ -31,7 +31,13 @@ pub struct PoolState<'p, C: Coherence> {
     next_global: u64,
     duplicates: u64,
     unsaved: bool,
+    /// Per subscriber entry: the state word it had when its process was found gone.
+    dead_subscribers: [Option<u64>; crate::pool::layout::SUBSCRIBERS_MAX],
+    last_pid_check: Option<std::time::Instant>,
 }
+
+/// How often subscriber processes are checked for liveness.
+const PID_CHECK: std::time::Duration = std::time::Duration::from_millis(100);
 
 fn home(client_id: u64) -> usize {
     // Fibonacci hashing spreads consecutive client ids.
@@ -53,6 +59,8 @@ impl<'p, C: Coherence> PoolState<'p, C> {
             next_global: st.next_global.load(Relaxed),
             duplicates: st.duplicates.load(Relaxed),
             unsaved: false,
+            dead_subscribers: [None; crate::pool::layout::SUBSCRIBERS_MAX],
+            last_pid_check: None,
         }
     }
 
@@ -166,13 +174,33 @@ impl<'p, C: Coherence> PoolState<'p, C> {
     }
 
     /// The lowest position of any active subscriber, if one is registered.
-    pub fn slowest_subscriber(&self) -> Option<u64> {
-        self.st
-            .subscribers
-            .iter()
-            .filter(|e| self.c.observe(&e.state) & 0xff == crate::pool::layout::SUBSCRIBER_ACTIVE)
-            .map(|e| self.c.observe(&e.position))
-            .min()
+    pub fn slowest_subscriber(&mut self) -> Option<u64> {
+        // A subscriber whose process is gone holds nothing; liveness is looked up at most
+        // every PID_CHECK (a syscall per subscriber), not every round.
+        let now = std::time::Instant::now();
+        let check = self
+            .last_pid_check
+            .is_none_or(|t| now.duration_since(t) > PID_CHECK);
+        if check {
+            self.last_pid_check = Some(now);
+        }
+        let mut slowest: Option<u64> = None;
+        for (i, e) in self.st.subscribers.iter().enumerate() {
+            let state = self.c.observe(&e.state);
+            if state & 0xff != crate::pool::layout::SUBSCRIBER_ACTIVE {
+                continue;
+            }
+            if check || self.dead_subscribers[i].is_some_and(|s| s != state) {
+                let alive = crate::client::subscriber::pid_alive(e.pid.load(Relaxed));
+                self.dead_subscribers[i] = (!alive).then_some(state);
+            }
+            if self.dead_subscribers[i] == Some(state) {
+                continue;
+            }
+            let pos = self.c.observe(&e.position);
+            slowest = Some(slowest.map_or(pos, |m| m.min(pos)));
+        }
+        slowest
     }
 
     pub fn delivery(&self) -> &'p [crate::pool::layout::DeliveryEntry] {
