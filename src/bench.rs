@@ -141,6 +141,7 @@ pub fn run(a: &BenchArgs) -> Result<bool, String> {
                 brokers: a.brokers,
                 dir: dir.clone(),
                 listen: "127.0.0.1:0".parse().expect("an address"),
+                retention_bytes: None,
                 pool: crate::pool_cmd::CreateArgs {
                     pool_bytes: Some(a.pool_bytes),
                     segment_bytes: Some(a.segment_bytes),

@@ -30,6 +30,11 @@ pub struct BrokerArgs {
     /// Pin the data-path thread to this CPU (the sequencer to the next one).
     #[arg(long)]
     pub pin_cpu: Option<usize>,
+    /// Log space per topic kept for lagging subscribers; past it the oldest is reclaimed and
+    /// a subscriber that had not read it gets an error (default: keep it until every
+    /// subscriber has read it).
+    #[arg(long, value_parser = crate::units::parse_bytes)]
+    pub retention_bytes: Option<u64>,
 }
 
 /// An idle polling loop spins this long (yielding the core to anything runnable) before it
@@ -152,7 +157,9 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
                         log::warn!("{e}; running unpinned");
                     }
                 }
-                let mut broker = Broker::new(self.pool, c, self.slot).map_err(|e| e.to_string())?;
+                let mut broker = Broker::new(self.pool, c, self.slot)
+                    .map_err(|e| e.to_string())?
+                    .with_retention_limit(self.args.retention_bytes);
                 let mut idle = Idle::new();
                 let mut last = Instant::now();
                 while !self.stop.load(Ordering::Relaxed) {

@@ -22,6 +22,9 @@ pub struct UpArgs {
     /// Address of the control process (`:0`: a free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: SocketAddr,
+    /// Passed to every broker (see `embar broker --retention-bytes`).
+    #[arg(long, value_parser = crate::units::parse_bytes)]
+    pub retention_bytes: Option<u64>,
     /// Pool options (path defaults to /dev/shm/embar-<dir name>.pool).
     #[command(flatten)]
     pub pool: crate::pool_cmd::CreateArgs,
@@ -143,6 +146,9 @@ pub fn up(a: &UpArgs) -> Result<ClusterFile, String> {
         ];
         if b == 0 {
             args.push("--sequencer".into());
+        }
+        if let Some(r) = a.retention_bytes {
+            args.extend(["--retention-bytes".into(), r.to_string()]);
         }
         let (pid, log) = spawn(&a.dir, &format!("broker-{b}"), &args)?;
         pids.push(pid);

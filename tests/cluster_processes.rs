@@ -427,3 +427,80 @@ fn a_subscriber_killed_while_registered_does_not_stall_the_topic() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains(&format!("{n} acknowledged")));
 }
+
+#[test]
+fn past_the_retention_limit_a_slow_subscriber_errs_and_the_publisher_never_waits_for_it() {
+    let _serial = serial();
+    let c = Cluster::up(
+        "retention",
+        &[
+            "--pool-bytes",
+            "24MiB",
+            "--segment-bytes",
+            "1MiB",
+            "--max-topics",
+            "2",
+            "--retention-bytes",
+            "2MiB",
+        ],
+    );
+    c.topic("capped", &["--batch-bytes", "64KiB"]);
+    let n = 24_000;
+    let pause_ms = 8000;
+    let sub = c.spawn(
+        &[
+            "subscribe",
+            "--topic",
+            "capped",
+            "--count",
+            &n.to_string(),
+            "--pause-ms",
+            &pause_ms.to_string(),
+        ],
+        None,
+    );
+    let sub = std::thread::spawn(move || sub.wait_with_output().unwrap());
+    std::thread::sleep(Duration::from_millis(300));
+    let start = Instant::now();
+    let publisher = c.spawn(&["publish", "--topic", "capped"], Some(lines("m", n, 1000)));
+    let out = publisher.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        start.elapsed() < Duration::from_millis(pause_ms - 1000),
+        "the publisher waited for the paused subscriber: {:?}",
+        start.elapsed()
+    );
+    let out = sub.join().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "the subscriber could not have read reclaimed data"
+    );
+    assert!(err.contains("fell behind the retention limit"), "{err}");
+    // A new subscriber from the oldest retained position reads only intact messages.
+    let (ok, text, err) = c.embar(&[
+        "subscribe",
+        "--topic",
+        "capped",
+        "--from",
+        "oldest",
+        "--idle-timeout-s",
+        "2",
+    ]);
+    assert!(ok, "{err}");
+    let got: Vec<&str> = text.lines().collect();
+    assert!(
+        !got.is_empty() && got.len() < n,
+        "{} messages retained",
+        got.len()
+    );
+    let first: usize = got[0].split(' ').nth(1).unwrap().parse().unwrap();
+    assert!(got
+        .iter()
+        .enumerate()
+        .all(|(i, l)| l.starts_with(&format!("m {:06} ", first + i))));
+}

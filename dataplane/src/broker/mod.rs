@@ -35,6 +35,9 @@ const RECLAIM_WHEN_FREE_BELOW: u64 = 4;
 /// enough to never wait on a fast path, few enough that idle sessions do not hoard the pool.
 const GRANTS_AHEAD: u64 = 2;
 const _: () = assert!(GRANTS_AHEAD as usize <= SESSION_GRANT_SLOTS);
+/// Between announcing that log space past the retention limit is reclaimed and freeing it: a
+/// subscriber that checked just before the announcement finishes reading in this time.
+const RETENTION_GRACE: Duration = Duration::from_millis(100);
 /// Submissions taken from one session per round (fairness between sessions).
 const SUBMISSIONS_PER_ROUND: usize = 16;
 
@@ -135,6 +138,11 @@ pub struct Broker<'p, C: Coherence> {
     last_space_check_ns: u64,
     /// Segments are short: reclaim what readers have passed.
     need_space: bool,
+    /// Log space per topic this broker keeps for lagging subscribers (None: unlimited).
+    retention_bytes: Option<u64>,
+    /// Grants to be freed past the retention limit once their grace has run out:
+    /// `(topic, grant id, deadline ns)`.
+    forced: Vec<(u32, u64, u64)>,
 }
 
 impl<'p, C: Coherence> Broker<'p, C> {
@@ -152,7 +160,17 @@ impl<'p, C: Coherence> Broker<'p, C> {
             last_pid_check_ns: 0,
             last_space_check_ns: 0,
             need_space: false,
+            retention_bytes: None,
+            forced: Vec::new(),
         })
+    }
+
+    /// Keeps at most `bytes` of decided batches per topic for subscribers that lag: past
+    /// that, the oldest log space is reclaimed even if a subscriber has not read it, and that
+    /// subscriber gets an error instead of the data (it is never shown reused space).
+    pub fn with_retention_limit(mut self, bytes: Option<u64>) -> Self {
+        self.retention_bytes = bytes;
+        self
     }
 
     pub fn stats(&self) -> BrokerStats {
@@ -218,12 +236,17 @@ impl<'p, C: Coherence> Broker<'p, C> {
         for t in &topics {
             work += self.decisions(*t)?;
         }
-        if self.need_space {
+        let limit_check = self.retention_bytes.is_some() && self.last_space_check_ns == now;
+        if self.need_space || limit_check {
             self.need_space = false;
-            for t in topics {
-                self.reclaim(t)?;
+            for t in &topics {
+                self.reclaim(*t)?;
+                if let Some(limit) = self.retention_bytes {
+                    self.enforce_retention(*t, limit, now)?;
+                }
             }
         }
+        self.free_forced(now)?;
         Ok(work)
     }
 
@@ -555,6 +578,62 @@ impl<'p, C: Coherence> Broker<'p, C> {
         Ok(work)
     }
 
+    /// Announces, past the retention limit, that the oldest decided log space of `topic` will be
+    /// reclaimed; it is freed after [`RETENTION_GRACE`].
+    fn enforce_retention(&mut self, topic: u32, limit: u64, now: u64) -> Result<(), PoolError> {
+        let Some(t) = self.topics.get_mut(&topic) else {
+            return Ok(());
+        };
+        let forced: Vec<u64> = self
+            .forced
+            .iter()
+            .filter(|f| f.0 == topic)
+            .map(|f| f.1)
+            .collect();
+        let mut held: Vec<(u64, u64, u64)> = t
+            .grants
+            .iter()
+            .filter(|(id, g)| g.closed && g.inflight == 0 && !forced.contains(id))
+            .map(|(id, g)| (g.max_delivery.unwrap_or(0), *id, g.seg.bytes))
+            .collect();
+        let mut bytes: u64 = held.iter().map(|h| h.2).sum();
+        if bytes <= limit {
+            return Ok(());
+        }
+        held.sort_unstable();
+        let region = &self.pool.tinode(topic).brokers[self.broker as usize].broker;
+        let mut floor = self.c.observe(&region.reclaimed_below);
+        for (max_delivery, id, seg_bytes) in held {
+            if bytes <= limit {
+                break;
+            }
+            bytes -= seg_bytes;
+            floor = floor.max(max_delivery + 1);
+            self.forced
+                .push((topic, id, now + RETENTION_GRACE.as_nanos() as u64));
+        }
+        self.c.publish(&region.reclaimed_below, floor);
+        Ok(())
+    }
+
+    /// Frees announced grants whose grace has run out.
+    fn free_forced(&mut self, now: u64) -> Result<(), PoolError> {
+        if self.forced.is_empty() {
+            return Ok(());
+        }
+        let (due, wait): (Vec<_>, Vec<_>) = self.forced.drain(..).partition(|f| f.2 <= now);
+        self.forced = wait;
+        for (topic, id, _) in due {
+            if let Some(t) = self.topics.get_mut(&topic) {
+                if let Some(g) = t.grants.remove(&id) {
+                    t.alloc.free(&g.seg)?;
+                    self.stats.segments_reclaimed += 1;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Frees closed grants whose batches every reader has passed.
     fn reclaim(&mut self, topic: u32) -> Result<(), PoolError> {
         let Some(t) = self.topics.get_mut(&topic) else {
@@ -575,24 +654,36 @@ impl<'p, C: Coherence> Broker<'p, C> {
                 .min()
         };
         let floor = slowest(self.c).unwrap_or_else(|| self.c.observe(&st.delivered));
-        let region = &self.pool.tinode(topic).brokers[self.broker as usize].broker;
-        if floor > self.c.observe(&region.reclaimed_below) {
-            self.c.publish(&region.reclaimed_below, floor);
-        }
-        // A subscriber registering now stores its position, fences, then reads
-        // `reclaimed_below`; this side stored that, fences, and reads positions again.
-        crate::sync::fence(SeqCst);
-        if slowest(self.c).is_some_and(|p| p < floor) {
-            return Ok(());
-        }
-        let done: Vec<u64> = t
+        let done: Vec<(u64, Option<u64>)> = t
             .grants
             .iter()
             .filter(|(_, g)| {
                 g.closed && g.inflight == 0 && g.max_delivery.is_none_or(|d| d < floor)
             })
-            .map(|(id, _)| *id)
+            .map(|(id, g)| (*id, g.max_delivery))
+            .filter(|(id, _)| !self.forced.iter().any(|f| f.0 == topic && f.1 == *id))
             .collect();
+        if done.is_empty() {
+            return Ok(());
+        }
+        // Announce only what is really freed, so subscribers can still start at everything
+        // below `floor` that is kept.
+        let announce = done
+            .iter()
+            .filter_map(|(_, d)| d.map(|d| d + 1))
+            .max()
+            .unwrap_or(0);
+        let region = &self.pool.tinode(topic).brokers[self.broker as usize].broker;
+        if announce > self.c.observe(&region.reclaimed_below) {
+            self.c.publish(&region.reclaimed_below, announce);
+        }
+        // A subscriber registering now stores its position, fences, then reads
+        // `reclaimed_below`; this side stored that, fences, and reads positions again.
+        crate::sync::fence(SeqCst);
+        if slowest(self.c).is_some_and(|p| p < announce) {
+            return Ok(());
+        }
+        let done: Vec<u64> = done.into_iter().map(|(id, _)| id).collect();
         for id in done {
             let g = t.grants.remove(&id).expect("listed");
             t.alloc.free(&g.seg)?;

@@ -177,6 +177,24 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
         })
     }
 
+    fn check_retained(&self, broker: u32, d: u64) -> PoolResult<()> {
+        let t = self.pool.tinode(self.topic);
+        let Some(e) = t.brokers.get(broker as usize) else {
+            return Err(PoolError::BadRange(format!(
+                "delivery entry {d} names broker {broker}"
+            )));
+        };
+        let floor = self.c.observe(&e.broker.reclaimed_below);
+        if floor > d {
+            return Err(PoolError::OutOfRange {
+                what: "subscriber position (fell behind the retention limit; reclaimed below)",
+                value: d,
+                limit: floor,
+            });
+        }
+        Ok(())
+    }
+
     pub fn topic_slot(&self) -> u32 {
         self.topic
     }
@@ -213,6 +231,10 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             let (first, num_msg) = (e.total_order.load(Relaxed), e.num_msg.load(Relaxed));
             let (client_id, batch_seq) = (e.client_id.load(Relaxed), e.batch_seq.load(Relaxed));
             let (log_idx, total) = (e.log_idx.load(Relaxed), e.total_size.load(Relaxed));
+            let broker = e.broker.load(Relaxed);
+            // Past a broker's retention limit, its log space may be reclaimed before this
+            // subscriber read it: then this is an error, never reused bytes.
+            self.check_retained(broker, d)?;
             let base = self.pool.data_ptr(log_idx, total)?;
             // SAFETY: the range was bounds-checked; retention keeps it until this subscriber's
             // position passes `d`.
@@ -251,6 +273,9 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
                 }
                 off += message_stride(size);
             }
+            // The broker announces a reclaim a grace period before it frees the space; a
+            // reader that took longer than that may have read reused bytes, and says so.
+            self.check_retained(broker, d)?;
             self.skip = 0;
             self.next = d + 1;
             self.c.publish(&self.cursor.position, self.next);
