@@ -19,6 +19,8 @@ use crate::pool::Pool;
 use crate::sync::Ordering::{AcqRel, Acquire, Relaxed, SeqCst};
 use crate::{PoolError, PoolResult};
 
+const RECLAIMED: &str = "start position (log space already reclaimed below delivery index)";
+
 /// Where to start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StartAt {
@@ -74,7 +76,20 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             }
             StartAt::TotalOrder(t) => Self::find(c, st, oldest, delivered, t)?,
         };
-        let cursor = Self::register(pool, c, slot, st, next)?;
+        let mut next = next;
+        let mut attempts = 0;
+        let cursor = loop {
+            match Self::register(pool, c, slot, st, next) {
+                // A broker reclaimed the oldest space meanwhile: "oldest" moves up with it.
+                Err(PoolError::OutOfRange { what, limit, .. })
+                    if what == RECLAIMED && start == StartAt::Oldest && attempts < 8 =>
+                {
+                    attempts += 1;
+                    next = limit.max(next).min(c.observe(&st.delivered).max(limit));
+                }
+                r => break r?,
+            }
+        };
         Ok(Subscriber {
             pool,
             c,
@@ -163,7 +178,7 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             if floor > next {
                 c.publish(&e.state, mine & !0xff);
                 return Err(PoolError::OutOfRange {
-                    what: "start position (log space already reclaimed below delivery index)",
+                    what: RECLAIMED,
                     value: next,
                     limit: floor,
                 });
