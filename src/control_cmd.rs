@@ -179,6 +179,15 @@ pub fn cluster_status(c: &ClientArgs) -> Result<(), String> {
             p["segments"]
         );
         println!("brokers: {} live", v["live_brokers"]);
+        match v["sequencer"].as_object() {
+            Some(q) => println!(
+                "sequencer: in broker {} (pool slot {}), {}",
+                q["broker_id"],
+                q["slot"],
+                q["topics"].as_str().unwrap_or("?")
+            ),
+            None => println!("sequencer: none running (start a broker with --sequencer)"),
+        }
         for b in v["brokers"].as_array().into_iter().flatten() {
             println!(
                 "  broker {:<3} slot {:<2} {:<5} last heartbeat {} ms ago  {}",

@@ -384,6 +384,10 @@ fn unknown_topic_no_cluster_and_missing_pool_are_clear_errors() {
     // Metrics of a broker: the endpoint its registration names.
     let (_, status, _) = c.embar(&["cluster", "status", "--json"]);
     let v: Value = serde_json::from_str(&status).unwrap();
+    assert_eq!(
+        v["sequencer"]["slot"], 0,
+        "the control process says where the sequencer runs: {v}"
+    );
     let addr = v["brokers"][0]["addresses"]["metrics"]
         .as_str()
         .unwrap()

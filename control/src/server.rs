@@ -429,6 +429,10 @@ fn status(s: &Shared) -> Response {
             },
             "membership_version": g.members.version(),
             "live_brokers": g.members.live_count(),
+            // Where the sequencer runs: the live broker whose registration carries it.
+            "sequencer": g.members.brokers(now_ns(s)).into_iter()
+                .find(|b| b.alive && b.addresses.contains_key("sequencer"))
+                .map(|b| json!({ "broker_id": b.id, "slot": b.slot, "topics": b.addresses["sequencer"] })),
             "brokers": g.members.brokers(now_ns(s)),
             "topics": g.durable.topics.iter().map(|t| topic_json(s, t)).collect::<Vec<_>>(),
         }),
