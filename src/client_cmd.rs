@@ -84,12 +84,30 @@ pub fn publish(a: &PublishArgs) -> Result<(), String> {
             };
             let mut p = Publisher::open(pool, c, &a.topic, brokers, new_client_id(), cfg)
                 .map_err(|e| e.to_string())?;
-            let stdin = std::io::stdin();
+            // Lines come from a reader thread, so that a batch still lingers out (is sealed
+            // and sent) while stdin is quiet, as an interactive producer expects.
+            let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<String>>(4096);
+            std::thread::spawn(move || {
+                for line in std::io::stdin().lock().lines() {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+            let linger = PublisherConfig::default().linger;
             let mut n = 0u64;
-            for line in stdin.lock().lines() {
-                let line = line.map_err(|e| format!("cannot read stdin: {e}"))?;
-                p.publish(line.as_bytes()).map_err(|e| e.to_string())?;
-                n += 1;
+            loop {
+                match rx.recv_timeout(linger) {
+                    Ok(line) => {
+                        let line = line.map_err(|e| format!("cannot read stdin: {e}"))?;
+                        p.publish(line.as_bytes()).map_err(|e| e.to_string())?;
+                        n += 1;
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        p.poll().map_err(|e| e.to_string())?;
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                }
             }
             let acked = p
                 .wait_acks(Duration::from_secs(a.ack_timeout_s))

@@ -500,3 +500,43 @@ fn past_the_retention_limit_a_slow_subscriber_errs_and_the_publisher_never_waits
             .all(|(i, l)| l.starts_with(&format!("m {:06} ", first + i))));
     }
 }
+
+#[test]
+fn a_lingering_batch_is_sent_while_the_publisher_waits_for_more_input() {
+    let _serial = serial();
+    let c = Cluster::up(
+        "linger",
+        &["--pool-bytes", "64MiB", "--segment-bytes", "2MiB"],
+    );
+    c.topic("live", &[]);
+    let mut publisher = Command::new(EXE)
+        .args(["publish", "--topic", "live", "--control", &c.control])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = publisher.stdin.take().unwrap();
+    writeln!(stdin, "first").unwrap();
+    // stdin stays open: the batch must still be sealed and delivered after the linger time.
+    let (ok, text, err) = c.embar(&[
+        "subscribe",
+        "--topic",
+        "live",
+        "--count",
+        "1",
+        "--idle-timeout-s",
+        "10",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(text, "first\n");
+    writeln!(stdin, "second").unwrap();
+    drop(stdin);
+    let out = publisher.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("2 acknowledged"));
+}
