@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use embar_control::http::{read_request, write_response, Response};
 use embar_control::ControlClient;
 use embar_dataplane::broker::{Broker, BrokerStats};
+use embar_dataplane::idle::{Idle, IdlePolicy};
 use embar_dataplane::pool::coherence::Coherence;
 use embar_dataplane::pool::{CoherenceFn, OpenOptions, Pool};
 use embar_dataplane::sequencer::driver::{DriverConfig, Sequencer};
@@ -37,46 +38,8 @@ pub struct BrokerArgs {
     pub retention_bytes: Option<u64>,
 }
 
-/// An idle polling loop spins this long (yielding the core to anything runnable) before it
-/// starts sleeping: a publisher that sends every millisecond or faster finds it awake, so a
-/// batch is taken within microseconds; an idle broker costs no core.
-const SPIN_BEFORE_SLEEP: Duration = Duration::from_millis(5);
-/// Sleep of an idle polling thread.
-const IDLE_SLEEP: Duration = Duration::from_micros(50);
 /// How often the sequencer looks for new topics.
 const TOPIC_SCAN: Duration = Duration::from_millis(100);
-
-/// Spin, then yield, then sleep, by how long the loop has found nothing to do.
-struct Idle {
-    rounds: u32,
-    since: Option<Instant>,
-}
-
-impl Idle {
-    fn new() -> Idle {
-        Idle {
-            rounds: 0,
-            since: None,
-        }
-    }
-
-    fn after(&mut self, work: usize) {
-        if work > 0 {
-            self.rounds = 0;
-            self.since = None;
-            return;
-        }
-        self.rounds = self.rounds.saturating_add(1);
-        let since = *self.since.get_or_insert_with(Instant::now);
-        if self.rounds < 64 {
-            std::hint::spin_loop();
-        } else if since.elapsed() < SPIN_BEFORE_SLEEP {
-            std::thread::yield_now();
-        } else {
-            std::thread::sleep(IDLE_SLEEP);
-        }
-    }
-}
 
 pub fn run(a: &BrokerArgs) -> Result<(), String> {
     let client = ControlClient::new(a.control);
@@ -160,7 +123,7 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
                 let mut broker = Broker::new(self.pool, c, self.slot)
                     .map_err(|e| e.to_string())?
                     .with_retention_limit(self.args.retention_bytes);
-                let mut idle = Idle::new();
+                let mut idle = Idle::new(IdlePolicy::default());
                 let mut last = Instant::now();
                 while !self.stop.load(Ordering::Relaxed) {
                     if self.heartbeat.is_finished() {
@@ -174,7 +137,7 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
                     if let Some(seqs) = seqs.as_mut() {
                         work += seqs.poll_once();
                     }
-                    idle.after(work);
+                    idle.after(work, std::thread::sleep);
                     if last.elapsed() > Duration::from_millis(100) {
                         last = Instant::now();
                         if let Ok(mut g) = self.stats.lock() {
@@ -283,9 +246,9 @@ fn sequence_all<C: Coherence>(pool: &Pool, c: C, stop: &AtomicBool, pin: Option<
         }
     }
     let mut seqs = TopicSequencers::new(pool, c);
-    let mut idle = Idle::new();
+    let mut idle = Idle::new(IdlePolicy::default());
     while !stop.load(Ordering::Relaxed) {
-        idle.after(seqs.poll_once());
+        idle.after(seqs.poll_once(), std::thread::sleep);
     }
 }
 

@@ -14,6 +14,7 @@ pub mod checker;
 #[cfg(not(loom))]
 pub mod client;
 pub mod error;
+pub mod idle;
 pub mod pool;
 pub mod ring;
 // The sequencer parks on a futex over a real pool word; loom models only the ring.

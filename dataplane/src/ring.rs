@@ -264,29 +264,19 @@ impl<'a, C: Coherence> RingConsumer<'a, C> {
         }))
     }
 
-    /// Records the batch's place in the total order in the slot's sequencer line.
+    /// Records the batch's place in the total order in the slot's sequencer line, fenced.
     pub fn set_order(&self, index: u64, total_order: u64) -> Result<(), RingError> {
-        self.set_order_deferred(index, total_order)?;
+        let ordered = crate::pool::layout::OUTCOME_ORDERED;
+        self.decide_deferred(index, ordered, total_order, u64::MAX)?;
         self.c.fence();
         Ok(())
     }
 
-    /// As [`set_order`](Self::set_order), without the closing fence: the line is written
-    /// back but may not be visible to another host until the caller's next fence or publish.
-    /// Lets a sequencer pay one fence per round instead of one per batch.
-    pub fn set_order_deferred(&self, index: u64, total_order: u64) -> Result<(), RingError> {
-        self.decide_deferred(
-            index,
-            crate::pool::layout::OUTCOME_ORDERED,
-            total_order,
-            u64::MAX,
-        )
-    }
-
     /// Records the sequencer's decision on a taken slot in its sequencer line: the outcome,
     /// the total order and delivery index (when ordered), and the stamp `ordered = index + 1`
-    /// that says the line is valid for this lap. Written back without a fence (see
-    /// [`set_order_deferred`](Self::set_order_deferred)).
+    /// that says the line is valid for this lap. Written back without a fence: the line may
+    /// not be visible to another host until the caller's next fence or publish, so a
+    /// sequencer pays one fence per round instead of one per batch.
     pub fn decide_deferred(
         &self,
         index: u64,

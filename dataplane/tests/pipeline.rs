@@ -1,6 +1,8 @@
 //! The whole data path in one process, on threads over one pool: two brokers, the sequencer,
 //! publishers and a subscriber. (The same pieces as separate processes: tests/ at the root.)
 
+#![cfg(not(loom))]
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 

@@ -11,11 +11,10 @@ use std::time::Duration;
 use embar_sys::clock::monotonic_ns;
 
 use crate::batch::{BatchDesc, BatchLimits};
-use crate::client::subscriber::pid_alive;
+use crate::client::subscriber::{pid_alive, slowest_position};
 use crate::pool::coherence::Coherence;
 use crate::pool::layout::{
     Session, OUTCOME_DUPLICATE, OUTCOME_FENCED, OUTCOME_ORDERED, SESSION_GRANT_SLOTS,
-    SUBSCRIBER_ACTIVE,
 };
 use crate::pool::segments::{AllocPolicy, Segment, SegmentAllocator, SegmentOwner};
 use crate::pool::Pool;
@@ -643,16 +642,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
             return Ok(());
         }
         let st = self.pool.sequencer_state(topic);
-        let slowest = |c: C| {
-            st.subscribers
-                .iter()
-                .filter(|e| {
-                    c.observe(&e.state) & 0xff == SUBSCRIBER_ACTIVE
-                        && pid_alive(e.pid.load(Relaxed))
-                })
-                .map(|e| c.observe(&e.position))
-                .min()
-        };
+        let slowest = |c: C| slowest_position(st, c, |_, _, e| pid_alive(e.pid.load(Relaxed)));
         let floor = slowest(self.c).unwrap_or_else(|| self.c.observe(&st.delivered));
         let done: Vec<(u64, Option<u64>)> = t
             .grants

@@ -74,6 +74,8 @@ struct Link<'p, C: Coherence> {
 struct OpenBatch {
     link: usize,
     start: u64,
+    /// `start` in this mapping, bounds-checked once for `limit` bytes when the batch opened.
+    base: *mut u8,
     fill: u64,
     num_msg: u32,
     first_ns: u64,
@@ -274,11 +276,12 @@ impl<'p, C: Coherence> Publisher<'p, C> {
             publish_ts_ns: now,
             ..MessageHeader::default()
         };
-        let dst = self.pool.data_ptr(b.start + b.fill, stride)?;
-        // SAFETY: `dst` is `stride` bytes of a grant this publisher took and nobody else writes
-        // (the broker reads it only after the batch is submitted); 64-byte aligned because
-        // grants and strides are.
-        unsafe { write_message(dst, &header, payload) };
+        debug_assert!(b.fill + stride <= b.limit);
+        // SAFETY: `base..base + limit` was bounds-checked when the batch opened and lies in a
+        // grant this publisher took, which nobody else writes (the broker reads it only after
+        // the batch is submitted); `fill + stride <= limit` was checked above (the batch is
+        // sealed otherwise); 64-byte aligned because grants and strides are.
+        unsafe { write_message(b.base.add(b.fill as usize), &header, payload) };
         b.fill += stride;
         b.num_msg += 1;
         Ok(())
@@ -318,13 +321,17 @@ impl<'p, C: Coherence> Publisher<'p, C> {
             c.publish(&s.grants_taken, link.taken);
         }
         let (offset, bytes, used) = link.grant.expect("a grant");
+        let limit = self.batch_bytes.min(bytes - used);
+        // One bounds check per batch, not per message.
+        let base = self.pool.data_ptr(offset + used, limit)?;
         self.open = Some(OpenBatch {
             link: i,
             start: offset + used,
+            base,
             fill: 0,
             num_msg: 0,
             first_ns: now,
-            limit: self.batch_bytes.min(bytes - used),
+            limit,
         });
         Ok(())
     }
@@ -334,9 +341,8 @@ impl<'p, C: Coherence> Publisher<'p, C> {
         let Some(b) = self.open.take() else {
             return Ok(());
         };
-        let base = self.pool.data_ptr(b.start, b.fill)?;
-        // SAFETY: the batch's bytes, checked by `data_ptr`.
-        unsafe { self.c.writeback_range(base, b.fill as usize) };
+        // SAFETY: the batch's bytes, inside the range checked when it opened.
+        unsafe { self.c.writeback_range(b.base, b.fill as usize) };
         let link = &mut self.links[b.link];
         let desc = BatchDesc {
             batch_seq: self.batch_seq,

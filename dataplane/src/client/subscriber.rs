@@ -306,6 +306,25 @@ impl<C: Coherence> Drop for Subscriber<'_, C> {
     }
 }
 
+/// The lowest position of the active subscribers of a topic that `alive` keeps (callers pass
+/// a process check, cached or not): what every reclaim and the sequencer's delivery ring wait
+/// for. `None` when no subscriber holds anything.
+pub fn slowest_position<C: Coherence>(
+    st: &SequencerState,
+    c: C,
+    mut alive: impl FnMut(usize, u64, &SubscriberEntry) -> bool,
+) -> Option<u64> {
+    st.subscribers
+        .iter()
+        .enumerate()
+        .filter_map(|(i, e)| {
+            let state = c.observe(&e.state);
+            (state & 0xff == SUBSCRIBER_ACTIVE && alive(i, state, e))
+                .then(|| c.observe(&e.position))
+        })
+        .min()
+}
+
 /// Whether process `pid` exists (a registered subscriber whose process died holds nothing).
 pub fn pid_alive(pid: u64) -> bool {
     let Ok(pid) = i32::try_from(pid) else {

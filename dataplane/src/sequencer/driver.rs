@@ -4,16 +4,16 @@
 //! One loop does everything (run to completion), so that on a host with few cores the
 //! sequencer is one thread; when a round finds nothing it spins, then yields, then parks on
 //! the topic's doorbell word with a timeout (a futex works across processes), each with a
-//! named bound ([`IdlePolicy`]).
+//! named bound ([`IdlePolicy`], shared with the broker's loop).
 
 use std::sync::atomic::AtomicBool;
-use std::time::Duration;
 
 use embar_sys::clock::monotonic_ns;
 
 use super::core::{Action, DropReason, Landed, Limits, OrderLevel, Resume, SequencerCore};
 use super::state::PoolState;
 use crate::batch::{BatchDesc, BatchLimits};
+use crate::idle::{Idle, IdlePolicy};
 use crate::pool::coherence::Coherence;
 use crate::pool::layout::{
     message_stride, MessageHeader, BATCH_MESSAGES_MAX, DELIVERY_SLOTS, OUTCOME_DUPLICATE,
@@ -22,27 +22,6 @@ use crate::pool::layout::{
 use crate::pool::Pool;
 use crate::ring::{Polled, RingConsumer};
 use crate::sync::Ordering::Relaxed;
-
-/// What a sequencer does when a round over the rings finds nothing.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct IdlePolicy {
-    /// Empty rounds spent spinning.
-    pub spin_rounds: u32,
-    /// Further empty rounds spent yielding the core.
-    pub yield_rounds: u32,
-    /// After that, park on the doorbell for at most this long per round.
-    pub park_timeout: Duration,
-}
-
-impl Default for IdlePolicy {
-    fn default() -> Self {
-        IdlePolicy {
-            spin_rounds: 200,
-            yield_rounds: 50,
-            park_timeout: Duration::from_millis(1),
-        }
-    }
-}
 
 #[derive(Clone, Copy, Debug, Default)]
 pub struct DriverConfig {
@@ -458,25 +437,17 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
                 log::warn!("{e}; running unpinned");
             }
         }
-        let mut idle_rounds = 0u32;
+        let mut idle = Idle::new(self.idle);
         while !stop.load(Relaxed) {
             if self.state.superseded() {
                 return Err(SequencerError::Superseded(self.state.epoch()));
             }
-            if self.poll_once()? > 0 {
-                idle_rounds = 0;
-                continue;
-            }
-            idle_rounds = idle_rounds.saturating_add(1);
-            if idle_rounds <= self.idle.spin_rounds {
-                std::hint::spin_loop();
-            } else if idle_rounds <= self.idle.spin_rounds + self.idle.yield_rounds {
-                std::thread::yield_now();
-            } else {
-                let bell = self.state.doorbell();
+            let work = self.poll_once()?;
+            let bell = self.state.doorbell();
+            idle.after(work, |rest| {
                 let seen = bell.load(Relaxed);
-                embar_sys::futex::wait(bell, seen, self.idle.park_timeout);
-            }
+                embar_sys::futex::wait(bell, seen, rest);
+            });
         }
         Ok(())
     }

@@ -184,23 +184,14 @@ impl<'p, C: Coherence> PoolState<'p, C> {
         if check {
             self.last_pid_check = Some(now);
         }
-        let mut slowest: Option<u64> = None;
-        for (i, e) in self.st.subscribers.iter().enumerate() {
-            let state = self.c.observe(&e.state);
-            if state & 0xff != crate::pool::layout::SUBSCRIBER_ACTIVE {
-                continue;
-            }
-            if check || self.dead_subscribers[i].is_some_and(|s| s != state) {
+        let dead = &mut self.dead_subscribers;
+        crate::client::subscriber::slowest_position(self.st, self.c, |i, state, e| {
+            if check || dead[i].is_some_and(|s| s != state) {
                 let alive = crate::client::subscriber::pid_alive(e.pid.load(Relaxed));
-                self.dead_subscribers[i] = (!alive).then_some(state);
+                dead[i] = (!alive).then_some(state);
             }
-            if self.dead_subscribers[i] == Some(state) {
-                continue;
-            }
-            let pos = self.c.observe(&e.position);
-            slowest = Some(slowest.map_or(pos, |m| m.min(pos)));
-        }
-        slowest
+            dead[i] != Some(state)
+        })
     }
 
     pub fn delivery(&self) -> &'p [crate::pool::layout::DeliveryEntry] {
