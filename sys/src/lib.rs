@@ -8,6 +8,7 @@
 //! - [`numa`]: bind a mapping to a NUMA node (`mbind`).
 //! - [`cpu`]: pin the calling thread to a CPU.
 //! - [`futex`]: park on, and wake, a 32-bit word of shared memory across processes.
+//! - `verbs` (feature `verbs`): RDMA verbs: device, CQ, MR, RC QP, posting and polling.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -19,6 +20,8 @@ pub mod mapping;
 pub mod numa;
 pub mod process;
 pub mod signal;
+#[cfg(feature = "verbs")]
+pub mod verbs;
 
 mod error;
 
