@@ -558,8 +558,9 @@ impl QueuePair {
         } else {
             ibv_access_flags::IBV_ACCESS_LOCAL_WRITE
         };
-        // SAFETY (all three modify calls): the QP is live, `a` is a valid attr with the
-        // fields the mask names set.
+        // All three modify calls: the QP is live, `a` is a valid attr with the fields the
+        // mask names set.
+        // SAFETY: zeroed is a valid ibv_qp_attr (integers and a union of integers).
         let mut a: ibv_qp_attr = unsafe { std::mem::zeroed() };
         a.qp_state = ibv_qp_state::IBV_QPS_INIT;
         a.pkey_index = 0;
