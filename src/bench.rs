@@ -12,6 +12,7 @@ use embar_control::topics::TopicSpec;
 use embar_control::ControlClient;
 use embar_dataplane::checker::{Delivered, OrderChecker};
 use embar_dataplane::client::publisher::{Publisher, PublisherConfig};
+use embar_dataplane::client::Publish;
 use embar_dataplane::client::subscriber::{StartAt, Subscriber};
 use embar_dataplane::pool::coherence::Coherence;
 use embar_dataplane::pool::{CoherenceFn, Pool};
@@ -59,6 +60,47 @@ pub struct BenchArgs {
     /// One JSON object on stdout instead of the summary.
     #[arg(long)]
     pub json: bool,
+    /// Publish transport: `shm` (publishers on the pool host store into the pool) or `verbs`
+    /// (RDMA writes into broker-registered grants; a build with `--features verbs`).
+    #[arg(long, default_value = "shm", value_parser = ["shm", "verbs"])]
+    pub transport: String,
+    /// verbs: the IP the brokers of the started cluster listen on (the RDMA netdev's;
+    /// default: $RDMA_IP).
+    #[arg(long)]
+    pub verbs_ip: Option<std::net::IpAddr>,
+    /// verbs: RDMA device (default: $RDMA_DEVICE, else the first).
+    #[arg(long)]
+    pub rdma_device: Option<String>,
+    /// verbs: GID index (default: $RDMA_GID_INDEX, else 1).
+    #[arg(long)]
+    pub gid_index: Option<u8>,
+}
+
+/// Where verbs publishers connect, and with which device.
+#[derive(Clone, Debug)]
+#[cfg_attr(not(feature = "verbs"), allow(dead_code))]
+struct VerbsTarget {
+    brokers: Vec<(u32, SocketAddr)>,
+    device: Option<String>,
+    gid_index: u8,
+}
+
+impl BenchArgs {
+    fn rdma_device(&self) -> Option<String> {
+        self.rdma_device
+            .clone()
+            .or_else(|| std::env::var("RDMA_DEVICE").ok())
+    }
+
+    fn gid_index(&self) -> u8 {
+        self.gid_index
+            .or_else(|| std::env::var("RDMA_GID_INDEX").ok()?.parse().ok())
+            .unwrap_or(1)
+    }
+
+    fn verbs(&self) -> bool {
+        self.transport == "verbs"
+    }
 }
 
 impl BenchArgs {
@@ -128,6 +170,9 @@ pub fn run(a: &BenchArgs) -> Result<bool, String> {
     if a.message_bytes == 0 || a.total_bytes < a.message_bytes || a.publishers == 0 {
         return Err("--message-bytes, --publishers must be at least 1 and --total-bytes at least one message".into());
     }
+    if a.verbs() && !cfg!(feature = "verbs") {
+        return Err(crate::NO_VERBS.into());
+    }
     let memcpy = crate::baseline::memcpy_gbps();
     let dir = std::env::temp_dir().join(format!("embar-bench-{}", std::process::id()));
     let started;
@@ -142,6 +187,17 @@ pub fn run(a: &BenchArgs) -> Result<bool, String> {
                 dir: dir.clone(),
                 listen: "127.0.0.1:0".parse().expect("an address"),
                 retention_bytes: None,
+                verbs: if a.verbs() {
+                    Some(
+                        a.verbs_ip
+                            .or_else(|| std::env::var("RDMA_IP").ok()?.parse().ok())
+                            .ok_or("--transport verbs: give --verbs-ip (the RDMA netdev's address) or set RDMA_IP")?,
+                    )
+                } else {
+                    None
+                },
+                rdma_device: a.rdma_device(),
+                gid_index: a.gid_index(),
                 pool: crate::pool_cmd::CreateArgs {
                     pool_bytes: Some(a.pool_bytes),
                     segment_bytes: Some(a.segment_bytes),
@@ -173,6 +229,15 @@ pub fn run(a: &BenchArgs) -> Result<bool, String> {
     }
     let _down = Down(started);
     let (pool_path, brokers) = crate::client_cmd::discover(control)?;
+    let verbs = if a.verbs() {
+        Some(VerbsTarget {
+            brokers: crate::client_cmd::discover_verbs(control)?,
+            device: a.rdma_device(),
+            gid_index: a.gid_index(),
+        })
+    } else {
+        None
+    };
     let pool = crate::client_cmd::open_pool(&pool_path)?;
     // With a comparison, the two orders alternate twice and each keeps its best run: a run's
     // position in the sequence moves its figure more than the ORDER does on this machine.
@@ -193,15 +258,15 @@ pub fn run(a: &BenchArgs) -> Result<bool, String> {
         ControlClient::new(control)
             .create_topic(&spec)
             .map_err(|e| e.to_string())?;
-        struct Go<'a>(&'a Pool, &'a BenchArgs, &'a str, &'a [u32], u8);
+        struct Go<'a>(&'a Pool, &'a BenchArgs, &'a str, &'a [u32], u8, Option<&'a VerbsTarget>);
         impl CoherenceFn<Result<Run, String>> for Go<'_> {
             fn call<C: Coherence>(self, c: C) -> Result<Run, String> {
-                one_run(self.0, c, self.1, self.2, self.3, self.4)
+                one_run(self.0, c, self.1, self.2, self.3, self.4, self.5)
             }
         }
         runs.push(Pool::with_coherence(
             pool.coherence_mode(),
-            Go(&pool, a, &name, &brokers, order),
+            Go(&pool, a, &name, &brokers, order, verbs.as_ref()),
         )?);
         // Each run starts with the pool's log space free: brokers free a deleted topic's
         // segments within their 100 ms topic check.
@@ -239,6 +304,7 @@ fn one_run<C: Coherence>(
     topic: &str,
     brokers: &[u32],
     order: u8,
+    verbs: Option<&VerbsTarget>,
 ) -> Result<Run, String> {
     let per_pub = (a.total_bytes / a.message_bytes).div_ceil(u64::from(a.publishers));
     let total = per_pub * u64::from(a.publishers);
@@ -341,70 +407,17 @@ fn one_run<C: Coherence>(
                         ..PublisherConfig::default()
                     };
                     let client = crate::client_cmd::new_client_id();
-                    let mut publ = Publisher::open(pool, c, topic, brokers, client, cfg)
-                        .map_err(|e| e.to_string())?;
-                    let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
-                        .map_err(|e| e.to_string())?;
-                    let mut lat = Vec::with_capacity(1024);
-                    let mut buf = payloads.template.clone();
-                    let interval_ns = a.rate.map(|r| 1_000_000_000 / r.max(1));
-                    let t0 = monotonic_ns();
-                    for i in 0..per_pub {
-                        if failed.load(Ordering::Relaxed) {
-                            return Err("stopped: another thread failed".into());
-                        }
-                        if let Some(iv) = interval_ns {
-                            // Sleep through most of the gap (this host may have fewer cores
-                            // than polling threads), spin the last part.
-                            let due = t0 + i * iv;
-                            loop {
-                                publ.take_ack_latencies(&mut lat);
-                                let now = monotonic_ns();
-                                if now >= due {
-                                    break;
-                                }
-                                if due - now > 150_000 {
-                                    std::thread::sleep(Duration::from_nanos(due - now - 100_000));
-                                } else {
-                                    std::hint::spin_loop();
-                                }
-                            }
-                        }
-                        Payloads::stamp(&mut buf, p.into(), i);
-                        publ.publish(&buf).map_err(|e| e.to_string())?;
-                        if interval_ns.is_some() {
-                            publ.flush().map_err(|e| e.to_string())?;
-                        }
-                        if i % 256 == 0 {
-                            publ.take_ack_latencies(&mut lat);
-                            for l in lat.drain(..) {
-                                let _ = hist.record(l.max(1));
-                            }
-                            acked
-                                .store(publ.acked().map_err(|e| e.to_string())?, Ordering::Relaxed);
-                        }
+                    let load = Load { a, payloads, per_pub, p: p.into(), acked, failed };
+                    let r = match verbs {
+                        None => Publisher::open(pool, c, topic, brokers, client, cfg)
+                            .map_err(|e| e.to_string())
+                            .and_then(|mut publ| load.drive(&mut publ)),
+                        Some(v) => drive_verbs(&load, v, topic, client, cfg),
+                    };
+                    if r.is_err() {
+                        failed.store(true, Ordering::Relaxed);
                     }
-                    publ.flush().map_err(|e| e.to_string())?;
-                    let deadline = Instant::now() + Duration::from_secs(120);
-                    loop {
-                        let n = publ.acked().map_err(|e| e.to_string())?;
-                        publ.take_ack_latencies(&mut lat);
-                        if n >= publ.sealed_messages() {
-                            break;
-                        }
-                        if Instant::now() > deadline {
-                            return Err(format!(
-                                "acks: {n} of {} after 120 s",
-                                publ.sealed_messages()
-                            ));
-                        }
-                        std::thread::yield_now();
-                    }
-                    let end = monotonic_ns();
-                    for l in lat.drain(..) {
-                        let _ = hist.record(l.max(1));
-                    }
-                    Ok((hist, end, publ.waits().0))
+                    r
                 })
             })
             .collect();
@@ -461,6 +474,115 @@ fn one_run<C: Coherence>(
     Ok(result)
 }
 
+/// One publisher's share of a run, whatever its transport.
+struct Load<'a> {
+    a: &'a BenchArgs,
+    payloads: &'a Payloads,
+    per_pub: u64,
+    p: u64,
+    acked: &'a AtomicU64,
+    failed: &'a AtomicBool,
+}
+
+impl Load<'_> {
+    /// Publishes this publisher's messages (paced when open loop), waits for every ack;
+    /// returns the latency histogram, the end time and the grant waits.
+    fn drive<P: Publish>(&self, publ: &mut P) -> Result<(Histogram<u64>, u64, u64), String> {
+        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
+            .map_err(|e| e.to_string())?;
+        let mut lat = Vec::with_capacity(1024);
+        let mut buf = self.payloads.template.clone();
+        let interval_ns = self.a.rate.map(|r| 1_000_000_000 / r.max(1));
+        let t0 = monotonic_ns();
+        for i in 0..self.per_pub {
+            if self.failed.load(Ordering::Relaxed) {
+                return Err("stopped: another thread failed".into());
+            }
+            if let Some(iv) = interval_ns {
+                // Sleep through most of the gap (this host may have fewer cores
+                // than polling threads), spin the last part.
+                let due = t0 + i * iv;
+                loop {
+                    publ.take_ack_latencies(&mut lat);
+                    let now = monotonic_ns();
+                    if now >= due {
+                        break;
+                    }
+                    if due - now > 150_000 {
+                        std::thread::sleep(Duration::from_nanos(due - now - 100_000));
+                    } else {
+                        std::hint::spin_loop();
+                    }
+                }
+            }
+            Payloads::stamp(&mut buf, self.p, i);
+            publ.publish(&buf).map_err(|e| e.to_string())?;
+            if interval_ns.is_some() {
+                publ.flush().map_err(|e| e.to_string())?;
+            }
+            if i % 256 == 0 {
+                publ.take_ack_latencies(&mut lat);
+                for l in lat.drain(..) {
+                    let _ = hist.record(l.max(1));
+                }
+                self.acked
+                    .store(publ.acked().map_err(|e| e.to_string())?, Ordering::Relaxed);
+            }
+        }
+        publ.flush().map_err(|e| e.to_string())?;
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let n = publ.acked().map_err(|e| e.to_string())?;
+            publ.take_ack_latencies(&mut lat);
+            if n >= publ.sealed_messages() {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "acks: {n} of {} after 120 s",
+                    publ.sealed_messages()
+                ));
+            }
+            std::thread::yield_now();
+        }
+        let end = monotonic_ns();
+        for l in lat.drain(..) {
+            let _ = hist.record(l.max(1));
+        }
+        Ok((hist, end, publ.grant_waits()))
+    }
+}
+
+#[cfg(feature = "verbs")]
+fn drive_verbs(
+    load: &Load<'_>,
+    v: &VerbsTarget,
+    topic: &str,
+    client: u64,
+    cfg: PublisherConfig,
+) -> Result<(Histogram<u64>, u64, u64), String> {
+    use embar_dataplane::verbs::publisher::{VerbsConfig, VerbsPublisher};
+    let vc = VerbsConfig {
+        device: v.device.clone(),
+        gid_index: v.gid_index,
+        publisher: cfg,
+    };
+    let mut publ =
+        VerbsPublisher::connect(&v.brokers, topic, client, &vc).map_err(|e| e.to_string())?;
+    load.drive(&mut publ)
+}
+
+#[cfg(not(feature = "verbs"))]
+fn drive_verbs(
+    _: &Load<'_>,
+    _: &VerbsTarget,
+    _: &str,
+    _: u64,
+    _: PublisherConfig,
+) -> Result<(Histogram<u64>, u64, u64), String> {
+    Err(crate::NO_VERBS.into())
+}
+
 impl Run {
     fn gbps(&self) -> f64 {
         self.bytes as f64 / self.elapsed_s / 1e9
@@ -489,7 +611,7 @@ fn report(a: &BenchArgs, memcpy: f64, brokers: usize, runs: &[Run]) -> Result<bo
     out["memcpy_gbps"] = json!(memcpy);
     out["ratio_to_memcpy"] = json!(gbps / memcpy);
     out["config"] = json!({
-        "transport": "shm",
+        "transport": a.transport,
         "brokers": brokers,
         "order": a.order,
         "ack": a.ack,
@@ -510,8 +632,9 @@ fn report(a: &BenchArgs, memcpy: f64, brokers: usize, runs: &[Run]) -> Result<bo
         return Ok(passed);
     }
     println!(
-        "embar bench: {} brokers, shm transport, ORDER {} ACK {}, {} B messages, {} batches, {} publisher(s), {} subscriber(s){}",
+        "embar bench: {} brokers, {} transport, ORDER {} ACK {}, {} B messages, {} batches, {} publisher(s), {} subscriber(s){}",
         brokers,
+        a.transport,
         a.order,
         a.ack,
         a.message_bytes,

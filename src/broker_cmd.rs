@@ -36,6 +36,50 @@ pub struct BrokerArgs {
     /// subscriber has read it).
     #[arg(long, value_parser = crate::units::parse_bytes)]
     pub retention_bytes: Option<u64>,
+    /// Accept verbs (RDMA) publishers on this TCP address, which publishers must reach (the
+    /// RDMA netdev's IP, e.g. 10.9.9.1:0 for a free port). Needs a build with `--features
+    /// verbs` and an RDMA device.
+    #[arg(long)]
+    pub verbs: Option<SocketAddr>,
+    /// RDMA device for `--verbs` (default: the first).
+    #[arg(long)]
+    pub rdma_device: Option<String>,
+    /// GID index for `--verbs` (RoCEv2 over IPv4 is usually 1 on rxe).
+    #[arg(long, default_value_t = 1)]
+    pub gid_index: u8,
+}
+
+/// The verbs port of a broker: its listener and device, opened before registering so that
+/// a missing device is an error at start.
+#[cfg(feature = "verbs")]
+pub struct VerbsPort {
+    listener: TcpListener,
+    ctx: std::sync::Arc<embar_sys::verbs::Context>,
+}
+#[cfg(not(feature = "verbs"))]
+pub type VerbsPort = std::convert::Infallible;
+
+#[cfg(feature = "verbs")]
+fn open_verbs(a: &BrokerArgs) -> Result<Option<VerbsPort>, String> {
+    let Some(addr) = a.verbs else { return Ok(None) };
+    if addr.ip().is_unspecified() {
+        return Err(format!(
+            "--verbs {addr}: give the address publishers reach (the RDMA netdev's IP), not a wildcard"
+        ));
+    }
+    let ctx = embar_sys::verbs::Context::open(a.rdma_device.as_deref(), a.gid_index)
+        .map_err(|e| format!("--verbs: {e}"))?;
+    let listener =
+        TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    Ok(Some(VerbsPort { listener, ctx }))
+}
+
+#[cfg(not(feature = "verbs"))]
+fn open_verbs(a: &BrokerArgs) -> Result<Option<VerbsPort>, String> {
+    match a.verbs {
+        None => Ok(None),
+        Some(_) => Err(crate::NO_VERBS.into()),
+    }
 }
 
 /// How often the sequencer looks for new topics.
@@ -60,8 +104,15 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
     let metrics =
         TcpListener::bind(a.metrics).map_err(|e| format!("cannot listen on {}: {e}", a.metrics))?;
     let metrics_addr = metrics.local_addr().map_err(|e| e.to_string())?;
+    let verbs = open_verbs(a)?;
     let mut addrs: BTreeMap<String, String> = BTreeMap::new();
     addrs.insert("shm".into(), pool_path.display().to_string());
+    #[cfg(feature = "verbs")]
+    if let Some(v) = &verbs {
+        let at = v.listener.local_addr().map_err(|e| e.to_string())?;
+        addrs.insert("verbs".into(), at.to_string());
+        println!("embar broker: verbs publishers connect to {at} (device {})", v.ctx.name());
+    }
     addrs.insert("metrics".into(), metrics_addr.to_string());
     addrs.insert("pid".into(), std::process::id().to_string());
     if a.sequencer {
@@ -102,6 +153,7 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
         stop: &'a AtomicBool,
         stats: &'a Mutex<(BrokerStats, usize, u64)>,
         heartbeat: &'a std::thread::JoinHandle<Result<(), String>>,
+        verbs: Option<VerbsPort>,
     }
     impl CoherenceFn<Result<(), String>> for Go<'_> {
         fn call<C: Coherence>(self, c: C) -> Result<(), String> {
@@ -123,6 +175,18 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
                 let mut broker = Broker::new(self.pool, c, self.slot)
                     .map_err(|e| e.to_string())?
                     .with_retention_limit(self.args.retention_bytes);
+                #[cfg(feature = "verbs")]
+                let mut frontend = match self.verbs {
+                    Some(v) => Some(
+                        embar_dataplane::verbs::frontend::Frontend::new(
+                            self.pool, c, self.slot, v.listener, v.ctx,
+                        )
+                        .map_err(|e| e.to_string())?,
+                    ),
+                    None => None,
+                };
+                #[cfg(not(feature = "verbs"))]
+                let _ = self.verbs;
                 let mut idle = Idle::new(IdlePolicy::default());
                 let mut last = Instant::now();
                 while !self.stop.load(Ordering::Relaxed) {
@@ -136,6 +200,10 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
                     let mut work = broker.poll_once().map_err(|e| e.to_string())?;
                     if let Some(seqs) = seqs.as_mut() {
                         work += seqs.poll_once();
+                    }
+                    #[cfg(feature = "verbs")]
+                    if let Some(f) = frontend.as_mut() {
+                        work += f.poll_once().map_err(|e| e.to_string())?;
                     }
                     idle.after(work, std::thread::sleep);
                     if last.elapsed() > Duration::from_millis(100) {
@@ -159,6 +227,7 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
             stop,
             stats: &stats,
             heartbeat: &heartbeat,
+            verbs,
         },
     );
     hb_stop.store(true, Ordering::Relaxed);

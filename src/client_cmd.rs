@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use embar_control::ControlClient;
 use embar_dataplane::client::publisher::{Publisher, PublisherConfig};
+use embar_dataplane::client::Publish;
 use embar_dataplane::client::subscriber::{StartAt, Subscriber};
 use embar_dataplane::pool::coherence::Coherence;
 use embar_dataplane::pool::{CoherenceFn, OpenOptions, Pool};
@@ -341,4 +342,28 @@ pub fn rogue_publish(a: &RogueArgs) -> Result<(), String> {
         }
     }
     Pool::with_coherence(pool.coherence_mode(), Go(&pool, a, &brokers))
+}
+
+/// `(pool slot, verbs address)` of every live broker that accepts verbs publishers.
+pub fn discover_verbs(control: SocketAddr) -> Result<Vec<(u32, SocketAddr)>, String> {
+    let status = ControlClient::new(control)
+        .status()
+        .map_err(|e| e.to_string())?;
+    let mut out: Vec<(u32, SocketAddr)> = status["brokers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|b| b["alive"] == true)
+        .filter_map(|b| {
+            let slot = b["slot"].as_u64()? as u32;
+            let addr = b["addresses"]["verbs"].as_str()?.parse().ok()?;
+            Some((slot, addr))
+        })
+        .collect();
+    out.sort_unstable();
+    out.dedup_by_key(|b| b.0);
+    if out.is_empty() {
+        return Err("no live broker accepts verbs publishers (start brokers with --verbs, or `embar cluster up --verbs IP`)".into());
+    }
+    Ok(out)
 }

@@ -25,6 +25,16 @@ pub struct UpArgs {
     /// Passed to every broker (see `embar broker --retention-bytes`).
     #[arg(long, value_parser = crate::units::parse_bytes)]
     pub retention_bytes: Option<u64>,
+    /// Brokers also accept verbs (RDMA) publishers on this IP (the RDMA netdev's address),
+    /// each on a free port (see `embar broker --verbs`).
+    #[arg(long)]
+    pub verbs: Option<std::net::IpAddr>,
+    /// RDMA device for `--verbs`.
+    #[arg(long)]
+    pub rdma_device: Option<String>,
+    /// GID index for `--verbs`.
+    #[arg(long, default_value_t = 1)]
+    pub gid_index: u8,
     /// Pool options (path defaults to /dev/shm/embar-<dir name>.pool).
     #[command(flatten)]
     pub pool: crate::pool_cmd::CreateArgs,
@@ -149,6 +159,17 @@ pub fn up(a: &UpArgs) -> Result<ClusterFile, String> {
         }
         if let Some(r) = a.retention_bytes {
             args.extend(["--retention-bytes".into(), r.to_string()]);
+        }
+        if let Some(ip) = a.verbs {
+            args.extend([
+                "--verbs".into(),
+                SocketAddr::new(ip, 0).to_string(),
+                "--gid-index".into(),
+                a.gid_index.to_string(),
+            ]);
+            if let Some(d) = &a.rdma_device {
+                args.extend(["--rdma-device".into(), d.clone()]);
+            }
         }
         let (pid, log) = spawn(&a.dir, &format!("broker-{b}"), &args)?;
         pids.push(pid);

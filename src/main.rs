@@ -12,6 +12,9 @@ mod ring_bench;
 mod ringload;
 mod units;
 
+/// The error of a verbs option in a build without the transport.
+pub const NO_VERBS: &str = "this embar was built without the verbs transport: build it with `cargo build --release --features verbs` (needs libibverbs-dev, librdmacm-dev, libclang-dev)";
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 

@@ -23,5 +23,7 @@ pub mod sequencer;
 #[cfg(not(loom))]
 pub mod session;
 pub mod sync;
+#[cfg(all(feature = "verbs", not(loom)))]
+pub mod verbs;
 
 pub use error::{PoolError, PoolResult};

@@ -99,3 +99,56 @@ pub fn grant_slot(k: u64) -> usize {
 
 /// Sessions of one broker.
 pub const SESSIONS: u32 = SESSIONS_PER_BROKER as u32;
+
+/// Claims a free session slot of `broker` for `client_id` on topic slot `topic` and asks the
+/// broker to open it, without waiting: `Some((session, index, generation))`, or `None` when
+/// every slot is in use. The answer comes in `accepted` (see [`answer`]).
+pub fn try_claim<'p, C: crate::pool::coherence::Coherence>(
+    pool: &'p crate::pool::Pool,
+    c: C,
+    broker: u32,
+    topic: u32,
+    client_id: u64,
+    pid: u32,
+) -> Result<Option<(&'p Session, u32, u64)>, crate::PoolError> {
+    use crate::sync::Ordering::{AcqRel, Acquire, Relaxed};
+    for i in 0..SESSIONS {
+        let s = pool.session(broker, i)?;
+        let state = c.observe(&s.state);
+        let gen = state >> 8;
+        let accepted = c.observe(&s.accepted);
+        let free = state & 0xff == STATE_FREE
+            || (accepted >> 8 == gen && matches!(accepted & 0xff, RELEASED | REFUSED));
+        if !free {
+            continue;
+        }
+        let mine = gen + 1;
+        if s.state
+            .compare_exchange(state, mine << 8 | STATE_OPENING, AcqRel, Acquire)
+            .is_err()
+        {
+            continue;
+        }
+        s.client_id.store(client_id, Relaxed);
+        s.topic.store(u64::from(topic), Relaxed);
+        s.pid.store(u64::from(pid), Relaxed);
+        s.grants_taken.store(0, Relaxed);
+        s.submitted.store(0, Relaxed);
+        c.writeback(s);
+        c.publish(&s.state, mine << 8 | STATE_OPEN);
+        return Ok(Some((s, i, mine)));
+    }
+    Ok(None)
+}
+
+/// The broker's answer to generation `gen` of session `s`: `Some(ACCEPTED)`, `Some(REFUSED)`
+/// (the reason is in `error`), or `None` while it has not answered.
+pub fn answer<C: crate::pool::coherence::Coherence>(c: C, s: &Session, gen: u64) -> Option<u64> {
+    let a = c.observe(&s.accepted);
+    (a >> 8 == gen && matches!(a & 0xff, ACCEPTED | REFUSED)).then_some(a & 0xff)
+}
+
+/// Ends generation `gen` of session `s` from the publisher's side.
+pub fn close<C: crate::pool::coherence::Coherence>(c: C, s: &Session, gen: u64) {
+    c.publish(&s.state, gen << 8 | STATE_CLOSED);
+}

@@ -471,6 +471,79 @@ impl Drop for MemoryRegion {
     }
 }
 
+/// Zeroed, page-aligned anonymous memory registered as one region: buffers a process
+/// sends from, or words a peer writes into.
+pub struct RegisteredBuffer {
+    // Deregistered in Drop before the memory is unmapped.
+    mr: std::mem::ManuallyDrop<MemoryRegion>,
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value; access goes through raw pointers whose users
+// state their own synchronisation.
+unsafe impl Send for RegisteredBuffer {}
+// SAFETY: as above.
+unsafe impl Sync for RegisteredBuffer {}
+
+impl RegisteredBuffer {
+    pub fn new(ctx: &Arc<Context>, len: usize, remote_write: bool) -> Result<RegisteredBuffer, VerbsError> {
+        // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
+        let ptr = unsafe {
+            libc::mmap(
+                ptr::null_mut(),
+                len.max(1),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(call_failed("mmap of a registered buffer"));
+        }
+        let ptr = ptr.cast::<u8>();
+        // SAFETY: the mapping lives until Drop, which deregisters first.
+        match unsafe { MemoryRegion::register(ctx, ptr, len.max(1), remote_write) } {
+            Ok(mr) => Ok(RegisteredBuffer {
+                mr: std::mem::ManuallyDrop::new(mr),
+                ptr,
+                len,
+            }),
+            Err(e) => {
+                // SAFETY: mapped above, unmapped once.
+                unsafe { libc::munmap(ptr.cast(), len.max(1)) };
+                Err(e)
+            }
+        }
+    }
+
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn mr(&self) -> &MemoryRegion {
+        &self.mr
+    }
+}
+
+impl Drop for RegisteredBuffer {
+    fn drop(&mut self) {
+        // SAFETY: dropped exactly once, here; not used after.
+        unsafe { std::mem::ManuallyDrop::drop(&mut self.mr) };
+        // SAFETY: mapped in `new` with this length, unmapped once.
+        unsafe { libc::munmap(self.ptr.cast(), self.len.max(1)) };
+    }
+}
+
 /// Local memory of a work request: `len` bytes at `addr` of a region with key `lkey`.
 #[derive(Clone, Copy, Debug)]
 pub struct Sge {

@@ -1,6 +1,62 @@
 //! Client libraries on the pool host: [`publisher`] writes batches straight into granted log
 //! space, [`subscriber`] reads a topic in total order straight
-//! from the pool.
+//! from the pool. The verbs publisher (`crate::verbs::publisher`, feature `verbs`) is the
+//! remote one; both publishers implement [`Publish`].
 
 pub mod publisher;
 pub mod subscriber;
+
+use std::time::{Duration, Instant};
+
+pub use publisher::PublishError;
+
+/// What every publisher offers, whatever its transport.
+pub trait Publish {
+    fn client_id(&self) -> u64;
+    /// Appends one message to the current batch (non-blocking unless out of credits).
+    fn publish(&mut self, payload: &[u8]) -> Result<(), PublishError>;
+    /// Seals the open batch if it has lingered (call when idle).
+    fn poll(&mut self) -> Result<(), PublishError>;
+    /// Seals the open batch now.
+    fn flush(&mut self) -> Result<(), PublishError>;
+    /// Messages acknowledged so far over every broker; an error if a broker rejected any.
+    fn acked(&mut self) -> Result<u64, PublishError>;
+    /// Messages sealed into submitted batches.
+    fn sealed_messages(&self) -> u64;
+    /// Publish-to-ack latency (ns) of every batch acked since the last call.
+    fn take_ack_latencies(&mut self, out: &mut Vec<u64>);
+    /// Times the publisher waited for log space (credits).
+    fn grant_waits(&self) -> u64;
+    /// The topic's ACK level.
+    fn ack_level(&self) -> u8;
+
+    /// Flushes, then waits until every message is acknowledged per the topic's ACK level
+    /// (ACK 0: returns at once).
+    fn wait_acks(&mut self, timeout: Duration) -> Result<u64, PublishError> {
+        self.flush()?;
+        let target = self.sealed_messages();
+        if self.ack_level() == 0 {
+            return Ok(target);
+        }
+        let start = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            let n = self.acked()?;
+            if n >= target {
+                return Ok(n);
+            }
+            if start.elapsed() > timeout {
+                return Err(PublishError::Timeout {
+                    what: format!("acks of {target} messages ({n} acked)"),
+                    waited: start.elapsed(),
+                });
+            }
+            spins += 1;
+            if spins < 1024 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+}

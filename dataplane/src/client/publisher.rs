@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use embar_sys::clock::monotonic_ns;
 
 use crate::batch::{write_message, BatchDesc};
+use crate::client::Publish;
 use crate::pool::coherence::Coherence;
 use crate::pool::layout::{
     message_stride, MessageHeader, Session, BATCH_HEADER_VERSION, BATCH_MESSAGES_MAX,
@@ -17,7 +18,7 @@ use crate::pool::layout::{
 use crate::pool::Pool;
 use crate::ring::{RingError, RingProducer};
 use crate::session::*;
-use crate::sync::Ordering::{AcqRel, Acquire, Relaxed};
+use crate::sync::Ordering::Relaxed;
 use crate::PoolError;
 
 #[derive(Clone, Copy, Debug)]
@@ -42,7 +43,9 @@ pub enum PublishError {
     #[error(transparent)]
     Pool(#[from] PoolError),
     #[error("broker {broker} refused the session: {reason}")]
-    Refused { broker: u32, reason: &'static str },
+    Refused { broker: u32, reason: String },
+    #[error("transport: {0}")]
+    Transport(String),
     #[error("timed out after {waited:?} waiting for {what}")]
     Timeout { what: String, waited: Duration },
     #[error("message of {size} bytes does not fit a batch of {max} bytes")]
@@ -182,66 +185,35 @@ impl<'p, C: Coherence> Publisher<'p, C> {
         client_id: u64,
         cfg: PublisherConfig,
     ) -> Result<&'p Session, PublishError> {
-        for i in 0..SESSIONS {
-            let s = pool.session(broker, i)?;
-            let state = c.observe(&s.state);
-            let gen = state >> 8;
-            let accepted = c.observe(&s.accepted);
-            let free = state & 0xff == STATE_FREE
-                || (accepted >> 8 == gen && matches!(accepted & 0xff, RELEASED | REFUSED));
-            if !free {
-                continue;
+        let Some((s, _, mine)) =
+            try_claim(pool, c, broker, topic, client_id, std::process::id())?
+        else {
+            return Err(PublishError::Pool(PoolError::OutOfRange {
+                what: "sessions of broker",
+                value: u64::from(SESSIONS),
+                limit: u64::from(SESSIONS),
+            }));
+        };
+        let answer = wait(
+            || {
+                format!("broker {broker} to accept a session (is `embar broker` running for slot {broker}?)")
+            },
+            cfg.wait_timeout,
+            || answer(c, s, mine),
+        );
+        match answer {
+            Ok(ACCEPTED) => Ok(s),
+            Ok(_) => {
+                let reason = SessionError::from_code(s.error.load(Relaxed))
+                    .describe()
+                    .to_string();
+                Err(PublishError::Refused { broker, reason })
             }
-            let mine = gen + 1;
-            if s.state
-                .compare_exchange(state, mine << 8 | STATE_OPENING, AcqRel, Acquire)
-                .is_err()
-            {
-                continue;
-            }
-            s.client_id.store(client_id, Relaxed);
-            s.topic.store(u64::from(topic), Relaxed);
-            s.pid.store(u64::from(std::process::id()), Relaxed);
-            s.grants_taken.store(0, Relaxed);
-            s.submitted.store(0, Relaxed);
-            c.writeback(s);
-            c.publish(&s.state, mine << 8 | STATE_OPEN);
-            let answer = wait(
-                || {
-                    format!("broker {broker} to accept a session (is `embar broker` running for slot {broker}?)")
-                },
-                cfg.wait_timeout,
-                || {
-                    let a = c.observe(&s.accepted);
-                    (a >> 8 == mine && matches!(a & 0xff, ACCEPTED | REFUSED)).then_some(a & 0xff)
-                },
-            );
-            match answer {
-                Ok(ACCEPTED) => return Ok(s),
-                Ok(_) => {
-                    let reason = SessionError::from_code(s.error.load(Relaxed)).describe();
-                    return Err(PublishError::Refused { broker, reason });
-                }
-                Err(e) => {
-                    c.publish(&s.state, mine << 8 | STATE_CLOSED);
-                    return Err(e);
-                }
+            Err(e) => {
+                close(c, s, mine);
+                Err(e)
             }
         }
-        Err(PublishError::Pool(PoolError::OutOfRange {
-            what: "sessions of broker",
-            value: u64::from(SESSIONS),
-            limit: u64::from(SESSIONS),
-        }))
-    }
-
-    pub fn client_id(&self) -> u64 {
-        self.client_id
-    }
-
-    /// Messages handed to `publish` and sealed into submitted batches.
-    pub fn sealed_messages(&self) -> u64 {
-        self.sealed_messages
     }
 
     /// Times the publisher waited for a grant (credits) or a submission slot.
@@ -399,22 +371,6 @@ impl<'p, C: Coherence> Publisher<'p, C> {
         self.links.get(link).and_then(|l| l.grant)
     }
 
-    /// Seals the open batch, if it has lingered long enough (call when idle).
-    pub fn poll(&mut self) -> Result<(), PublishError> {
-        let lingered = self.open.as_ref().is_some_and(|b| {
-            monotonic_ns().saturating_sub(b.first_ns) > self.cfg.linger.as_nanos() as u64
-        });
-        if lingered {
-            self.seal()?;
-        }
-        Ok(())
-    }
-
-    /// Seals the open batch now.
-    pub fn flush(&mut self) -> Result<(), PublishError> {
-        self.seal()
-    }
-
     /// Messages acknowledged so far, over every broker; an error if a broker rejected any.
     pub fn acked(&self) -> Result<u64, PublishError> {
         let mut total = 0;
@@ -433,12 +389,42 @@ impl<'p, C: Coherence> Publisher<'p, C> {
         }
         Ok(total)
     }
+}
 
-    /// Publish-to-ack latency (ns, from each batch's first message to the broker's ack) of
-    /// every batch acked since the last call. The ack time is the broker's stamp, so a
-    /// publisher that looks late does not inflate it (it may round a batch up to a later ack
-    /// of the same session).
-    pub fn take_ack_latencies(&mut self, out: &mut Vec<u64>) {
+impl<C: Coherence> Publish for Publisher<'_, C> {
+    fn client_id(&self) -> u64 {
+        self.client_id
+    }
+
+    fn publish(&mut self, payload: &[u8]) -> Result<(), PublishError> {
+        Publisher::publish(self, payload)
+    }
+
+    fn poll(&mut self) -> Result<(), PublishError> {
+        let lingered = self.open.as_ref().is_some_and(|b| {
+            monotonic_ns().saturating_sub(b.first_ns) > self.cfg.linger.as_nanos() as u64
+        });
+        if lingered {
+            self.seal()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), PublishError> {
+        self.seal()
+    }
+
+    fn acked(&mut self) -> Result<u64, PublishError> {
+        Publisher::acked(self)
+    }
+
+    fn sealed_messages(&self) -> u64 {
+        self.sealed_messages
+    }
+
+    /// The ack time is the broker's stamp (same host's clock), so a publisher that looks late
+    /// does not inflate it (it may round a batch up to a later ack of the same session).
+    fn take_ack_latencies(&mut self, out: &mut Vec<u64>) {
         for l in &mut self.links {
             let acked = self.c.observe(&l.session.acked_messages);
             let ack_ns = l.session.ack_ns.load(Relaxed);
@@ -449,31 +435,12 @@ impl<'p, C: Coherence> Publisher<'p, C> {
         }
     }
 
-    /// Flushes, then waits until every message is acknowledged per the topic's ACK level
-    /// (ACK 0: returns at once).
-    pub fn wait_acks(&mut self, timeout: Duration) -> Result<u64, PublishError> {
-        self.flush()?;
-        if self.ack == 0 {
-            return Ok(self.sealed_messages);
-        }
-        let target = self.sealed_messages;
-        let mut err = None;
-        let r = wait(
-            || format!("acks of {target} messages"),
-            timeout,
-            || match self.acked() {
-                Ok(n) if n >= target => Some(n),
-                Ok(_) => None,
-                Err(e) => {
-                    err = Some(e);
-                    Some(0)
-                }
-            },
-        );
-        match err {
-            Some(e) => Err(e),
-            None => r,
-        }
+    fn grant_waits(&self) -> u64 {
+        self.grant_waits
+    }
+
+    fn ack_level(&self) -> u8 {
+        self.ack
     }
 }
 

@@ -1,0 +1,784 @@
+//! The broker's side of the verbs transport: accepts remote publishers on a TCP port, gives
+//! each an RC queue pair, and stands in for it as the publisher of a shm session in the pool
+//! (see [`crate::session`]): the broker's own checks, grants and acks then apply unchanged.
+//!
+//! Per session it registers, for remote writes, only (a) each grant of log space while the
+//! publisher may fill it and (b) a small staging buffer of descriptors outside the pool. Pool
+//! metadata is never registered. It runs as polling rounds ([`Frontend::poll_once`]), inline
+//! in the broker's loop or on a thread of its own.
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use embar_sys::clock::monotonic_ns;
+use embar_sys::verbs::{
+    Completion, CompletionQueue, Context, Endpoint, MemoryRegion, Opcode, QueuePair,
+    RegisteredBuffer, VerbsError, Write,
+};
+
+use super::*;
+use crate::pool::coherence::Coherence;
+use crate::pool::layout::Session;
+use crate::pool::Pool;
+use crate::ring::{RingError, RingProducer};
+use crate::session::{
+    self, answer, grant_slot, submission_ring, SessionError, ACCEPTED, RELEASED,
+};
+use crate::sync::Ordering::Relaxed;
+
+/// Feedback writes in flight per session (a ring of 64-byte source slots).
+const FEEDBACK_SOURCES: u64 = 64;
+/// Every this many feedback writes one is signaled, which frees the slots before it.
+const SIGNAL_EVERY: u64 = 16;
+/// How often a session's TCP connection is checked for its end.
+const LIVENESS_INTERVAL: Duration = Duration::from_millis(100);
+/// Longest wait for the broker's answer to a session, and for the publisher's READY.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A session error code for a bad immediate (beyond the codes of [`SessionError`]).
+pub const ERROR_BAD_IMMEDIATE: u64 = 8;
+/// A session error code for a failed RDMA operation on the session's QP.
+pub const ERROR_TRANSPORT: u64 = 9;
+
+/// Counters (exported as metrics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FrontendStats {
+    pub sessions_opened: u64,
+    pub sessions_closed: u64,
+    pub sessions_refused: u64,
+    pub batches_forwarded: u64,
+    pub bad_immediates: u64,
+    pub grants_registered: u64,
+    pub feedback_writes: u64,
+}
+
+struct Incoming {
+    stream: TcpStream,
+    line: String,
+}
+
+struct Request {
+    topic: u32,
+    client_id: u64,
+    ep: Endpoint,
+    feedback_addr: u64,
+    feedback_rkey: u32,
+}
+
+struct Pending<'p> {
+    stream: TcpStream,
+    req: Request,
+    session: &'p Session,
+    generation: u64,
+    since_ns: u64,
+}
+
+struct Grant {
+    number: u64,
+    offset: u64,
+    bytes: u64,
+    _mr: MemoryRegion,
+}
+
+struct Remote<'p, C: Coherence> {
+    session: &'p Session,
+    generation: u64,
+    client_id: u64,
+    stream: TcpStream,
+    /// Bytes of the READY line read so far.
+    ready_buf: Vec<u8>,
+    ready: bool,
+    since_ns: u64,
+    qp: QueuePair,
+    staging: RegisteredBuffer,
+    sources: RegisteredBuffer,
+    feedback_addr: u64,
+    feedback_rkey: u32,
+    submit: RingProducer<'p, C>,
+    /// Descriptors announced by an immediate, in order.
+    received: u64,
+    /// Staging slots announced and not yet taken into the submission ring.
+    queue: VecDeque<u32>,
+    /// Descriptors taken into the submission ring (the publisher's staging credits).
+    consumed: u64,
+    grants: VecDeque<Grant>,
+    issued_seen: u64,
+    taken: u64,
+    /// Feedback writes posted, and the count known complete.
+    posted: u64,
+    completed: u64,
+    /// Counters last written to the publisher.
+    sent: [u64; 7],
+    local_rejected: u64,
+    local_error: u64,
+    /// Why the session ends (a session error code), once it does.
+    closing: Option<u64>,
+    last_alive_ns: u64,
+}
+
+/// See the module docs.
+pub struct Frontend<'p, C: Coherence> {
+    pool: &'p Pool,
+    c: C,
+    broker: u32,
+    ctx: Arc<Context>,
+    send_cq: Arc<CompletionQueue>,
+    recv_cq: Arc<CompletionQueue>,
+    incoming: mpsc::Receiver<Incoming>,
+    pending: Vec<Pending<'p>>,
+    remotes: Vec<Remote<'p, C>>,
+    stats: FrontendStats,
+    completions: Vec<Completion>,
+    listen_addr: SocketAddr,
+    batch_limit: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FrontendError {
+    #[error(transparent)]
+    Verbs(#[from] VerbsError),
+    #[error("verbs listener: {0}")]
+    Listen(std::io::Error),
+    #[error(transparent)]
+    Pool(#[from] crate::PoolError),
+}
+
+impl<'p, C: Coherence> Frontend<'p, C> {
+    /// Serves publishers of pool slot `broker` that connect to `listener`, on device `ctx`
+    /// (`Context::open`).
+    pub fn new(
+        pool: &'p Pool,
+        c: C,
+        broker: u32,
+        listener: TcpListener,
+        ctx: Arc<Context>,
+    ) -> Result<Self, FrontendError> {
+        pool.check_topic_broker(0, broker)?;
+        let send_cq = CompletionQueue::new(&ctx, 4096)?;
+        let recv_cq = CompletionQueue::new(&ctx, 4096)?;
+        let listen_addr = listener.local_addr().map_err(FrontendError::Listen)?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::Builder::new()
+            .name("verbs-accept".into())
+            .spawn(move || accept_loop(listener, tx))
+            .map_err(FrontendError::Listen)?;
+        Ok(Frontend {
+            pool,
+            c,
+            broker,
+            ctx,
+            send_cq,
+            recv_cq,
+            incoming: rx,
+            pending: Vec::new(),
+            remotes: Vec::new(),
+            stats: FrontendStats::default(),
+            completions: Vec::with_capacity(64),
+            listen_addr,
+            batch_limit: pool.geometry().segment_bytes,
+        })
+    }
+
+    /// Where publishers connect (with the port the system chose for `:0`).
+    pub fn listen_addr(&self) -> SocketAddr {
+        self.listen_addr
+    }
+
+    pub fn device(&self) -> &str {
+        self.ctx.name()
+    }
+
+    pub fn stats(&self) -> FrontendStats {
+        self.stats
+    }
+
+    pub fn sessions_open(&self) -> usize {
+        self.remotes.len()
+    }
+
+    /// One round: new connections, completions, forwarding, grants, feedback. Returns the
+    /// work done. Errors here are the device's; a session's errors end only that session.
+    pub fn poll_once(&mut self) -> Result<usize, FrontendError> {
+        let mut work = 0;
+        while let Ok(inc) = self.incoming.try_recv() {
+            work += 1;
+            self.start(inc);
+        }
+        if !self.pending.is_empty() {
+            work += self.answers();
+        }
+        work += self.poll_receives()?;
+        self.poll_sends()?;
+        let now = monotonic_ns();
+        for i in 0..self.remotes.len() {
+            work += self.serve(i, now);
+        }
+        let mut i = 0;
+        while i < self.remotes.len() {
+            if let Some(code) = self.remotes[i].closing {
+                let r = self.remotes.swap_remove(i);
+                self.end(r, code);
+            } else {
+                i += 1;
+            }
+        }
+        Ok(work)
+    }
+
+    /// Parses a request, claims a session slot for it, or answers ERR.
+    fn start(&mut self, inc: Incoming) {
+        let Incoming { mut stream, line } = inc;
+        let req = match self.parse(&line) {
+            Ok(r) => r,
+            Err(e) => {
+                self.stats.sessions_refused += 1;
+                let _ = writeln!(stream, "ERR {e}");
+                return;
+            }
+        };
+        match session::try_claim(
+            self.pool,
+            self.c,
+            self.broker,
+            req.topic,
+            req.client_id,
+            std::process::id(),
+        ) {
+            Ok(Some((s, _, generation))) => self.pending.push(Pending {
+                stream,
+                req,
+                session: s,
+                generation,
+                since_ns: monotonic_ns(),
+            }),
+            Ok(None) => {
+                self.stats.sessions_refused += 1;
+                let _ = writeln!(stream, "ERR every session slot of broker {} is in use", self.broker);
+            }
+            Err(e) => {
+                self.stats.sessions_refused += 1;
+                let _ = writeln!(stream, "ERR {e}");
+            }
+        }
+    }
+
+    fn parse(&self, line: &str) -> Result<Request, String> {
+        if line.split_ascii_whitespace().next() != Some(HELLO) {
+            return Err(format!("expected {HELLO} (a verbs publisher of this version)"));
+        }
+        let name = field(line, "topic")?;
+        let topic = self
+            .pool
+            .find_topic(self.c, name)
+            .map_err(|e| e.to_string())?;
+        let client_id: u64 = field(line, "client")?
+            .parse()
+            .map_err(|_| "bad client=".to_string())?;
+        let ep: Endpoint = field(line, "ep")?.parse().map_err(|e: VerbsError| e.to_string())?;
+        let fb = parse_nums(field(line, "feedback")?, 2)?;
+        if fb[1] > u64::from(u32::MAX) {
+            return Err("bad feedback rkey".into());
+        }
+        Ok(Request {
+            topic,
+            client_id,
+            ep,
+            feedback_addr: fb[0],
+            feedback_rkey: fb[1] as u32,
+        })
+    }
+
+    /// Sessions the broker has answered: set up the accepted ones.
+    fn answers(&mut self) -> usize {
+        let mut work = 0;
+        let now = monotonic_ns();
+        let mut i = 0;
+        while i < self.pending.len() {
+            let p = &self.pending[i];
+            let a = answer(self.c, p.session, p.generation);
+            let timed_out = now.saturating_sub(p.since_ns) > HANDSHAKE_TIMEOUT.as_nanos() as u64;
+            if a.is_none() && !timed_out {
+                i += 1;
+                continue;
+            }
+            work += 1;
+            let mut p = self.pending.swap_remove(i);
+            match a {
+                Some(ACCEPTED) => match self.activate(&mut p) {
+                    Ok(r) => {
+                        self.stats.sessions_opened += 1;
+                        self.remotes.push(r);
+                    }
+                    Err(e) => {
+                        self.stats.sessions_refused += 1;
+                        let _ = writeln!(p.stream, "ERR {e}");
+                        session::close(self.c, p.session, p.generation);
+                    }
+                },
+                Some(_) => {
+                    self.stats.sessions_refused += 1;
+                    let reason =
+                        SessionError::from_code(p.session.error.load(Relaxed)).describe();
+                    let _ = writeln!(p.stream, "ERR broker {} refused: {reason}", self.broker);
+                }
+                None => {
+                    self.stats.sessions_refused += 1;
+                    let _ = writeln!(p.stream, "ERR broker {} did not answer", self.broker);
+                    session::close(self.c, p.session, p.generation);
+                }
+            }
+        }
+        work
+    }
+
+    /// The QP, staging buffer and feedback sources of an accepted session; answers OK.
+    fn activate(&mut self, p: &mut Pending<'p>) -> Result<Remote<'p, C>, String> {
+        let e = |e: VerbsError| e.to_string();
+        let mut qp = QueuePair::new(
+            &self.ctx,
+            &self.send_cq,
+            &self.recv_cq,
+            (FEEDBACK_SOURCES + 8) as u32,
+            STAGING_SLOTS + 1,
+        )
+        .map_err(e)?;
+        let staging =
+            RegisteredBuffer::new(&self.ctx, STAGING_SLOTS as usize * SLOT_BYTES, true).map_err(e)?;
+        let sources =
+            RegisteredBuffer::new(&self.ctx, FEEDBACK_SOURCES as usize * 64, false).map_err(e)?;
+        qp.connect(&p.req.ep, true).map_err(e)?;
+        // One receive per staging slot: a publisher never has more immediates in flight. Its
+        // first write can come only after the OK below.
+        for k in 0..STAGING_SLOTS {
+            // SAFETY: no buffer; a WRITE_WITH_IMM consumes it.
+            unsafe { qp.post_recv(u64::from(k), None) }.map_err(e)?;
+        }
+        let ep = qp.endpoint();
+        let info = self
+            .pool
+            .read_topic(self.c, p.req.topic)
+            .ok_or("the topic was deleted")?;
+        writeln!(
+            p.stream,
+            "OK ep={ep} staging={}:{}:{STAGING_SLOTS} broker={} batch_bytes={} ack={}",
+            staging.mr().addr(),
+            staging.mr().rkey(),
+            self.broker,
+            info.config.batch_bytes.min(self.batch_limit),
+            info.config.ack,
+        )
+        .map_err(|e| e.to_string())?;
+        p.stream
+            .set_nonblocking(true)
+            .map_err(|e| e.to_string())?;
+        let stream = p.stream.try_clone().map_err(|e| e.to_string())?;
+        Ok(Remote {
+            session: p.session,
+            generation: p.generation,
+            client_id: p.req.client_id,
+            stream,
+            ready_buf: Vec::new(),
+            ready: false,
+            since_ns: monotonic_ns(),
+            qp,
+            staging,
+            sources,
+            feedback_addr: p.req.feedback_addr,
+            feedback_rkey: p.req.feedback_rkey,
+            submit: RingProducer::new(submission_ring(p.session), self.c),
+            received: 0,
+            queue: VecDeque::new(),
+            consumed: 0,
+            grants: VecDeque::new(),
+            issued_seen: 0,
+            taken: 0,
+            posted: 0,
+            completed: 0,
+            sent: [u64::MAX; 7],
+            local_rejected: 0,
+            local_error: 0,
+            closing: None,
+            last_alive_ns: monotonic_ns(),
+        })
+    }
+
+    fn remote_by_qp(&mut self, qpn: u32) -> Option<&mut Remote<'p, C>> {
+        self.remotes.iter_mut().find(|r| r.qp.qp_num() == qpn)
+    }
+
+    /// Immediates announce descriptors; errors end their session.
+    fn poll_receives(&mut self) -> Result<usize, FrontendError> {
+        let mut work = 0;
+        loop {
+            self.completions.clear();
+            if self.recv_cq.poll(&mut self.completions)? == 0 {
+                return Ok(work);
+            }
+            let completions = std::mem::take(&mut self.completions);
+            for c in &completions {
+                work += 1;
+                let broker = self.broker;
+                let mut bad = false;
+                let Some(r) = self.remote_by_qp(c.qp_num) else {
+                    continue;
+                };
+                if !c.ok() {
+                    if r.closing.is_none() {
+                        log::warn!(
+                            "broker {broker}: verbs session of client {} failed: {}",
+                            r.client_id,
+                            c.status_str()
+                        );
+                    }
+                    r.closing.get_or_insert(ERROR_TRANSPORT);
+                    continue;
+                }
+                if c.opcode != Opcode::RecvRdmaWithImm {
+                    r.closing.get_or_insert(ERROR_BAD_IMMEDIATE);
+                    continue;
+                }
+                let expected = (r.received % u64::from(STAGING_SLOTS)) as u32;
+                match c.imm {
+                    Some(slot) if slot == expected => {
+                        r.received += 1;
+                        r.queue.push_back(slot);
+                    }
+                    other => {
+                        // Not the next slot: the descriptor cannot be trusted to be the one
+                        // the publisher meant; reject it, keep the session's order.
+                        bad = true;
+                        r.local_rejected += 1;
+                        r.local_error = ERROR_BAD_IMMEDIATE | r.received << 8;
+                        log::warn!(
+                            "broker {broker}: verbs client {}: immediate {other:?} names no expected staging slot (want {expected}); rejected",
+                            r.client_id
+                        );
+                    }
+                }
+                // The receive is used up either way: post it again.
+                // SAFETY: no buffer.
+                if let Err(e) = unsafe { r.qp.post_recv(c.wr_id, None) } {
+                    log::warn!("broker {broker}: re-posting a receive: {e}");
+                    r.closing.get_or_insert(ERROR_TRANSPORT);
+                }
+                if bad {
+                    self.stats.bad_immediates += 1;
+                }
+            }
+            self.completions = completions;
+        }
+    }
+
+    /// Completions of feedback writes: free source slots; an error ends the session.
+    fn poll_sends(&mut self) -> Result<(), FrontendError> {
+        loop {
+            self.completions.clear();
+            if self.send_cq.poll(&mut self.completions)? == 0 {
+                return Ok(());
+            }
+            let completions = std::mem::take(&mut self.completions);
+            for c in &completions {
+                if let Some(r) = self.remote_by_qp(c.qp_num) {
+                    if c.ok() {
+                        r.completed = r.completed.max(c.wr_id + 1);
+                    } else {
+                        r.closing.get_or_insert(ERROR_TRANSPORT);
+                    }
+                }
+            }
+            self.completions = completions;
+        }
+    }
+
+    /// Forwarding, grants, feedback and liveness of remote `i`.
+    fn serve(&mut self, i: usize, now: u64) -> usize {
+        let (pool, c, stats) = (self.pool, self.c, &mut self.stats);
+        let ctx = &self.ctx;
+        let r = &mut self.remotes[i];
+        if r.closing.is_some() {
+            return 0;
+        }
+        if now.saturating_sub(r.last_alive_ns) > LIVENESS_INTERVAL.as_nanos() as u64 {
+            r.last_alive_ns = now;
+            if !r.alive() {
+                r.closing = Some(ERROR_TRANSPORT);
+                return 1;
+            }
+            if c.observe(&r.session.accepted) == r.generation << 8 | RELEASED {
+                // The broker ended the session (its topic was deleted).
+                r.closing = Some(SessionError::from_code(r.session.error.load(Relaxed)) as u64);
+                return 1;
+            }
+        }
+        if !r.ready {
+            if now.saturating_sub(r.since_ns) > HANDSHAKE_TIMEOUT.as_nanos() as u64 {
+                r.closing = Some(ERROR_TRANSPORT);
+            }
+            return usize::from(r.read_ready());
+        }
+        let mut work = 0;
+        work += r.forward(pool);
+        stats.batches_forwarded += work as u64;
+        match r.new_grants(pool, c, ctx) {
+            Ok(n) => {
+                stats.grants_registered += n;
+                work += n as usize;
+            }
+            Err(e) => {
+                log::warn!("verbs client {}: registering a grant: {e}", r.client_id);
+                r.closing = Some(ERROR_TRANSPORT);
+                return 1;
+            }
+        }
+        let before = r.posted;
+        r.write_counters(c, None);
+        stats.feedback_writes += r.posted - before;
+        work
+    }
+
+    /// Ends a session: tells the publisher (best effort), closes the pool session; the
+    /// broker then reclaims its grants. Dropping `r` deregisters everything it registered.
+    fn end(&mut self, mut r: Remote<'p, C>, code: u64) {
+        if r.ready {
+            r.write_counters(self.c, Some(code.max(1)));
+        }
+        session::close(self.c, r.session, r.generation);
+        self.stats.sessions_closed += 1;
+        log::info!(
+            "broker {}: verbs session of client {} ended ({})",
+            self.broker,
+            r.client_id,
+            describe_code(code)
+        );
+    }
+}
+
+/// A session error code, including the transport's own.
+pub fn describe_code(code: u64) -> &'static str {
+    match code & 0xff {
+        ERROR_BAD_IMMEDIATE => "an immediate named no expected staging slot",
+        ERROR_TRANSPORT => "the connection or its queue pair failed",
+        other => SessionError::from_code(other).describe(),
+    }
+}
+
+impl<C: Coherence> Remote<'_, C> {
+    /// Whether the publisher's TCP connection is still open.
+    fn alive(&mut self) -> bool {
+        let mut b = [0u8; 64];
+        match self.stream.read(&mut b) {
+            Ok(0) => false,
+            Ok(n) => {
+                // Only READY is expected; anything else after it is ignored.
+                if !self.ready {
+                    self.ready_buf.extend_from_slice(&b[..n]);
+                }
+                true
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => true,
+            Err(e) if e.kind() == ErrorKind::Interrupted => true,
+            Err(_) => false,
+        }
+    }
+
+    fn read_ready(&mut self) -> bool {
+        if !self.alive() {
+            self.closing = Some(ERROR_TRANSPORT);
+            return true;
+        }
+        if self.ready_buf.len() > MAX_LINE {
+            self.closing = Some(ERROR_TRANSPORT);
+            return true;
+        }
+        if let Some(pos) = self.ready_buf.iter().position(|b| *b == b'\n') {
+            if &self.ready_buf[..pos] == b"READY" {
+                self.ready = true;
+            } else {
+                self.closing = Some(ERROR_TRANSPORT);
+            }
+            return true;
+        }
+        false
+    }
+
+    /// Takes announced descriptors into the submission ring, in order, while it has room.
+    fn forward(&mut self, pool: &Pool) -> usize {
+        let mut n = 0;
+        while let Some(&slot) = self.queue.front() {
+            let mut raw = [0u8; SLOT_BYTES];
+            // SAFETY: `slot < STAGING_SLOTS` (checked on arrival), so the 64 bytes lie in the
+            // staging buffer. The publisher may overwrite them remotely at any time; they are
+            // copied once here and only the copy is used (and checked by the broker).
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    self.staging.as_ptr().add(slot as usize * SLOT_BYTES),
+                    raw.as_mut_ptr(),
+                    SLOT_BYTES,
+                )
+            };
+            let desc = decode_descriptor(&raw);
+            match self.submit.try_publish(&desc) {
+                Ok(_) => {}
+                Err(RingError::Full { .. }) => break,
+                Err(e) => {
+                    log::warn!("verbs client {}: submission: {e}", self.client_id);
+                    self.closing = Some(ERROR_TRANSPORT);
+                    break;
+                }
+            }
+            self.queue.pop_front();
+            self.consumed += 1;
+            n += 1;
+            self.note_grant_use(pool, desc.log_idx);
+        }
+        n
+    }
+
+    /// The publisher has moved into the grant holding `log_idx`: earlier grants are done, so
+    /// their registrations go (a later write into them fails at the NIC).
+    fn note_grant_use(&mut self, _pool: &Pool, log_idx: u64) {
+        let Some(g) = self
+            .grants
+            .iter()
+            .find(|g| log_idx >= g.offset && log_idx < g.offset + g.bytes)
+        else {
+            return;
+        };
+        let k = g.number;
+        while self.grants.front().is_some_and(|g| g.number < k) {
+            self.grants.pop_front();
+        }
+        if k + 1 > self.taken {
+            self.taken = k + 1;
+            self.session.grants_taken.store(self.taken, Relaxed);
+        }
+    }
+
+    /// Registers grants the broker issued since and writes them to the publisher.
+    fn new_grants(
+        &mut self,
+        pool: &Pool,
+        c: C,
+        ctx: &Arc<Context>,
+    ) -> Result<u64, VerbsError> {
+        let issued = c.observe(&self.session.grants_issued);
+        let mut n = 0;
+        while self.issued_seen < issued && self.can_post() {
+            let k = self.issued_seen;
+            let e = &self.session.grants[grant_slot(k)];
+            c.invalidate(e);
+            let (offset, bytes) = (e.offset.load(Relaxed), e.bytes.load(Relaxed));
+            let ptr = pool
+                .data_ptr(offset, bytes)
+                .map_err(|e| VerbsError::Invalid(e.to_string()))?;
+            // SAFETY: the pool mapping outlives the frontend (`'p`); the grant is log space
+            // this session alone may fill, whose contents the broker checks before use.
+            let mr = unsafe { MemoryRegion::register(ctx, ptr, bytes as usize, true) }?;
+            let mut w = [0u64; 8];
+            w[0] = k + 1;
+            w[1] = offset;
+            w[2] = bytes;
+            w[3] = mr.addr();
+            w[4] = u64::from(mr.rkey());
+            self.post_feedback(&w, grant_offset(grant_slot(k)))?;
+            self.grants.push_back(Grant {
+                number: k,
+                offset,
+                bytes,
+                _mr: mr,
+            });
+            self.issued_seen += 1;
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Writes the counters when they changed (or the session ends: `closed`).
+    fn write_counters(&mut self, c: C, closed: Option<u64>) {
+        let s = self.session;
+        let rejected = c.observe(&s.rejected_batches);
+        let error = if rejected > 0 {
+            s.error.load(Relaxed)
+        } else {
+            self.local_error
+        };
+        let now = [
+            self.issued_seen,
+            self.consumed,
+            c.observe(&s.acked_messages),
+            s.acked_batches.load(Relaxed),
+            rejected + self.local_rejected,
+            error,
+            closed.unwrap_or(0),
+        ];
+        if now == self.sent || !self.can_post() {
+            return;
+        }
+        let mut w = [0u64; 8];
+        w[..7].copy_from_slice(&now);
+        if self.post_feedback(&w, 0).is_ok() {
+            self.sent = now;
+        } else {
+            self.closing.get_or_insert(ERROR_TRANSPORT);
+        }
+    }
+
+    fn can_post(&self) -> bool {
+        self.posted - self.completed < FEEDBACK_SOURCES - 1
+    }
+
+    /// One 64-byte RDMA WRITE of `words` to `offset` of the publisher's feedback region.
+    fn post_feedback(&mut self, words: &[u64; 8], offset: u64) -> Result<(), VerbsError> {
+        let n = self.posted;
+        let at = (n % FEEDBACK_SOURCES) * 64;
+        let dst = (self.sources.as_ptr() as u64 + at) as *mut u64;
+        // SAFETY: slot `n % FEEDBACK_SOURCES` is inside `sources`; `can_post` holds, so the
+        // write that last used the slot has completed (the NIC no longer reads it).
+        unsafe { std::ptr::copy_nonoverlapping(words.as_ptr(), dst, 8) };
+        let write = Write {
+            wr_id: n,
+            local: self.sources.mr().sge(at, 64),
+            remote_addr: self.feedback_addr + offset,
+            rkey: self.feedback_rkey,
+            imm: None,
+            signaled: n % SIGNAL_EVERY == SIGNAL_EVERY - 1,
+        };
+        // SAFETY: the source slot is not written again until a later signaled completion
+        // (`can_post`); the publisher's region decides whether the write is allowed.
+        unsafe { self.qp.post_writes(&[write]) }?;
+        self.posted += 1;
+        Ok(())
+    }
+}
+
+/// Reads each connection's request line (off the polling loop) and hands it over.
+fn accept_loop(listener: TcpListener, tx: mpsc::Sender<Incoming>) {
+    for stream in listener.incoming() {
+        let Ok(stream) = stream else { continue };
+        let tx = tx.clone();
+        let _ = std::thread::Builder::new()
+            .name("verbs-hello".into())
+            .spawn(move || {
+                let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+                let _ = stream.set_nodelay(true);
+                let Ok(read) = stream.try_clone() else { return };
+                let mut line = String::new();
+                let mut r = BufReader::new(read.take(MAX_LINE as u64));
+                match r.read_line(&mut line) {
+                    Ok(n) if n > 0 && line.ends_with('\n') => {
+                        let _ = tx.send(Incoming {
+                            stream,
+                            line: line.trim_end().to_string(),
+                        });
+                    }
+                    _ => {
+                        let mut s = stream;
+                        let _ = writeln!(s, "ERR expected one request line of at most {MAX_LINE} bytes");
+                    }
+                }
+            });
+    }
+}

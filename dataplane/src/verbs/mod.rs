@@ -1,0 +1,185 @@
+//! The verbs transport (feature `verbs`): a remote publisher RDMA-writes its batches straight
+//! into log space its broker granted and registered with the NIC; no socket receive and no
+//! copy on the broker. The protocol, both sides' shared definitions, and the two ends:
+//! [`frontend`] (in the broker process) and [`publisher`] (the client library).
+//!
+//! ## Connection (out of band, on the broker's TCP verbs port; docs/verbs.md)
+//!
+//! ```text
+//! publisher -> EMBAR-VERBS/1 topic=T client=ID ep=QPN:PSN:GID feedback=ADDR:RKEY
+//! broker    -> OK ep=QPN:PSN:GID staging=ADDR:RKEY:SLOTS broker=SLOT batch_bytes=N ack=A
+//!              (or ERR reason)
+//! publisher -> READY            (its QP is connected; the broker may write to it)
+//! ```
+//!
+//! The TCP connection stays open for the session's life: its end (or a QP error) ends the
+//! session, and the broker reclaims the session's grants.
+//!
+//! ## Data path (per batch, one doorbell, no syscall on a hardware NIC)
+//!
+//! 1. RDMA WRITE of the batch (message headers and payloads) into the publisher's current
+//!    grant, at the broker address the grant names, with the grant's rkey. The broker
+//!    registered exactly that grant (one segment of its log); a write outside it fails at the
+//!    NIC with a remote access error on the publisher's own QP.
+//! 2. RDMA WRITE_WITH_IMM of the 64-byte descriptor ([`encode_descriptor`]) into staging slot
+//!    `n % slots` of the broker (a small per-session buffer, not the pool), immediate = the
+//!    slot. RC delivers in order, so when the broker sees the immediate the batch has landed.
+//! 3. The broker's frontend polls its receive CQ, takes the descriptor into the session's
+//!    submission ring in the pool, where the broker checks it like any shm submission
+//!    (bounds, sizes, counts, inside a grant of this session) and publishes it.
+//! 4. Grants, the staging watermark, acks and errors come back one-sided: the broker
+//!    RDMA-writes [`Feedback`] words into a small region the publisher registered; the
+//!    publisher polls its own memory.
+
+pub mod frontend;
+pub mod publisher;
+
+use crate::batch::BatchDesc;
+use crate::pool::layout::SESSION_GRANT_SLOTS;
+use crate::sync::AtomicU64;
+
+/// First word of the request line.
+pub const HELLO: &str = "EMBAR-VERBS/1";
+/// Descriptor slots per session (in flight between the publisher and the broker's frontend).
+pub const STAGING_SLOTS: u32 = 32;
+/// Bytes of one staging slot: one descriptor.
+pub const SLOT_BYTES: usize = 64;
+/// Longest handshake line.
+pub const MAX_LINE: usize = 1024;
+
+/// The broker-written words in the publisher's memory. Every field is written only by the
+/// broker (RDMA WRITE), read only by the publisher.
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct Feedback {
+    pub counters: Counters,
+    pub grants: [WireGrant; SESSION_GRANT_SLOTS],
+}
+
+/// Cumulative counters; one 64-byte write carries them all.
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Grants written into `grants` (grant `k` is in slot `k % SESSION_GRANT_SLOTS`).
+    pub grants_issued: AtomicU64,
+    /// Staging slots the broker has taken (a slot is reusable once counted here).
+    pub staged_consumed: AtomicU64,
+    pub acked_messages: AtomicU64,
+    pub acked_batches: AtomicU64,
+    pub rejected_batches: AtomicU64,
+    /// Last error: `code | batch_seq << 8` (codes of [`crate::session::SessionError`]).
+    pub error: AtomicU64,
+    /// Non-zero once the broker ended the session (a `SessionError` code).
+    pub closed: AtomicU64,
+    pub _pad: AtomicU64,
+}
+
+/// One grant as the publisher sees it. Written once, before `grants_issued` counts it.
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct WireGrant {
+    /// Grant number + 1 (0: never written), so a stale slot is recognised.
+    pub number: AtomicU64,
+    /// Pool offset of the granted space (what the descriptor's `log_idx` names).
+    pub offset: AtomicU64,
+    pub bytes: AtomicU64,
+    /// Broker virtual address of `offset`, the RDMA target.
+    pub addr: AtomicU64,
+    pub rkey: AtomicU64,
+    pub _pad: [AtomicU64; 3],
+}
+
+const _: () = assert!(std::mem::size_of::<Counters>() == 64);
+const _: () = assert!(std::mem::size_of::<WireGrant>() == 64);
+const _: () = assert!(std::mem::size_of::<Feedback>() == 64 * (1 + SESSION_GRANT_SLOTS));
+
+/// Byte offset of grant slot `i` inside [`Feedback`].
+pub fn grant_offset(i: usize) -> u64 {
+    (64 * (1 + i)) as u64
+}
+
+/// The 64-byte wire form of a descriptor: eight little-endian words.
+pub fn encode_descriptor(d: &BatchDesc) -> [u8; SLOT_BYTES] {
+    let words = [
+        d.batch_seq,
+        d.client_id,
+        u64::from(d.num_msg) | u64::from(d.broker_id) << 32,
+        d.total_size,
+        d.log_idx,
+        d.start_logical_offset,
+        d.version_flags,
+        0,
+    ];
+    let mut out = [0u8; SLOT_BYTES];
+    for (i, w) in words.iter().enumerate() {
+        out[8 * i..8 * i + 8].copy_from_slice(&w.to_le_bytes());
+    }
+    out
+}
+
+/// Inverse of [`encode_descriptor`]. Any 64 bytes decode; the broker's checks judge them.
+pub fn decode_descriptor(b: &[u8; SLOT_BYTES]) -> BatchDesc {
+    let w = |i: usize| u64::from_le_bytes(b[8 * i..8 * i + 8].try_into().expect("8 bytes"));
+    BatchDesc {
+        batch_seq: w(0),
+        client_id: w(1),
+        num_msg: w(2) as u32,
+        broker_id: (w(2) >> 32) as u32,
+        total_size: w(3),
+        log_idx: w(4),
+        start_logical_offset: w(5),
+        version_flags: w(6),
+    }
+}
+
+/// `key=value` fields of a handshake line after its first word.
+pub fn fields(line: &str) -> impl Iterator<Item = (&str, &str)> {
+    line.split_ascii_whitespace()
+        .skip(1)
+        .filter_map(|kv| kv.split_once('='))
+}
+
+/// The value of `key` in a handshake line.
+pub fn field<'a>(line: &'a str, key: &str) -> Result<&'a str, String> {
+    fields(line)
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+        .ok_or_else(|| format!("handshake line has no {key}="))
+}
+
+/// `a:b[:c...]` as numbers.
+pub fn parse_nums(s: &str, n: usize) -> Result<Vec<u64>, String> {
+    let v: Vec<u64> = s
+        .split(':')
+        .map(|x| x.parse::<u64>())
+        .collect::<Result<_, _>>()
+        .map_err(|_| format!("bad number list {s:?}"))?;
+    if v.len() != n {
+        return Err(format!("{s:?}: want {n} numbers"));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn descriptors_round_trip(seq: u64, client: u64, n: u32, b: u32, size: u64, idx: u64, lo: u64, v: u64) {
+            let d = BatchDesc { batch_seq: seq, client_id: client, num_msg: n, broker_id: b, total_size: size, log_idx: idx, start_logical_offset: lo, version_flags: v };
+            prop_assert_eq!(decode_descriptor(&encode_descriptor(&d)), d);
+        }
+    }
+
+    #[test]
+    fn handshake_fields() {
+        let l = "OK ep=1:2:00 staging=10:20:32 ack=1";
+        assert_eq!(field(l, "ack").unwrap(), "1");
+        assert_eq!(parse_nums(field(l, "staging").unwrap(), 3).unwrap(), vec![10, 20, 32]);
+        assert!(field(l, "nope").is_err());
+        assert!(parse_nums("1:x", 2).is_err());
+        assert!(parse_nums("1:2", 3).is_err());
+    }
+}
