@@ -12,8 +12,8 @@ use embar_control::topics::TopicSpec;
 use embar_control::ControlClient;
 use embar_dataplane::checker::{Delivered, OrderChecker};
 use embar_dataplane::client::publisher::{Publisher, PublisherConfig};
-use embar_dataplane::client::Publish;
 use embar_dataplane::client::subscriber::{StartAt, Subscriber};
+use embar_dataplane::client::Publish;
 use embar_dataplane::pool::coherence::Coherence;
 use embar_dataplane::pool::{CoherenceFn, Pool};
 use embar_sys::clock::monotonic_ns;
@@ -60,20 +60,12 @@ pub struct BenchArgs {
     /// One JSON object on stdout instead of the summary.
     #[arg(long)]
     pub json: bool,
-    /// Publish transport: `shm` (publishers on the pool host store into the pool) or `verbs`
-    /// (RDMA writes into broker-registered grants; a build with `--features verbs`).
-    #[arg(long, default_value = "shm", value_parser = ["shm", "verbs"])]
-    pub transport: String,
+    #[command(flatten)]
+    pub transport: crate::client_cmd::TransportArgs,
     /// verbs: the IP the brokers of the started cluster listen on (the RDMA netdev's;
     /// default: $RDMA_IP).
     #[arg(long)]
     pub verbs_ip: Option<std::net::IpAddr>,
-    /// verbs: RDMA device (default: $RDMA_DEVICE, else the first).
-    #[arg(long)]
-    pub rdma_device: Option<String>,
-    /// verbs: GID index (default: $RDMA_GID_INDEX, else 1).
-    #[arg(long)]
-    pub gid_index: Option<u8>,
 }
 
 /// Where verbs publishers connect, and with which device.
@@ -83,24 +75,6 @@ struct VerbsTarget {
     brokers: Vec<(u32, SocketAddr)>,
     device: Option<String>,
     gid_index: u8,
-}
-
-impl BenchArgs {
-    fn rdma_device(&self) -> Option<String> {
-        self.rdma_device
-            .clone()
-            .or_else(|| std::env::var("RDMA_DEVICE").ok())
-    }
-
-    fn gid_index(&self) -> u8 {
-        self.gid_index
-            .or_else(|| std::env::var("RDMA_GID_INDEX").ok()?.parse().ok())
-            .unwrap_or(1)
-    }
-
-    fn verbs(&self) -> bool {
-        self.transport == "verbs"
-    }
 }
 
 impl BenchArgs {
@@ -170,7 +144,7 @@ pub fn run(a: &BenchArgs) -> Result<bool, String> {
     if a.message_bytes == 0 || a.total_bytes < a.message_bytes || a.publishers == 0 {
         return Err("--message-bytes, --publishers must be at least 1 and --total-bytes at least one message".into());
     }
-    if a.verbs() && !cfg!(feature = "verbs") {
+    if a.transport.verbs() && !cfg!(feature = "verbs") {
         return Err(crate::NO_VERBS.into());
     }
     let memcpy = crate::baseline::memcpy_gbps();
@@ -187,7 +161,7 @@ pub fn run(a: &BenchArgs) -> Result<bool, String> {
                 dir: dir.clone(),
                 listen: "127.0.0.1:0".parse().expect("an address"),
                 retention_bytes: None,
-                verbs: if a.verbs() {
+                verbs: if a.transport.verbs() {
                     Some(
                         a.verbs_ip
                             .or_else(|| std::env::var("RDMA_IP").ok()?.parse().ok())
@@ -196,8 +170,8 @@ pub fn run(a: &BenchArgs) -> Result<bool, String> {
                 } else {
                     None
                 },
-                rdma_device: a.rdma_device(),
-                gid_index: a.gid_index(),
+                rdma_device: a.transport.rdma_device(),
+                gid_index: a.transport.gid_index(),
                 pool: crate::pool_cmd::CreateArgs {
                     pool_bytes: Some(a.pool_bytes),
                     segment_bytes: Some(a.segment_bytes),
@@ -229,11 +203,11 @@ pub fn run(a: &BenchArgs) -> Result<bool, String> {
     }
     let _down = Down(started);
     let (pool_path, brokers) = crate::client_cmd::discover(control)?;
-    let verbs = if a.verbs() {
+    let verbs = if a.transport.verbs() {
         Some(VerbsTarget {
             brokers: crate::client_cmd::discover_verbs(control)?,
-            device: a.rdma_device(),
-            gid_index: a.gid_index(),
+            device: a.transport.rdma_device(),
+            gid_index: a.transport.gid_index(),
         })
     } else {
         None
@@ -258,7 +232,14 @@ pub fn run(a: &BenchArgs) -> Result<bool, String> {
         ControlClient::new(control)
             .create_topic(&spec)
             .map_err(|e| e.to_string())?;
-        struct Go<'a>(&'a Pool, &'a BenchArgs, &'a str, &'a [u32], u8, Option<&'a VerbsTarget>);
+        struct Go<'a>(
+            &'a Pool,
+            &'a BenchArgs,
+            &'a str,
+            &'a [u32],
+            u8,
+            Option<&'a VerbsTarget>,
+        );
         impl CoherenceFn<Result<Run, String>> for Go<'_> {
             fn call<C: Coherence>(self, c: C) -> Result<Run, String> {
                 one_run(self.0, c, self.1, self.2, self.3, self.4, self.5)
@@ -407,7 +388,14 @@ fn one_run<C: Coherence>(
                         ..PublisherConfig::default()
                     };
                     let client = crate::client_cmd::new_client_id();
-                    let load = Load { a, payloads, per_pub, p: p.into(), acked, failed };
+                    let load = Load {
+                        a,
+                        payloads,
+                        per_pub,
+                        p: p.into(),
+                        acked,
+                        failed,
+                    };
                     let r = match verbs {
                         None => Publisher::open(pool, c, topic, brokers, client, cfg)
                             .map_err(|e| e.to_string())
@@ -488,8 +476,8 @@ impl Load<'_> {
     /// Publishes this publisher's messages (paced when open loop), waits for every ack;
     /// returns the latency histogram, the end time and the grant waits.
     fn drive<P: Publish>(&self, publ: &mut P) -> Result<(Histogram<u64>, u64, u64), String> {
-        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)
-            .map_err(|e| e.to_string())?;
+        let mut hist =
+            Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?;
         let mut lat = Vec::with_capacity(1024);
         let mut buf = self.payloads.template.clone();
         let interval_ns = self.a.rate.map(|r| 1_000_000_000 / r.max(1));
@@ -611,7 +599,7 @@ fn report(a: &BenchArgs, memcpy: f64, brokers: usize, runs: &[Run]) -> Result<bo
     out["memcpy_gbps"] = json!(memcpy);
     out["ratio_to_memcpy"] = json!(gbps / memcpy);
     out["config"] = json!({
-        "transport": a.transport,
+        "transport": a.transport.transport,
         "brokers": brokers,
         "order": a.order,
         "ack": a.ack,
@@ -634,7 +622,7 @@ fn report(a: &BenchArgs, memcpy: f64, brokers: usize, runs: &[Run]) -> Result<bo
     println!(
         "embar bench: {} brokers, {} transport, ORDER {} ACK {}, {} B messages, {} batches, {} publisher(s), {} subscriber(s){}",
         brokers,
-        a.transport,
+        a.transport.transport,
         a.order,
         a.ack,
         a.message_bytes,

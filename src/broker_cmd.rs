@@ -69,8 +69,7 @@ fn open_verbs(a: &BrokerArgs) -> Result<Option<VerbsPort>, String> {
     }
     let ctx = embar_sys::verbs::Context::open(a.rdma_device.as_deref(), a.gid_index)
         .map_err(|e| format!("--verbs: {e}"))?;
-    let listener =
-        TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+    let listener = TcpListener::bind(addr).map_err(|e| format!("cannot listen on {addr}: {e}"))?;
     Ok(Some(VerbsPort { listener, ctx }))
 }
 
@@ -111,7 +110,10 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
     if let Some(v) = &verbs {
         let at = v.listener.local_addr().map_err(|e| e.to_string())?;
         addrs.insert("verbs".into(), at.to_string());
-        println!("embar broker: verbs publishers connect to {at} (device {})", v.ctx.name());
+        println!(
+            "embar broker: verbs publishers connect to {at} (device {})",
+            v.ctx.name()
+        );
     }
     addrs.insert("metrics".into(), metrics_addr.to_string());
     addrs.insert("pid".into(), std::process::id().to_string());
@@ -127,7 +129,7 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
         if a.sequencer { ", sequencer" } else { "" }
     );
     let stop = embar_sys::signal::stop_on_term();
-    let stats = Arc::new(Mutex::new((BrokerStats::default(), 0usize, 0u64)));
+    let stats = Arc::new(Mutex::new(Snapshot::default()));
     let st = stats.clone();
     let slot = reg.slot;
     std::thread::Builder::new()
@@ -151,7 +153,7 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
         slot: u32,
         args: &'a BrokerArgs,
         stop: &'a AtomicBool,
-        stats: &'a Mutex<(BrokerStats, usize, u64)>,
+        stats: &'a Mutex<Snapshot>,
         heartbeat: &'a std::thread::JoinHandle<Result<(), String>>,
         verbs: Option<VerbsPort>,
     }
@@ -210,7 +212,25 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
                         last = Instant::now();
                         if let Ok(mut g) = self.stats.lock() {
                             let occupancy = broker.ring_occupancy().iter().map(|(_, n)| n).sum();
-                            *g = (broker.stats(), broker.sessions_open(), occupancy);
+                            *g = Snapshot {
+                                broker: broker.stats(),
+                                sessions_open: broker.sessions_open(),
+                                ring_occupancy: occupancy,
+                                verbs: VerbsSnapshot::default(),
+                            };
+                            #[cfg(feature = "verbs")]
+                            if let Some(f) = &frontend {
+                                let v = f.stats();
+                                g.verbs = VerbsSnapshot {
+                                    sessions_open: f.sessions_open() as u64,
+                                    sessions_opened: v.sessions_opened,
+                                    sessions_closed: v.sessions_closed,
+                                    sessions_refused: v.sessions_refused,
+                                    batches_forwarded: v.batches_forwarded,
+                                    bad_immediates: v.bad_immediates,
+                                    grants_registered: v.grants_registered,
+                                };
+                            }
                         }
                     }
                 }
@@ -321,13 +341,40 @@ fn sequence_all<C: Coherence>(pool: &Pool, c: C, stop: &AtomicBool, pin: Option<
     }
 }
 
-fn serve_metrics(listener: TcpListener, slot: u32, stats: &Mutex<(BrokerStats, usize, u64)>) {
+/// What the metrics endpoint shows, refreshed by the data-path loop every 100 ms.
+#[derive(Clone, Copy, Debug, Default)]
+struct Snapshot {
+    broker: BrokerStats,
+    sessions_open: usize,
+    ring_occupancy: u64,
+    verbs: VerbsSnapshot,
+}
+
+/// The verbs frontend's counters (zero without `--verbs`).
+#[derive(Clone, Copy, Debug, Default)]
+struct VerbsSnapshot {
+    sessions_open: u64,
+    sessions_opened: u64,
+    sessions_closed: u64,
+    sessions_refused: u64,
+    batches_forwarded: u64,
+    bad_immediates: u64,
+    grants_registered: u64,
+}
+
+fn serve_metrics(listener: TcpListener, slot: u32, stats: &Mutex<Snapshot>) {
     for conn in listener.incoming() {
         let Ok(stream) = conn else { continue };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
         let resp = match read_request(&stream) {
             Ok(req) if req.method == "GET" && req.path == "/metrics" => {
-                let (s, open, occupancy) = stats.lock().map(|g| *g).unwrap_or_default();
+                let snap = stats.lock().map(|g| *g).unwrap_or_default();
+                let (s, open, occupancy, v) = (
+                    snap.broker,
+                    snap.sessions_open,
+                    snap.ring_occupancy,
+                    snap.verbs,
+                );
                 let mut out = String::new();
                 let mut put = |name: &str, kind: &str, help: &str, v: u64| {
                     out.push_str(&format!(
@@ -394,6 +441,52 @@ fn serve_metrics(listener: TcpListener, slot: u32, stats: &Mutex<(BrokerStats, u
                     "Batches in this broker's rings not yet ordered.",
                     occupancy,
                 );
+                for (name, kind, help, value) in [
+                    (
+                        "embar_broker_verbs_sessions_open",
+                        "gauge",
+                        "Open verbs sessions.",
+                        v.sessions_open,
+                    ),
+                    (
+                        "embar_broker_verbs_sessions_opened_total",
+                        "counter",
+                        "Verbs sessions opened.",
+                        v.sessions_opened,
+                    ),
+                    (
+                        "embar_broker_verbs_sessions_closed_total",
+                        "counter",
+                        "Verbs sessions ended (closed, failed or vanished).",
+                        v.sessions_closed,
+                    ),
+                    (
+                        "embar_broker_verbs_sessions_refused_total",
+                        "counter",
+                        "Verbs connection requests refused.",
+                        v.sessions_refused,
+                    ),
+                    (
+                        "embar_broker_verbs_batches_forwarded_total",
+                        "counter",
+                        "Descriptors taken from verbs sessions.",
+                        v.batches_forwarded,
+                    ),
+                    (
+                        "embar_broker_verbs_bad_immediates_total",
+                        "counter",
+                        "WRITE_WITH_IMM naming no expected staging slot.",
+                        v.bad_immediates,
+                    ),
+                    (
+                        "embar_broker_verbs_grants_registered_total",
+                        "counter",
+                        "Grants registered for remote writes.",
+                        v.grants_registered,
+                    ),
+                ] {
+                    put(name, kind, help, value);
+                }
                 Response {
                     status: 200,
                     content_type: "text/plain; version=0.0.4",

@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use embar_control::ControlClient;
 use embar_dataplane::client::publisher::{Publisher, PublisherConfig};
-use embar_dataplane::client::Publish;
 use embar_dataplane::client::subscriber::{StartAt, Subscriber};
+use embar_dataplane::client::Publish;
 use embar_dataplane::pool::coherence::Coherence;
 use embar_dataplane::pool::{CoherenceFn, OpenOptions, Pool};
 
@@ -68,59 +68,126 @@ pub struct PublishArgs {
     /// Longest wait for log space or a broker before giving up.
     #[arg(long, default_value_t = 30)]
     pub wait_timeout_s: u64,
+    #[command(flatten)]
+    pub transport: TransportArgs,
+}
+
+/// How a publisher reaches its brokers.
+#[derive(Clone, Debug, clap::Args)]
+pub struct TransportArgs {
+    /// `shm` (on the pool host: store into the pool) or `verbs` (RDMA writes into
+    /// broker-registered grants; brokers started with --verbs; a build with --features verbs).
+    #[arg(long, default_value = "shm", value_parser = ["shm", "verbs"])]
+    pub transport: String,
+    /// verbs: RDMA device (default: $RDMA_DEVICE, else the first).
+    #[arg(long)]
+    pub rdma_device: Option<String>,
+    /// verbs: GID index (default: $RDMA_GID_INDEX, else 1).
+    #[arg(long)]
+    pub gid_index: Option<u8>,
+}
+
+impl TransportArgs {
+    pub fn verbs(&self) -> bool {
+        self.transport == "verbs"
+    }
+
+    pub fn rdma_device(&self) -> Option<String> {
+        self.rdma_device
+            .clone()
+            .or_else(|| std::env::var("RDMA_DEVICE").ok())
+    }
+
+    pub fn gid_index(&self) -> u8 {
+        self.gid_index
+            .or_else(|| std::env::var("RDMA_GID_INDEX").ok()?.parse().ok())
+            .unwrap_or(1)
+    }
+
+    /// A verbs publisher for `topic` on every live verbs broker.
+    #[cfg(feature = "verbs")]
+    pub fn verbs_publisher(
+        &self,
+        control: SocketAddr,
+        topic: &str,
+        cfg: PublisherConfig,
+    ) -> Result<embar_dataplane::verbs::publisher::VerbsPublisher, String> {
+        use embar_dataplane::verbs::publisher::{VerbsConfig, VerbsPublisher};
+        let brokers = discover_verbs(control)?;
+        let vc = VerbsConfig {
+            device: self.rdma_device(),
+            gid_index: self.gid_index(),
+            publisher: cfg,
+        };
+        VerbsPublisher::connect(&brokers, topic, new_client_id(), &vc).map_err(|e| e.to_string())
+    }
 }
 
 /// Publishes each line of stdin as one message; succeeds only when all are acked per the
 /// topic's ACK level.
 pub fn publish(a: &PublishArgs) -> Result<(), String> {
+    let cfg = PublisherConfig {
+        wait_timeout: Duration::from_secs(a.wait_timeout_s),
+        ..PublisherConfig::default()
+    };
+    if a.transport.verbs() {
+        #[cfg(feature = "verbs")]
+        return publish_lines(
+            &mut a.transport.verbs_publisher(a.control, &a.topic, cfg)?,
+            a,
+        );
+        #[cfg(not(feature = "verbs"))]
+        return Err(crate::NO_VERBS.into());
+    }
     let (path, brokers) = discover(a.control)?;
     let pool = open_pool(&path)?;
-    struct Go<'a>(&'a Pool, &'a PublishArgs, &'a [u32]);
+    struct Go<'a>(&'a Pool, &'a PublishArgs, &'a [u32], PublisherConfig);
     impl CoherenceFn<Result<(), String>> for Go<'_> {
         fn call<C: Coherence>(self, c: C) -> Result<(), String> {
-            let Go(pool, a, brokers) = self;
-            let cfg = PublisherConfig {
-                wait_timeout: Duration::from_secs(a.wait_timeout_s),
-                ..PublisherConfig::default()
-            };
+            let Go(pool, a, brokers, cfg) = self;
             let mut p = Publisher::open(pool, c, &a.topic, brokers, new_client_id(), cfg)
                 .map_err(|e| e.to_string())?;
-            // Lines come from a reader thread, so that a batch still lingers out (is sealed
-            // and sent) while stdin is quiet, as an interactive producer expects.
-            let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<String>>(4096);
-            std::thread::spawn(move || {
-                for line in std::io::stdin().lock().lines() {
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-            let linger = PublisherConfig::default().linger;
-            let mut n = 0u64;
-            loop {
-                match rx.recv_timeout(linger) {
-                    Ok(line) => {
-                        let line = line.map_err(|e| format!("cannot read stdin: {e}"))?;
-                        p.publish(line.as_bytes()).map_err(|e| e.to_string())?;
-                        n += 1;
-                    }
-                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                        p.poll().map_err(|e| e.to_string())?;
-                    }
-                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
-                }
-            }
-            let acked = p
-                .wait_acks(Duration::from_secs(a.ack_timeout_s))
-                .map_err(|e| e.to_string())?;
-            eprintln!(
-                "published {n} messages to {:?}, {acked} acknowledged",
-                a.topic
-            );
-            Ok(())
+            publish_lines(&mut p, a)
         }
     }
-    Pool::with_coherence(pool.coherence_mode(), Go(&pool, a, &brokers))
+    Pool::with_coherence(pool.coherence_mode(), Go(&pool, a, &brokers, cfg))
+}
+
+/// Publishes each line of stdin; returns once all are acked.
+fn publish_lines(p: &mut impl Publish, a: &PublishArgs) -> Result<(), String> {
+    // Lines come from a reader thread, so that a batch still lingers out (is sealed and
+    // sent) while stdin is quiet, as an interactive producer expects.
+    let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<String>>(4096);
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let linger = PublisherConfig::default().linger;
+    let mut n = 0u64;
+    loop {
+        match rx.recv_timeout(linger) {
+            Ok(line) => {
+                let line = line.map_err(|e| format!("cannot read stdin: {e}"))?;
+                p.publish(line.as_bytes()).map_err(|e| e.to_string())?;
+                n += 1;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                p.poll().map_err(|e| e.to_string())?;
+            }
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+        }
+    }
+    let acked = p
+        .wait_acks(Duration::from_secs(a.ack_timeout_s))
+        .map_err(|e| e.to_string())?;
+    eprintln!(
+        "published {n} messages to {:?}, {acked} acknowledged",
+        a.topic
+    );
+    Ok(())
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -247,15 +314,25 @@ pub struct RogueArgs {
     pub topic: String,
     #[arg(long, default_value = crate::control_cmd::DEFAULT_CONTROL)]
     pub control: SocketAddr,
-    /// What the rogue batch does wrong: outside-grant, bad-size, wrong-client.
+    /// What the rogue batch does wrong: metadata, outside-grant, past-grant, bad-size,
+    /// wrong-client; with `--transport verbs` also write-past-grant (an RDMA write past the
+    /// end of its grant), bad-immediate, vanish (writes half a batch, then exits).
     #[arg(long)]
     pub fault: String,
+    #[command(flatten)]
+    pub transport: TransportArgs,
 }
 
 /// A publisher that sends good messages, then one batch descriptor that breaks the rules,
 /// and reports what its broker answered.
 pub fn rogue_publish(a: &RogueArgs) -> Result<(), String> {
     use embar_dataplane::batch::BatchDesc;
+    if a.transport.verbs() {
+        #[cfg(feature = "verbs")]
+        return rogue_verbs(a);
+        #[cfg(not(feature = "verbs"))]
+        return Err(crate::NO_VERBS.into());
+    }
     use embar_dataplane::pool::layout::BATCH_HEADER_VERSION;
     let (path, brokers) = discover(a.control)?;
     let pool = open_pool(&path)?;
@@ -322,23 +399,8 @@ pub fn rogue_publish(a: &RogueArgs) -> Result<(), String> {
                 other => return Err(format!("unknown fault {other:?}")),
             };
             p.submit_unchecked(0, &bad).map_err(|e| e.to_string())?;
-            let start = std::time::Instant::now();
-            loop {
-                match p.acked() {
-                    Err(e) => {
-                        println!(
-                            "{}",
-                            serde_json::json!({ "rejected": true, "error": e.to_string() })
-                        );
-                        return Ok(());
-                    }
-                    Ok(_) if start.elapsed() > Duration::from_secs(10) => {
-                        println!("{}", serde_json::json!({ "rejected": false }));
-                        return Ok(());
-                    }
-                    Ok(_) => std::thread::sleep(Duration::from_millis(5)),
-                }
-            }
+            report_rogue(&mut p);
+            Ok(())
         }
     }
     Pool::with_coherence(pool.coherence_mode(), Go(&pool, a, &brokers))
@@ -366,4 +428,73 @@ pub fn discover_verbs(control: SocketAddr) -> Result<Vec<(u32, SocketAddr)>, Str
         return Err("no live broker accepts verbs publishers (start brokers with --verbs, or `embar cluster up --verbs IP`)".into());
     }
     Ok(out)
+}
+
+/// Reports how a rogue publisher's session ended: `{"rejected": bool, "error": ...}`.
+fn report_rogue(p: &mut impl Publish) {
+    let start = Instant::now();
+    loop {
+        match p.acked() {
+            Err(e) => {
+                println!(
+                    "{}",
+                    serde_json::json!({ "rejected": true, "error": e.to_string() })
+                );
+                return;
+            }
+            Ok(_) if start.elapsed() > Duration::from_secs(10) => {
+                println!("{}", serde_json::json!({ "rejected": false }));
+                return;
+            }
+            Ok(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+}
+
+/// The verbs transport's rogue publishers (see `RogueArgs::fault`).
+#[cfg(feature = "verbs")]
+fn rogue_verbs(a: &RogueArgs) -> Result<(), String> {
+    use embar_dataplane::batch::BatchDesc;
+    use embar_dataplane::pool::layout::BATCH_HEADER_VERSION;
+    let mut p = a
+        .transport
+        .verbs_publisher(a.control, &a.topic, PublisherConfig::default())?;
+    for i in 0..10 {
+        p.publish(format!("good {i}").as_bytes())
+            .map_err(|e| e.to_string())?;
+    }
+    p.wait_acks(Duration::from_secs(10))
+        .map_err(|e| e.to_string())?;
+    let (offset, bytes, used) = p.grant(0).ok_or("no grant")?;
+    match a.fault.as_str() {
+        // Straddles the end of the grant by 64 bytes: the NIC refuses it.
+        "write-past-grant" => p
+            .write_unchecked(0, bytes - 256, 320)
+            .map_err(|e| e.to_string())?,
+        "bad-immediate" => {
+            let desc = BatchDesc {
+                batch_seq: 1,
+                client_id: p.client_id(),
+                num_msg: 1,
+                broker_id: 0,
+                total_size: 64,
+                log_idx: offset + used,
+                start_logical_offset: 0,
+                version_flags: u64::from(BATCH_HEADER_VERSION),
+            };
+            p.signal_unchecked(0, 1_000_000, &desc)
+                .map_err(|e| e.to_string())?;
+        }
+        "vanish" => {
+            // Half a batch lands in the grant, its descriptor never does.
+            p.write_unchecked(0, used, 4096)
+                .map_err(|e| e.to_string())?;
+            std::thread::sleep(Duration::from_millis(200));
+            println!("{}", serde_json::json!({ "vanished": true }));
+            std::process::exit(0);
+        }
+        other => return Err(format!("unknown verbs fault {other:?}")),
+    }
+    report_rogue(&mut p);
+    Ok(())
 }

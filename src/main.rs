@@ -75,7 +75,7 @@ enum ClusterCmd {
     /// Brokers and their liveness, the pool, topics with sequencer and per-broker progress.
     Status,
     /// Start a local cluster (control process, brokers, sequencer) in the background.
-    Up(cluster_cmd::UpArgs),
+    Up(Box<cluster_cmd::UpArgs>),
     /// Stop the local cluster started by `cluster up`.
     Down {
         #[arg(long, default_value = "/tmp/embar-cluster")]

@@ -103,14 +103,14 @@ pub const SESSIONS: u32 = SESSIONS_PER_BROKER as u32;
 /// Claims a free session slot of `broker` for `client_id` on topic slot `topic` and asks the
 /// broker to open it, without waiting: `Some((session, index, generation))`, or `None` when
 /// every slot is in use. The answer comes in `accepted` (see [`answer`]).
-pub fn try_claim<'p, C: crate::pool::coherence::Coherence>(
-    pool: &'p crate::pool::Pool,
+pub fn try_claim<C: crate::pool::coherence::Coherence>(
+    pool: &crate::pool::Pool,
     c: C,
     broker: u32,
     topic: u32,
     client_id: u64,
     pid: u32,
-) -> Result<Option<(&'p Session, u32, u64)>, crate::PoolError> {
+) -> Result<Option<(&Session, u32, u64)>, crate::PoolError> {
     use crate::sync::Ordering::{AcqRel, Acquire, Relaxed};
     for i in 0..SESSIONS {
         let s = pool.session(broker, i)?;

@@ -10,6 +10,7 @@ use embar_dataplane::broker::Broker;
 use embar_dataplane::checker::{Delivered, OrderChecker};
 use embar_dataplane::client::publisher::{PublishError, Publisher, PublisherConfig};
 use embar_dataplane::client::subscriber::{StartAt, Subscriber};
+use embar_dataplane::client::Publish;
 use embar_dataplane::pool::coherence::Coherent;
 use embar_dataplane::pool::geometry::PoolConfig;
 use embar_dataplane::pool::topics::TopicConfig;

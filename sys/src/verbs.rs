@@ -487,7 +487,11 @@ unsafe impl Send for RegisteredBuffer {}
 unsafe impl Sync for RegisteredBuffer {}
 
 impl RegisteredBuffer {
-    pub fn new(ctx: &Arc<Context>, len: usize, remote_write: bool) -> Result<RegisteredBuffer, VerbsError> {
+    pub fn new(
+        ctx: &Arc<Context>,
+        len: usize,
+        remote_write: bool,
+    ) -> Result<RegisteredBuffer, VerbsError> {
         // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
         let ptr = unsafe {
             libc::mmap(

@@ -185,8 +185,7 @@ impl<'p, C: Coherence> Publisher<'p, C> {
         client_id: u64,
         cfg: PublisherConfig,
     ) -> Result<&'p Session, PublishError> {
-        let Some((s, _, mine)) =
-            try_claim(pool, c, broker, topic, client_id, std::process::id())?
+        let Some((s, _, mine)) = try_claim(pool, c, broker, topic, client_id, std::process::id())?
         else {
             return Err(PublishError::Pool(PoolError::OutOfRange {
                 what: "sessions of broker",

@@ -25,9 +25,7 @@ use crate::pool::coherence::Coherence;
 use crate::pool::layout::Session;
 use crate::pool::Pool;
 use crate::ring::{RingError, RingProducer};
-use crate::session::{
-    self, answer, grant_slot, submission_ring, SessionError, ACCEPTED, RELEASED,
-};
+use crate::session::{self, answer, grant_slot, submission_ring, SessionError, ACCEPTED, RELEASED};
 use crate::sync::Ordering::Relaxed;
 
 /// Feedback writes in flight per session (a ring of 64-byte source slots).
@@ -256,7 +254,11 @@ impl<'p, C: Coherence> Frontend<'p, C> {
             }),
             Ok(None) => {
                 self.stats.sessions_refused += 1;
-                let _ = writeln!(stream, "ERR every session slot of broker {} is in use", self.broker);
+                let _ = writeln!(
+                    stream,
+                    "ERR every session slot of broker {} is in use",
+                    self.broker
+                );
             }
             Err(e) => {
                 self.stats.sessions_refused += 1;
@@ -267,7 +269,9 @@ impl<'p, C: Coherence> Frontend<'p, C> {
 
     fn parse(&self, line: &str) -> Result<Request, String> {
         if line.split_ascii_whitespace().next() != Some(HELLO) {
-            return Err(format!("expected {HELLO} (a verbs publisher of this version)"));
+            return Err(format!(
+                "expected {HELLO} (a verbs publisher of this version)"
+            ));
         }
         let name = field(line, "topic")?;
         let topic = self
@@ -277,7 +281,9 @@ impl<'p, C: Coherence> Frontend<'p, C> {
         let client_id: u64 = field(line, "client")?
             .parse()
             .map_err(|_| "bad client=".to_string())?;
-        let ep: Endpoint = field(line, "ep")?.parse().map_err(|e: VerbsError| e.to_string())?;
+        let ep: Endpoint = field(line, "ep")?
+            .parse()
+            .map_err(|e: VerbsError| e.to_string())?;
         let fb = parse_nums(field(line, "feedback")?, 2)?;
         if fb[1] > u64::from(u32::MAX) {
             return Err("bad feedback rkey".into());
@@ -320,8 +326,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
                 },
                 Some(_) => {
                     self.stats.sessions_refused += 1;
-                    let reason =
-                        SessionError::from_code(p.session.error.load(Relaxed)).describe();
+                    let reason = SessionError::from_code(p.session.error.load(Relaxed)).describe();
                     let _ = writeln!(p.stream, "ERR broker {} refused: {reason}", self.broker);
                 }
                 None => {
@@ -345,8 +350,8 @@ impl<'p, C: Coherence> Frontend<'p, C> {
             STAGING_SLOTS + 1,
         )
         .map_err(e)?;
-        let staging =
-            RegisteredBuffer::new(&self.ctx, STAGING_SLOTS as usize * SLOT_BYTES, true).map_err(e)?;
+        let staging = RegisteredBuffer::new(&self.ctx, STAGING_SLOTS as usize * SLOT_BYTES, true)
+            .map_err(e)?;
         let sources =
             RegisteredBuffer::new(&self.ctx, FEEDBACK_SOURCES as usize * 64, false).map_err(e)?;
         qp.connect(&p.req.ep, true).map_err(e)?;
@@ -371,9 +376,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
             info.config.ack,
         )
         .map_err(|e| e.to_string())?;
-        p.stream
-            .set_nonblocking(true)
-            .map_err(|e| e.to_string())?;
+        p.stream.set_nonblocking(true).map_err(|e| e.to_string())?;
         let stream = p.stream.try_clone().map_err(|e| e.to_string())?;
         Ok(Remote {
             session: p.session,
@@ -658,12 +661,7 @@ impl<C: Coherence> Remote<'_, C> {
     }
 
     /// Registers grants the broker issued since and writes them to the publisher.
-    fn new_grants(
-        &mut self,
-        pool: &Pool,
-        c: C,
-        ctx: &Arc<Context>,
-    ) -> Result<u64, VerbsError> {
+    fn new_grants(&mut self, pool: &Pool, c: C, ctx: &Arc<Context>) -> Result<u64, VerbsError> {
         let issued = c.observe(&self.session.grants_issued);
         let mut n = 0;
         while self.issued_seen < issued && self.can_post() {
@@ -776,7 +774,10 @@ fn accept_loop(listener: TcpListener, tx: mpsc::Sender<Incoming>) {
                     }
                     _ => {
                         let mut s = stream;
-                        let _ = writeln!(s, "ERR expected one request line of at most {MAX_LINE} bytes");
+                        let _ = writeln!(
+                            s,
+                            "ERR expected one request line of at most {MAX_LINE} bytes"
+                        );
                     }
                 }
             });

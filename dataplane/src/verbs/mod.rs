@@ -177,7 +177,10 @@ mod tests {
     fn handshake_fields() {
         let l = "OK ep=1:2:00 staging=10:20:32 ack=1";
         assert_eq!(field(l, "ack").unwrap(), "1");
-        assert_eq!(parse_nums(field(l, "staging").unwrap(), 3).unwrap(), vec![10, 20, 32]);
+        assert_eq!(
+            parse_nums(field(l, "staging").unwrap(), 3).unwrap(),
+            vec![10, 20, 32]
+        );
         assert!(field(l, "nope").is_err());
         assert!(parse_nums("1:x", 2).is_err());
         assert!(parse_nums("1:2", 3).is_err());

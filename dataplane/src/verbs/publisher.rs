@@ -12,8 +12,7 @@ use std::time::{Duration, Instant};
 
 use embar_sys::clock::monotonic_ns;
 use embar_sys::verbs::{
-    Completion, CompletionQueue, Context, Endpoint, QueuePair, RegisteredBuffer, VerbsError,
-    Write,
+    Completion, CompletionQueue, Context, Endpoint, QueuePair, RegisteredBuffer, VerbsError, Write,
 };
 
 use super::frontend::describe_code;
@@ -21,7 +20,9 @@ use super::*;
 use crate::batch::write_message;
 use crate::client::publisher::{PublishError, PublisherConfig};
 use crate::client::Publish;
-use crate::pool::layout::{message_stride, MessageHeader, BATCH_HEADER_VERSION, BATCH_MESSAGES_MAX};
+use crate::pool::layout::{
+    message_stride, MessageHeader, BATCH_HEADER_VERSION, BATCH_MESSAGES_MAX,
+};
 use crate::sync::Ordering::Acquire;
 
 /// Local batch buffers (batches in flight per publisher).
@@ -162,16 +163,22 @@ impl VerbsPublisher {
         client_id: u64,
         cfg: &VerbsConfig,
     ) -> Result<(Link, u64, u8), PublishError> {
-        let refused = |reason: String| PublishError::Transport(format!("broker {broker} at {addr}: {reason}"));
-        let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-            .map_err(|e| refused(format!("cannot connect to its verbs port: {e} (is the broker running with --verbs?)")))?;
+        let refused = |reason: String| {
+            PublishError::Transport(format!("broker {broker} at {addr}: {reason}"))
+        };
+        let mut stream =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(|e| {
+                refused(format!(
+                    "cannot connect to its verbs port: {e} (is the broker running with --verbs?)"
+                ))
+            })?;
         stream
             .set_read_timeout(Some(cfg.publisher.wait_timeout))
             .map_err(|e| refused(e.to_string()))?;
         let _ = stream.set_nodelay(true);
         let mut qp = QueuePair::new(ctx, cq, cq, (BUFFERS * 2 + 4) as u32, 1).map_err(transport)?;
-        let feedback = RegisteredBuffer::new(ctx, std::mem::size_of::<Feedback>(), true)
-            .map_err(transport)?;
+        let feedback =
+            RegisteredBuffer::new(ctx, std::mem::size_of::<Feedback>(), true).map_err(transport)?;
         if topic.split_ascii_whitespace().count() != 1 || topic.len() > 256 {
             return Err(PublishError::Transport(format!("bad topic name {topic:?}")));
         }
@@ -289,7 +296,11 @@ impl VerbsPublisher {
             if let Some(v) = f(self) {
                 return Ok(v);
             }
-            if let Some(l) = self.links.iter().find(|l| l.fb().counters.closed.load(Acquire) != 0) {
+            if let Some(l) = self
+                .links
+                .iter()
+                .find(|l| l.fb().counters.closed.load(Acquire) != 0)
+            {
                 let code = l.fb().counters.closed.load(Acquire);
                 return Err(PublishError::Transport(format!(
                     "broker {} ended the session: {}",
@@ -435,7 +446,10 @@ impl VerbsPublisher {
             },
             Write {
                 wr_id: b.buffer as u64,
-                local: self.buffers.mr().sge(off + self.batch_bytes, SLOT_BYTES as u32),
+                local: self
+                    .buffers
+                    .mr()
+                    .sge(off + self.batch_bytes, SLOT_BYTES as u32),
                 remote_addr: l.staging_addr + u64::from(slot) * SLOT_BYTES as u64,
                 rkey: l.staging_rkey,
                 imm: Some(slot),
@@ -457,7 +471,12 @@ impl VerbsPublisher {
     /// Writes a batch of `bytes` bytes at `remote_offset` past the start of link `link`'s
     /// current grant, ignoring every check this library makes: what a misbehaving publisher
     /// can do. For the isolation test (`embar rogue-publish --transport verbs`).
-    pub fn write_unchecked(&mut self, link: usize, remote_offset: u64, bytes: u32) -> Result<(), PublishError> {
+    pub fn write_unchecked(
+        &mut self,
+        link: usize,
+        remote_offset: u64,
+        bytes: u32,
+    ) -> Result<(), PublishError> {
         if self.links[link].grant.is_none() {
             self.start_batch(64, monotonic_ns())?;
             if let Some(b) = self.open.take() {
@@ -470,7 +489,10 @@ impl VerbsPublisher {
         let g = l.grant.as_ref().expect("taken above");
         let w = Write {
             wr_id: buffer as u64,
-            local: self.buffers.mr().sge(off, bytes.min(self.batch_bytes as u32)),
+            local: self
+                .buffers
+                .mr()
+                .sge(off, bytes.min(self.batch_bytes as u32)),
             remote_addr: g.addr + remote_offset,
             rkey: g.rkey,
             imm: None,
@@ -482,12 +504,23 @@ impl VerbsPublisher {
 
     /// Posts a WRITE_WITH_IMM with immediate `imm` and a descriptor `desc` into staging slot
     /// `imm % slots`, bypassing every check (the isolation test's bad immediates).
-    pub fn signal_unchecked(&mut self, link: usize, imm: u32, desc: &crate::batch::BatchDesc) -> Result<(), PublishError> {
+    pub fn signal_unchecked(
+        &mut self,
+        link: usize,
+        imm: u32,
+        desc: &crate::batch::BatchDesc,
+    ) -> Result<(), PublishError> {
         let buffer = self.wait(|_| "a free batch buffer".into(), |p| p.free.pop())?;
         let base = self.buffer_ptr(buffer);
         let wire = encode_descriptor(desc);
         // SAFETY: inside this buffer's descriptor slot; ours until completion.
-        unsafe { std::ptr::copy_nonoverlapping(wire.as_ptr(), base.add(self.batch_bytes as usize), SLOT_BYTES) };
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                wire.as_ptr(),
+                base.add(self.batch_bytes as usize),
+                SLOT_BYTES,
+            )
+        };
         let off = base as u64 - self.buffers.mr().addr() + self.batch_bytes;
         let l = &mut self.links[link];
         let slot = u64::from(imm % l.staging_slots);

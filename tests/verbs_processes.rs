@@ -1,0 +1,432 @@
+//! The verbs transport as real processes on a real RDMA device (rxe in the test VM, run by
+//! `scripts/rxe-test.sh`): brokers with `--verbs`, verbs publishers, shm subscribers, and
+//! rogue verbs clients.
+//!
+//! Without a device (or without `RDMA_IP`, the address brokers listen on) these tests print
+//! why and pass, unless `EMBAR_REQUIRE_RDMA=1` (set in the VM), where that fails them.
+//! `EMBAR_BIN` overrides the `embar` binary (the VM mounts the host's build elsewhere).
+#![cfg(feature = "verbs")]
+
+use std::io::Write;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+fn exe() -> String {
+    std::env::var("EMBAR_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_embar").to_string())
+}
+
+/// The IP brokers listen on for verbs, when a device is usable.
+fn rdma_ip() -> Option<String> {
+    let required = std::env::var("EMBAR_REQUIRE_RDMA").as_deref() == Ok("1");
+    let ip = std::env::var("RDMA_IP").ok();
+    let device = embar_sys::verbs::Context::open(
+        std::env::var("RDMA_DEVICE").ok().as_deref(),
+        std::env::var("RDMA_GID_INDEX")
+            .ok()
+            .and_then(|g| g.parse().ok())
+            .unwrap_or(1),
+    );
+    match (ip, device) {
+        (Some(ip), Ok(_)) => Some(ip),
+        (ip, dev) => {
+            let why = match dev {
+                Err(e) => e.to_string(),
+                Ok(_) => format!("RDMA_IP is not set ({ip:?})"),
+            };
+            assert!(!required, "EMBAR_REQUIRE_RDMA=1 but: {why}");
+            eprintln!("skipped: {why}; scripts/rxe-test.sh runs this in a VM with rxe");
+            None
+        }
+    }
+}
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+struct Cluster {
+    dir: String,
+    control: String,
+}
+
+impl Cluster {
+    fn up(name: &str, ip: &str) -> Cluster {
+        let dir = format!("/tmp/embar-verbs-{name}-{}", std::process::id());
+        let _ = Command::new(exe())
+            .args(["cluster", "down", "--dir", &dir])
+            .output();
+        let out = Command::new(exe())
+            .args([
+                "cluster",
+                "up",
+                "--brokers",
+                "2",
+                "--dir",
+                &dir,
+                "--verbs",
+                ip,
+            ])
+            .args(["--pool-bytes", "256MiB", "--segment-bytes", "4MiB"])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let file: Value =
+            serde_json::from_str(&std::fs::read_to_string(format!("{dir}/cluster.json")).unwrap())
+                .unwrap();
+        Cluster {
+            control: file["control"].as_str().unwrap().to_string(),
+            dir,
+        }
+    }
+
+    fn run(&self, args: &[&str], stdin: Option<String>) -> Output {
+        let c = self.spawn(args, stdin);
+        c.wait_with_output().unwrap()
+    }
+
+    fn spawn(&self, args: &[&str], stdin: Option<String>) -> Child {
+        let mut c = Command::new(exe())
+            .args(args)
+            .args(["--control", &self.control])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut input = c.stdin.take().unwrap();
+        let text = stdin.unwrap_or_default();
+        std::thread::spawn(move || {
+            let _ = input.write_all(text.as_bytes());
+        });
+        c
+    }
+
+    fn topic(&self, name: &str) {
+        let out = self.run(&["topic", "create", name], None);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn publish_verbs(&self, topic: &str, lines: String) -> Child {
+        self.spawn(
+            &["publish", "--topic", topic, "--transport", "verbs"],
+            Some(lines),
+        )
+    }
+
+    /// Every message of `topic` (shm subscriber), stopping after 3 s without one.
+    fn read_all(&self, topic: &str) -> Vec<Value> {
+        let out = self.run(
+            &[
+                "subscribe",
+                "--topic",
+                topic,
+                "--format",
+                "jsonl",
+                "--idle-timeout-s",
+                "3",
+            ],
+            None,
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Metric `name` summed over the brokers' Prometheus endpoints.
+    fn metric(&self, name: &str) -> u64 {
+        let status = embar_control::ControlClient::new(self.control.parse().unwrap())
+            .status()
+            .unwrap();
+        status["brokers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|b| b["alive"] == true)
+            .filter_map(|b| b["addresses"]["metrics"].as_str())
+            .map(|addr| scrape(addr, name))
+            .sum()
+    }
+
+    /// Waits (10 s at most) until metric `name` reaches `want`: brokers refresh their
+    /// metrics every 100 ms.
+    fn wait_metric(&self, name: &str, want: u64) {
+        let start = std::time::Instant::now();
+        while self.metric(name) < want {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "{name} stayed below {want}: {}",
+                self.broker_logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn broker_logs(&self) -> String {
+        (0..2)
+            .map(|b| {
+                std::fs::read_to_string(format!("{}/broker-{b}.log", self.dir)).unwrap_or_default()
+            })
+            .collect()
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new(exe())
+            .args(["cluster", "down", "--dir", &self.dir])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// The sum of metric `name` at one broker's Prometheus endpoint.
+fn scrape(addr: &str, name: &str) -> u64 {
+    use std::io::Read;
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    body.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+fn lines(prefix: &str, n: usize) -> String {
+    (0..n)
+        .map(|i| format!("{prefix} {i:05} {}\n", "v".repeat(200)))
+        .collect()
+}
+
+fn payloads(msgs: &[Value]) -> Vec<String> {
+    msgs.iter()
+        .map(|m| m["payload"].as_str().unwrap().to_string())
+        .collect()
+}
+
+#[test]
+fn verbs_publishers_and_subscribers_agree_nothing_lost_or_duplicated() {
+    let Some(ip) = rdma_ip() else { return };
+    let _s = serial();
+    let c = Cluster::up("agree", &ip);
+    c.topic("t");
+    let pubs: Vec<Child> = ["a", "b"]
+        .iter()
+        .map(|p| c.publish_verbs("t", lines(p, 400)))
+        .collect();
+    let shm = c.spawn(&["publish", "--topic", "t"], Some(lines("s", 200)));
+    for p in pubs.into_iter().chain([shm]) {
+        let out = p.wait_with_output().unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let first = c.read_all("t");
+    let second = c.read_all("t");
+    assert_eq!(first.len(), 1000, "every message once");
+    assert_eq!(first, second, "two subscribers see the same sequence");
+    for p in ["a", "b", "s"] {
+        let mine: Vec<String> = payloads(&first)
+            .into_iter()
+            .filter(|l| l.starts_with(&format!("{p} ")))
+            .collect();
+        let want: Vec<String> = lines(p, if p == "s" { 200 } else { 400 })
+            .lines()
+            .map(String::from)
+            .collect();
+        assert_eq!(mine, want, "publisher {p}: all, once, in its order");
+    }
+    let orders: Vec<u64> = first
+        .iter()
+        .map(|m| m["total_order"].as_u64().unwrap())
+        .collect();
+    assert!(
+        orders.windows(2).all(|w| w[1] == w[0] + 1),
+        "dense total order"
+    );
+    c.wait_metric("embar_broker_verbs_batches_forwarded_total", 2);
+    c.wait_metric("embar_broker_verbs_sessions_opened_total", 4);
+    assert_eq!(c.metric("embar_broker_verbs_sessions_opened_total"), 4);
+}
+
+#[test]
+fn a_write_past_the_grant_fails_at_the_nic_and_nothing_else_is_touched() {
+    let Some(ip) = rdma_ip() else { return };
+    let _s = serial();
+    let c = Cluster::up("rogue", &ip);
+    c.topic("t");
+    let honest = c.publish_verbs("t", lines("h", 300));
+    let out = c.run(
+        &[
+            "ring-worker",
+            "rogue-publish",
+            "--topic",
+            "t",
+            "--transport",
+            "verbs",
+            "--fault",
+            "write-past-grant",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["rejected"], true, "{v}");
+    let err = v["error"].as_str().unwrap();
+    assert!(
+        err.contains("outside the space the broker granted"),
+        "{err}"
+    );
+    let out = honest.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The brokers still serve new sessions.
+    let after = c
+        .publish_verbs("t", lines("late", 100))
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        after.status.success(),
+        "{}",
+        String::from_utf8_lossy(&after.stderr)
+    );
+    let got = payloads(&c.read_all("t"));
+    assert_eq!(
+        got.len(),
+        300 + 10 + 100,
+        "{:?}",
+        &got[got.len().saturating_sub(3)..]
+    );
+    assert_eq!(got.iter().filter(|l| l.starts_with("good ")).count(), 10);
+    assert!(got
+        .iter()
+        .all(|l| l.starts_with("h ") || l.starts_with("good ") || l.starts_with("late ")));
+}
+
+#[test]
+fn an_immediate_naming_no_staging_slot_is_rejected_with_its_reason() {
+    let Some(ip) = rdma_ip() else { return };
+    let _s = serial();
+    let c = Cluster::up("imm", &ip);
+    c.topic("t");
+    let out = c.run(
+        &[
+            "ring-worker",
+            "rogue-publish",
+            "--topic",
+            "t",
+            "--transport",
+            "verbs",
+            "--fault",
+            "bad-immediate",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["rejected"], true, "{v}");
+    assert!(v["error"].as_str().unwrap().contains("immediate"), "{v}");
+    c.wait_metric("embar_broker_verbs_bad_immediates_total", 1);
+    let ok = c
+        .publish_verbs("t", lines("h", 50))
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert_eq!(c.read_all("t").len(), 10 + 50);
+}
+
+#[test]
+fn a_session_that_vanishes_mid_batch_publishes_nothing_half_written() {
+    let Some(ip) = rdma_ip() else { return };
+    let _s = serial();
+    let c = Cluster::up("vanish", &ip);
+    c.topic("t");
+    let out = c.run(
+        &[
+            "ring-worker",
+            "rogue-publish",
+            "--topic",
+            "t",
+            "--transport",
+            "verbs",
+            "--fault",
+            "vanish",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Each broker (the rogue had a session with both) notices the connection's end and
+    // closes the pool session.
+    c.wait_metric("embar_broker_verbs_sessions_closed_total", 2);
+    assert_eq!(c.metric("embar_broker_verbs_sessions_open"), 0);
+    let ok = c
+        .publish_verbs("t", lines("h", 100))
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let got = payloads(&c.read_all("t"));
+    assert_eq!(
+        got.len(),
+        10 + 100,
+        "only whole, announced batches are published"
+    );
+    assert!(got
+        .iter()
+        .all(|l| l.starts_with("good ") || l.starts_with("h ")));
+}
+
+#[test]
+fn a_verbs_publisher_of_an_unknown_topic_or_without_verbs_brokers_gets_a_clear_error() {
+    let Some(ip) = rdma_ip() else { return };
+    let _s = serial();
+    let c = Cluster::up("errors", &ip);
+    let out = c
+        .publish_verbs("nope", "x\n".into())
+        .wait_with_output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nope"), "{err}");
+}
