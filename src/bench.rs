@@ -301,7 +301,7 @@ fn one_run<C: Coherence>(
     let waiting = Instant::now();
     while c.observe(&pool.sequencer_state(slot).epoch) == 0 {
         if waiting.elapsed() > Duration::from_secs(10) {
-            return Err(format!("no sequencer took topic {topic:?} within 10 s (is a broker running with --sequencer?)"));
+            return Err(format!("no sequencer took topic {topic:?} within 10 s (is a broker live that may run it? see `embar cluster status`)"));
         }
         std::thread::sleep(Duration::from_millis(5));
     }

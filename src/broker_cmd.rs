@@ -22,9 +22,14 @@ pub struct BrokerArgs {
     /// Address of the control process.
     #[arg(long, default_value = crate::control_cmd::DEFAULT_CONTROL)]
     pub control: SocketAddr,
-    /// Also run the sequencer of every topic in this process.
-    #[arg(long)]
+    /// Always run the sequencer of every topic in this process (pinned here). By default a
+    /// broker runs it when the control process assigns it (the oldest live broker does;
+    /// another takes over when it dies).
+    #[arg(long, conflicts_with = "no_sequencer")]
     pub sequencer: bool,
+    /// Never run the sequencer here (it runs elsewhere, e.g. `embar sequencer`).
+    #[arg(long)]
+    pub no_sequencer: bool,
     /// Address of the Prometheus endpoint (`:0`: a free port, given to the control process).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub metrics: SocketAddr,
@@ -117,8 +122,11 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
     }
     addrs.insert("metrics".into(), metrics_addr.to_string());
     addrs.insert("pid".into(), std::process::id().to_string());
+    use embar_control::membership::{SEQUENCER, SEQUENCER_CANDIDATE, SEQUENCER_PINNED};
     if a.sequencer {
-        addrs.insert("sequencer".into(), "all topics".into());
+        addrs.insert(SEQUENCER.into(), SEQUENCER_PINNED.into());
+    } else if !a.no_sequencer {
+        addrs.insert(SEQUENCER.into(), SEQUENCER_CANDIDATE.into());
     }
     let reg = client.register(&addrs).map_err(|e| e.to_string())?;
     println!(
@@ -128,6 +136,11 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
         pool_path.display(),
         if a.sequencer { ", sequencer" } else { "" }
     );
+    // Whether this broker runs the sequencer: pinned, or as the control process says in its
+    // answer to every heartbeat.
+    let run_sequencer = Arc::new(AtomicBool::new(a.sequencer));
+    let assigned = run_sequencer.clone();
+    let pinned = a.sequencer;
     let stop = embar_sys::signal::stop_on_term();
     let stats = Arc::new(Mutex::new(Snapshot::default()));
     let st = stats.clone();
@@ -142,8 +155,15 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
         .name("broker-heartbeat".into())
         .spawn(move || -> Result<(), String> {
             while !hb.load(Ordering::Relaxed) {
+                let mine = client.heartbeat(reg.broker_id).map_err(|e| e.to_string())?;
+                if !pinned && assigned.swap(mine, Ordering::Relaxed) != mine {
+                    log::info!(
+                        "the control process {} the sequencer {} this broker",
+                        if mine { "assigned" } else { "took" },
+                        if mine { "to" } else { "from" }
+                    );
+                }
                 std::thread::sleep(reg.heartbeat);
-                client.heartbeat(reg.broker_id).map_err(|e| e.to_string())?;
             }
             Ok(())
         })
@@ -156,19 +176,17 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
         stats: &'a Mutex<Snapshot>,
         heartbeat: &'a std::thread::JoinHandle<Result<(), String>>,
         verbs: Option<VerbsPort>,
+        run_sequencer: &'a AtomicBool,
     }
     impl CoherenceFn<Result<(), String>> for Go<'_> {
         fn call<C: Coherence>(self, c: C) -> Result<(), String> {
+            let seq_stop = AtomicBool::new(false);
             std::thread::scope(|s| {
                 // On a host with few cores every polling thread beyond the cores costs a
                 // scheduler time slice of latency: run the sequencer in this loop instead.
-                let inline = self.args.sequencer && embar_sys::cpu::available_cpus() <= 2;
-                if self.args.sequencer && !inline {
-                    let (pool, stop, pin) =
-                        (self.pool, self.stop, self.args.pin_cpu.map(|p| p + 1));
-                    s.spawn(move || sequence_all(pool, c, stop, pin));
-                }
-                let mut seqs = inline.then(|| TopicSequencers::new(self.pool, c));
+                let inline = embar_sys::cpu::available_cpus() <= 2;
+                let mut seq_thread = None;
+                let mut seqs: Option<TopicSequencers<'_, C>> = None;
                 if let Some(cpu) = self.args.pin_cpu {
                     if let Err(e) = embar_sys::cpu::pin_current_thread(cpu) {
                         log::warn!("{e}; running unpinned");
@@ -200,6 +218,30 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
                         );
                     }
                     let mut work = broker.poll_once().map_err(|e| e.to_string())?;
+                    // Start or stop the sequencer as assigned.
+                    let want = self.run_sequencer.load(Ordering::Relaxed);
+                    let running = seqs.is_some() || seq_thread.is_some();
+                    if want && !running {
+                        log::info!("running the sequencer of every topic");
+                        if inline {
+                            seqs = Some(TopicSequencers::new(self.pool, c));
+                        } else {
+                            seq_stop.store(false, Ordering::Relaxed);
+                            let (pool, stops, pin) = (
+                                self.pool,
+                                [self.stop, &seq_stop],
+                                self.args.pin_cpu.map(|p| p + 1),
+                            );
+                            seq_thread = Some(s.spawn(move || sequence_all(pool, c, stops, pin)));
+                        }
+                    } else if !want && running {
+                        log::info!("stopping the sequencer");
+                        seqs = None;
+                        seq_stop.store(true, Ordering::Relaxed);
+                        if let Some(t) = seq_thread.take() {
+                            let _ = t.join();
+                        }
+                    }
                     if let Some(seqs) = seqs.as_mut() {
                         work += seqs.poll_once();
                     }
@@ -248,6 +290,7 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
             stats: &stats,
             heartbeat: &heartbeat,
             verbs,
+            run_sequencer: &run_sequencer,
         },
     );
     hb_stop.store(true, Ordering::Relaxed);
@@ -268,6 +311,9 @@ struct TopicSequencers<'p, C: Coherence> {
     pool: &'p Pool,
     c: C,
     seqs: HashMap<u32, (u64, Sequencer<'p, C>)>,
+    /// Topics (slot, generation) a newer sequencer took over: not taken back, or two
+    /// sequencers would take turns raising the epoch.
+    superseded: Vec<(u32, u64)>,
     last_scan: Option<Instant>,
 }
 
@@ -277,6 +323,7 @@ impl<'p, C: Coherence> TopicSequencers<'p, C> {
             pool,
             c,
             seqs: HashMap::new(),
+            superseded: Vec::new(),
             last_scan: None,
         }
     }
@@ -291,7 +338,9 @@ impl<'p, C: Coherence> TopicSequencers<'p, C> {
                     .any(|t| t.slot == *slot && t.generation == *gen)
             });
             for t in topics {
-                if self.seqs.contains_key(&t.slot) {
+                if self.seqs.contains_key(&t.slot)
+                    || self.superseded.contains(&(t.slot, t.generation))
+                {
                     continue;
                 }
                 let brokers = self.pool.geometry().max_brokers;
@@ -307,7 +356,16 @@ impl<'p, C: Coherence> TopicSequencers<'p, C> {
         }
         let mut work = 0;
         let mut failed = Vec::new();
-        for (slot, (_, s)) in self.seqs.iter_mut() {
+        for (slot, (gen, s)) in self.seqs.iter_mut() {
+            if s.superseded() {
+                log::warn!(
+                    "topic slot {slot}: a newer sequencer (epoch above {}) took over; this one stops",
+                    s.epoch()
+                );
+                self.superseded.push((*slot, *gen));
+                failed.push(*slot);
+                continue;
+            }
             match s.poll_once() {
                 Ok(n) => work += n,
                 Err(e @ embar_dataplane::sequencer::driver::SequencerError::TopicGone(_)) => {
@@ -327,8 +385,9 @@ impl<'p, C: Coherence> TopicSequencers<'p, C> {
     }
 }
 
-/// The sequencers on a thread of their own.
-fn sequence_all<C: Coherence>(pool: &Pool, c: C, stop: &AtomicBool, pin: Option<usize>) {
+/// The sequencers on a thread of their own, until either flag is set (the broker stops, or
+/// the sequencer moves elsewhere).
+fn sequence_all<C: Coherence>(pool: &Pool, c: C, stops: [&AtomicBool; 2], pin: Option<usize>) {
     if let Some(cpu) = pin {
         if let Err(e) = embar_sys::cpu::pin_current_thread(cpu) {
             log::warn!("{e}; sequencer running unpinned");
@@ -336,7 +395,7 @@ fn sequence_all<C: Coherence>(pool: &Pool, c: C, stop: &AtomicBool, pin: Option<
     }
     let mut seqs = TopicSequencers::new(pool, c);
     let mut idle = Idle::new(IdlePolicy::default());
-    while !stop.load(Ordering::Relaxed) {
+    while !stops.iter().any(|s| s.load(Ordering::Relaxed)) {
         idle.after(seqs.poll_once(), std::thread::sleep);
     }
 }

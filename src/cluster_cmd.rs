@@ -148,15 +148,14 @@ pub fn up(a: &UpArgs) -> Result<ClusterFile, String> {
         .nth(4)
         .and_then(|s| s.parse().ok())
         .ok_or_else(|| format!("cannot read the control address from {line:?}"))?;
+    // The control process assigns the sequencer to the oldest live broker (broker 0 here),
+    // and to the next one if that dies.
     for b in 0..a.brokers {
         let mut args = vec![
             "broker".to_string(),
             "--control".into(),
             control.to_string(),
         ];
-        if b == 0 {
-            args.push("--sequencer".into());
-        }
         if let Some(r) = a.retention_bytes {
             args.extend(["--retention-bytes".into(), r.to_string()]);
         }

@@ -181,12 +181,17 @@ pub fn cluster_status(c: &ClientArgs) -> Result<(), String> {
         println!("brokers: {} live", v["live_brokers"]);
         match v["sequencer"].as_object() {
             Some(q) => println!(
-                "sequencer: in broker {} (pool slot {}), {}",
+                "sequencer: in broker {} (pool slot {}, {}), all topics",
                 q["broker_id"],
                 q["slot"],
-                q["topics"].as_str().unwrap_or("?")
+                match q["mode"].as_str() {
+                    Some("pinned") => "pinned there with --sequencer",
+                    _ => "assigned by the control process",
+                }
             ),
-            None => println!("sequencer: none running (start a broker with --sequencer)"),
+            None => println!(
+                "sequencer: no live broker can run it (brokers started with --no-sequencer?)"
+            ),
         }
         for b in v["brokers"].as_array().into_iter().flatten() {
             println!(

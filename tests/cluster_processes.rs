@@ -540,3 +540,87 @@ fn a_lingering_batch_is_sent_while_the_publisher_waits_for_more_input() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("2 acknowledged"));
 }
+
+#[test]
+fn when_the_sequencer_broker_dies_the_control_process_moves_it_and_publishing_goes_on() {
+    let _serial = serial();
+    let c = Cluster::up("failover", &[]);
+    c.topic("f", &[]);
+    let control = embar_control::ControlClient::new(c.control.parse().unwrap());
+    let status = control.status().unwrap();
+    let first = status["sequencer"]["broker_id"]
+        .as_u64()
+        .expect("a sequencer is assigned");
+    assert_eq!(status["sequencer"]["mode"], "candidate");
+    let before = c.spawn(&["publish", "--topic", "f"], Some(lines("before", 200, 10)));
+    let out = before.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // SIGKILL the broker that runs the sequencer.
+    let pid = status["brokers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["id"].as_u64() == Some(first))
+        .and_then(|b| b["addresses"]["pid"].as_str())
+        .unwrap()
+        .to_string();
+    assert!(Command::new("kill")
+        .args(["-KILL", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let start = Instant::now();
+    let second = loop {
+        let s = control.status().unwrap();
+        match s["sequencer"]["broker_id"].as_u64() {
+            Some(id) if id != first => break id,
+            _ => {}
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the sequencer did not move: {s}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_ne!(second, first);
+    // The surviving broker orders and acknowledges new messages.
+    let after = c.spawn(&["publish", "--topic", "f"], Some(lines("after", 200, 10)));
+    let out = after.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ok, text, err) = c.embar(&[
+        "subscribe",
+        "--topic",
+        "f",
+        "--format",
+        "jsonl",
+        "--idle-timeout-s",
+        "3",
+    ]);
+    assert!(ok, "{err}");
+    let payloads: Vec<String> = text
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["payload"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    let want: Vec<String> = lines("before", 200, 10)
+        .lines()
+        .chain(lines("after", 200, 10).lines())
+        .map(String::from)
+        .collect();
+    assert_eq!(
+        payloads, want,
+        "every message once, in order, across the move"
+    );
+}

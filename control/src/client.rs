@@ -81,14 +81,15 @@ impl ControlClient {
         })
     }
 
-    pub fn heartbeat(&self, id: u32) -> Result<(), ClientError> {
+    /// Heartbeat of broker `id`; answers whether this broker is to run the sequencer.
+    pub fn heartbeat(&self, id: u32) -> Result<bool, ClientError> {
         self.request(
             "POST",
             &format!("/v1/brokers/{id}/heartbeat"),
             None,
             Duration::from_secs(5),
         )
-        .map(|_| ())
+        .map(|v| v["sequencer"] == true)
     }
 
     /// The brokers; with `wait`, blocks until the membership changes past `since` or the

@@ -13,6 +13,13 @@
 
 use std::collections::BTreeMap;
 
+/// The registration address that says whether a broker runs the sequencer.
+pub const SEQUENCER: &str = "sequencer";
+/// It always runs it (`embar broker --sequencer`).
+pub const SEQUENCER_PINNED: &str = "pinned";
+/// It runs it when the control process assigns it (the default).
+pub const SEQUENCER_CANDIDATE: &str = "candidate";
+
 /// One registered broker.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct BrokerInfo {
@@ -155,6 +162,23 @@ impl Membership {
         self.members.values().filter(|m| m.alive).count() as u32
     }
 
+    /// The broker that runs the sequencer of every topic: the live broker that pinned it
+    /// (address `sequencer = pinned`, `embar broker --sequencer`; the lowest id if several
+    /// did), else the live candidate (`sequencer = candidate`) with the lowest id. Ids only
+    /// grow, so the lowest live id is the longest-serving broker: the choice moves only when
+    /// that broker dies, never to a newcomer.
+    pub fn sequencer(&self) -> Option<u32> {
+        let with = |mode: &str| {
+            self.members
+                .iter()
+                .find(|(_, m)| {
+                    m.alive && m.addresses.get(SEQUENCER).map(String::as_str) == Some(mode)
+                })
+                .map(|(id, _)| *id)
+        };
+        with(SEQUENCER_PINNED).or_else(|| with(SEQUENCER_CANDIDATE))
+    }
+
     pub fn brokers(&self, now_ns: u64) -> Vec<BrokerInfo> {
         self.members
             .iter()
@@ -214,6 +238,41 @@ mod tests {
         assert_eq!(m.heartbeat(new, S), Ok(()));
         assert_eq!(new_slot, old_slot);
         assert_eq!(m.live_count(), 2);
+    }
+
+    fn seq(mode: &str, n: u32) -> BTreeMap<String, String> {
+        let mut a = addr(n);
+        a.insert(SEQUENCER.into(), mode.into());
+        a
+    }
+
+    #[test]
+    fn the_sequencer_goes_to_the_oldest_live_candidate_and_moves_only_when_it_dies() {
+        let mut m = Membership::new(0, 8, S, 3);
+        assert_eq!(m.sequencer(), None);
+        let (none, _) = m.register(addr(0), 0).unwrap();
+        assert_eq!(
+            m.sequencer(),
+            None,
+            "a broker that is no candidate never gets it"
+        );
+        let (a, _) = m.register(seq(SEQUENCER_CANDIDATE, 1), 0).unwrap();
+        let (b, _) = m.register(seq(SEQUENCER_CANDIDATE, 2), 0).unwrap();
+        assert_eq!(m.sequencer(), Some(a));
+        // `a` stops heartbeating: dead after 3 intervals, and `b` takes over.
+        for t in 1..=3 {
+            m.heartbeat(b, t * S).unwrap();
+            m.heartbeat(none, t * S).unwrap();
+        }
+        m.tick(3 * S + 1);
+        assert_eq!(m.sequencer(), Some(b));
+        // A newcomer does not take it from `b`; a restarted `a` comes back with a new id.
+        let (c, _) = m.register(seq(SEQUENCER_CANDIDATE, 1), 4 * S).unwrap();
+        assert!(c > b);
+        assert_eq!(m.sequencer(), Some(b));
+        // A pinned broker wins over every candidate.
+        let (p, _) = m.register(seq(SEQUENCER_PINNED, 9), 4 * S).unwrap();
+        assert_eq!(m.sequencer(), Some(p));
     }
 
     #[test]

@@ -282,8 +282,12 @@ fn heartbeat(s: &Shared, id: &str) -> Response {
     let Ok(id) = id.parse::<u32>() else {
         return Response::error(400, format!("broker id {id:?} is not a number"));
     };
-    match lock(s).members.heartbeat(id, now_ns(s)) {
-        Ok(()) => Response::json(200, &json!({ "broker_id": id })),
+    let mut g = lock(s);
+    match g.members.heartbeat(id, now_ns(s)) {
+        Ok(()) => {
+            let sequencer = g.members.sequencer() == Some(id);
+            Response::json(200, &json!({ "broker_id": id, "sequencer": sequencer }))
+        }
         Err(e @ MembershipError::Dead(_)) => Response::error(410, e.to_string()),
         Err(e) => Response::error(404, e.to_string()),
     }
@@ -429,10 +433,16 @@ fn status(s: &Shared) -> Response {
             },
             "membership_version": g.members.version(),
             "live_brokers": g.members.live_count(),
-            // Where the sequencer runs: the live broker whose registration carries it.
-            "sequencer": g.members.brokers(now_ns(s)).into_iter()
-                .find(|b| b.alive && b.addresses.contains_key("sequencer"))
-                .map(|b| json!({ "broker_id": b.id, "slot": b.slot, "topics": b.addresses["sequencer"] })),
+            // Where the sequencer runs: the broker this process assigned it to.
+            "sequencer": g.members.sequencer().and_then(|id| {
+                g.members.brokers(now_ns(s)).into_iter().find(|b| b.id == id)
+            })
+            .map(|b| json!({
+                "broker_id": b.id,
+                "slot": b.slot,
+                "mode": b.addresses.get(crate::membership::SEQUENCER),
+                "topics": "all",
+            })),
             "brokers": g.members.brokers(now_ns(s)),
             "topics": g.durable.topics.iter().map(|t| topic_json(s, t)).collect::<Vec<_>>(),
         }),

@@ -152,6 +152,11 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
         Ok(s)
     }
 
+    /// Whether a newer sequencer has taken over this topic (this one must stop).
+    pub fn superseded(&self) -> bool {
+        self.state.superseded()
+    }
+
     pub fn epoch(&self) -> u64 {
         self.state.epoch()
     }
