@@ -165,10 +165,15 @@ fn publish_lines(p: &mut impl Publish, a: &PublishArgs) -> Result<(), String> {
             }
         }
     });
-    let linger = PublisherConfig::default().linger;
     let mut n = 0u64;
     loop {
-        match rx.recv_timeout(linger) {
+        // Wake when the open batch's linger runs out, to seal and send it.
+        let wait = p
+            .linger_deadline_ns()
+            .map_or(Duration::from_secs(3600), |d| {
+                Duration::from_nanos(d.saturating_sub(embar_sys::clock::monotonic_ns()))
+            });
+        match rx.recv_timeout(wait) {
             Ok(line) => {
                 let line = line.map_err(|e| format!("cannot read stdin: {e}"))?;
                 p.publish(line.as_bytes()).map_err(|e| e.to_string())?;

@@ -29,6 +29,11 @@ pub trait Publish {
     fn grant_waits(&self) -> u64;
     /// The topic's ACK level.
     fn ack_level(&self) -> u8;
+    /// When the open batch's linger runs out (`CLOCK_MONOTONIC` ns), if a batch is open:
+    /// the latest time to call [`Publish::poll`] for the linger time to hold. Progress is
+    /// driven by the caller, as in UCX or libfabric: no thread of the library's own touches
+    /// the batch, so `publish` needs no lock.
+    fn linger_deadline_ns(&self) -> Option<u64>;
 
     /// Flushes, then waits until every message is acknowledged per the topic's ACK level
     /// (ACK 0: returns at once).

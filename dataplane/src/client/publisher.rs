@@ -441,6 +441,12 @@ impl<C: Coherence> Publish for Publisher<'_, C> {
     fn ack_level(&self) -> u8 {
         self.ack
     }
+
+    fn linger_deadline_ns(&self) -> Option<u64> {
+        self.open
+            .as_ref()
+            .map(|b| b.first_ns + self.cfg.linger.as_nanos() as u64)
+    }
 }
 
 impl<C: Coherence> Drop for Publisher<'_, C> {

@@ -658,6 +658,12 @@ impl Publish for VerbsPublisher {
     fn ack_level(&self) -> u8 {
         self.ack
     }
+
+    fn linger_deadline_ns(&self) -> Option<u64> {
+        self.open
+            .as_ref()
+            .map(|b| b.first_ns + self.cfg.linger.as_nanos() as u64)
+    }
 }
 
 impl Drop for VerbsPublisher {
