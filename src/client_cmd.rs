@@ -321,7 +321,8 @@ pub struct RogueArgs {
     pub control: SocketAddr,
     /// What the rogue batch does wrong: metadata, outside-grant, past-grant, bad-size,
     /// wrong-client; with `--transport verbs` also write-past-grant (an RDMA write past the
-    /// end of its grant), bad-immediate, vanish (writes half a batch, then exits).
+    /// end of its grant), bad-immediate, unknown-grant (a descriptor naming space outside its
+    /// grants), vanish (writes half a batch, then exits).
     #[arg(long)]
     pub fault: String,
     #[command(flatten)]
@@ -476,18 +477,27 @@ fn rogue_verbs(a: &RogueArgs) -> Result<(), String> {
         "write-past-grant" => p
             .write_unchecked(0, bytes - 256, 320)
             .map_err(|e| e.to_string())?,
-        "bad-immediate" => {
-            let desc = BatchDesc {
+        "bad-immediate" | "unknown-grant" => {
+            let broker = discover_verbs(a.control)?[0].0;
+            let mut desc = BatchDesc {
                 batch_seq: 1,
                 client_id: p.client_id(),
                 num_msg: 1,
-                broker_id: 0,
+                broker_id: broker,
                 total_size: 64,
                 log_idx: offset + used,
                 start_logical_offset: 0,
                 version_flags: u64::from(BATCH_HEADER_VERSION),
             };
-            p.signal_unchecked(0, 1_000_000, &desc)
+            let imm = if a.fault == "bad-immediate" {
+                1_000_000
+            } else {
+                // The right slot, naming log space that is not free space of a grant of
+                // this session: the start of its grant, where its good batches are.
+                desc.log_idx = offset;
+                p.next_slot(0).ok_or("no link")?
+            };
+            p.signal_unchecked(0, imm, &desc)
                 .map_err(|e| e.to_string())?;
         }
         "vanish" => {

@@ -68,9 +68,11 @@ fn spawn(dir: &Path, name: &str, args: &[String]) -> Result<(u32, PathBuf), Stri
     Ok((child.id(), log))
 }
 
-/// Waits until `log` has a line containing `needle`; returns that line.
-fn wait_line(log: &Path, needle: &str, limit: Duration) -> Result<String, String> {
+/// Waits until `log` has a line containing `needle`; returns that line. Fails at once when
+/// process `pid` has exited.
+fn wait_line(pid: u32, log: &Path, needle: &str, limit: Duration) -> Result<String, String> {
     let start = Instant::now();
+    let mut exited = false;
     loop {
         if let Ok(f) = File::open(log) {
             if let Some(l) = BufReader::new(f)
@@ -81,11 +83,16 @@ fn wait_line(log: &Path, needle: &str, limit: Duration) -> Result<String, String
                 return Ok(l);
             }
         }
-        if start.elapsed() > limit {
+        // Once it has exited, the log is read once more (it may have written the line
+        // just before).
+        if exited || start.elapsed() > limit {
             let tail = std::fs::read_to_string(log).unwrap_or_default();
             return Err(format!("{} did not start: {}", log.display(), tail.trim()));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        exited = !embar_sys::process::alive(pid as i32) || zombie(pid);
+        if !exited {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 }
 
@@ -142,7 +149,12 @@ pub fn up(a: &UpArgs) -> Result<ClusterFile, String> {
     }
     let (control_pid, control_log) = spawn(&a.dir, "control", &control_args)?;
     let mut pids = vec![control_pid];
-    let line = wait_line(&control_log, "listening on", Duration::from_secs(20))?;
+    let line = wait_line(
+        control_pid,
+        &control_log,
+        "listening on",
+        Duration::from_secs(20),
+    )?;
     let control: SocketAddr = line
         .split_whitespace()
         .nth(4)
@@ -172,7 +184,7 @@ pub fn up(a: &UpArgs) -> Result<ClusterFile, String> {
         }
         let (pid, log) = spawn(&a.dir, &format!("broker-{b}"), &args)?;
         pids.push(pid);
-        wait_line(&log, "in pool slot", Duration::from_secs(20))?;
+        wait_line(pid, &log, "in pool slot", Duration::from_secs(20))?;
     }
     let file = ClusterFile {
         control,

@@ -330,32 +330,40 @@ fn a_write_past_the_grant_fails_at_the_nic_and_nothing_else_is_touched() {
 }
 
 #[test]
-fn an_immediate_naming_no_staging_slot_is_rejected_with_its_reason() {
+fn an_immediate_naming_no_staging_slot_or_a_descriptor_outside_the_grants_is_rejected() {
     let Some(ip) = rdma_ip() else { return };
     let _s = serial();
     let c = Cluster::up("imm", &ip);
     c.topic("t");
-    let out = c.run(
-        &[
-            "ring-worker",
-            "rogue-publish",
-            "--topic",
-            "t",
-            "--transport",
-            "verbs",
-            "--fault",
-            "bad-immediate",
-        ],
-        None,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    assert_eq!(v["rejected"], true, "{v}");
-    assert!(v["error"].as_str().unwrap().contains("immediate"), "{v}");
+    for (fault, reason) in [
+        ("bad-immediate", "immediate"),
+        ("unknown-grant", "outside the log space granted"),
+    ] {
+        let out = c.run(
+            &[
+                "ring-worker",
+                "rogue-publish",
+                "--topic",
+                "t",
+                "--transport",
+                "verbs",
+                "--fault",
+                fault,
+            ],
+            None,
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(v["rejected"], true, "{fault}: {v}");
+        assert!(
+            v["error"].as_str().unwrap().contains(reason),
+            "{fault}: {v}"
+        );
+    }
     c.wait_metric("embar_broker_verbs_bad_immediates_total", 1);
     let ok = c
         .publish_verbs("t", lines("h", 50))
@@ -366,7 +374,11 @@ fn an_immediate_naming_no_staging_slot_is_rejected_with_its_reason() {
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
-    assert_eq!(c.read_all("t").len(), 10 + 50);
+    assert_eq!(
+        c.read_all("t").len(),
+        2 * 10 + 50,
+        "the good messages, and no rogue one"
+    );
 }
 
 #[test]
@@ -418,7 +430,7 @@ fn a_session_that_vanishes_mid_batch_publishes_nothing_half_written() {
 }
 
 #[test]
-fn a_verbs_publisher_of_an_unknown_topic_or_without_verbs_brokers_gets_a_clear_error() {
+fn unknown_topic_and_unreachable_broker_are_clear_errors() {
     let Some(ip) = rdma_ip() else { return };
     let _s = serial();
     let c = Cluster::up("errors", &ip);
@@ -429,4 +441,82 @@ fn a_verbs_publisher_of_an_unknown_topic_or_without_verbs_brokers_gets_a_clear_e
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("nope"), "{err}");
+    // A broker killed a moment ago is still listed (not yet declared dead): its verbs port
+    // refuses the connection.
+    c.topic("t");
+    let status = embar_control::ControlClient::new(c.control.parse().unwrap())
+        .status()
+        .unwrap();
+    let pid = status["brokers"][1]["addresses"]["pid"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(Command::new("kill")
+        .args(["-KILL", &pid])
+        .status()
+        .unwrap()
+        .success());
+    std::thread::sleep(Duration::from_millis(200));
+    let out = c
+        .publish_verbs("t", "x\n".into())
+        .wait_with_output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot connect to its verbs port"), "{err}");
+}
+
+/// Where no device is usable: a broker asked for `--verbs` and a verbs publisher fail at
+/// once, saying so. (Runs on hosts without RDMA; in the VM it says why it skips.)
+#[test]
+fn without_a_device_broker_and_publisher_say_so() {
+    if embar_sys::verbs::Context::open(None, 1).is_ok() {
+        eprintln!("skipped: this host has a usable RDMA device");
+        return;
+    }
+    let out = Command::new(exe())
+        .args([
+            "broker",
+            "--control",
+            "127.0.0.1:1",
+            "--verbs",
+            "127.0.0.1:0",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    // The control process is not running either; whichever is found first is named.
+    assert!(
+        err.contains("RDMA device") || err.contains("control"),
+        "{err}"
+    );
+    let dir = format!("/tmp/embar-verbs-nodev-{}", std::process::id());
+    let up = Command::new(exe())
+        .args([
+            "cluster",
+            "up",
+            "--brokers",
+            "1",
+            "--dir",
+            &dir,
+            "--pool-bytes",
+            "64MiB",
+            "--segment-bytes",
+            "4MiB",
+            "--verbs",
+            "127.0.0.1",
+        ])
+        .output()
+        .unwrap();
+    let _ = Command::new(exe())
+        .args(["cluster", "down", "--dir", &dir])
+        .output();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(
+        !up.status.success(),
+        "a broker started with --verbs and no device"
+    );
+    let err = String::from_utf8_lossy(&up.stderr);
+    assert!(err.contains("no RDMA device"), "{err}");
 }

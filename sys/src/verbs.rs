@@ -19,8 +19,8 @@ use rdma_sys::*;
 /// Errors of the verbs layer.
 #[derive(Debug, thiserror::Error)]
 pub enum VerbsError {
-    #[error("no RDMA device on this host (for testing, Soft-RoCE: `modprobe rdma_rxe && rdma link add rxe0 type rxe netdev <netdev>`)")]
-    NoDevice,
+    #[error("no RDMA device on this host{0} (for testing, Soft-RoCE: `modprobe rdma_rxe && rdma link add rxe0 type rxe netdev <netdev>`)")]
+    NoDevice(&'static str),
     #[error("RDMA device {name:?} not found (devices here: {available})")]
     DeviceNotFound { name: String, available: String },
     #[error("{what} failed: {source}")]
@@ -36,6 +36,18 @@ fn call_failed(what: &'static str) -> VerbsError {
     VerbsError::Call {
         what,
         source: io::Error::last_os_error(),
+    }
+}
+
+/// Why `ibv_get_device_list` gave no list: a kernel without RDMA (ENOSYS) has no device.
+fn no_device_list() -> VerbsError {
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(libc::ENOSYS) => VerbsError::NoDevice(" (the kernel has no RDMA support)"),
+        _ => VerbsError::Call {
+            what: "ibv_get_device_list",
+            source: e,
+        },
     }
 }
 
@@ -137,7 +149,7 @@ pub fn devices() -> Result<Vec<String>, VerbsError> {
     // NULL; freed below.
     let list = unsafe { ibv_get_device_list(&mut n) };
     if list.is_null() {
-        return Err(call_failed("ibv_get_device_list"));
+        return Err(no_device_list());
     }
     let mut names = Vec::new();
     for i in 0..n.max(0) as usize {
@@ -159,7 +171,7 @@ impl Context {
         // SAFETY: as in `devices`.
         let list = unsafe { ibv_get_device_list(&mut n) };
         if list.is_null() {
-            return Err(call_failed("ibv_get_device_list"));
+            return Err(no_device_list());
         }
         struct FreeList(*mut *mut ibv_device);
         impl Drop for FreeList {
@@ -186,7 +198,7 @@ impl Context {
         }
         let Some((dev, name)) = chosen else {
             return Err(match device {
-                None => VerbsError::NoDevice,
+                None => VerbsError::NoDevice(""),
                 Some(d) => VerbsError::DeviceNotFound {
                     name: d.to_string(),
                     available: if names.is_empty() {

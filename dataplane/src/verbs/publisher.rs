@@ -538,6 +538,12 @@ impl VerbsPublisher {
         Ok(())
     }
 
+    /// The staging slot the next descriptor of link `link` goes to (its expected immediate).
+    pub fn next_slot(&self, link: usize) -> Option<u32> {
+        let l = self.links.get(link)?;
+        Some((l.staged % u64::from(l.staging_slots)) as u32)
+    }
+
     /// The current grant of link `link`: `(pool offset, bytes, used)`.
     pub fn grant(&self, link: usize) -> Option<(u64, u64, u64)> {
         self.links
