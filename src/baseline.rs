@@ -18,3 +18,52 @@ pub fn memcpy_gbps() -> f64 {
     }
     BYTES as f64 / best / 1e9
 }
+
+/// How often this host stops a running thread: one spinning thread per CPU reads the clock
+/// for `probe`; a gap between two reads is time the thread did not run (preemption, an
+/// interrupt storm, or a hypervisor descheduling the virtual CPU). No latency figure of this
+/// host can be better than its stalls, so the bench reports them beside its percentiles.
+#[derive(Clone, Copy, Debug, Default, serde::Serialize)]
+pub struct Stalls {
+    pub probe_ms: u64,
+    pub cpus: usize,
+    /// Gaps longer than 50 us and 200 us, over every CPU.
+    pub over_50us: u64,
+    pub over_200us: u64,
+    pub max_us: u64,
+}
+
+pub fn host_stalls(probe: std::time::Duration) -> Stalls {
+    let cpus = embar_sys::cpu::available_cpus().max(1);
+    let per_cpu: Vec<(u64, u64, u64)> = std::thread::scope(|s| {
+        let hs: Vec<_> = (0..cpus)
+            .map(|cpu| {
+                s.spawn(move || {
+                    let _ = embar_sys::cpu::pin_current_thread(cpu);
+                    let (mut o50, mut o200, mut max) = (0u64, 0u64, 0u64);
+                    let start = Instant::now();
+                    let mut last = start;
+                    while last - start < probe {
+                        let now = Instant::now();
+                        let gap = (now - last).as_micros() as u64;
+                        o50 += u64::from(gap > 50);
+                        o200 += u64::from(gap > 200);
+                        max = max.max(gap);
+                        last = now;
+                    }
+                    (o50, o200, max)
+                })
+            })
+            .collect();
+        hs.into_iter()
+            .map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    Stalls {
+        probe_ms: probe.as_millis() as u64,
+        cpus,
+        over_50us: per_cpu.iter().map(|c| c.0).sum(),
+        over_200us: per_cpu.iter().map(|c| c.1).sum(),
+        max_us: per_cpu.iter().map(|c| c.2).max().unwrap_or(0),
+    }
+}

@@ -148,6 +148,7 @@ pub fn run(a: &BenchArgs) -> Result<bool, String> {
         return Err(crate::NO_VERBS.into());
     }
     let memcpy = crate::baseline::memcpy_gbps();
+    let stalls = crate::baseline::host_stalls(Duration::from_secs(1));
     let dir = std::env::temp_dir().join(format!("embar-bench-{}", std::process::id()));
     let started;
     let control = match a.control {
@@ -275,7 +276,7 @@ pub fn run(a: &BenchArgs) -> Result<bool, String> {
             kept.push(top);
         }
     }
-    report(a, memcpy, brokers.len(), &kept)
+    report(a, memcpy, stalls, brokers.len(), &kept)
 }
 
 fn one_run<C: Coherence>(
@@ -592,12 +593,19 @@ fn run_json(r: &Run) -> Value {
     })
 }
 
-fn report(a: &BenchArgs, memcpy: f64, brokers: usize, runs: &[Run]) -> Result<bool, String> {
+fn report(
+    a: &BenchArgs,
+    memcpy: f64,
+    stalls: crate::baseline::Stalls,
+    brokers: usize,
+    runs: &[Run],
+) -> Result<bool, String> {
     let main = &runs[0];
     let mut out = run_json(main);
     let gbps = out["throughput_gbps"].as_f64().unwrap_or(0.0);
     out["memcpy_gbps"] = json!(memcpy);
     out["ratio_to_memcpy"] = json!(gbps / memcpy);
+    out["host_stalls"] = json!(stalls);
     out["config"] = json!({
         "transport": a.transport.transport,
         "brokers": brokers,
@@ -660,6 +668,10 @@ fn report(a: &BenchArgs, memcpy: f64, brokers: usize, runs: &[Run]) -> Result<bo
             println!("    error: {e}");
         }
     }
+    println!(
+        "  host stalls (a thread spinning on each of {} CPUs for {} ms): {} over 50 us, {} over 200 us, longest {} us: no tail latency here is below these",
+        stalls.cpus, stalls.probe_ms, stalls.over_50us, stalls.over_200us, stalls.max_us
+    );
     if let Some(c) = out.get("comparison") {
         println!(
             "  ORDER {} / ORDER {} throughput: {:.2}",
