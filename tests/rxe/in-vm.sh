@@ -31,4 +31,14 @@ echo "== rxe: end-to-end bench over rxe (2 brokers, verbs publisher, subscriber,
     --batch-bytes "$BATCH" --segment-bytes 4MiB --pool-bytes 512MiB > /tmp/e2e.json
 echo "RXE_E2E $(cat /tmp/e2e.json)"
 grep -q '"order_check":"passed"' /tmp/e2e.json
+echo "== rxe: light open loop over rxe (64 B messages, 1000/s), beside ib_write_lat (64 B)"
+ib_write_lat -d "$RDMA_DEVICE" -x "$RDMA_GID_INDEX" -s 64 -n 2000 -F >/tmp/ibl-server.log 2>&1 &
+sleep 1
+ib_write_lat -d "$RDMA_DEVICE" -x "$RDMA_GID_INDEX" -s 64 -n 2000 -F "$RDMA_IP" > /tmp/ibl.log
+wait
+tail -3 /tmp/ibl.log
+./embar bench --transport verbs --json --brokers 1 --subscribers 1 --message-bytes 64 \
+    --total-bytes 128KiB --rate 1000 --segment-bytes 4MiB --pool-bytes 256MiB > /tmp/lat.json
+echo "RXE_LATENCY $(sed -n 's/.*"latency_us":\({[^}]*}\).*/\1/p' /tmp/lat.json) ib_write_lat typical (one way) $(awk '$1 == 64 { print $5 }' /tmp/ibl.log) us"
+grep -q '"order_check":"passed"' /tmp/lat.json
 echo "== rxe: all passed"
