@@ -25,5 +25,25 @@ test_exe() {
 }
 cp "$(test_exe -p embar-sys --test verbs)" "$stage/sys-verbs"
 cp "$(test_exe -p embar --test verbs_processes)" "$stage/verbs-processes"
-cp tests/rxe/in-vm.sh "$stage/"
+cp tests/rxe/in-vm.sh tests/rxe/host-a.sh tests/rxe/host-b.sh "$stage/"
 scripts/rxe-vm.sh run "$stage" sh in-vm.sh 2>&1 | tee target/rxe-vm.log
+
+# Two hosts: two VMs linked by a qemu socket network, rxe0 on each one's eth0. Host A runs
+# the cluster and a subscriber, host B two verbs publishers (RDMA over the link).
+echo "== rxe: two hosts (broker VM and publisher VM)"
+port=$((20000 + RANDOM % 20000))
+VM_NET=listen:$port VM_IP=10.0.0.1/24 scripts/rxe-vm.sh run "$stage" sh host-a.sh \
+  > target/rxe-host-a.log 2>&1 &
+a=$!
+sleep 2
+VM_NET=connect:$port VM_IP=10.0.0.2/24 VM_MEM_MB=1024 scripts/rxe-vm.sh run "$stage" sh host-b.sh \
+  > target/rxe-host-b.log 2>&1 &
+b=$!
+ra=0; wait $a || ra=$?
+rb=0; wait $b || rb=$?
+grep -h '^host [AB]:' target/rxe-host-a.log target/rxe-host-b.log || true
+if [ "$ra" != 0 ] || [ "$rb" != 0 ]; then
+  echo "two hosts failed (host A $ra, host B $rb); consoles: target/rxe-host-a.log, target/rxe-host-b.log"
+  tail -30 target/rxe-host-a.log target/rxe-host-b.log
+  exit 1
+fi

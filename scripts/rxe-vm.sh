@@ -12,7 +12,9 @@
 # command prints reach this script's stdout (the serial console).
 #
 # Env: EMBAR_VM_DIR (cache, default /var/tmp/embar-rxe-vm), VM_MEM_MB (default 3072),
-#      VM_CPUS (default 2), VM_TIMEOUT seconds (default 1200), KVER (kernel ABI, e.g. 6.1.0-40-amd64).
+#      VM_CPUS (default 2), VM_TIMEOUT seconds (default 1200), KVER (kernel ABI, e.g. 6.1.0-40-amd64),
+#      VM_NET=listen:PORT|connect:PORT with VM_IP=A.B.C.D/N: a virtio NIC on a qemu socket
+#      network shared with another VM (two hosts; rxe0 then runs on eth0 at VM_IP).
 #
 # On a host whose kernel has rdma_rxe, no VM is needed:
 #   modprobe rdma_rxe && rdma link add rxe0 type rxe netdev eth0
@@ -65,7 +67,7 @@ initramfs() {
   for a in $(/bin/busybox --list); do [ -e "$ir/bin/$a" ] || ln -s busybox "$ir/bin/$a"; done
   : > "$ir/modlist"
   # crc32_generic before rdma_rxe (rxe's ICRC); virtio + 9p for the host share.
-  for m in crc32_generic crc32-pclmul virtio_pci virtio_net 9pnet_virtio 9p dummy rdma_rxe ib_uverbs rdma_ucm; do
+  for m in crc32_generic crc32-pclmul virtio_pci virtio_net 9pnet_virtio 9p dummy veth rdma_rxe ib_uverbs rdma_ucm; do
     modprobe -d "$kroot" -S "$kv" --show-depends "$m" | awk '$1=="insmod"{print $2}' | while read -r f; do
       local rel=${f#"$kroot"}
       mkdir -p "$ir$(dirname "$rel")"; cp -n "$f" "$ir$rel"
@@ -90,14 +92,24 @@ mkdir -p /dev/shm && mount -t tmpfs -o size=1536m shm /dev/shm
 while read -r m; do insmod "$m" 2>/dev/null || echo "rxe-vm: insmod $m failed"; done < /modlist
 # busybox ip cannot make a dummy device: use iproute2's.
 /usr/bin/ip link set lo up
-# The dummy module may already have made dummy0.
-/usr/bin/ip link show dummy0 >/dev/null 2>&1 || /usr/bin/ip link add dummy0 type dummy
-/usr/bin/ip link set dummy0 up
-/usr/bin/ip addr add 10.9.9.1/24 dev dummy0
-rdma link add rxe0 type rxe netdev dummy0 || echo "rxe-vm: could not create rxe0"
+# With `embar_ip=A.B.C.D/N` on the kernel command line (VM_IP) the VM has a real NIC, eth0,
+# linked to another VM: rxe0 runs on it. Otherwise rxe0 runs on a dummy netdev (loopback).
+NETIP=$(sed -n 's/.*embar_ip=\([0-9./]*\).*/\1/p' /proc/cmdline)
+if [ -n "$NETIP" ]; then
+  NETDEV=eth0
+  /usr/bin/ip addr add "$NETIP" dev eth0
+else
+  NETDEV=dummy0
+  NETIP=10.9.9.1/24
+  # The dummy module may already have made dummy0.
+  /usr/bin/ip link show dummy0 >/dev/null 2>&1 || /usr/bin/ip link add dummy0 type dummy
+  /usr/bin/ip addr add "$NETIP" dev dummy0
+fi
+/usr/bin/ip link set "$NETDEV" up
+rdma link add rxe0 type rxe netdev "$NETDEV" || echo "rxe-vm: could not create rxe0"
 mount -t 9p -o trans=virtio,version=9p2000.L,ro hostshare /mnt/host
 cd /mnt/host
-export RDMA_DEVICE=rxe0 RDMA_IP=10.9.9.1 RDMA_GID_INDEX=1 HOME=/root TMPDIR=/tmp
+export RDMA_DEVICE=rxe0 RDMA_IP=${NETIP%/*} RDMA_GID_INDEX=1 HOME=/root TMPDIR=/tmp
 echo "rxe-vm: running $(cat /cmd.sh)"
 sh /cmd.sh; echo "RXE_VM_EXIT=$?"
 sync; poweroff -f
@@ -116,10 +128,20 @@ run() {
   # The command goes in as /cmd.sh in a second, tiny initramfs archive appended to the base.
   mkdir -p "$t/x"; printf '%s\n' "$*" > "$t/x/cmd.sh"
   (cd "$t/x" && echo cmd.sh | cpio -o -H newc --quiet | gzip -1) | cat "$WORK/initramfs.gz" - > "$t/initrd.gz"
+  # Two VMs linked by a qemu socket network: VM_NET=listen:PORT on one, connect:PORT on
+  # the other, each with its VM_IP.
+  local nic=(-nic none) kargs="console=ttyS0 panic=-1 quiet"
+  if [ -n "${VM_NET:-}" ]; then
+    local mode=${VM_NET%%:*} port=${VM_NET#*:} mac
+    case "${VM_IP:-}" in */*) ;; *) echo "rxe-vm: VM_NET needs VM_IP=A.B.C.D/N" >&2; return 2 ;; esac
+    mac=$(printf '52:54:00:12:34:%02x' "$(echo "${VM_IP%/*}" | cut -d. -f4)")
+    nic=(-netdev "socket,id=n0,$mode=127.0.0.1:$port" -device "virtio-net-pci,netdev=n0,mac=$mac")
+    kargs="$kargs embar_ip=$VM_IP"
+  fi
   set +e
   timeout "${VM_TIMEOUT:-1200}" qemu-system-x86_64 -accel tcg,thread=multi -cpu max \
-    -m "${VM_MEM_MB:-3072}" -smp "${VM_CPUS:-2}" -nographic -no-reboot -nic none \
-    -kernel "$WORK/vmlinuz" -initrd "$t/initrd.gz" -append "console=ttyS0 panic=-1 quiet" \
+    -m "${VM_MEM_MB:-3072}" -smp "${VM_CPUS:-2}" -nographic -no-reboot "${nic[@]}" \
+    -kernel "$WORK/vmlinuz" -initrd "$t/initrd.gz" -append "$kargs" \
     -virtfs local,path="$dir",mount_tag=hostshare,security_model=none,readonly=on \
     < /dev/null | tee "$t/console.log"
   set -e
