@@ -520,3 +520,49 @@ fn without_a_device_broker_and_publisher_say_so() {
     let err = String::from_utf8_lossy(&up.stderr);
     assert!(err.contains("no RDMA device"), "{err}");
 }
+
+#[test]
+fn a_deleted_topic_ends_its_verbs_sessions_and_the_publisher_hears_why() {
+    let Some(ip) = rdma_ip() else { return };
+    let _s = serial();
+    let c = Cluster::up("deleted", &ip);
+    c.topic("t");
+    let mut p = Command::new(exe())
+        .args([
+            "publish",
+            "--topic",
+            "t",
+            "--transport",
+            "verbs",
+            "--control",
+            &c.control,
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = p.stdin.take().unwrap();
+    input.write_all(lines("before", 20).as_bytes()).unwrap();
+    c.wait_metric("embar_broker_verbs_batches_forwarded_total", 1);
+    let out = c.run(&["topic", "delete", "t"], None);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Brokers notice a deleted topic within their 100 ms topic check.
+    c.wait_metric("embar_broker_verbs_sessions_closed_total", 2);
+    let _ = input.write_all(lines("after", 20).as_bytes());
+    drop(input);
+    let out = p.wait_with_output().unwrap();
+    assert!(
+        !out.status.success(),
+        "publishing to a deleted topic succeeded"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("ended the session") || err.contains("RDMA write"),
+        "{err}"
+    );
+}

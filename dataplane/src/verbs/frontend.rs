@@ -36,6 +36,9 @@ const SIGNAL_EVERY: u64 = 16;
 const LIVENESS_INTERVAL: Duration = Duration::from_millis(100);
 /// Longest wait for the broker's answer to a session, and for the publisher's READY.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long an ended session's QP lives on, so that its last feedback write (the reason it
+/// ended) reaches the publisher. Its grants are unregistered at once.
+const DRAIN: Duration = Duration::from_millis(200);
 /// A session error code for a bad immediate (beyond the codes of [`SessionError`]).
 pub const ERROR_BAD_IMMEDIATE: u64 = 8;
 /// A session error code for a failed RDMA operation on the session's QP.
@@ -128,6 +131,8 @@ pub struct Frontend<'p, C: Coherence> {
     incoming: mpsc::Receiver<Incoming>,
     pending: Vec<Pending<'p>>,
     remotes: Vec<Remote<'p, C>>,
+    /// Ended sessions whose last feedback write may be in flight, until the deadline (ns).
+    draining: Vec<(Remote<'p, C>, u64)>,
     stats: FrontendStats,
     completions: Vec<Completion>,
     listen_addr: SocketAddr,
@@ -173,6 +178,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
             incoming: rx,
             pending: Vec::new(),
             remotes: Vec::new(),
+            draining: Vec::new(),
             stats: FrontendStats::default(),
             completions: Vec::with_capacity(64),
             listen_addr,
@@ -223,6 +229,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
                 i += 1;
             }
         }
+        self.draining.retain(|(_, deadline)| *deadline > now);
         Ok(work)
     }
 
@@ -545,6 +552,9 @@ impl<'p, C: Coherence> Frontend<'p, C> {
     /// Ends a session: tells the publisher (best effort), closes the pool session; the
     /// broker then reclaims its grants. Dropping `r` deregisters everything it registered.
     fn end(&mut self, mut r: Remote<'p, C>, code: u64) {
+        // No more writes into the log: the broker reclaims these grants once it sees the
+        // session closed.
+        r.grants.clear();
         if r.ready {
             r.write_counters(self.c, Some(code.max(1)));
         }
@@ -556,6 +566,8 @@ impl<'p, C: Coherence> Frontend<'p, C> {
             r.client_id,
             describe_code(code)
         );
+        let deadline = monotonic_ns() + DRAIN.as_nanos() as u64;
+        self.draining.push((r, deadline));
     }
 }
 
