@@ -89,6 +89,11 @@ struct TopicState<'p, C: Coherence> {
     grants: HashMap<u64, Grant>,
     next_grant_id: u64,
     logical: u64,
+    /// Segments of this (topic, slot) left by an earlier process of this broker slot, and the
+    /// ring index below which its batches lie: adopted as closed grants once the sequencer
+    /// has decided all of those.
+    orphans: Vec<Segment>,
+    orphans_below: u64,
 }
 
 struct SessionState<'p, C: Coherence> {
@@ -149,7 +154,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
     pub fn new(pool: &'p Pool, c: C, broker: u32) -> Result<Self, PoolError> {
         pool.check_topic_broker(0, broker)?;
         let sessions = (0..SESSIONS).map(|_| SessionState::default()).collect();
-        Ok(Broker {
+        let mut b = Broker {
             pool,
             c,
             broker,
@@ -161,7 +166,9 @@ impl<'p, C: Coherence> Broker<'p, C> {
             need_space: false,
             retention_bytes: None,
             forced: Vec::new(),
-        })
+        };
+        b.adopt_at_start()?;
+        Ok(b)
     }
 
     /// Keeps at most `bytes` of decided batches per topic for subscribers that lag: past
@@ -234,6 +241,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
         let topics: Vec<u32> = self.topics.keys().copied().collect();
         for t in &topics {
             work += self.decisions(*t)?;
+            self.adopt_orphans(*t);
         }
         let limit_check = self.retention_bytes.is_some() && self.last_space_check_ns == now;
         if self.need_space || limit_check {
@@ -296,24 +304,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
         {
             self.drop_topic(topic)?;
         }
-        if let std::collections::hash_map::Entry::Vacant(v) = self.topics.entry(topic) {
-            let ring = self.pool.ring(topic, self.broker)?;
-            let owner = SegmentOwner {
-                topic,
-                broker: self.broker,
-            };
-            v.insert(TopicState {
-                generation: info.generation,
-                order: info.config.order,
-                ack: info.config.ack,
-                producer: RingProducer::new(ring, self.c),
-                alloc: SegmentAllocator::new(self.pool, self.c, owner, AllocPolicy::Shared)?,
-                pending: VecDeque::new(),
-                grants: HashMap::new(),
-                next_grant_id: 0,
-                logical: 0,
-            });
-        }
+        self.ensure_topic(topic, &info)?;
         // Reset the broker's side; the publisher waits for `accepted`, so it writes nothing.
         for slot in s.submissions.iter() {
             slot.ready.store(0, Relaxed);
@@ -343,6 +334,137 @@ impl<'p, C: Coherence> Broker<'p, C> {
         self.c.publish(&s.accepted, gen << 8 | ACCEPTED);
         self.stats.sessions_opened += 1;
         Ok(())
+    }
+
+    /// The state of `topic` on this broker, made on first use. Segments the segment table
+    /// says this (topic, slot) holds but no grant of this process knows are an earlier
+    /// process's (a broker restarted into this slot): they become orphans to adopt.
+    fn ensure_topic(
+        &mut self,
+        topic: u32,
+        info: &crate::pool::topics::TopicInfo,
+    ) -> Result<(), PoolError> {
+        if self.topics.contains_key(&topic) {
+            return Ok(());
+        }
+        let ring = self.pool.ring(topic, self.broker)?;
+        let owner = SegmentOwner {
+            topic,
+            broker: self.broker,
+        };
+        let producer = RingProducer::new(ring, self.c);
+        let orphans = self.owned_segments(owner);
+        if !orphans.is_empty() {
+            log::info!(
+                "broker {}: topic slot {topic}: {} segment(s) of an earlier process of this slot; reclaimed once read",
+                self.broker,
+                orphans.len()
+            );
+        }
+        self.topics.insert(
+            topic,
+            TopicState {
+                generation: info.generation,
+                order: info.config.order,
+                ack: info.config.ack,
+                orphans_below: producer.next_index(),
+                producer,
+                alloc: SegmentAllocator::new(self.pool, self.c, owner, AllocPolicy::Shared)?,
+                pending: VecDeque::new(),
+                grants: HashMap::new(),
+                next_grant_id: 0,
+                logical: 0,
+                orphans,
+            },
+        );
+        self.need_space |= !self.topics[&topic].orphans.is_empty();
+        Ok(())
+    }
+
+    /// Every segment the table says `owner` holds.
+    fn owned_segments(&self, owner: SegmentOwner) -> Vec<Segment> {
+        let g = self.pool.geometry();
+        (0..g.segment_count)
+            .filter(|i| self.pool.segment_owner(self.c, *i) == Some(owner))
+            .map(|i| Segment {
+                index: i,
+                offset: g.segment_offset(i),
+                bytes: g.segment_bytes,
+                generation: self.pool.segment_table()[i as usize]
+                    .generation
+                    .load(Relaxed),
+            })
+            .collect()
+    }
+
+    /// At start: topics whose segments an earlier process of this slot left get their state
+    /// (so the segments are adopted and reclaimed even if no publisher comes); segments of a
+    /// topic that no longer exists are freed at once (nobody can read them).
+    fn adopt_at_start(&mut self) -> Result<(), PoolError> {
+        let mut topics: Vec<u32> = (0..self.pool.geometry().segment_count)
+            .filter_map(|i| self.pool.segment_owner(self.c, i))
+            .filter(|o| o.broker == self.broker)
+            .map(|o| o.topic)
+            .collect();
+        topics.sort_unstable();
+        topics.dedup();
+        for topic in topics {
+            match self.pool.read_topic(self.c, topic) {
+                Some(info) => self.ensure_topic(topic, &info)?,
+                None => {
+                    let owner = SegmentOwner {
+                        topic,
+                        broker: self.broker,
+                    };
+                    let mut alloc =
+                        SegmentAllocator::new(self.pool, self.c, owner, AllocPolicy::Shared)?;
+                    for seg in self.owned_segments(owner) {
+                        alloc.free(&seg)?;
+                        self.stats.segments_reclaimed += 1;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Orphans become closed grants once the sequencer has decided every batch the earlier
+    /// process published: none of those is delivered past the highest delivery index among
+    /// the decided slots of the ring's current lap (which are those batches, or later ones;
+    /// holds are bounded far below a lap). No ordered slot at all: nothing to read, freed.
+    fn adopt_orphans(&mut self, topic: u32) {
+        let Some(t) = self.topics.get_mut(&topic) else {
+            return;
+        };
+        if t.orphans.is_empty() {
+            return;
+        }
+        let consumed = t.producer.consumed();
+        if consumed < t.orphans_below {
+            return;
+        }
+        let next = t.producer.next_index();
+        let first = next.saturating_sub(t.producer.capacity());
+        let max_delivery = (first..consumed.min(next))
+            .map(|i| t.producer.decision(i))
+            .filter(|(outcome, _)| *outcome == OUTCOME_ORDERED)
+            .map(|(_, d)| d)
+            .max();
+        for seg in std::mem::take(&mut t.orphans) {
+            let id = t.next_grant_id;
+            t.next_grant_id += 1;
+            t.grants.insert(
+                id,
+                Grant {
+                    seg,
+                    fill: seg.offset + seg.bytes,
+                    inflight: 0,
+                    max_delivery,
+                    closed: true,
+                },
+            );
+        }
+        self.need_space = true;
     }
 
     /// Takes what is left in the submission ring, closes every grant, releases the slot.
