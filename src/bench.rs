@@ -379,7 +379,7 @@ fn one_run<C: Coherence>(
         let pub_handles: Vec<_> = (0..a.publishers)
             .map(|p| {
                 let (acked, failed) = (&acked, &failed);
-                s.spawn(move || -> Result<(Histogram<u64>, u64, u64), String> {
+                s.spawn(move || -> Result<Driven, String> {
                     let cfg = PublisherConfig {
                         linger: if a.rate.is_some() {
                             Duration::ZERO
@@ -429,17 +429,26 @@ fn one_run<C: Coherence>(
             Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?;
         let mut errors = Vec::new();
         let mut end_ns = start_ns;
+        // From the first message published (not from the sessions' set-up, which
+        // ib_write_bw and the like do not count either).
+        let mut first_ns = u64::MAX;
         let mut grant_waits = 0;
         for h in pub_handles {
             match h.join().map_err(|_| "a publisher panicked".to_string())? {
-                Ok((hist, end, waits)) => {
-                    let _ = latency.add(&hist);
-                    end_ns = end_ns.max(end);
-                    grant_waits += waits;
+                Ok(d) => {
+                    let _ = latency.add(&d.latency);
+                    end_ns = end_ns.max(d.end_ns);
+                    first_ns = first_ns.min(d.start_ns);
+                    grant_waits += d.grant_waits;
                 }
                 Err(e) => errors.push(e),
             }
         }
+        let first_ns = if first_ns == u64::MAX {
+            start_ns
+        } else {
+            first_ns
+        };
         let mut digests = Vec::new();
         for h in sub_handles {
             match h.join().map_err(|_| "a subscriber panicked".to_string())? {
@@ -454,13 +463,22 @@ fn one_run<C: Coherence>(
             order,
             messages: total,
             bytes: total * a.message_bytes,
-            elapsed_s: (end_ns - start_ns) as f64 / 1e9,
+            elapsed_s: end_ns.saturating_sub(first_ns).max(1) as f64 / 1e9,
             latency,
             errors,
             grant_waits,
         })
     })?;
     Ok(result)
+}
+
+/// What one publisher's share of a run measured.
+struct Driven {
+    latency: Histogram<u64>,
+    /// When its first message was published, and when its last ack came.
+    start_ns: u64,
+    end_ns: u64,
+    grant_waits: u64,
 }
 
 /// One publisher's share of a run, whatever its transport.
@@ -474,9 +492,8 @@ struct Load<'a> {
 }
 
 impl Load<'_> {
-    /// Publishes this publisher's messages (paced when open loop), waits for every ack;
-    /// returns the latency histogram, the end time and the grant waits.
-    fn drive<P: Publish>(&self, publ: &mut P) -> Result<(Histogram<u64>, u64, u64), String> {
+    /// Publishes this publisher's messages (paced when open loop), waits for every ack.
+    fn drive<P: Publish>(&self, publ: &mut P) -> Result<Driven, String> {
         let mut hist =
             Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?;
         let mut lat = Vec::with_capacity(1024);
@@ -545,7 +562,12 @@ impl Load<'_> {
         for l in lat.drain(..) {
             let _ = hist.record(l.max(1));
         }
-        Ok((hist, end, publ.grant_waits()))
+        Ok(Driven {
+            latency: hist,
+            start_ns: t0,
+            end_ns: end,
+            grant_waits: publ.grant_waits(),
+        })
     }
 }
 
@@ -556,7 +578,7 @@ fn drive_verbs(
     topic: &str,
     client: u64,
     cfg: PublisherConfig,
-) -> Result<(Histogram<u64>, u64, u64), String> {
+) -> Result<Driven, String> {
     use embar_dataplane::verbs::publisher::{VerbsConfig, VerbsPublisher};
     let vc = VerbsConfig {
         device: v.device.clone(),
@@ -575,7 +597,7 @@ fn drive_verbs(
     _: &str,
     _: u64,
     _: PublisherConfig,
-) -> Result<(Histogram<u64>, u64, u64), String> {
+) -> Result<Driven, String> {
     Err(crate::NO_VERBS.into())
 }
 

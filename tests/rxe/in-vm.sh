@@ -12,18 +12,23 @@ echo "== rxe: verbs device tests (sys/tests/verbs.rs)"
 echo "== rxe: verbs process tests (tests/verbs_processes.rs)"
 ./verbs-processes --test-threads 1
 
-echo "== rxe: ib_write_bw, $BATCH_BYTES-byte writes (perftest)"
-ib_write_bw -d "$RDMA_DEVICE" -x "$RDMA_GID_INDEX" -s $BATCH_BYTES -n 400 -F >/tmp/ibw-server.log 2>&1 &
-sleep 1
-ib_write_bw -d "$RDMA_DEVICE" -x "$RDMA_GID_INDEX" -s $BATCH_BYTES -n 400 -F "$RDMA_IP" | tee /tmp/ibw.log
-wait
-IBW=$(awk -v s=$BATCH_BYTES '$1 == s { print $4 }' /tmp/ibw.log | tail -1)
+# Alternating, best of two each: a TCG VM is noisy, and a run's place in the sequence moves
+# it more than anything else.
+IBW=0; OURS=0
+for round in 1 2; do
+  echo "== rxe: ib_write_bw, $BATCH_BYTES-byte writes (perftest), round $round"
+  ib_write_bw -d "$RDMA_DEVICE" -x "$RDMA_GID_INDEX" -s $BATCH_BYTES -n 400 -F >/tmp/ibw-server.log 2>&1 &
+  sleep 1
+  ib_write_bw -d "$RDMA_DEVICE" -x "$RDMA_GID_INDEX" -s $BATCH_BYTES -n 400 -F "$RDMA_IP" | tee /tmp/ibw.log
+  wait
+  IBW=$(awk -v s=$BATCH_BYTES -v best="$IBW" '$1 == s && $4 > best { best = $4 } END { print best }' /tmp/ibw.log)
 
-echo "== rxe: embar bench --transport verbs, publish throughput ($BATCH batches, 1 KiB messages, ORDER 5, ACK 1)"
-./embar bench --transport verbs --json --brokers 1 --subscribers 0 --total-bytes 128MiB \
-    --batch-bytes "$BATCH" --segment-bytes 4MiB --pool-bytes 512MiB > /tmp/pub.json
-cat /tmp/pub.json
-OURS=$(sed -n 's/.*"throughput_gbps":\([0-9.e-]*\).*/\1/p' /tmp/pub.json)
+  echo "== rxe: embar bench --transport verbs, publish throughput ($BATCH batches, 1 KiB messages, ORDER 5, ACK 1), round $round"
+  ./embar bench --transport verbs --json --brokers 1 --subscribers 0 --total-bytes 128MiB \
+      --batch-bytes "$BATCH" --segment-bytes 4MiB --pool-bytes 512MiB > /tmp/pub.json
+  cat /tmp/pub.json
+  OURS=$(sed -n 's/.*"throughput_gbps":\([0-9.e-]*\).*/\1/p' /tmp/pub.json | awk -v best="$OURS" '{ print ($1 > best ? $1 : best) }')
+done
 awk -v i="$IBW" -v o="$OURS" 'BEGIN { printf "RXE_PUBLISH {\"ib_write_bw_mb_s\":%.1f,\"embar_verbs_mb_s\":%.1f,\"ratio\":%.2f}\n", i, o * 1000, o * 1000 / i }'
 
 echo "== rxe: end-to-end bench over rxe (2 brokers, verbs publisher, subscriber, ordering checked)"

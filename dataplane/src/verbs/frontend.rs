@@ -20,6 +20,7 @@ use embar_sys::verbs::{
     RegisteredBuffer, VerbsError, Write,
 };
 
+use super::credits::{BadImmediate, ImmediateOrder, SourceRing};
 use super::*;
 use crate::pool::coherence::Coherence;
 use crate::pool::layout::Session;
@@ -95,12 +96,14 @@ struct Remote<'p, C: Coherence> {
     since_ns: u64,
     qp: QueuePair,
     staging: RegisteredBuffer,
-    sources: RegisteredBuffer,
+    source_buf: RegisteredBuffer,
+    /// Which source slot each feedback write uses, and which are free again.
+    sources: SourceRing,
     feedback_addr: u64,
     feedback_rkey: u32,
     submit: RingProducer<'p, C>,
-    /// Descriptors announced by an immediate, in order.
-    received: u64,
+    /// Immediates must name the staging slots in order.
+    order: ImmediateOrder,
     /// Staging slots announced and not yet taken into the submission ring.
     queue: VecDeque<u32>,
     /// Descriptors taken into the submission ring (the publisher's staging credits).
@@ -108,9 +111,6 @@ struct Remote<'p, C: Coherence> {
     grants: VecDeque<Grant>,
     issued_seen: u64,
     taken: u64,
-    /// Feedback writes posted, and the count known complete.
-    posted: u64,
-    completed: u64,
     /// Counters last written to the publisher.
     sent: [u64; 7],
     local_rejected: u64,
@@ -359,7 +359,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
         .map_err(e)?;
         let staging = RegisteredBuffer::new(&self.ctx, STAGING_SLOTS as usize * SLOT_BYTES, true)
             .map_err(e)?;
-        let sources =
+        let source_buf =
             RegisteredBuffer::new(&self.ctx, FEEDBACK_SOURCES as usize * 64, false).map_err(e)?;
         qp.connect(&p.req.ep, true).map_err(e)?;
         // One receive per staging slot: a publisher never has more immediates in flight. Its
@@ -395,18 +395,17 @@ impl<'p, C: Coherence> Frontend<'p, C> {
             since_ns: monotonic_ns(),
             qp,
             staging,
-            sources,
+            source_buf,
+            sources: SourceRing::new(FEEDBACK_SOURCES, SIGNAL_EVERY),
             feedback_addr: p.req.feedback_addr,
             feedback_rkey: p.req.feedback_rkey,
             submit: RingProducer::new(submission_ring(p.session), self.c),
-            received: 0,
+            order: ImmediateOrder::new(STAGING_SLOTS),
             queue: VecDeque::new(),
             consumed: 0,
             grants: VecDeque::new(),
             issued_seen: 0,
             taken: 0,
-            posted: 0,
-            completed: 0,
             sent: [u64::MAX; 7],
             local_rejected: 0,
             local_error: 0,
@@ -450,20 +449,17 @@ impl<'p, C: Coherence> Frontend<'p, C> {
                     r.closing.get_or_insert(ERROR_BAD_IMMEDIATE);
                     continue;
                 }
-                let expected = (r.received % u64::from(STAGING_SLOTS)) as u32;
-                match c.imm {
-                    Some(slot) if slot == expected => {
-                        r.received += 1;
-                        r.queue.push_back(slot);
-                    }
-                    other => {
+                // A WRITE_WITH_IMM always carries an immediate.
+                match r.order.accept(c.imm.unwrap_or(u32::MAX)) {
+                    Ok(slot) => r.queue.push_back(slot),
+                    Err(BadImmediate { got, expected }) => {
                         // Not the next slot: the descriptor cannot be trusted to be the one
                         // the publisher meant; reject it, keep the session's order.
                         bad = true;
                         r.local_rejected += 1;
-                        r.local_error = ERROR_BAD_IMMEDIATE | r.received << 8;
+                        r.local_error = ERROR_BAD_IMMEDIATE | r.order.received() << 8;
                         log::warn!(
-                            "broker {broker}: verbs client {}: immediate {other:?} names no expected staging slot (want {expected}); rejected",
+                            "broker {broker}: verbs client {}: immediate {got} names no expected staging slot (want {expected}); rejected",
                             r.client_id
                         );
                     }
@@ -493,7 +489,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
             for c in &completions {
                 if let Some(r) = self.remote_by_qp(c.qp_num) {
                     if c.ok() {
-                        r.completed = r.completed.max(c.wr_id + 1);
+                        r.sources.completed(c.wr_id);
                     } else {
                         r.closing.get_or_insert(ERROR_TRANSPORT);
                     }
@@ -543,9 +539,9 @@ impl<'p, C: Coherence> Frontend<'p, C> {
                 return 1;
             }
         }
-        let before = r.posted;
-        r.write_counters(c, None);
-        stats.feedback_writes += r.posted - before;
+        if r.write_counters(c, None) {
+            stats.feedback_writes += 1;
+        }
         work
     }
 
@@ -707,7 +703,8 @@ impl<C: Coherence> Remote<'_, C> {
     }
 
     /// Writes the counters when they changed (or the session ends: `closed`).
-    fn write_counters(&mut self, c: C, closed: Option<u64>) {
+    /// Returns whether it wrote.
+    fn write_counters(&mut self, c: C, closed: Option<u64>) -> bool {
         let s = self.session;
         let rejected = c.observe(&s.rejected_batches);
         let error = if rejected > 0 {
@@ -725,41 +722,46 @@ impl<C: Coherence> Remote<'_, C> {
             closed.unwrap_or(0),
         ];
         if now == self.sent || !self.can_post() {
-            return;
+            return false;
         }
         let mut w = [0u64; 8];
         w[..7].copy_from_slice(&now);
         if self.post_feedback(&w, 0).is_ok() {
             self.sent = now;
+            true
         } else {
             self.closing.get_or_insert(ERROR_TRANSPORT);
+            false
         }
     }
 
     fn can_post(&self) -> bool {
-        self.posted - self.completed < FEEDBACK_SOURCES - 1
+        self.sources.next().is_some()
     }
 
     /// One 64-byte RDMA WRITE of `words` to `offset` of the publisher's feedback region.
     fn post_feedback(&mut self, words: &[u64; 8], offset: u64) -> Result<(), VerbsError> {
-        let n = self.posted;
-        let at = (n % FEEDBACK_SOURCES) * 64;
-        let dst = (self.sources.as_ptr() as u64 + at) as *mut u64;
-        // SAFETY: slot `n % FEEDBACK_SOURCES` is inside `sources`; `can_post` holds, so the
-        // write that last used the slot has completed (the NIC no longer reads it).
+        let next = self
+            .sources
+            .next()
+            .ok_or_else(|| VerbsError::Invalid("no free feedback source slot".into()))?;
+        let at = next.slot * 64;
+        let dst = (self.source_buf.as_ptr() as u64 + at) as *mut u64;
+        // SAFETY: slot `next.slot < FEEDBACK_SOURCES` is inside `source_buf`; the ring handed
+        // it out, so the write that last used it has completed (the NIC no longer reads it).
         unsafe { std::ptr::copy_nonoverlapping(words.as_ptr(), dst, 8) };
         let write = Write {
-            wr_id: n,
-            local: self.sources.mr().sge(at, 64),
+            wr_id: next.number,
+            local: self.source_buf.mr().sge(at, 64),
             remote_addr: self.feedback_addr + offset,
             rkey: self.feedback_rkey,
             imm: None,
-            signaled: n % SIGNAL_EVERY == SIGNAL_EVERY - 1,
+            signaled: next.signaled,
         };
-        // SAFETY: the source slot is not written again until a later signaled completion
-        // (`can_post`); the publisher's region decides whether the write is allowed.
+        // SAFETY: the source slot is not written again until the ring frees it (a later
+        // signaled completion); the publisher's region decides whether the write is allowed.
         unsafe { self.qp.post_writes(&[write]) }?;
-        self.posted += 1;
+        self.sources.posted();
         Ok(())
     }
 }

@@ -1,7 +1,8 @@
-//! The verbs transport (feature `verbs`): a remote publisher RDMA-writes its batches straight
+//! The verbs transport: a remote publisher RDMA-writes its batches straight
 //! into log space its broker granted and registered with the NIC; no socket receive and no
-//! copy on the broker. The protocol, both sides' shared definitions, and the two ends:
-//! [`frontend`] (in the broker process) and [`publisher`] (the client library).
+//! copy on the broker. The protocol, both sides' shared definitions, the credit accounting
+//! ([`credits`], sans-IO), and the two ends (feature `verbs`): `frontend` (in the broker
+//! process) and `publisher` (the client library).
 //!
 //! ## Connection (out of band, on the broker's TCP verbs port; docs/verbs.md)
 //!
@@ -31,7 +32,10 @@
 //!    RDMA-writes [`Feedback`] words into a small region the publisher registered; the
 //!    publisher polls its own memory.
 
+pub mod credits;
+#[cfg(feature = "verbs")]
 pub mod frontend;
+#[cfg(feature = "verbs")]
 pub mod publisher;
 
 use crate::batch::BatchDesc;

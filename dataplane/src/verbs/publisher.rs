@@ -15,6 +15,7 @@ use embar_sys::verbs::{
     Completion, CompletionQueue, Context, Endpoint, QueuePair, RegisteredBuffer, VerbsError, Write,
 };
 
+use super::credits::StagingCredits;
 use super::frontend::describe_code;
 use super::*;
 use crate::batch::write_message;
@@ -54,8 +55,8 @@ struct Link {
     staging_addr: u64,
     staging_rkey: u32,
     staging_slots: u32,
-    /// Descriptors written (the next goes to slot `staged % staging_slots`).
-    staged: u64,
+    /// Which staging slot the next descriptor goes to, once the broker has taken enough.
+    credits: StagingCredits,
     taken: u64,
     grant: Option<Grant>,
     submitted_messages: u64,
@@ -234,7 +235,7 @@ impl VerbsPublisher {
                 staging_addr: st[0],
                 staging_rkey: st[1] as u32,
                 staging_slots: st[2] as u32,
-                staged: 0,
+                credits: StagingCredits::new(st[2] as u32),
                 taken: 0,
                 grant: None,
                 submitted_messages: 0,
@@ -392,21 +393,25 @@ impl VerbsPublisher {
             return Ok(());
         };
         let i = b.link;
-        let slots = u64::from(self.links[i].staging_slots);
         let mut waited = false;
         let r = self.wait(
             |p| format!("broker {} to take staged descriptors", p.links[i].broker),
             |p| {
                 let l = &p.links[i];
-                let ok = l.staged - l.fb().counters.staged_consumed.load(Acquire) < slots;
-                waited |= !ok;
-                ok.then_some(())
+                let slot = l
+                    .credits
+                    .next_slot(l.fb().counters.staged_consumed.load(Acquire));
+                waited |= slot.is_none();
+                slot
             },
         );
-        if let Err(e) = r {
-            self.free.push(b.buffer);
-            return Err(e);
-        }
+        let slot = match r {
+            Ok(slot) => slot,
+            Err(e) => {
+                self.free.push(b.buffer);
+                return Err(e);
+            }
+        };
         if waited {
             self.staging_waits += 1;
         }
@@ -434,7 +439,6 @@ impl VerbsPublisher {
         let off = base as u64 - self.buffers.mr().addr();
         let l = &mut self.links[i];
         let g = l.grant.as_mut().expect("an open batch has a grant");
-        let slot = (l.staged % slots) as u32;
         let writes = [
             Write {
                 wr_id: b.buffer as u64,
@@ -460,7 +464,7 @@ impl VerbsPublisher {
         // second write returns it to `free` (RC completes the first before the second).
         unsafe { l.qp.post_writes(&writes) }.map_err(transport)?;
         g.used += b.fill;
-        l.staged += 1;
+        l.credits.staged();
         l.submitted_messages += u64::from(b.num_msg);
         l.unacked.push_back((l.submitted_messages, b.first_ns));
         self.sealed_messages += u64::from(b.num_msg);
@@ -534,14 +538,14 @@ impl VerbsPublisher {
         };
         // SAFETY: as above.
         unsafe { l.qp.post_writes(&[w]) }.map_err(transport)?;
-        l.staged += 1;
+        l.credits.staged();
         Ok(())
     }
 
     /// The staging slot the next descriptor of link `link` goes to (its expected immediate).
     pub fn next_slot(&self, link: usize) -> Option<u32> {
         let l = self.links.get(link)?;
-        Some((l.staged % u64::from(l.staging_slots)) as u32)
+        Some((l.credits.count() % u64::from(l.staging_slots)) as u32)
     }
 
     /// The current grant of link `link`: `(pool offset, bytes, used)`.
