@@ -766,34 +766,52 @@ impl<C: Coherence> Remote<'_, C> {
     }
 }
 
+/// Connections whose request line is being read at once; more are refused at once (a
+/// flood of idle connections costs a bounded number of threads).
+const HELLOS_MAX: usize = 64;
+
 /// Reads each connection's request line (off the polling loop) and hands it over.
 fn accept_loop(listener: TcpListener, tx: mpsc::Sender<Incoming>) {
+    let reading = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for stream in listener.incoming() {
-        let Ok(stream) = stream else { continue };
-        let tx = tx.clone();
-        let _ = std::thread::Builder::new()
+        let Ok(mut stream) = stream else { continue };
+        if reading.load(std::sync::atomic::Ordering::Relaxed) >= HELLOS_MAX {
+            let _ = writeln!(stream, "ERR too many connections being set up; try again");
+            continue;
+        }
+        reading.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (tx, done) = (tx.clone(), reading.clone());
+        let spawned = std::thread::Builder::new()
             .name("verbs-hello".into())
             .spawn(move || {
-                let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
-                let _ = stream.set_nodelay(true);
-                let Ok(read) = stream.try_clone() else { return };
-                let mut line = String::new();
-                let mut r = BufReader::new(read.take(MAX_LINE as u64));
-                match r.read_line(&mut line) {
-                    Ok(n) if n > 0 && line.ends_with('\n') => {
-                        let _ = tx.send(Incoming {
-                            stream,
-                            line: line.trim_end().to_string(),
-                        });
-                    }
-                    _ => {
-                        let mut s = stream;
-                        let _ = writeln!(
-                            s,
-                            "ERR expected one request line of at most {MAX_LINE} bytes"
-                        );
-                    }
-                }
+                read_hello(stream, &tx);
+                done.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             });
+        if spawned.is_err() {
+            reading.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+fn read_hello(stream: TcpStream, tx: &mpsc::Sender<Incoming>) {
+    let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
+    let _ = stream.set_nodelay(true);
+    let Ok(read) = stream.try_clone() else { return };
+    let mut line = String::new();
+    let mut r = BufReader::new(read.take(MAX_LINE as u64));
+    match r.read_line(&mut line) {
+        Ok(n) if n > 0 && line.ends_with('\n') => {
+            let _ = tx.send(Incoming {
+                stream,
+                line: line.trim_end().to_string(),
+            });
+        }
+        _ => {
+            let mut s = stream;
+            let _ = writeln!(
+                s,
+                "ERR expected one request line of at most {MAX_LINE} bytes"
+            );
+        }
     }
 }
