@@ -324,3 +324,45 @@ fn a_damaged_state_file_or_a_foreign_pool_stops_the_control_process_with_a_clear
     ]);
     assert!(!ok && err.contains("not an Embarcadero pool"), "{err}");
 }
+
+#[test]
+fn a_topic_slot_freed_by_a_deletion_is_not_reused_before_brokers_can_notice() {
+    let mut c = Cluster {
+        dir: format!("/tmp/embar-test-control-grace-{}", std::process::id()),
+        pool: format!("/dev/shm/embar-test-control-grace-{}", std::process::id()),
+        children: Vec::new(),
+    };
+    let (control, addr) = start_control(&c);
+    c.children.push(control);
+    let spec =
+        r#"{"name": "g", "order": 5, "ack": 1, "replication_factor": 0, "batch_bytes": 65536}"#;
+    let (code, _) = http(&addr, "POST", "/v1/topics", spec);
+    assert_eq!(code, 201);
+    let (code, _) = http(&addr, "DELETE", "/v1/topics/g", "");
+    assert_eq!(code, 200);
+    // Created again at once: the answer waits out the grace (brokers check every 100 ms).
+    let t = Instant::now();
+    let (code, v) = http(&addr, "POST", "/v1/topics", spec);
+    assert_eq!(code, 201, "{v}");
+    assert!(
+        t.elapsed() >= Duration::from_millis(400),
+        "a deleted topic's slot was reused after {:?}",
+        t.elapsed()
+    );
+    // Heartbeats and status answer meanwhile (the wait holds no lock): a status right after
+    // a deletion returns at once.
+    let (code, _) = http(&addr, "DELETE", "/v1/topics/g", "");
+    assert_eq!(code, 200);
+    let create = {
+        let addr = addr.clone();
+        std::thread::spawn(move || http(&addr, "POST", "/v1/topics", spec).0)
+    };
+    std::thread::sleep(Duration::from_millis(50));
+    let t = Instant::now();
+    let _ = status(&addr);
+    assert!(
+        t.elapsed() < Duration::from_millis(400),
+        "status waited for the create"
+    );
+    assert_eq!(create.join().unwrap(), 201);
+}

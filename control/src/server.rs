@@ -41,7 +41,15 @@ pub struct ControlConfig {
 struct Inner {
     members: Membership,
     durable: Durable,
+    /// When a topic was last deleted: a slot freed then is not given to a new topic before
+    /// [`SLOT_REUSE_GRACE`] has passed.
+    last_delete: Option<Instant>,
 }
+
+/// How long after a deletion before a new topic may take a slot: brokers notice a deleted
+/// topic within their 100 ms topic check (and sequencers at their next round); until then one
+/// could still publish into the slot's rings, which a new topic's creation zeroes.
+const SLOT_REUSE_GRACE: Duration = Duration::from_millis(500);
 
 struct Shared {
     inner: Mutex<Inner>,
@@ -119,7 +127,11 @@ pub fn start(cfg: ControlConfig) -> Result<ControlHandle, String> {
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
     let epoch = durable.epoch;
     let shared = Arc::new(Shared {
-        inner: Mutex::new(Inner { members, durable }),
+        inner: Mutex::new(Inner {
+            members,
+            durable,
+            last_delete: None,
+        }),
         changed: Condvar::new(),
         pool,
         cfg,
@@ -335,7 +347,18 @@ fn create_topic(s: &Shared, req: &Request) -> Response {
         Ok(t) => t,
         Err(r) => return r,
     };
-    let mut g = lock(s);
+    // Wait out the grace of a recent deletion, without holding the lock (heartbeats go on).
+    let mut g = loop {
+        let g = lock(s);
+        let left = g.last_delete.map_or(Duration::ZERO, |t| {
+            SLOT_REUSE_GRACE.saturating_sub(t.elapsed())
+        });
+        if left.is_zero() {
+            break g;
+        }
+        drop(g);
+        std::thread::sleep(left);
+    };
     if let Err(e) = spec.check_cluster(g.members.live_count()) {
         return Response::error(422, e);
     }
@@ -413,6 +436,7 @@ fn delete_topic(s: &Shared, name: &str) -> Response {
     if let Err(e) = s.pool.delete_topic(Coherent, name) {
         log::warn!("topic {name:?} was not in the pool's table: {e}");
     }
+    g.last_delete = Some(Instant::now());
     log::info!("topic {name:?} deleted");
     Response::json(200, &json!({ "deleted": name }))
 }
