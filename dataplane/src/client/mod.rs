@@ -3,6 +3,7 @@
 //! from the pool. The verbs publisher (`crate::verbs::publisher`, feature `verbs`) is the
 //! remote one; both publishers implement [`Publish`].
 
+pub(crate) mod filling;
 pub mod publisher;
 pub mod subscriber;
 

@@ -9,12 +9,11 @@ use std::time::{Duration, Instant};
 
 use embar_sys::clock::monotonic_ns;
 
-use crate::batch::{write_message, BatchDesc};
+use crate::batch::BatchDesc;
+use crate::client::filling::{stride_of, Filling};
 use crate::client::Publish;
 use crate::pool::coherence::Coherence;
-use crate::pool::layout::{
-    message_stride, MessageHeader, Session, BATCH_HEADER_VERSION, BATCH_MESSAGES_MAX,
-};
+use crate::pool::layout::{Session, BATCH_HEADER_VERSION};
 use crate::pool::Pool;
 use crate::ring::{RingError, RingProducer};
 use crate::session::*;
@@ -76,13 +75,10 @@ struct Link<'p, C: Coherence> {
 
 struct OpenBatch {
     link: usize,
+    /// Pool offset of the batch; its bytes in this mapping were bounds-checked once, for
+    /// its limit, when it opened.
     start: u64,
-    /// `start` in this mapping, bounds-checked once for `limit` bytes when the batch opened.
-    base: *mut u8,
-    fill: u64,
-    num_msg: u32,
-    first_ns: u64,
-    limit: u64,
+    batch: Filling,
 }
 
 /// See the module docs.
@@ -222,39 +218,21 @@ impl<'p, C: Coherence> Publisher<'p, C> {
 
     /// Appends one message to the current batch, sealing batches as they fill or linger.
     pub fn publish(&mut self, payload: &[u8]) -> Result<(), PublishError> {
-        let stride = message_stride(payload.len() as u64);
-        if stride > self.batch_bytes {
-            return Err(PublishError::TooLarge {
-                size: payload.len(),
-                max: self.batch_bytes,
-            });
-        }
+        let stride = stride_of(payload.len(), self.batch_bytes)?;
         let now = monotonic_ns();
-        if let Some(b) = &self.open {
-            let lingered = now.saturating_sub(b.first_ns) > self.cfg.linger.as_nanos() as u64;
-            if b.fill + stride > b.limit || b.num_msg >= BATCH_MESSAGES_MAX || lingered {
-                self.seal()?;
-            }
+        if self
+            .open
+            .as_ref()
+            .is_some_and(|b| b.batch.must_seal(stride, now, self.cfg.linger))
+        {
+            self.seal()?;
         }
         if self.open.is_none() {
             self.start_batch(stride, now)?;
         }
+        let (client, seq) = (self.client_id, self.batch_seq);
         let b = self.open.as_mut().expect("a batch is open");
-        let header = MessageHeader {
-            size: payload.len() as u32,
-            client_id: self.client_id,
-            batch_seq: self.batch_seq,
-            publish_ts_ns: now,
-            ..MessageHeader::default()
-        };
-        debug_assert!(b.fill + stride <= b.limit);
-        // SAFETY: `base..base + limit` was bounds-checked when the batch opened and lies in a
-        // grant this publisher took, which nobody else writes (the broker reads it only after
-        // the batch is submitted); `fill + stride <= limit` was checked above (the batch is
-        // sealed otherwise); 64-byte aligned because grants and strides are.
-        unsafe { write_message(b.base.add(b.fill as usize), &header, payload) };
-        b.fill += stride;
-        b.num_msg += 1;
+        b.batch.append(client, seq, now, payload);
         Ok(())
     }
 
@@ -298,30 +276,35 @@ impl<'p, C: Coherence> Publisher<'p, C> {
         self.open = Some(OpenBatch {
             link: i,
             start: offset + used,
-            base,
-            fill: 0,
-            num_msg: 0,
-            first_ns: now,
-            limit,
+            // SAFETY: `base..base + limit` was bounds-checked in the mapping just above and
+            // lies in a grant this publisher took, which nobody else writes (the broker reads
+            // it only after the batch is submitted); grants and offsets in them are 64-byte
+            // aligned.
+            batch: unsafe { Filling::new(base, limit, now) },
         });
         Ok(())
     }
 
     /// Seals the open batch and submits it to its broker.
     fn seal(&mut self) -> Result<(), PublishError> {
-        let Some(b) = self.open.take() else {
+        let Some(OpenBatch {
+            link: i,
+            start,
+            batch: b,
+        }) = self.open.take()
+        else {
             return Ok(());
         };
         // SAFETY: the batch's bytes, inside the range checked when it opened.
-        unsafe { self.c.writeback_range(b.base, b.fill as usize) };
-        let link = &mut self.links[b.link];
+        unsafe { self.c.writeback_range(b.base(), b.fill as usize) };
+        let link = &mut self.links[i];
         let desc = BatchDesc {
             batch_seq: self.batch_seq,
             client_id: self.client_id,
             num_msg: b.num_msg,
             broker_id: link.broker,
             total_size: b.fill,
-            log_idx: b.start,
+            log_idx: start,
             start_logical_offset: 0,
             version_flags: u64::from(BATCH_HEADER_VERSION),
         };
@@ -400,10 +383,10 @@ impl<C: Coherence> Publish for Publisher<'_, C> {
     }
 
     fn poll(&mut self) -> Result<(), PublishError> {
-        let lingered = self.open.as_ref().is_some_and(|b| {
-            monotonic_ns().saturating_sub(b.first_ns) > self.cfg.linger.as_nanos() as u64
-        });
-        if lingered {
+        if self
+            .linger_deadline_ns()
+            .is_some_and(|d| monotonic_ns() > d)
+        {
             self.seal()?;
         }
         Ok(())
@@ -445,7 +428,7 @@ impl<C: Coherence> Publish for Publisher<'_, C> {
     fn linger_deadline_ns(&self) -> Option<u64> {
         self.open
             .as_ref()
-            .map(|b| b.first_ns + self.cfg.linger.as_nanos() as u64)
+            .map(|b| b.batch.deadline_ns(self.cfg.linger))
     }
 }
 

@@ -18,12 +18,10 @@ use embar_sys::verbs::{
 use super::credits::StagingCredits;
 use super::frontend::describe_code;
 use super::*;
-use crate::batch::write_message;
+use crate::client::filling::{stride_of, Filling};
 use crate::client::publisher::{PublishError, PublisherConfig};
 use crate::client::Publish;
-use crate::pool::layout::{
-    message_stride, MessageHeader, BATCH_HEADER_VERSION, BATCH_MESSAGES_MAX,
-};
+use crate::pool::layout::BATCH_HEADER_VERSION;
 use crate::sync::Ordering::Acquire;
 
 /// Local batch buffers (batches in flight per publisher).
@@ -75,12 +73,11 @@ impl Link {
 
 struct OpenBatch {
     link: usize,
+    /// The local batch buffer it is built in.
     buffer: usize,
+    /// Pool offset of the batch at the broker (where it will be written).
     start: u64,
-    fill: u64,
-    num_msg: u32,
-    first_ns: u64,
-    limit: u64,
+    batch: Filling,
 }
 
 /// See the module docs.
@@ -368,14 +365,16 @@ impl VerbsPublisher {
             l.taken = k + 1;
         }
         let g = self.links[i].grant.as_ref().expect("a grant");
+        let limit = self.batch_bytes.min(g.bytes - g.used);
+        let start = g.offset + g.used;
         self.open = Some(OpenBatch {
             link: i,
             buffer,
-            start: g.offset + g.used,
-            fill: 0,
-            num_msg: 0,
-            first_ns: now,
-            limit: self.batch_bytes.min(g.bytes - g.used),
+            start,
+            // SAFETY: buffer `buffer` was taken from `free` (not posted, so the NIC does not
+            // read it) and holds `batch_bytes >= limit` bytes before its descriptor slot;
+            // buffers start page-aligned and `batch_bytes + 64` is a multiple of 64.
+            batch: unsafe { Filling::new(self.buffer_ptr(buffer), limit, now) },
         });
         Ok(())
     }
@@ -389,10 +388,15 @@ impl VerbsPublisher {
 
     /// Seals the open batch: payload WRITE into the grant, descriptor WRITE_WITH_IMM.
     fn seal(&mut self) -> Result<(), PublishError> {
-        let Some(b) = self.open.take() else {
+        let Some(OpenBatch {
+            link: i,
+            buffer,
+            start,
+            batch: b,
+        }) = self.open.take()
+        else {
             return Ok(());
         };
-        let i = b.link;
         let mut waited = false;
         let r = self.wait(
             |p| format!("broker {} to take staged descriptors", p.links[i].broker),
@@ -408,7 +412,7 @@ impl VerbsPublisher {
         let slot = match r {
             Ok(slot) => slot,
             Err(e) => {
-                self.free.push(b.buffer);
+                self.free.push(buffer);
                 return Err(e);
             }
         };
@@ -421,11 +425,11 @@ impl VerbsPublisher {
             num_msg: b.num_msg,
             broker_id: self.links[i].broker,
             total_size: b.fill,
-            log_idx: b.start,
+            log_idx: start,
             start_logical_offset: 0,
             version_flags: u64::from(BATCH_HEADER_VERSION),
         };
-        let base = self.buffer_ptr(b.buffer);
+        let base = self.buffer_ptr(buffer);
         let wire = encode_descriptor(&desc);
         // SAFETY: the descriptor slot follows the batch bytes of this buffer, inside the
         // region; the buffer is ours until its completion (it was taken from `free`).
@@ -441,15 +445,15 @@ impl VerbsPublisher {
         let g = l.grant.as_mut().expect("an open batch has a grant");
         let writes = [
             Write {
-                wr_id: b.buffer as u64,
+                wr_id: buffer as u64,
                 local: self.buffers.mr().sge(off, b.fill as u32),
-                remote_addr: g.addr + (b.start - g.offset),
+                remote_addr: g.addr + (start - g.offset),
                 rkey: g.rkey,
                 imm: None,
                 signaled: false,
             },
             Write {
-                wr_id: b.buffer as u64,
+                wr_id: buffer as u64,
                 local: self
                     .buffers
                     .mr()
@@ -562,52 +566,30 @@ impl Publish for VerbsPublisher {
     }
 
     fn publish(&mut self, payload: &[u8]) -> Result<(), PublishError> {
-        let stride = message_stride(payload.len() as u64);
-        if stride > self.batch_bytes {
-            return Err(PublishError::TooLarge {
-                size: payload.len(),
-                max: self.batch_bytes,
-            });
-        }
+        let stride = stride_of(payload.len(), self.batch_bytes)?;
         let now = monotonic_ns();
-        if let Some(b) = &self.open {
-            let lingered = now.saturating_sub(b.first_ns) > self.cfg.linger.as_nanos() as u64;
-            if b.fill + stride > b.limit || b.num_msg >= BATCH_MESSAGES_MAX || lingered {
-                self.seal()?;
-            }
+        if self
+            .open
+            .as_ref()
+            .is_some_and(|b| b.batch.must_seal(stride, now, self.cfg.linger))
+        {
+            self.seal()?;
         }
         if self.open.is_none() {
             self.start_batch(stride, now)?;
         }
+        let (client, seq) = (self.client_id, self.batch_seq);
         let b = self.open.as_mut().expect("a batch is open");
-        let header = MessageHeader {
-            size: payload.len() as u32,
-            client_id: self.client_id,
-            batch_seq: self.batch_seq,
-            publish_ts_ns: now,
-            ..MessageHeader::default()
-        };
-        debug_assert!(b.fill + stride <= b.limit);
-        let stride_bytes = self.batch_bytes as usize + SLOT_BYTES;
-        // SAFETY: buffer `b.buffer` is ours (taken from `free`, not posted); `fill + stride <=
-        // limit <= batch_bytes` keeps the message inside its batch area; 64-byte aligned
-        // because buffers start page-aligned, `batch_bytes + 64` is a multiple of 64 (batch
-        // sizes are) and strides are multiples of 64.
-        unsafe {
-            let base = self.buffers.as_ptr().add(b.buffer * stride_bytes);
-            write_message(base.add(b.fill as usize), &header, payload)
-        };
-        b.fill += stride;
-        b.num_msg += 1;
+        b.batch.append(client, seq, now, payload);
         Ok(())
     }
 
     fn poll(&mut self) -> Result<(), PublishError> {
         self.reap()?;
-        let lingered = self.open.as_ref().is_some_and(|b| {
-            monotonic_ns().saturating_sub(b.first_ns) > self.cfg.linger.as_nanos() as u64
-        });
-        if lingered {
+        if self
+            .linger_deadline_ns()
+            .is_some_and(|d| monotonic_ns() > d)
+        {
             self.seal()?;
         }
         Ok(())
@@ -672,7 +654,7 @@ impl Publish for VerbsPublisher {
     fn linger_deadline_ns(&self) -> Option<u64> {
         self.open
             .as_ref()
-            .map(|b| b.first_ns + self.cfg.linger.as_nanos() as u64)
+            .map(|b| b.batch.deadline_ns(self.cfg.linger))
     }
 }
 
