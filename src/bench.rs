@@ -68,15 +68,6 @@ pub struct BenchArgs {
     pub verbs_ip: Option<std::net::IpAddr>,
 }
 
-/// Where verbs publishers connect, and with which device.
-#[derive(Clone, Debug)]
-#[cfg_attr(not(feature = "verbs"), allow(dead_code))]
-struct VerbsTarget {
-    brokers: Vec<(u32, SocketAddr)>,
-    device: Option<String>,
-    gid_index: u8,
-}
-
 impl BenchArgs {
     /// The arguments of a bare `embar bench`.
     pub fn parse_defaults() -> BenchArgs {
@@ -204,15 +195,6 @@ pub fn run(a: &BenchArgs) -> Result<bool, String> {
     }
     let _down = Down(started);
     let (pool_path, brokers) = crate::client_cmd::discover(control)?;
-    let verbs = if a.transport.verbs() {
-        Some(VerbsTarget {
-            brokers: crate::client_cmd::discover_verbs(control)?,
-            device: a.transport.rdma_device(),
-            gid_index: a.transport.gid_index(),
-        })
-    } else {
-        None
-    };
     let pool = crate::client_cmd::open_pool(&pool_path)?;
     // With a comparison, the two orders alternate twice and each keeps its best run: a run's
     // position in the sequence moves its figure more than the ORDER does on this machine.
@@ -233,14 +215,7 @@ pub fn run(a: &BenchArgs) -> Result<bool, String> {
         ControlClient::new(control)
             .create_topic(&spec)
             .map_err(|e| e.to_string())?;
-        struct Go<'a>(
-            &'a Pool,
-            &'a BenchArgs,
-            &'a str,
-            &'a [u32],
-            u8,
-            Option<&'a VerbsTarget>,
-        );
+        struct Go<'a>(&'a Pool, &'a BenchArgs, &'a str, &'a [u32], u8, SocketAddr);
         impl CoherenceFn<Result<Run, String>> for Go<'_> {
             fn call<C: Coherence>(self, c: C) -> Result<Run, String> {
                 one_run(self.0, c, self.1, self.2, self.3, self.4, self.5)
@@ -248,7 +223,7 @@ pub fn run(a: &BenchArgs) -> Result<bool, String> {
         }
         runs.push(Pool::with_coherence(
             pool.coherence_mode(),
-            Go(&pool, a, &name, &brokers, order, verbs.as_ref()),
+            Go(&pool, a, &name, &brokers, order, control),
         )?);
         // Each run starts with the pool's log space free: brokers free a deleted topic's
         // segments within their 100 ms topic check.
@@ -286,7 +261,7 @@ fn one_run<C: Coherence>(
     topic: &str,
     brokers: &[u32],
     order: u8,
-    verbs: Option<&VerbsTarget>,
+    control: SocketAddr,
 ) -> Result<Run, String> {
     let per_pub = (a.total_bytes / a.message_bytes).div_ceil(u64::from(a.publishers));
     let total = per_pub * u64::from(a.publishers);
@@ -388,7 +363,6 @@ fn one_run<C: Coherence>(
                         },
                         ..PublisherConfig::default()
                     };
-                    let client = crate::client_cmd::new_client_id();
                     let load = Load {
                         a,
                         payloads,
@@ -397,11 +371,13 @@ fn one_run<C: Coherence>(
                         acked,
                         failed,
                     };
-                    let r = match verbs {
-                        None => Publisher::open(pool, c, topic, brokers, client, cfg)
+                    let r = if a.transport.verbs() {
+                        drive_verbs(&load, control, topic, cfg)
+                    } else {
+                        let client = crate::client_cmd::new_client_id();
+                        Publisher::open(pool, c, topic, brokers, client, cfg)
                             .map_err(|e| e.to_string())
-                            .and_then(|mut publ| load.drive(&mut publ)),
-                        Some(v) => drive_verbs(&load, v, topic, client, cfg),
+                            .and_then(|mut publ| load.drive(&mut publ))
                     };
                     if r.is_err() {
                         failed.store(true, Ordering::Relaxed);
@@ -506,15 +482,12 @@ impl Load<'_> {
             }
             if let Some(iv) = interval_ns {
                 // Sleep through most of the gap (this host may have fewer cores
-                // than polling threads), spin the last part. A verbs publisher times an
-                // ack when it sees it (the broker's clock is another host's), so it looks
-                // every 50 us; a shm ack carries the broker's stamp.
+                // than polling threads), spin the last part; wake as often as the
+                // publisher needs to look at acks for their times to hold.
                 let due = t0 + i * iv;
-                let step = if self.a.transport.verbs() {
-                    50_000
-                } else {
-                    u64::MAX
-                };
+                let step = publ
+                    .ack_poll_interval()
+                    .map_or(u64::MAX, |d| d.as_nanos() as u64);
                 loop {
                     publ.take_ack_latencies(&mut lat);
                     let now = monotonic_ns();
@@ -571,34 +544,23 @@ impl Load<'_> {
     }
 }
 
-#[cfg(feature = "verbs")]
+/// One publisher's share over the verbs transport (a build with the feature).
 fn drive_verbs(
     load: &Load<'_>,
-    v: &VerbsTarget,
+    control: SocketAddr,
     topic: &str,
-    client: u64,
     cfg: PublisherConfig,
 ) -> Result<Driven, String> {
-    use embar_dataplane::verbs::publisher::{VerbsConfig, VerbsPublisher};
-    let vc = VerbsConfig {
-        device: v.device.clone(),
-        gid_index: v.gid_index,
-        publisher: cfg,
-    };
-    let mut publ =
-        VerbsPublisher::connect(&v.brokers, topic, client, &vc).map_err(|e| e.to_string())?;
-    load.drive(&mut publ)
-}
-
-#[cfg(not(feature = "verbs"))]
-fn drive_verbs(
-    _: &Load<'_>,
-    _: &VerbsTarget,
-    _: &str,
-    _: u64,
-    _: PublisherConfig,
-) -> Result<Driven, String> {
-    Err(crate::NO_VERBS.into())
+    #[cfg(feature = "verbs")]
+    {
+        let mut publ = load.a.transport.verbs_publisher(control, topic, cfg)?;
+        load.drive(&mut publ)
+    }
+    #[cfg(not(feature = "verbs"))]
+    {
+        let _ = (load, control, topic, cfg);
+        Err(crate::NO_VERBS.into())
+    }
 }
 
 impl Run {

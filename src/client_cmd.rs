@@ -14,29 +14,49 @@ use embar_dataplane::client::Publish;
 use embar_dataplane::pool::coherence::Coherence;
 use embar_dataplane::pool::{CoherenceFn, OpenOptions, Pool};
 
-/// The pool path and the pool slots of the live brokers, from the control process.
-pub fn discover(control: SocketAddr) -> Result<(PathBuf, Vec<u32>), String> {
+/// The control process's status, and for every live broker (one per pool slot, in slot
+/// order) its slot and what `pick` takes from it; brokers `pick` rejects are left out.
+fn live_brokers<T>(
+    control: SocketAddr,
+    pick: impl Fn(&serde_json::Value) -> Option<T>,
+) -> Result<(serde_json::Value, Vec<(u32, T)>), String> {
     let status = ControlClient::new(control)
         .status()
         .map_err(|e| e.to_string())?;
+    let mut out: Vec<(u32, T)> = status["brokers"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|b| b["alive"] == true)
+        .filter_map(|b| Some((b["slot"].as_u64()? as u32, pick(b)?)))
+        .collect();
+    out.sort_unstable_by_key(|b| b.0);
+    out.dedup_by_key(|b| b.0);
+    Ok((status, out))
+}
+
+/// The pool path and the pool slots of the live brokers, from the control process.
+pub fn discover(control: SocketAddr) -> Result<(PathBuf, Vec<u32>), String> {
+    let (status, brokers) = live_brokers(control, |_| Some(()))?;
     let pool = PathBuf::from(
         status["pool"]["path"]
             .as_str()
             .ok_or("the control process names no pool")?,
     );
-    let mut slots: Vec<u32> = status["brokers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|b| b["alive"] == true)
-        .filter_map(|b| b["slot"].as_u64().map(|s| s as u32))
-        .collect();
-    slots.sort_unstable();
-    slots.dedup();
-    if slots.is_empty() {
+    if brokers.is_empty() {
         return Err("no live broker (start one with `embar broker` or `embar cluster up`)".into());
     }
-    Ok((pool, slots))
+    Ok((pool, brokers.into_iter().map(|b| b.0).collect()))
+}
+
+/// `(pool slot, verbs address)` of every live broker that accepts verbs publishers.
+#[cfg(feature = "verbs")]
+pub fn discover_verbs(control: SocketAddr) -> Result<Vec<(u32, SocketAddr)>, String> {
+    let (_, brokers) = live_brokers(control, |b| b["addresses"]["verbs"].as_str()?.parse().ok())?;
+    if brokers.is_empty() {
+        return Err("no live broker accepts verbs publishers (start brokers with --verbs, or `embar cluster up --verbs IP`)".into());
+    }
+    Ok(brokers)
 }
 
 /// Maps the pool with every page faulted in, so the data path takes no page fault.
@@ -355,12 +375,7 @@ pub fn rogue_publish(a: &RogueArgs) -> Result<(), String> {
                 PublisherConfig::default(),
             )
             .map_err(|e| e.to_string())?;
-            for i in 0..10 {
-                p.publish(format!("good {i}").as_bytes())
-                    .map_err(|e| e.to_string())?;
-            }
-            p.wait_acks(Duration::from_secs(10))
-                .map_err(|e| e.to_string())?;
+            publish_good(&mut p)?;
             let (offset, bytes, used) = p.grant(0).ok_or("no grant")?;
             let good = BatchDesc {
                 batch_seq: 1,
@@ -412,28 +427,15 @@ pub fn rogue_publish(a: &RogueArgs) -> Result<(), String> {
     Pool::with_coherence(pool.coherence_mode(), Go(&pool, a, &brokers))
 }
 
-/// `(pool slot, verbs address)` of every live broker that accepts verbs publishers.
-pub fn discover_verbs(control: SocketAddr) -> Result<Vec<(u32, SocketAddr)>, String> {
-    let status = ControlClient::new(control)
-        .status()
-        .map_err(|e| e.to_string())?;
-    let mut out: Vec<(u32, SocketAddr)> = status["brokers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|b| b["alive"] == true)
-        .filter_map(|b| {
-            let slot = b["slot"].as_u64()? as u32;
-            let addr = b["addresses"]["verbs"].as_str()?.parse().ok()?;
-            Some((slot, addr))
-        })
-        .collect();
-    out.sort_unstable();
-    out.dedup_by_key(|b| b.0);
-    if out.is_empty() {
-        return Err("no live broker accepts verbs publishers (start brokers with --verbs, or `embar cluster up --verbs IP`)".into());
+/// A rogue publisher's honest start: ten good messages, acknowledged (its grant is taken).
+fn publish_good(p: &mut impl Publish) -> Result<(), String> {
+    for i in 0..10 {
+        p.publish(format!("good {i}").as_bytes())
+            .map_err(|e| e.to_string())?;
     }
-    Ok(out)
+    p.wait_acks(Duration::from_secs(10))
+        .map(|_| ())
+        .map_err(|e| e.to_string())
 }
 
 /// Reports how a rogue publisher's session ended: `{"rejected": bool, "error": ...}`.
@@ -465,12 +467,7 @@ fn rogue_verbs(a: &RogueArgs) -> Result<(), String> {
     let mut p = a
         .transport
         .verbs_publisher(a.control, &a.topic, PublisherConfig::default())?;
-    for i in 0..10 {
-        p.publish(format!("good {i}").as_bytes())
-            .map_err(|e| e.to_string())?;
-    }
-    p.wait_acks(Duration::from_secs(10))
-        .map_err(|e| e.to_string())?;
+    publish_good(&mut p)?;
     let (offset, bytes, used) = p.grant(0).ok_or("no grant")?;
     match a.fault.as_str() {
         // Straddles the end of the grant by 64 bytes: the NIC refuses it.

@@ -26,6 +26,12 @@ pub trait Publish {
     fn sealed_messages(&self) -> u64;
     /// Publish-to-ack latency (ns) of every batch acked since the last call.
     fn take_ack_latencies(&mut self, out: &mut Vec<u64>);
+    /// How often `take_ack_latencies` must be called for its figures to hold: `None` when
+    /// acks carry the broker's time stamp (same clock), else the publisher times an ack when
+    /// it sees it.
+    fn ack_poll_interval(&self) -> Option<Duration> {
+        None
+    }
     /// Times the publisher waited for log space (credits).
     fn grant_waits(&self) -> u64;
     /// The topic's ACK level.

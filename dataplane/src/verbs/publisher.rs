@@ -24,6 +24,8 @@ use crate::client::Publish;
 use crate::pool::layout::BATCH_HEADER_VERSION;
 use crate::sync::Ordering::Acquire;
 
+/// How often a caller timing acks looks at them (see `Publish::ack_poll_interval`).
+const ACK_POLL_INTERVAL: Duration = Duration::from_micros(50);
 /// Local batch buffers (batches in flight per publisher).
 const BUFFERS: usize = 8;
 
@@ -631,8 +633,12 @@ impl Publish for VerbsPublisher {
         self.sealed_messages
     }
 
+    /// The broker's clock is another host's: an ack is timed when it is seen here.
+    fn ack_poll_interval(&self) -> Option<Duration> {
+        Some(ACK_POLL_INTERVAL)
+    }
+
     fn take_ack_latencies(&mut self, out: &mut Vec<u64>) {
-        // The broker's clock is another host's: an ack is timed when it is seen here.
         let now = monotonic_ns();
         for l in &mut self.links {
             let acked = l.fb().counters.acked_messages.load(Acquire);
