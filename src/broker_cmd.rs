@@ -15,7 +15,7 @@ use embar_dataplane::broker::{Broker, BrokerStats};
 use embar_dataplane::idle::{Idle, IdlePolicy};
 use embar_dataplane::pool::coherence::Coherence;
 use embar_dataplane::pool::{CoherenceFn, OpenOptions, Pool};
-use embar_dataplane::sequencer::driver::{DriverConfig, Sequencer};
+use embar_dataplane::sequencer::driver::{DriverConfig, Sequencer, SequencerError};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct BrokerArgs {
@@ -357,19 +357,15 @@ impl<'p, C: Coherence> TopicSequencers<'p, C> {
         let mut work = 0;
         let mut failed = Vec::new();
         for (slot, (gen, s)) in self.seqs.iter_mut() {
-            if s.superseded() {
-                log::warn!(
-                    "topic slot {slot}: a newer sequencer (epoch above {}) took over; this one stops",
-                    s.epoch()
-                );
-                self.superseded.push((*slot, *gen));
-                failed.push(*slot);
-                continue;
-            }
             match s.poll_once() {
                 Ok(n) => work += n,
-                Err(e @ embar_dataplane::sequencer::driver::SequencerError::TopicGone(_)) => {
+                Err(e @ SequencerError::TopicGone(_)) => {
                     log::info!("{e}; its sequencer stops");
+                    failed.push(*slot);
+                }
+                Err(e @ SequencerError::Superseded(_)) => {
+                    log::warn!("topic slot {slot}: {e}; this one stops");
+                    self.superseded.push((*slot, *gen));
                     failed.push(*slot);
                 }
                 Err(e) => {

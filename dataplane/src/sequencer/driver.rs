@@ -152,11 +152,6 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
         Ok(s)
     }
 
-    /// Whether a newer sequencer has taken over this topic (this one must stop).
-    pub fn superseded(&self) -> bool {
-        self.state.superseded()
-    }
-
     pub fn epoch(&self) -> u64 {
         self.state.epoch()
     }
@@ -392,6 +387,10 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
         if state >> 8 != self.generation || state & 0xff != crate::pool::topics::STATE_ACTIVE {
             return Err(SequencerError::TopicGone(self.topic));
         }
+        // A newer sequencer of this topic raised the epoch: stop before writing anything.
+        if self.state.superseded() {
+            return Err(SequencerError::Superseded(self.state.epoch()));
+        }
         let mut work = 0;
         let now = monotonic_ns();
         // A round may order up to 64 batches per ring plus every held batch: if the delivery
@@ -444,9 +443,6 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
         }
         let mut idle = Idle::new(self.idle);
         while !stop.load(Relaxed) {
-            if self.state.superseded() {
-                return Err(SequencerError::Superseded(self.state.epoch()));
-            }
             let work = self.poll_once()?;
             let bell = self.state.doorbell();
             idle.after(work, |rest| {
