@@ -112,6 +112,16 @@ struct SessionState<'p, C: Coherence> {
     rejected: u64,
 }
 
+impl<C: Coherence> TopicState<'_, C> {
+    /// Tracks `g` under a new grant id.
+    fn add_grant(&mut self, g: Grant) -> u64 {
+        let id = self.next_grant_id;
+        self.next_grant_id += 1;
+        self.grants.insert(id, g);
+        id
+    }
+}
+
 impl<C: Coherence> Default for SessionState<'_, C> {
     fn default() -> Self {
         SessionState {
@@ -451,18 +461,13 @@ impl<'p, C: Coherence> Broker<'p, C> {
             .map(|(_, d)| d)
             .max();
         for seg in std::mem::take(&mut t.orphans) {
-            let id = t.next_grant_id;
-            t.next_grant_id += 1;
-            t.grants.insert(
-                id,
-                Grant {
-                    seg,
-                    fill: seg.offset + seg.bytes,
-                    inflight: 0,
-                    max_delivery,
-                    closed: true,
-                },
-            );
+            t.add_grant(Grant {
+                seg,
+                fill: seg.offset + seg.bytes,
+                inflight: 0,
+                max_delivery,
+                closed: true,
+            });
         }
         self.need_space = true;
     }
@@ -526,18 +531,13 @@ impl<'p, C: Coherence> Broker<'p, C> {
                 }
                 Err(e) => return Err(e),
             };
-            let id = t.next_grant_id;
-            t.next_grant_id += 1;
-            t.grants.insert(
-                id,
-                Grant {
-                    seg,
-                    fill: seg.offset,
-                    inflight: 0,
-                    max_delivery: None,
-                    closed: false,
-                },
-            );
+            let id = t.add_grant(Grant {
+                seg,
+                fill: seg.offset,
+                inflight: 0,
+                max_delivery: None,
+                closed: false,
+            });
             st.grants.push_back((st.issued, id));
             let e = &s.grants[grant_slot(st.issued)];
             e.offset.store(seg.offset, Relaxed);

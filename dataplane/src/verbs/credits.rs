@@ -20,7 +20,7 @@ impl StagingCredits {
     /// The slot of the next descriptor, if the broker's `consumed` count allows writing it.
     pub fn next_slot(&self, consumed: u64) -> Option<u32> {
         (self.staged - consumed.min(self.staged) < u64::from(self.slots))
-            .then_some((self.staged % u64::from(self.slots)) as u32)
+            .then_some(self.slot_of_next())
     }
 
     /// The next descriptor was written.
@@ -30,6 +30,15 @@ impl StagingCredits {
 
     pub fn count(&self) -> u64 {
         self.staged
+    }
+
+    pub fn slots(&self) -> u32 {
+        self.slots
+    }
+
+    /// The slot the next descriptor goes to, credit or not.
+    pub fn slot_of_next(&self) -> u32 {
+        (self.staged % u64::from(self.slots)) as u32
     }
 }
 

@@ -54,7 +54,6 @@ struct Link {
     feedback: RegisteredBuffer,
     staging_addr: u64,
     staging_rkey: u32,
-    staging_slots: u32,
     /// Which staging slot the next descriptor goes to, once the broker has taken enough.
     credits: StagingCredits,
     taken: u64,
@@ -233,7 +232,6 @@ impl VerbsPublisher {
                 feedback,
                 staging_addr: st[0],
                 staging_rkey: st[1] as u32,
-                staging_slots: st[2] as u32,
                 credits: StagingCredits::new(st[2] as u32),
                 taken: 0,
                 grant: None,
@@ -533,7 +531,7 @@ impl VerbsPublisher {
         };
         let off = base as u64 - self.buffers.mr().addr() + self.batch_bytes;
         let l = &mut self.links[link];
-        let slot = u64::from(imm % l.staging_slots);
+        let slot = u64::from(imm % l.credits.slots());
         let w = Write {
             wr_id: buffer as u64,
             local: self.buffers.mr().sge(off, SLOT_BYTES as u32),
@@ -551,7 +549,7 @@ impl VerbsPublisher {
     /// The staging slot the next descriptor of link `link` goes to (its expected immediate).
     pub fn next_slot(&self, link: usize) -> Option<u32> {
         let l = self.links.get(link)?;
-        Some((l.credits.count() % u64::from(l.staging_slots)) as u32)
+        Some(l.credits.slot_of_next())
     }
 
     /// The current grant of link `link`: `(pool offset, bytes, used)`.
