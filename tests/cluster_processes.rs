@@ -7,106 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const EXE: &str = env!("CARGO_BIN_EXE_embar");
-
-/// A cluster started with `embar cluster up`, stopped however the test ends.
-struct Cluster {
-    dir: String,
-    control: String,
-}
-
-/// The cluster tests run one at a time: each starts several polling processes, and a 2-core
-/// machine running two such clusters at once measures the scheduler, not the system.
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl Cluster {
-    fn up(name: &str, extra: &[&str]) -> Cluster {
-        let dir = format!("/tmp/embar-test-cluster-{name}-{}", std::process::id());
-        let _ = Command::new(EXE)
-            .args(["cluster", "down", "--dir", &dir])
-            .output();
-        let brokers: &[&str] = if extra.contains(&"--brokers") {
-            &[]
-        } else {
-            &["--brokers", "2"]
-        };
-        let out = Command::new(EXE)
-            .args(["cluster", "up", "--dir", &dir])
-            .args(brokers)
-            .args(extra)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let file: Value =
-            serde_json::from_str(&std::fs::read_to_string(format!("{dir}/cluster.json")).unwrap())
-                .unwrap();
-        Cluster {
-            control: file["control"].as_str().unwrap().to_string(),
-            dir,
-        }
-    }
-
-    fn embar(&self, args: &[&str]) -> (bool, String, String) {
-        let out = Command::new(EXE)
-            .args(args)
-            .args(["--control", &self.control])
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).to_string(),
-            String::from_utf8_lossy(&out.stderr).to_string(),
-        )
-    }
-
-    fn topic(&self, name: &str, extra: &[&str]) {
-        let mut args = vec!["topic", "create", name];
-        args.extend(extra);
-        let (ok, _, err) = self.embar(&args);
-        assert!(ok, "{err}");
-    }
-
-    fn spawn(&self, args: &[&str], stdin: Option<String>) -> Child {
-        let mut c = Command::new(EXE)
-            .args(args)
-            .args(["--control", &self.control])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut input = c.stdin.take().unwrap();
-        if let Some(text) = stdin {
-            std::thread::spawn(move || {
-                let _ = input.write_all(text.as_bytes());
-            });
-        }
-        c
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new(EXE)
-            .args(["cluster", "down", "--dir", &self.dir])
-            .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn lines(prefix: &str, n: usize, width: usize) -> String {
-    (0..n)
-        .map(|i| format!("{prefix} {i:06} {}\n", "p".repeat(width)))
-        .collect()
-}
+mod common;
+use common::{exe, lines, serial, Cluster};
 
 /// A subscriber of `topic` that registers, pauses `pause_ms`, then reads `n` messages, and a
 /// publisher of `n` 1 KiB lines started just after it. Returns the publisher's output and how
@@ -316,7 +218,7 @@ fn a_publisher_blocked_on_credits_resumes_when_the_slow_subscriber_catches_up() 
 #[test]
 fn the_benchmark_moves_ten_times_the_pool_and_checks_every_message() {
     let _serial = serial();
-    let out = Command::new(EXE)
+    let out = Command::new(exe())
         .args([
             "bench",
             "--json",
@@ -359,7 +261,7 @@ fn the_benchmark_moves_ten_times_the_pool_and_checks_every_message() {
 fn unknown_topic_no_cluster_and_missing_pool_are_clear_errors() {
     let _serial = serial();
     let run = |args: &[&str]| {
-        let out = Command::new(EXE)
+        let out = Command::new(exe())
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -515,7 +417,7 @@ fn a_lingering_batch_is_sent_while_the_publisher_waits_for_more_input() {
         &["--pool-bytes", "64MiB", "--segment-bytes", "2MiB"],
     );
     c.topic("live", &[]);
-    let mut publisher = Command::new(EXE)
+    let mut publisher = Command::new(exe())
         .args(["publish", "--topic", "live", "--control", &c.control])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -708,7 +610,7 @@ fn a_broker_restarted_into_its_slot_reclaims_the_log_space_the_killed_process_le
         }
     }
     let _broker = Kill(
-        Command::new(EXE)
+        Command::new(exe())
             .args(["broker", "--control", &c.control])
             .stdout(Stdio::null())
             .stderr(Stdio::null())

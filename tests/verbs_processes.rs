@@ -8,14 +8,13 @@
 #![cfg(feature = "verbs")]
 
 use std::io::Write;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
 
-fn exe() -> String {
-    std::env::var("EMBAR_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_embar").to_string())
-}
+mod common;
+use common::{exe, lines, serial, Cluster};
 
 /// The IP brokers listen on for verbs, when a device is usable.
 fn rdma_ip() -> Option<String> {
@@ -42,82 +41,32 @@ fn rdma_ip() -> Option<String> {
     }
 }
 
-static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn serial() -> std::sync::MutexGuard<'static, ()> {
-    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+/// A cluster whose brokers also take verbs publishers on `ip`.
+fn up_verbs(name: &str, ip: &str) -> Cluster {
+    Cluster::up(
+        &format!("verbs-{name}"),
+        &[
+            "--verbs",
+            ip,
+            "--pool-bytes",
+            "256MiB",
+            "--segment-bytes",
+            "4MiB",
+        ],
+    )
 }
 
-struct Cluster {
-    dir: String,
-    control: String,
+/// What the verbs tests do with a cluster beyond the common harness.
+trait VerbsCluster {
+    fn publish_verbs(&self, topic: &str, lines: String) -> Child;
+    fn read_all(&self, topic: &str) -> Vec<Value>;
+    fn metric(&self, name: &str) -> u64;
+    fn wait_metric(&self, name: &str, want: u64);
+    fn broker_logs(&self) -> String;
+    fn rogue(&self, topic: &str, fault: &str) -> Value;
 }
 
-impl Cluster {
-    fn up(name: &str, ip: &str) -> Cluster {
-        let dir = format!("/tmp/embar-verbs-{name}-{}", std::process::id());
-        let _ = Command::new(exe())
-            .args(["cluster", "down", "--dir", &dir])
-            .output();
-        let out = Command::new(exe())
-            .args([
-                "cluster",
-                "up",
-                "--brokers",
-                "2",
-                "--dir",
-                &dir,
-                "--verbs",
-                ip,
-            ])
-            .args(["--pool-bytes", "256MiB", "--segment-bytes", "4MiB"])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let file: Value =
-            serde_json::from_str(&std::fs::read_to_string(format!("{dir}/cluster.json")).unwrap())
-                .unwrap();
-        Cluster {
-            control: file["control"].as_str().unwrap().to_string(),
-            dir,
-        }
-    }
-
-    fn run(&self, args: &[&str], stdin: Option<String>) -> Output {
-        let c = self.spawn(args, stdin);
-        c.wait_with_output().unwrap()
-    }
-
-    fn spawn(&self, args: &[&str], stdin: Option<String>) -> Child {
-        let mut c = Command::new(exe())
-            .args(args)
-            .args(["--control", &self.control])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut input = c.stdin.take().unwrap();
-        let text = stdin.unwrap_or_default();
-        std::thread::spawn(move || {
-            let _ = input.write_all(text.as_bytes());
-        });
-        c
-    }
-
-    fn topic(&self, name: &str) {
-        let out = self.run(&["topic", "create", name], None);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
+impl VerbsCluster for Cluster {
     fn publish_verbs(&self, topic: &str, lines: String) -> Child {
         self.spawn(
             &["publish", "--topic", topic, "--transport", "verbs"],
@@ -181,14 +130,28 @@ impl Cluster {
             })
             .collect()
     }
-}
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let _ = Command::new(exe())
-            .args(["cluster", "down", "--dir", &self.dir])
-            .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
+    /// Runs a rogue verbs publisher with `fault`; its JSON report.
+    fn rogue(&self, topic: &str, fault: &str) -> Value {
+        let out = self.run(
+            &[
+                "ring-worker",
+                "rogue-publish",
+                "--topic",
+                topic,
+                "--transport",
+                "verbs",
+                "--fault",
+                fault,
+            ],
+            None,
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).unwrap()
     }
 }
 
@@ -209,12 +172,6 @@ fn scrape(addr: &str, name: &str) -> u64 {
         .sum()
 }
 
-fn lines(prefix: &str, n: usize) -> String {
-    (0..n)
-        .map(|i| format!("{prefix} {i:05} {}\n", "v".repeat(200)))
-        .collect()
-}
-
 fn payloads(msgs: &[Value]) -> Vec<String> {
     msgs.iter()
         .map(|m| m["payload"].as_str().unwrap().to_string())
@@ -225,13 +182,13 @@ fn payloads(msgs: &[Value]) -> Vec<String> {
 fn verbs_publishers_and_subscribers_agree_nothing_lost_or_duplicated() {
     let Some(ip) = rdma_ip() else { return };
     let _s = serial();
-    let c = Cluster::up("agree", &ip);
-    c.topic("t");
+    let c = up_verbs("agree", &ip);
+    c.topic("t", &[]);
     let pubs: Vec<Child> = ["a", "b"]
         .iter()
-        .map(|p| c.publish_verbs("t", lines(p, 400)))
+        .map(|p| c.publish_verbs("t", lines(p, 400, 200)))
         .collect();
-    let shm = c.spawn(&["publish", "--topic", "t"], Some(lines("s", 200)));
+    let shm = c.spawn(&["publish", "--topic", "t"], Some(lines("s", 200, 200)));
     for p in pubs.into_iter().chain([shm]) {
         let out = p.wait_with_output().unwrap();
         assert!(
@@ -249,7 +206,7 @@ fn verbs_publishers_and_subscribers_agree_nothing_lost_or_duplicated() {
             .into_iter()
             .filter(|l| l.starts_with(&format!("{p} ")))
             .collect();
-        let want: Vec<String> = lines(p, if p == "s" { 200 } else { 400 })
+        let want: Vec<String> = lines(p, if p == "s" { 200 } else { 400 }, 200)
             .lines()
             .map(String::from)
             .collect();
@@ -272,28 +229,10 @@ fn verbs_publishers_and_subscribers_agree_nothing_lost_or_duplicated() {
 fn a_write_past_the_grant_fails_at_the_nic_and_nothing_else_is_touched() {
     let Some(ip) = rdma_ip() else { return };
     let _s = serial();
-    let c = Cluster::up("rogue", &ip);
-    c.topic("t");
-    let honest = c.publish_verbs("t", lines("h", 300));
-    let out = c.run(
-        &[
-            "ring-worker",
-            "rogue-publish",
-            "--topic",
-            "t",
-            "--transport",
-            "verbs",
-            "--fault",
-            "write-past-grant",
-        ],
-        None,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let c = up_verbs("rogue", &ip);
+    c.topic("t", &[]);
+    let honest = c.publish_verbs("t", lines("h", 300, 200));
+    let v = c.rogue("t", "write-past-grant");
     assert_eq!(v["rejected"], true, "{v}");
     let err = v["error"].as_str().unwrap();
     assert!(
@@ -308,7 +247,7 @@ fn a_write_past_the_grant_fails_at_the_nic_and_nothing_else_is_touched() {
     );
     // The brokers still serve new sessions.
     let after = c
-        .publish_verbs("t", lines("late", 100))
+        .publish_verbs("t", lines("late", 100, 200))
         .wait_with_output()
         .unwrap();
     assert!(
@@ -333,31 +272,13 @@ fn a_write_past_the_grant_fails_at_the_nic_and_nothing_else_is_touched() {
 fn an_immediate_naming_no_staging_slot_or_a_descriptor_outside_the_grants_is_rejected() {
     let Some(ip) = rdma_ip() else { return };
     let _s = serial();
-    let c = Cluster::up("imm", &ip);
-    c.topic("t");
+    let c = up_verbs("imm", &ip);
+    c.topic("t", &[]);
     for (fault, reason) in [
         ("bad-immediate", "immediate"),
         ("unknown-grant", "outside the log space granted"),
     ] {
-        let out = c.run(
-            &[
-                "ring-worker",
-                "rogue-publish",
-                "--topic",
-                "t",
-                "--transport",
-                "verbs",
-                "--fault",
-                fault,
-            ],
-            None,
-        );
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        let v = c.rogue("t", fault);
         assert_eq!(v["rejected"], true, "{fault}: {v}");
         assert!(
             v["error"].as_str().unwrap().contains(reason),
@@ -366,7 +287,7 @@ fn an_immediate_naming_no_staging_slot_or_a_descriptor_outside_the_grants_is_rej
     }
     c.wait_metric("embar_broker_verbs_bad_immediates_total", 1);
     let ok = c
-        .publish_verbs("t", lines("h", 50))
+        .publish_verbs("t", lines("h", 50, 200))
         .wait_with_output()
         .unwrap();
     assert!(
@@ -385,32 +306,16 @@ fn an_immediate_naming_no_staging_slot_or_a_descriptor_outside_the_grants_is_rej
 fn a_session_that_vanishes_mid_batch_publishes_nothing_half_written() {
     let Some(ip) = rdma_ip() else { return };
     let _s = serial();
-    let c = Cluster::up("vanish", &ip);
-    c.topic("t");
-    let out = c.run(
-        &[
-            "ring-worker",
-            "rogue-publish",
-            "--topic",
-            "t",
-            "--transport",
-            "verbs",
-            "--fault",
-            "vanish",
-        ],
-        None,
-    );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let c = up_verbs("vanish", &ip);
+    c.topic("t", &[]);
+    let v = c.rogue("t", "vanish");
+    assert_eq!(v["vanished"], true, "{v}");
     // Each broker (the rogue had a session with both) notices the connection's end and
     // closes the pool session.
     c.wait_metric("embar_broker_verbs_sessions_closed_total", 2);
     assert_eq!(c.metric("embar_broker_verbs_sessions_open"), 0);
     let ok = c
-        .publish_verbs("t", lines("h", 100))
+        .publish_verbs("t", lines("h", 100, 200))
         .wait_with_output()
         .unwrap();
     assert!(
@@ -433,7 +338,7 @@ fn a_session_that_vanishes_mid_batch_publishes_nothing_half_written() {
 fn unknown_topic_and_unreachable_broker_are_clear_errors() {
     let Some(ip) = rdma_ip() else { return };
     let _s = serial();
-    let c = Cluster::up("errors", &ip);
+    let c = up_verbs("errors", &ip);
     let out = c
         .publish_verbs("nope", "x\n".into())
         .wait_with_output()
@@ -443,7 +348,7 @@ fn unknown_topic_and_unreachable_broker_are_clear_errors() {
     assert!(err.contains("nope"), "{err}");
     // A broker killed a moment ago is still listed (not yet declared dead): its verbs port
     // refuses the connection.
-    c.topic("t");
+    c.topic("t", &[]);
     let status = embar_control::ControlClient::new(c.control.parse().unwrap())
         .status()
         .unwrap();
@@ -525,8 +430,8 @@ fn without_a_device_broker_and_publisher_say_so() {
 fn a_deleted_topic_ends_its_verbs_sessions_and_the_publisher_hears_why() {
     let Some(ip) = rdma_ip() else { return };
     let _s = serial();
-    let c = Cluster::up("deleted", &ip);
-    c.topic("t");
+    let c = up_verbs("deleted", &ip);
+    c.topic("t", &[]);
     let mut p = Command::new(exe())
         .args([
             "publish",
@@ -543,7 +448,9 @@ fn a_deleted_topic_ends_its_verbs_sessions_and_the_publisher_hears_why() {
         .spawn()
         .unwrap();
     let mut input = p.stdin.take().unwrap();
-    input.write_all(lines("before", 20).as_bytes()).unwrap();
+    input
+        .write_all(lines("before", 20, 200).as_bytes())
+        .unwrap();
     c.wait_metric("embar_broker_verbs_batches_forwarded_total", 1);
     let out = c.run(&["topic", "delete", "t"], None);
     assert!(
@@ -553,7 +460,7 @@ fn a_deleted_topic_ends_its_verbs_sessions_and_the_publisher_hears_why() {
     );
     // Brokers notice a deleted topic within their 100 ms topic check.
     c.wait_metric("embar_broker_verbs_sessions_closed_total", 2);
-    let _ = input.write_all(lines("after", 20).as_bytes());
+    let _ = input.write_all(lines("after", 20, 200).as_bytes());
     drop(input);
     let out = p.wait_with_output().unwrap();
     assert!(
