@@ -87,3 +87,28 @@ impl Filling {
         self.num_msg += 1;
     }
 }
+
+/// Sealed batches of one broker link not yet acknowledged, for publish-to-ack latency: acks
+/// come as a cumulative message count, so each batch is known by the count at its seal.
+#[derive(Debug, Default)]
+pub(crate) struct Unacked {
+    sealed_messages: u64,
+    /// `(cumulative messages at seal, first publish ns)` per batch, oldest first.
+    batches: std::collections::VecDeque<(u64, u64)>,
+}
+
+impl Unacked {
+    /// A batch of `num_msg` messages, the first published at `first_ns`, was submitted.
+    pub fn sealed(&mut self, num_msg: u32, first_ns: u64) {
+        self.sealed_messages += u64::from(num_msg);
+        self.batches.push_back((self.sealed_messages, first_ns));
+    }
+
+    /// The latency to `ack_ns` of every batch `acked` (cumulative messages) covers.
+    pub fn take(&mut self, acked: u64, ack_ns: u64, out: &mut Vec<u64>) {
+        while self.batches.front().is_some_and(|(cum, _)| *cum <= acked) {
+            let (_, first) = self.batches.pop_front().expect("front exists");
+            out.push(ack_ns.saturating_sub(first));
+        }
+    }
+}

@@ -4,13 +4,12 @@
 //! submitted to its broker's session. Batches are striped round-robin over the brokers, with
 //! a per-client dense `batch_seq`. Acks come back as per-session cumulative counts.
 
-use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use embar_sys::clock::monotonic_ns;
 
 use crate::batch::BatchDesc;
-use crate::client::filling::{stride_of, Filling};
+use crate::client::filling::{stride_of, Filling, Unacked};
 use crate::client::Publish;
 use crate::pool::coherence::Coherence;
 use crate::pool::layout::{Session, BATCH_HEADER_VERSION};
@@ -67,10 +66,8 @@ struct Link<'p, C: Coherence> {
     taken: u64,
     /// Current grant: (offset, bytes, used).
     grant: Option<(u64, u64, u64)>,
-    /// Messages submitted through this link, and `(cumulative at seal, first publish ns)` of
-    /// each batch not yet acked, for latency.
-    submitted_messages: u64,
-    unacked: VecDeque<(u64, u64)>,
+    /// Sealed batches not yet acknowledged (latency).
+    unacked: Unacked,
 }
 
 struct OpenBatch {
@@ -152,8 +149,7 @@ impl<'p, C: Coherence> Publisher<'p, C> {
                 submit: RingProducer::new(submission_ring(session), c),
                 taken: 0,
                 grant: None,
-                submitted_messages: 0,
-                unacked: VecDeque::new(),
+                unacked: Unacked::default(),
             });
         }
         Ok(Publisher {
@@ -329,9 +325,7 @@ impl<'p, C: Coherence> Publisher<'p, C> {
         if let Some((_, _, used)) = link.grant.as_mut() {
             *used += b.fill;
         }
-        link.submitted_messages += u64::from(b.num_msg);
-        link.unacked
-            .push_back((link.submitted_messages, b.first_ns));
+        link.unacked.sealed(b.num_msg, b.first_ns);
         self.sealed_messages += u64::from(b.num_msg);
         self.batch_seq += 1;
         Ok(())
@@ -410,10 +404,7 @@ impl<C: Coherence> Publish for Publisher<'_, C> {
         for l in &mut self.links {
             let acked = self.c.observe(&l.session.acked_messages);
             let ack_ns = l.session.ack_ns.load(Relaxed);
-            while l.unacked.front().is_some_and(|(cum, _)| *cum <= acked) {
-                let (_, first) = l.unacked.pop_front().expect("front exists");
-                out.push(ack_ns.saturating_sub(first));
-            }
+            l.unacked.take(acked, ack_ns, out);
         }
     }
 

@@ -4,7 +4,6 @@
 //! size, on `flush`, or after the linger time; dense per-client `batch_seq`; batches striped
 //! round-robin over the brokers.
 
-use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -18,7 +17,7 @@ use embar_sys::verbs::{
 use super::credits::StagingCredits;
 use super::frontend::describe_code;
 use super::*;
-use crate::client::filling::{stride_of, Filling};
+use crate::client::filling::{stride_of, Filling, Unacked};
 use crate::client::publisher::{PublishError, PublisherConfig};
 use crate::client::Publish;
 use crate::pool::layout::BATCH_HEADER_VERSION;
@@ -58,9 +57,8 @@ struct Link {
     credits: StagingCredits,
     taken: u64,
     grant: Option<Grant>,
-    submitted_messages: u64,
-    /// `(cumulative messages at seal, first publish ns)` of each batch not yet acked.
-    unacked: VecDeque<(u64, u64)>,
+    /// Sealed batches not yet acknowledged (latency).
+    unacked: Unacked,
 }
 
 impl Link {
@@ -235,8 +233,7 @@ impl VerbsPublisher {
                 credits: StagingCredits::new(st[2] as u32),
                 taken: 0,
                 grant: None,
-                submitted_messages: 0,
-                unacked: VecDeque::new(),
+                unacked: Unacked::default(),
             },
             batch_bytes,
             ack,
@@ -469,8 +466,7 @@ impl VerbsPublisher {
         unsafe { l.qp.post_writes(&writes) }.map_err(transport)?;
         g.used += b.fill;
         l.credits.staged();
-        l.submitted_messages += u64::from(b.num_msg);
-        l.unacked.push_back((l.submitted_messages, b.first_ns));
+        l.unacked.sealed(b.num_msg, b.first_ns);
         self.sealed_messages += u64::from(b.num_msg);
         self.batch_seq += 1;
         Ok(())
@@ -640,10 +636,7 @@ impl Publish for VerbsPublisher {
         let now = monotonic_ns();
         for l in &mut self.links {
             let acked = l.fb().counters.acked_messages.load(Acquire);
-            while l.unacked.front().is_some_and(|(cum, _)| *cum <= acked) {
-                let (_, first) = l.unacked.pop_front().expect("front exists");
-                out.push(now.saturating_sub(first));
-            }
+            l.unacked.take(acked, now, out);
         }
     }
 
