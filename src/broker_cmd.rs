@@ -52,6 +52,10 @@ pub struct BrokerArgs {
     /// GID index for `--verbs` (RoCEv2 over IPv4 is usually 1 on rxe).
     #[arg(long, default_value_t = 1)]
     pub gid_index: u8,
+    /// How long the control process may be unreachable before this broker stops serving
+    /// (it goes on serving publishers and subscribers meanwhile, and retries heartbeats).
+    #[arg(long, default_value_t = embar_control::keepalive::GRACE_DEFAULT.as_millis() as u64)]
+    pub control_grace_ms: u64,
 }
 
 /// The verbs port of a broker: its listener and device, opened before registering so that
@@ -122,6 +126,13 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
     }
     addrs.insert("metrics".into(), metrics_addr.to_string());
     addrs.insert("pid".into(), std::process::id().to_string());
+    if let Some(host) = embar_sys::process::host_name() {
+        addrs.insert("host".into(), host);
+    }
+    addrs.insert(
+        embar_control::membership::GRACE_MS.into(),
+        a.control_grace_ms.to_string(),
+    );
     use embar_control::membership::{SEQUENCER, SEQUENCER_CANDIDATE, SEQUENCER_PINNED};
     if a.sequencer {
         addrs.insert(SEQUENCER.into(), SEQUENCER_PINNED.into());
@@ -151,22 +162,10 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     let hb_stop = Arc::new(AtomicBool::new(false));
     let hb = hb_stop.clone();
+    let grace = Duration::from_millis(a.control_grace_ms);
     let heartbeat = std::thread::Builder::new()
         .name("broker-heartbeat".into())
-        .spawn(move || -> Result<(), String> {
-            while !hb.load(Ordering::Relaxed) {
-                let mine = client.heartbeat(reg.broker_id).map_err(|e| e.to_string())?;
-                if !pinned && assigned.swap(mine, Ordering::Relaxed) != mine {
-                    log::info!(
-                        "the control process {} the sequencer {} this broker",
-                        if mine { "assigned" } else { "took" },
-                        if mine { "to" } else { "from" }
-                    );
-                }
-                std::thread::sleep(reg.heartbeat);
-            }
-            Ok(())
-        })
+        .spawn(move || keep_alive(&client, &reg, &addrs, grace, &hb, &assigned, pinned))
         .map_err(|e| e.to_string())?;
     struct Go<'a> {
         pool: &'a Pool,
@@ -211,11 +210,9 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
                 let mut last = Instant::now();
                 while !self.stop.load(Ordering::Relaxed) {
                     if self.heartbeat.is_finished() {
-                        // Declared dead, or the control process is gone: stop serving.
+                        // Declared dead, or the control process stayed away past the grace.
                         self.stop.store(true, Ordering::Relaxed);
-                        return Err(
-                            "lost the control process or was declared dead; stopping".into()
-                        );
+                        return Err("no longer a member of the cluster; stopping".into());
                     }
                     let mut work = broker.poll_once().map_err(|e| e.to_string())?;
                     // Start or stop the sequencer as assigned.
@@ -302,6 +299,87 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
         }
     }
     result
+}
+
+/// Heartbeats until `stop`, through outages of the control process (see
+/// [`Keepalive`](embar_control::keepalive)): returns why this broker must stop serving.
+fn keep_alive(
+    client: &ControlClient,
+    reg: &embar_control::client::Registration,
+    addrs: &BTreeMap<String, String>,
+    grace: Duration,
+    stop: &AtomicBool,
+    assigned: &AtomicBool,
+    pinned: bool,
+) -> Result<(), String> {
+    use embar_control::keepalive::{Beat, Keepalive, Next};
+    use embar_sys::clock::monotonic_ns;
+    /// How often a continuing outage is logged again.
+    const OUTAGE_LOG: Duration = Duration::from_secs(5);
+    let mut k = Keepalive::new(reg.heartbeat, grace, monotonic_ns());
+    let mut beat = client.beat(reg.broker_id);
+    let mut last_log: Option<Instant> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let outage = k.outage();
+        if let Beat::Alive { sequencer: mine } = beat {
+            if let Some((since, attempts)) = outage {
+                log::info!(
+                    "the control process answers again after {:.1} s ({attempts} attempts failed)",
+                    Duration::from_nanos(monotonic_ns().saturating_sub(since)).as_secs_f64()
+                );
+                last_log = None;
+            }
+            if !pinned && assigned.swap(mine, Ordering::Relaxed) != mine {
+                log::info!(
+                    "the control process {} the sequencer {} this broker",
+                    if mine { "assigned" } else { "took" },
+                    if mine { "to" } else { "from" }
+                );
+            }
+        }
+        if let Beat::Unreachable(why) = &beat {
+            if last_log.is_none_or(|t| t.elapsed() >= OUTAGE_LOG) {
+                let attempts = outage.map_or(0, |o| o.1) + 1;
+                log::warn!(
+                    "cannot reach the control process ({why}); serving on, {attempts} attempts so far, giving up after {:.0} s",
+                    grace.as_secs_f64()
+                );
+                last_log = Some(Instant::now());
+            }
+        }
+        match k.on_beat(beat, monotonic_ns()) {
+            Next::Heartbeat(wait) => {
+                sleep_unless(stop, wait);
+                beat = client.beat(reg.broker_id);
+            }
+            Next::Rejoin => {
+                log::warn!(
+                    "the control process does not know broker {}; rejoining slot {}",
+                    reg.broker_id,
+                    reg.slot
+                );
+                beat = match client.rejoin(reg, addrs) {
+                    // Rejoined: the heartbeat says whether it runs the sequencer.
+                    Beat::Alive { .. } => client.beat(reg.broker_id),
+                    other => other,
+                };
+            }
+            Next::Stop(why) => return Err(why),
+        }
+    }
+    Ok(())
+}
+
+/// Sleeps `d`, waking early when `stop` is set.
+fn sleep_unless(stop: &AtomicBool, d: Duration) {
+    let end = Instant::now() + d;
+    while !stop.load(Ordering::Relaxed) {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        std::thread::sleep(left.min(Duration::from_millis(100)));
+    }
 }
 
 /// The sequencers of every topic in the pool, topics added as they appear and dropped when

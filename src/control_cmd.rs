@@ -48,7 +48,7 @@ pub fn run_control(a: &ControlArgs) -> Result<(), String> {
         heartbeat: Duration::from_millis(a.heartbeat_ms),
         miss_limit: a.miss_limit,
     };
-    let handle = embar_control::start(cfg)?;
+    let handle = embar_control::start(cfg).map_err(|e| e.to_string())?;
     println!(
         "embar control listening on {} (epoch {})",
         handle.addr, handle.epoch

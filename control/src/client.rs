@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::http::{call, ClientError};
+use crate::keepalive::Beat;
 use crate::topics::TopicSpec;
 
 /// What a broker gets when it registers.
@@ -92,6 +93,25 @@ impl ControlClient {
         .map(|v| v["sequencer"] == true)
     }
 
+    /// A heartbeat, as the broker's [`Keepalive`](crate::keepalive::Keepalive) takes it.
+    pub fn beat(&self, id: u32) -> Beat {
+        Beat::from_result(
+            self.heartbeat(id)
+                .map(|sequencer| Beat::Alive { sequencer }),
+        )
+    }
+
+    /// Asks a control process that does not know broker `reg` (it restarted without its
+    /// state) to take it back in its own id and slot.
+    pub fn rejoin(&self, reg: &Registration, addresses: &BTreeMap<String, String>) -> Beat {
+        let body = json!({
+            "addresses": addresses,
+            "rejoin": { "broker_id": reg.broker_id, "slot": reg.slot },
+        });
+        let answer = self.request("POST", "/v1/brokers", Some(body), Duration::from_secs(5));
+        Beat::from_result(answer.map(|_| Beat::Alive { sequencer: false }))
+    }
+
     /// The brokers; with `wait`, blocks until the membership changes past `since` or the
     /// wait ends (long poll).
     pub fn brokers(&self, since: u64, wait: Duration) -> Result<Value, ClientError> {
@@ -126,5 +146,23 @@ impl ControlClient {
 
     pub fn status(&self) -> Result<Value, ClientError> {
         self.get("/v1/status")
+    }
+}
+
+impl Beat {
+    fn from_result(r: Result<Beat, ClientError>) -> Beat {
+        match r {
+            Ok(b) => b,
+            Err(ClientError::Api { status: 404, .. }) => Beat::Unknown,
+            Err(ClientError::Api {
+                status: 410,
+                message,
+            }) => Beat::Dead(message),
+            Err(ClientError::Api {
+                status: 409,
+                message,
+            }) => Beat::Refused(message),
+            Err(e) => Beat::Unreachable(e.to_string()),
+        }
     }
 }

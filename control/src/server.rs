@@ -52,7 +52,12 @@ struct Inner {
 const SLOT_REUSE_GRACE: Duration = Duration::from_millis(500);
 
 struct Shared {
+    /// Membership and topics. Held briefly, never across a disk write: heartbeats take it.
     inner: Mutex<Inner>,
+    /// Serialises the changes that are saved durably (registrations, topics, deaths): the
+    /// disk is written under this lock only, so a slow fsync delays other changes, never a
+    /// heartbeat.
+    admin: Mutex<()>,
     changed: Condvar,
     pool: Pool,
     cfg: ControlConfig,
@@ -73,21 +78,76 @@ fn now_ns(s: &Shared) -> u64 {
     s.start.elapsed().as_nanos() as u64
 }
 
+/// Why the control process could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot create state directory {path}: {source}")]
+    StateDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("pool {path}: {source}")]
+    Pool { path: PathBuf, source: PoolError },
+    #[error("cannot restore topic {name:?} into the pool: {source}")]
+    RestoreTopic { name: String, source: PoolError },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("cannot start the {what} thread: {source}")]
+    Thread {
+        what: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// Listens where asked; asked for a free port (`:0`) on the address it listened on before
+/// (`previous`, from the durable state), it takes that port again, so that the brokers and
+/// clients of a restarted control process find it.
+fn listen(asked: SocketAddr, previous: Option<SocketAddr>) -> Result<TcpListener, StartError> {
+    if let Some(prev) = previous.filter(|p| asked.port() == 0 && p.ip() == asked.ip()) {
+        match TcpListener::bind(prev) {
+            Ok(l) => return Ok(l),
+            Err(e) => log::warn!("cannot listen on {prev} again ({e}); taking a free port"),
+        }
+    }
+    TcpListener::bind(asked).map_err(|source| StartError::Listen {
+        addr: asked,
+        source,
+    })
+}
+
 /// Attaches to (or creates and formats) the pool, loads durable state, raises the epoch,
-/// and starts serving.
-pub fn start(cfg: ControlConfig) -> Result<ControlHandle, String> {
-    std::fs::create_dir_all(&cfg.state_dir).map_err(|e| {
-        format!(
-            "cannot create state directory {}: {e}",
-            cfg.state_dir.display()
-        )
+/// takes back the brokers that were live, and starts serving.
+pub fn start(cfg: ControlConfig) -> Result<ControlHandle, StartError> {
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| StartError::StateDir {
+        path: cfg.state_dir.clone(),
+        source,
     })?;
     let mut durable = store::load(&cfg.state_dir)?.unwrap_or(Durable {
         format: STATE_FORMAT,
         ..Durable::default()
     });
+    let listener = listen(cfg.listen, durable.listen)?;
+    let addr = listener.local_addr().map_err(|source| StartError::Listen {
+        addr: cfg.listen,
+        source,
+    })?;
     durable.epoch += 1;
+    durable.listen = Some(addr);
     store::save(&cfg.state_dir, &durable)?;
+    // Where `embar cluster down` finds this process (also in `status`).
+    let _ = std::fs::write(
+        cfg.state_dir.join("control.pid"),
+        std::process::id().to_string(),
+    );
+    let pool_err = |source| StartError::Pool {
+        path: cfg.pool_path.clone(),
+        source,
+    };
     let pool = if cfg.pool_path.exists() {
         let p = Pool::open(
             &cfg.pool_path,
@@ -96,12 +156,11 @@ pub fn start(cfg: ControlConfig) -> Result<ControlHandle, String> {
                 ..Default::default()
             },
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(pool_err)?;
         log::info!("attached to pool {}", cfg.pool_path.display());
         p
     } else {
-        let p = Pool::create(&cfg.pool_path, &cfg.pool, &cfg.pool_options)
-            .map_err(|e| e.to_string())?;
+        let p = Pool::create(&cfg.pool_path, &cfg.pool, &cfg.pool_options).map_err(pool_err)?;
         log::info!("created pool {}", cfg.pool_path.display());
         p
     };
@@ -111,20 +170,28 @@ pub fn start(cfg: ControlConfig) -> Result<ControlHandle, String> {
             Ok(_) => {}
             Err(PoolError::UnknownTopic(_)) => {
                 pool.create_topic(Coherent, &t.name, &t.config())
-                    .map_err(|e| format!("cannot restore topic {:?} into the pool: {e}", t.name))?;
+                    .map_err(|source| StartError::RestoreTopic {
+                        name: t.name.clone(),
+                        source,
+                    })?;
             }
-            Err(e) => return Err(e.to_string()),
+            Err(source) => return Err(pool_err(source)),
         }
     }
-    let members = Membership::new(
+    let mut members = Membership::new(
         durable.next_broker_id,
         pool.geometry().max_brokers,
         cfg.heartbeat.as_nanos() as u64,
         cfg.miss_limit,
     );
-    let listener = TcpListener::bind(cfg.listen)
-        .map_err(|e| format!("cannot listen on {}: {e}", cfg.listen))?;
-    let addr = listener.local_addr().map_err(|e| e.to_string())?;
+    if !durable.members.is_empty() {
+        members.restore(&durable.members, 0);
+        log::info!(
+            "took back brokers {:?}: live while they heartbeat within {} intervals",
+            durable.members.iter().map(|m| m.id).collect::<Vec<_>>(),
+            cfg.miss_limit
+        );
+    }
     let epoch = durable.epoch;
     let shared = Arc::new(Shared {
         inner: Mutex::new(Inner {
@@ -132,6 +199,7 @@ pub fn start(cfg: ControlConfig) -> Result<ControlHandle, String> {
             durable,
             last_delete: None,
         }),
+        admin: Mutex::new(()),
         changed: Condvar::new(),
         pool,
         cfg,
@@ -140,16 +208,17 @@ pub fn start(cfg: ControlConfig) -> Result<ControlHandle, String> {
         requests: AtomicU64::new(0),
         errors: AtomicU64::new(0),
     });
+    let thread = |what| move |source| StartError::Thread { what, source };
     let s = shared.clone();
     std::thread::Builder::new()
         .name("control-ticker".into())
         .spawn(move || ticker(&s))
-        .map_err(|e| e.to_string())?;
+        .map_err(thread("ticker"))?;
     let s = shared.clone();
     std::thread::Builder::new()
         .name("control-accept".into())
         .spawn(move || accept(&s, listener))
-        .map_err(|e| e.to_string())?;
+        .map_err(thread("accept"))?;
     Ok(ControlHandle {
         addr,
         epoch,
@@ -172,18 +241,42 @@ fn lock(s: &Shared) -> MutexGuard<'_, Inner> {
     s.inner.lock().unwrap_or_else(|p| p.into_inner())
 }
 
+fn admin(s: &Shared) -> MutexGuard<'_, ()> {
+    s.admin.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Saves the durable state as it is now, with `change` applied to the copy being saved. The
+/// caller holds the admin lock (`_admin`); the inner lock is held only to take the copy.
+fn persist(
+    s: &Shared,
+    _admin: &MutexGuard<'_, ()>,
+    change: impl FnOnce(&mut Durable),
+) -> Result<(), store::StoreError> {
+    let mut d = {
+        let g = lock(s);
+        let mut d = g.durable.clone();
+        d.members = g.members.durable();
+        d
+    };
+    change(&mut d);
+    store::save(&s.cfg.state_dir, &d)
+}
+
 fn ticker(s: &Shared) {
     let period = (s.cfg.heartbeat / 4).max(Duration::from_millis(5));
     loop {
         std::thread::sleep(period);
-        let mut g = lock(s);
-        let died = g.members.tick(now_ns(s));
+        let died = lock(s).members.tick(now_ns(s));
         if !died.is_empty() {
             log::warn!(
                 "brokers {died:?} missed {} heartbeats: dead",
                 s.cfg.miss_limit
             );
             s.changed.notify_all();
+            let a = admin(s);
+            if let Err(e) = persist(s, &a, |_| {}) {
+                log::error!("cannot save that brokers {died:?} died: {e}");
+            }
         }
     }
 }
@@ -260,6 +353,34 @@ fn parse<T: serde::de::DeserializeOwned>(req: &Request) -> Result<T, Response> {
 struct RegisterBody {
     #[serde(default)]
     addresses: BTreeMap<String, String>,
+    /// A live broker this process does not know (it restarted without its state) rejoins with
+    /// the id and slot it holds.
+    #[serde(default)]
+    rejoin: Option<Rejoin>,
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Rejoin {
+    broker_id: u32,
+    slot: u32,
+}
+
+/// Whether the process a registration names is known to have exited: it ran on this host
+/// (same host name) and its pid is gone or a zombie. A broker on another host is never known
+/// gone; its slot waits for its grace.
+fn process_gone(addresses: &BTreeMap<String, String>) -> bool {
+    let here = embar_sys::process::host_name();
+    let same_host = addresses
+        .get("host")
+        .is_some_and(|h| Some(h) == here.as_ref());
+    let pid = addresses.get("pid").and_then(|p| p.parse::<i32>().ok());
+    match pid {
+        Some(pid) if same_host || addresses.get("host").is_none() => {
+            pid <= 0 || !embar_sys::process::alive(pid)
+        }
+        _ => false,
+    }
 }
 
 fn register(s: &Shared, req: &Request) -> Response {
@@ -267,25 +388,47 @@ fn register(s: &Shared, req: &Request) -> Response {
         Ok(b) => b,
         Err(r) => return r,
     };
-    let mut g = lock(s);
-    let (id, slot) = match g.members.register(body.addresses, now_ns(s)) {
-        Ok(r) => r,
-        Err(e) => return Response::error(503, e.to_string()),
+    let a = admin(s);
+    let (id, slot, status) = {
+        let mut g = lock(s);
+        let now = now_ns(s);
+        match body.rejoin {
+            Some(r) => match g.members.rejoin(r.broker_id, r.slot, body.addresses, now) {
+                Ok(()) => (r.broker_id, r.slot, 200),
+                Err(e @ MembershipError::Dead(_)) => return Response::error(410, e.to_string()),
+                Err(e) => return Response::error(409, e.to_string()),
+            },
+            None => match g.members.register(body.addresses, now, &process_gone) {
+                Ok((id, slot)) => {
+                    g.durable.next_broker_id = g.members.next_id();
+                    (id, slot, 201)
+                }
+                Err(e) => return Response::error(503, e.to_string()),
+            },
+        }
     };
     // The id is durable before anyone hears of it: a restarted control never reuses it.
-    g.durable.next_broker_id = g.members.next_id();
-    if let Err(e) = store::save(&s.cfg.state_dir, &g.durable) {
-        return Response::error(500, e);
+    if let Err(e) = persist(s, &a, |_| {}) {
+        if status == 201 {
+            lock(s).members.forget(id);
+            return Response::error(500, e.to_string());
+        }
+        log::error!("broker {id} rejoined, but the state could not be saved: {e}");
     }
+    drop(a);
     s.changed.notify_all();
-    log::info!("broker {id} registered in slot {slot}");
+    if status == 201 {
+        log::info!("broker {id} registered in slot {slot}");
+    } else {
+        log::info!("broker {id} rejoined slot {slot}");
+    }
     Response::json(
-        201,
+        status,
         &json!({
             "broker_id": id,
             "slot": slot,
             "heartbeat_ms": s.cfg.heartbeat.as_millis() as u64,
-            "epoch": g.durable.epoch,
+            "epoch": lock(s).durable.epoch,
         }),
     )
 }
@@ -347,34 +490,35 @@ fn create_topic(s: &Shared, req: &Request) -> Response {
         Ok(t) => t,
         Err(r) => return r,
     };
+    let a = admin(s);
     // Wait out the grace of a recent deletion, without holding the lock (heartbeats go on).
-    let mut g = loop {
-        let g = lock(s);
-        let left = g.last_delete.map_or(Duration::ZERO, |t| {
+    loop {
+        let left = lock(s).last_delete.map_or(Duration::ZERO, |t| {
             SLOT_REUSE_GRACE.saturating_sub(t.elapsed())
         });
         if left.is_zero() {
-            break g;
+            break;
         }
-        drop(g);
         std::thread::sleep(left);
-    };
-    if let Err(e) = spec.check_cluster(g.members.live_count()) {
-        return Response::error(422, e);
     }
-    if g.durable.topics.iter().any(|t| t.name == spec.name) {
-        return Response::error(409, format!("topic {:?} already exists", spec.name));
+    {
+        let g = lock(s);
+        if let Err(e) = spec.check_cluster(g.members.live_count()) {
+            return Response::error(422, e);
+        }
+        if g.durable.topics.iter().any(|t| t.name == spec.name) {
+            return Response::error(409, format!("topic {:?} already exists", spec.name));
+        }
     }
     let slot = match s.pool.create_topic(Coherent, &spec.name, &spec.config()) {
         Ok(slot) => slot,
         Err(e) => return Response::error(pool_error_status(&e), e.to_string()),
     };
-    g.durable.topics.push(spec.clone());
-    if let Err(e) = store::save(&s.cfg.state_dir, &g.durable) {
-        g.durable.topics.pop();
+    if let Err(e) = persist(s, &a, |d| d.topics.push(spec.clone())) {
         let _ = s.pool.delete_topic(Coherent, &spec.name);
-        return Response::error(500, e);
+        return Response::error(500, e.to_string());
     }
+    lock(s).durable.topics.push(spec.clone());
     log::info!("topic {:?} created in slot {slot}", spec.name);
     Response::json(201, &json!({ "topic": spec, "slot": slot }))
 }
@@ -424,19 +568,18 @@ fn describe_topic(s: &Shared, name: &str) -> Response {
 }
 
 fn delete_topic(s: &Shared, name: &str) -> Response {
-    let mut g = lock(s);
-    let Some(pos) = g.durable.topics.iter().position(|t| t.name == name) else {
+    let a = admin(s);
+    if !lock(s).durable.topics.iter().any(|t| t.name == name) {
         return Response::error(404, format!("unknown topic {name:?}"));
-    };
-    let spec = g.durable.topics.remove(pos);
-    if let Err(e) = store::save(&s.cfg.state_dir, &g.durable) {
-        g.durable.topics.insert(pos, spec);
-        return Response::error(500, e);
     }
+    if let Err(e) = persist(s, &a, |d| d.topics.retain(|t| t.name != name)) {
+        return Response::error(500, e.to_string());
+    }
+    lock(s).durable.topics.retain(|t| t.name != name);
     if let Err(e) = s.pool.delete_topic(Coherent, name) {
         log::warn!("topic {name:?} was not in the pool's table: {e}");
     }
-    g.last_delete = Some(Instant::now());
+    lock(s).last_delete = Some(Instant::now());
     log::info!("topic {name:?} deleted");
     Response::json(200, &json!({ "deleted": name }))
 }
@@ -448,6 +591,7 @@ fn status(s: &Shared) -> Response {
         200,
         &json!({
             "epoch": g.durable.epoch,
+            "pid": std::process::id(),
             "pool": {
                 "path": s.cfg.pool_path.display().to_string(),
                 "bytes": geo.pool_bytes,
@@ -537,5 +681,68 @@ impl Default for ControlConfig {
             heartbeat: Duration::from_secs(1),
             miss_limit: 3,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ControlClient;
+
+    #[test]
+    fn heartbeats_are_answered_while_a_durable_write_is_stuck() {
+        let scenario = fail::FailScenario::setup();
+        let id = std::process::id();
+        let dir = std::env::temp_dir().join(format!("embar-server-slow-disk-{id}"));
+        let pool_path = PathBuf::from(format!("/dev/shm/embar-server-slow-disk-{id}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_file(&pool_path);
+        let handle = start(ControlConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            state_dir: dir.clone(),
+            pool_path: pool_path.clone(),
+            pool: PoolConfig {
+                pool_bytes: 16 << 20,
+                max_topics: 2,
+                max_brokers: 2,
+                ring_slots: 64,
+                segment_bytes: 1 << 20,
+            },
+            heartbeat: Duration::from_millis(100),
+            ..ControlConfig::default()
+        })
+        .unwrap();
+        let client = ControlClient::new(handle.addr);
+        let reg = client.register(&BTreeMap::new()).unwrap();
+        // The disk "hangs": every save blocks until the fail point is removed.
+        fail::cfg("control-store-save", "pause").unwrap();
+        let creating = std::thread::spawn(move || {
+            ControlClient::new(handle.addr).create_topic(&crate::topics::TopicSpec {
+                name: "t".into(),
+                order: 5,
+                ack: 1,
+                replication_factor: 0,
+                batch_bytes: 64 << 10,
+            })
+        });
+        let start_t = Instant::now();
+        while start_t.elapsed() < Duration::from_secs(2) {
+            let t = Instant::now();
+            client.heartbeat(reg.broker_id).unwrap();
+            assert!(
+                t.elapsed() < Duration::from_millis(500),
+                "a heartbeat waited {:?} behind the stuck write",
+                t.elapsed()
+            );
+            assert!(!creating.is_finished(), "the save was not stuck");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(client.status().unwrap()["live_brokers"], 1);
+        fail::remove("control-store-save");
+        creating.join().unwrap().unwrap();
+        assert_eq!(client.list_topics().unwrap()["topics"][0]["name"], "t");
+        scenario.teardown();
+        let _ = std::fs::remove_dir_all(&dir);
+        let _ = std::fs::remove_file(&pool_path);
     }
 }
