@@ -45,6 +45,10 @@ pub struct ClusterFile {
     pub control: SocketAddr,
     pub pool: PathBuf,
     pub pids: Vec<u32>,
+    /// The control process's command line (after `embar`): run it again to restart the
+    /// control process on the same state and address.
+    #[serde(default)]
+    pub control_args: Vec<String>,
 }
 
 fn cluster_file(dir: &Path) -> PathBuf {
@@ -148,6 +152,7 @@ pub fn up(a: &UpArgs) -> Result<ClusterFile, String> {
         control_args.push("--populate".into());
     }
     let (control_pid, control_log) = spawn(&a.dir, "control", &control_args)?;
+    let mut control_args = control_args;
     let mut pids = vec![control_pid];
     let line = wait_line(
         control_pid,
@@ -186,10 +191,16 @@ pub fn up(a: &UpArgs) -> Result<ClusterFile, String> {
         pids.push(pid);
         wait_line(pid, &log, "in pool slot", Duration::from_secs(20))?;
     }
+    // A restart of the control process listens on the same address (its state remembers
+    // it); the recorded command line says so explicitly.
+    if let Some(at) = control_args.iter().position(|a| a == "--listen") {
+        control_args[at + 1] = control.to_string();
+    }
     let file = ClusterFile {
         control,
         pool: pool_path,
         pids,
+        control_args,
     };
     let text = serde_json::to_string_pretty(&file).map_err(|e| e.to_string())?;
     std::fs::write(cluster_file(&a.dir), text).map_err(|e| e.to_string())?;
@@ -207,38 +218,132 @@ pub fn up(a: &UpArgs) -> Result<ClusterFile, String> {
     Ok(file)
 }
 
-pub fn down(dir: &Path) -> Result<(), String> {
+/// A process of the cluster that `down` stops.
+struct Member {
+    pid: u32,
+    what: String,
+}
+
+/// Every process of the cluster in `dir`: those `up` started, and any control process or
+/// broker started into it by hand since (found from the control process's pid file and
+/// durable state, and from the control process's status if it answers). A pid counts only if
+/// its command line is `embar` naming this cluster (its state directory or control address),
+/// so a reused pid is never signalled.
+fn members(dir: &Path, file: &ClusterFile) -> Vec<Member> {
+    let state_dir = dir.join("control");
+    let mut pids: Vec<(u32, String)> = Vec::new();
+    if let Some(p) = std::fs::read_to_string(state_dir.join("control.pid"))
+        .ok()
+        .and_then(|p| p.trim().parse().ok())
+    {
+        pids.push((p, "control process".into()));
+    }
+    let mut brokers: Vec<serde_json::Value> = Vec::new();
+    if let Ok(state) = embar_control::store::load(&state_dir) {
+        for m in state.into_iter().flat_map(|d| d.members) {
+            brokers.push(serde_json::json!({ "slot": m.slot, "addresses": m.addresses }));
+        }
+    }
+    if let Ok(status) = ControlClient::new(file.control).status() {
+        if let Some(p) = status["pid"].as_u64() {
+            pids.push((p as u32, "control process".into()));
+        }
+        brokers.extend(status["brokers"].as_array().into_iter().flatten().cloned());
+    }
+    for b in brokers {
+        if let Some(p) = b["addresses"]["pid"].as_str().and_then(|p| p.parse().ok()) {
+            pids.push((p, format!("broker in slot {}", b["slot"])));
+        }
+    }
+    for (i, p) in file.pids.iter().enumerate() {
+        let what = if i == 0 {
+            "control process".into()
+        } else {
+            "broker".into()
+        };
+        pids.push((*p, what));
+    }
+    let names = [state_dir.display().to_string(), file.control.to_string()];
+    let mut out: Vec<Member> = Vec::new();
+    for (pid, what) in pids {
+        if out.iter().any(|m| m.pid == pid) || !is_ours(pid, &names) {
+            continue;
+        }
+        out.push(Member { pid, what });
+    }
+    out
+}
+
+/// Whether `pid` runs `embar` with one of `names` on its command line (and is not a zombie).
+fn is_ours(pid: u32, names: &[String]) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+        return false;
+    };
+    let args: Vec<String> = cmdline
+        .split(|b| *b == 0)
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let exe_is_embar = args
+        .first()
+        .and_then(|a| Path::new(a).file_name())
+        .is_some_and(|n| n.to_string_lossy().starts_with("embar"));
+    exe_is_embar
+        && args.iter().any(|a| names.iter().any(|n| a == n))
+        && embar_sys::process::alive(pid as i32)
+}
+
+/// Stops every process of the cluster (see [`members`]), brokers first, and deletes its pool
+/// and state; returns what it stopped.
+pub fn down(dir: &Path) -> Result<Vec<String>, String> {
     let path = cluster_file(dir);
     let text = std::fs::read_to_string(&path)
         .map_err(|e| format!("no cluster described in {}: {e}", path.display()))?;
     let file: ClusterFile =
         serde_json::from_str(&text).map_err(|e| format!("{} is damaged: {e}", path.display()))?;
-    // Brokers first, then the control process.
-    for pid in file.pids.iter().rev() {
+    let mut procs = members(dir, &file);
+    // Brokers first, then the control process (so brokers are not left without it).
+    procs.sort_by_key(|m| m.what.starts_with("control"));
+    let signal = |m: &Member, sig: &str| {
         let _ = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
+            .args([sig, &m.pid.to_string()])
+            .stderr(Stdio::null())
             .status();
+    };
+    for m in &procs {
+        signal(m, "-TERM");
     }
     let start = Instant::now();
-    while file
-        .pids
+    let mut killed = Vec::new();
+    while procs
         .iter()
-        .any(|p| embar_sys::process::alive(*p as i32) && !zombie(*p))
+        .any(|m| embar_sys::process::alive(m.pid as i32))
     {
         if start.elapsed() > Duration::from_secs(10) {
-            for pid in &file.pids {
-                let _ = Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .status();
+            for m in procs
+                .iter()
+                .filter(|m| embar_sys::process::alive(m.pid as i32))
+            {
+                signal(m, "-KILL");
+                killed.push(m.pid);
             }
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+    let stopped = procs
+        .iter()
+        .map(|m| match killed.contains(&m.pid) {
+            true => format!(
+                "{} (pid {}; SIGKILL: it ignored SIGTERM for 10 s)",
+                m.what, m.pid
+            ),
+            false => format!("{} (pid {})", m.what, m.pid),
+        })
+        .collect();
     let _ = std::fs::remove_file(&file.pool);
     std::fs::remove_file(&path).map_err(|e| e.to_string())?;
     let _ = std::fs::remove_dir_all(dir.join("control"));
-    Ok(())
+    Ok(stopped)
 }
 
 /// A child that exited but was not reaped (its parent, `cluster up`, is gone or busy).

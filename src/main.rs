@@ -251,7 +251,15 @@ fn main() -> ExitCode {
         Cmd::Cluster {
             cmd: ClusterCmd::Down { dir },
             ..
-        } => cluster_cmd::down(&dir).map(|()| true),
+        } => cluster_cmd::down(&dir).map(|stopped| {
+            if stopped.is_empty() {
+                println!("cluster down: no process of it was running; its pool and state are deleted");
+            }
+            for s in stopped {
+                println!("stopped {s}");
+            }
+            true
+        }),
         Cmd::Publish(a) => client_cmd::publish(&a).map(|()| true),
         Cmd::Subscribe(a) => client_cmd::subscribe(&a).map(|()| true),
         Cmd::RingWorker(WorkerCmd::RoguePublish(a)) => client_cmd::rogue_publish(&a).map(|()| true),

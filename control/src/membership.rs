@@ -16,6 +16,9 @@
 //! one heartbeat interval per step: a control process frozen (SIGSTOP), descheduled or
 //! starved for 10 s finds, when it resumes, that its brokers have been silent for about one
 //! interval, not ten, and declares nobody dead for its own pause. A restarted control process
+//! Time while it turns requests away because it is overloaded does not count either
+//! ([`stall`](Membership::stall)): the heartbeats it refused are its own failure. A restarted
+//! control process
 //! [`restore`](Membership::restore)s the brokers that were live (from its durable state) with
 //! a fresh window: those that heartbeat within `miss_limit` intervals keep their ids and
 //! slots. A live broker the control process does not know (its state was lost or older) may
@@ -106,6 +109,8 @@ pub struct Membership {
     /// The awake clock (see the module docs) and the real time it last advanced at.
     awake_ns: u64,
     last_real_ns: Option<u64>,
+    /// Real time up to which the control process counts as stalled (see [`Membership::stall`]).
+    stalled_until_ns: u64,
 }
 
 impl Membership {
@@ -121,6 +126,7 @@ impl Membership {
             version: 1,
             awake_ns: 0,
             last_real_ns: None,
+            stalled_until_ns: 0,
         }
     }
 
@@ -163,11 +169,23 @@ impl Membership {
             .collect()
     }
 
-    /// Moves the awake clock to real time `now_ns`, by at most one heartbeat interval.
+    /// The control process turned a request away (overloaded): time up to `now_ns` does not
+    /// count as silence of the brokers, whose heartbeats it may have refused.
+    /// A broker retries a refused heartbeat within one interval, so the interval after a
+    /// refusal does not count either.
+    pub fn stall(&mut self, now_ns: u64) {
+        self.advance(now_ns);
+        self.stalled_until_ns = self.stalled_until_ns.max(now_ns + self.interval_ns);
+    }
+
+    /// Moves the awake clock to real time `now_ns`, by at most one heartbeat interval, not
+    /// counting time the control process was stalled.
     fn advance(&mut self, now_ns: u64) -> u64 {
-        let step = self
-            .last_real_ns
-            .map_or(0, |last| now_ns.saturating_sub(last).min(self.interval_ns));
+        let step = self.last_real_ns.map_or(0, |last| {
+            now_ns
+                .saturating_sub(last.max(self.stalled_until_ns))
+                .min(self.interval_ns)
+        });
         self.last_real_ns = Some(now_ns.max(self.last_real_ns.unwrap_or(0)));
         self.awake_ns += step;
         self.awake_ns
@@ -563,5 +581,29 @@ mod tests {
             Ok(0),
             "past the grace"
         );
+    }
+
+    #[test]
+    fn time_the_control_spends_refusing_requests_is_not_silence() {
+        let mut m = Membership::new(0, 8, S, 3);
+        let (a, _) = m.register(addr(1), 0, &|_| true).unwrap();
+        // Overloaded from 1 s to 11 s: it refuses a heartbeat every second, ticks every 250 ms.
+        for t in 4..=44 {
+            if t % 4 == 0 {
+                m.stall(t * S / 4);
+            }
+            assert!(m.tick(t * S / 4).is_empty(), "at {} ms", t * 250);
+        }
+        m.heartbeat(a, 11 * S + 1).unwrap();
+        assert_eq!(m.live_count(), 1);
+        // Once it serves again, silence counts as before.
+        for t in 12..=14 {
+            assert!(m.tick(t * S).is_empty());
+        }
+        assert!(
+            m.tick(15 * S).is_empty(),
+            "the last refusal stalled it up to 12 s"
+        );
+        assert_eq!(m.tick(15 * S + 1), vec![a]);
     }
 }

@@ -286,6 +286,8 @@ fn accept(s: &Arc<Shared>, listener: TcpListener) {
         let Ok(stream) = conn else { continue };
         if s.active.fetch_add(1, Ordering::AcqRel) >= CONNECTIONS_MAX {
             s.active.fetch_sub(1, Ordering::AcqRel);
+            // A heartbeat may be among the refused: this time is not the brokers' silence.
+            lock(s).members.stall(now_ns(s));
             let _ = write_response(&stream, &Response::error(503, "too many connections"));
             continue;
         }
@@ -708,7 +710,6 @@ mod tests {
                 ring_slots: 64,
                 segment_bytes: 1 << 20,
             },
-            heartbeat: Duration::from_millis(100),
             ..ControlConfig::default()
         })
         .unwrap();
