@@ -152,7 +152,6 @@ pub fn up(a: &UpArgs) -> Result<ClusterFile, String> {
         control_args.push("--populate".into());
     }
     let (control_pid, control_log) = spawn(&a.dir, "control", &control_args)?;
-    let mut control_args = control_args;
     let mut pids = vec![control_pid];
     let line = wait_line(
         control_pid,
