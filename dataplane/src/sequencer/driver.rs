@@ -415,6 +415,15 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
         }
     }
 
+    /// Runs a reclaim sweep now rather than at its interval (ORDER 4 and 5; a no-op
+    /// otherwise).
+    pub fn reclaim_sweep(&mut self) -> Result<(), SequencerError> {
+        if !self.core.order().per_client() {
+            return Ok(());
+        }
+        self.sweep(monotonic_ns())
+    }
+
     /// Reclaim sweep (see the module docs): settle the previous proposal, then propose anew.
     fn sweep(&mut self, now: u64) -> Result<(), SequencerError> {
         self.last_sweep_ns = now;
@@ -572,9 +581,12 @@ mod tests {
     }
 
     fn setup(order: u8) -> (TempPool, Pool, u32) {
+        // Tests run in parallel: one pool each.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let path = std::path::PathBuf::from(format!(
-            "/dev/shm/embar-test-driver-{order}-{}",
-            std::process::id()
+            "/dev/shm/embar-test-driver-{order}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Relaxed)
         ));
         let _ = std::fs::remove_file(&path);
         let cfg = PoolConfig {
@@ -731,5 +743,105 @@ mod tests {
         let t = pool1.tinode(topic1);
         assert_eq!(t.brokers[0].sequencer.ordered.load(Relaxed), 4);
         assert_eq!(t.brokers[1].sequencer.ordered.load(Relaxed), 2);
+    }
+
+    /// Claims a session of `broker` for `client` on `topic`, as a publisher would.
+    fn open_session(pool: &Pool, topic: u32, broker: u32, client: u64) -> (u32, u64) {
+        let (_, i, gen) =
+            crate::session::try_claim(pool, Coherent, broker, topic, client, std::process::id())
+                .unwrap()
+                .unwrap();
+        (i, gen)
+    }
+
+    /// The broker's release of a session (after it drained the session's submissions).
+    fn release_session(pool: &Pool, broker: u32, (i, gen): (u32, u64)) {
+        let s = pool.session(broker, i).unwrap();
+        s.accepted
+            .store(gen << 8 | crate::session::RELEASED, Relaxed);
+    }
+
+    #[test]
+    fn an_ended_publishers_entry_is_freed_in_the_pool_and_a_restart_keeps_the_live_ones() {
+        let (_t, pool, topic) = setup(5);
+        let _live = open_session(&pool, topic, 0, 1);
+        let ended = open_session(&pool, topic, 1, 2);
+        publish(&pool, topic, 0, 1, 0);
+        publish(&pool, topic, 1, 2, 0);
+        let mut a = Sequencer::start(&pool, Coherent, topic, 2, DriverConfig::default()).unwrap();
+        drain(&mut a);
+        assert_eq!(pool.sequencer_clients_in_use(Coherent, topic), 2);
+        a.reclaim_sweep().unwrap();
+        a.reclaim_sweep().unwrap();
+        assert_eq!(
+            pool.sequencer_clients_in_use(Coherent, topic),
+            2,
+            "both sessions are live"
+        );
+        release_session(&pool, 1, ended);
+        a.reclaim_sweep().unwrap(); // settles the old proposal (nothing), proposes client 2
+        assert_eq!(pool.sequencer_clients_in_use(Coherent, topic), 2);
+        a.reclaim_sweep().unwrap(); // the rings are consumed past the proposal: forgotten
+        assert_eq!(pool.sequencer_clients_in_use(Coherent, topic), 1);
+        assert_eq!(a.core().next_expected(2), None);
+        publish(&pool, topic, 0, 1, 1);
+        drain(&mut a);
+        drop(a);
+
+        let mut b = Sequencer::start(&pool, Coherent, topic, 2, DriverConfig::default()).unwrap();
+        assert_eq!(
+            b.core().next_expected(1),
+            Some(2),
+            "the live client's FIFO survives"
+        );
+        assert_eq!(
+            b.core().next_expected(2),
+            None,
+            "the reclaimed client stays forgotten"
+        );
+        // Its id coming back is a new client: batch 0 is ordered, once.
+        publish(&pool, topic, 1, 2, 0);
+        drain(&mut b);
+        let firsts: Vec<u64> = ordered_slots(&pool, topic).iter().map(|s| s.0).collect();
+        assert_eq!(firsts, vec![0, 2, 4, 6], "no range handed out twice");
+    }
+
+    #[test]
+    fn a_publisher_refused_for_a_full_table_gets_its_own_outcome_and_ordering_goes_on() {
+        let (_t, pool, topic) = setup(5);
+        let cfg = DriverConfig {
+            limits: Limits {
+                clients_max: 1,
+                ..Limits::default()
+            },
+            ..DriverConfig::default()
+        };
+        let _one = open_session(&pool, topic, 0, 1);
+        let _two = open_session(&pool, topic, 1, 2);
+        publish(&pool, topic, 0, 1, 0);
+        publish(&pool, topic, 1, 2, 0);
+        publish(&pool, topic, 1, 2, 1);
+        publish(&pool, topic, 0, 1, 1);
+        let mut s = Sequencer::start(&pool, Coherent, topic, 2, cfg).unwrap();
+        for _ in 0..3 {
+            drain(&mut s);
+            s.reclaim_sweep().unwrap();
+        }
+        let slots = pool.ring_slots(topic, 1).unwrap();
+        for slot in &slots[..2] {
+            assert_eq!(slot.outcome.load(Relaxed), OUTCOME_TABLE_FULL);
+        }
+        assert_eq!(
+            ordered_slots(&pool, topic).len(),
+            2,
+            "client 1's two batches"
+        );
+        assert_eq!(pool.sequencer_clients_in_use(Coherent, topic), 1);
+        assert_eq!(
+            pool.sequencer_state(topic).fences.load(Relaxed),
+            0,
+            "nobody fenced"
+        );
+        assert_eq!(s.core().stats().table_full_drops, 2);
     }
 }
