@@ -195,3 +195,51 @@ pub fn live_clients<C: crate::pool::coherence::Coherence>(
 pub fn close<C: crate::pool::coherence::Coherence>(c: C, s: &Session, gen: u64) {
     c.publish(&s.state, gen << 8 | STATE_CLOSED);
 }
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_client_table_has_its_own_code_and_a_message_that_says_to_retry() {
+        let code = SessionError::ClientTableFull as u64;
+        assert_eq!(SessionError::from_code(code), SessionError::ClientTableFull);
+        assert_eq!(
+            SessionError::from_code(code | 7 << 8),
+            SessionError::ClientTableFull,
+            "with a batch sequence above the code"
+        );
+        let text = SessionError::ClientTableFull.describe();
+        assert!(
+            text.contains("1024 live publishers") && text.contains("retry"),
+            "{text}"
+        );
+        // The verbs transport's own codes (8 and 9) stay distinct.
+        #[cfg(feature = "verbs")]
+        for own in [
+            crate::verbs::frontend::ERROR_BAD_IMMEDIATE,
+            crate::verbs::frontend::ERROR_TRANSPORT,
+        ] {
+            assert_ne!(own, code);
+        }
+        assert!(!(8..=9).contains(&code));
+    }
+
+    #[test]
+    fn a_session_is_live_from_its_claim_until_the_broker_releases_or_refuses_it() {
+        let gen = 5u64;
+        assert!(!is_live(STATE_FREE, 0));
+        assert!(is_live(gen << 8 | STATE_OPENING, 0));
+        assert!(is_live(gen << 8 | STATE_OPEN, gen << 8 | ACCEPTED));
+        assert!(
+            is_live(gen << 8 | STATE_CLOSED, gen << 8 | ACCEPTED),
+            "closed but not yet drained"
+        );
+        assert!(!is_live(gen << 8 | STATE_CLOSED, gen << 8 | RELEASED));
+        assert!(!is_live(gen << 8 | STATE_OPEN, gen << 8 | REFUSED));
+        assert!(
+            is_live(gen << 8 | STATE_OPEN, (gen - 1) << 8 | RELEASED),
+            "an older generation's release"
+        );
+    }
+}

@@ -43,12 +43,27 @@ const TABLE_PRESSED_FREE_BELOW: usize = 8;
 /// At most one warning per this interval about batches dropped for a full table.
 const TABLE_FULL_LOG_NS: u64 = 1_000_000_000;
 
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct DriverConfig {
     pub limits: Limits,
     pub idle: IdlePolicy,
     /// Pin the polling thread to this CPU.
     pub pin_cpu: Option<usize>,
+    /// Reclaim client-table entries of clients with no live session (ORDER 4 and 5; on by
+    /// default). Off only for ring writers that bypass sessions (test tools, benches): their
+    /// clients never look live, so one that paused and then resent could be taken for new.
+    pub client_reclaim: bool,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        DriverConfig {
+            limits: Limits::default(),
+            idle: IdlePolicy::default(),
+            pin_cpu: None,
+            client_reclaim: true,
+        }
+    }
 }
 
 /// Why the sequencer stopped.
@@ -98,6 +113,7 @@ pub struct Sequencer<'p, C: Coherence> {
     actions: Vec<Action>,
     idle: IdlePolicy,
     pin_cpu: Option<usize>,
+    client_reclaim: bool,
     hold_tick_ns: u64,
     last_tick_ns: u64,
     /// Messages ordered per broker this round, published at its end.
@@ -181,6 +197,7 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
             actions: Vec::with_capacity(64),
             idle: cfg.idle,
             pin_cpu: cfg.pin_cpu,
+            client_reclaim: cfg.client_reclaim,
             hold_tick_ns: (cfg.limits.hold_timeout_ns / 10).clamp(100_000, 100_000_000),
             last_tick_ns: 0,
             ordered_unsaved: vec![0; brokers as usize],
@@ -418,7 +435,7 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
     /// Runs a reclaim sweep now rather than at its interval (ORDER 4 and 5; a no-op
     /// otherwise).
     pub fn reclaim_sweep(&mut self) -> Result<(), SequencerError> {
-        if !self.core.order().per_client() {
+        if !self.client_reclaim || !self.core.order().per_client() {
             return Ok(());
         }
         self.sweep(monotonic_ns())
@@ -537,7 +554,10 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
         } else {
             RECLAIM_SWEEP_NS
         };
-        if self.core.order().per_client() && now.saturating_sub(self.last_sweep_ns) >= interval {
+        if self.client_reclaim
+            && self.core.order().per_client()
+            && now.saturating_sub(self.last_sweep_ns) >= interval
+        {
             self.sweep(now)?;
         }
         Ok(work)
