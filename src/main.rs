@@ -121,6 +121,11 @@ struct SequencerArgs {
     /// Fence a client whose sequence gap stays open this long.
     #[arg(long, default_value_t = 5000)]
     hold_timeout_ms: u64,
+    /// Never forget a client of ORDER 4/5 (its entry lives until the topic is deleted). For
+    /// ring writers that bypass publisher sessions (`embar ring-worker feed`), whose clients
+    /// never look live (docs/sequencer.md, "Client table reclaim").
+    #[arg(long)]
+    no_client_reclaim: bool,
 }
 
 #[derive(Subcommand)]
@@ -190,6 +195,7 @@ fn run_sequencer(a: &SequencerArgs) -> Result<(), String> {
                     ..Limits::default()
                 },
                 pin_cpu: a.pin_cpu,
+                client_reclaim: !a.no_client_reclaim,
                 ..DriverConfig::default()
             };
             let mut s =

@@ -34,6 +34,8 @@ fn sequencer(pool: &str, topic: &str) -> Child {
             topic,
             "--brokers",
             "3",
+            // The feeders write rings without publisher sessions.
+            "--no-client-reclaim",
         ])
         .stderr(Stdio::null())
         .spawn()

@@ -551,6 +551,9 @@ fn topic_json(s: &Shared, spec: &TopicSpec) -> Value {
             "next_total_order": seq.next_global.load(Ordering::Acquire),
             "duplicates_dropped": seq.duplicates.load(Ordering::Acquire),
             "clients_fenced": seq.fences.load(Ordering::Acquire),
+            // Publishers the ORDER 4/5 client table tracks now (bounded: ended ones are
+            // reclaimed).
+            "clients_tracked": s.pool.sequencer_clients_in_use(Coherent, slot),
         },
         "brokers": progress,
     })

@@ -102,8 +102,12 @@ fn driver_group<C: Coherence>(c: &mut Criterion, coh: C) {
         let mut producers: Vec<_> = (0..brokers)
             .map(|b| RingProducer::new(pool.ring(topic, b).unwrap(), coh))
             .collect();
-        let mut seq =
-            Sequencer::start(&pool, coh, topic, brokers, DriverConfig::default()).unwrap();
+        // The bench's clients write rings without sessions: never reclaimed.
+        let cfg = DriverConfig {
+            client_reclaim: false,
+            ..DriverConfig::default()
+        };
+        let mut seq = Sequencer::start(&pool, coh, topic, brokers, cfg).unwrap();
         // Fill every ring nearly full, per timed round.
         // Below the ring size by more than the batches the hold path keeps unfinished.
         let per_round = u64::from(brokers) * 900;

@@ -50,6 +50,9 @@ pub enum SessionError {
     Fenced = 6,
     /// The sequencer rejected the batch.
     RejectedBySequencer = 7,
+    // 8 and 9 are the verbs transport's own codes (`verbs::frontend::ERROR_*`).
+    /// The topic's sequencer client table is full of publishers it may not forget yet.
+    ClientTableFull = 10,
 }
 
 impl SessionError {
@@ -62,6 +65,7 @@ impl SessionError {
             5 => SessionError::WrongClient,
             6 => SessionError::Fenced,
             7 => SessionError::RejectedBySequencer,
+            10 => SessionError::ClientTableFull,
             _ => SessionError::None,
         }
     }
@@ -82,6 +86,11 @@ impl SessionError {
                 "the sequencer fenced this client (a gap in its batch sequence never filled)"
             }
             SessionError::RejectedBySequencer => "the sequencer rejected a batch",
+            SessionError::ClientTableFull => {
+                const _: () = assert!(crate::pool::layout::SEQUENCER_CLIENTS_MAX == 1024);
+                "the topic's sequencer already tracks 1024 live publishers (its client table \
+                 is full); retry when some have closed"
+            }
         }
     }
 }
@@ -117,9 +126,7 @@ pub fn try_claim<C: crate::pool::coherence::Coherence>(
         let state = c.observe(&s.state);
         let gen = state >> 8;
         let accepted = c.observe(&s.accepted);
-        let free = state & 0xff == STATE_FREE
-            || (accepted >> 8 == gen && matches!(accepted & 0xff, RELEASED | REFUSED));
-        if !free {
+        if is_live(state, accepted) {
             continue;
         }
         let mine = gen + 1;
@@ -148,7 +155,91 @@ pub fn answer<C: crate::pool::coherence::Coherence>(c: C, s: &Session, gen: u64)
     (a >> 8 == gen && matches!(a & 0xff, ACCEPTED | REFUSED)).then_some(a & 0xff)
 }
 
+/// Whether a session whose words read `state` and `accepted` may still bring batches into a
+/// topic ring: from the claim until the broker has released (or refused) it. A closed
+/// session stays live until the broker has drained its submissions and published RELEASED.
+pub fn is_live(state: u64, accepted: u64) -> bool {
+    let gen = state >> 8;
+    !(state & 0xff == STATE_FREE
+        || (accepted >> 8 == gen && matches!(accepted & 0xff, RELEASED | REFUSED)))
+}
+
+/// Adds to `out` the client id of every live session (see [`is_live`]) of topic slot
+/// `topic`, on every broker slot of the pool (shm and verbs sessions alike). A session being
+/// claimed this instant may show the previous tenant's client or topic: it counts whatever
+/// it shows, so a client whose own session is live is never missed.
+pub fn live_clients<C: crate::pool::coherence::Coherence>(
+    pool: &crate::pool::Pool,
+    c: C,
+    topic: u32,
+    out: &mut std::collections::HashSet<u64>,
+) -> Result<(), crate::PoolError> {
+    for b in 0..pool.geometry().max_brokers {
+        for i in 0..SESSIONS {
+            let s = pool.session(b, i)?;
+            let state = c.observe(&s.state);
+            let accepted = c.observe(&s.accepted);
+            if !is_live(state, accepted) {
+                continue;
+            }
+            c.invalidate(s);
+            if s.topic.load(crate::sync::Ordering::Relaxed) == u64::from(topic) {
+                out.insert(s.client_id.load(crate::sync::Ordering::Relaxed));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Ends generation `gen` of session `s` from the publisher's side.
 pub fn close<C: crate::pool::coherence::Coherence>(c: C, s: &Session, gen: u64) {
     c.publish(&s.state, gen << 8 | STATE_CLOSED);
+}
+
+#[cfg(all(test, not(loom)))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_full_client_table_has_its_own_code_and_a_message_that_says_to_retry() {
+        let code = SessionError::ClientTableFull as u64;
+        assert_eq!(SessionError::from_code(code), SessionError::ClientTableFull);
+        assert_eq!(
+            SessionError::from_code(code | 7 << 8),
+            SessionError::ClientTableFull,
+            "with a batch sequence above the code"
+        );
+        let text = SessionError::ClientTableFull.describe();
+        assert!(
+            text.contains("1024 live publishers") && text.contains("retry"),
+            "{text}"
+        );
+        // The verbs transport's own codes (8 and 9) stay distinct.
+        #[cfg(feature = "verbs")]
+        for own in [
+            crate::verbs::frontend::ERROR_BAD_IMMEDIATE,
+            crate::verbs::frontend::ERROR_TRANSPORT,
+        ] {
+            assert_ne!(own, code);
+        }
+        assert!(!(8..=9).contains(&code));
+    }
+
+    #[test]
+    fn a_session_is_live_from_its_claim_until_the_broker_releases_or_refuses_it() {
+        let gen = 5u64;
+        assert!(!is_live(STATE_FREE, 0));
+        assert!(is_live(gen << 8 | STATE_OPENING, 0));
+        assert!(is_live(gen << 8 | STATE_OPEN, gen << 8 | ACCEPTED));
+        assert!(
+            is_live(gen << 8 | STATE_CLOSED, gen << 8 | ACCEPTED),
+            "closed but not yet drained"
+        );
+        assert!(!is_live(gen << 8 | STATE_CLOSED, gen << 8 | RELEASED));
+        assert!(!is_live(gen << 8 | STATE_OPEN, gen << 8 | REFUSED));
+        assert!(
+            is_live(gen << 8 | STATE_OPEN, (gen - 1) << 8 | RELEASED),
+            "an older generation's release"
+        );
+    }
 }

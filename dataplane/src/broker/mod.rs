@@ -14,7 +14,8 @@ use crate::batch::{BatchDesc, BatchLimits};
 use crate::client::subscriber::{pid_alive, slowest_position};
 use crate::pool::coherence::Coherence;
 use crate::pool::layout::{
-    Session, OUTCOME_DUPLICATE, OUTCOME_FENCED, OUTCOME_ORDERED, SESSION_GRANT_SLOTS,
+    Session, OUTCOME_DUPLICATE, OUTCOME_FENCED, OUTCOME_ORDERED, OUTCOME_TABLE_FULL,
+    SESSION_GRANT_SLOTS,
 };
 use crate::pool::segments::{AllocPolicy, Segment, SegmentAllocator, SegmentOwner};
 use crate::pool::Pool;
@@ -685,10 +686,10 @@ impl<'p, C: Coherence> Broker<'p, C> {
                     }
                 }
                 other => {
-                    let err = if other == OUTCOME_FENCED {
-                        SessionError::Fenced
-                    } else {
-                        SessionError::RejectedBySequencer
+                    let err = match other {
+                        OUTCOME_FENCED => SessionError::Fenced,
+                        OUTCOME_TABLE_FULL => SessionError::ClientTableFull,
+                        _ => SessionError::RejectedBySequencer,
                     };
                     st.rejected += 1;
                     s.error.store(err as u64, Relaxed);

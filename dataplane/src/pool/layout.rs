@@ -209,6 +209,8 @@ pub const OUTCOME_DUPLICATE: u64 = 2;
 pub const OUTCOME_FENCED: u64 = 3;
 /// The slot failed a check: dropped.
 pub const OUTCOME_REJECTED: u64 = 4;
+/// The client is not tracked: the sequencer's client table was full. Dropped.
+pub const OUTCOME_TABLE_FULL: u64 = 5;
 
 /// One message inside a batch payload (as the original `BlogMessageHeader`). Message stride is
 /// `round_up(64 + size, 64)`. Written by the publisher before the batch is published; stamped

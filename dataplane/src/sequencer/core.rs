@@ -17,8 +17,18 @@
 //! delivery positions in arrival order (the ORDER 2 path), so that subscribers can read them
 //! from the same delivery ring.
 //! ORDER 3 (client-assigned tokens) is not built: [`OrderLevel::from_level`] refuses it.
+//!
+//! The client table is bounded ([`Limits::clients_max`]). A client that arrives when it is
+//! full is not tracked: its batch is dropped with [`DropReason::ClientTableFull`] (no fence,
+//! no entry). Entries of clients whose sessions ended are reclaimed in two steps, so that a
+//! client is forgotten only once none of its batches can still be in a ring:
+//! [`SequencerCore::reclaim_propose`] names the clients with no live session that hold
+//! nothing, together with each ring's written count read *after* the liveness; once the
+//! sequencer has consumed every ring up to those counts, [`SequencerCore::reclaim_settle`]
+//! forgets those that are still not live, still hold nothing and sent nothing since the
+//! proposal. See docs/sequencer.md ("Client table reclaim").
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 
 /// The ordering level of a topic (ORDER 3 is not built).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -35,16 +45,25 @@ pub enum OrderLevel {
     TotalFifo,
 }
 
+/// An ordering level this sequencer does not build.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum OrderLevelError {
+    #[error("ORDER 3 (client-assigned tokens) is not supported by this sequencer")]
+    Unsupported,
+    #[error("ORDER {0} is unknown (0..=5)")]
+    Unknown(u8),
+}
+
 impl OrderLevel {
-    pub fn from_level(level: u8) -> Result<OrderLevel, String> {
+    pub fn from_level(level: u8) -> Result<OrderLevel, OrderLevelError> {
         match level {
             0 => Ok(OrderLevel::Unordered),
             1 => Ok(OrderLevel::PerBroker),
             2 => Ok(OrderLevel::Total),
-            3 => Err("ORDER 3 (client-assigned tokens) is not supported by this sequencer".into()),
+            3 => Err(OrderLevelError::Unsupported),
             4 => Ok(OrderLevel::TotalFifoStamped),
             5 => Ok(OrderLevel::TotalFifo),
-            other => Err(format!("ORDER {other} is unknown (0..=5)")),
+            other => Err(OrderLevelError::Unknown(other)),
         }
     }
 
@@ -58,7 +77,8 @@ impl OrderLevel {
         }
     }
 
-    fn per_client(self) -> bool {
+    /// Whether the level keeps a per-client table (ORDER 4 and 5).
+    pub fn per_client(self) -> bool {
         matches!(self, OrderLevel::TotalFifo | OrderLevel::TotalFifoStamped)
     }
 }
@@ -79,6 +99,9 @@ pub enum DropReason {
     Duplicate,
     /// The client is fenced.
     Fenced,
+    /// A client the sequencer does not track arrived when its client table was full of
+    /// clients it may not forget yet: not tracked, no entry, its batch dropped.
+    ClientTableFull,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,8 +113,6 @@ pub enum FenceReason {
     /// All clients together held more batches than the sequencer may; the client waiting
     /// longest is fenced.
     TotalHoldFull,
-    /// A new client arrived when the client table was full.
-    ClientTableFull,
 }
 
 /// What the driver must do.
@@ -149,6 +170,21 @@ pub struct CoreStats {
     pub fenced_drops: u64,
     pub fences: u64,
     pub held_now: u64,
+    /// Batches dropped because the client table was full.
+    pub table_full_drops: u64,
+    /// Client entries reclaimed (clients forgotten).
+    pub clients_reclaimed: u64,
+}
+
+/// A reclaim in progress (see the module docs).
+#[derive(Debug)]
+struct Proposal {
+    /// Clients that had no live session and held nothing when proposed; one that sends a
+    /// batch since is taken out.
+    candidates: HashSet<u64>,
+    /// Each ring's written count, read after the liveness: every batch of a candidate lies
+    /// below it.
+    written: Vec<u64>,
 }
 
 /// The state machine. See the module docs.
@@ -161,6 +197,7 @@ pub struct SequencerCore {
     clients: HashMap<u64, Client>,
     held_total: usize,
     stats: CoreStats,
+    proposal: Option<Proposal>,
 }
 
 /// What a restarted sequencer resumes from (kept in the pool).
@@ -207,6 +244,7 @@ impl SequencerCore {
             clients,
             held_total: 0,
             stats: CoreStats::default(),
+            proposal: None,
         }
     }
 
@@ -221,6 +259,16 @@ impl SequencerCore {
 
     pub fn next_expected(&self, client_id: u64) -> Option<u64> {
         self.clients.get(&client_id).map(|c| c.next_expected)
+    }
+
+    /// Clients in the table now (ORDER 4 and 5).
+    pub fn clients_tracked(&self) -> usize {
+        self.clients.len()
+    }
+
+    /// The client bound (after the driver has clamped it to the pool table).
+    pub fn limits(&self) -> Limits {
+        self.limits
     }
 
     pub fn stats(&self) -> CoreStats {
@@ -262,18 +310,17 @@ impl SequencerCore {
     }
 
     fn fifo(&mut self, b: Landed, now_ns: u64, out: &mut Vec<Action>) {
+        if let Some(p) = self.proposal.as_mut() {
+            // It is active: not to be forgotten on the strength of an older proposal.
+            p.candidates.remove(&b.client_id);
+        }
         if !self.clients.contains_key(&b.client_id) && self.clients.len() >= self.limits.clients_max
         {
-            self.stats.fences += 1;
-            self.stats.fenced_drops += 1;
-            out.push(Action::Fence {
-                client_id: b.client_id,
-                expected: 0,
-                why: FenceReason::ClientTableFull,
-            });
+            // No entry is made: the table stays bounded, and the batch is reported as it is.
+            self.stats.table_full_drops += 1;
             out.push(Action::Drop {
                 batch: b,
-                why: DropReason::Fenced,
+                why: DropReason::ClientTableFull,
             });
             return;
         }
@@ -374,6 +421,64 @@ impl SequencerCore {
         for id in expired {
             self.fence(id, FenceReason::HoldTimeout, out);
         }
+    }
+
+    /// Reclaim, step 1: proposes every client that `live` says has no live session and that
+    /// holds nothing. `written` is each ring's written count, read by the driver *after* it
+    /// read the liveness, so every batch a candidate sent lies below it. Replaces an earlier
+    /// proposal. Returns how many clients were proposed.
+    pub fn reclaim_propose(&mut self, live: impl Fn(u64) -> bool, written: Vec<u64>) -> usize {
+        let candidates: HashSet<u64> = self
+            .clients
+            .iter()
+            .filter(|(id, c)| c.held.is_empty() && !live(**id))
+            .map(|(id, _)| *id)
+            .collect();
+        let n = candidates.len();
+        self.proposal = (n > 0).then_some(Proposal {
+            candidates,
+            written,
+        });
+        n
+    }
+
+    /// Whether a proposal waits to be settled.
+    pub fn reclaim_pending(&self) -> bool {
+        self.proposal.is_some()
+    }
+
+    /// Reclaim, step 2: once `consumed` (the sequencer's consumed count of each ring, all of
+    /// whose slots it has decided) has reached the proposal's written counts, forgets every
+    /// candidate that `live` (read now) says is still not live, that still holds nothing and
+    /// that sent nothing since the proposal; appends their ids to `out` (the driver frees
+    /// their pool entries). Returns false while the rings are not consumed that far (the
+    /// proposal is kept), true once it is settled (or there was none).
+    pub fn reclaim_settle(
+        &mut self,
+        live: impl Fn(u64) -> bool,
+        consumed: &[u64],
+        out: &mut Vec<u64>,
+    ) -> bool {
+        let Some(p) = self.proposal.as_ref() else {
+            return true;
+        };
+        let reached = p.written.len() == consumed.len()
+            && p.written.iter().zip(consumed).all(|(w, c)| c >= w);
+        if !reached {
+            return false;
+        }
+        let p = self.proposal.take().expect("checked above");
+        for id in p.candidates {
+            if live(id) {
+                continue;
+            }
+            if self.clients.get(&id).is_some_and(|c| c.held.is_empty()) {
+                self.clients.remove(&id);
+                self.stats.clients_reclaimed += 1;
+                out.push(id);
+            }
+        }
+        true
     }
 
     /// Recovery: a batch found already ordered in the pool (committed before a crash, its

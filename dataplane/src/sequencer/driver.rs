@@ -5,30 +5,65 @@
 //! sequencer is one thread; when a round finds nothing it spins, then yields, then parks on
 //! the topic's doorbell word with a timeout (a futex works across processes), each with a
 //! named bound ([`IdlePolicy`], shared with the broker's loop).
+//!
+//! Under ORDER 4 and 5 the loop also reclaims client-table entries of publishers whose
+//! sessions ended (see `core` and docs/sequencer.md): every [`RECLAIM_SWEEP`] (sooner when the
+//! table is nearly full) it reads which clients have a live session in the pool, settles the
+//! previous proposal against the rings' consumed counts, and proposes anew with the rings'
+//! written counts read after the liveness.
 
+use std::collections::HashSet;
 use std::sync::atomic::AtomicBool;
 
 use embar_sys::clock::monotonic_ns;
 
-use super::core::{Action, DropReason, Landed, Limits, OrderLevel, Resume, SequencerCore};
-use super::state::PoolState;
+use super::core::{
+    Action, DropReason, Landed, Limits, OrderLevel, OrderLevelError, Resume, SequencerCore,
+};
+use super::state::{PoolState, StateError};
 use crate::batch::{BatchDesc, BatchLimits};
 use crate::idle::{Idle, IdlePolicy};
 use crate::pool::coherence::Coherence;
 use crate::pool::layout::{
     message_stride, MessageHeader, BATCH_MESSAGES_MAX, DELIVERY_SLOTS, OUTCOME_DUPLICATE,
-    OUTCOME_FENCED, OUTCOME_ORDERED, OUTCOME_REJECTED,
+    OUTCOME_FENCED, OUTCOME_ORDERED, OUTCOME_REJECTED, OUTCOME_TABLE_FULL,
 };
 use crate::pool::Pool;
-use crate::ring::{Polled, RingConsumer};
+use crate::ring::{Polled, RingConsumer, RingError};
 use crate::sync::Ordering::Relaxed;
+use crate::PoolError;
 
-#[derive(Clone, Copy, Debug, Default)]
+/// How often client-table entries of ended sessions are looked for (ORDER 4 and 5): a sweep
+/// reads every session word of the pool, so it is not done every round.
+pub const RECLAIM_SWEEP_NS: u64 = 100_000_000;
+/// The sweep interval when the table is nearly full or refused a client.
+pub const RECLAIM_SWEEP_PRESSED_NS: u64 = 2_000_000;
+/// The table counts as nearly full from this fraction (1/n) of free entries down.
+const TABLE_PRESSED_FREE_BELOW: usize = 8;
+/// At most one warning per this interval about batches dropped for a full table.
+const TABLE_FULL_LOG_NS: u64 = 1_000_000_000;
+
+#[derive(Clone, Copy, Debug)]
 pub struct DriverConfig {
     pub limits: Limits,
     pub idle: IdlePolicy,
     /// Pin the polling thread to this CPU.
     pub pin_cpu: Option<usize>,
+    /// Reclaim client-table entries of clients with no live session (ORDER 4 and 5; on by
+    /// default). Off only for ring writers that bypass sessions (test tools, benches): their
+    /// clients never look live, so one that paused and then resent could be taken for new.
+    pub client_reclaim: bool,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        DriverConfig {
+            limits: Limits::default(),
+            idle: IdlePolicy::default(),
+            pin_cpu: None,
+            client_reclaim: true,
+        }
+    }
 }
 
 /// Why the sequencer stopped.
@@ -38,8 +73,20 @@ pub enum SequencerError {
     Superseded(u64),
     #[error("topic slot {0} was deleted (or deleted and created again)")]
     TopicGone(u32),
-    #[error("{0}")]
-    Pool(String),
+    #[error("no topic in slot {0}")]
+    NoTopic(u32),
+    #[error("{brokers} brokers: the pool has room for 1..={max}")]
+    Brokers { brokers: u32, max: u32 },
+    #[error(transparent)]
+    Level(#[from] OrderLevelError),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error(transparent)]
+    Ring(#[from] RingError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("batch at pool offset {log_idx} ends inside its message {message}")]
+    BatchOverrun { log_idx: u64, message: u64 },
 }
 
 /// Counters of the driver.
@@ -48,6 +95,8 @@ pub struct DriverStats {
     pub batches: u64,
     pub rejected: u64,
     pub replayed: u64,
+    /// Reclaim sweeps run.
+    pub sweeps: u64,
 }
 
 /// The sequencer of one topic.
@@ -64,6 +113,7 @@ pub struct Sequencer<'p, C: Coherence> {
     actions: Vec<Action>,
     idle: IdlePolicy,
     pin_cpu: Option<usize>,
+    client_reclaim: bool,
     hold_tick_ns: u64,
     last_tick_ns: u64,
     /// Messages ordered per broker this round, published at its end.
@@ -75,6 +125,15 @@ pub struct Sequencer<'p, C: Coherence> {
     /// Generation of the topic slot when this sequencer started.
     generation: u64,
     stats: DriverStats,
+    last_sweep_ns: u64,
+    /// The table is nearly full or refused a client: sweep at the pressed interval.
+    sweep_pressed: bool,
+    /// Clients with a live session, refilled by each sweep.
+    live: HashSet<u64>,
+    reclaimed: Vec<u64>,
+    /// Batches dropped for a full table since the last warning, and when that was.
+    table_full_unlogged: u64,
+    table_full_logged_ns: u64,
 }
 
 impl<'p, C: Coherence> Sequencer<'p, C> {
@@ -87,16 +146,15 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
         brokers: u32,
         cfg: DriverConfig,
     ) -> Result<Self, SequencerError> {
-        let perr = |e: crate::PoolError| SequencerError::Pool(e.to_string());
         let info = pool
             .read_topic(c, topic)
-            .ok_or_else(|| SequencerError::Pool(format!("no topic in slot {topic}")))?;
-        let order = OrderLevel::from_level(info.config.order).map_err(SequencerError::Pool)?;
+            .ok_or(SequencerError::NoTopic(topic))?;
+        let order = OrderLevel::from_level(info.config.order)?;
         if brokers == 0 || brokers > pool.geometry().max_brokers {
-            return Err(SequencerError::Pool(format!(
-                "{brokers} brokers: the pool has room for 1..={}",
-                pool.geometry().max_brokers
-            )));
+            return Err(SequencerError::Brokers {
+                brokers,
+                max: pool.geometry().max_brokers,
+            });
         }
         let mut state = PoolState::attach(pool.sequencer_state(topic), c);
         let (next_global, clients) = state.load();
@@ -121,7 +179,7 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
         let slots = pool.geometry().ring_slots as usize;
         let mut rings = Vec::with_capacity(brokers as usize);
         for b in 0..brokers {
-            let ring = pool.ring(topic, b).map_err(perr)?;
+            let ring = pool.ring(topic, b)?;
             rings.push(RingConsumer::new(
                 ring,
                 c,
@@ -139,6 +197,7 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
             actions: Vec::with_capacity(64),
             idle: cfg.idle,
             pin_cpu: cfg.pin_cpu,
+            client_reclaim: cfg.client_reclaim,
             hold_tick_ns: (cfg.limits.hold_timeout_ns / 10).clamp(100_000, 100_000_000),
             last_tick_ns: 0,
             ordered_unsaved: vec![0; brokers as usize],
@@ -146,6 +205,12 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
             burst: (limits.held_per_client_max / (2 * brokers as usize)).clamp(1, 64),
             generation: info.generation,
             stats: DriverStats::default(),
+            last_sweep_ns: 0,
+            sweep_pressed: false,
+            live: HashSet::new(),
+            reclaimed: Vec::new(),
+            table_full_unlogged: 0,
+            table_full_logged_ns: 0,
         };
         s.next_delivery = next_delivery;
         s.recover()?;
@@ -176,10 +241,7 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
         while !open.is_empty() {
             let mut still = Vec::with_capacity(open.len());
             for b in open {
-                match self.rings[b]
-                    .poll()
-                    .map_err(|e| SequencerError::Pool(e.to_string()))?
-                {
+                match self.rings[b].poll()? {
                     Some(Polled::Batch { index, desc }) => {
                         let landed = self.remember(b, index, desc);
                         match self.rings[b].committed_order(index) {
@@ -230,17 +292,13 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
             self.topic
         );
         self.stats.rejected += 1;
-        self.rings[b]
-            .decide_deferred(index, OUTCOME_REJECTED, u64::MAX, u64::MAX)
-            .and_then(|()| self.rings[b].finish_deferred(index))
-            .map_err(|e| SequencerError::Pool(e.to_string()))
+        self.rings[b].decide_deferred(index, OUTCOME_REJECTED, u64::MAX, u64::MAX)?;
+        Ok(self.rings[b].finish_deferred(index)?)
     }
 
     /// Finishes a slot; its watermark is published at the end of the round.
     fn finish(&mut self, l: Landed) -> Result<(), SequencerError> {
-        self.rings[l.broker as usize]
-            .finish_deferred(l.index)
-            .map_err(|e| SequencerError::Pool(e.to_string()))
+        Ok(self.rings[l.broker as usize].finish_deferred(l.index)?)
     }
 
     /// Closes a round: the slot commits reach memory, then the counters, then the watermarks
@@ -264,20 +322,17 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
 
     /// Stamps every message of the batch with its own total order (ORDER 4).
     fn stamp_messages(&self, desc: &BatchDesc, first: u64) -> Result<(), SequencerError> {
-        let base = self
-            .pool
-            .data_ptr(desc.log_idx, desc.total_size)
-            .map_err(|e| SequencerError::Pool(e.to_string()))?;
+        let base = self.pool.data_ptr(desc.log_idx, desc.total_size)?;
         // SAFETY: the batch range was bounds-checked; it is published and not yet finished, so
         // its writer is done with it and nobody else writes it.
         unsafe { self.c.invalidate_range(base, desc.total_size as usize) };
         let mut off = 0u64;
         for i in 0..u64::from(desc.num_msg.min(BATCH_MESSAGES_MAX)) {
             if off + 64 > desc.total_size {
-                return Err(SequencerError::Pool(format!(
-                    "batch at {} ends inside message {i}",
-                    desc.log_idx
-                )));
+                return Err(SequencerError::BatchOverrun {
+                    log_idx: desc.log_idx,
+                    message: i,
+                });
             }
             // SAFETY: `off + 64 <= total_size`, inside the checked range; 64-byte aligned as
             // every message starts at a multiple of 64.
@@ -305,15 +360,12 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
                     let d = self.next_delivery;
                     self.write_delivery(d, &batch, &desc, first);
                     self.next_delivery = d + 1;
-                    self.rings[b]
-                        .decide_deferred(batch.index, OUTCOME_ORDERED, first, d)
-                        .map_err(|e| SequencerError::Pool(e.to_string()))?;
+                    self.rings[b].decide_deferred(batch.index, OUTCOME_ORDERED, first, d)?;
                     let end = first + u64::from(batch.num_msg);
                     match self.core.order() {
                         OrderLevel::TotalFifo | OrderLevel::TotalFifoStamped => self
                             .state
-                            .record_order(batch.client_id, batch.batch_seq, end)
-                            .map_err(SequencerError::Pool)?,
+                            .record_order(batch.client_id, batch.batch_seq, end)?,
                         OrderLevel::Total | OrderLevel::Unordered => self.state.record_global(end),
                         OrderLevel::PerBroker => self.state.record_global(self.core.next_global()),
                     }
@@ -332,10 +384,17 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
                             OUTCOME_DUPLICATE
                         }
                         DropReason::Fenced => OUTCOME_FENCED,
+                        DropReason::ClientTableFull => {
+                            self.table_full(batch.client_id);
+                            OUTCOME_TABLE_FULL
+                        }
                     };
-                    self.rings[batch.broker as usize]
-                        .decide_deferred(batch.index, outcome, u64::MAX, u64::MAX)
-                        .map_err(|e| SequencerError::Pool(e.to_string()))?;
+                    self.rings[batch.broker as usize].decide_deferred(
+                        batch.index,
+                        outcome,
+                        u64::MAX,
+                        u64::MAX,
+                    )?;
                     self.finish(batch)?;
                 }
                 Action::Fence {
@@ -347,13 +406,73 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
                         "topic slot {}: client {client_id} fenced ({why:?}) waiting for batch {expected}",
                         self.topic
                     );
-                    self.state
-                        .save_fence(client_id)
-                        .map_err(SequencerError::Pool)?;
+                    self.state.save_fence(client_id)?;
                 }
             }
         }
         self.actions = actions;
+        Ok(())
+    }
+
+    /// A batch of an untracked client was dropped for a full table: warns at most once per
+    /// [`TABLE_FULL_LOG_NS`], with the count since, and sweeps at once.
+    fn table_full(&mut self, client_id: u64) {
+        self.sweep_pressed = true;
+        self.table_full_unlogged += 1;
+        let now = monotonic_ns();
+        if now.saturating_sub(self.table_full_logged_ns) >= TABLE_FULL_LOG_NS {
+            log::warn!(
+                "topic slot {}: {} batch(es) of publishers the sequencer does not track dropped (the latest of client {client_id}): its client table holds {} live or unfinished publishers",
+                self.topic,
+                self.table_full_unlogged,
+                self.core.clients_tracked()
+            );
+            self.table_full_unlogged = 0;
+            self.table_full_logged_ns = now;
+        }
+    }
+
+    /// Runs a reclaim sweep now rather than at its interval (ORDER 4 and 5; a no-op
+    /// otherwise).
+    pub fn reclaim_sweep(&mut self) -> Result<(), SequencerError> {
+        if !self.client_reclaim || !self.core.order().per_client() {
+            return Ok(());
+        }
+        self.sweep(monotonic_ns())
+    }
+
+    /// Reclaim sweep (see the module docs): settle the previous proposal, then propose anew.
+    fn sweep(&mut self, now: u64) -> Result<(), SequencerError> {
+        self.last_sweep_ns = now;
+        self.stats.sweeps += 1;
+        self.live.clear();
+        crate::session::live_clients(self.pool, self.c, self.topic, &mut self.live)?;
+        let consumed: Vec<u64> = self.rings.iter().map(|r| r.consumed()).collect();
+        let live = &self.live;
+        if self
+            .core
+            .reclaim_settle(|id| live.contains(&id), &consumed, &mut self.reclaimed)
+        {
+            // Read after the liveness: every batch of a client found not live lies below.
+            let tinode = self.pool.tinode(self.topic);
+            let written = (0..self.rings.len())
+                .map(|b| self.c.observe(&tinode.brokers[b].broker.written))
+                .collect();
+            self.core.reclaim_propose(|id| live.contains(&id), written);
+        }
+        if !self.reclaimed.is_empty() {
+            log::debug!(
+                "topic slot {}: {} ended publisher(s) forgotten, {} tracked",
+                self.topic,
+                self.reclaimed.len(),
+                self.core.clients_tracked()
+            );
+        }
+        for id in self.reclaimed.drain(..) {
+            self.state.forget(id);
+        }
+        let max = self.core.limits().clients_max;
+        self.sweep_pressed = self.core.clients_tracked() + max / TABLE_PRESSED_FREE_BELOW >= max;
         Ok(())
     }
 
@@ -407,10 +526,7 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
             // enough that a client striped over every broker cannot fill its hold buffer
             // from the rings visited before the one with its next batch.
             for _ in 0..self.burst {
-                match self.rings[b]
-                    .poll()
-                    .map_err(|e| SequencerError::Pool(e.to_string()))?
-                {
+                match self.rings[b].poll()? {
                     Some(Polled::Batch { index, desc }) => {
                         let landed = self.remember(b, index, desc);
                         self.core.on_landed(landed, now, &mut self.actions);
@@ -431,6 +547,19 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
             self.apply()?;
         }
         self.end_round();
+        // After the round's watermarks are published: a client forgotten here has no batch
+        // above them, so a restart never replays one of its batches.
+        let interval = if self.sweep_pressed {
+            RECLAIM_SWEEP_PRESSED_NS
+        } else {
+            RECLAIM_SWEEP_NS
+        };
+        if self.client_reclaim
+            && self.core.order().per_client()
+            && now.saturating_sub(self.last_sweep_ns) >= interval
+        {
+            self.sweep(now)?;
+        }
         Ok(work)
     }
 
@@ -472,9 +601,12 @@ mod tests {
     }
 
     fn setup(order: u8) -> (TempPool, Pool, u32) {
+        // Tests run in parallel: one pool each.
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let path = std::path::PathBuf::from(format!(
-            "/dev/shm/embar-test-driver-{order}-{}",
-            std::process::id()
+            "/dev/shm/embar-test-driver-{order}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Relaxed)
         ));
         let _ = std::fs::remove_file(&path);
         let cfg = PoolConfig {
@@ -631,5 +763,105 @@ mod tests {
         let t = pool1.tinode(topic1);
         assert_eq!(t.brokers[0].sequencer.ordered.load(Relaxed), 4);
         assert_eq!(t.brokers[1].sequencer.ordered.load(Relaxed), 2);
+    }
+
+    /// Claims a session of `broker` for `client` on `topic`, as a publisher would.
+    fn open_session(pool: &Pool, topic: u32, broker: u32, client: u64) -> (u32, u64) {
+        let (_, i, gen) =
+            crate::session::try_claim(pool, Coherent, broker, topic, client, std::process::id())
+                .unwrap()
+                .unwrap();
+        (i, gen)
+    }
+
+    /// The broker's release of a session (after it drained the session's submissions).
+    fn release_session(pool: &Pool, broker: u32, (i, gen): (u32, u64)) {
+        let s = pool.session(broker, i).unwrap();
+        s.accepted
+            .store(gen << 8 | crate::session::RELEASED, Relaxed);
+    }
+
+    #[test]
+    fn an_ended_publishers_entry_is_freed_in_the_pool_and_a_restart_keeps_the_live_ones() {
+        let (_t, pool, topic) = setup(5);
+        let _live = open_session(&pool, topic, 0, 1);
+        let ended = open_session(&pool, topic, 1, 2);
+        publish(&pool, topic, 0, 1, 0);
+        publish(&pool, topic, 1, 2, 0);
+        let mut a = Sequencer::start(&pool, Coherent, topic, 2, DriverConfig::default()).unwrap();
+        drain(&mut a);
+        assert_eq!(pool.sequencer_clients_in_use(Coherent, topic), 2);
+        a.reclaim_sweep().unwrap();
+        a.reclaim_sweep().unwrap();
+        assert_eq!(
+            pool.sequencer_clients_in_use(Coherent, topic),
+            2,
+            "both sessions are live"
+        );
+        release_session(&pool, 1, ended);
+        a.reclaim_sweep().unwrap(); // settles the old proposal (nothing), proposes client 2
+        assert_eq!(pool.sequencer_clients_in_use(Coherent, topic), 2);
+        a.reclaim_sweep().unwrap(); // the rings are consumed past the proposal: forgotten
+        assert_eq!(pool.sequencer_clients_in_use(Coherent, topic), 1);
+        assert_eq!(a.core().next_expected(2), None);
+        publish(&pool, topic, 0, 1, 1);
+        drain(&mut a);
+        drop(a);
+
+        let mut b = Sequencer::start(&pool, Coherent, topic, 2, DriverConfig::default()).unwrap();
+        assert_eq!(
+            b.core().next_expected(1),
+            Some(2),
+            "the live client's FIFO survives"
+        );
+        assert_eq!(
+            b.core().next_expected(2),
+            None,
+            "the reclaimed client stays forgotten"
+        );
+        // Its id coming back is a new client: batch 0 is ordered, once.
+        publish(&pool, topic, 1, 2, 0);
+        drain(&mut b);
+        let firsts: Vec<u64> = ordered_slots(&pool, topic).iter().map(|s| s.0).collect();
+        assert_eq!(firsts, vec![0, 2, 4, 6], "no range handed out twice");
+    }
+
+    #[test]
+    fn a_publisher_refused_for_a_full_table_gets_its_own_outcome_and_ordering_goes_on() {
+        let (_t, pool, topic) = setup(5);
+        let cfg = DriverConfig {
+            limits: Limits {
+                clients_max: 1,
+                ..Limits::default()
+            },
+            ..DriverConfig::default()
+        };
+        let _one = open_session(&pool, topic, 0, 1);
+        let _two = open_session(&pool, topic, 1, 2);
+        publish(&pool, topic, 0, 1, 0);
+        publish(&pool, topic, 1, 2, 0);
+        publish(&pool, topic, 1, 2, 1);
+        publish(&pool, topic, 0, 1, 1);
+        let mut s = Sequencer::start(&pool, Coherent, topic, 2, cfg).unwrap();
+        for _ in 0..3 {
+            drain(&mut s);
+            s.reclaim_sweep().unwrap();
+        }
+        let slots = pool.ring_slots(topic, 1).unwrap();
+        for slot in &slots[..2] {
+            assert_eq!(slot.outcome.load(Relaxed), OUTCOME_TABLE_FULL);
+        }
+        assert_eq!(
+            ordered_slots(&pool, topic).len(),
+            2,
+            "client 1's two batches"
+        );
+        assert_eq!(pool.sequencer_clients_in_use(Coherent, topic), 1);
+        assert_eq!(
+            pool.sequencer_state(topic).fences.load(Relaxed),
+            0,
+            "nobody fenced"
+        );
+        assert_eq!(s.core().stats().table_full_drops, 2);
     }
 }

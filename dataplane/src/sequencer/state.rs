@@ -9,6 +9,12 @@
 //! committed ones are replayed (the counters are brought past them), the rest ordered anew.
 //! The counters are never saved behind a published watermark, so nothing is lost, and never
 //! ahead of a commit, so no range is handed out twice.
+//!
+//! The client table is open addressing on the client id, but it is always read through a
+//! complete in-memory index (`index`, rebuilt by [`PoolState::load`]), never probed for a
+//! lookup; so an entry is freed by zeroing its key ([`PoolState::forget`]) with no tombstone.
+//! A reclaimed entry is written back at the next save; a sequencer killed before that finds
+//! the client again at restart and reclaims it again.
 
 use std::collections::HashMap;
 
@@ -17,6 +23,14 @@ use crate::pool::layout::{SequencerState, SEQUENCER_CLIENTS_MAX};
 use crate::sync::Ordering::Relaxed;
 
 const FENCED: u64 = 1;
+
+/// What can go wrong with the sequencer's state in the pool.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// The core bounds its clients to the table, so this is a bug, reported, not ignored.
+    #[error("sequencer client table full ({0} entries)")]
+    ClientTableFull(usize),
+}
 
 /// A sequencer's handle on its topic's state in the pool.
 #[derive(Debug)]
@@ -130,10 +144,10 @@ impl<'p, C: Coherence> PoolState<'p, C> {
         client_id: u64,
         batch_seq: u64,
         next_global: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), StateError> {
         let i = self
             .entry(client_id)
-            .ok_or_else(|| format!("sequencer client table full ({SEQUENCER_CLIENTS_MAX})"))?;
+            .ok_or(StateError::ClientTableFull(SEQUENCER_CLIENTS_MAX))?;
         self.st.clients[i]
             .next_expected
             .store(batch_seq + 1, Relaxed);
@@ -198,10 +212,12 @@ impl<'p, C: Coherence> PoolState<'p, C> {
         &self.st.delivery
     }
 
-    pub fn save_fence(&mut self, client_id: u64) -> Result<(), String> {
+    /// Records that a tracked client is fenced (the core fences only clients it tracks, so
+    /// the entry exists or there is room for it).
+    pub fn save_fence(&mut self, client_id: u64) -> Result<(), StateError> {
         let i = self
             .entry(client_id)
-            .ok_or_else(|| format!("sequencer client table full ({SEQUENCER_CLIENTS_MAX})"))?;
+            .ok_or(StateError::ClientTableFull(SEQUENCER_CLIENTS_MAX))?;
         let e = &self.st.clients[i];
         e.flags.store(FENCED, Relaxed);
         self.c.writeback(e);
@@ -210,8 +226,40 @@ impl<'p, C: Coherence> PoolState<'p, C> {
         Ok(())
     }
 
+    /// Frees the entry of a client the core has forgotten (see the module docs); written back
+    /// at the next [`save`](Self::save).
+    pub fn forget(&mut self, client_id: u64) {
+        let Some(i) = self.index.remove(&client_id) else {
+            return;
+        };
+        let e = &self.st.clients[i];
+        e.client_key.store(0, Relaxed);
+        e.next_expected.store(0, Relaxed);
+        e.flags.store(0, Relaxed);
+        self.dirty.push(i);
+    }
+
+    /// Entries in use (clients the table holds).
+    pub fn clients_in_use(&self) -> usize {
+        self.index.len()
+    }
+
     pub fn count_duplicate(&self) {
         self.c
             .publish(&self.st.duplicates, self.st.duplicates.load(Relaxed) + 1);
+    }
+}
+
+impl crate::pool::Pool {
+    /// Entries of topic slot `topic`'s sequencer client table in use (ORDER 4 and 5 track
+    /// their publishers there), read from the pool: for status and tests. Panics if `topic`
+    /// is out of range, as [`sequencer_state`](crate::pool::Pool::sequencer_state) does.
+    pub fn sequencer_clients_in_use<C: Coherence>(&self, c: C, topic: u32) -> usize {
+        let st = self.sequencer_state(topic);
+        c.invalidate(&st.clients);
+        st.clients
+            .iter()
+            .filter(|e| e.client_key.load(Relaxed) != 0)
+            .count()
     }
 }
