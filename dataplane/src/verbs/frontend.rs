@@ -22,12 +22,14 @@ use embar_sys::verbs::{
 
 use super::credits::{BadImmediate, ImmediateOrder, SourceRing};
 use super::*;
+use crate::log_limit::LogLimit;
 use crate::pool::coherence::Coherence;
 use crate::pool::layout::Session;
 use crate::pool::Pool;
 use crate::ring::{RingError, RingProducer};
 use crate::session::{self, answer, grant_slot, submission_ring, SessionError, ACCEPTED, RELEASED};
 use crate::sync::Ordering::Relaxed;
+use crate::warn_limited;
 
 /// Feedback writes in flight per session (a ring of 64-byte source slots).
 const FEEDBACK_SOURCES: u64 = 64;
@@ -137,6 +139,18 @@ pub struct Frontend<'p, C: Coherence> {
     completions: Vec<Completion>,
     listen_addr: SocketAddr,
     batch_limit: u64,
+    warnings: Warnings,
+}
+
+/// The frontend's warnings that a misbehaving publisher or a failing device can repeat on
+/// every polling round; each is logged at most once per interval, with a count.
+#[derive(Default)]
+struct Warnings {
+    session_failed: LogLimit,
+    bad_immediate: LogLimit,
+    repost_receive: LogLimit,
+    register_grant: LogLimit,
+    submission: LogLimit,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -183,6 +197,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
             completions: Vec::with_capacity(64),
             listen_addr,
             batch_limit: pool.geometry().segment_bytes,
+            warnings: Warnings::default(),
         })
     }
 
@@ -414,10 +429,6 @@ impl<'p, C: Coherence> Frontend<'p, C> {
         })
     }
 
-    fn remote_by_qp(&mut self, qpn: u32) -> Option<&mut Remote<'p, C>> {
-        self.remotes.iter_mut().find(|r| r.qp.qp_num() == qpn)
-    }
-
     /// Immediates announce descriptors; errors end their session.
     fn poll_receives(&mut self) -> Result<usize, FrontendError> {
         let mut work = 0;
@@ -427,16 +438,20 @@ impl<'p, C: Coherence> Frontend<'p, C> {
                 return Ok(work);
             }
             let completions = std::mem::take(&mut self.completions);
+            let now = monotonic_ns();
+            let warn = &mut self.warnings;
             for c in &completions {
                 work += 1;
                 let broker = self.broker;
                 let mut bad = false;
-                let Some(r) = self.remote_by_qp(c.qp_num) else {
+                let Some(r) = remote_by_qp(&mut self.remotes, c.qp_num) else {
                     continue;
                 };
                 if !c.ok() {
                     if r.closing.is_none() {
-                        log::warn!(
+                        warn_limited!(
+                            warn.session_failed,
+                            now,
                             "broker {broker}: verbs session of client {} failed: {}",
                             r.client_id,
                             c.status_str()
@@ -458,7 +473,9 @@ impl<'p, C: Coherence> Frontend<'p, C> {
                         bad = true;
                         r.local_rejected += 1;
                         r.local_error = ERROR_BAD_IMMEDIATE | r.order.received() << 8;
-                        log::warn!(
+                        warn_limited!(
+                            warn.bad_immediate,
+                            now,
                             "broker {broker}: verbs client {}: immediate {got} names no expected staging slot (want {expected}); rejected",
                             r.client_id
                         );
@@ -467,7 +484,12 @@ impl<'p, C: Coherence> Frontend<'p, C> {
                 // The receive is used up either way: post it again.
                 // SAFETY: no buffer.
                 if let Err(e) = unsafe { r.qp.post_recv(c.wr_id, None) } {
-                    log::warn!("broker {broker}: re-posting a receive: {e}");
+                    warn_limited!(
+                        warn.repost_receive,
+                        now,
+                        "broker {broker}: verbs client {}: re-posting a receive: {e}",
+                        r.client_id
+                    );
                     r.closing.get_or_insert(ERROR_TRANSPORT);
                 }
                 if bad {
@@ -487,7 +509,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
             }
             let completions = std::mem::take(&mut self.completions);
             for c in &completions {
-                if let Some(r) = self.remote_by_qp(c.qp_num) {
+                if let Some(r) = remote_by_qp(&mut self.remotes, c.qp_num) {
                     if c.ok() {
                         r.sources.completed(c.wr_id);
                     } else {
@@ -502,7 +524,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
     /// Forwarding, grants, feedback and liveness of remote `i`.
     fn serve(&mut self, i: usize, now: u64) -> usize {
         let (pool, c, stats) = (self.pool, self.c, &mut self.stats);
-        let ctx = &self.ctx;
+        let (ctx, broker, warn) = (&self.ctx, self.broker, &mut self.warnings);
         let r = &mut self.remotes[i];
         if r.closing.is_some() {
             return 0;
@@ -526,7 +548,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
             return usize::from(r.read_ready());
         }
         let mut work = 0;
-        work += r.forward(pool);
+        work += r.forward(pool, &mut warn.submission, broker, now);
         stats.batches_forwarded += work as u64;
         match r.new_grants(pool, c, ctx) {
             Ok(n) => {
@@ -534,7 +556,12 @@ impl<'p, C: Coherence> Frontend<'p, C> {
                 work += n as usize;
             }
             Err(e) => {
-                log::warn!("verbs client {}: registering a grant: {e}", r.client_id);
+                warn_limited!(
+                    warn.register_grant,
+                    now,
+                    "broker {broker}: verbs client {}: registering a grant: {e}",
+                    r.client_id
+                );
                 r.closing = Some(ERROR_TRANSPORT);
                 return 1;
             }
@@ -565,6 +592,13 @@ impl<'p, C: Coherence> Frontend<'p, C> {
         let deadline = monotonic_ns() + DRAIN.as_nanos() as u64;
         self.draining.push((r, deadline));
     }
+}
+
+fn remote_by_qp<'a, 'p, C: Coherence>(
+    remotes: &'a mut [Remote<'p, C>],
+    qpn: u32,
+) -> Option<&'a mut Remote<'p, C>> {
+    remotes.iter_mut().find(|r| r.qp.qp_num() == qpn)
 }
 
 /// A session error code, including the transport's own.
@@ -616,7 +650,7 @@ impl<C: Coherence> Remote<'_, C> {
     }
 
     /// Takes announced descriptors into the submission ring, in order, while it has room.
-    fn forward(&mut self, pool: &Pool) -> usize {
+    fn forward(&mut self, pool: &Pool, warn: &mut LogLimit, broker: u32, now: u64) -> usize {
         let mut n = 0;
         while let Some(&slot) = self.queue.front() {
             let mut raw = [0u8; SLOT_BYTES];
@@ -635,7 +669,12 @@ impl<C: Coherence> Remote<'_, C> {
                 Ok(_) => {}
                 Err(RingError::Full { .. }) => break,
                 Err(e) => {
-                    log::warn!("verbs client {}: submission: {e}", self.client_id);
+                    warn_limited!(
+                        warn,
+                        now,
+                        "broker {broker}: verbs client {}: submission: {e}",
+                        self.client_id
+                    );
                     self.closing = Some(ERROR_TRANSPORT);
                     break;
                 }
