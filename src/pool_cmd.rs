@@ -112,7 +112,9 @@ pub fn resolve(a: &CreateArgs) -> Result<(PathBuf, PoolConfig, CreateOptions), S
     };
     let coherence = match (a.coherence, &file.coherence) {
         (Some(c), _) => c,
-        (None, Some(s)) => s.parse()?,
+        (None, Some(s)) => s
+            .parse()
+            .map_err(|e| format!("the config file's [pool] coherence: {e}"))?,
         (None, None) => CoherenceMode::Coherent,
     };
     let path = a

@@ -163,6 +163,21 @@ pub enum FrontendError {
     Pool(#[from] crate::PoolError),
 }
 
+/// Why one remote session could not be set up or served; it ends that session only.
+#[derive(Debug, thiserror::Error)]
+enum RemoteError {
+    #[error(transparent)]
+    Verbs(#[from] VerbsError),
+    #[error("the topic was deleted")]
+    TopicDeleted,
+    #[error("answering the publisher: {0}")]
+    Answer(std::io::Error),
+    #[error("grant outside the log: {0}")]
+    GrantRange(crate::PoolError),
+    #[error("no free feedback source slot")]
+    NoFeedbackSource,
+}
+
 impl<'p, C: Coherence> Frontend<'p, C> {
     /// Serves publishers of pool slot `broker` that connect to `listener`, on device `ctx`
     /// (`Context::open`).
@@ -289,26 +304,27 @@ impl<'p, C: Coherence> Frontend<'p, C> {
         }
     }
 
-    fn parse(&self, line: &str) -> Result<Request, String> {
+    fn parse(&self, line: &str) -> Result<Request, HandshakeError> {
         if line.split_ascii_whitespace().next() != Some(HELLO) {
-            return Err(format!(
-                "expected {HELLO} (a verbs publisher of this version)"
-            ));
+            return Err(HandshakeError::NotHello);
         }
         let name = field(line, "topic")?;
-        let topic = self
-            .pool
-            .find_topic(self.c, name)
-            .map_err(|e| e.to_string())?;
-        let client_id: u64 = field(line, "client")?
-            .parse()
-            .map_err(|_| "bad client=".to_string())?;
+        let topic = self.pool.find_topic(self.c, name)?;
+        let client = field(line, "client")?;
+        let client_id: u64 = client.parse().map_err(|_| HandshakeError::BadField {
+            key: "client",
+            value: client.to_string(),
+        })?;
         let ep: Endpoint = field(line, "ep")?
             .parse()
-            .map_err(|e: VerbsError| e.to_string())?;
-        let fb = parse_nums(field(line, "feedback")?, 2)?;
+            .map_err(HandshakeError::BadEndpoint)?;
+        let feedback = field(line, "feedback")?;
+        let fb = parse_nums(feedback, 2)?;
         if fb[1] > u64::from(u32::MAX) {
-            return Err("bad feedback rkey".into());
+            return Err(HandshakeError::BadField {
+                key: "feedback (rkey)",
+                value: feedback.to_string(),
+            });
         }
         Ok(Request {
             topic,
@@ -362,32 +378,28 @@ impl<'p, C: Coherence> Frontend<'p, C> {
     }
 
     /// The QP, staging buffer and feedback sources of an accepted session; answers OK.
-    fn activate(&mut self, p: &mut Pending<'p>) -> Result<Remote<'p, C>, String> {
-        let e = |e: VerbsError| e.to_string();
+    fn activate(&mut self, p: &mut Pending<'p>) -> Result<Remote<'p, C>, RemoteError> {
         let mut qp = QueuePair::new(
             &self.ctx,
             &self.send_cq,
             &self.recv_cq,
             (FEEDBACK_SOURCES + 8) as u32,
             STAGING_SLOTS + 1,
-        )
-        .map_err(e)?;
-        let staging = RegisteredBuffer::new(&self.ctx, STAGING_SLOTS as usize * SLOT_BYTES, true)
-            .map_err(e)?;
-        let source_buf =
-            RegisteredBuffer::new(&self.ctx, FEEDBACK_SOURCES as usize * 64, false).map_err(e)?;
-        qp.connect(&p.req.ep, true).map_err(e)?;
+        )?;
+        let staging = RegisteredBuffer::new(&self.ctx, STAGING_SLOTS as usize * SLOT_BYTES, true)?;
+        let source_buf = RegisteredBuffer::new(&self.ctx, FEEDBACK_SOURCES as usize * 64, false)?;
+        qp.connect(&p.req.ep, true)?;
         // One receive per staging slot: a publisher never has more immediates in flight. Its
         // first write can come only after the OK below.
         for k in 0..STAGING_SLOTS {
             // SAFETY: no buffer; a WRITE_WITH_IMM consumes it.
-            unsafe { qp.post_recv(u64::from(k), None) }.map_err(e)?;
+            unsafe { qp.post_recv(u64::from(k), None) }?;
         }
         let ep = qp.endpoint();
         let info = self
             .pool
             .read_topic(self.c, p.req.topic)
-            .ok_or("the topic was deleted")?;
+            .ok_or(RemoteError::TopicDeleted)?;
         writeln!(
             p.stream,
             "OK ep={ep} staging={}:{}:{STAGING_SLOTS} broker={} batch_bytes={} ack={}",
@@ -397,9 +409,11 @@ impl<'p, C: Coherence> Frontend<'p, C> {
             info.config.batch_bytes.min(self.batch_limit),
             info.config.ack,
         )
-        .map_err(|e| e.to_string())?;
-        p.stream.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let stream = p.stream.try_clone().map_err(|e| e.to_string())?;
+        .map_err(RemoteError::Answer)?;
+        p.stream
+            .set_nonblocking(true)
+            .map_err(RemoteError::Answer)?;
+        let stream = p.stream.try_clone().map_err(RemoteError::Answer)?;
         Ok(Remote {
             session: p.session,
             generation: p.generation,
@@ -708,7 +722,7 @@ impl<C: Coherence> Remote<'_, C> {
     }
 
     /// Registers grants the broker issued since and writes them to the publisher.
-    fn new_grants(&mut self, pool: &Pool, c: C, ctx: &Arc<Context>) -> Result<u64, VerbsError> {
+    fn new_grants(&mut self, pool: &Pool, c: C, ctx: &Arc<Context>) -> Result<u64, RemoteError> {
         let issued = c.observe(&self.session.grants_issued);
         let mut n = 0;
         while self.issued_seen < issued && self.can_post() {
@@ -718,7 +732,7 @@ impl<C: Coherence> Remote<'_, C> {
             let (offset, bytes) = (e.offset.load(Relaxed), e.bytes.load(Relaxed));
             let ptr = pool
                 .data_ptr(offset, bytes)
-                .map_err(|e| VerbsError::Invalid(e.to_string()))?;
+                .map_err(RemoteError::GrantRange)?;
             // SAFETY: the pool mapping outlives the frontend (`'p`); the grant is log space
             // this session alone may fill, whose contents the broker checks before use.
             let mr = unsafe { MemoryRegion::register(ctx, ptr, bytes as usize, true) }?;
@@ -779,11 +793,8 @@ impl<C: Coherence> Remote<'_, C> {
     }
 
     /// One 64-byte RDMA WRITE of `words` to `offset` of the publisher's feedback region.
-    fn post_feedback(&mut self, words: &[u64; 8], offset: u64) -> Result<(), VerbsError> {
-        let next = self
-            .sources
-            .next()
-            .ok_or_else(|| VerbsError::Invalid("no free feedback source slot".into()))?;
+    fn post_feedback(&mut self, words: &[u64; 8], offset: u64) -> Result<(), RemoteError> {
+        let next = self.sources.next().ok_or(RemoteError::NoFeedbackSource)?;
         let at = next.slot * 64;
         let dst = (self.source_buf.as_ptr() as u64 + at) as *mut u64;
         // SAFETY: slot `next.slot < FEEDBACK_SOURCES` is inside `source_buf`; the ring handed
