@@ -214,34 +214,31 @@ fn run_sequencer(a: &SequencerArgs) -> CliResult<()> {
     Pool::with_coherence(pool.coherence_mode(), Go(&pool, a, stop))
 }
 
-fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let cli = Cli::parse();
-    let command = cli
-        .command
-        .unwrap_or_else(|| Cmd::Bench(bench::BenchArgs::parse_defaults()));
-    let result: CliResult<bool> = match command {
-        Cmd::Pool(PoolCmd::Create(a)) => pool_cmd::create(&a).map(|()| true).map_err(CliError::from),
-        Cmd::Pool(PoolCmd::Inspect { path, json }) => pool_cmd::inspect(&path, json).map(|()| true).map_err(CliError::from),
+/// Runs one command. `Ok(false)`: it ran and printed its report, and a check in it failed.
+fn run(command: Cmd) -> CliResult<bool> {
+    match command {
+        Cmd::Pool(PoolCmd::Create(a)) => pool_cmd::create(&a)?,
+        Cmd::Pool(PoolCmd::Inspect { path, json }) => pool_cmd::inspect(&path, json)?,
         Cmd::Pool(PoolCmd::CreateTopic {
             path,
             name,
             settings,
-        }) => pool_cmd::create_topic(&path, &name, &settings).map(|()| true).map_err(CliError::from),
-        Cmd::Bench(a) => bench::run(&a).map_err(CliError::from),
-        Cmd::RingBench(a) => ring_bench::run(&a).map_err(CliError::from),
-        Cmd::Sequencer(a) => run_sequencer(&a).map(|()| true).map_err(CliError::from),
-        Cmd::Control(a) => control_cmd::run_control(&a).map(|()| true).map_err(CliError::from),
-        Cmd::Broker(a) => broker_cmd::run(&a).map(|()| true).map_err(CliError::from),
-        Cmd::Topic { client, cmd } => control_cmd::topic(&client, &cmd).map(|()| true).map_err(CliError::from),
+        }) => pool_cmd::create_topic(&path, &name, &settings)?,
+        Cmd::Bench(a) => return Ok(bench::run(&a)?),
+        Cmd::RingBench(a) => return Ok(ring_bench::run(&a)?),
+        Cmd::Sequencer(a) => run_sequencer(&a)?,
+        Cmd::Control(a) => control_cmd::run_control(&a)?,
+        Cmd::Broker(a) => broker_cmd::run(&a)?,
+        Cmd::Topic { client, cmd } => control_cmd::topic(&client, &cmd)?,
         Cmd::Cluster {
             client,
             cmd: ClusterCmd::Status,
-        } => control_cmd::cluster_status(&client).map(|()| true).map_err(CliError::from),
+        } => control_cmd::cluster_status(&client)?,
         Cmd::Cluster {
             cmd: ClusterCmd::Up(a),
             ..
-        } => cluster_cmd::up(&a).map_err(CliError::from).map(|f| {
+        } => {
+            let f = cluster_cmd::up(&a)?;
             println!(
                 "cluster up: control at {}, {} brokers, pool {}\n  embar topic create NAME --control {}\n  stop: embar cluster down --dir {}",
                 f.control,
@@ -250,39 +247,51 @@ fn main() -> ExitCode {
                 f.control,
                 a.dir.display()
             );
-            true
-        }),
+        }
         Cmd::Cluster {
             cmd: ClusterCmd::Down { dir },
             ..
-        } => cluster_cmd::down(&dir).map(|()| true).map_err(CliError::from),
-        Cmd::Publish(a) => client_cmd::publish(&a).map(|()| true).map_err(CliError::from),
-        Cmd::Subscribe(a) => client_cmd::subscribe(&a).map(|()| true).map_err(CliError::from),
-        Cmd::RingWorker(WorkerCmd::RoguePublish(a)) => client_cmd::rogue_publish(&a).map(|()| true).map_err(CliError::from),
+        } => cluster_cmd::down(&dir)?,
+        Cmd::Publish(a) => client_cmd::publish(&a)?,
+        Cmd::Subscribe(a) => client_cmd::subscribe(&a)?,
+        Cmd::RingWorker(WorkerCmd::RoguePublish(a)) => client_cmd::rogue_publish(&a)?,
         Cmd::RingWorker(WorkerCmd::Heartbeat { control }) => {
-            control_cmd::heartbeat_worker(control).map(|()| true).map_err(CliError::from)
+            control_cmd::heartbeat_worker(control)?
         }
-        Cmd::RingWorker(WorkerCmd::Feed(a)) => print_report(order_load::feed(&a)).map_err(CliError::from),
-        Cmd::RingWorker(WorkerCmd::VerifyOrder(a)) => order_load::verify(&a)
-            .and_then(|r| {
-                let passed = r.check == "passed";
-                print_report(Ok(r)).map(|_| passed)
-            })
-            .map_err(CliError::from),
+        Cmd::RingWorker(WorkerCmd::Feed(a)) => return Ok(print_report(order_load::feed(&a))?),
+        Cmd::RingWorker(WorkerCmd::VerifyOrder(a)) => {
+            let r = order_load::verify(&a)?;
+            let passed = r.check == "passed";
+            print_report(Ok(r))?;
+            return Ok(passed);
+        }
         Cmd::RingWorker(WorkerCmd::Land { workload, fault }) => {
-            print_report(ringload::run_lander(&workload, fault)).map_err(CliError::from)
+            return Ok(print_report(ringload::run_lander(&workload, fault))?)
         }
         Cmd::RingWorker(WorkerCmd::Drain { workload, hold }) => {
-            print_report(ringload::run_drainer(&workload, hold)).map_err(CliError::from)
+            return Ok(print_report(ringload::run_drainer(&workload, hold))?)
         }
         Cmd::RingWorker(WorkerCmd::SegmentChurn {
             pool,
             broker,
             rounds,
             hold,
-        }) => print_report(ringload::run_segment_churn(&pool, broker, rounds, hold)).map_err(CliError::from),
-    };
-    match result {
+        }) => {
+            return Ok(print_report(ringload::run_segment_churn(
+                &pool, broker, rounds, hold,
+            ))?)
+        }
+    }
+    Ok(true)
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let command = cli
+        .command
+        .unwrap_or_else(|| Cmd::Bench(bench::BenchArgs::parse_defaults()));
+    match run(command) {
         Ok(true) => ExitCode::SUCCESS,
         // The command ran and printed its report, and a check in it failed.
         Ok(false) => ExitCode::from(exit::ExitKind::DataError.code()),

@@ -107,6 +107,18 @@ fn no_control_process_listening_exits_unavailable() {
 }
 
 #[test]
+fn a_missing_pool_exits_not_found_and_a_file_that_is_no_pool_exits_data_error() {
+    let missing = format!("/tmp/embar-exit-missing-{}.pool", std::process::id());
+    let out = run(&["pool", "inspect", "--path", &missing], b"");
+    assert_exit(&out, NOT_FOUND, &format!("cannot open {missing}"));
+    let zeros = format!("/tmp/embar-exit-zeros-{}.pool", std::process::id());
+    std::fs::write(&zeros, vec![0u8; 1 << 20]).unwrap();
+    let out = run(&["pool", "inspect", "--path", &zeros], b"");
+    std::fs::remove_file(&zeros).unwrap();
+    assert_exit(&out, DATA_ERROR, "is not an Embarcadero pool");
+}
+
+#[test]
 fn an_unknown_topic_exits_not_found() {
     let _serial = serial();
     let c = Cluster::up("exit-unknown", &SMALL_POOL);
