@@ -322,7 +322,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
         let fb = parse_nums(feedback, 2)?;
         if fb[1] > u64::from(u32::MAX) {
             return Err(HandshakeError::BadField {
-                key: "feedback (rkey)",
+                key: "feedback",
                 value: feedback.to_string(),
             });
         }
