@@ -172,7 +172,8 @@ enum RemoteError {
     TopicDeleted,
     #[error("answering the publisher: {0}")]
     Answer(std::io::Error),
-    #[error("grant outside the log: {0}")]
+    /// A grant the broker issued that does not lie in the log (a broker bug).
+    #[error(transparent)]
     GrantRange(crate::PoolError),
     #[error("no free feedback source slot")]
     NoFeedbackSource,
