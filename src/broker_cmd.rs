@@ -393,6 +393,8 @@ struct TopicSequencers<'p, C: Coherence> {
     /// sequencers would take turns raising the epoch.
     superseded: Vec<(u32, u64)>,
     last_scan: Option<Instant>,
+    /// A topic that cannot be sequenced is retried every scan; said at most every 10 s.
+    start_failed: embar_dataplane::log_limit::LogLimit,
 }
 
 impl<'p, C: Coherence> TopicSequencers<'p, C> {
@@ -403,6 +405,7 @@ impl<'p, C: Coherence> TopicSequencers<'p, C> {
             seqs: HashMap::new(),
             superseded: Vec::new(),
             last_scan: None,
+            start_failed: Default::default(),
         }
     }
 
@@ -428,7 +431,12 @@ impl<'p, C: Coherence> TopicSequencers<'p, C> {
                         log::info!("sequencing topic {:?} (epoch {})", t.name, s.epoch());
                         self.seqs.insert(t.slot, (t.generation, s));
                     }
-                    Err(e) => log::warn!("cannot sequence topic {:?}: {e}", t.name),
+                    Err(e) => embar_dataplane::warn_limited!(
+                        self.start_failed,
+                        embar_sys::clock::monotonic_ns(),
+                        "cannot sequence topic {:?}: {e}",
+                        t.name
+                    ),
                 }
             }
         }

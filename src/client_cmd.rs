@@ -14,15 +14,15 @@ use embar_dataplane::client::Publish;
 use embar_dataplane::pool::coherence::Coherence;
 use embar_dataplane::pool::{CoherenceFn, OpenOptions, Pool};
 
+use crate::exit::{CliError, CliResult};
+
 /// The control process's status, and for every live broker (one per pool slot, in slot
 /// order) its slot and what `pick` takes from it; brokers `pick` rejects are left out.
 fn live_brokers<T>(
     control: SocketAddr,
     pick: impl Fn(&serde_json::Value) -> Option<T>,
-) -> Result<(serde_json::Value, Vec<(u32, T)>), String> {
-    let status = ControlClient::new(control)
-        .status()
-        .map_err(|e| e.to_string())?;
+) -> CliResult<(serde_json::Value, Vec<(u32, T)>)> {
+    let status = ControlClient::new(control).status()?;
     let mut out: Vec<(u32, T)> = status["brokers"]
         .as_array()
         .into_iter()
@@ -36,7 +36,7 @@ fn live_brokers<T>(
 }
 
 /// The pool path and the pool slots of the live brokers, from the control process.
-pub fn discover(control: SocketAddr) -> Result<(PathBuf, Vec<u32>), String> {
+pub fn discover(control: SocketAddr) -> CliResult<(PathBuf, Vec<u32>)> {
     let (status, brokers) = live_brokers(control, |_| Some(()))?;
     let pool = PathBuf::from(
         status["pool"]["path"]
@@ -44,31 +44,32 @@ pub fn discover(control: SocketAddr) -> Result<(PathBuf, Vec<u32>), String> {
             .ok_or("the control process names no pool")?,
     );
     if brokers.is_empty() {
-        return Err("no live broker (start one with `embar broker` or `embar cluster up`)".into());
+        return Err(CliError::unavailable(
+            "no live broker (start one with `embar broker` or `embar cluster up`)",
+        ));
     }
     Ok((pool, brokers.into_iter().map(|b| b.0).collect()))
 }
 
 /// `(pool slot, verbs address)` of every live broker that accepts verbs publishers.
 #[cfg(feature = "verbs")]
-pub fn discover_verbs(control: SocketAddr) -> Result<Vec<(u32, SocketAddr)>, String> {
+pub fn discover_verbs(control: SocketAddr) -> CliResult<Vec<(u32, SocketAddr)>> {
     let (_, brokers) = live_brokers(control, |b| b["addresses"]["verbs"].as_str()?.parse().ok())?;
     if brokers.is_empty() {
-        return Err("no live broker accepts verbs publishers (start brokers with --verbs, or `embar cluster up --verbs IP`)".into());
+        return Err(CliError::unavailable("no live broker accepts verbs publishers (start brokers with --verbs, or `embar cluster up --verbs IP`)"));
     }
     Ok(brokers)
 }
 
 /// Maps the pool with every page faulted in, so the data path takes no page fault.
-pub fn open_pool(path: &std::path::Path) -> Result<Pool, String> {
-    Pool::open(
+pub fn open_pool(path: &std::path::Path) -> CliResult<Pool> {
+    Ok(Pool::open(
         path,
         &OpenOptions {
             populate: true,
             ..Default::default()
         },
-    )
-    .map_err(|e| e.to_string())
+    )?)
 }
 
 /// A client id for this publisher: random, so two publishers never share one.
@@ -131,7 +132,7 @@ impl TransportArgs {
         control: SocketAddr,
         topic: &str,
         cfg: PublisherConfig,
-    ) -> Result<embar_dataplane::verbs::publisher::VerbsPublisher, String> {
+    ) -> CliResult<embar_dataplane::verbs::publisher::VerbsPublisher> {
         use embar_dataplane::verbs::publisher::{VerbsConfig, VerbsPublisher};
         let brokers = discover_verbs(control)?;
         let vc = VerbsConfig {
@@ -139,13 +140,18 @@ impl TransportArgs {
             gid_index: self.gid_index(),
             publisher: cfg,
         };
-        VerbsPublisher::connect(&brokers, topic, new_client_id(), &vc).map_err(|e| e.to_string())
+        Ok(VerbsPublisher::connect(
+            &brokers,
+            topic,
+            new_client_id(),
+            &vc,
+        )?)
     }
 }
 
 /// Publishes each line of stdin as one message; succeeds only when all are acked per the
 /// topic's ACK level.
-pub fn publish(a: &PublishArgs) -> Result<(), String> {
+pub fn publish(a: &PublishArgs) -> CliResult<()> {
     let cfg = PublisherConfig {
         wait_timeout: Duration::from_secs(a.wait_timeout_s),
         ..PublisherConfig::default()
@@ -157,16 +163,15 @@ pub fn publish(a: &PublishArgs) -> Result<(), String> {
             a,
         );
         #[cfg(not(feature = "verbs"))]
-        return Err(crate::NO_VERBS.into());
+        return Err(CliError::usage(crate::NO_VERBS));
     }
     let (path, brokers) = discover(a.control)?;
     let pool = open_pool(&path)?;
     struct Go<'a>(&'a Pool, &'a PublishArgs, &'a [u32], PublisherConfig);
-    impl CoherenceFn<Result<(), String>> for Go<'_> {
-        fn call<C: Coherence>(self, c: C) -> Result<(), String> {
+    impl CoherenceFn<CliResult<()>> for Go<'_> {
+        fn call<C: Coherence>(self, c: C) -> CliResult<()> {
             let Go(pool, a, brokers, cfg) = self;
-            let mut p = Publisher::open(pool, c, &a.topic, brokers, new_client_id(), cfg)
-                .map_err(|e| e.to_string())?;
+            let mut p = Publisher::open(pool, c, &a.topic, brokers, new_client_id(), cfg)?;
             publish_lines(&mut p, a)
         }
     }
@@ -174,7 +179,7 @@ pub fn publish(a: &PublishArgs) -> Result<(), String> {
 }
 
 /// Publishes each line of stdin; returns once all are acked.
-fn publish_lines(p: &mut impl Publish, a: &PublishArgs) -> Result<(), String> {
+fn publish_lines(p: &mut impl Publish, a: &PublishArgs) -> CliResult<()> {
     // Lines come from a reader thread, so that a batch still lingers out (is sealed and
     // sent) while stdin is quiet, as an interactive producer expects.
     let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<String>>(4096);
@@ -195,19 +200,24 @@ fn publish_lines(p: &mut impl Publish, a: &PublishArgs) -> Result<(), String> {
             });
         match rx.recv_timeout(wait) {
             Ok(line) => {
-                let line = line.map_err(|e| format!("cannot read stdin: {e}"))?;
-                p.publish(line.as_bytes()).map_err(|e| e.to_string())?;
+                let line = line.map_err(|e| match e.kind() {
+                    std::io::ErrorKind::InvalidData => CliError::data(format!(
+                        "stdin line {}: not UTF-8 text ({e}); nothing after it was published",
+                        n + 1
+                    )),
+                    _ => CliError::from(format!("cannot read stdin: {e}")),
+                })?;
+                p.publish(line.as_bytes())
+                    .map_err(|e| CliError::from(e).context(format_args!("stdin line {}", n + 1)))?;
                 n += 1;
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                p.poll().map_err(|e| e.to_string())?;
+                p.poll()?;
             }
             Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
         }
     }
-    let acked = p
-        .wait_acks(Duration::from_secs(a.ack_timeout_s))
-        .map_err(|e| e.to_string())?;
+    let acked = p.wait_acks(Duration::from_secs(a.ack_timeout_s))?;
     eprintln!(
         "published {n} messages to {:?}, {acked} acknowledged",
         a.topic
@@ -244,14 +254,13 @@ pub struct SubscribeArgs {
     pub pause_ms: Option<u64>,
 }
 
-pub fn subscribe(a: &SubscribeArgs) -> Result<(), String> {
+pub fn subscribe(a: &SubscribeArgs) -> CliResult<()> {
     let start = match a.from.as_str() {
         "oldest" => StartAt::Oldest,
         "latest" => StartAt::Latest,
-        n => StartAt::TotalOrder(
-            n.parse()
-                .map_err(|_| format!("--from {n:?}: expected oldest, latest or a number"))?,
-        ),
+        n => StartAt::TotalOrder(n.parse().map_err(|_| {
+            CliError::usage(format!("--from {n:?}: expected oldest, latest or a number"))
+        })?),
     };
     let (path, _) = discover(a.control).or_else(|e| {
         // Subscribing needs no live broker, only the pool.
@@ -265,10 +274,10 @@ pub fn subscribe(a: &SubscribeArgs) -> Result<(), String> {
     })?;
     let pool = open_pool(&path)?;
     struct Go<'a>(&'a Pool, &'a SubscribeArgs, StartAt);
-    impl CoherenceFn<Result<(), String>> for Go<'_> {
-        fn call<C: Coherence>(self, c: C) -> Result<(), String> {
+    impl CoherenceFn<CliResult<()>> for Go<'_> {
+        fn call<C: Coherence>(self, c: C) -> CliResult<()> {
             let Go(pool, a, start) = self;
-            let mut sub = Subscriber::open(pool, c, &a.topic, start).map_err(|e| e.to_string())?;
+            let mut sub = Subscriber::open(pool, c, &a.topic, start)?;
             if let Some(ms) = a.pause_ms {
                 eprintln!(
                     "subscriber registered at delivery index {}; pausing {ms} ms",
@@ -284,36 +293,34 @@ pub fn subscribe(a: &SubscribeArgs) -> Result<(), String> {
             let mut last = Instant::now();
             let mut err = None;
             while printed < limit && !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let n = sub
-                    .poll(1, |m| {
-                        if printed >= limit || err.is_some() {
-                            return;
+                let n = sub.poll(1, |m| {
+                    if printed >= limit || err.is_some() {
+                        return;
+                    }
+                    let r = match a.format {
+                        Format::Text => {
+                            out.write_all(m.payload).and_then(|()| out.write_all(b"\n"))
                         }
-                        let r = match a.format {
-                            Format::Text => {
-                                out.write_all(m.payload).and_then(|()| out.write_all(b"\n"))
-                            }
-                            Format::Jsonl => writeln!(
-                                out,
-                                "{}",
-                                serde_json::json!({
-                                    "total_order": m.total_order,
-                                    "client_id": m.client_id,
-                                    "batch_seq": m.batch_seq,
-                                    "index": m.index,
-                                    "size": m.payload.len(),
-                                    "payload": String::from_utf8_lossy(m.payload),
-                                })
-                            ),
-                        };
-                        if let Err(e) = r {
-                            err = Some(e);
-                        }
-                        printed += 1;
-                    })
-                    .map_err(|e| e.to_string())?;
+                        Format::Jsonl => writeln!(
+                            out,
+                            "{}",
+                            serde_json::json!({
+                                "total_order": m.total_order,
+                                "client_id": m.client_id,
+                                "batch_seq": m.batch_seq,
+                                "index": m.index,
+                                "size": m.payload.len(),
+                                "payload": String::from_utf8_lossy(m.payload),
+                            })
+                        ),
+                    };
+                    if let Err(e) = r {
+                        err = Some(e);
+                    }
+                    printed += 1;
+                })?;
                 if let Some(e) = err.take() {
-                    return Err(format!("cannot write to stdout: {e}"));
+                    return Err(format!("cannot write to stdout: {e}").into());
                 }
                 if n > 0 {
                     last = Instant::now();
@@ -327,7 +334,8 @@ pub fn subscribe(a: &SubscribeArgs) -> Result<(), String> {
                 }
                 std::thread::sleep(Duration::from_micros(200));
             }
-            out.flush().map_err(|e| e.to_string())
+            out.flush()
+                .map_err(|e| format!("cannot write to stdout: {e}").into())
         }
     }
     Pool::with_coherence(pool.coherence_mode(), Go(&pool, a, start))

@@ -293,10 +293,11 @@ fn is_ours(pid: u32, names: &[String]) -> bool {
 
 /// Stops every process of the cluster (see [`members`]), brokers first, and deletes its pool
 /// and state; returns what it stopped.
-pub fn down(dir: &Path) -> Result<Vec<String>, String> {
+pub fn down(dir: &Path) -> Result<Vec<String>, crate::exit::CliError> {
     let path = cluster_file(dir);
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| format!("no cluster described in {}: {e}", path.display()))?;
+    let text = std::fs::read_to_string(&path).map_err(|e| {
+        crate::exit::CliError::not_found(format!("no cluster described in {}: {e}", path.display()))
+    })?;
     let file: ClusterFile =
         serde_json::from_str(&text).map_err(|e| format!("{} is damaged: {e}", path.display()))?;
     let mut procs = members(dir, &file);
@@ -340,7 +341,7 @@ pub fn down(dir: &Path) -> Result<Vec<String>, String> {
         })
         .collect();
     let _ = std::fs::remove_file(&file.pool);
-    std::fs::remove_file(&path).map_err(|e| e.to_string())?;
+    std::fs::remove_file(&path).map_err(|e| format!("cannot remove {}: {e}", path.display()))?;
     let _ = std::fs::remove_dir_all(dir.join("control"));
     Ok(stopped)
 }

@@ -10,6 +10,7 @@ use embar_control::topics::TopicSpec;
 use embar_control::{ControlClient, ControlConfig};
 use serde_json::Value;
 
+use crate::exit::CliResult;
 use crate::pool_cmd::{CreateArgs, TopicSettings};
 use crate::units::format_bytes;
 
@@ -110,9 +111,8 @@ fn topic_line(t: &Value) -> String {
     )
 }
 
-pub fn topic(c: &ClientArgs, cmd: &TopicCmd) -> Result<(), String> {
+pub fn topic(c: &ClientArgs, cmd: &TopicCmd) -> CliResult<()> {
     let client = ControlClient::new(c.control);
-    let e = |e: embar_control::http::ClientError| e.to_string();
     match cmd {
         TopicCmd::Create { name, settings } => {
             let spec = TopicSpec {
@@ -122,26 +122,26 @@ pub fn topic(c: &ClientArgs, cmd: &TopicCmd) -> Result<(), String> {
                 replication_factor: settings.replication_factor,
                 batch_bytes: settings.batch_bytes,
             };
-            let v = client.create_topic(&spec).map_err(e)?;
-            show(c.json, &v, |v| {
+            let v = client.create_topic(&spec)?;
+            Ok(show(c.json, &v, |v| {
                 println!("created {} in slot {}", topic_line(&v["topic"]), v["slot"])
-            })
+            })?)
         }
         TopicCmd::List => {
-            let v = client.list_topics().map_err(e)?;
-            show(c.json, &v, |v| {
+            let v = client.list_topics()?;
+            Ok(show(c.json, &v, |v| {
                 for t in v["topics"].as_array().into_iter().flatten() {
                     println!("{}", topic_line(t));
                 }
-            })
+            })?)
         }
         TopicCmd::Describe { name } => {
-            let v = client.describe_topic(name).map_err(e)?;
-            show(c.json, &v, print_topic)
+            let v = client.describe_topic(name)?;
+            Ok(show(c.json, &v, print_topic)?)
         }
         TopicCmd::Delete { name } => {
-            let v = client.delete_topic(name).map_err(e)?;
-            show(c.json, &v, |_| println!("deleted topic {name:?}"))
+            let v = client.delete_topic(name)?;
+            Ok(show(c.json, &v, |_| println!("deleted topic {name:?}"))?)
         }
     }
 }
@@ -163,11 +163,9 @@ fn print_topic(v: &Value) {
     }
 }
 
-pub fn cluster_status(c: &ClientArgs) -> Result<(), String> {
-    let v = ControlClient::new(c.control)
-        .status()
-        .map_err(|e| e.to_string())?;
-    show(c.json, &v, |v| {
+pub fn cluster_status(c: &ClientArgs) -> CliResult<()> {
+    let v = ControlClient::new(c.control).status()?;
+    Ok(show(c.json, &v, |v| {
         let p = &v["pool"];
         println!(
             "cluster epoch {}; pool {} ({}, {}, {}/{} segments in use)",
@@ -211,7 +209,7 @@ pub fn cluster_status(c: &ClientArgs) -> Result<(), String> {
         for t in v["topics"].as_array().into_iter().flatten() {
             print_topic(t);
         }
-    })
+    })?)
 }
 
 /// A process that registers with the control process and heartbeats until killed (the

@@ -6,6 +6,7 @@ mod broker_cmd;
 mod client_cmd;
 mod cluster_cmd;
 mod control_cmd;
+mod exit;
 mod order_load;
 mod pool_cmd;
 mod ring_bench;
@@ -20,11 +21,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+use exit::{CliError, CliResult};
+
 #[derive(Parser)]
 #[command(
     name = "embar",
     version,
-    about = "A totally ordered shared log over a shared memory pool"
+    about = "A totally ordered shared log over a shared memory pool",
+    after_help = exit::EXIT_CODES_HELP
 )]
 struct Cli {
     #[command(subcommand)]
@@ -172,23 +176,23 @@ fn print_report<T: serde::Serialize>(r: Result<T, String>) -> Result<bool, Strin
     Ok(true)
 }
 
-fn run_sequencer(a: &SequencerArgs) -> Result<(), String> {
+fn run_sequencer(a: &SequencerArgs) -> CliResult<()> {
     use embar_dataplane::pool::coherence::Coherence;
     use embar_dataplane::pool::{CoherenceFn, OpenOptions, Pool};
     use embar_dataplane::sequencer::driver::{DriverConfig, Sequencer};
     use embar_dataplane::sequencer::Limits;
 
-    let pool = Pool::open(&a.pool, &OpenOptions::default()).map_err(|e| e.to_string())?;
+    let pool = Pool::open(&a.pool, &OpenOptions::default())?;
     let stop = embar_sys::signal::stop_on_term();
     struct Go<'a>(
         &'a Pool,
         &'a SequencerArgs,
         &'static std::sync::atomic::AtomicBool,
     );
-    impl CoherenceFn<Result<(), String>> for Go<'_> {
-        fn call<C: Coherence>(self, c: C) -> Result<(), String> {
+    impl CoherenceFn<CliResult<()>> for Go<'_> {
+        fn call<C: Coherence>(self, c: C) -> CliResult<()> {
             let Go(pool, a, stop) = self;
-            let topic = pool.find_topic(c, &a.topic).map_err(|e| e.to_string())?;
+            let topic = pool.find_topic(c, &a.topic)?;
             let cfg = DriverConfig {
                 limits: Limits {
                     hold_timeout_ns: a.hold_timeout_ms * 1_000_000,
@@ -198,8 +202,8 @@ fn run_sequencer(a: &SequencerArgs) -> Result<(), String> {
                 client_reclaim: !a.no_client_reclaim,
                 ..DriverConfig::default()
             };
-            let mut s =
-                Sequencer::start(pool, c, topic, a.brokers, cfg).map_err(|e| e.to_string())?;
+            let mut s = Sequencer::start(pool, c, topic, a.brokers, cfg)
+                .map_err(|e| CliError::from(e.to_string()))?;
             log::info!(
                 "sequencer for topic {:?} (slot {topic}), {} brokers, epoch {}, resumed at total order {} ({} batches replayed)",
                 a.topic,
@@ -208,7 +212,7 @@ fn run_sequencer(a: &SequencerArgs) -> Result<(), String> {
                 s.core().next_global(),
                 s.stats().replayed
             );
-            s.run(stop).map_err(|e| e.to_string())?;
+            s.run(stop).map_err(|e| CliError::from(e.to_string()))?;
             log::info!("sequencer stopped: {:?} {:?}", s.stats(), s.core().stats());
             Ok(())
         }
@@ -216,34 +220,31 @@ fn run_sequencer(a: &SequencerArgs) -> Result<(), String> {
     Pool::with_coherence(pool.coherence_mode(), Go(&pool, a, stop))
 }
 
-fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
-    let cli = Cli::parse();
-    let command = cli
-        .command
-        .unwrap_or_else(|| Cmd::Bench(bench::BenchArgs::parse_defaults()));
-    let result = match command {
-        Cmd::Pool(PoolCmd::Create(a)) => pool_cmd::create(&a).map(|()| true),
-        Cmd::Pool(PoolCmd::Inspect { path, json }) => pool_cmd::inspect(&path, json).map(|()| true),
+/// Runs one command. `Ok(false)`: it ran and printed its report, and a check in it failed.
+fn run(command: Cmd) -> CliResult<bool> {
+    match command {
+        Cmd::Pool(PoolCmd::Create(a)) => pool_cmd::create(&a)?,
+        Cmd::Pool(PoolCmd::Inspect { path, json }) => pool_cmd::inspect(&path, json)?,
         Cmd::Pool(PoolCmd::CreateTopic {
             path,
             name,
             settings,
-        }) => pool_cmd::create_topic(&path, &name, &settings).map(|()| true),
-        Cmd::Bench(a) => bench::run(&a),
-        Cmd::RingBench(a) => ring_bench::run(&a),
-        Cmd::Sequencer(a) => run_sequencer(&a).map(|()| true),
-        Cmd::Control(a) => control_cmd::run_control(&a).map(|()| true),
-        Cmd::Broker(a) => broker_cmd::run(&a).map(|()| true),
-        Cmd::Topic { client, cmd } => control_cmd::topic(&client, &cmd).map(|()| true),
+        }) => pool_cmd::create_topic(&path, &name, &settings)?,
+        Cmd::Bench(a) => return Ok(bench::run(&a)?),
+        Cmd::RingBench(a) => return Ok(ring_bench::run(&a)?),
+        Cmd::Sequencer(a) => run_sequencer(&a)?,
+        Cmd::Control(a) => control_cmd::run_control(&a)?,
+        Cmd::Broker(a) => broker_cmd::run(&a)?,
+        Cmd::Topic { client, cmd } => control_cmd::topic(&client, &cmd)?,
         Cmd::Cluster {
             client,
             cmd: ClusterCmd::Status,
-        } => control_cmd::cluster_status(&client).map(|()| true),
+        } => control_cmd::cluster_status(&client)?,
         Cmd::Cluster {
             cmd: ClusterCmd::Up(a),
             ..
-        } => cluster_cmd::up(&a).map(|f| {
+        } => {
+            let f = cluster_cmd::up(&a)?;
             println!(
                 "cluster up: control at {}, {} brokers, pool {}\n  embar topic create NAME --control {}\n  stop: embar cluster down --dir {}",
                 f.control,
@@ -252,50 +253,67 @@ fn main() -> ExitCode {
                 f.control,
                 a.dir.display()
             );
-            true
-        }),
+        }
         Cmd::Cluster {
             cmd: ClusterCmd::Down { dir },
             ..
-        } => cluster_cmd::down(&dir).map(|stopped| {
+        } => {
+            let stopped = cluster_cmd::down(&dir)?;
             if stopped.is_empty() {
-                println!("cluster down: no process of it was running; its pool and state are deleted");
+                println!(
+                    "cluster down: no process of it was running; its pool and state are deleted"
+                );
             }
             for s in stopped {
                 println!("stopped {s}");
             }
-            true
-        }),
-        Cmd::Publish(a) => client_cmd::publish(&a).map(|()| true),
-        Cmd::Subscribe(a) => client_cmd::subscribe(&a).map(|()| true),
-        Cmd::RingWorker(WorkerCmd::RoguePublish(a)) => client_cmd::rogue_publish(&a).map(|()| true),
-        Cmd::RingWorker(WorkerCmd::Heartbeat { control }) => {
-            control_cmd::heartbeat_worker(control).map(|()| true)
         }
-        Cmd::RingWorker(WorkerCmd::Feed(a)) => print_report(order_load::feed(&a)),
-        Cmd::RingWorker(WorkerCmd::VerifyOrder(a)) => order_load::verify(&a).and_then(|r| {
+        Cmd::Publish(a) => client_cmd::publish(&a)?,
+        Cmd::Subscribe(a) => client_cmd::subscribe(&a)?,
+        Cmd::RingWorker(WorkerCmd::RoguePublish(a)) => client_cmd::rogue_publish(&a)?,
+        Cmd::RingWorker(WorkerCmd::Heartbeat { control }) => {
+            control_cmd::heartbeat_worker(control)?
+        }
+        Cmd::RingWorker(WorkerCmd::Feed(a)) => return Ok(print_report(order_load::feed(&a))?),
+        Cmd::RingWorker(WorkerCmd::VerifyOrder(a)) => {
+            let r = order_load::verify(&a)?;
             let passed = r.check == "passed";
-            print_report(Ok(r)).map(|_| passed)
-        }),
+            print_report(Ok(r))?;
+            return Ok(passed);
+        }
         Cmd::RingWorker(WorkerCmd::Land { workload, fault }) => {
-            print_report(ringload::run_lander(&workload, fault))
+            return Ok(print_report(ringload::run_lander(&workload, fault))?)
         }
         Cmd::RingWorker(WorkerCmd::Drain { workload, hold }) => {
-            print_report(ringload::run_drainer(&workload, hold))
+            return Ok(print_report(ringload::run_drainer(&workload, hold))?)
         }
         Cmd::RingWorker(WorkerCmd::SegmentChurn {
             pool,
             broker,
             rounds,
             hold,
-        }) => print_report(ringload::run_segment_churn(&pool, broker, rounds, hold)),
-    };
-    match result {
+        }) => {
+            return Ok(print_report(ringload::run_segment_churn(
+                &pool, broker, rounds, hold,
+            ))?)
+        }
+    }
+    Ok(true)
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+    let cli = Cli::parse();
+    let command = cli
+        .command
+        .unwrap_or_else(|| Cmd::Bench(bench::BenchArgs::parse_defaults()));
+    match run(command) {
         Ok(true) => ExitCode::SUCCESS,
-        Ok(false) => ExitCode::from(1),
+        // The command ran and printed its report, and a check in it failed.
+        Ok(false) => ExitCode::from(exit::ExitKind::DataError.code()),
         Err(e) => {
-            eprintln!("embar: {e}");
-            ExitCode::from(2)
+            eprintln!("{}", e.line());
+            ExitCode::from(e.kind.code())
         }
     }
 }

@@ -8,6 +8,7 @@ use embar_dataplane::pool::geometry::PoolConfig;
 use embar_dataplane::pool::{CreateOptions, OpenOptions, Pool};
 use serde::{Deserialize, Serialize};
 
+use crate::exit::CliResult;
 use crate::units::{format_bytes, parse_bytes};
 
 /// A topic's settings, as flags (shared by `pool create-topic` and `topic create`).
@@ -112,7 +113,9 @@ pub fn resolve(a: &CreateArgs) -> Result<(PathBuf, PoolConfig, CreateOptions), S
     };
     let coherence = match (a.coherence, &file.coherence) {
         (Some(c), _) => c,
-        (None, Some(s)) => s.parse()?,
+        (None, Some(s)) => s
+            .parse()
+            .map_err(|e| format!("the config file's [pool] coherence: {e}"))?,
         (None, None) => CoherenceMode::Coherent,
     };
     let path = a
@@ -128,9 +131,9 @@ pub fn resolve(a: &CreateArgs) -> Result<(PathBuf, PoolConfig, CreateOptions), S
     Ok((path, cfg, opts))
 }
 
-pub fn create(a: &CreateArgs) -> Result<(), String> {
+pub fn create(a: &CreateArgs) -> CliResult<()> {
     let (path, cfg, opts) = resolve(a)?;
-    let pool = Pool::create(&path, &cfg, &opts).map_err(|e| e.to_string())?;
+    let pool = Pool::create(&path, &cfg, &opts)?;
     let g = pool.geometry();
     println!(
         "created pool {} ({}, {}): {} segments of {}, {} topics x {} brokers, rings of {} slots",
@@ -178,8 +181,8 @@ struct PoolView {
     topics: Vec<TopicView>,
 }
 
-pub fn inspect(path: &Path, json: bool) -> Result<(), String> {
-    let pool = Pool::open(path, &OpenOptions::default()).map_err(|e| e.to_string())?;
+pub fn inspect(path: &Path, json: bool) -> CliResult<()> {
+    let pool = Pool::open(path, &OpenOptions::default())?;
     let c = embar_dataplane::pool::coherence::NonCoherent::detect();
     let g = *pool.geometry();
     let topics = pool
@@ -276,15 +279,14 @@ pub fn inspect(path: &Path, json: bool) -> Result<(), String> {
     Ok(())
 }
 
-pub fn create_topic(path: &Path, name: &str, t: &TopicSettings) -> Result<(), String> {
+pub fn create_topic(path: &Path, name: &str, t: &TopicSettings) -> CliResult<()> {
     use embar_dataplane::pool::topics::TopicConfig;
-    let pool = Pool::open(path, &OpenOptions::default()).map_err(|e| e.to_string())?;
+    use embar_dataplane::PoolResult;
+    let pool = Pool::open(path, &OpenOptions::default())?;
     struct Go<'a>(&'a Pool, &'a str, TopicConfig);
-    impl embar_dataplane::pool::CoherenceFn<Result<u32, String>> for Go<'_> {
-        fn call<C: embar_dataplane::pool::coherence::Coherence>(self, c: C) -> Result<u32, String> {
-            self.0
-                .create_topic(c, self.1, &self.2)
-                .map_err(|e| e.to_string())
+    impl embar_dataplane::pool::CoherenceFn<PoolResult<u32>> for Go<'_> {
+        fn call<C: embar_dataplane::pool::coherence::Coherence>(self, c: C) -> PoolResult<u32> {
+            self.0.create_topic(c, self.1, &self.2)
         }
     }
     let slot = Pool::with_coherence(pool.coherence_mode(), Go(&pool, name, t.config()))?;

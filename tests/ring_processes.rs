@@ -71,7 +71,10 @@ fn a_gap_a_duplicate_and_a_corrupt_payload_are_each_caught() {
     ] {
         let (code, r) = bench("1MiB", &["--fault", fault]);
         assert_eq!(r["order_check"], "failed", "{fault}: {r:#}");
-        assert_eq!(code, 1, "{fault}");
+        assert_eq!(
+            code, 65,
+            "{fault}: a failed check exits with the data-error code"
+        );
         let errors = r["errors"].to_string();
         assert!(errors.contains(needle), "{fault}: {errors}");
     }

@@ -44,8 +44,9 @@ impl Response {
         }
     }
 
-    pub fn error(status: u16, msg: impl Into<String>) -> Response {
-        Response::json(status, &serde_json::json!({ "error": msg.into() }))
+    /// `{"error": msg}`; `msg` is any message or typed error.
+    pub fn error(status: u16, msg: impl std::fmt::Display) -> Response {
+        Response::json(status, &serde_json::json!({ "error": msg.to_string() }))
     }
 }
 

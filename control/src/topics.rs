@@ -1,6 +1,7 @@
 //! Topic specifications and the rules the control process adds to the pool's own checks.
 
 use embar_dataplane::pool::topics::{check_topic_name, TopicConfig};
+use embar_dataplane::PoolError;
 use serde::{Deserialize, Serialize};
 
 /// A topic as operators create it.
@@ -26,14 +27,59 @@ impl TopicSpec {
 
     /// The rules that need the cluster's state; the pool checks the rest (ORDER and ACK
     /// values, ACK 2 without replication, sizes) when the topic is written.
-    pub fn check_cluster(&self, live_brokers: u32) -> Result<(), String> {
-        check_topic_name(&self.name).map_err(|e| e.to_string())?;
+    pub fn check_cluster(&self, live_brokers: u32) -> Result<(), TopicRuleError> {
+        check_topic_name(&self.name)?;
         if u32::from(self.replication_factor) > live_brokers {
-            return Err(format!(
-                "replication factor {} is larger than the {live_brokers} live brokers",
-                self.replication_factor
-            ));
+            return Err(TopicRuleError::ReplicationFactor {
+                replication_factor: self.replication_factor,
+                live_brokers,
+            });
         }
         Ok(())
+    }
+}
+
+/// A topic the cluster cannot take as it is now.
+#[derive(Debug, thiserror::Error)]
+pub enum TopicRuleError {
+    #[error(transparent)]
+    Name(#[from] PoolError),
+    #[error(
+        "replication factor {replication_factor} is larger than the {live_brokers} live brokers"
+    )]
+    ReplicationFactor {
+        replication_factor: u8,
+        live_brokers: u32,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(name: &str, replication_factor: u8) -> TopicSpec {
+        TopicSpec {
+            name: name.into(),
+            order: 5,
+            ack: 1,
+            replication_factor,
+            batch_bytes: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn a_bad_name_and_too_few_brokers_are_refused_with_what_is_wrong() {
+        assert!(spec("orders", 2).check_cluster(2).is_ok());
+        let e = spec("", 0).check_cluster(2).unwrap_err();
+        assert!(
+            matches!(e, TopicRuleError::Name(PoolError::TopicName(..))),
+            "{e}"
+        );
+        let e = spec("orders", 3).check_cluster(2).unwrap_err();
+        assert!(matches!(e, TopicRuleError::ReplicationFactor { .. }), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "replication factor 3 is larger than the 2 live brokers"
+        );
     }
 }

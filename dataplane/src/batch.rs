@@ -1,7 +1,7 @@
 //! A batch descriptor: the plain values of a [`BatchHeader`]'s producer line, and the checks
 //! every descriptor written by another process passes before anything uses it.
 
-use crate::pool::geometry::PoolGeometry;
+use crate::pool::geometry::{PoolGeometry, RangeError};
 use crate::pool::layout::*;
 use crate::sync::Ordering::Relaxed;
 
@@ -67,41 +67,59 @@ impl BatchLimits {
     }
 
     /// Checks every field of `d`; on failure says which one and why.
-    pub fn check(&self, d: &BatchDesc) -> Result<(), String> {
+    pub fn check(&self, d: &BatchDesc) -> Result<(), BatchError> {
         if d.version() != BATCH_HEADER_VERSION {
-            return Err(format!(
-                "header version {} (expected {BATCH_HEADER_VERSION})",
-                d.version()
-            ));
+            return Err(BatchError::Version { found: d.version() });
         }
         if d.broker_id != self.broker_id {
-            return Err(format!(
-                "broker id {} in the ring of broker {}",
-                d.broker_id, self.broker_id
-            ));
+            return Err(BatchError::Broker {
+                found: d.broker_id,
+                ring: self.broker_id,
+            });
         }
         if d.num_msg == 0 || d.num_msg > BATCH_MESSAGES_MAX {
-            return Err(format!(
-                "message count {} (must be 1..={BATCH_MESSAGES_MAX})",
-                d.num_msg
-            ));
+            return Err(BatchError::MessageCount { count: d.num_msg });
         }
         let min = u64::from(d.num_msg) * message_stride(0);
         if d.total_size < min || d.total_size > self.geometry.segment_bytes {
-            return Err(format!(
-                "total size {} for {} messages (must be {min}..={})",
-                d.total_size, d.num_msg, self.geometry.segment_bytes
-            ));
+            return Err(BatchError::TotalSize {
+                size: d.total_size,
+                num_msg: d.num_msg,
+                min,
+                max: self.geometry.segment_bytes,
+            });
         }
         if d.total_size % CACHE_LINE as u64 != 0 || d.log_idx % CACHE_LINE as u64 != 0 {
-            return Err(format!(
-                "payload offset {} or size {} is not 64-byte aligned",
-                d.log_idx, d.total_size
-            ));
+            return Err(BatchError::Unaligned {
+                offset: d.log_idx,
+                size: d.total_size,
+            });
         }
         self.geometry.check_data_range(d.log_idx, d.total_size)?;
         Ok(())
     }
+}
+
+/// Which field of a batch descriptor broke the rules, and how.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum BatchError {
+    #[error("header version {found} (expected {BATCH_HEADER_VERSION})")]
+    Version { found: u32 },
+    #[error("broker id {found} in the ring of broker {ring}")]
+    Broker { found: u32, ring: u32 },
+    #[error("message count {count} (must be 1..={BATCH_MESSAGES_MAX})")]
+    MessageCount { count: u32 },
+    #[error("total size {size} for {num_msg} messages (must be {min}..={max})")]
+    TotalSize {
+        size: u64,
+        num_msg: u32,
+        min: u64,
+        max: u64,
+    },
+    #[error("payload offset {offset} or size {size} is not 64-byte aligned")]
+    Unaligned { offset: u64, size: u64 },
+    #[error(transparent)]
+    Range(#[from] RangeError),
 }
 
 /// Writes one message (header, then payload, padded to the 64-byte stride) at `dst` and

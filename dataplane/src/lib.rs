@@ -15,6 +15,7 @@ pub mod checker;
 pub mod client;
 pub mod error;
 pub mod idle;
+pub mod log_limit;
 pub mod pool;
 pub mod ring;
 // The sequencer parks on a futex over a real pool word; loom models only the ring.

@@ -256,10 +256,10 @@ impl<'a, C: Coherence> RingConsumer<'a, C> {
         self.head = index + 1;
         Ok(Some(match self.limits.check(&desc) {
             Ok(()) => Polled::Batch { index, desc },
-            Err(reason) => Polled::Invalid {
+            Err(e) => Polled::Invalid {
                 index,
                 desc,
-                reason,
+                reason: e.to_string(),
             },
         }))
     }

@@ -10,9 +10,9 @@ pub fn available_cpus() -> usize {
 /// Pins the calling thread to `cpu`.
 pub fn pin_current_thread(cpu: usize) -> SysResult<()> {
     if cpu >= libc::CPU_SETSIZE as usize {
-        return Err(SysError::Affinity {
+        return Err(SysError::CpuOutOfRange {
             cpu,
-            reason: format!("CPU index is above the limit {}", libc::CPU_SETSIZE),
+            limit: libc::CPU_SETSIZE as usize,
         });
     }
     // SAFETY: cpu_set_t is a plain bit array; all-zero is the empty set.
@@ -24,7 +24,7 @@ pub fn pin_current_thread(cpu: usize) -> SysResult<()> {
     if rc != 0 {
         return Err(SysError::Affinity {
             cpu,
-            reason: std::io::Error::last_os_error().to_string(),
+            source: std::io::Error::last_os_error(),
         });
     }
     Ok(())
@@ -38,8 +38,10 @@ mod tests {
     fn pinning_to_cpu_zero_works_and_to_a_missing_cpu_fails() {
         pin_current_thread(0).expect("CPU 0 exists");
         let err = pin_current_thread(libc::CPU_SETSIZE as usize - 1).unwrap_err();
+        assert!(matches!(err, SysError::Affinity { .. }), "{err}");
         assert!(err.to_string().contains("cannot pin"), "{err}");
         let err = pin_current_thread(1 << 20).unwrap_err();
+        assert!(matches!(err, SysError::CpuOutOfRange { .. }), "{err}");
         assert!(err.to_string().contains("above the limit"), "{err}");
     }
 }

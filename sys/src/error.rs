@@ -26,10 +26,14 @@ pub enum SysError {
     Protect { path: PathBuf, source: io::Error },
     #[error("{path}: {reason}")]
     Backing { path: PathBuf, reason: String },
-    #[error("NUMA node {node}: {reason}")]
-    Numa { node: u32, reason: String },
-    #[error("cannot pin thread to CPU {cpu}: {reason}")]
-    Affinity { cpu: usize, reason: String },
+    #[error("NUMA node {node}: no such node on this host (see /sys/devices/system/node)")]
+    NoNumaNode { node: u32 },
+    #[error("NUMA node {node}: mbind: {source}")]
+    Mbind { node: u32, source: io::Error },
+    #[error("cannot pin thread to CPU {cpu}: CPU index is above the limit {limit}")]
+    CpuOutOfRange { cpu: usize, limit: usize },
+    #[error("cannot pin thread to CPU {cpu}: {source}")]
+    Affinity { cpu: usize, source: io::Error },
 }
 
 pub type SysResult<T> = Result<T, SysError>;

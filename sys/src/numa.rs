@@ -21,10 +21,7 @@ pub fn node_exists(node: u32) -> bool {
 /// `[ptr, ptr + len)` must be a page-aligned range of a live mapping owned by the caller.
 pub unsafe fn bind(ptr: *mut u8, len: usize, node: u32) -> SysResult<()> {
     if node as usize >= MAX_NODES || !node_exists(node) {
-        return Err(SysError::Numa {
-            node,
-            reason: "no such node on this host (see /sys/devices/system/node)".into(),
-        });
+        return Err(SysError::NoNumaNode { node });
     }
     let mut mask = [0u64; MAX_NODES / 64];
     mask[node as usize / 64] |= 1 << (node % 64);
@@ -42,9 +39,9 @@ pub unsafe fn bind(ptr: *mut u8, len: usize, node: u32) -> SysResult<()> {
         )
     };
     if rc != 0 {
-        return Err(SysError::Numa {
+        return Err(SysError::Mbind {
             node,
-            reason: format!("mbind: {}", std::io::Error::last_os_error()),
+            source: std::io::Error::last_os_error(),
         });
     }
     Ok(())
@@ -59,6 +56,7 @@ mod tests {
         let mut buf = vec![0u8; 8192];
         // SAFETY: node 999 does not exist, so the call fails before mbind touches the range.
         let err = unsafe { bind(buf.as_mut_ptr(), 4096, 999) }.unwrap_err();
+        assert!(matches!(err, SysError::NoNumaNode { node: 999 }), "{err}");
         assert!(err.to_string().contains("no such node"), "{err}");
     }
 }

@@ -28,8 +28,20 @@ pub enum VerbsError {
         what: &'static str,
         source: io::Error,
     },
-    #[error("{0}")]
-    Invalid(String),
+    #[error("bad GID {0:?} (want 32 hex digits)")]
+    BadGid(String),
+    #[error("bad endpoint {0:?} (want qpn:psn:gid)")]
+    BadEndpoint(String),
+    #[error("port {port} of {device} is not active (state {state})")]
+    PortNotActive {
+        port: u8,
+        device: String,
+        state: u32,
+    },
+    #[error("GID index {index} of {device} is empty (does the netdev have an address?)")]
+    EmptyGid { index: u8, device: String },
+    #[error("post {count} writes at once (1..={max})")]
+    WriteChain { count: usize, max: usize },
 }
 
 fn call_failed(what: &'static str) -> VerbsError {
@@ -79,7 +91,7 @@ impl fmt::Display for Gid {
 impl FromStr for Gid {
     type Err = VerbsError;
     fn from_str(s: &str) -> Result<Gid, VerbsError> {
-        let bad = || VerbsError::Invalid(format!("bad GID {s:?} (want 32 hex digits)"));
+        let bad = || VerbsError::BadGid(s.to_string());
         if s.len() != 32 || !s.is_ascii() {
             return Err(bad());
         }
@@ -108,7 +120,7 @@ impl fmt::Display for Endpoint {
 impl FromStr for Endpoint {
     type Err = VerbsError;
     fn from_str(s: &str) -> Result<Endpoint, VerbsError> {
-        let bad = || VerbsError::Invalid(format!("bad endpoint {s:?} (want qpn:psn:gid)"));
+        let bad = || VerbsError::BadEndpoint(s.to_string());
         let mut it = s.split(':');
         let (Some(q), Some(p), Some(g), None) = (it.next(), it.next(), it.next(), it.next()) else {
             return Err(bad());
@@ -238,10 +250,11 @@ impl Context {
             ___ibv_query_port(ctx, c.port, &mut pa)
         })?;
         if pa.state != ibv_port_state::IBV_PORT_ACTIVE {
-            return Err(VerbsError::Invalid(format!(
-                "port {} of {} is not active (state {})",
-                c.port, c.name, pa.state
-            )));
+            return Err(VerbsError::PortNotActive {
+                port: c.port,
+                device: c.name.clone(),
+                state: pa.state,
+            });
         }
         c.mtu = pa.active_mtu.min(ibv_mtu::IBV_MTU_4096);
         // SAFETY: zeroed is a valid GID.
@@ -253,10 +266,10 @@ impl Context {
         // SAFETY: every bit pattern of the union is a valid byte array.
         c.gid = Gid(unsafe { gid.raw });
         if c.gid.0 == [0; 16] {
-            return Err(VerbsError::Invalid(format!(
-                "GID index {gid_index} of {} is empty (does the netdev have an address?)",
-                c.name
-            )));
+            return Err(VerbsError::EmptyGid {
+                index: gid_index,
+                device: c.name.clone(),
+            });
         }
         Ok(Arc::new(c))
     }
@@ -720,10 +733,10 @@ impl QueuePair {
     /// this QP to the error state.
     pub unsafe fn post_writes(&mut self, writes: &[Write]) -> Result<(), VerbsError> {
         if writes.is_empty() || writes.len() > MAX_CHAIN {
-            return Err(VerbsError::Invalid(format!(
-                "post {} writes at once (1..={MAX_CHAIN})",
-                writes.len()
-            )));
+            return Err(VerbsError::WriteChain {
+                count: writes.len(),
+                max: MAX_CHAIN,
+            });
         }
         // SAFETY: zeroed entries are valid (NULL pointers, zero integers).
         let mut sges: [ibv_sge; MAX_CHAIN] = unsafe { std::mem::zeroed() };

@@ -52,15 +52,18 @@ impl CoherenceMode {
     }
 }
 
+/// A coherence mode name that is neither `coherent` nor `non-coherent`.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("unknown coherence mode {0:?} (expected coherent or non-coherent)")]
+pub struct UnknownCoherenceMode(pub String);
+
 impl std::str::FromStr for CoherenceMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownCoherenceMode;
+    fn from_str(s: &str) -> Result<Self, UnknownCoherenceMode> {
         match s {
             "coherent" => Ok(CoherenceMode::Coherent),
             "non-coherent" | "noncoherent" => Ok(CoherenceMode::NonCoherent),
-            other => Err(format!(
-                "unknown coherence mode {other:?} (expected coherent or non-coherent)"
-            )),
+            other => Err(UnknownCoherenceMode(other.to_string())),
         }
     }
 }
@@ -224,7 +227,10 @@ mod tests {
             assert_eq!(m.name().parse::<CoherenceMode>().unwrap(), m);
             assert_eq!(CoherenceMode::from_code(m.code()), Some(m));
         }
-        assert!("sometimes".parse::<CoherenceMode>().is_err());
+        assert_eq!(
+            "sometimes".parse::<CoherenceMode>(),
+            Err(UnknownCoherenceMode("sometimes".into()))
+        );
         assert_eq!(CoherenceMode::from_code(9), None);
     }
 }

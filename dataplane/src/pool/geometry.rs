@@ -190,24 +190,26 @@ impl PoolGeometry {
 
     /// Whether `[offset, offset + len)` lies inside one segment of the segment pool; the check
     /// every offset written by another process passes before it is used.
-    pub fn check_data_range(&self, offset: u64, len: u64) -> Result<u64, String> {
+    pub fn check_data_range(&self, offset: u64, len: u64) -> Result<u64, RangeError> {
         let end = offset
             .checked_add(len)
-            .ok_or_else(|| format!("offset {offset} + length {len} overflows"))?;
-        if offset < self.segment_pool_offset
-            || end > self.segment_pool_offset + self.segment_pool_bytes()
-        {
-            return Err(format!(
-                "range {offset}..{end} is outside the segment pool {}..{}",
-                self.segment_pool_offset,
-                self.segment_pool_offset + self.segment_pool_bytes()
-            ));
+            .ok_or(RangeError::Overflow { offset, len })?;
+        let pool_end = self.segment_pool_offset + self.segment_pool_bytes();
+        if offset < self.segment_pool_offset || end > pool_end {
+            return Err(RangeError::OutsideSegmentPool {
+                offset,
+                end,
+                pool_start: self.segment_pool_offset,
+                pool_end,
+            });
         }
         let segment = (offset - self.segment_pool_offset) / self.segment_bytes;
         if len > 0 && (end - 1 - self.segment_pool_offset) / self.segment_bytes != segment {
-            return Err(format!(
-                "range {offset}..{end} crosses the end of segment {segment}"
-            ));
+            return Err(RangeError::CrossesSegment {
+                offset,
+                end,
+                segment,
+            });
         }
         Ok(segment)
     }
@@ -235,7 +237,7 @@ impl PoolGeometry {
 
     /// Reads a geometry back from a superblock and checks that it is exactly what the stored
     /// parameters produce.
-    pub(crate) fn load(sb: &Superblock) -> Result<PoolGeometry, String> {
+    pub(crate) fn load(sb: &Superblock) -> Result<PoolGeometry, GeometryError> {
         use crate::sync::Ordering::Relaxed;
         let g = &sb.geometry;
         let pool_bytes = sb.pool_bytes.load(Relaxed);
@@ -246,7 +248,8 @@ impl PoolGeometry {
             ring_slots: g.ring_slots.load(Relaxed),
             segment_bytes: g.segment_bytes.load(Relaxed),
         };
-        let expected = PoolGeometry::compute(&cfg).map_err(|e| e.to_string())?;
+        let expected =
+            PoolGeometry::compute(&cfg).map_err(|e| GeometryError::Parameters(Box::new(e)))?;
         let found = PoolGeometry {
             topic_table_offset: g.topic_table_offset.load(Relaxed),
             ring_region_offset: g.ring_region_offset.load(Relaxed),
@@ -258,12 +261,41 @@ impl PoolGeometry {
             ..expected
         };
         if found != expected {
-            return Err(format!(
-                "region offsets {found:?} disagree with the ones its parameters give {expected:?}"
-            ));
+            return Err(GeometryError::OffsetsDisagree {
+                found: Box::new(found),
+                expected: Box::new(expected),
+            });
         }
         Ok(expected)
     }
+}
+
+/// Why a range of pool offsets (written by another process) may not be used as log space.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum RangeError {
+    #[error("offset {offset} + length {len} overflows")]
+    Overflow { offset: u64, len: u64 },
+    #[error("range {offset}..{end} is outside the segment pool {pool_start}..{pool_end}")]
+    OutsideSegmentPool {
+        offset: u64,
+        end: u64,
+        pool_start: u64,
+        pool_end: u64,
+    },
+    #[error("range {offset}..{end} crosses the end of segment {segment}")]
+    CrossesSegment { offset: u64, end: u64, segment: u64 },
+}
+
+/// Why the geometry recorded in a superblock cannot be trusted.
+#[derive(Debug, thiserror::Error)]
+pub enum GeometryError {
+    #[error("its recorded parameters are invalid: {0}")]
+    Parameters(Box<crate::PoolError>),
+    #[error("region offsets {found:?} disagree with the ones its parameters give {expected:?}")]
+    OffsetsDisagree {
+        found: Box<PoolGeometry>,
+        expected: Box<PoolGeometry>,
+    },
 }
 
 #[cfg(test)]
@@ -343,17 +375,28 @@ mod tests {
             g.check_data_range(g.segment_offset(5), g.segment_bytes),
             Ok(5)
         );
-        assert!(g.check_data_range(0, 64).is_err(), "superblock");
+        let outside = |r| matches!(r, Err(RangeError::OutsideSegmentPool { .. }));
+        assert!(outside(g.check_data_range(0, 64)), "superblock");
         assert!(
-            g.check_data_range(g.ring_region_offset, 128).is_err(),
+            outside(g.check_data_range(g.ring_region_offset, 128)),
             "rings"
         );
-        assert!(
-            g.check_data_range(s0 + g.segment_bytes - 64, 128).is_err(),
-            "crosses"
+        assert!(outside(g.check_data_range(g.pool_bytes, 1)), "past the end");
+        assert_eq!(
+            g.check_data_range(s0 + g.segment_bytes - 64, 128),
+            Err(RangeError::CrossesSegment {
+                offset: s0 + g.segment_bytes - 64,
+                end: s0 + g.segment_bytes + 64,
+                segment: 0
+            })
         );
-        assert!(g.check_data_range(u64::MAX - 10, 64).is_err(), "overflow");
-        assert!(g.check_data_range(g.pool_bytes, 1).is_err(), "past the end");
+        assert_eq!(
+            g.check_data_range(u64::MAX - 10, 64),
+            Err(RangeError::Overflow {
+                offset: u64::MAX - 10,
+                len: 64
+            })
+        );
     }
 
     proptest! {

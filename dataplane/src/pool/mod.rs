@@ -196,7 +196,7 @@ impl Pool {
                 });
             }
         }
-        let geo = PoolGeometry::load(sb).map_err(corrupt)?;
+        let geo = PoolGeometry::load(sb).map_err(|e| corrupt(e.to_string()))?;
         let code = sb.coherence_mode.load(Relaxed);
         let mode = CoherenceMode::from_code(code)
             .ok_or_else(|| corrupt(format!("unknown coherence mode code {code}")))?;
@@ -331,7 +331,7 @@ impl Pool {
     pub fn data_ptr(&self, offset: u64, len: u64) -> PoolResult<*mut u8> {
         self.geo
             .check_data_range(offset, len)
-            .map_err(PoolError::BadRange)?;
+            .map_err(|e| PoolError::BadRange(e.to_string()))?;
         // SAFETY: the range was checked to lie inside the mapping.
         Ok(unsafe { self.map.as_ptr().add(offset as usize) })
     }

@@ -23,6 +23,7 @@ use super::core::{
 use super::state::{PoolState, StateError};
 use crate::batch::{BatchDesc, BatchLimits};
 use crate::idle::{Idle, IdlePolicy};
+use crate::log_limit::LogLimit;
 use crate::pool::coherence::Coherence;
 use crate::pool::layout::{
     message_stride, MessageHeader, BATCH_MESSAGES_MAX, DELIVERY_SLOTS, OUTCOME_DUPLICATE,
@@ -41,7 +42,25 @@ pub const RECLAIM_SWEEP_PRESSED_NS: u64 = 2_000_000;
 /// The table counts as nearly full from this fraction (1/n) of free entries down.
 const TABLE_PRESSED_FREE_BELOW: usize = 8;
 /// At most one warning per this interval about batches dropped for a full table.
-const TABLE_FULL_LOG_NS: u64 = 1_000_000_000;
+const TABLE_FULL_LOG: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The driver's warnings that a publisher can make repeat, each rate-limited.
+#[derive(Debug)]
+struct Logs {
+    table_full: LogLimit,
+    rejected: LogLimit,
+    fenced: LogLimit,
+}
+
+impl Default for Logs {
+    fn default() -> Self {
+        Logs {
+            table_full: LogLimit::new(TABLE_FULL_LOG),
+            rejected: LogLimit::default(),
+            fenced: LogLimit::default(),
+        }
+    }
+}
 
 #[derive(Clone, Copy, Debug)]
 pub struct DriverConfig {
@@ -131,9 +150,7 @@ pub struct Sequencer<'p, C: Coherence> {
     /// Clients with a live session, refilled by each sweep.
     live: HashSet<u64>,
     reclaimed: Vec<u64>,
-    /// Batches dropped for a full table since the last warning, and when that was.
-    table_full_unlogged: u64,
-    table_full_logged_ns: u64,
+    logs: Logs,
 }
 
 impl<'p, C: Coherence> Sequencer<'p, C> {
@@ -209,8 +226,7 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
             sweep_pressed: false,
             live: HashSet::new(),
             reclaimed: Vec::new(),
-            table_full_unlogged: 0,
-            table_full_logged_ns: 0,
+            logs: Logs::default(),
         };
         s.next_delivery = next_delivery;
         s.recover()?;
@@ -287,7 +303,9 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
     }
 
     fn reject(&mut self, b: usize, index: u64, reason: &str) -> Result<(), SequencerError> {
-        log::warn!(
+        crate::warn_limited!(
+            self.logs.rejected,
+            monotonic_ns(),
             "topic slot {} broker {b}: ring index {index} rejected: {reason}",
             self.topic
         );
@@ -402,7 +420,9 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
                     expected,
                     why,
                 } => {
-                    log::warn!(
+                    crate::warn_limited!(
+                        self.logs.fenced,
+                        monotonic_ns(),
                         "topic slot {}: client {client_id} fenced ({why:?}) waiting for batch {expected}",
                         self.topic
                     );
@@ -415,21 +435,16 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
     }
 
     /// A batch of an untracked client was dropped for a full table: warns at most once per
-    /// [`TABLE_FULL_LOG_NS`], with the count since, and sweeps at once.
+    /// [`TABLE_FULL_LOG`], with the count since, and sweeps at once.
     fn table_full(&mut self, client_id: u64) {
         self.sweep_pressed = true;
-        self.table_full_unlogged += 1;
-        let now = monotonic_ns();
-        if now.saturating_sub(self.table_full_logged_ns) >= TABLE_FULL_LOG_NS {
-            log::warn!(
-                "topic slot {}: {} batch(es) of publishers the sequencer does not track dropped (the latest of client {client_id}): its client table holds {} live or unfinished publishers",
-                self.topic,
-                self.table_full_unlogged,
-                self.core.clients_tracked()
-            );
-            self.table_full_unlogged = 0;
-            self.table_full_logged_ns = now;
-        }
+        let tracked = self.core.clients_tracked();
+        crate::warn_limited!(
+            self.logs.table_full,
+            monotonic_ns(),
+            "topic slot {}: a batch of client {client_id}, which the sequencer does not track, dropped: its client table holds {tracked} live or unfinished publishers",
+            self.topic
+        );
     }
 
     /// Runs a reclaim sweep now rather than at its interval (ORDER 4 and 5; a no-op

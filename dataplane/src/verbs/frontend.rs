@@ -22,12 +22,14 @@ use embar_sys::verbs::{
 
 use super::credits::{BadImmediate, ImmediateOrder, SourceRing};
 use super::*;
+use crate::log_limit::LogLimit;
 use crate::pool::coherence::Coherence;
 use crate::pool::layout::Session;
 use crate::pool::Pool;
 use crate::ring::{RingError, RingProducer};
 use crate::session::{self, answer, grant_slot, submission_ring, SessionError, ACCEPTED, RELEASED};
 use crate::sync::Ordering::Relaxed;
+use crate::warn_limited;
 
 /// Feedback writes in flight per session (a ring of 64-byte source slots).
 const FEEDBACK_SOURCES: u64 = 64;
@@ -137,6 +139,18 @@ pub struct Frontend<'p, C: Coherence> {
     completions: Vec<Completion>,
     listen_addr: SocketAddr,
     batch_limit: u64,
+    warnings: Warnings,
+}
+
+/// The frontend's warnings that a misbehaving publisher or a failing device can repeat on
+/// every polling round; each is logged at most once per interval, with a count.
+#[derive(Default)]
+struct Warnings {
+    session_failed: LogLimit,
+    bad_immediate: LogLimit,
+    repost_receive: LogLimit,
+    register_grant: LogLimit,
+    submission: LogLimit,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +161,22 @@ pub enum FrontendError {
     Listen(std::io::Error),
     #[error(transparent)]
     Pool(#[from] crate::PoolError),
+}
+
+/// Why one remote session could not be set up or served; it ends that session only.
+#[derive(Debug, thiserror::Error)]
+enum RemoteError {
+    #[error(transparent)]
+    Verbs(#[from] VerbsError),
+    #[error("the topic was deleted")]
+    TopicDeleted,
+    #[error("answering the publisher: {0}")]
+    Answer(std::io::Error),
+    /// A grant the broker issued that does not lie in the log (a broker bug).
+    #[error(transparent)]
+    GrantRange(crate::PoolError),
+    #[error("no free feedback source slot")]
+    NoFeedbackSource,
 }
 
 impl<'p, C: Coherence> Frontend<'p, C> {
@@ -183,6 +213,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
             completions: Vec::with_capacity(64),
             listen_addr,
             batch_limit: pool.geometry().segment_bytes,
+            warnings: Warnings::default(),
         })
     }
 
@@ -274,26 +305,27 @@ impl<'p, C: Coherence> Frontend<'p, C> {
         }
     }
 
-    fn parse(&self, line: &str) -> Result<Request, String> {
+    fn parse(&self, line: &str) -> Result<Request, HandshakeError> {
         if line.split_ascii_whitespace().next() != Some(HELLO) {
-            return Err(format!(
-                "expected {HELLO} (a verbs publisher of this version)"
-            ));
+            return Err(HandshakeError::NotHello);
         }
         let name = field(line, "topic")?;
-        let topic = self
-            .pool
-            .find_topic(self.c, name)
-            .map_err(|e| e.to_string())?;
-        let client_id: u64 = field(line, "client")?
-            .parse()
-            .map_err(|_| "bad client=".to_string())?;
+        let topic = self.pool.find_topic(self.c, name)?;
+        let client = field(line, "client")?;
+        let client_id: u64 = client.parse().map_err(|_| HandshakeError::BadField {
+            key: "client",
+            value: client.to_string(),
+        })?;
         let ep: Endpoint = field(line, "ep")?
             .parse()
-            .map_err(|e: VerbsError| e.to_string())?;
-        let fb = parse_nums(field(line, "feedback")?, 2)?;
+            .map_err(HandshakeError::BadEndpoint)?;
+        let feedback = field(line, "feedback")?;
+        let fb = parse_nums(feedback, 2)?;
         if fb[1] > u64::from(u32::MAX) {
-            return Err("bad feedback rkey".into());
+            return Err(HandshakeError::BadField {
+                key: "feedback",
+                value: feedback.to_string(),
+            });
         }
         Ok(Request {
             topic,
@@ -347,32 +379,28 @@ impl<'p, C: Coherence> Frontend<'p, C> {
     }
 
     /// The QP, staging buffer and feedback sources of an accepted session; answers OK.
-    fn activate(&mut self, p: &mut Pending<'p>) -> Result<Remote<'p, C>, String> {
-        let e = |e: VerbsError| e.to_string();
+    fn activate(&mut self, p: &mut Pending<'p>) -> Result<Remote<'p, C>, RemoteError> {
         let mut qp = QueuePair::new(
             &self.ctx,
             &self.send_cq,
             &self.recv_cq,
             (FEEDBACK_SOURCES + 8) as u32,
             STAGING_SLOTS + 1,
-        )
-        .map_err(e)?;
-        let staging = RegisteredBuffer::new(&self.ctx, STAGING_SLOTS as usize * SLOT_BYTES, true)
-            .map_err(e)?;
-        let source_buf =
-            RegisteredBuffer::new(&self.ctx, FEEDBACK_SOURCES as usize * 64, false).map_err(e)?;
-        qp.connect(&p.req.ep, true).map_err(e)?;
+        )?;
+        let staging = RegisteredBuffer::new(&self.ctx, STAGING_SLOTS as usize * SLOT_BYTES, true)?;
+        let source_buf = RegisteredBuffer::new(&self.ctx, FEEDBACK_SOURCES as usize * 64, false)?;
+        qp.connect(&p.req.ep, true)?;
         // One receive per staging slot: a publisher never has more immediates in flight. Its
         // first write can come only after the OK below.
         for k in 0..STAGING_SLOTS {
             // SAFETY: no buffer; a WRITE_WITH_IMM consumes it.
-            unsafe { qp.post_recv(u64::from(k), None) }.map_err(e)?;
+            unsafe { qp.post_recv(u64::from(k), None) }?;
         }
         let ep = qp.endpoint();
         let info = self
             .pool
             .read_topic(self.c, p.req.topic)
-            .ok_or("the topic was deleted")?;
+            .ok_or(RemoteError::TopicDeleted)?;
         writeln!(
             p.stream,
             "OK ep={ep} staging={}:{}:{STAGING_SLOTS} broker={} batch_bytes={} ack={}",
@@ -382,9 +410,11 @@ impl<'p, C: Coherence> Frontend<'p, C> {
             info.config.batch_bytes.min(self.batch_limit),
             info.config.ack,
         )
-        .map_err(|e| e.to_string())?;
-        p.stream.set_nonblocking(true).map_err(|e| e.to_string())?;
-        let stream = p.stream.try_clone().map_err(|e| e.to_string())?;
+        .map_err(RemoteError::Answer)?;
+        p.stream
+            .set_nonblocking(true)
+            .map_err(RemoteError::Answer)?;
+        let stream = p.stream.try_clone().map_err(RemoteError::Answer)?;
         Ok(Remote {
             session: p.session,
             generation: p.generation,
@@ -414,10 +444,6 @@ impl<'p, C: Coherence> Frontend<'p, C> {
         })
     }
 
-    fn remote_by_qp(&mut self, qpn: u32) -> Option<&mut Remote<'p, C>> {
-        self.remotes.iter_mut().find(|r| r.qp.qp_num() == qpn)
-    }
-
     /// Immediates announce descriptors; errors end their session.
     fn poll_receives(&mut self) -> Result<usize, FrontendError> {
         let mut work = 0;
@@ -427,16 +453,20 @@ impl<'p, C: Coherence> Frontend<'p, C> {
                 return Ok(work);
             }
             let completions = std::mem::take(&mut self.completions);
+            let now = monotonic_ns();
+            let warn = &mut self.warnings;
             for c in &completions {
                 work += 1;
                 let broker = self.broker;
                 let mut bad = false;
-                let Some(r) = self.remote_by_qp(c.qp_num) else {
+                let Some(r) = remote_by_qp(&mut self.remotes, c.qp_num) else {
                     continue;
                 };
                 if !c.ok() {
                     if r.closing.is_none() {
-                        log::warn!(
+                        warn_limited!(
+                            warn.session_failed,
+                            now,
                             "broker {broker}: verbs session of client {} failed: {}",
                             r.client_id,
                             c.status_str()
@@ -458,7 +488,9 @@ impl<'p, C: Coherence> Frontend<'p, C> {
                         bad = true;
                         r.local_rejected += 1;
                         r.local_error = ERROR_BAD_IMMEDIATE | r.order.received() << 8;
-                        log::warn!(
+                        warn_limited!(
+                            warn.bad_immediate,
+                            now,
                             "broker {broker}: verbs client {}: immediate {got} names no expected staging slot (want {expected}); rejected",
                             r.client_id
                         );
@@ -467,7 +499,12 @@ impl<'p, C: Coherence> Frontend<'p, C> {
                 // The receive is used up either way: post it again.
                 // SAFETY: no buffer.
                 if let Err(e) = unsafe { r.qp.post_recv(c.wr_id, None) } {
-                    log::warn!("broker {broker}: re-posting a receive: {e}");
+                    warn_limited!(
+                        warn.repost_receive,
+                        now,
+                        "broker {broker}: verbs client {}: re-posting a receive: {e}",
+                        r.client_id
+                    );
                     r.closing.get_or_insert(ERROR_TRANSPORT);
                 }
                 if bad {
@@ -487,7 +524,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
             }
             let completions = std::mem::take(&mut self.completions);
             for c in &completions {
-                if let Some(r) = self.remote_by_qp(c.qp_num) {
+                if let Some(r) = remote_by_qp(&mut self.remotes, c.qp_num) {
                     if c.ok() {
                         r.sources.completed(c.wr_id);
                     } else {
@@ -502,7 +539,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
     /// Forwarding, grants, feedback and liveness of remote `i`.
     fn serve(&mut self, i: usize, now: u64) -> usize {
         let (pool, c, stats) = (self.pool, self.c, &mut self.stats);
-        let ctx = &self.ctx;
+        let (ctx, broker, warn) = (&self.ctx, self.broker, &mut self.warnings);
         let r = &mut self.remotes[i];
         if r.closing.is_some() {
             return 0;
@@ -526,7 +563,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
             return usize::from(r.read_ready());
         }
         let mut work = 0;
-        work += r.forward(pool);
+        work += r.forward(pool, &mut warn.submission, broker, now);
         stats.batches_forwarded += work as u64;
         match r.new_grants(pool, c, ctx) {
             Ok(n) => {
@@ -534,7 +571,12 @@ impl<'p, C: Coherence> Frontend<'p, C> {
                 work += n as usize;
             }
             Err(e) => {
-                log::warn!("verbs client {}: registering a grant: {e}", r.client_id);
+                warn_limited!(
+                    warn.register_grant,
+                    now,
+                    "broker {broker}: verbs client {}: registering a grant: {e}",
+                    r.client_id
+                );
                 r.closing = Some(ERROR_TRANSPORT);
                 return 1;
             }
@@ -565,6 +607,13 @@ impl<'p, C: Coherence> Frontend<'p, C> {
         let deadline = monotonic_ns() + DRAIN.as_nanos() as u64;
         self.draining.push((r, deadline));
     }
+}
+
+fn remote_by_qp<'a, 'p, C: Coherence>(
+    remotes: &'a mut [Remote<'p, C>],
+    qpn: u32,
+) -> Option<&'a mut Remote<'p, C>> {
+    remotes.iter_mut().find(|r| r.qp.qp_num() == qpn)
 }
 
 /// A session error code, including the transport's own.
@@ -616,7 +665,7 @@ impl<C: Coherence> Remote<'_, C> {
     }
 
     /// Takes announced descriptors into the submission ring, in order, while it has room.
-    fn forward(&mut self, pool: &Pool) -> usize {
+    fn forward(&mut self, pool: &Pool, warn: &mut LogLimit, broker: u32, now: u64) -> usize {
         let mut n = 0;
         while let Some(&slot) = self.queue.front() {
             let mut raw = [0u8; SLOT_BYTES];
@@ -635,7 +684,12 @@ impl<C: Coherence> Remote<'_, C> {
                 Ok(_) => {}
                 Err(RingError::Full { .. }) => break,
                 Err(e) => {
-                    log::warn!("verbs client {}: submission: {e}", self.client_id);
+                    warn_limited!(
+                        warn,
+                        now,
+                        "broker {broker}: verbs client {}: submission: {e}",
+                        self.client_id
+                    );
                     self.closing = Some(ERROR_TRANSPORT);
                     break;
                 }
@@ -669,7 +723,7 @@ impl<C: Coherence> Remote<'_, C> {
     }
 
     /// Registers grants the broker issued since and writes them to the publisher.
-    fn new_grants(&mut self, pool: &Pool, c: C, ctx: &Arc<Context>) -> Result<u64, VerbsError> {
+    fn new_grants(&mut self, pool: &Pool, c: C, ctx: &Arc<Context>) -> Result<u64, RemoteError> {
         let issued = c.observe(&self.session.grants_issued);
         let mut n = 0;
         while self.issued_seen < issued && self.can_post() {
@@ -679,7 +733,7 @@ impl<C: Coherence> Remote<'_, C> {
             let (offset, bytes) = (e.offset.load(Relaxed), e.bytes.load(Relaxed));
             let ptr = pool
                 .data_ptr(offset, bytes)
-                .map_err(|e| VerbsError::Invalid(e.to_string()))?;
+                .map_err(RemoteError::GrantRange)?;
             // SAFETY: the pool mapping outlives the frontend (`'p`); the grant is log space
             // this session alone may fill, whose contents the broker checks before use.
             let mr = unsafe { MemoryRegion::register(ctx, ptr, bytes as usize, true) }?;
@@ -740,11 +794,8 @@ impl<C: Coherence> Remote<'_, C> {
     }
 
     /// One 64-byte RDMA WRITE of `words` to `offset` of the publisher's feedback region.
-    fn post_feedback(&mut self, words: &[u64; 8], offset: u64) -> Result<(), VerbsError> {
-        let next = self
-            .sources
-            .next()
-            .ok_or_else(|| VerbsError::Invalid("no free feedback source slot".into()))?;
+    fn post_feedback(&mut self, words: &[u64; 8], offset: u64) -> Result<(), RemoteError> {
+        let next = self.sources.next().ok_or(RemoteError::NoFeedbackSource)?;
         let at = next.slot * 64;
         let dst = (self.source_buf.as_ptr() as u64 + at) as *mut u64;
         // SAFETY: slot `next.slot < FEEDBACK_SOURCES` is inside `source_buf`; the ring handed

@@ -143,23 +143,46 @@ pub fn fields(line: &str) -> impl Iterator<Item = (&str, &str)> {
         .filter_map(|kv| kv.split_once('='))
 }
 
+/// What is wrong with a handshake line (either end's).
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("expected {HELLO} (a verbs publisher of this version)")]
+    NotHello,
+    #[error("handshake line has no {0}=")]
+    MissingField(String),
+    #[error("bad {key}= {value:?}")]
+    BadField { key: &'static str, value: String },
+    #[error("bad number list {0:?}")]
+    BadNumbers(String),
+    #[error("{text:?}: want {want} numbers")]
+    NumberCount { text: String, want: usize },
+    #[cfg(feature = "verbs")]
+    #[error("bad ep=: {0}")]
+    BadEndpoint(#[source] embar_sys::verbs::VerbsError),
+    #[error(transparent)]
+    Topic(#[from] crate::PoolError),
+}
+
 /// The value of `key` in a handshake line.
-pub fn field<'a>(line: &'a str, key: &str) -> Result<&'a str, String> {
+pub fn field<'a>(line: &'a str, key: &str) -> Result<&'a str, HandshakeError> {
     fields(line)
         .find(|(k, _)| *k == key)
         .map(|(_, v)| v)
-        .ok_or_else(|| format!("handshake line has no {key}="))
+        .ok_or_else(|| HandshakeError::MissingField(key.to_string()))
 }
 
 /// `a:b[:c...]` as numbers.
-pub fn parse_nums(s: &str, n: usize) -> Result<Vec<u64>, String> {
+pub fn parse_nums(s: &str, n: usize) -> Result<Vec<u64>, HandshakeError> {
     let v: Vec<u64> = s
         .split(':')
         .map(|x| x.parse::<u64>())
         .collect::<Result<_, _>>()
-        .map_err(|_| format!("bad number list {s:?}"))?;
+        .map_err(|_| HandshakeError::BadNumbers(s.to_string()))?;
     if v.len() != n {
-        return Err(format!("{s:?}: want {n} numbers"));
+        return Err(HandshakeError::NumberCount {
+            text: s.to_string(),
+            want: n,
+        });
     }
     Ok(v)
 }
@@ -185,8 +208,16 @@ mod tests {
             parse_nums(field(l, "staging").unwrap(), 3).unwrap(),
             vec![10, 20, 32]
         );
-        assert!(field(l, "nope").is_err());
-        assert!(parse_nums("1:x", 2).is_err());
-        assert!(parse_nums("1:2", 3).is_err());
+        assert!(matches!(
+            field(l, "nope"),
+            Err(HandshakeError::MissingField(k)) if k == "nope"
+        ));
+        assert!(matches!(
+            parse_nums("1:x", 2),
+            Err(HandshakeError::BadNumbers(_))
+        ));
+        let e = parse_nums("1:2", 3).unwrap_err();
+        assert!(matches!(e, HandshakeError::NumberCount { want: 3, .. }));
+        assert_eq!(e.to_string(), "\"1:2\": want 3 numbers");
     }
 }

@@ -201,22 +201,23 @@ impl VerbsPublisher {
         if !line.starts_with("OK ") {
             return Err(refused(format!("unexpected answer {line:?}")));
         }
-        let bad = |e: String| refused(format!("bad answer {line:?}: {e}"));
+        let bad = |e: &dyn std::fmt::Display| refused(format!("bad answer {line:?}: {e}"));
         let ep: Endpoint = field(line, "ep")
-            .map_err(bad)?
+            .map_err(|e| bad(&e))?
             .parse()
-            .map_err(|e: VerbsError| bad(e.to_string()))?;
-        let st = parse_nums(field(line, "staging").map_err(bad)?, 3).map_err(bad)?;
+            .map_err(|e: VerbsError| bad(&e))?;
+        let st =
+            parse_nums(field(line, "staging").map_err(|e| bad(&e))?, 3).map_err(|e| bad(&e))?;
         let batch_bytes: u64 = field(line, "batch_bytes")
-            .map_err(bad)?
+            .map_err(|e| bad(&e))?
             .parse()
-            .map_err(|_| bad("batch_bytes".into()))?;
+            .map_err(|_| bad(&"batch_bytes"))?;
         let ack: u8 = field(line, "ack")
-            .map_err(bad)?
+            .map_err(|e| bad(&e))?
             .parse()
-            .map_err(|_| bad("ack".into()))?;
+            .map_err(|_| bad(&"ack"))?;
         if st[1] > u64::from(u32::MAX) || st[2] == 0 || st[2] > 1 << 16 || batch_bytes < 128 {
-            return Err(bad("out of range".into()));
+            return Err(bad(&"out of range"));
         }
         qp.connect(&ep, true).map_err(transport)?;
         stream
