@@ -273,7 +273,8 @@ fn members(dir: &Path, file: &ClusterFile) -> Vec<Member> {
     out
 }
 
-/// Whether `pid` runs `embar` with one of `names` on its command line (and is not a zombie).
+/// Whether `pid` runs an `embar` control process or broker (whatever its executable is
+/// called) with one of `names` as an argument (and has not exited).
 fn is_ours(pid: u32, names: &[String]) -> bool {
     let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
         return false;
@@ -282,12 +283,10 @@ fn is_ours(pid: u32, names: &[String]) -> bool {
         .split(|b| *b == 0)
         .map(|a| String::from_utf8_lossy(a).into_owned())
         .collect();
-    let exe_is_embar = args
-        .first()
-        .and_then(|a| Path::new(a).file_name())
-        .is_some_and(|n| n.to_string_lossy().starts_with("embar"));
-    exe_is_embar
-        && args.iter().any(|a| names.iter().any(|n| a == n))
+    let role = args
+        .get(1)
+        .is_some_and(|a| ["control", "broker", "sequencer"].contains(&a.as_str()));
+    role && args.iter().any(|a| names.iter().any(|n| a == n))
         && embar_sys::process::alive(pid as i32)
 }
 
