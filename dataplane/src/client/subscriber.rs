@@ -1,23 +1,33 @@
 //! A subscriber on the pool host: registers a cursor in the topic's subscriber table, reads the
 //! sequencer's delivery ring in order, and hands out each message of each ordered batch with
-//! its total order, client id, batch sequence, index and payload, reading the payload where it
-//! was landed (no copy).
+//! its total order, client id, batch sequence, index and payload.
 //!
 //! Retention: the sequencer never overwrites a delivery entry an active subscriber has not
-//! passed, and a broker never frees log space below the slowest position. A subscriber that
-//! starts at an old position checks, after publishing its cursor, that no broker has already
-//! reclaimed below it (each side stores, fences, then reads the other: one of them sees the
-//! other).
-
-use crate::batch::read_message_header;
+//! passed, and a broker never frees log space below the slowest position, except past a
+//! retention limit (`embar broker --retention-bytes`). A subscriber that starts at an old
+//! position checks, after publishing its cursor, that no broker has already reclaimed below
+//! it (each side stores, fences, then reads the other: one of them sees the other).
+//!
+//! Copy, then validate: log space past a retention limit may be freed and reused by another
+//! process while a slow subscriber reads it, so user code is never handed a slice of the
+//! pool. Each batch is copied into a buffer the subscriber owns, then the broker's
+//! `reclaimed_below` watermark is read again (after an acquire fence): a broker announces
+//! that watermark before it frees the space, so if the watermark still lies at or below the
+//! batch after the copy, nothing of it was freed (let alone rewritten) while it was copied.
+//! Otherwise the copy is dropped and the subscriber gets [`PoolError::FellBehind`], naming
+//! its position and the oldest retained one as total orders. The messages are parsed from
+//! the copy, so a header cannot change between its check and its use either.
 use crate::pool::coherence::Coherence;
 use crate::pool::layout::{
-    message_stride, DeliveryEntry, SequencerState, SubscriberEntry, DELIVERY_SLOTS,
+    message_stride, DeliveryEntry, MessageHeader, SequencerState, SubscriberEntry, DELIVERY_SLOTS,
     SUBSCRIBERS_MAX, SUBSCRIBER_ACTIVE,
 };
 use crate::pool::Pool;
 use crate::sync::Ordering::{AcqRel, Acquire, Relaxed, SeqCst};
 use crate::{PoolError, PoolResult};
+
+/// Where a message header keeps its payload size.
+const SIZE_AT: usize = std::mem::offset_of!(MessageHeader, size);
 
 const RECLAIMED: &str = "start position (log space already reclaimed below delivery index)";
 
@@ -32,7 +42,8 @@ pub enum StartAt {
     TotalOrder(u64),
 }
 
-/// One delivered message; `payload` borrows the pool until the next call.
+/// One delivered message; `payload` borrows the subscriber's own copy of the batch (never
+/// the pool) until the next call.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Message<'a> {
     pub total_order: u64,
@@ -55,6 +66,9 @@ pub struct Subscriber<'p, C: Coherence> {
     next: u64,
     /// Messages of the first batch to skip (a start inside a batch).
     skip: u32,
+    /// The copy of the batch being delivered (grown to the largest batch seen, at most a
+    /// segment; allocated at open for the topic's batch size).
+    buf: Vec<u8>,
 }
 
 fn entry(st: &SequencerState, d: u64) -> &DeliveryEntry {
@@ -65,6 +79,10 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
     /// Registers a subscriber of `topic` starting at `start`.
     pub fn open(pool: &'p Pool, c: C, topic: &str, start: StartAt) -> PoolResult<Self> {
         let slot = pool.find_topic(c, topic)?;
+        let batch_bytes = pool
+            .read_topic(c, slot)
+            .map_or(0, |i| i.config.batch_bytes)
+            .min(pool.geometry().segment_bytes);
         let st = pool.sequencer_state(slot);
         let delivered = c.observe(&st.delivered);
         let oldest = delivered.saturating_sub(DELIVERY_SLOTS as u64);
@@ -98,6 +116,7 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             cursor,
             next,
             skip,
+            buf: vec![0; batch_bytes as usize],
         })
     }
 
@@ -192,22 +211,49 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
         })
     }
 
-    fn check_retained(&self, broker: u32, d: u64) -> PoolResult<()> {
+    /// Whether broker `broker` may have freed the log space of delivery index `d`: then an
+    /// error naming `position` (the total order the subscriber would deliver next) and the
+    /// oldest retained total order.
+    fn check_retained(&self, broker: u32, d: u64, position: u64) -> PoolResult<()> {
         let t = self.pool.tinode(self.topic);
         let Some(e) = t.brokers.get(broker as usize) else {
             return Err(PoolError::BadRange(format!(
                 "delivery entry {d} names broker {broker}"
             )));
         };
-        let floor = self.c.observe(&e.broker.reclaimed_below);
-        if floor > d {
-            return Err(PoolError::OutOfRange {
-                what: "subscriber position (fell behind the retention limit; reclaimed below)",
-                value: d,
-                limit: floor,
+        if self.c.observe(&e.broker.reclaimed_below) > d {
+            return Err(PoolError::FellBehind {
+                position,
+                oldest: self.oldest_total_order(),
             });
         }
         Ok(())
+    }
+
+    /// The total order of the oldest message still retained (what `StartAt::Oldest` starts
+    /// at now), or of the next to be ordered when none is.
+    fn oldest_total_order(&self) -> u64 {
+        let delivered = self.c.observe(&self.st.delivered);
+        let floor = Self::reclaimed_below(self.pool, self.c, self.topic);
+        let lo = delivered
+            .saturating_sub(DELIVERY_SLOTS as u64)
+            .max(floor)
+            .min(delivered);
+        let first_of = |d: u64| {
+            let e = entry(self.st, d);
+            self.c.invalidate(e);
+            (self.c.observe(&e.stamp) == d + 1)
+                .then(|| (e.total_order.load(Relaxed), e.num_msg.load(Relaxed)))
+        };
+        if lo < delivered {
+            if let Some((f, _)) = first_of(lo) {
+                return f;
+            }
+        }
+        delivered
+            .checked_sub(1)
+            .and_then(first_of)
+            .map_or(0, |(f, n)| f + u64::from(n))
     }
 
     pub fn topic_slot(&self) -> u32 {
@@ -247,50 +293,58 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             let (client_id, batch_seq) = (e.client_id.load(Relaxed), e.batch_seq.load(Relaxed));
             let (log_idx, total) = (e.log_idx.load(Relaxed), e.total_size.load(Relaxed));
             let broker = e.broker.load(Relaxed);
+            let position = first + u64::from(self.skip);
             // Past a broker's retention limit, its log space may be reclaimed before this
             // subscriber read it: then this is an error, never reused bytes.
-            self.check_retained(broker, d)?;
+            self.check_retained(broker, d, position)?;
             let base = self.pool.data_ptr(log_idx, total)?;
-            // SAFETY: the range was bounds-checked; retention keeps it until this subscriber's
-            // position passes `d`.
-            unsafe { self.c.invalidate_range(base, total as usize) };
-            let mut off = 0u64;
+            let len = total as usize;
+            if self.buf.len() < len {
+                // Only for a batch larger than the topic's batch size (bounded by a segment).
+                self.buf.resize(len, 0);
+            }
+            // SAFETY: `base..base + len` was bounds-checked in the mapping by `data_ptr`;
+            // `buf` holds at least `len` bytes and is not the pool. Another process may be
+            // writing that range if a broker reclaimed it meanwhile: the copy is then
+            // discarded by the check below, before anything reads it.
+            unsafe {
+                self.c.invalidate_range(base, len);
+                std::ptr::copy_nonoverlapping(base, self.buf.as_mut_ptr(), len);
+            }
+            // The copy is complete before the watermark is read again (announce-then-free on
+            // the broker's side; see the module documentation).
+            crate::sync::fence(Acquire);
+            self.check_retained(broker, d, position)?;
+            let batch = &self.buf[..len];
+            let mut off = 0usize;
             for i in 0..num_msg {
-                if off + 64 > total {
+                if off + 64 > len {
                     return Err(PoolError::BadRange(format!(
                         "batch {d} of topic slot {}: message {i} lies past its {total} bytes",
                         self.topic
                     )));
                 }
-                // SAFETY: `off + 64 <= total`, inside the checked range; 64-byte aligned.
-                let h = unsafe { read_message_header(base.add(off as usize)) };
-                let size = u64::from(h.size);
-                if off + 64 + size > total {
+                let at = off + SIZE_AT;
+                let size = u32::from_ne_bytes(batch[at..at + 4].try_into().expect("4 bytes"));
+                let size = size as usize;
+                if off + 64 + size > len {
                     return Err(PoolError::BadRange(format!(
                         "batch {d}: message {i} of {size} bytes lies past the batch"
                     )));
                 }
                 if i >= self.skip {
-                    // SAFETY: the payload lies inside the checked, retained batch range and
-                    // nothing writes it while it is retained.
-                    let payload = unsafe {
-                        std::slice::from_raw_parts(base.add(off as usize + 64), size as usize)
-                    };
                     f(&Message {
                         total_order: first + u64::from(i),
                         client_id,
                         batch_seq,
                         index: i,
                         num_msg,
-                        payload,
+                        payload: &batch[off + 64..off + 64 + size],
                     });
                     n += 1;
                 }
-                off += message_stride(size);
+                off += message_stride(size as u64) as usize;
             }
-            // The broker announces a reclaim a grace period before it frees the space; a
-            // reader that took longer than that may have read reused bytes, and says so.
-            self.check_retained(broker, d)?;
             self.skip = 0;
             self.next = d + 1;
             self.c.publish(&self.cursor.position, self.next);
