@@ -10,13 +10,15 @@
 //!
 //! Copy, then validate: log space past a retention limit may be freed and reused by another
 //! process while a slow subscriber reads it, so user code is never handed a slice of the
-//! pool. Each batch is copied into a buffer the subscriber owns, then the broker's
-//! `reclaimed_below` watermark is read again (after an acquire fence): a broker announces
-//! that watermark before it frees the space, so if the watermark still lies at or below the
-//! batch after the copy, nothing of it was freed (let alone rewritten) while it was copied.
-//! Otherwise the copy is dropped and the subscriber gets [`PoolError::FellBehind`], naming
-//! its position and the oldest retained one as total orders. The messages are parsed from
-//! the copy, so a header cannot change between its check and its use either.
+//! pool. A batch is copied into a buffer the subscriber owns, a window of whole messages
+//! (64 KiB, or one larger message) at a time, then the broker's `reclaimed_below` watermark
+//! is read again (after an acquire fence): a broker announces that watermark before it frees
+//! the space, so if the watermark still lies at or below the batch after the copy, nothing of
+//! the window was freed (let alone rewritten) while it was copied, and its messages are
+//! delivered from the copy while it is still in cache. Otherwise the copy is dropped and the
+//! subscriber gets [`PoolError::FellBehind`], naming its position and the oldest retained one
+//! as total orders. The messages are parsed from the copy, so a header cannot change between
+//! its check and its use either.
 use crate::pool::coherence::Coherence;
 use crate::pool::layout::{
     message_stride, DeliveryEntry, MessageHeader, SequencerState, SubscriberEntry, DELIVERY_SLOTS,
@@ -25,6 +27,10 @@ use crate::pool::layout::{
 use crate::pool::Pool;
 use crate::sync::Ordering::{AcqRel, Acquire, Relaxed, SeqCst};
 use crate::{PoolError, PoolResult};
+
+/// Bytes of a batch copied out of the pool at a time before they are checked and delivered
+/// (grown for a larger message): small enough to stay in cache until delivered.
+const COPY_WINDOW_BYTES: usize = 64 * 1024;
 
 /// Where a message header keeps its payload size.
 const SIZE_AT: usize = std::mem::offset_of!(MessageHeader, size);
@@ -66,8 +72,8 @@ pub struct Subscriber<'p, C: Coherence> {
     next: u64,
     /// Messages of the first batch to skip (a start inside a batch).
     skip: u32,
-    /// The copy of the batch being delivered (grown to the largest batch seen, at most a
-    /// segment; allocated at open for the topic's batch size).
+    /// The copy of the part of the batch being delivered ([`COPY_WINDOW_BYTES`], grown to
+    /// the largest message seen, at most a segment).
     buf: Vec<u8>,
 }
 
@@ -79,10 +85,6 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
     /// Registers a subscriber of `topic` starting at `start`.
     pub fn open(pool: &'p Pool, c: C, topic: &str, start: StartAt) -> PoolResult<Self> {
         let slot = pool.find_topic(c, topic)?;
-        let batch_bytes = pool
-            .read_topic(c, slot)
-            .map_or(0, |i| i.config.batch_bytes)
-            .min(pool.geometry().segment_bytes);
         let st = pool.sequencer_state(slot);
         let delivered = c.observe(&st.delivered);
         let oldest = delivered.saturating_sub(DELIVERY_SLOTS as u64);
@@ -116,7 +118,7 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             cursor,
             next,
             skip,
-            buf: vec![0; batch_bytes as usize],
+            buf: vec![0; COPY_WINDOW_BYTES],
         })
     }
 
@@ -293,57 +295,78 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             let (client_id, batch_seq) = (e.client_id.load(Relaxed), e.batch_seq.load(Relaxed));
             let (log_idx, total) = (e.log_idx.load(Relaxed), e.total_size.load(Relaxed));
             let broker = e.broker.load(Relaxed);
-            let position = first + u64::from(self.skip);
             // Past a broker's retention limit, its log space may be reclaimed before this
             // subscriber read it: then this is an error, never reused bytes.
-            self.check_retained(broker, d, position)?;
+            self.check_retained(broker, d, first + u64::from(self.skip))?;
             let base = self.pool.data_ptr(log_idx, total)?;
             let len = total as usize;
-            if self.buf.len() < len {
-                // Only for a batch larger than the topic's batch size (bounded by a segment).
-                self.buf.resize(len, 0);
-            }
-            // SAFETY: `base..base + len` was bounds-checked in the mapping by `data_ptr`;
-            // `buf` holds at least `len` bytes and is not the pool. Another process may be
-            // writing that range if a broker reclaimed it meanwhile: the copy is then
-            // discarded by the check below, before anything reads it.
-            unsafe {
-                self.c.invalidate_range(base, len);
-                std::ptr::copy_nonoverlapping(base, self.buf.as_mut_ptr(), len);
-            }
-            // The copy is complete before the watermark is read again (announce-then-free on
-            // the broker's side; see the module documentation).
-            crate::sync::fence(Acquire);
-            self.check_retained(broker, d, position)?;
-            let batch = &self.buf[..len];
-            let mut off = 0usize;
-            for i in 0..num_msg {
+            // The batch is copied a window at a time, each window checked, then delivered
+            // from while it is still in cache: the copy costs one pass over cached bytes.
+            let (mut off, mut i) = (0usize, 0u32);
+            let mut window = COPY_WINDOW_BYTES;
+            while i < num_msg {
                 if off + 64 > len {
                     return Err(PoolError::BadRange(format!(
                         "batch {d} of topic slot {}: message {i} lies past its {total} bytes",
                         self.topic
                     )));
                 }
-                let at = off + SIZE_AT;
-                let size = u32::from_ne_bytes(batch[at..at + 4].try_into().expect("4 bytes"));
-                let size = size as usize;
-                if off + 64 + size > len {
-                    return Err(PoolError::BadRange(format!(
-                        "batch {d}: message {i} of {size} bytes lies past the batch"
-                    )));
+                let w = window.min(len - off);
+                if self.buf.len() < w {
+                    // Only for a message larger than the window (bounded by a segment).
+                    self.buf.resize(w, 0);
                 }
-                if i >= self.skip {
-                    f(&Message {
-                        total_order: first + u64::from(i),
-                        client_id,
-                        batch_seq,
-                        index: i,
-                        num_msg,
-                        payload: &batch[off + 64..off + 64 + size],
-                    });
-                    n += 1;
+                // SAFETY: `base + off .. base + off + w` lies inside `base..base + len`, which
+                // `data_ptr` bounds-checked in the mapping; `buf` holds at least `w` bytes and
+                // is not the pool. Another process may be writing that range if a broker
+                // reclaimed it meanwhile: the copy is then discarded by the check below,
+                // before anything reads it.
+                unsafe {
+                    let src = base.add(off);
+                    self.c.invalidate_range(src, w);
+                    std::ptr::copy_nonoverlapping(src, self.buf.as_mut_ptr(), w);
                 }
-                off += message_stride(size as u64) as usize;
+                // The copy is complete before the watermark is read again (announce-then-free
+                // on the broker's side; see the module documentation).
+                crate::sync::fence(Acquire);
+                if let Err(e) = self.check_retained(broker, d, first + u64::from(i.max(self.skip)))
+                {
+                    self.skip = i.max(self.skip);
+                    return Err(e);
+                }
+                let copy = &self.buf[..w];
+                let mut at = 0usize;
+                while i < num_msg && at + 64 <= w {
+                    let size = u32::from_ne_bytes(
+                        copy[at + SIZE_AT..at + SIZE_AT + 4]
+                            .try_into()
+                            .expect("4 bytes"),
+                    ) as usize;
+                    if off + at + 64 + size > len {
+                        return Err(PoolError::BadRange(format!(
+                            "batch {d}: message {i} of {size} bytes lies past the batch"
+                        )));
+                    }
+                    if at + 64 + size > w {
+                        // Not whole in this window: the next window starts at it, and holds it.
+                        window = window.max(message_stride(size as u64) as usize);
+                        break;
+                    }
+                    if i >= self.skip {
+                        f(&Message {
+                            total_order: first + u64::from(i),
+                            client_id,
+                            batch_seq,
+                            index: i,
+                            num_msg,
+                            payload: &copy[at + 64..at + 64 + size],
+                        });
+                        n += 1;
+                    }
+                    at += message_stride(size as u64) as usize;
+                    i += 1;
+                }
+                off += at;
             }
             self.skip = 0;
             self.next = d + 1;
