@@ -5,8 +5,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read};
-use std::process::Child;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{serial, Cluster};
@@ -81,7 +81,14 @@ fn a_slow_subscriber_past_the_retention_limit_gets_only_intact_messages_then_an_
     // More than twice the pool (256 MiB): the log space of the first batches is reused while the
     // subscriber sits in the middle of one of them.
     let n: u64 = 600_000;
-    let text: String = (0..n).map(|i| line(i) + "\n").collect();
+    // From a file, so that every batch is full (the subscriber, stopped, holds the delivery
+    // ring: a few hundred batches, not the ring's 8,192 entries, are ordered past it).
+    let input = format!("{}/input.txt", c.dir);
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&input).unwrap());
+    for i in 0..n {
+        writeln!(file, "{}", line(i)).unwrap();
+    }
+    drop(file);
     // Registered before anything is published (it says so on stderr), then its stdout is not
     // read: it stops in the middle of the first batch, on a full pipe.
     let mut sub = c.spawn(
@@ -101,8 +108,14 @@ fn a_slow_subscriber_past_the_retention_limit_gets_only_intact_messages_then_an_
     stderr.read_line(&mut first).unwrap();
     assert!(first.contains("registered at delivery index 0"), "{first}");
     let started = Instant::now();
-    let publisher = c.spawn(&["publish", "--topic", "slow"], Some(text));
-    let (ok, err) = wait_with_deadline(publisher, Duration::from_secs(40));
+    let publisher = Command::new(common::exe())
+        .args(["publish", "--topic", "slow", "--control", &c.control])
+        .stdin(std::fs::File::open(&input).unwrap())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (ok, err) = wait_with_deadline(publisher, Duration::from_secs(120));
     assert!(ok, "the publisher waited for the slow subscriber: {err}");
     eprintln!("published {n} messages in {:?}", started.elapsed());
     // Now read everything the subscriber prints; it ends with the error.
