@@ -128,7 +128,12 @@ fn a_rogue_batch_is_rejected_with_its_reason_and_nothing_else_is_touched() {
     for (fault, needle) in [
         ("metadata", "descriptor failed its checks"),
         ("outside-grant", "outside the log space granted"),
-        ("past-grant", "descriptor failed its checks"),
+        // Past its grant's end: past the segment (the descriptor's checks) or inside it, past
+        // the grant (grants are carved from shared segments).
+        (
+            "past-grant",
+            "outside the log space granted|descriptor failed its checks",
+        ),
         ("bad-size", "descriptor failed its checks"),
         ("wrong-client", "another client"),
     ] {
@@ -144,7 +149,9 @@ fn a_rogue_batch_is_rejected_with_its_reason_and_nothing_else_is_touched() {
         let r: Value = serde_json::from_str(out.trim()).unwrap();
         assert_eq!(r["rejected"], true, "{fault}: {r}");
         assert!(
-            r["error"].as_str().unwrap().contains(needle),
+            needle
+                .split('|')
+                .any(|n| r["error"].as_str().unwrap().contains(n)),
             "{fault}: {r}"
         );
     }
@@ -571,7 +578,7 @@ fn a_broker_restarted_into_its_slot_reclaims_the_log_space_the_killed_process_le
     );
     c.topic("t", &["--batch-bytes", "64KiB"]);
     let out = c
-        .spawn(&["publish", "--topic", "t"], Some(lines("old", 3000, 1000)))
+        .spawn(&["publish", "--topic", "t"], Some(lines("old", 9000, 1000)))
         .wait_with_output()
         .unwrap();
     assert!(

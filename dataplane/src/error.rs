@@ -63,6 +63,16 @@ pub enum PoolError {
     },
     #[error("bad log range: {0}")]
     BadRange(String),
+    #[error(
+        "subscriber fell behind the retention limit: at total order {position}, the oldest \
+         retained is total order {oldest} (subscribe again with --from {oldest})"
+    )]
+    FellBehind {
+        /// Total order of the next message the subscriber would have delivered.
+        position: u64,
+        /// The oldest total order still retained (a start position that works now).
+        oldest: u64,
+    },
     #[error("{what} {value} is out of range (limit {limit})")]
     OutOfRange {
         what: &'static str,

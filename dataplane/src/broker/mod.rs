@@ -34,6 +34,12 @@ const RECLAIM_WHEN_FREE_BELOW: u64 = 4;
 /// Grants issued to a session and not yet taken (its credits beyond the grant it fills):
 /// enough to never wait on a fast path, few enough that idle sessions do not hoard the pool.
 const GRANTS_AHEAD: u64 = 2;
+/// Smallest grant: a session's first grants are this (or one batch of the topic, if larger),
+/// and each further grant doubles, up to a segment: space scales with what a session
+/// writes.
+const GRANT_BYTES_MIN: u64 = 64 * 1024;
+/// Doublings of a session's grant size (`GRANT_BYTES_MIN << 10` is 64 MiB).
+const GRANT_DOUBLINGS_MAX: u64 = 10;
 const _: () = assert!(GRANTS_AHEAD as usize <= SESSION_GRANT_SLOTS);
 /// Between announcing that log space past the retention limit is reclaimed and freeing it: a
 /// subscriber that checked just before the announcement finishes reading in this time.
@@ -56,9 +62,15 @@ pub struct BrokerStats {
     pub sessions_closed: u64,
 }
 
+/// A range of log space granted to one session, carved from a segment that several grants
+/// (of several sessions) may share.
 #[derive(Debug)]
 struct Grant {
+    /// The segment it lies in.
     seg: Segment,
+    /// Pool offsets of its first byte and past its last.
+    start: u64,
+    end: u64,
     /// Offset after the last accepted batch: the next batch must start here or later.
     fill: u64,
     /// Batches published into the ring and not yet decided by the sequencer.
@@ -89,6 +101,12 @@ struct TopicState<'p, C: Coherence> {
     pending: VecDeque<Pending>,
     grants: HashMap<u64, Grant>,
     next_grant_id: u64,
+    /// Segments this (topic, broker) holds, by index (see `reclaim`).
+    segments: HashMap<u64, Held>,
+    /// The segment grants are carved from while it has room for a batch.
+    tail: Option<u64>,
+    /// A session's first grants (one batch of the topic fits in every grant).
+    grant_bytes_min: u64,
     logical: u64,
     /// Segments of this (topic, slot) left by an earlier process of this broker slot, and the
     /// ring index below which its batches lie: adopted as closed grants once the sequencer
@@ -113,6 +131,39 @@ struct SessionState<'p, C: Coherence> {
     rejected: u64,
 }
 
+/// A segment held by a (topic, broker): grants are carved from it in order.
+#[derive(Debug)]
+struct Held {
+    seg: Segment,
+    /// Offset of its first byte not granted.
+    frontier: u64,
+    /// Announced as reclaimed past the retention limit: nothing more is carved from it.
+    retired: bool,
+}
+
+impl Held {
+    fn room(&self) -> u64 {
+        if self.retired {
+            0
+        } else {
+            self.seg.offset + self.seg.bytes - self.frontier
+        }
+    }
+}
+
+/// How much log space `reclaim` may free.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Reclaim {
+    /// Only segments that hold no readable batch (grants closed unused, or whose batches
+    /// were all refused): always, so that short sessions do not pin space.
+    Unreadable,
+    /// The pool runs short: what every reader has passed, except the newest
+    /// `--retention-bytes` of decided batches (kept for late subscribers).
+    Short,
+    /// A grant found no free segment: everything every reader has passed.
+    Starved,
+}
+
 impl<C: Coherence> TopicState<'_, C> {
     /// Tracks `g` under a new grant id.
     fn add_grant(&mut self, g: Grant) -> u64 {
@@ -120,6 +171,75 @@ impl<C: Coherence> TopicState<'_, C> {
         self.next_grant_id += 1;
         self.grants.insert(id, g);
         id
+    }
+
+    /// Carves a grant of up to `want` bytes (at least `grant_bytes_min`, which the caller
+    /// asks at least) from the tail segment, else from the held segment with the most room
+    /// for a batch, else from a new segment (a rest smaller than one batch stays unused
+    /// until its segment is freed).
+    fn carve(&mut self, want: u64) -> Result<(Segment, u64, u64), PoolError> {
+        let min = self.grant_bytes_min;
+        let pick = self
+            .tail
+            .filter(|i| self.segments.get(i).is_some_and(|h| h.room() >= min))
+            .or_else(|| {
+                self.segments
+                    .values()
+                    .filter(|h| h.room() >= min)
+                    .max_by_key(|h| (h.room(), std::cmp::Reverse(h.seg.index)))
+                    .map(|h| h.seg.index)
+            });
+        let index = match pick {
+            Some(i) => i,
+            None => {
+                let seg = self.alloc.alloc()?;
+                self.segments.insert(
+                    seg.index,
+                    Held {
+                        seg,
+                        frontier: seg.offset,
+                        retired: false,
+                    },
+                );
+                seg.index
+            }
+        };
+        self.tail = Some(index);
+        let h = self
+            .segments
+            .get_mut(&index)
+            .expect("picked a held segment");
+        let start = h.frontier;
+        h.frontier += want.min(h.room());
+        Ok((h.seg, start, h.frontier))
+    }
+
+    /// Gives back to their segments what closed grants at the segments' frontiers did not
+    /// use: a grant closed unused is dropped, a closed grant's unused end is cut off. Only
+    /// closed grants (whose session is over, or moved past them) are touched, so nobody
+    /// writes there any more; no batch was accepted there, so no reader looks there.
+    /// Sessions that publish a little one after the other share one segment instead of
+    /// pinning grants each.
+    fn retract_closed(&mut self) {
+        let mut at_frontier: HashMap<(u64, u64), u64> = self
+            .grants
+            .iter()
+            .filter(|(_, g)| g.closed)
+            .map(|(id, g)| ((g.seg.index, g.end), *id))
+            .collect();
+        for h in self.segments.values_mut().filter(|h| !h.retired) {
+            while let Some(id) = at_frontier.remove(&(h.seg.index, h.frontier)) {
+                let g = self.grants.get_mut(&id).expect("listed");
+                if g.fill == g.start {
+                    h.frontier = g.start;
+                    self.grants.remove(&id);
+                    continue;
+                }
+                g.end = g.fill;
+                h.frontier = g.fill;
+                break;
+            }
+        }
     }
 }
 
@@ -155,9 +275,11 @@ pub struct Broker<'p, C: Coherence> {
     need_space: bool,
     /// Log space per topic this broker keeps for lagging subscribers (None: unlimited).
     retention_bytes: Option<u64>,
-    /// Grants to be freed past the retention limit once their grace has run out:
-    /// `(topic, grant id, deadline ns)`.
+    /// Segments to be freed past the retention limit once their grace has run out:
+    /// `(topic, segment index, deadline ns)`.
     forced: Vec<(u32, u64, u64)>,
+    /// A grant found no free segment since the last reclaim.
+    starved: bool,
 }
 
 impl<'p, C: Coherence> Broker<'p, C> {
@@ -177,6 +299,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
             need_space: false,
             retention_bytes: None,
             forced: Vec::new(),
+            starved: false,
         };
         b.adopt_at_start()?;
         Ok(b)
@@ -254,12 +377,18 @@ impl<'p, C: Coherence> Broker<'p, C> {
             work += self.decisions(*t)?;
             self.adopt_orphans(*t);
         }
-        let limit_check = self.retention_bytes.is_some() && self.last_space_check_ns == now;
-        if self.need_space || limit_check {
-            self.need_space = false;
+        let space_check = self.last_space_check_ns == now;
+        if self.need_space || space_check {
+            let mode = if std::mem::take(&mut self.starved) {
+                Reclaim::Starved
+            } else if std::mem::take(&mut self.need_space) {
+                Reclaim::Short
+            } else {
+                Reclaim::Unreadable
+            };
             for t in &topics {
-                self.reclaim(*t)?;
-                if let Some(limit) = self.retention_bytes {
+                self.reclaim(*t, mode)?;
+                if let (true, Some(limit)) = (space_check, self.retention_bytes) {
                     self.enforce_retention(*t, limit, now)?;
                 }
             }
@@ -384,6 +513,11 @@ impl<'p, C: Coherence> Broker<'p, C> {
                 pending: VecDeque::new(),
                 grants: HashMap::new(),
                 next_grant_id: 0,
+                segments: HashMap::new(),
+                tail: None,
+                grant_bytes_min: crate::pool::layout::align_up(info.config.batch_bytes, 64)
+                    .max(GRANT_BYTES_MIN)
+                    .min(self.pool.geometry().segment_bytes),
                 logical: 0,
                 orphans,
             },
@@ -462,8 +596,18 @@ impl<'p, C: Coherence> Broker<'p, C> {
             .map(|(_, d)| d)
             .max();
         for seg in std::mem::take(&mut t.orphans) {
+            t.segments.insert(
+                seg.index,
+                Held {
+                    seg,
+                    frontier: seg.offset + seg.bytes,
+                    retired: false,
+                },
+            );
             t.add_grant(Grant {
                 seg,
+                start: seg.offset,
+                end: seg.offset + seg.bytes,
                 fill: seg.offset + seg.bytes,
                 inflight: 0,
                 max_delivery,
@@ -502,10 +646,15 @@ impl<'p, C: Coherence> Broker<'p, C> {
             }
         }
         if let Some(mut t) = self.topics.remove(&slot) {
-            for (_, g) in t.grants.drain() {
-                t.alloc.free(&g.seg)?;
+            let held = t.segments.drain().map(|(_, h)| h.seg);
+            for seg in held
+                .chain(std::mem::take(&mut t.orphans))
+                .collect::<Vec<_>>()
+            {
+                t.alloc.free(&seg)?;
                 self.stats.segments_reclaimed += 1;
             }
+            self.forced.retain(|f| f.0 != slot);
             log::info!(
                 "broker {}: topic slot {slot} is gone; its log space is freed",
                 self.broker
@@ -523,26 +672,32 @@ impl<'p, C: Coherence> Broker<'p, C> {
             return Ok(());
         };
         while st.issued - taken.min(st.issued) < GRANTS_AHEAD {
-            let seg = match t.alloc.alloc() {
-                Ok(seg) => seg,
+            t.retract_closed();
+            let want = (t.grant_bytes_min << st.issued.min(GRANT_DOUBLINGS_MAX))
+                .min(self.pool.geometry().segment_bytes);
+            let (seg, start, end) = match t.carve(want) {
+                Ok(carved) => carved,
                 Err(PoolError::NoFreeSegment { .. }) => {
                     self.stats.grant_waits += 1;
                     self.need_space = true;
+                    self.starved = true;
                     break;
                 }
                 Err(e) => return Err(e),
             };
             let id = t.add_grant(Grant {
                 seg,
-                fill: seg.offset,
+                start,
+                end,
+                fill: start,
                 inflight: 0,
                 max_delivery: None,
                 closed: false,
             });
             st.grants.push_back((st.issued, id));
             let e = &s.grants[grant_slot(st.issued)];
-            e.offset.store(seg.offset, Relaxed);
-            e.bytes.store(seg.bytes, Relaxed);
+            e.offset.store(start, Relaxed);
+            e.bytes.store(end - start, Relaxed);
             self.c.writeback(e);
             st.issued += 1;
             self.c.publish(&s.grants_issued, st.issued);
@@ -700,90 +855,130 @@ impl<'p, C: Coherence> Broker<'p, C> {
         Ok(work)
     }
 
-    /// Announces, past the retention limit, that the oldest decided log space of `topic` will be
-    /// reclaimed; it is freed after [`RETENTION_GRACE`].
-    fn enforce_retention(&mut self, topic: u32, limit: u64, now: u64) -> Result<(), PoolError> {
-        let Some(t) = self.topics.get_mut(&topic) else {
-            return Ok(());
+    /// Segments of `topic` whose every grant is closed with every batch decided (nothing more
+    /// can land in them), not already announced for freeing: `(segment index, highest
+    /// delivery index of its batches, bytes of its batches)`.
+    fn settled_segments(&self, topic: u32) -> Vec<(u64, Option<u64>, u64)> {
+        let Some(t) = self.topics.get(&topic) else {
+            return Vec::new();
         };
-        let forced: Vec<u64> = self
-            .forced
-            .iter()
-            .filter(|f| f.0 == topic)
-            .map(|f| f.1)
-            .collect();
-        let mut held: Vec<(u64, u64, u64)> = t
-            .grants
-            .iter()
-            .filter(|(id, g)| g.closed && g.inflight == 0 && !forced.contains(id))
-            .map(|(id, g)| (g.max_delivery.unwrap_or(0), *id, g.seg.bytes))
+        let mut by_seg: HashMap<u64, (bool, Option<u64>, u64)> =
+            t.segments.keys().map(|i| (*i, (true, None, 0))).collect();
+        for g in t.grants.values() {
+            let e = by_seg.entry(g.seg.index).or_insert((true, None, 0));
+            e.0 &= g.closed && g.inflight == 0;
+            e.1 = e.1.max(g.max_delivery);
+            e.2 += g.fill - g.start;
+        }
+        by_seg
+            .into_iter()
+            .filter(|(i, (settled, _, _))| {
+                *settled && !self.forced.iter().any(|f| f.0 == topic && f.1 == *i)
+            })
+            .map(|(i, (_, newest, bytes))| (i, newest, bytes))
+            .collect()
+    }
+
+    /// Past the retention limit, announces that the oldest settled segments of `topic` are
+    /// reclaimed (keeping at least the newest `limit` bytes of decided batches in settled
+    /// segments); they are freed after [`RETENTION_GRACE`]. Space of open grants is never
+    /// taken.
+    fn enforce_retention(&mut self, topic: u32, limit: u64, now: u64) -> Result<(), PoolError> {
+        let mut held: Vec<(Option<u64>, u64, u64)> = self
+            .settled_segments(topic)
+            .into_iter()
+            .filter(|s| s.1.is_some())
+            .map(|(i, newest, bytes)| (newest, i, bytes))
             .collect();
         let mut bytes: u64 = held.iter().map(|h| h.2).sum();
         if bytes <= limit {
             return Ok(());
         }
         held.sort_unstable();
+        let Some(t) = self.topics.get_mut(&topic) else {
+            return Ok(());
+        };
         let region = &self.pool.tinode(topic).brokers[self.broker as usize].broker;
         let mut floor = self.c.observe(&region.reclaimed_below);
-        for (max_delivery, id, seg_bytes) in held {
-            if bytes <= limit {
+        for (newest, index, seg_bytes) in held {
+            if bytes - seg_bytes < limit {
                 break;
             }
             bytes -= seg_bytes;
-            floor = floor.max(max_delivery + 1);
+            floor = floor.max(newest.map_or(0, |d| d + 1));
+            if let Some(h) = t.segments.get_mut(&index) {
+                h.retired = true;
+            }
             self.forced
-                .push((topic, id, now + RETENTION_GRACE.as_nanos() as u64));
+                .push((topic, index, now + RETENTION_GRACE.as_nanos() as u64));
         }
         self.c.publish(&region.reclaimed_below, floor);
         Ok(())
     }
 
-    /// Frees announced grants whose grace has run out.
+    /// Frees announced segments whose grace has run out.
     fn free_forced(&mut self, now: u64) -> Result<(), PoolError> {
         if self.forced.is_empty() {
             return Ok(());
         }
         let (due, wait): (Vec<_>, Vec<_>) = self.forced.drain(..).partition(|f| f.2 <= now);
         self.forced = wait;
-        for (topic, id, _) in due {
-            if let Some(t) = self.topics.get_mut(&topic) {
-                if let Some(g) = t.grants.remove(&id) {
-                    t.alloc.free(&g.seg)?;
-                    self.stats.segments_reclaimed += 1;
-                }
-            }
+        for (topic, index, _) in due {
+            self.free_segment(topic, index)?;
         }
         Ok(())
     }
 
-    /// Frees closed grants whose batches every reader has passed.
-    fn reclaim(&mut self, topic: u32) -> Result<(), PoolError> {
+    /// Frees segment `index` of `topic` with every grant in it.
+    fn free_segment(&mut self, topic: u32, index: u64) -> Result<(), PoolError> {
         let Some(t) = self.topics.get_mut(&topic) else {
             return Ok(());
         };
-        if !t.grants.values().any(|g| g.closed && g.inflight == 0) {
+        t.grants.retain(|_, g| g.seg.index != index);
+        if t.tail == Some(index) {
+            t.tail = None;
+        }
+        if let Some(h) = t.segments.remove(&index) {
+            t.alloc.free(&h.seg)?;
+            self.stats.segments_reclaimed += 1;
+        }
+        Ok(())
+    }
+
+    /// Frees settled segments of `topic` whose batches every reader has passed, as far as
+    /// `mode` allows (see [`Reclaim`]).
+    fn reclaim(&mut self, topic: u32, mode: Reclaim) -> Result<(), PoolError> {
+        let mut settled = self.settled_segments(topic);
+        if settled.is_empty() {
             return Ok(());
         }
         let st = self.pool.sequencer_state(topic);
         let slowest = |c: C| slowest_position(st, c, |_, _, e| pid_alive(e.pid.load(Relaxed)));
-        let floor = slowest(self.c).unwrap_or_else(|| self.c.observe(&st.delivered));
-        let done: Vec<(u64, Option<u64>)> = t
-            .grants
-            .iter()
-            .filter(|(_, g)| {
-                g.closed && g.inflight == 0 && g.max_delivery.is_none_or(|d| d < floor)
-            })
-            .map(|(id, g)| (*id, g.max_delivery))
-            .filter(|(id, _)| !self.forced.iter().any(|f| f.0 == topic && f.1 == *id))
-            .collect();
-        if done.is_empty() {
+        let floor = match mode {
+            Reclaim::Unreadable => 0,
+            _ => slowest(self.c).unwrap_or_else(|| self.c.observe(&st.delivered)),
+        };
+        settled.retain(|s| s.1.is_none_or(|d| d < floor));
+        if let (Reclaim::Short, Some(limit)) = (mode, self.retention_bytes) {
+            // Keep the newest `limit` bytes of decided batches for late subscribers.
+            settled.sort_unstable_by_key(|s| std::cmp::Reverse(s.1));
+            let mut kept = 0;
+            settled.retain(|s| {
+                let keep = s.1.is_some() && kept < limit;
+                if keep {
+                    kept += s.2;
+                }
+                !keep
+            });
+        }
+        if settled.is_empty() {
             return Ok(());
         }
         // Announce only what is really freed, so subscribers can still start at everything
         // below `floor` that is kept.
-        let announce = done
+        let announce = settled
             .iter()
-            .filter_map(|(_, d)| d.map(|d| d + 1))
+            .filter_map(|s| s.1.map(|d| d + 1))
             .max()
             .unwrap_or(0);
         let region = &self.pool.tinode(topic).brokers[self.broker as usize].broker;
@@ -793,14 +988,11 @@ impl<'p, C: Coherence> Broker<'p, C> {
         // A subscriber registering now stores its position, fences, then reads
         // `reclaimed_below`; this side stored that, fences, and reads positions again.
         crate::sync::fence(SeqCst);
-        if slowest(self.c).is_some_and(|p| p < announce) {
+        if announce > 0 && slowest(self.c).is_some_and(|p| p < announce) {
             return Ok(());
         }
-        let done: Vec<u64> = done.into_iter().map(|(id, _)| id).collect();
-        for id in done {
-            let g = t.grants.remove(&id).expect("listed");
-            t.alloc.free(&g.seg)?;
-            self.stats.segments_reclaimed += 1;
+        for (index, _, _) in settled {
+            self.free_segment(topic, index)?;
         }
         Ok(())
     }
@@ -826,7 +1018,7 @@ fn check_submission<C: Coherence>(
     let found = st.grants.iter().find(|(_, id)| {
         t.grants
             .get(id)
-            .is_some_and(|g| !g.closed && d.log_idx >= g.fill && end <= g.seg.offset + g.seg.bytes)
+            .is_some_and(|g| !g.closed && d.log_idx >= g.fill && end <= g.end)
     });
     let Some(&(k, id)) = found else {
         return Err((

@@ -1,23 +1,39 @@
 //! A subscriber on the pool host: registers a cursor in the topic's subscriber table, reads the
 //! sequencer's delivery ring in order, and hands out each message of each ordered batch with
-//! its total order, client id, batch sequence, index and payload, reading the payload where it
-//! was landed (no copy).
+//! its total order, client id, batch sequence, index and payload.
 //!
 //! Retention: the sequencer never overwrites a delivery entry an active subscriber has not
-//! passed, and a broker never frees log space below the slowest position. A subscriber that
-//! starts at an old position checks, after publishing its cursor, that no broker has already
-//! reclaimed below it (each side stores, fences, then reads the other: one of them sees the
-//! other).
-
-use crate::batch::read_message_header;
+//! passed, and a broker never frees log space below the slowest position, except past a
+//! retention limit (`embar broker --retention-bytes`). A subscriber that starts at an old
+//! position checks, after publishing its cursor, that no broker has already reclaimed below
+//! it (each side stores, fences, then reads the other: one of them sees the other).
+//!
+//! Copy, then validate: log space past a retention limit may be freed and reused by another
+//! process while a slow subscriber reads it, so user code is never handed a slice of the
+//! pool. A batch is copied into a buffer the subscriber owns, a window of whole messages
+//! (64 KiB, or one larger message) at a time, then the broker's `reclaimed_below` watermark
+//! is read again (after an acquire fence): a broker announces that watermark before it frees
+//! the space, so if the watermark still lies at or below the batch after the copy, nothing of
+//! the window was freed (let alone rewritten) while it was copied, and its messages are
+//! delivered from the copy while it is still in cache. Otherwise the copy is dropped and the
+//! subscriber gets [`PoolError::FellBehind`], naming its position and the oldest retained one
+//! as total orders. The messages are parsed from the copy, so a header cannot change between
+//! its check and its use either.
 use crate::pool::coherence::Coherence;
 use crate::pool::layout::{
-    message_stride, DeliveryEntry, SequencerState, SubscriberEntry, DELIVERY_SLOTS,
+    message_stride, DeliveryEntry, MessageHeader, SequencerState, SubscriberEntry, DELIVERY_SLOTS,
     SUBSCRIBERS_MAX, SUBSCRIBER_ACTIVE,
 };
 use crate::pool::Pool;
 use crate::sync::Ordering::{AcqRel, Acquire, Relaxed, SeqCst};
 use crate::{PoolError, PoolResult};
+
+/// Bytes of a batch copied out of the pool at a time before they are checked and delivered
+/// (grown for a larger message): small enough to stay in cache until delivered.
+const COPY_WINDOW_BYTES: usize = 64 * 1024;
+
+/// Where a message header keeps its payload size.
+const SIZE_AT: usize = std::mem::offset_of!(MessageHeader, size);
 
 const RECLAIMED: &str = "start position (log space already reclaimed below delivery index)";
 
@@ -32,7 +48,8 @@ pub enum StartAt {
     TotalOrder(u64),
 }
 
-/// One delivered message; `payload` borrows the pool until the next call.
+/// One delivered message; `payload` borrows the subscriber's own copy of the batch (never
+/// the pool) until the next call.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Message<'a> {
     pub total_order: u64,
@@ -55,6 +72,9 @@ pub struct Subscriber<'p, C: Coherence> {
     next: u64,
     /// Messages of the first batch to skip (a start inside a batch).
     skip: u32,
+    /// The copy of the part of the batch being delivered ([`COPY_WINDOW_BYTES`], grown to
+    /// the largest message seen, at most a segment).
+    buf: Vec<u8>,
 }
 
 fn entry(st: &SequencerState, d: u64) -> &DeliveryEntry {
@@ -98,6 +118,7 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             cursor,
             next,
             skip,
+            buf: vec![0; COPY_WINDOW_BYTES],
         })
     }
 
@@ -192,22 +213,49 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
         })
     }
 
-    fn check_retained(&self, broker: u32, d: u64) -> PoolResult<()> {
+    /// Whether broker `broker` may have freed the log space of delivery index `d`: then an
+    /// error naming `position` (the total order the subscriber would deliver next) and the
+    /// oldest retained total order.
+    fn check_retained(&self, broker: u32, d: u64, position: u64) -> PoolResult<()> {
         let t = self.pool.tinode(self.topic);
         let Some(e) = t.brokers.get(broker as usize) else {
             return Err(PoolError::BadRange(format!(
                 "delivery entry {d} names broker {broker}"
             )));
         };
-        let floor = self.c.observe(&e.broker.reclaimed_below);
-        if floor > d {
-            return Err(PoolError::OutOfRange {
-                what: "subscriber position (fell behind the retention limit; reclaimed below)",
-                value: d,
-                limit: floor,
+        if self.c.observe(&e.broker.reclaimed_below) > d {
+            return Err(PoolError::FellBehind {
+                position,
+                oldest: self.oldest_total_order(),
             });
         }
         Ok(())
+    }
+
+    /// The total order of the oldest message still retained (what `StartAt::Oldest` starts
+    /// at now), or of the next to be ordered when none is.
+    fn oldest_total_order(&self) -> u64 {
+        let delivered = self.c.observe(&self.st.delivered);
+        let floor = Self::reclaimed_below(self.pool, self.c, self.topic);
+        let lo = delivered
+            .saturating_sub(DELIVERY_SLOTS as u64)
+            .max(floor)
+            .min(delivered);
+        let first_of = |d: u64| {
+            let e = entry(self.st, d);
+            self.c.invalidate(e);
+            (self.c.observe(&e.stamp) == d + 1)
+                .then(|| (e.total_order.load(Relaxed), e.num_msg.load(Relaxed)))
+        };
+        if lo < delivered {
+            if let Some((f, _)) = first_of(lo) {
+                return f;
+            }
+        }
+        delivered
+            .checked_sub(1)
+            .and_then(first_of)
+            .map_or(0, |(f, n)| f + u64::from(n))
     }
 
     pub fn topic_slot(&self) -> u32 {
@@ -249,48 +297,77 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             let broker = e.broker.load(Relaxed);
             // Past a broker's retention limit, its log space may be reclaimed before this
             // subscriber read it: then this is an error, never reused bytes.
-            self.check_retained(broker, d)?;
+            self.check_retained(broker, d, first + u64::from(self.skip))?;
             let base = self.pool.data_ptr(log_idx, total)?;
-            // SAFETY: the range was bounds-checked; retention keeps it until this subscriber's
-            // position passes `d`.
-            unsafe { self.c.invalidate_range(base, total as usize) };
-            let mut off = 0u64;
-            for i in 0..num_msg {
-                if off + 64 > total {
+            let len = total as usize;
+            // The batch is copied a window at a time, each window checked, then delivered
+            // from while it is still in cache: the copy costs one pass over cached bytes.
+            let (mut off, mut i) = (0usize, 0u32);
+            let mut window = COPY_WINDOW_BYTES;
+            while i < num_msg {
+                if off + 64 > len {
                     return Err(PoolError::BadRange(format!(
                         "batch {d} of topic slot {}: message {i} lies past its {total} bytes",
                         self.topic
                     )));
                 }
-                // SAFETY: `off + 64 <= total`, inside the checked range; 64-byte aligned.
-                let h = unsafe { read_message_header(base.add(off as usize)) };
-                let size = u64::from(h.size);
-                if off + 64 + size > total {
-                    return Err(PoolError::BadRange(format!(
-                        "batch {d}: message {i} of {size} bytes lies past the batch"
-                    )));
+                let w = window.min(len - off);
+                if self.buf.len() < w {
+                    // Only for a message larger than the window (bounded by a segment).
+                    self.buf.resize(w, 0);
                 }
-                if i >= self.skip {
-                    // SAFETY: the payload lies inside the checked, retained batch range and
-                    // nothing writes it while it is retained.
-                    let payload = unsafe {
-                        std::slice::from_raw_parts(base.add(off as usize + 64), size as usize)
-                    };
-                    f(&Message {
-                        total_order: first + u64::from(i),
-                        client_id,
-                        batch_seq,
-                        index: i,
-                        num_msg,
-                        payload,
-                    });
-                    n += 1;
+                // SAFETY: `base + off .. base + off + w` lies inside `base..base + len`, which
+                // `data_ptr` bounds-checked in the mapping; `buf` holds at least `w` bytes and
+                // is not the pool. Another process may be writing that range if a broker
+                // reclaimed it meanwhile: the copy is then discarded by the check below,
+                // before anything reads it.
+                unsafe {
+                    let src = base.add(off);
+                    self.c.invalidate_range(src, w);
+                    std::ptr::copy_nonoverlapping(src, self.buf.as_mut_ptr(), w);
                 }
-                off += message_stride(size);
+                // The copy is complete before the watermark is read again (announce-then-free
+                // on the broker's side; see the module documentation).
+                crate::sync::fence(Acquire);
+                if let Err(e) = self.check_retained(broker, d, first + u64::from(i.max(self.skip)))
+                {
+                    self.skip = i.max(self.skip);
+                    return Err(e);
+                }
+                let copy = &self.buf[..w];
+                let mut at = 0usize;
+                while i < num_msg && at + 64 <= w {
+                    let size = u32::from_ne_bytes(
+                        copy[at + SIZE_AT..at + SIZE_AT + 4]
+                            .try_into()
+                            .expect("4 bytes"),
+                    ) as usize;
+                    if off + at + 64 + size > len {
+                        return Err(PoolError::BadRange(format!(
+                            "batch {d}: message {i} of {size} bytes lies past the batch"
+                        )));
+                    }
+                    if at + 64 + size > w {
+                        // Not whole in this window: the next window starts at it, and holds it.
+                        window = window.max(message_stride(size as u64) as usize);
+                        break;
+                    }
+                    if i >= self.skip {
+                        f(&Message {
+                            total_order: first + u64::from(i),
+                            client_id,
+                            batch_seq,
+                            index: i,
+                            num_msg,
+                            payload: &copy[at + 64..at + 64 + size],
+                        });
+                        n += 1;
+                    }
+                    at += message_stride(size as u64) as usize;
+                    i += 1;
+                }
+                off += at;
             }
-            // The broker announces a reclaim a grace period before it frees the space; a
-            // reader that took longer than that may have read reused bytes, and says so.
-            self.check_retained(broker, d)?;
             self.skip = 0;
             self.next = d + 1;
             self.c.publish(&self.cursor.position, self.next);

@@ -1,0 +1,248 @@
+//! Retention as real processes: a subscriber that falls behind `--retention-bytes` is never
+//! handed reused bytes (every payload byte is checked) and gets an error naming total orders it
+//! can restart from; the limit keeps at least what it says; short publish sessions do not pin
+//! whole segments.
+
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{serial, Cluster};
+use serde_json::Value;
+
+/// Payload bytes after each line's index.
+const FILLER_BYTES: usize = 1000;
+
+/// Line `i`: its index, then filler bytes derived from the index (a xorshift stream), so that
+/// any byte of another message, or of nothing, is caught.
+fn line(i: u64) -> String {
+    let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let filler: String = (0..FILLER_BYTES)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect();
+    format!("{i:08} {filler}")
+}
+
+/// Waits for `child` to exit, up to `limit`; kills it past that.
+fn wait_with_deadline(mut child: Child, limit: Duration) -> (bool, String) {
+    let stderr = child.stderr.take();
+    let err = std::thread::spawn(move || {
+        let mut s = String::new();
+        if let Some(mut e) = stderr {
+            let _ = e.read_to_string(&mut s);
+        }
+        s
+    });
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("process still running after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    (status.success(), err.join().unwrap())
+}
+
+/// `pool.segments_in_use` from `embar cluster status --json`.
+fn segments_in_use(c: &Cluster) -> u64 {
+    let (ok, out, err) = c.embar(&["cluster", "status", "--json"]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    v["pool"]["segments_in_use"].as_u64().unwrap()
+}
+
+#[test]
+fn a_slow_subscriber_past_the_retention_limit_gets_only_intact_messages_then_an_error_naming_total_orders(
+) {
+    let _serial = serial();
+    let c = Cluster::up(
+        "ret-slow",
+        &[
+            "--pool-bytes",
+            "256MiB",
+            "--segment-bytes",
+            "4MiB",
+            "--retention-bytes",
+            "16MiB",
+        ],
+    );
+    c.topic("slow", &[]);
+    // More than twice the pool (256 MiB): the log space of the first batches is reused while the
+    // subscriber sits in the middle of one of them.
+    let n: u64 = 600_000;
+    // From a file, so that every batch is full (the subscriber, stopped, holds the delivery
+    // ring: a few hundred batches, not the ring's 8,192 entries, are ordered past it).
+    let input = format!("{}/input.txt", c.dir);
+    let mut file = std::io::BufWriter::new(std::fs::File::create(&input).unwrap());
+    for i in 0..n {
+        writeln!(file, "{}", line(i)).unwrap();
+    }
+    drop(file);
+    // Registered before anything is published (it says so on stderr), then its stdout is not
+    // read: it stops in the middle of the first batch, on a full pipe.
+    let mut sub = c.spawn(
+        &[
+            "subscribe",
+            "--topic",
+            "slow",
+            "--pause-ms",
+            "1",
+            "--idle-timeout-s",
+            "10",
+        ],
+        None,
+    );
+    let mut stderr = BufReader::new(sub.stderr.take().unwrap());
+    let mut first = String::new();
+    stderr.read_line(&mut first).unwrap();
+    assert!(first.contains("registered at delivery index 0"), "{first}");
+    let started = Instant::now();
+    let publisher = Command::new(common::exe())
+        .args(["publish", "--topic", "slow", "--control", &c.control])
+        .stdin(std::fs::File::open(&input).unwrap())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (ok, err) = wait_with_deadline(publisher, Duration::from_secs(120));
+    assert!(ok, "the publisher waited for the slow subscriber: {err}");
+    eprintln!("published {n} messages in {:?}", started.elapsed());
+    // Now read everything the subscriber prints; it ends with the error.
+    let mut out = sub.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        let mut s = Vec::new();
+        out.read_to_end(&mut s).unwrap();
+        String::from_utf8_lossy(&s).into_owned()
+    });
+    let rest = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = stderr.read_to_string(&mut s);
+        s
+    });
+    let (ok, _) = wait_with_deadline(sub, Duration::from_secs(20));
+    let text = reader.join().unwrap();
+    let err = rest.join().unwrap();
+    let got: Vec<&str> = text.lines().collect();
+    assert!(!got.is_empty(), "the subscriber printed nothing: {err}");
+    for (k, l) in got.iter().enumerate() {
+        assert_eq!(
+            *l,
+            line(k as u64),
+            "line {k} of {} is not message {k}: reused or torn bytes",
+            got.len()
+        );
+    }
+    assert!(
+        !ok,
+        "{} of {n} lines and no error: the subscriber was not behind",
+        got.len()
+    );
+    assert!(err.contains("fell behind the retention limit"), "{err}");
+    // The error names where the subscriber was (the next total order it would have printed)
+    // and the oldest total order still retained, both usable with `--from`.
+    let number_after = |key: &str| -> u64 {
+        let at = err.find(key).unwrap_or_else(|| panic!("{key:?} in {err}")) + key.len();
+        err[at..]
+            .trim_start()
+            .split(|ch: char| !ch.is_ascii_digit())
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap_or_else(|_| panic!("a number after {key:?} in {err}"))
+    };
+    let position = number_after("at total order");
+    let oldest = number_after("oldest retained is total order");
+    assert_eq!(position, got.len() as u64, "{err}");
+    assert!(oldest > position && oldest < n, "{err}");
+    let from = oldest.to_string();
+    let (ok, text, err) = c.embar(&[
+        "subscribe",
+        "--topic",
+        "slow",
+        "--from",
+        &from,
+        "--count",
+        "3",
+        "--idle-timeout-s",
+        "5",
+    ]);
+    assert!(ok, "{err}");
+    let again: Vec<&str> = text.lines().collect();
+    assert_eq!(again.len(), 3, "{err}");
+    for (k, l) in again.iter().enumerate() {
+        assert_eq!(*l, line(oldest + k as u64));
+    }
+}
+
+/// Eight publishes of one line each (eight publish sessions), then a subscriber from the
+/// oldest position must see all eight, and the sessions, closed, must not pin whole segments.
+fn short_publishes_stay_readable_and_small(name: &str, extra: &[&str]) {
+    let _serial = serial();
+    let mut args = vec!["--pool-bytes", "256MiB", "--segment-bytes", "4MiB"];
+    args.extend(extra);
+    let c = Cluster::up(name, &args);
+    c.topic("few", &[]);
+    for i in 0..8 {
+        let out = c.run(
+            &["publish", "--topic", "few"],
+            Some(format!("{}\n", line(i))),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    // One segment per broker holds all eight (sessions after the first continue in the
+    // space the previous one left); at most one more each where a grant spilled over. A
+    // closed session's unused grants are given back within a few polls of the broker.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut used = segments_in_use(&c);
+    while used > 4 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        used = segments_in_use(&c);
+    }
+    assert!(
+        used <= 4,
+        "{used} segments in use after 8 one-line publish sessions"
+    );
+    let (ok, text, err) = c.embar(&[
+        "subscribe",
+        "--topic",
+        "few",
+        "--from",
+        "oldest",
+        "--count",
+        "8",
+        "--idle-timeout-s",
+        "3",
+    ]);
+    assert!(ok, "{err}");
+    let got: Vec<&str> = text.lines().collect();
+    assert_eq!(got.len(), 8, "from the oldest: {} of 8 messages", got.len());
+    for (i, l) in got.iter().enumerate() {
+        assert!(*l == line(i as u64), "message {i} is not line {i}");
+    }
+}
+
+#[test]
+fn without_a_retention_limit_the_oldest_subscriber_sees_every_short_publish_and_sessions_pin_little(
+) {
+    short_publishes_stay_readable_and_small("ret-none", &[]);
+}
+
+#[test]
+fn a_retention_limit_keeps_at_least_its_bytes_and_short_sessions_pin_little() {
+    short_publishes_stay_readable_and_small("ret-16m", &["--retention-bytes", "16MiB"]);
+}
