@@ -9,11 +9,12 @@
 //! reclaimed below it (each side stores, fences, then reads the other: one of them sees the
 //! other).
 
-use crate::batch::read_message_header;
+use crate::batch::BatchDesc;
+use crate::messages::Messages;
 use crate::pool::coherence::Coherence;
 use crate::pool::layout::{
-    message_stride, DeliveryEntry, SequencerState, SubscriberEntry, DELIVERY_SLOTS,
-    SUBSCRIBERS_MAX, SUBSCRIBER_ACTIVE,
+    DeliveryEntry, SequencerState, SubscriberEntry, DELIVERY_SLOTS, SUBSCRIBERS_MAX,
+    SUBSCRIBER_ACTIVE,
 };
 use crate::pool::Pool;
 use crate::sync::Ordering::{AcqRel, Acquire, Relaxed, SeqCst};
@@ -55,6 +56,8 @@ pub struct Subscriber<'p, C: Coherence> {
     next: u64,
     /// Messages of the first batch to skip (a start inside a batch).
     skip: u32,
+    /// Total order after the last batch read (for errors: positions are total orders).
+    next_total: Option<u64>,
 }
 
 fn entry(st: &SequencerState, d: u64) -> &DeliveryEntry {
@@ -98,6 +101,7 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             cursor,
             next,
             skip,
+            next_total: None,
         })
     }
 
@@ -192,19 +196,36 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
         })
     }
 
-    fn check_retained(&self, broker: u32, d: u64) -> PoolResult<()> {
+    /// The total order at which delivery index `d` starts, while the delivery ring still
+    /// says (its entry, or the one before it, is of this lap).
+    fn total_order_at(&self, d: u64) -> Option<u64> {
+        let e = entry(self.st, d);
+        self.c.invalidate(e);
+        if self.c.observe(&e.stamp) == d + 1 {
+            return Some(e.total_order.load(Relaxed));
+        }
+        let p = entry(self.st, d.checked_sub(1)?);
+        self.c.invalidate(p);
+        (self.c.observe(&p.stamp) == d)
+            .then(|| p.total_order.load(Relaxed) + u64::from(p.num_msg.load(Relaxed)))
+    }
+
+    /// Errors if broker `broker` may have reclaimed the batch at delivery index `d`, which
+    /// starts at total order `first`. Positions in the error are total orders.
+    fn check_retained(&self, broker: u32, d: u64, first: u64) -> PoolResult<()> {
         let t = self.pool.tinode(self.topic);
         let Some(e) = t.brokers.get(broker as usize) else {
             return Err(PoolError::BadRange(format!(
-                "delivery entry {d} names broker {broker}"
+                "the batch at total order {first} names broker {broker}"
             )));
         };
         let floor = self.c.observe(&e.broker.reclaimed_below);
         if floor > d {
             return Err(PoolError::OutOfRange {
-                what: "subscriber position (fell behind the retention limit; reclaimed below)",
-                value: d,
-                limit: floor,
+                what: "subscriber total order (fell behind the retention limit; the oldest \
+                       retained total order is the limit)",
+                value: first,
+                limit: self.total_order_at(floor).unwrap_or(first),
             });
         }
         Ok(())
@@ -238,9 +259,10 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             let stamp = self.c.observe(&e.stamp);
             if stamp != d + 1 {
                 return Err(PoolError::OutOfRange {
-                    what: "delivery entry (overwritten: this subscriber fell a ring behind)",
-                    value: d,
-                    limit: stamp.saturating_sub(1),
+                    what: "subscriber total order (its delivery entry was overwritten: this \
+                           subscriber fell a ring behind; a later batch starts at the limit)",
+                    value: self.next_total.unwrap_or(0),
+                    limit: e.total_order.load(Relaxed),
                 });
             }
             let (first, num_msg) = (e.total_order.load(Relaxed), e.num_msg.load(Relaxed));
@@ -249,50 +271,41 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             let broker = e.broker.load(Relaxed);
             // Past a broker's retention limit, its log space may be reclaimed before this
             // subscriber read it: then this is an error, never reused bytes.
-            self.check_retained(broker, d)?;
-            let base = self.pool.data_ptr(log_idx, total)?;
-            // SAFETY: the range was bounds-checked; retention keeps it until this subscriber's
-            // position passes `d`.
-            unsafe { self.c.invalidate_range(base, total as usize) };
-            let mut off = 0u64;
-            for i in 0..num_msg {
-                if off + 64 > total {
-                    return Err(PoolError::BadRange(format!(
-                        "batch {d} of topic slot {}: message {i} lies past its {total} bytes",
-                        self.topic
-                    )));
-                }
-                // SAFETY: `off + 64 <= total`, inside the checked range; 64-byte aligned.
-                let h = unsafe { read_message_header(base.add(off as usize)) };
-                let size = u64::from(h.size);
-                if off + 64 + size > total {
-                    return Err(PoolError::BadRange(format!(
-                        "batch {d}: message {i} of {size} bytes lies past the batch"
-                    )));
-                }
-                if i >= self.skip {
-                    // SAFETY: the payload lies inside the checked, retained batch range and
-                    // nothing writes it while it is retained.
-                    let payload = unsafe {
-                        std::slice::from_raw_parts(base.add(off as usize + 64), size as usize)
-                    };
-                    f(&Message {
-                        total_order: first + u64::from(i),
-                        client_id,
-                        batch_seq,
-                        index: i,
-                        num_msg,
-                        payload,
-                    });
-                    n += 1;
-                }
-                off += message_stride(size);
+            self.check_retained(broker, d, first)?;
+            let batch = BatchDesc {
+                batch_seq,
+                client_id,
+                num_msg,
+                total_size: total,
+                log_idx,
+                ..BatchDesc::default()
+            };
+            let unreadable = |reason| PoolError::UnreadableBatch {
+                first,
+                end: first + u64::from(num_msg),
+                client_id,
+                batch_seq,
+                reason,
+            };
+            let messages = Messages::check(self.pool, self.c, &batch).map_err(unreadable)?;
+            for m in messages.iter().skip(self.skip as usize) {
+                let m = m.map_err(unreadable)?;
+                f(&Message {
+                    total_order: first + u64::from(m.index),
+                    client_id,
+                    batch_seq,
+                    index: m.index,
+                    num_msg,
+                    payload: m.payload,
+                });
+                n += 1;
             }
             // The broker announces a reclaim a grace period before it frees the space; a
             // reader that took longer than that may have read reused bytes, and says so.
-            self.check_retained(broker, d)?;
+            self.check_retained(broker, d, first)?;
             self.skip = 0;
             self.next = d + 1;
+            self.next_total = Some(first + u64::from(num_msg));
             self.c.publish(&self.cursor.position, self.next);
         }
         Ok(n)
