@@ -115,7 +115,6 @@ fn rogue_publishers_are_stopped_alone_while_an_honest_publisher_and_a_subscriber
         );
         send(per_round);
     }
-    drop(send);
     drop(input);
     let out = honest.wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);

@@ -117,7 +117,7 @@ fn run(fault: &str, want: SessionError) {
             b.stats()
         });
         let cfg = PublisherConfig::default();
-        let mut honest = Publisher::open(&pool, Coherent, "t", &[0], 1, cfg.clone()).unwrap();
+        let mut honest = Publisher::open(&pool, Coherent, "t", &[0], 1, cfg).unwrap();
         let mut rogue = Publisher::open(&pool, Coherent, "t", &[0], 2, cfg).unwrap();
         rogue.publish(b"good").unwrap();
         rogue.wait_acks(Duration::from_secs(10)).unwrap();
