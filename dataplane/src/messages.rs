@@ -78,11 +78,32 @@ pub struct Message<'a> {
 
 impl<'a> Messages<'a> {
     /// Checks the batch `desc` names (its `log_idx`, `total_size`, `num_msg`, `client_id`
-    /// and `batch_seq`), after making its bytes visible to this process.
+    /// and `batch_seq`), making each header visible to this process as it reads it: for the
+    /// broker and the sequencer, which read headers only (on a non-coherent pool, one
+    /// invalidated line per message instead of the whole batch).
     pub fn check<C: Coherence>(
         pool: &'a Pool,
         c: C,
         desc: &BatchDesc,
+    ) -> Result<Messages<'a>, BadBatch> {
+        Self::check_with(pool, c, desc, false)
+    }
+
+    /// As [`check`](Self::check), after making the whole batch (payloads too) visible to
+    /// this process: for readers of the payloads ([`iter`](Self::iter)).
+    pub fn check_all<C: Coherence>(
+        pool: &'a Pool,
+        c: C,
+        desc: &BatchDesc,
+    ) -> Result<Messages<'a>, BadBatch> {
+        Self::check_with(pool, c, desc, true)
+    }
+
+    fn check_with<C: Coherence>(
+        pool: &'a Pool,
+        c: C,
+        desc: &BatchDesc,
+        whole: bool,
     ) -> Result<Messages<'a>, BadBatch> {
         if desc.num_msg == 0 || desc.num_msg > BATCH_MESSAGES_MAX {
             return Err(BadBatch::Count {
@@ -92,8 +113,10 @@ impl<'a> Messages<'a> {
         let base = pool
             .data_ptr(desc.log_idx, desc.total_size)
             .map_err(|e| BadBatch::Range(e.to_string()))?;
-        // SAFETY: `data_ptr` checked that the range lies inside the mapping (one segment).
-        unsafe { c.invalidate_range(base, desc.total_size as usize) };
+        if whole {
+            // SAFETY: `data_ptr` checked that the range lies inside the mapping.
+            unsafe { c.invalidate_range(base, desc.total_size as usize) };
+        }
         let m = Messages {
             base,
             total: desc.total_size,
@@ -103,8 +126,13 @@ impl<'a> Messages<'a> {
             _pool: PhantomData,
         };
         let mut end = 0;
-        for r in m.chain() {
-            let (_, off, h) = r?;
+        let mut chain = m.chain();
+        while chain.index < m.num_msg {
+            if !whole && chain.offset + 64 <= m.total {
+                // SAFETY: the header's line, inside the range `data_ptr` checked.
+                unsafe { c.invalidate_range(base.add(chain.offset as usize), 64) };
+            }
+            let (_, off, h) = chain.read()?;
             end = off + message_stride(u64::from(h.size));
         }
         if end != m.total {
@@ -126,7 +154,8 @@ impl<'a> Messages<'a> {
     }
 
     /// Every message, in order; an item is an error only if the chain changed since the
-    /// check (its writer broke the protocol), and iteration stops after it.
+    /// check (its writer broke the protocol), and iteration stops after it. On a
+    /// non-coherent pool the payloads are fresh only after [`check_all`](Self::check_all).
     pub fn iter(&self) -> impl Iterator<Item = Result<Message<'a>, BadBatch>> + 'a {
         let base = self.base;
         self.chain().map(move |r| {
@@ -152,10 +181,10 @@ impl<'a> Messages<'a> {
             unsafe {
                 let h = self.base.add(off as usize).cast::<MessageHeader>();
                 std::ptr::addr_of_mut!((*h).total_order).write(first + u64::from(index));
+                // Only the header line changed.
+                c.writeback_range(h.cast(), 64);
             }
         }
-        // SAFETY: the range checked by `Messages::check`.
-        unsafe { c.writeback_range(self.base, self.total as usize) };
         Ok(())
     }
 

@@ -287,7 +287,7 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
                 batch_seq,
                 reason,
             };
-            let messages = Messages::check(self.pool, self.c, &batch).map_err(unreadable)?;
+            let messages = Messages::check_all(self.pool, self.c, &batch).map_err(unreadable)?;
             for m in messages.iter().skip(self.skip as usize) {
                 let m = m.map_err(unreadable)?;
                 f(&Message {
