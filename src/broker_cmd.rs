@@ -571,6 +571,12 @@ fn serve_metrics(listener: TcpListener, slot: u32, stats: &Mutex<Snapshot>) {
                     s.segments_reclaimed,
                 );
                 put(
+                    "embar_broker_sessions_ended_total",
+                    "counter",
+                    "Sessions ended because their publisher broke the session protocol.",
+                    s.sessions_ended,
+                );
+                put(
                     "embar_broker_sessions_open",
                     "gauge",
                     "Open publisher sessions.",

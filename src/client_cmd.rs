@@ -348,7 +348,9 @@ pub struct RogueArgs {
     #[arg(long, default_value = crate::control_cmd::DEFAULT_CONTROL)]
     pub control: SocketAddr,
     /// What the rogue batch does wrong: metadata, outside-grant, past-grant, bad-size,
-    /// wrong-client; with `--transport verbs` also write-past-grant (an RDMA write past the
+    /// huge-size, wrong-client (its descriptor); message-size-max, message-past-batch (a
+    /// valid descriptor, a bad first message header); ready-word, submitted-ahead,
+    /// grants-taken-ahead (a word of its session); with `--transport verbs` also write-past-grant (an RDMA write past the
     /// end of its grant), bad-immediate, unknown-grant (a descriptor naming space outside its
     /// grants), vanish (writes half a batch, then exits).
     #[arg(long)]
@@ -395,6 +397,11 @@ pub fn rogue_publish(a: &RogueArgs) -> Result<(), String> {
                 start_logical_offset: 0,
                 version_flags: u64::from(BATCH_HEADER_VERSION),
             };
+            if let Some(word) = session_word_fault(pool, c, brokers[0], p.client_id(), &a.fault)? {
+                eprintln!("rogue: wrote {word}");
+                report_rogue(&mut p);
+                return Ok(());
+            }
             let bad = match a.fault.as_str() {
                 // Pool metadata: fails the descriptor's bounds check.
                 "metadata" => BatchDesc {
@@ -421,6 +428,27 @@ pub fn rogue_publish(a: &RogueArgs) -> Result<(), String> {
                     total_size: 64,
                     ..good
                 },
+                "huge-size" => BatchDesc {
+                    total_size: 1 << 40,
+                    ..good
+                },
+                // A valid descriptor; its first message says 4 GiB.
+                "message-size-max" => {
+                    write_rogue_header(pool, &good, u32::MAX)?;
+                    BatchDesc {
+                        num_msg: 4,
+                        total_size: 256,
+                        ..good
+                    }
+                }
+                // A valid descriptor; its only message runs past the batch's 128 bytes.
+                "message-past-batch" => {
+                    write_rogue_header(pool, &good, 200)?;
+                    BatchDesc {
+                        total_size: 128,
+                        ..good
+                    }
+                }
                 "wrong-client" => BatchDesc {
                     client_id: p.client_id() ^ 1,
                     ..good
@@ -433,6 +461,68 @@ pub fn rogue_publish(a: &RogueArgs) -> Result<(), String> {
         }
     }
     Pool::with_coherence(pool.coherence_mode(), Go(&pool, a, &brokers))
+}
+
+/// Writes a message header of `size` payload bytes at the start of `good`'s range (the
+/// rogue's own grant, past its acknowledged batches).
+fn write_rogue_header(
+    pool: &Pool,
+    good: &embar_dataplane::batch::BatchDesc,
+    size: u32,
+) -> Result<(), String> {
+    use embar_dataplane::pool::layout::MessageHeader;
+    let dst = pool.data_ptr(good.log_idx, 64).map_err(|e| e.to_string())?;
+    let h = MessageHeader {
+        size,
+        client_id: good.client_id,
+        batch_seq: good.batch_seq,
+        ..MessageHeader::default()
+    };
+    // SAFETY: 64 bytes of this process's own grant, bounds-checked by `data_ptr`, 64-byte
+    // aligned (grants and batch ends are); no other process reads them before a submission.
+    unsafe { dst.cast::<MessageHeader>().write(h) };
+    Ok(())
+}
+
+/// The session-word faults: stores garbage into a word of the rogue's own session on broker
+/// slot `broker` (`None` for any other fault). Says what it wrote.
+fn session_word_fault<C: Coherence>(
+    pool: &Pool,
+    c: C,
+    broker: u32,
+    client_id: u64,
+    fault: &str,
+) -> Result<Option<String>, String> {
+    use embar_dataplane::session::SESSIONS;
+    use std::sync::atomic::Ordering::Relaxed;
+    if !matches!(
+        fault,
+        "ready-word" | "submitted-ahead" | "grants-taken-ahead"
+    ) {
+        return Ok(None);
+    }
+    let pid = u64::from(std::process::id());
+    let s = (0..SESSIONS)
+        .filter_map(|i| pool.session(broker, i).ok())
+        .find(|s| s.client_id.load(Relaxed) == client_id && s.pid.load(Relaxed) == pid)
+        .ok_or("the rogue's own session is not in the pool")?;
+    let next = s.submitted.load(Relaxed);
+    Ok(Some(match fault {
+        "ready-word" => {
+            let slot = (next % s.submissions.len() as u64) as usize;
+            c.publish(&s.submissions[slot].ready, 999);
+            format!("ready=999 into submission slot {slot}")
+        }
+        "submitted-ahead" => {
+            c.publish(&s.submitted, next + (1 << 40));
+            format!("submitted={}", next + (1 << 40))
+        }
+        _ => {
+            let taken = s.grants_taken.load(Relaxed);
+            c.publish(&s.grants_taken, taken + (1 << 40));
+            format!("grants_taken={}", taken + (1 << 40))
+        }
+    }))
 }
 
 /// A rogue publisher's honest start: ten good messages, acknowledged (its grant is taken).

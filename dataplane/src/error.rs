@@ -73,6 +73,17 @@ pub enum PoolError {
         /// The oldest total order still retained (a start position that works now).
         oldest: u64,
     },
+    /// A delivered batch whose messages cannot be read: only its own publisher can have
+    /// made it so (it changed the batch after its broker checked it). Positions are total
+    /// orders, as `--from` takes them.
+    #[error("the batch at total orders {first}..{end} (client {client_id}, batch {batch_seq}) cannot be read: {reason}; to skip it, start again from total order {end}")]
+    UnreadableBatch {
+        first: u64,
+        end: u64,
+        client_id: u64,
+        batch_seq: u64,
+        reason: crate::messages::BadBatch,
+    },
     #[error("{what} {value} is out of range (limit {limit})")]
     OutOfRange {
         what: &'static str,

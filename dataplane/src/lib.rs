@@ -2,7 +2,7 @@
 //!
 //! Follow a batch: a publisher's batch lands in a [segment](pool::segments) of the
 //! [pool](pool::Pool); the broker checks its [descriptor](batch) and publishes it into its
-//! [batch ring](ring); the sequencer takes it from the ring and gives it a place in the total
+//! [batch ring](ring) once its [messages](messages) are checked; the sequencer takes it from the ring and gives it a place in the total
 //! order. Pool layout and the single-writer table: `docs/pool-layout.md`.
 
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -16,6 +16,8 @@ pub mod client;
 pub mod error;
 pub mod idle;
 pub mod log_limit;
+#[cfg(not(loom))]
+pub mod messages;
 pub mod pool;
 pub mod ring;
 // The sequencer parks on a futex over a real pool word; loom models only the ring.

@@ -225,6 +225,10 @@ impl<'a, C: Coherence> RingConsumer<'a, C> {
         self.head
     }
 
+    pub fn capacity(&self) -> u64 {
+        self.ring.capacity()
+    }
+
     pub fn consumed(&self) -> u64 {
         self.consumed
     }

@@ -12,9 +12,13 @@
 //!    The publisher writes batches only inside grants it took, in order, and submits each
 //!    batch's descriptor into the submission ring (the batch ring protocol).
 //! 4. The broker checks each submission (the ring's descriptor checks, plus: inside a grant of
-//!    this session, after the previous batch of that grant, the session's client id) and
-//!    publishes it into the topic's batch ring; a bad one is counted in `rejected_batches`
-//!    with its reason in `error`, and nothing else is touched.
+//!    this session, after the previous batch of that grant, the session's client id, then
+//!    every message header through [`crate::messages::Messages`]) and publishes it into the
+//!    topic's batch ring; a bad one is counted in `rejected_batches` with its reason in
+//!    `error`, and nothing else is touched. A word the publisher owns that breaks the protocol
+//!    (a readiness word that is neither empty nor the next index, `submitted` past what the
+//!    ring holds, `grants_taken` past what was issued or going back) ends that session alone
+//!    ([`SessionError::ProtocolViolation`], logged with the broker slot, session and client).
 //! 5. Acks: once the sequencer has decided a batch, the broker adds its messages to
 //!    `acked_messages` (ordered, or a resend of an ordered batch) or reports the error.
 //! 6. The publisher publishes `gen | CLOSED`; the broker reclaims what was never used and
@@ -53,6 +57,11 @@ pub enum SessionError {
     // 8 and 9 are the verbs transport's own codes (`verbs::frontend::ERROR_*`).
     /// The topic's sequencer client table is full of publishers it may not forget yet.
     ClientTableFull = 10,
+    /// A batch's message headers failed their checks (`messages::BadBatch`).
+    BadMessage = 11,
+    /// A word the publisher owns broke the session protocol (a submission ring readiness
+    /// word, the submitted or grants-taken counter): the broker ended the session.
+    ProtocolViolation = 12,
 }
 
 impl SessionError {
@@ -66,6 +75,8 @@ impl SessionError {
             6 => SessionError::Fenced,
             7 => SessionError::RejectedBySequencer,
             10 => SessionError::ClientTableFull,
+            11 => SessionError::BadMessage,
+            12 => SessionError::ProtocolViolation,
             _ => SessionError::None,
         }
     }
@@ -86,6 +97,14 @@ impl SessionError {
                 "the sequencer fenced this client (a gap in its batch sequence never filled)"
             }
             SessionError::RejectedBySequencer => "the sequencer rejected a batch",
+            SessionError::BadMessage => {
+                "a batch's messages failed their checks (a header's size or identity does not \
+                 fit the batch)"
+            }
+            SessionError::ProtocolViolation => {
+                "the broker ended the session: the publisher broke the session protocol (a \
+                 submission readiness word or a submitted or grants-taken counter it wrote)"
+            }
             SessionError::ClientTableFull => {
                 const _: () = assert!(crate::pool::layout::SEQUENCER_CLIENTS_MAX == 1024);
                 "the topic's sequencer already tracks 1024 live publishers (its client table \

@@ -12,6 +12,7 @@ use embar_sys::clock::monotonic_ns;
 
 use crate::batch::{BatchDesc, BatchLimits};
 use crate::client::subscriber::{pid_alive, slowest_position};
+use crate::messages::Messages;
 use crate::pool::coherence::Coherence;
 use crate::pool::layout::{
     Session, OUTCOME_DUPLICATE, OUTCOME_FENCED, OUTCOME_ORDERED, OUTCOME_TABLE_FULL,
@@ -60,6 +61,8 @@ pub struct BrokerStats {
     pub segments_reclaimed: u64,
     pub sessions_opened: u64,
     pub sessions_closed: u64,
+    /// Sessions the broker ended because their publisher broke the protocol.
+    pub sessions_ended: u64,
 }
 
 /// A range of log space granted to one session, carved from a segment that several grants
@@ -123,6 +126,8 @@ struct SessionState<'p, C: Coherence> {
     client_id: u64,
     pid: u64,
     issued: u64,
+    /// The publisher's `grants_taken` as last read: never past `issued`, never going back.
+    taken: u64,
     /// Grant ids by grant number, for this session.
     grants: VecDeque<(u64, u64)>,
     consumer: Option<RingConsumer<'p, C>>,
@@ -252,6 +257,7 @@ impl<C: Coherence> Default for SessionState<'_, C> {
             client_id: 0,
             pid: 0,
             issued: 0,
+            taken: 0,
             grants: VecDeque::new(),
             consumer: None,
             acked_messages: 0,
@@ -620,6 +626,10 @@ impl<'p, C: Coherence> Broker<'p, C> {
     /// Takes what is left in the submission ring, closes every grant, releases the slot.
     fn close(&mut self, i: usize) -> Result<(), PoolError> {
         while self.receive(i)? > 0 {}
+        if !self.sessions[i].open {
+            // Draining found a protocol violation: the session is already ended.
+            return Ok(());
+        }
         let st = std::mem::take(&mut self.sessions[i]);
         if let Some(t) = self.topics.get_mut(&st.topic) {
             for (_, id) in &st.grants {
@@ -632,6 +642,36 @@ impl<'p, C: Coherence> Broker<'p, C> {
         self.c.publish(&s.accepted, st.generation << 8 | RELEASED);
         self.stats.sessions_closed += 1;
         Ok(())
+    }
+
+    /// Ends session `i` because its publisher broke the protocol (`reason` says how): its
+    /// grants are closed (reclaimed once read), nothing more of it is taken, its publisher
+    /// sees `ProtocolViolation`; every other session goes on. Batches it had submitted
+    /// before stay published (they passed every check) and are decided as usual.
+    fn end_session(&mut self, i: usize, reason: &str) {
+        let st = std::mem::take(&mut self.sessions[i]);
+        if let Some(t) = self.topics.get_mut(&st.topic) {
+            for (_, id) in &st.grants {
+                if let Some(g) = t.grants.get_mut(id) {
+                    g.closed = true;
+                }
+            }
+        }
+        log::error!(
+            "broker {} session {i} (client {}, pid {}, topic slot {}): session ended: {}: {reason}",
+            self.broker,
+            st.client_id,
+            st.pid,
+            st.topic,
+            SessionError::ProtocolViolation.describe()
+        );
+        let s = self.session(i);
+        s.error
+            .store(SessionError::ProtocolViolation as u64, Relaxed);
+        self.c.publish(&s.rejected_batches, st.rejected + 1);
+        self.c.publish(&s.accepted, st.generation << 8 | RELEASED);
+        self.stats.sessions_closed += 1;
+        self.stats.sessions_ended += 1;
     }
 
     /// Forgets a deleted topic: closes its sessions and frees every segment it held.
@@ -666,8 +706,22 @@ impl<'p, C: Coherence> Broker<'p, C> {
     /// Keeps the session's grant ring full: its credits.
     fn grant(&mut self, i: usize) -> Result<(), PoolError> {
         let s = self.session(i);
+        if !self.sessions[i].open {
+            return Ok(());
+        }
         let taken = self.c.observe(&s.grants_taken);
+        let (issued, before) = (self.sessions[i].issued, self.sessions[i].taken);
+        if taken > issued || taken < before {
+            self.end_session(
+                i,
+                &format!(
+                    "grants_taken {taken} (the broker issued {issued} grants; the publisher had taken {before})"
+                ),
+            );
+            return Ok(());
+        }
         let st = &mut self.sessions[i];
+        st.taken = taken;
         let Some(t) = self.topics.get_mut(&st.topic) else {
             return Ok(());
         };
@@ -712,6 +766,9 @@ impl<'p, C: Coherence> Broker<'p, C> {
         let mut work = 0;
         for _ in 0..SUBMISSIONS_PER_ROUND {
             let st = &mut self.sessions[i];
+            if !st.open {
+                break;
+            }
             let Some(t) = self.topics.get_mut(&st.topic) else {
                 break;
             };
@@ -728,18 +785,36 @@ impl<'p, C: Coherence> Broker<'p, C> {
             let Some(consumer) = st.consumer.as_mut() else {
                 break;
             };
-            let Some(p) = consumer
-                .poll()
-                .map_err(|e| PoolError::BadRange(e.to_string()))?
-            else {
-                break;
+            // The publisher's count of submissions: never past what the ring can hold
+            // beyond what this broker consumed (the ring's own protocol bounds it so).
+            let submitted = self.c.observe(&s.submitted);
+            let most = consumer.consumed() + consumer.capacity();
+            if submitted > most {
+                let reason = format!(
+                    "submitted counter {submitted} is past the {most} the submission ring can hold"
+                );
+                self.end_session(i, &reason);
+                return Ok(work + 1);
+            }
+            let p = match consumer.poll() {
+                Ok(Some(p)) => p,
+                Ok(None) => break,
+                Err(e) => {
+                    self.end_session(i, &format!("submission ring: {e}"));
+                    return Ok(work + 1);
+                }
             };
             work += 1;
             let verdict = match &p {
                 Polled::Invalid { reason, .. } => {
                     Err((SessionError::BadDescriptor, reason.clone()))
                 }
-                Polled::Batch { desc, .. } => check_submission(st, t, desc),
+                Polled::Batch { desc, .. } => check_submission(st, t, desc).and_then(|id| {
+                    // Nothing unreadable is published (so nothing unreadable is acked).
+                    Messages::check(self.pool, self.c, desc)
+                        .map(|_| id)
+                        .map_err(|e| (SessionError::BadMessage, e.to_string()))
+                }),
             };
             match (verdict, p) {
                 (Ok(grant_id), Polled::Batch { index, desc }) => {
@@ -787,8 +862,9 @@ impl<'p, C: Coherence> Broker<'p, C> {
                         }
                     };
                     log::warn!(
-                        "broker {} session {i}: batch {seq} rejected: {}: {reason}",
+                        "broker {} session {i} (client {}): batch {seq} rejected: {}: {reason}",
                         self.broker,
+                        st.client_id,
                         err.describe()
                     );
                     st.rejected += 1;

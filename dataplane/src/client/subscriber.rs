@@ -75,6 +75,8 @@ pub struct Subscriber<'p, C: Coherence> {
     /// The copy of the part of the batch being delivered ([`COPY_WINDOW_BYTES`], grown to
     /// the largest message seen, at most a segment).
     buf: Vec<u8>,
+    /// Total order after the last batch read (for errors: positions are total orders).
+    next_total: Option<u64>,
 }
 
 fn entry(st: &SequencerState, d: u64) -> &DeliveryEntry {
@@ -119,6 +121,7 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             next,
             skip,
             buf: vec![0; COPY_WINDOW_BYTES],
+            next_total: None,
         })
     }
 
@@ -220,7 +223,7 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
         let t = self.pool.tinode(self.topic);
         let Some(e) = t.brokers.get(broker as usize) else {
             return Err(PoolError::BadRange(format!(
-                "delivery entry {d} names broker {broker}"
+                "the batch at total order {position} names broker {broker}"
             )));
         };
         if self.c.observe(&e.broker.reclaimed_below) > d {
@@ -286,9 +289,10 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             let stamp = self.c.observe(&e.stamp);
             if stamp != d + 1 {
                 return Err(PoolError::OutOfRange {
-                    what: "delivery entry (overwritten: this subscriber fell a ring behind)",
-                    value: d,
-                    limit: stamp.saturating_sub(1),
+                    what: "subscriber total order (its delivery entry was overwritten: this \
+                           subscriber fell a ring behind; a later batch starts at the limit)",
+                    value: self.next_total.unwrap_or(0),
+                    limit: e.total_order.load(Relaxed),
                 });
             }
             let (first, num_msg) = (e.total_order.load(Relaxed), e.num_msg.load(Relaxed));
@@ -298,6 +302,13 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             // Past a broker's retention limit, its log space may be reclaimed before this
             // subscriber read it: then this is an error, never reused bytes.
             self.check_retained(broker, d, first + u64::from(self.skip))?;
+            let unreadable = |reason| PoolError::UnreadableBatch {
+                first,
+                end: first + u64::from(num_msg),
+                client_id,
+                batch_seq,
+                reason,
+            };
             let base = self.pool.data_ptr(log_idx, total)?;
             let len = total as usize;
             // The batch is copied a window at a time, each window checked, then delivered
@@ -306,10 +317,11 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             let mut window = COPY_WINDOW_BYTES;
             while i < num_msg {
                 if off + 64 > len {
-                    return Err(PoolError::BadRange(format!(
-                        "batch {d} of topic slot {}: message {i} lies past its {total} bytes",
-                        self.topic
-                    )));
+                    return Err(unreadable(crate::messages::BadBatch::HeaderPastBatch {
+                        index: i,
+                        offset: off as u64,
+                        total,
+                    }));
                 }
                 let w = window.min(len - off);
                 if self.buf.len() < w {
@@ -343,9 +355,12 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
                             .expect("4 bytes"),
                     ) as usize;
                     if off + at + 64 + size > len {
-                        return Err(PoolError::BadRange(format!(
-                            "batch {d}: message {i} of {size} bytes lies past the batch"
-                        )));
+                        return Err(unreadable(crate::messages::BadBatch::PayloadPastBatch {
+                            index: i,
+                            offset: (off + at) as u64,
+                            size: size as u64,
+                            total,
+                        }));
                     }
                     if at + 64 + size > w {
                         // Not whole in this window: the next window starts at it, and holds it.
@@ -370,6 +385,7 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             }
             self.skip = 0;
             self.next = d + 1;
+            self.next_total = Some(first + u64::from(num_msg));
             self.c.publish(&self.cursor.position, self.next);
         }
         Ok(n)

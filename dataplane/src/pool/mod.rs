@@ -370,4 +370,4 @@ pub trait CoherenceFn<R> {
 }
 
 #[cfg(all(test, not(loom)))]
-mod tests;
+pub(crate) mod tests;

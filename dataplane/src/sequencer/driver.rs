@@ -24,10 +24,11 @@ use super::state::{PoolState, StateError};
 use crate::batch::{BatchDesc, BatchLimits};
 use crate::idle::{Idle, IdlePolicy};
 use crate::log_limit::LogLimit;
+use crate::messages::Messages;
 use crate::pool::coherence::Coherence;
 use crate::pool::layout::{
-    message_stride, MessageHeader, BATCH_MESSAGES_MAX, DELIVERY_SLOTS, OUTCOME_DUPLICATE,
-    OUTCOME_FENCED, OUTCOME_ORDERED, OUTCOME_REJECTED, OUTCOME_TABLE_FULL,
+    DELIVERY_SLOTS, OUTCOME_DUPLICATE, OUTCOME_FENCED, OUTCOME_ORDERED, OUTCOME_REJECTED,
+    OUTCOME_TABLE_FULL,
 };
 use crate::pool::Pool;
 use crate::ring::{Polled, RingConsumer, RingError};
@@ -104,8 +105,6 @@ pub enum SequencerError {
     Ring(#[from] RingError),
     #[error(transparent)]
     State(#[from] StateError),
-    #[error("batch at pool offset {log_idx} ends inside its message {message}")]
-    BatchOverrun { log_idx: u64, message: u64 },
 }
 
 /// Counters of the driver.
@@ -338,28 +337,22 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
         }
     }
 
-    /// Stamps every message of the batch with its own total order (ORDER 4).
+    /// Stamps every message of the batch with its own total order (ORDER 4), through the
+    /// checked view of its messages. The broker checked them before publishing the batch; a
+    /// chain that no longer checks was changed since by its own publisher, which breaks the
+    /// protocol: the batch stays ordered (its subscribers report it by total order), unstamped,
+    /// and the sequencer goes on with every other batch.
     fn stamp_messages(&self, desc: &BatchDesc, first: u64) -> Result<(), SequencerError> {
-        let base = self.pool.data_ptr(desc.log_idx, desc.total_size)?;
-        // SAFETY: the batch range was bounds-checked; it is published and not yet finished, so
-        // its writer is done with it and nobody else writes it.
-        unsafe { self.c.invalidate_range(base, desc.total_size as usize) };
-        let mut off = 0u64;
-        for i in 0..u64::from(desc.num_msg.min(BATCH_MESSAGES_MAX)) {
-            if off + 64 > desc.total_size {
-                return Err(SequencerError::BatchOverrun {
-                    log_idx: desc.log_idx,
-                    message: i,
-                });
-            }
-            // SAFETY: `off + 64 <= total_size`, inside the checked range; 64-byte aligned as
-            // every message starts at a multiple of 64.
-            let h = unsafe { &mut *(base.add(off as usize) as *mut MessageHeader) };
-            h.total_order = first + i;
-            off += message_stride(u64::from(h.size));
+        let stamped = Messages::check(self.pool, self.c, desc)
+            .and_then(|m| m.stamp_total_orders(self.c, first));
+        if let Err(e) = stamped {
+            log::warn!(
+                "topic slot {}: batch {} of client {} (total orders from {first}) not stamped: {e}",
+                self.topic,
+                desc.batch_seq,
+                desc.client_id
+            );
         }
-        // SAFETY: as above.
-        unsafe { self.c.writeback_range(base, desc.total_size as usize) };
         Ok(())
     }
 
@@ -603,7 +596,7 @@ mod tests {
     use super::*;
     use crate::pool::coherence::Coherent;
     use crate::pool::geometry::PoolConfig;
-    use crate::pool::layout::BATCH_HEADER_VERSION;
+    use crate::pool::layout::{MessageHeader, BATCH_HEADER_VERSION};
     use crate::pool::topics::TopicConfig;
     use crate::pool::CreateOptions;
     use crate::ring::RingProducer;
