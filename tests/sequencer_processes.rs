@@ -17,6 +17,7 @@ impl Drop for Cleanup {
             let _ = c.wait();
         }
         let _ = std::fs::remove_file(&self.0);
+        let _ = std::fs::remove_file(format!("{}.log", self.0));
     }
 }
 
@@ -37,7 +38,13 @@ fn sequencer(pool: &str, topic: &str) -> Child {
             // The feeders write rings without publisher sessions.
             "--no-client-reclaim",
         ])
-        .stderr(Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(format!("{pool}.log"))
+                .expect("a sequencer log beside the pool"),
+        )
         .spawn()
         .unwrap()
 }
@@ -52,6 +59,18 @@ fn ordered(pool: &str) -> u64 {
         .iter()
         .map(|x| x.as_u64().unwrap())
         .sum()
+}
+
+/// Whether `f` became true within `limit`.
+fn wait_for(_what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    while !f() {
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
 }
 
 fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
@@ -152,9 +171,15 @@ fn run(order: &str) {
         let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         duplicates += r["duplicates"].as_u64().unwrap();
     }
-    wait_until("the last batch", Duration::from_secs(60), || {
+    if !wait_for("the last batch", Duration::from_secs(60), || {
         ordered(&pool) >= total
-    });
+    }) {
+        let log = std::fs::read_to_string(format!("{pool}.log")).unwrap_or_default();
+        panic!(
+            "timed out waiting for the last batch: {} of {total} ordered; sequencer logs:\n{log}",
+            ordered(&pool)
+        );
+    }
     let mut s = guard.1.pop().unwrap();
     unsafe_free_sigterm(&s);
     assert!(
