@@ -191,7 +191,7 @@ fn publish_lines(p: &mut impl Publish, a: &PublishArgs) -> CliResult<()> {
         }
     });
     let mut n = 0u64;
-    loop {
+    let fed: CliResult<()> = loop {
         // Wake when the open batch's linger runs out, to seal and send it.
         let wait = p
             .linger_deadline_ns()
@@ -200,22 +200,44 @@ fn publish_lines(p: &mut impl Publish, a: &PublishArgs) -> CliResult<()> {
             });
         match rx.recv_timeout(wait) {
             Ok(line) => {
-                let line = line.map_err(|e| match e.kind() {
-                    std::io::ErrorKind::InvalidData => CliError::data(format!(
-                        "stdin line {}: not UTF-8 text ({e}); nothing after it was published",
-                        n + 1
-                    )),
-                    _ => CliError::from(format!("cannot read stdin: {e}")),
-                })?;
-                p.publish(line.as_bytes())
-                    .map_err(|e| CliError::from(e).context(format_args!("stdin line {}", n + 1)))?;
+                let line = match line {
+                    Ok(l) => l,
+                    Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                        break Err(CliError::data(format!(
+                            "stdin line {}: not UTF-8 text ({e})",
+                            n + 1
+                        )))
+                    }
+                    Err(e) => break Err(CliError::from(format!("cannot read stdin: {e}"))),
+                };
+                if let Err(e) = p.publish(line.as_bytes()) {
+                    break Err(CliError::from(e).context(format_args!("stdin line {}", n + 1)));
+                }
                 n += 1;
             }
             Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                p.poll()?;
+                if let Err(e) = p.poll() {
+                    break Err(e.into());
+                }
             }
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break Ok(()),
         }
+    };
+    if let Err(e) = fed {
+        // Say how far it got, so that a retry resends only what was not acknowledged.
+        let acked = p.wait_acks(Duration::from_secs(a.ack_timeout_s));
+        let so_far = match acked {
+            Ok(k) => format!("{k} acknowledged"),
+            Err(w) => format!("acknowledgements not complete: {w}"),
+        };
+        return Err(CliError {
+            kind: e.kind,
+            message: format!(
+                "{}; lines 1..={n} before it were published ({so_far}); nothing after it was; to go on, resend from line {}",
+                e.message,
+                n + 1
+            ),
+        });
     }
     let acked = p.wait_acks(Duration::from_secs(a.ack_timeout_s))?;
     eprintln!(

@@ -302,6 +302,8 @@ fn run(command: Cmd) -> CliResult<bool> {
 }
 
 fn main() -> ExitCode {
+    // A reader that goes away (`embar cluster status | head -1`) ends the command quietly.
+    embar_sys::signal::default_sigpipe();
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
     let cli = Cli::parse();
     let command = cli

@@ -143,11 +143,37 @@ fn input_that_cannot_be_published_exits_with_the_data_error_code() {
     // The second line is not UTF-8.
     let out = run(&publish, b"fine\n\xff\xfe\nnever\n");
     assert_exit(&out, DATA_ERROR, "stdin line 2: not UTF-8");
+    // It says how far it got, so that a retry resends only the rest.
+    assert_exit(
+        &out,
+        DATA_ERROR,
+        "lines 1..=1 before it were published (1 acknowledged); nothing after it was; to go on, resend from line 2",
+    );
     // A line larger than a batch of the topic.
     let mut big = vec![b'x'; 128 << 10];
     big.push(b'\n');
     let out = run(&publish, &big);
     assert_exit(&out, DATA_ERROR, "does not fit a batch");
+    // A reader that goes away (`embar cluster status | head -0`) ends it quietly, no panic.
+    let mut child = Command::new(exe())
+        .args(["cluster", "status", "--control", c.control.as_str()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    {
+        use std::os::unix::process::ExitStatusExt;
+        const SIGPIPE: i32 = 13;
+        assert!(
+            out.status.success() || out.status.signal() == Some(SIGPIPE),
+            "{:?}: {err}",
+            out.status
+        );
+    }
     // A topic setting the system refuses.
     let out = run(
         &[

@@ -73,6 +73,8 @@ pub enum PoolError {
         /// The oldest total order still retained (a start position that works now).
         oldest: u64,
     },
+    // The checked message view is not built in the loom model of the ring.
+    #[cfg(not(loom))]
     /// A delivered batch whose messages cannot be read: only its own publisher can have
     /// made it so (it changed the batch after its broker checked it). Positions are total
     /// orders, as `--from` takes them.

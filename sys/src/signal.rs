@@ -18,3 +18,12 @@ pub fn stop_on_term() -> &'static AtomicBool {
     }
     &STOP
 }
+
+/// Restores SIGPIPE's default action (the Rust runtime ignores it), so that a command line
+/// tool whose reader goes away (`embar cluster status | head -1`) ends quietly, as Unix tools
+/// do, instead of failing on the next write.
+pub fn default_sigpipe() {
+    // SAFETY: setting a signal's disposition to the default has no precondition; no handler
+    // of this program is replaced (none is installed for SIGPIPE).
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+}
