@@ -100,6 +100,32 @@ fn wait_line(pid: u32, log: &Path, needle: &str, limit: Duration) -> Result<Stri
     }
 }
 
+/// The processes `up` started, stopped when dropped unless `up` succeeded.
+struct Started(Vec<u32>);
+
+impl Drop for Started {
+    fn drop(&mut self) {
+        for pid in self.0.iter().rev() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+        let start = Instant::now();
+        while self.0.iter().any(|p| embar_sys::process::alive(*p as i32))
+            && start.elapsed() < Duration::from_secs(5)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        for pid in &self.0 {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+}
+
 pub fn up(a: &UpArgs) -> Result<ClusterFile, String> {
     if a.brokers == 0 {
         return Err("--brokers must be at least 1".into());
@@ -152,7 +178,10 @@ pub fn up(a: &UpArgs) -> Result<ClusterFile, String> {
         control_args.push("--populate".into());
     }
     let (control_pid, control_log) = spawn(&a.dir, "control", &control_args)?;
-    let mut pids = vec![control_pid];
+    // Until the cluster is described in its file, a failure stops what was started (nothing
+    // else could find those processes to stop them).
+    let mut started = Started(vec![control_pid]);
+    let pids = &mut started.0;
     let line = wait_line(
         control_pid,
         &control_log,
@@ -198,11 +227,13 @@ pub fn up(a: &UpArgs) -> Result<ClusterFile, String> {
     let file = ClusterFile {
         control,
         pool: pool_path,
-        pids,
+        pids: pids.clone(),
         control_args,
     };
     let text = serde_json::to_string_pretty(&file).map_err(|e| e.to_string())?;
     std::fs::write(cluster_file(&a.dir), text).map_err(|e| e.to_string())?;
+    // Described: from here `embar cluster down` finds and stops them.
+    started.0.clear();
     // Wait until every broker is live in the control process's view.
     let client = ControlClient::new(control);
     let start = Instant::now();

@@ -284,3 +284,34 @@ fn publishing_and_subscribing_go_on_through_control_outages_and_down_stops_every
         );
     }
 }
+
+#[test]
+fn a_cluster_up_that_fails_leaves_no_process_running() {
+    let _serial = serial();
+    let dir = format!("/tmp/embar-test-up-fails-{}", std::process::id());
+    // The control process starts; the broker cannot (`--verbs` without an RDMA device, or in
+    // a build without verbs): `cluster up` fails.
+    let out = Command::new(exe())
+        .args(["cluster", "up", "--brokers", "1", "--dir", &dir])
+        .args(["--pool-bytes", "64MiB", "--verbs", "127.0.0.1"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let state_dir = format!("{dir}/control");
+    let left: Vec<String> = std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter_map(|pid| {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).ok()?;
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            (cmd.contains(&state_dir) && embar_sys::process::alive(pid as i32))
+                .then(|| format!("{pid}: {cmd}"))
+        })
+        .collect();
+    let _ = std::fs::remove_dir_all(&dir);
+    let _ = std::fs::remove_file(format!(
+        "/dev/shm/embar-embar-test-up-fails-{}.pool",
+        std::process::id()
+    ));
+    assert!(left.is_empty(), "still running: {left:?}");
+}
