@@ -137,23 +137,7 @@ fn a_rogue_batch_is_rejected_with_its_reason_and_nothing_else_is_touched() {
         ("bad-size", "descriptor failed its checks"),
         ("wrong-client", "another client"),
     ] {
-        let (ok, out, err) = c.embar(&[
-            "ring-worker",
-            "rogue-publish",
-            "--topic",
-            "t",
-            "--fault",
-            fault,
-        ]);
-        assert!(ok, "{err}");
-        let r: Value = serde_json::from_str(out.trim()).unwrap();
-        assert_eq!(r["rejected"], true, "{fault}: {r}");
-        assert!(
-            needle
-                .split('|')
-                .any(|n| r["error"].as_str().unwrap().contains(n)),
-            "{fault}: {r}"
-        );
+        c.rogue_rejected(fault, needle);
     }
     let out = honest.wait_with_output().unwrap();
     assert!(

@@ -234,16 +234,7 @@ impl Membership {
             .or_else(|| (0..self.max_brokers).find(|s| !held.contains(s)))
             .ok_or(MembershipError::NoSlots(self.max_brokers))?;
         self.next_id = next_id;
-        self.members.insert(
-            id,
-            Member {
-                slot,
-                addresses,
-                last_heartbeat_ns: now_ns,
-                alive: true,
-            },
-        );
-        self.version += 1;
+        self.admit(id, slot, addresses, now_ns);
         Ok((id, slot))
     }
 
@@ -275,6 +266,12 @@ impl Membership {
                 }
             }
         }
+        self.admit(id, slot, addresses, now_ns);
+        Ok(())
+    }
+
+    /// Makes broker `id` a live member in `slot`, heard from at `now_ns` (awake clock).
+    fn admit(&mut self, id: u32, slot: u32, addresses: BTreeMap<String, String>, now_ns: u64) {
         self.members.insert(
             id,
             Member {
@@ -285,7 +282,6 @@ impl Membership {
             },
         );
         self.version += 1;
-        Ok(())
     }
 
     /// Forgets a registration that could not be made durable (nobody heard of its id).

@@ -91,6 +91,27 @@ impl Cluster {
         c
     }
 
+    /// Runs a rogue publisher with `fault` on topic `t` and checks that its batch was rejected
+    /// with a reason containing one of `needles` (`|`-separated).
+    pub fn rogue_rejected(&self, fault: &str, needles: &str) {
+        let (ok, out, err) = self.embar(&[
+            "ring-worker",
+            "rogue-publish",
+            "--topic",
+            "t",
+            "--fault",
+            fault,
+        ]);
+        assert!(ok, "{fault}: {err}");
+        let r: Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!(r["rejected"], true, "{fault}: {r}");
+        let error = r["error"].as_str().unwrap();
+        assert!(
+            needles.split('|').any(|n| error.contains(n)),
+            "{fault}: {r}"
+        );
+    }
+
     pub fn topic(&self, name: &str, extra: &[&str]) {
         let mut args = vec!["topic", "create", name];
         args.extend(extra);
