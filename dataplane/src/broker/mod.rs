@@ -284,6 +284,9 @@ pub struct Broker<'p, C: Coherence> {
     /// Segments to be freed past the retention limit once their grace has run out:
     /// `(topic, segment index, deadline ns)`.
     forced: Vec<(u32, u64, u64)>,
+    /// Rejected batches are said at most every 10 s (with the count since): a publisher
+    /// that keeps sending bad batches must not flood the log.
+    reject_log: crate::log_limit::LogLimit,
     /// A grant found no free segment since the last reclaim.
     starved: bool,
 }
@@ -305,6 +308,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
             need_space: false,
             retention_bytes: None,
             forced: Vec::new(),
+            reject_log: crate::log_limit::LogLimit::default(),
             starved: false,
         };
         b.adopt_at_start()?;
@@ -861,7 +865,9 @@ impl<'p, C: Coherence> Broker<'p, C> {
                             (*index, desc.batch_seq)
                         }
                     };
-                    log::warn!(
+                    crate::warn_limited!(
+                        self.reject_log,
+                        monotonic_ns(),
                         "broker {} session {i} (client {}): batch {seq} rejected: {}: {reason}",
                         self.broker,
                         st.client_id,
