@@ -134,6 +134,9 @@ struct SessionState<'p, C: Coherence> {
     acked_messages: u64,
     acked_batches: u64,
     rejected: u64,
+    /// Its rejected batches are said at most every 10 s, with the count since: a publisher
+    /// that keeps sending bad batches must not flood the log.
+    reject_log: crate::log_limit::LogLimit,
 }
 
 /// A segment held by a (topic, broker): grants are carved from it in order.
@@ -263,6 +266,7 @@ impl<C: Coherence> Default for SessionState<'_, C> {
             acked_messages: 0,
             acked_batches: 0,
             rejected: 0,
+            reject_log: Default::default(),
         }
     }
 }
@@ -284,9 +288,6 @@ pub struct Broker<'p, C: Coherence> {
     /// Segments to be freed past the retention limit once their grace has run out:
     /// `(topic, segment index, deadline ns)`.
     forced: Vec<(u32, u64, u64)>,
-    /// Rejected batches are said at most every 10 s (with the count since): a publisher
-    /// that keeps sending bad batches must not flood the log.
-    reject_log: crate::log_limit::LogLimit,
     /// A grant found no free segment since the last reclaim.
     starved: bool,
 }
@@ -308,7 +309,6 @@ impl<'p, C: Coherence> Broker<'p, C> {
             need_space: false,
             retention_bytes: None,
             forced: Vec::new(),
-            reject_log: crate::log_limit::LogLimit::default(),
             starved: false,
         };
         b.adopt_at_start()?;
@@ -866,7 +866,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
                         }
                     };
                     crate::warn_limited!(
-                        self.reject_log,
+                        st.reject_log,
                         monotonic_ns(),
                         "broker {} session {i} (client {}): batch {seq} rejected: {}: {reason}",
                         self.broker,
