@@ -93,7 +93,7 @@ fn wait_line(pid: u32, log: &Path, needle: &str, limit: Duration) -> Result<Stri
             let tail = std::fs::read_to_string(log).unwrap_or_default();
             return Err(format!("{} did not start: {}", log.display(), tail.trim()));
         }
-        exited = !embar_sys::process::alive(pid as i32) || zombie(pid);
+        exited = !embar_sys::process::alive(pid as i32);
         if !exited {
             std::thread::sleep(Duration::from_millis(20));
         }
@@ -105,25 +105,36 @@ struct Started(Vec<u32>);
 
 impl Drop for Started {
     fn drop(&mut self) {
-        for pid in self.0.iter().rev() {
-            let _ = Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .stderr(Stdio::null())
-                .status();
-        }
-        let start = Instant::now();
-        while self.0.iter().any(|p| embar_sys::process::alive(*p as i32))
-            && start.elapsed() < Duration::from_secs(5)
-        {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        for pid in &self.0 {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .stderr(Stdio::null())
-                .status();
-        }
+        let pids: Vec<u32> = self.0.iter().rev().copied().collect();
+        stop(&pids, Duration::from_secs(5));
     }
+}
+
+/// Sends SIGTERM to `pids` in order, waits up to `patience` for them to exit, then SIGKILLs
+/// the rest; returns those it had to kill.
+fn stop(pids: &[u32], patience: Duration) -> Vec<u32> {
+    let signal = |pid: u32, sig: &str| {
+        let _ = Command::new("kill")
+            .args([sig, &pid.to_string()])
+            .stderr(Stdio::null())
+            .status();
+    };
+    let alive = |pid: &&u32| embar_sys::process::alive(**pid as i32);
+    for &pid in pids {
+        signal(pid, "-TERM");
+    }
+    let start = Instant::now();
+    while pids.iter().any(|p| alive(&p)) {
+        if start.elapsed() > patience {
+            let killed: Vec<u32> = pids.iter().filter(alive).copied().collect();
+            for &pid in &killed {
+                signal(pid, "-KILL");
+            }
+            return killed;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Vec::new()
 }
 
 pub fn up(a: &UpArgs) -> Result<ClusterFile, String> {
@@ -333,33 +344,8 @@ pub fn down(dir: &Path) -> Result<Vec<String>, crate::exit::CliError> {
     let mut procs = members(dir, &file);
     // Brokers first, then the control process (so brokers are not left without it).
     procs.sort_by_key(|m| m.what.starts_with("control"));
-    let signal = |m: &Member, sig: &str| {
-        let _ = Command::new("kill")
-            .args([sig, &m.pid.to_string()])
-            .stderr(Stdio::null())
-            .status();
-    };
-    for m in &procs {
-        signal(m, "-TERM");
-    }
-    let start = Instant::now();
-    let mut killed = Vec::new();
-    while procs
-        .iter()
-        .any(|m| embar_sys::process::alive(m.pid as i32))
-    {
-        if start.elapsed() > Duration::from_secs(10) {
-            for m in procs
-                .iter()
-                .filter(|m| embar_sys::process::alive(m.pid as i32))
-            {
-                signal(m, "-KILL");
-                killed.push(m.pid);
-            }
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let pids: Vec<u32> = procs.iter().map(|m| m.pid).collect();
+    let killed = stop(&pids, Duration::from_secs(10));
     let stopped = procs
         .iter()
         .map(|m| match killed.contains(&m.pid) {
@@ -374,15 +360,4 @@ pub fn down(dir: &Path) -> Result<Vec<String>, crate::exit::CliError> {
     std::fs::remove_file(&path).map_err(|e| format!("cannot remove {}: {e}", path.display()))?;
     let _ = std::fs::remove_dir_all(dir.join("control"));
     Ok(stopped)
-}
-
-/// A child that exited but was not reaped (its parent, `cluster up`, is gone or busy).
-fn zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| {
-            s.rsplit(')')
-                .next()
-                .is_some_and(|r| r.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(true)
 }

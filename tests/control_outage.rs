@@ -160,7 +160,16 @@ fn publishing_and_subscribing_go_on_through_control_outages_and_down_stops_every
         .into_iter()
         .map(|n| paced_publisher(&c, n, &stop))
         .collect();
-    std::thread::sleep(Duration::from_millis(500)); // some traffic before the first outage
+    // Some traffic is ordered before the first outage.
+    let start = Instant::now();
+    while status(&c.control).unwrap()["topics"][0]["sequencer"]["next_total_order"]
+        .as_u64()
+        .unwrap()
+        == 0
+    {
+        assert!(start.elapsed() < Duration::from_secs(20), "nothing ordered");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
     // 1. SIGKILL, down for 10 s, restarted on the same state directory by hand.
     let control_pid = status(&c.control).unwrap()["pid"].as_u64().unwrap() as u32;

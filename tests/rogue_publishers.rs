@@ -35,15 +35,6 @@ const FAULTS: &[(&str, &str)] = &[
     ("grants-taken-ahead", "the broker ended the session"),
 ];
 
-/// Whether process `pid` runs (and is not a zombie).
-fn running(pid: u64) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        s.rsplit(')')
-            .next()
-            .is_some_and(|r| !r.trim_start().starts_with('Z'))
-    })
-}
-
 #[test]
 fn rogue_publishers_are_stopped_alone_while_an_honest_publisher_and_a_subscriber_go_on() {
     let _serial = serial();
@@ -143,7 +134,10 @@ fn rogue_publishers_are_stopped_alone_while_an_honest_publisher_and_a_subscriber
     assert_eq!((next_honest, good), (honest_total, 10 * FAULTS.len()));
 
     for pid in &brokers {
-        assert!(running(*pid), "broker {pid} still runs");
+        assert!(
+            embar_sys::process::alive(*pid as i32),
+            "broker {pid} still runs"
+        );
     }
     let logs: String = (0..2)
         .map(|b| std::fs::read_to_string(format!("{}/broker-{b}.log", c.dir)).unwrap_or_default())

@@ -62,7 +62,7 @@ fn ordered(pool: &str) -> u64 {
 }
 
 /// Whether `f` became true within `limit`.
-fn wait_for(_what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     let start = Instant::now();
     while !f() {
         if start.elapsed() > limit {
@@ -84,12 +84,8 @@ fn all_consumed(pool: &str) -> bool {
         .all(|r| r[0] == r[1])
 }
 
-fn wait_until(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !f() {
-        assert!(start.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(5));
-    }
+fn wait_until(what: &str, limit: Duration, f: impl FnMut() -> bool) {
+    assert!(wait_for(limit, f), "timed out waiting for {what}");
 }
 
 fn run(order: &str) {
@@ -185,9 +181,7 @@ fn run(order: &str) {
     // Every published slot decided and finished. (Not the per-broker `ordered` counters: a
     // batch committed just before a kill and replayed after it is not added to them, a
     // known undercount of that metric.)
-    if !wait_for("the last batch", Duration::from_secs(60), || {
-        all_consumed(&pool)
-    }) {
+    if !wait_for(Duration::from_secs(60), || all_consumed(&pool)) {
         let log = std::fs::read_to_string(format!("{pool}.log")).unwrap_or_default();
         panic!(
             "timed out waiting for the last batch: {} of {total} ordered; sequencer logs:\n{log}",
