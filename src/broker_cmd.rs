@@ -125,7 +125,9 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
         );
     }
     addrs.insert("metrics".into(), metrics_addr.to_string());
-    addrs.insert("pid".into(), std::process::id().to_string());
+    let me = embar_sys::process::ProcessId::current();
+    addrs.insert("pid".into(), me.pid.to_string());
+    addrs.insert("pid_start".into(), me.start.to_string());
     if let Some(host) = embar_sys::process::host_name() {
         addrs.insert("host".into(), host);
     }
@@ -249,6 +251,12 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
                     idle.after(work, std::thread::sleep);
                     if last.elapsed() > Duration::from_millis(100) {
                         last = Instant::now();
+                        // A pool file truncated under the cluster: say so and stop before the
+                        // loop touches the missing part (which the bus error handler names).
+                        if let Err(e) = self.pool.check_backing() {
+                            eprintln!("embar: {e}");
+                            std::process::exit(embar_sys::bus::EXIT_CODE);
+                        }
                         if let Ok(mut g) = self.stats.lock() {
                             let occupancy = broker.ring_occupancy().iter().map(|(_, n)| n).sum();
                             *g = Snapshot {

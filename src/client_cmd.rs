@@ -89,6 +89,10 @@ pub struct PublishArgs {
     /// Longest wait for log space or a broker before giving up.
     #[arg(long, default_value_t = 30)]
     pub wait_timeout_s: u64,
+    /// Read and check the whole input (UTF-8, every line fits a batch) before publishing
+    /// any of it: a bad line then publishes nothing. The input is held in memory.
+    #[arg(long)]
+    pub validate_first: bool,
     #[command(flatten)]
     pub transport: TransportArgs,
 }
@@ -183,13 +187,24 @@ fn publish_lines(p: &mut impl Publish, a: &PublishArgs) -> CliResult<()> {
     // Lines come from a reader thread, so that a batch still lingers out (is sealed and
     // sent) while stdin is quiet, as an interactive producer expects.
     let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<String>>(4096);
-    std::thread::spawn(move || {
-        for line in std::io::stdin().lock().lines() {
-            if tx.send(line).is_err() {
-                break;
+    if a.validate_first {
+        let checked = read_checked(p)?;
+        std::thread::spawn(move || {
+            for line in checked {
+                if tx.send(Ok(line)).is_err() {
+                    break;
+                }
             }
-        }
-    });
+        });
+    } else {
+        std::thread::spawn(move || {
+            for line in std::io::stdin().lock().lines() {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+    }
     let mut n = 0u64;
     let fed: CliResult<()> = loop {
         // Wake when the open batch's linger runs out, to seal and send it.
@@ -245,6 +260,34 @@ fn publish_lines(p: &mut impl Publish, a: &PublishArgs) -> CliResult<()> {
         a.topic
     );
     Ok(())
+}
+
+/// Every line of stdin, once all are checked (UTF-8 text, each fits a batch of the topic);
+/// the first bad line is an error and nothing is published.
+fn read_checked(p: &impl Publish) -> CliResult<Vec<String>> {
+    let mut out = Vec::new();
+    for (i, line) in std::io::stdin().lock().lines().enumerate() {
+        let nothing = "nothing was published (--validate-first)";
+        let line = match line {
+            Ok(l) => l,
+            Err(e) if e.kind() == std::io::ErrorKind::InvalidData => {
+                return Err(CliError::data(format!(
+                    "stdin line {}: not UTF-8 text ({e}); {nothing}",
+                    i + 1
+                )))
+            }
+            Err(e) => return Err(CliError::from(format!("cannot read stdin: {e}"))),
+        };
+        if let Err(e) = p.check_size(line.len()) {
+            let e = CliError::from(e).context(format_args!("stdin line {}", i + 1));
+            return Err(CliError {
+                message: format!("{}; {nothing}", e.message),
+                ..e
+            });
+        }
+        out.push(line);
+    }
+    Ok(out)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -523,7 +566,7 @@ fn session_word_fault<C: Coherence>(
     ) {
         return Ok(None);
     }
-    let pid = u64::from(std::process::id());
+    let pid = embar_sys::process::ProcessId::current().pack();
     let s = (0..SESSIONS)
         .filter_map(|i| pool.session(broker, i).ok())
         .find(|s| s.client_id.load(Relaxed) == client_id && s.pid.load(Relaxed) == pid)

@@ -33,18 +33,23 @@ pub enum ExitKind {
     /// A process the command needs cannot be reached or has nothing free: the control
     /// process, a live broker, a session slot.
     Unavailable,
+    /// The pool's file lost its bytes under the process (truncated or replaced): the
+    /// process stopped before touching the missing part, or on its bus error
+    /// (`embar_sys::bus`).
+    PoolLost,
     /// Waiting ran out: for acknowledgements, log space, or a broker's answer. Retrying
     /// later may succeed.
     TimedOut,
 }
 
 impl ExitKind {
-    pub const ALL: [ExitKind; 6] = [
+    pub const ALL: [ExitKind; 7] = [
         ExitKind::Failure,
         ExitKind::Usage,
         ExitKind::DataError,
         ExitKind::NotFound,
         ExitKind::Unavailable,
+        ExitKind::PoolLost,
         ExitKind::TimedOut,
     ];
 
@@ -56,6 +61,7 @@ impl ExitKind {
             ExitKind::DataError => 65,   // EX_DATAERR
             ExitKind::NotFound => 66,    // EX_NOINPUT
             ExitKind::Unavailable => 69, // EX_UNAVAILABLE
+            ExitKind::PoolLost => embar_sys::bus::EXIT_CODE as u8, // 74, EX_IOERR
             ExitKind::TimedOut => 75,    // EX_TEMPFAIL
         }
     }
@@ -70,6 +76,7 @@ Exit status:
   65  data error: a bad input line, a value refused, a batch rejected, a check failed
   66  not found: an unknown topic, a missing pool
   69  unavailable: the control process or a broker unreachable, no live broker, no free session
+  74  pool lost: the pool file was truncated or replaced under the running process
   75  timed out: waiting for acknowledgements, log space or a broker ran out (retry later)";
 
 /// A failed command: its kind and the one line that says what failed.
@@ -208,6 +215,7 @@ impl From<PoolError> for CliError {
             | PoolError::TopicConfig(_)
             | PoolError::OutOfRange { .. } => ExitKind::DataError,
             PoolError::NoFreeSegment { .. } => ExitKind::Unavailable,
+            PoolError::BackingShrunk { .. } => ExitKind::PoolLost,
             _ => ExitKind::Failure,
         };
         CliError::new(kind, e)

@@ -154,6 +154,42 @@ fn input_that_cannot_be_published_exits_with_the_data_error_code() {
     big.push(b'\n');
     let out = run(&publish, &big);
     assert_exit(&out, DATA_ERROR, "does not fit a batch");
+    // With --validate-first a bad line anywhere publishes nothing at all.
+    c.topic("v", &["--batch-bytes", "64KiB"]);
+    let checked = ["publish", "--topic", "v", "--validate-first"];
+    let checked = [&checked[..], &["--control", c.control.as_str()]].concat();
+    let out = run(&checked, b"fine\nfine too\n\xff\xfe\n");
+    assert_exit(&out, DATA_ERROR, "stdin line 3: not UTF-8");
+    assert_exit(&out, DATA_ERROR, "nothing was published (--validate-first)");
+    let out = run(&checked, &[&b"fine\n"[..], &big].concat());
+    assert_exit(&out, DATA_ERROR, "stdin line 2");
+    assert_exit(&out, DATA_ERROR, "does not fit a batch");
+    let everything = [
+        "subscribe",
+        "--topic",
+        "v",
+        "--from",
+        "oldest",
+        "--idle-timeout-s",
+        "1",
+        "--control",
+        c.control.as_str(),
+    ];
+    let out = run(&everything, b"");
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // And good input goes through whole.
+    let out = run(&checked, b"one\ntwo\n");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = run(&everything, b"");
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "one\ntwo\n");
     // A reader that goes away (`embar cluster status | head -0`) ends it quietly, no panic.
     let mut child = Command::new(exe())
         .args(["cluster", "status", "--control", c.control.as_str()])

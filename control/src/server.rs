@@ -324,6 +324,13 @@ fn serve(s: &Shared, stream: TcpStream) {
 
 fn route(s: &Shared, req: &Request) -> Response {
     let parts: Vec<&str> = req.path.trim_matches('/').split('/').collect();
+    // Everything but membership reads the pool: a truncated pool file is reported instead of
+    // faulting on it.
+    if !matches!(parts.as_slice(), ["v1", "brokers", ..]) {
+        if let Err(e) = s.pool.check_backing() {
+            return Response::error(500, e.to_string());
+        }
+    }
     match (req.method.as_str(), parts.as_slice()) {
         ("POST", ["v1", "brokers"]) => register(s, req),
         ("POST", ["v1", "brokers", id, "heartbeat"]) => heartbeat(s, id),
@@ -369,17 +376,22 @@ struct Rejoin {
 }
 
 /// Whether the process a registration names is known to have exited: it ran on this host
-/// (same host name) and its pid is gone or a zombie. A broker on another host is never known
+/// (same host name) and its process is gone, a zombie, or its pid now names a later process. A broker on another host is never known
 /// gone; its slot waits for its grace.
 fn process_gone(addresses: &BTreeMap<String, String>) -> bool {
     let here = embar_sys::process::host_name();
     let same_host = addresses
         .get("host")
         .is_some_and(|h| Some(h) == here.as_ref());
-    let pid = addresses.get("pid").and_then(|p| p.parse::<i32>().ok());
+    let pid = addresses.get("pid").and_then(|p| p.parse::<u32>().ok());
+    // The start time makes a reused pid count as gone (absent: only the pid is checked).
+    let start = addresses
+        .get("pid_start")
+        .and_then(|p| p.parse::<u64>().ok())
+        .unwrap_or(0);
     match pid {
         Some(pid) if same_host || addresses.get("host").is_none() => {
-            pid <= 0 || !embar_sys::process::alive(pid)
+            !embar_sys::process::ProcessId { pid, start }.alive()
         }
         _ => false,
     }
@@ -693,6 +705,32 @@ impl Default for ControlConfig {
 mod tests {
     use super::*;
     use crate::ControlClient;
+
+    #[test]
+    fn a_registration_whose_pid_was_reused_or_is_gone_counts_as_gone() {
+        let me = embar_sys::process::ProcessId::current();
+        let host = embar_sys::process::host_name().unwrap();
+        let reg = |pid: u32, start: u64| -> BTreeMap<String, String> {
+            [
+                ("host".to_string(), host.clone()),
+                ("pid".to_string(), pid.to_string()),
+                ("pid_start".to_string(), start.to_string()),
+            ]
+            .into()
+        };
+        assert!(!process_gone(&reg(me.pid, me.start)));
+        assert!(process_gone(&reg(me.pid, me.start - 1)), "a reused pid");
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        child.wait().unwrap();
+        assert!(process_gone(&reg(pid, 0)), "an exited process");
+        let mut elsewhere = reg(pid, 0);
+        elsewhere.insert("host".into(), format!("{host}-elsewhere"));
+        assert!(
+            !process_gone(&elsewhere),
+            "another host's process is never known gone"
+        );
+    }
 
     #[test]
     fn heartbeats_are_answered_while_a_durable_write_is_stuck() {

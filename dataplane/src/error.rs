@@ -73,6 +73,14 @@ pub enum PoolError {
         /// The oldest total order still retained (a start position that works now).
         oldest: u64,
     },
+    /// The pool's file is shorter than the pool: it was truncated (or replaced) under the
+    /// processes that map it, which stop when they touch the missing part.
+    #[error("pool file {path} holds {file_bytes} bytes, less than the pool's {pool_bytes}: it was truncated or replaced under the cluster; its processes stop when they touch the missing part (stop the cluster and start it again)")]
+    BackingShrunk {
+        path: PathBuf,
+        file_bytes: u64,
+        pool_bytes: u64,
+    },
     // The checked message view is not built in the loom model of the ring.
     #[cfg(not(loom))]
     /// A delivered batch whose messages cannot be read: only its own publisher can have

@@ -4,7 +4,7 @@
 //! Life of a session (`state` is the publisher's word, `accepted` the broker's):
 //!
 //! 1. The publisher claims a free slot (compare-and-swap of `state` to `gen | OPENING`),
-//!    fills in its client id, topic and pid, and publishes `gen | OPEN`.
+//!    fills in its client id, topic and process (pid and start time), and publishes `gen | OPEN`.
 //! 2. The broker resets its side (counters, grant ring, the submission ring's readiness
 //!    words) and publishes `accepted = gen | ACCEPTED`, or `gen | REFUSED` with an error code.
 //! 3. The broker grants log space (whole segments) into the grant ring, up to
@@ -137,7 +137,7 @@ pub fn try_claim<C: crate::pool::coherence::Coherence>(
     broker: u32,
     topic: u32,
     client_id: u64,
-    pid: u32,
+    owner: embar_sys::process::ProcessId,
 ) -> Result<Option<(&Session, u32, u64)>, crate::PoolError> {
     use crate::sync::Ordering::{AcqRel, Acquire, Relaxed};
     for i in 0..SESSIONS {
@@ -157,7 +157,7 @@ pub fn try_claim<C: crate::pool::coherence::Coherence>(
         }
         s.client_id.store(client_id, Relaxed);
         s.topic.store(u64::from(topic), Relaxed);
-        s.pid.store(u64::from(pid), Relaxed);
+        s.pid.store(owner.pack(), Relaxed);
         s.grants_taken.store(0, Relaxed);
         s.submitted.store(0, Relaxed);
         c.writeback(s);

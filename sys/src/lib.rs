@@ -3,6 +3,7 @@
 //!
 //! - [`mapping`]: create or open the shared pool (a file in `/dev/shm`, on hugetlbfs, or a
 //!   DAX device) and map it shared.
+//! - [`bus`]: a clear message, not a silent death, when a mapped pool file shrinks.
 //! - [`cacheline`]: cache-line write-back and invalidation (`clwb`, `clflushopt`, `clflush`;
 //!   `dc cvac`/`dc civac` on aarch64) and the fences around them, with run-time detection.
 //! - [`numa`]: bind a mapping to a NUMA node (`mbind`).
@@ -12,6 +13,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod bus;
 pub mod cacheline;
 pub mod clock;
 pub mod cpu;

@@ -218,6 +218,7 @@ impl SharedMapping {
 
 impl Drop for SharedMapping {
     fn drop(&mut self) {
+        crate::bus::unguard(self.ptr.as_ptr());
         // SAFETY: the mapping was created by this handle with this length and is unmapped once.
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
     }
@@ -380,6 +381,7 @@ fn map(
         bytes: len,
         source: io::Error::other("mmap returned a null address"),
     })?;
+    crate::bus::guard(ptr.as_ptr(), len, path);
     Ok(SharedMapping {
         ptr,
         len,

@@ -1,8 +1,95 @@
-//! Whether a process exists, for reclaiming what a vanished process held in the pool.
+//! Which process holds what: liveness that a zombie or a reused process id cannot fool.
+//!
+//! A process id alone names a process only while it runs: once it exits (and is reaped), the
+//! kernel gives the number to a later process, and `kill(pid, 0)` then answers for that one.
+//! So what a process holds in the pool is stamped with a [`ProcessId`]: its pid and its start
+//! time (clock ticks after boot, field 22 of `/proc/<pid>/stat`), which the kernel never gives
+//! two processes with the same pid on one boot. A holder is alive while a process with that
+//! pid exists, is not a zombie, and started at that time.
+//!
+//! Why not a pidfd: a pidfd names one process for good, but it is a file descriptor of the
+//! process that opened it; the pool's words are read by every process (a restarted broker, the
+//! sequencer, other clients), each of which would have to open its own pidfd from a pid, which
+//! is exactly the race a pidfd avoids. The start time travels in the pool word itself. On a
+//! host without `/proc` the start time is 0 and only the pid is checked.
+
+/// Bits of a packed [`ProcessId`] that hold the pid: Linux pids are below `PID_MAX_LIMIT`
+/// (2^22).
+const PID_BITS: u32 = 22;
+const PID_MASK: u64 = (1 << PID_BITS) - 1;
+/// Bits that hold the start time: 2^42 ticks is 1,390 years at 100 Hz.
+const START_MASK: u64 = (1 << (64 - PID_BITS)) - 1;
+
+/// One process for its whole life: its pid and when it started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ProcessId {
+    pub pid: u32,
+    /// Clock ticks after boot at which it started (0: unknown, only the pid is checked).
+    pub start: u64,
+}
+
+impl ProcessId {
+    /// This process.
+    pub fn current() -> ProcessId {
+        use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+        // Read once per process (a pid change means a fork: read again).
+        static PACKED: AtomicU64 = AtomicU64::new(0);
+        let pid = std::process::id();
+        let cached = ProcessId::unpack(PACKED.load(Relaxed));
+        if cached.pid == pid {
+            return cached;
+        }
+        let me = ProcessId {
+            pid,
+            start: start_time(pid).unwrap_or(0),
+        };
+        PACKED.store(me.pack(), Relaxed);
+        me
+    }
+
+    /// The process running as `pid` now, if there is one.
+    pub fn of(pid: u32) -> Option<ProcessId> {
+        start_time(pid).map(|start| ProcessId { pid, start })
+    }
+
+    /// Packs it into one word (for the pool): `start << 22 | pid`, the start time truncated
+    /// to 42 bits.
+    pub fn pack(self) -> u64 {
+        (self.start & START_MASK) << PID_BITS | (u64::from(self.pid) & PID_MASK)
+    }
+
+    /// Undoes [`pack`](Self::pack). A word written as a bare pid (start 0) unpacks to it.
+    pub fn unpack(word: u64) -> ProcessId {
+        ProcessId {
+            pid: (word & PID_MASK) as u32,
+            start: word >> PID_BITS,
+        }
+    }
+
+    /// Whether this process still runs: its pid exists, is not a zombie, and (if the start
+    /// time is known) started when this one did, so a later process given the same pid is
+    /// not taken for it.
+    pub fn alive(self) -> bool {
+        if self.pid == 0 || self.pid > i32::MAX as u32 || !alive(self.pid as i32) {
+            return false;
+        }
+        match (self.start, start_time(self.pid)) {
+            (0, _) => true,
+            (start, Some(now)) => now & START_MASK == start & START_MASK,
+            // `/proc` unreadable for this pid (it exited this instant, or no procfs): the
+            // signal check above is all there is.
+            (_, None) => true,
+        }
+    }
+}
 
 /// True if process `pid` exists and has not exited (it may belong to another user). A zombie
 /// (exited, not yet reaped by its parent) is not alive: it holds nothing and will run no more.
+/// A pid alone may name a later process: use [`ProcessId::alive`] for anything recorded.
 pub fn alive(pid: i32) -> bool {
+    if pid <= 0 {
+        return false;
+    }
     // SAFETY: signal 0 performs the permission and existence checks only.
     let rc = unsafe { libc::kill(pid, 0) };
     let exists = rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
@@ -16,42 +103,89 @@ pub fn host_name() -> Option<String> {
         .map(|h| h.trim().to_string())
 }
 
+/// The fields of `/proc/<pid>/stat` after the command name (which is in parentheses and may
+/// hold spaces and parentheses itself): the first is the state (field 3).
+fn stat_fields(pid: u32) -> Option<Vec<String>> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = s.rsplit_once(')')?.1;
+    Some(rest.split_whitespace().map(str::to_string).collect())
+}
+
+/// Start time of `pid` in clock ticks after boot (field 22).
+fn start_time(pid: u32) -> Option<u64> {
+    stat_fields(pid)?.get(19)?.parse().ok()
+}
+
 /// Whether `/proc` shows `pid` as a zombie (state `Z`, or `X` while it is being reaped).
 fn zombie(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
-        // The state follows the command name, which is in parentheses and may hold spaces.
-        s.rsplit(')')
-            .next()
-            .and_then(|r| r.split_whitespace().next())
-            .is_some_and(|st| st == "Z" || st == "X")
-    })
+    stat_fields(pid as u32).is_some_and(|f| f.first().is_some_and(|st| st == "Z" || st == "X"))
 }
 
 #[cfg(test)]
 mod tests {
+    use super::ProcessId;
+
     #[test]
     fn this_process_is_alive_and_a_reaped_child_is_not() {
         assert!(super::alive(std::process::id() as i32));
+        assert!(ProcessId::current().alive());
         let mut child = std::process::Command::new("true").spawn().unwrap();
-        let pid = child.id() as i32;
+        let id = ProcessId::of(child.id()).expect("a running child has a start time");
         child.wait().unwrap();
-        assert!(!super::alive(pid));
+        assert!(!super::alive(id.pid as i32));
+        assert!(!id.alive());
     }
 
     #[test]
     fn a_zombie_is_not_alive() {
-        let child = std::process::Command::new("true").spawn().unwrap();
-        let pid = child.id() as i32;
+        let child = std::process::Command::new("sleep")
+            .arg("0.05")
+            .spawn()
+            .unwrap();
+        let id = ProcessId::of(child.id()).expect("a running child has a start time");
+        assert!(id.alive());
         // Not reaped: it stays a zombie until `wait`.
         let start = std::time::Instant::now();
-        while super::alive(pid) {
+        while id.alive() {
             assert!(
                 start.elapsed() < std::time::Duration::from_secs(10),
                 "the exited child still counts as alive"
             );
             std::thread::yield_now();
         }
-        assert!(super::alive(std::process::id() as i32));
+        assert!(!super::alive(id.pid as i32));
         drop(child);
+    }
+
+    #[test]
+    fn a_later_process_with_the_same_pid_is_not_taken_for_the_recorded_one() {
+        // The recorded holder is this process's pid with another start time: what a pool
+        // word says after the pid was reused.
+        let me = ProcessId::current();
+        assert_ne!(me.start, 0, "this host has /proc");
+        let earlier = ProcessId {
+            pid: me.pid,
+            start: me.start - 1,
+        };
+        assert!(!earlier.alive());
+        assert!(ProcessId::unpack(me.pack()).alive());
+    }
+
+    #[test]
+    fn packing_keeps_the_pid_and_the_low_start_bits_and_a_bare_pid_unpacks_to_itself() {
+        let id = ProcessId {
+            pid: (1 << 22) - 1,
+            start: (1 << 42) - 1,
+        };
+        assert_eq!(ProcessId::unpack(id.pack()), id);
+        assert_eq!(
+            ProcessId::unpack(4321),
+            ProcessId {
+                pid: 4321,
+                start: 0
+            }
+        );
+        assert!(ProcessId::unpack(u64::from(std::process::id())).alive());
+        assert!(!ProcessId::unpack(0).alive());
     }
 }

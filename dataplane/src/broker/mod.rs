@@ -665,7 +665,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
             "broker {} session {i} (client {}, pid {}, topic slot {}): session ended: {}: {reason}",
             self.broker,
             st.client_id,
-            st.pid,
+            embar_sys::process::ProcessId::unpack(st.pid).pid,
             st.topic,
             SessionError::ProtocolViolation.describe()
         );

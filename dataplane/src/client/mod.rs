@@ -16,6 +16,9 @@ pub trait Publish {
     fn client_id(&self) -> u64;
     /// Appends one message to the current batch (non-blocking unless out of credits).
     fn publish(&mut self, payload: &[u8]) -> Result<(), PublishError>;
+    /// Whether a message of `payload_len` bytes can be published (fits a batch of the
+    /// topic), without publishing anything: for checking a whole input first.
+    fn check_size(&self, payload_len: usize) -> Result<(), PublishError>;
     /// Seals the open batch if it has lingered (call when idle).
     fn poll(&mut self) -> Result<(), PublishError>;
     /// Seals the open batch now.

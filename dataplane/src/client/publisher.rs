@@ -177,7 +177,14 @@ impl<'p, C: Coherence> Publisher<'p, C> {
         client_id: u64,
         cfg: PublisherConfig,
     ) -> Result<&'p Session, PublishError> {
-        let Some((s, _, mine)) = try_claim(pool, c, broker, topic, client_id, std::process::id())?
+        let Some((s, _, mine)) = try_claim(
+            pool,
+            c,
+            broker,
+            topic,
+            client_id,
+            embar_sys::process::ProcessId::current(),
+        )?
         else {
             return Err(PublishError::Pool(PoolError::OutOfRange {
                 what: "sessions of broker",
@@ -374,6 +381,10 @@ impl<C: Coherence> Publish for Publisher<'_, C> {
 
     fn publish(&mut self, payload: &[u8]) -> Result<(), PublishError> {
         Publisher::publish(self, payload)
+    }
+
+    fn check_size(&self, payload_len: usize) -> Result<(), PublishError> {
+        stride_of(payload_len, self.batch_bytes).map(drop)
     }
 
     fn poll(&mut self) -> Result<(), PublishError> {

@@ -195,7 +195,8 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             if e.state.compare_exchange(s, mine, AcqRel, Acquire).is_err() {
                 continue;
             }
-            e.pid.store(u64::from(std::process::id()), Relaxed);
+            e.pid
+                .store(embar_sys::process::ProcessId::current().pack(), Relaxed);
             c.publish(&e.position, next);
             crate::sync::fence(SeqCst);
             let floor = Self::reclaimed_below(pool, c, topic);
@@ -418,10 +419,11 @@ pub fn slowest_position<C: Coherence>(
         .min()
 }
 
-/// Whether process `pid` exists (a registered subscriber whose process died holds nothing).
-pub fn pid_alive(pid: u64) -> bool {
-    let Ok(pid) = i32::try_from(pid) else {
-        return false;
-    };
-    pid > 0 && embar_sys::process::alive(pid)
+/// Whether the process a pool word names (a packed [`ProcessId`]) still runs: a registered
+/// subscriber or session whose process died, is a zombie, or whose pid now names a later
+/// process holds nothing.
+///
+/// [`ProcessId`]: embar_sys::process::ProcessId
+pub fn pid_alive(word: u64) -> bool {
+    embar_sys::process::ProcessId::unpack(word).alive()
 }

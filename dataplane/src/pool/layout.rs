@@ -294,6 +294,7 @@ pub struct SubscriberEntry {
     pub state: AtomicU64,
     /// Next delivery index it will read: everything below may be reclaimed.
     pub position: AtomicU64,
+    /// Its process: a packed `embar_sys::process::ProcessId` (pid and start time).
     pub pid: AtomicU64,
     pub _pad: [AtomicU64; 5],
 }
@@ -351,7 +352,9 @@ pub struct Session {
     pub client_id: AtomicU64,
     /// Topic slot.
     pub topic: AtomicU64,
-    /// Process id of the publisher (a vanished process's session is reclaimed).
+    /// The publisher's process, a packed `embar_sys::process::ProcessId` (pid and start
+    /// time): the session of a process that exited, is a zombie or whose pid was reused is
+    /// reclaimed.
     pub pid: AtomicU64,
     /// Grants the publisher has taken (a grant is done once the next one is taken).
     pub grants_taken: AtomicU64,

@@ -233,6 +233,26 @@ impl Pool {
         self.map.path()
     }
 
+    /// Whether the pool's file still covers the whole pool. A file in `/dev/shm` can be
+    /// truncated by anyone with write access; a process touching the part it lost gets a bus
+    /// error (named by `embar_sys::bus`). Long-running processes check this periodically to
+    /// stop with a clear error first, and the control process before it answers. A device
+    /// cannot shrink: always intact.
+    pub fn check_backing(&self) -> PoolResult<()> {
+        if matches!(self.backing(), Backing::DaxDevice { .. }) {
+            return Ok(());
+        }
+        let file_bytes = std::fs::metadata(self.path()).map_or(0, |m| m.len());
+        if file_bytes < self.geo.pool_bytes {
+            return Err(PoolError::BackingShrunk {
+                path: self.path().to_path_buf(),
+                file_bytes,
+                pool_bytes: self.geo.pool_bytes,
+            });
+        }
+        Ok(())
+    }
+
     pub fn backing(&self) -> Backing {
         self.map.backing()
     }

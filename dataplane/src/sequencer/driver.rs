@@ -775,10 +775,16 @@ mod tests {
 
     /// Claims a session of `broker` for `client` on `topic`, as a publisher would.
     fn open_session(pool: &Pool, topic: u32, broker: u32, client: u64) -> (u32, u64) {
-        let (_, i, gen) =
-            crate::session::try_claim(pool, Coherent, broker, topic, client, std::process::id())
-                .unwrap()
-                .unwrap();
+        let (_, i, gen) = crate::session::try_claim(
+            pool,
+            Coherent,
+            broker,
+            topic,
+            client,
+            embar_sys::process::ProcessId::current(),
+        )
+        .unwrap()
+        .unwrap();
         (i, gen)
     }
 

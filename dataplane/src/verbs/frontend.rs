@@ -281,7 +281,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
             self.broker,
             req.topic,
             req.client_id,
-            std::process::id(),
+            embar_sys::process::ProcessId::current(),
         ) {
             Ok(Some((s, _, generation))) => self.pending.push(Pending {
                 stream,

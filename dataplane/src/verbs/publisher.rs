@@ -562,6 +562,10 @@ impl Publish for VerbsPublisher {
         self.client_id
     }
 
+    fn check_size(&self, payload_len: usize) -> Result<(), PublishError> {
+        stride_of(payload_len, self.batch_bytes).map(drop)
+    }
+
     fn publish(&mut self, payload: &[u8]) -> Result<(), PublishError> {
         let stride = stride_of(payload.len(), self.batch_bytes)?;
         let now = monotonic_ns();
