@@ -138,6 +138,125 @@ pub struct VerbsSnapshot {
     pub grants_registered: u64,
 }
 
+#[derive(Clone, Copy, Debug)]
+enum Kind {
+    Counter,
+    Gauge,
+}
+
+/// A metric's value in a snapshot.
+type Read = fn(&BrokerSnapshot) -> u64;
+
+/// Every metric a broker shows: name (without the prefix, and for counters without
+/// `_total`), help, kind, and where its value is.
+const BROKER_METRICS: &[(&str, &str, Kind, Read)] = &[
+    (
+        "batches_landed",
+        "Batches checked and published into a ring",
+        Kind::Counter,
+        |s| s.broker.batches_landed,
+    ),
+    ("batches_rejected", "Batches rejected", Kind::Counter, |s| {
+        s.broker.batches_rejected
+    }),
+    (
+        "batches_acked",
+        "Batches acknowledged",
+        Kind::Counter,
+        |s| s.broker.batches_acked,
+    ),
+    (
+        "messages_acked",
+        "Messages acknowledged",
+        Kind::Counter,
+        |s| s.broker.messages_acked,
+    ),
+    (
+        "grants_issued",
+        "Segments granted to sessions",
+        Kind::Counter,
+        |s| s.broker.grants_issued,
+    ),
+    (
+        "grant_waits",
+        "Times no segment was free for a grant",
+        Kind::Counter,
+        |s| s.broker.grant_waits,
+    ),
+    (
+        "ring_full_waits",
+        "Times the topic ring was full",
+        Kind::Counter,
+        |s| s.broker.ring_full_waits,
+    ),
+    (
+        "segments_reclaimed",
+        "Segments freed after every reader passed",
+        Kind::Counter,
+        |s| s.broker.segments_reclaimed,
+    ),
+    (
+        "sessions_ended",
+        "Sessions ended because their publisher broke the session protocol",
+        Kind::Counter,
+        |s| s.broker.sessions_ended,
+    ),
+    (
+        "sessions_open",
+        "Open publisher sessions",
+        Kind::Gauge,
+        |s| s.sessions_open as u64,
+    ),
+    (
+        "ring_occupancy",
+        "Batches in this broker's rings not yet ordered",
+        Kind::Gauge,
+        |s| s.ring_occupancy,
+    ),
+    (
+        "verbs_sessions_open",
+        "Open verbs sessions",
+        Kind::Gauge,
+        |s| s.verbs.sessions_open,
+    ),
+    (
+        "verbs_sessions_opened",
+        "Verbs sessions opened",
+        Kind::Counter,
+        |s| s.verbs.sessions_opened,
+    ),
+    (
+        "verbs_sessions_closed",
+        "Verbs sessions ended (closed, failed or vanished)",
+        Kind::Counter,
+        |s| s.verbs.sessions_closed,
+    ),
+    (
+        "verbs_sessions_refused",
+        "Verbs connection requests refused",
+        Kind::Counter,
+        |s| s.verbs.sessions_refused,
+    ),
+    (
+        "verbs_batches_forwarded",
+        "Descriptors taken from verbs sessions",
+        Kind::Counter,
+        |s| s.verbs.batches_forwarded,
+    ),
+    (
+        "verbs_bad_immediates",
+        "WRITE_WITH_IMM naming no expected staging slot",
+        Kind::Counter,
+        |s| s.verbs.bad_immediates,
+    ),
+    (
+        "verbs_grants_registered",
+        "Grants registered for remote writes",
+        Kind::Counter,
+        |s| s.verbs.grants_registered,
+    ),
+];
+
 /// Encodes the latest [`BrokerSnapshot`] at each scrape.
 #[derive(Debug)]
 struct BrokerCollector {
@@ -151,96 +270,18 @@ impl Collector for BrokerCollector {
             .lock()
             .map(|g| *g)
             .unwrap_or_else(|p| *p.into_inner());
-        let (s, v) = (snap.broker, snap.verbs);
-        let counters = [
-            (
-                "batches_landed",
-                "Batches checked and published into a ring",
-                s.batches_landed,
-            ),
-            ("batches_rejected", "Batches rejected", s.batches_rejected),
-            ("batches_acked", "Batches acknowledged", s.batches_acked),
-            ("messages_acked", "Messages acknowledged", s.messages_acked),
-            (
-                "grants_issued",
-                "Segments granted to sessions",
-                s.grants_issued,
-            ),
-            (
-                "grant_waits",
-                "Times no segment was free for a grant",
-                s.grant_waits,
-            ),
-            (
-                "ring_full_waits",
-                "Times the topic ring was full",
-                s.ring_full_waits,
-            ),
-            (
-                "segments_reclaimed",
-                "Segments freed after every reader passed",
-                s.segments_reclaimed,
-            ),
-            (
-                "sessions_ended",
-                "Sessions ended because their publisher broke the session protocol",
-                s.sessions_ended,
-            ),
-            (
-                "verbs_sessions_opened",
-                "Verbs sessions opened",
-                v.sessions_opened,
-            ),
-            (
-                "verbs_sessions_closed",
-                "Verbs sessions ended (closed, failed or vanished)",
-                v.sessions_closed,
-            ),
-            (
-                "verbs_sessions_refused",
-                "Verbs connection requests refused",
-                v.sessions_refused,
-            ),
-            (
-                "verbs_batches_forwarded",
-                "Descriptors taken from verbs sessions",
-                v.batches_forwarded,
-            ),
-            (
-                "verbs_bad_immediates",
-                "WRITE_WITH_IMM naming no expected staging slot",
-                v.bad_immediates,
-            ),
-            (
-                "verbs_grants_registered",
-                "Grants registered for remote writes",
-                v.grants_registered,
-            ),
-        ];
-        for (name, help, value) in counters {
-            let c = ConstCounter::new(value);
-            c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
-        }
-        let gauges = [
-            (
-                "sessions_open",
-                "Open publisher sessions",
-                snap.sessions_open as u64,
-            ),
-            (
-                "ring_occupancy",
-                "Batches in this broker's rings not yet ordered",
-                snap.ring_occupancy,
-            ),
-            (
-                "verbs_sessions_open",
-                "Open verbs sessions",
-                v.sessions_open,
-            ),
-        ];
-        for (name, help, value) in gauges {
-            let g = ConstGauge::new(value);
-            g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+        for &(name, help, kind, read) in BROKER_METRICS {
+            let value = read(&snap);
+            match kind {
+                Kind::Counter => {
+                    let c = ConstCounter::new(value);
+                    c.encode(encoder.encode_descriptor(name, help, None, c.metric_type())?)?;
+                }
+                Kind::Gauge => {
+                    let g = ConstGauge::new(value);
+                    g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+                }
+            }
         }
         Ok(())
     }
