@@ -9,9 +9,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use embar_control::http::{read_request, write_response, Response};
+use embar_control::metrics::{BrokerSnapshot as Snapshot, VerbsSnapshot};
 use embar_control::ControlClient;
-use embar_dataplane::broker::{Broker, BrokerStats};
+use embar_dataplane::broker::Broker;
 use embar_dataplane::idle::{Idle, IdlePolicy};
 use embar_dataplane::pool::coherence::Coherence;
 use embar_dataplane::pool::{CoherenceFn, OpenOptions, Pool};
@@ -158,10 +158,7 @@ pub fn run(a: &BrokerArgs) -> Result<(), String> {
     let stats = Arc::new(Mutex::new(Snapshot::default()));
     let st = stats.clone();
     let slot = reg.slot;
-    std::thread::Builder::new()
-        .name("broker-metrics".into())
-        .spawn(move || serve_metrics(metrics, slot, &st))
-        .map_err(|e| e.to_string())?;
+    embar_control::metrics::serve_broker(metrics, slot, st).map_err(|e| e.to_string())?;
     let hb_stop = Arc::new(AtomicBool::new(false));
     let hb = hb_stop.clone();
     let grace = Duration::from_millis(a.control_grace_ms);
@@ -487,173 +484,5 @@ fn sequence_all<C: Coherence>(pool: &Pool, c: C, stops: [&AtomicBool; 2], pin: O
     let mut idle = Idle::new(IdlePolicy::default());
     while !stops.iter().any(|s| s.load(Ordering::Relaxed)) {
         idle.after(seqs.poll_once(), std::thread::sleep);
-    }
-}
-
-/// What the metrics endpoint shows, refreshed by the data-path loop every 100 ms.
-#[derive(Clone, Copy, Debug, Default)]
-struct Snapshot {
-    broker: BrokerStats,
-    sessions_open: usize,
-    ring_occupancy: u64,
-    verbs: VerbsSnapshot,
-}
-
-/// The verbs frontend's counters (zero without `--verbs`).
-#[derive(Clone, Copy, Debug, Default)]
-struct VerbsSnapshot {
-    sessions_open: u64,
-    sessions_opened: u64,
-    sessions_closed: u64,
-    sessions_refused: u64,
-    batches_forwarded: u64,
-    bad_immediates: u64,
-    grants_registered: u64,
-}
-
-fn serve_metrics(listener: TcpListener, slot: u32, stats: &Mutex<Snapshot>) {
-    for conn in listener.incoming() {
-        let Ok(stream) = conn else { continue };
-        let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
-        let resp = match read_request(&stream) {
-            Ok(req) if req.method == "GET" && req.path == "/metrics" => {
-                let snap = stats.lock().map(|g| *g).unwrap_or_default();
-                let (s, open, occupancy, v) = (
-                    snap.broker,
-                    snap.sessions_open,
-                    snap.ring_occupancy,
-                    snap.verbs,
-                );
-                let mut out = String::new();
-                let mut put = |name: &str, kind: &str, help: &str, v: u64| {
-                    out.push_str(&format!(
-                        "# HELP {name} {help}\n# TYPE {name} {kind}\n{name}{{slot=\"{slot}\"}} {v}\n"
-                    ));
-                };
-                put(
-                    "embar_broker_batches_landed_total",
-                    "counter",
-                    "Batches checked and published into a ring.",
-                    s.batches_landed,
-                );
-                put(
-                    "embar_broker_batches_rejected_total",
-                    "counter",
-                    "Batches rejected.",
-                    s.batches_rejected,
-                );
-                put(
-                    "embar_broker_batches_acked_total",
-                    "counter",
-                    "Batches acknowledged.",
-                    s.batches_acked,
-                );
-                put(
-                    "embar_broker_messages_acked_total",
-                    "counter",
-                    "Messages acknowledged.",
-                    s.messages_acked,
-                );
-                put(
-                    "embar_broker_grants_issued_total",
-                    "counter",
-                    "Segments granted to sessions.",
-                    s.grants_issued,
-                );
-                put(
-                    "embar_broker_grant_waits_total",
-                    "counter",
-                    "Times no segment was free for a grant.",
-                    s.grant_waits,
-                );
-                put(
-                    "embar_broker_ring_full_waits_total",
-                    "counter",
-                    "Times the topic ring was full.",
-                    s.ring_full_waits,
-                );
-                put(
-                    "embar_broker_segments_reclaimed_total",
-                    "counter",
-                    "Segments freed after every reader passed.",
-                    s.segments_reclaimed,
-                );
-                put(
-                    "embar_broker_sessions_ended_total",
-                    "counter",
-                    "Sessions ended because their publisher broke the session protocol.",
-                    s.sessions_ended,
-                );
-                put(
-                    "embar_broker_sessions_open",
-                    "gauge",
-                    "Open publisher sessions.",
-                    open as u64,
-                );
-                put(
-                    "embar_broker_ring_occupancy",
-                    "gauge",
-                    "Batches in this broker's rings not yet ordered.",
-                    occupancy,
-                );
-                for (name, kind, help, value) in [
-                    (
-                        "embar_broker_verbs_sessions_open",
-                        "gauge",
-                        "Open verbs sessions.",
-                        v.sessions_open,
-                    ),
-                    (
-                        "embar_broker_verbs_sessions_opened_total",
-                        "counter",
-                        "Verbs sessions opened.",
-                        v.sessions_opened,
-                    ),
-                    (
-                        "embar_broker_verbs_sessions_closed_total",
-                        "counter",
-                        "Verbs sessions ended (closed, failed or vanished).",
-                        v.sessions_closed,
-                    ),
-                    (
-                        "embar_broker_verbs_sessions_refused_total",
-                        "counter",
-                        "Verbs connection requests refused.",
-                        v.sessions_refused,
-                    ),
-                    (
-                        "embar_broker_verbs_batches_forwarded_total",
-                        "counter",
-                        "Descriptors taken from verbs sessions.",
-                        v.batches_forwarded,
-                    ),
-                    (
-                        "embar_broker_verbs_bad_immediates_total",
-                        "counter",
-                        "WRITE_WITH_IMM naming no expected staging slot.",
-                        v.bad_immediates,
-                    ),
-                    (
-                        "embar_broker_verbs_grants_registered_total",
-                        "counter",
-                        "Grants registered for remote writes.",
-                        v.grants_registered,
-                    ),
-                ] {
-                    put(name, kind, help, value);
-                }
-                Response {
-                    status: 200,
-                    content_type: "text/plain; version=0.0.4",
-                    body: out,
-                }
-            }
-            Ok(req) => Response::error(
-                404,
-                format!("no such endpoint: {} {}", req.method, req.path),
-            ),
-            Err(resp) => resp,
-        };
-        let _ = write_response(&stream, &resp);
     }
 }

@@ -1,14 +1,76 @@
-//! The Rust client of the control API, used by the command line and the brokers.
+//! The Rust client of the control API, used by the command line and the brokers: blocking,
+//! on `ureq`, with a timeout on every call.
 
 use std::collections::BTreeMap;
+use std::io;
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use crate::http::{call, ClientError};
 use crate::keepalive::Beat;
 use crate::topics::TopicSpec;
+
+/// Longest wait for the control process to accept a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// A client-side failure.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the control process at {addr}: {source} (is `embar control` running?)")]
+    Unreachable { addr: SocketAddr, source: io::Error },
+    #[error("control process at {addr}: {source}")]
+    Io { addr: SocketAddr, source: io::Error },
+    #[error("control process at {addr} sent a malformed response: {detail}")]
+    Malformed { addr: SocketAddr, detail: String },
+    #[error("{message}")]
+    Api { status: u16, message: String },
+}
+
+impl ClientError {
+    /// Sorts a failed call: no connection is [`Unreachable`](Self::Unreachable), a timeout or
+    /// a broken connection [`Io`](Self::Io), an answer that is not HTTP
+    /// [`Malformed`](Self::Malformed).
+    fn from_ureq(addr: SocketAddr, e: ureq::Error) -> ClientError {
+        use io::ErrorKind as K;
+        match e {
+            ureq::Error::Timeout(ureq::Timeout::Connect) => ClientError::Unreachable {
+                addr,
+                source: io::Error::new(K::TimedOut, "connection timed out"),
+            },
+            ureq::Error::ConnectionFailed | ureq::Error::HostNotFound => ClientError::Unreachable {
+                addr,
+                source: e.into_io(),
+            },
+            ureq::Error::Io(source)
+                if matches!(
+                    source.kind(),
+                    K::ConnectionRefused
+                        | K::HostUnreachable
+                        | K::NetworkUnreachable
+                        | K::AddrNotAvailable
+                ) =>
+            {
+                ClientError::Unreachable { addr, source }
+            }
+            ureq::Error::Timeout(t) => ClientError::Io {
+                addr,
+                source: io::Error::new(K::TimedOut, format!("timed out ({t})")),
+            },
+            ureq::Error::Io(source) => ClientError::Io { addr, source },
+            e @ (ureq::Error::Protocol(_)
+            | ureq::Error::LargeResponseHeader(..)
+            | ureq::Error::BodyExceedsLimit(_)) => ClientError::Malformed {
+                addr,
+                detail: e.to_string(),
+            },
+            e => ClientError::Io {
+                addr,
+                source: e.into_io(),
+            },
+        }
+    }
+}
 
 /// What a broker gets when it registers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -18,6 +80,24 @@ pub struct Registration {
     pub slot: u32,
     pub heartbeat: Duration,
     pub epoch: u64,
+}
+
+/// The methods the client calls with.
+#[derive(Clone, Copy, Debug)]
+enum Method {
+    Get,
+    Post,
+    Delete,
+}
+
+/// `name` as one path segment: every byte but the unreserved ones percent-encoded.
+fn segment(name: &str) -> String {
+    const RESERVED: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+        .remove(b'-')
+        .remove(b'.')
+        .remove(b'_')
+        .remove(b'~');
+    percent_encoding::utf8_percent_encode(name, RESERVED).to_string()
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -30,15 +110,49 @@ impl ControlClient {
         ControlClient { addr }
     }
 
+    /// One call: `(status, body)` of the answer, whatever its status.
+    fn call(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&Value>,
+        timeout: Duration,
+    ) -> Result<(u16, String), ClientError> {
+        // An agent per call: the server answers one request per connection, so there is no
+        // connection to keep, and each call has its own timeout.
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_connect(Some(CONNECT_TIMEOUT.min(timeout)))
+            .timeout_global(Some(timeout))
+            .max_idle_connections(0)
+            .build()
+            .into();
+        let url = format!("http://{}{path}", self.addr);
+        let body = body.map(Value::to_string);
+        let answer = match (method, body) {
+            (Method::Get, _) => agent.get(&url).call(),
+            (Method::Delete, _) => agent.delete(&url).call(),
+            (Method::Post, None) => agent.post(&url).send_empty(),
+            (Method::Post, Some(b)) => agent
+                .post(&url)
+                .content_type("application/json")
+                .send(b.as_str()),
+        };
+        let err = |e| ClientError::from_ureq(self.addr, e);
+        let mut answer = answer.map_err(err)?;
+        let status = answer.status().as_u16();
+        let text = answer.body_mut().read_to_string().map_err(err)?;
+        Ok((status, text))
+    }
+
     fn request(
         &self,
-        method: &str,
+        method: Method,
         path: &str,
         body: Option<Value>,
         timeout: Duration,
     ) -> Result<Value, ClientError> {
-        let text = body.map(|b| b.to_string());
-        let (status, body) = call(self.addr, method, path, text.as_deref(), timeout)?;
+        let (status, body) = self.call(method, path, body.as_ref(), timeout)?;
         let v: Value = if body.is_empty() {
             Value::Null
         } else {
@@ -58,7 +172,7 @@ impl ControlClient {
     }
 
     fn get(&self, path: &str) -> Result<Value, ClientError> {
-        self.request("GET", path, None, Duration::from_secs(10))
+        self.request(Method::Get, path, None, Duration::from_secs(10))
     }
 
     /// Registers a broker.
@@ -67,7 +181,12 @@ impl ControlClient {
         addresses: &BTreeMap<String, String>,
     ) -> Result<Registration, ClientError> {
         let body = json!({ "addresses": addresses });
-        let v = self.request("POST", "/v1/brokers", Some(body), Duration::from_secs(10))?;
+        let v = self.request(
+            Method::Post,
+            "/v1/brokers",
+            Some(body),
+            Duration::from_secs(10),
+        )?;
         let field = |k: &str| {
             v[k].as_u64().ok_or_else(|| ClientError::Malformed {
                 addr: self.addr,
@@ -85,7 +204,7 @@ impl ControlClient {
     /// Heartbeat of broker `id`; answers whether this broker is to run the sequencer.
     pub fn heartbeat(&self, id: u32) -> Result<bool, ClientError> {
         self.request(
-            "POST",
+            Method::Post,
             &format!("/v1/brokers/{id}/heartbeat"),
             None,
             Duration::from_secs(5),
@@ -108,7 +227,12 @@ impl ControlClient {
             "addresses": addresses,
             "rejoin": { "broker_id": reg.broker_id, "slot": reg.slot },
         });
-        let answer = self.request("POST", "/v1/brokers", Some(body), Duration::from_secs(5));
+        let answer = self.request(
+            Method::Post,
+            "/v1/brokers",
+            Some(body),
+            Duration::from_secs(5),
+        );
         Beat::from_result(answer.map(|_| Beat::Alive { sequencer: false }))
     }
 
@@ -116,7 +240,7 @@ impl ControlClient {
     /// wait ends (long poll).
     pub fn brokers(&self, since: u64, wait: Duration) -> Result<Value, ClientError> {
         let path = format!("/v1/brokers?since={since}&wait_ms={}", wait.as_millis());
-        self.request("GET", &path, None, wait + Duration::from_secs(10))
+        self.request(Method::Get, &path, None, wait + Duration::from_secs(10))
     }
 
     pub fn create_topic(&self, spec: &TopicSpec) -> Result<Value, ClientError> {
@@ -124,7 +248,12 @@ impl ControlClient {
             addr: self.addr,
             detail: e.to_string(),
         })?;
-        self.request("POST", "/v1/topics", Some(body), Duration::from_secs(10))
+        self.request(
+            Method::Post,
+            "/v1/topics",
+            Some(body),
+            Duration::from_secs(10),
+        )
     }
 
     pub fn list_topics(&self) -> Result<Value, ClientError> {
@@ -132,13 +261,13 @@ impl ControlClient {
     }
 
     pub fn describe_topic(&self, name: &str) -> Result<Value, ClientError> {
-        self.get(&format!("/v1/topics/{name}"))
+        self.get(&format!("/v1/topics/{}", segment(name)))
     }
 
     pub fn delete_topic(&self, name: &str) -> Result<Value, ClientError> {
         self.request(
-            "DELETE",
-            &format!("/v1/topics/{name}"),
+            Method::Delete,
+            &format!("/v1/topics/{}", segment(name)),
             None,
             Duration::from_secs(10),
         )

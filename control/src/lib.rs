@@ -6,15 +6,19 @@
 //! - [`topics`]: topic specifications and the cluster-level rules.
 //! - [`store`]: durable state, replaced atomically.
 //! - [`keepalive`]: a broker's side of membership (heartbeats, backoff, grace), sans-IO.
-//! - [`server`]: the process; [`client`]: its Rust client; [`http`]: the wire.
+//! - [`server`]: the process; [`client`]: its Rust client (on `ureq`); [`http`]: the small
+//!   server under the API and the metrics endpoints (request heads parsed by `httparse`).
+//! - [`metrics`]: Prometheus metrics of the control process and of the brokers
+//!   (`prometheus-client`).
 
 pub mod client;
 pub mod http;
 pub mod keepalive;
 pub mod membership;
+pub mod metrics;
 pub mod server;
 pub mod store;
 pub mod topics;
 
-pub use client::ControlClient;
+pub use client::{ClientError, ControlClient};
 pub use server::{start, ControlConfig, ControlHandle};

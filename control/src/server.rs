@@ -2,10 +2,9 @@
 //! API reference: `docs/control-api.md`.
 
 use std::collections::BTreeMap;
-use std::io::Read;
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -15,15 +14,14 @@ use embar_dataplane::pool::{CreateOptions, OpenOptions, Pool};
 use embar_dataplane::PoolError;
 use serde_json::{json, Value};
 
-use crate::http::{read_request, write_response, Request, Response};
+use crate::http::{self, Handler, Limits, Request, Response};
 use crate::membership::{Membership, MembershipError};
+use crate::metrics::{ControlGauges, ControlMetrics};
 use crate::store::{self, Durable, STATE_FORMAT};
 use crate::topics::TopicSpec;
 
 /// Connections served at once; more are answered 503.
 pub const CONNECTIONS_MAX: usize = 256;
-/// Bytes of a refused request read and dropped before closing.
-const DRAIN_BYTES_MAX: u64 = 1 << 20;
 /// Longest long-poll a client may ask for.
 pub const LONG_POLL_MAX: Duration = Duration::from_secs(30);
 
@@ -62,9 +60,7 @@ struct Shared {
     pool: Pool,
     cfg: ControlConfig,
     start: Instant,
-    active: AtomicUsize,
-    requests: AtomicU64,
-    errors: AtomicU64,
+    metrics: ControlMetrics,
 }
 
 /// A running control process.
@@ -204,9 +200,7 @@ pub fn start(cfg: ControlConfig) -> Result<ControlHandle, StartError> {
         pool,
         cfg,
         start: Instant::now(),
-        active: AtomicUsize::new(0),
-        requests: AtomicU64::new(0),
-        errors: AtomicU64::new(0),
+        metrics: ControlMetrics::new(),
     });
     let thread = |what| move |source| StartError::Thread { what, source };
     let s = shared.clone();
@@ -214,11 +208,11 @@ pub fn start(cfg: ControlConfig) -> Result<ControlHandle, StartError> {
         .name("control-ticker".into())
         .spawn(move || ticker(&s))
         .map_err(thread("ticker"))?;
-    let s = shared.clone();
-    std::thread::Builder::new()
-        .name("control-accept".into())
-        .spawn(move || accept(&s, listener))
-        .map_err(thread("accept"))?;
+    let limits = Limits {
+        connections_max: CONNECTIONS_MAX,
+        ..Limits::default()
+    };
+    http::spawn("control-http", listener, limits, shared.clone()).map_err(thread("accept"))?;
     Ok(ControlHandle {
         addr,
         epoch,
@@ -281,49 +275,33 @@ fn ticker(s: &Shared) {
     }
 }
 
-fn accept(s: &Arc<Shared>, listener: TcpListener) {
-    for conn in listener.incoming() {
-        let Ok(stream) = conn else { continue };
-        if s.active.fetch_add(1, Ordering::AcqRel) >= CONNECTIONS_MAX {
-            s.active.fetch_sub(1, Ordering::AcqRel);
-            // A heartbeat may be among the refused: this time is not the brokers' silence.
-            lock(s).members.stall(now_ns(s));
-            let _ = write_response(&stream, &Response::error(503, "too many connections"));
-            continue;
-        }
-        let s = s.clone();
-        let spawned = std::thread::Builder::new()
-            .name("control-conn".into())
-            .spawn(move || {
-                serve(&s, stream);
-                s.active.fetch_sub(1, Ordering::AcqRel);
-            });
-        if let Err(e) = spawned {
-            log::error!("cannot start a connection thread: {e}");
-        }
+impl Handler for Shared {
+    fn handle(&self, req: &Request) -> Response {
+        route(self, req)
     }
-}
 
-fn serve(s: &Shared, stream: TcpStream) {
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
-    let resp = match read_request(&stream) {
-        Ok(req) => route(s, &req),
-        Err(resp) => resp,
-    };
-    s.requests.fetch_add(1, Ordering::Relaxed);
-    if resp.status >= 400 {
-        s.errors.fetch_add(1, Ordering::Relaxed);
+    fn answered(&self, status: u16) {
+        self.metrics.answered(status);
     }
-    let _ = write_response(&stream, &resp);
-    // Read what the client may still be sending (a refused oversized body), so that closing
-    // does not reset the connection before the client has read the answer.
-    let _ = stream.shutdown(std::net::Shutdown::Write);
-    let _ = stream.set_read_timeout(Some(Duration::from_millis(200)));
-    let _ = std::io::copy(&mut (&stream).take(DRAIN_BYTES_MAX), &mut std::io::sink());
+
+    fn refused(&self) {
+        // A heartbeat may be among the refused: this time is not the brokers' silence.
+        lock(self).members.stall(now_ns(self));
+    }
 }
 
 fn route(s: &Shared, req: &Request) -> Response {
-    let parts: Vec<&str> = req.path.trim_matches('/').split('/').collect();
+    let parts: Vec<String> = req
+        .path
+        .trim_matches('/')
+        .split('/')
+        .map(|p| {
+            percent_encoding::percent_decode_str(p)
+                .decode_utf8_lossy()
+                .into_owned()
+        })
+        .collect();
+    let parts: Vec<&str> = parts.iter().map(String::as_str).collect();
     // Everything but membership reads the pool: a truncated pool file is reported instead of
     // faulting on it.
     if !matches!(parts.as_slice(), ["v1", "brokers", ..]) {
@@ -635,52 +613,21 @@ fn status(s: &Shared) -> Response {
 }
 
 fn metrics(s: &Shared) -> Response {
-    let g = lock(s);
-    let brokers = g.members.brokers(now_ns(s));
-    let mut out = String::new();
-    let mut gauge = |name: &str, help: &str, v: u64| {
-        out.push_str(&format!(
-            "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}\n"
-        ));
+    let now = {
+        let g = lock(s);
+        ControlGauges {
+            epoch: g.durable.epoch,
+            brokers_registered: g.members.brokers(now_ns(s)).len() as u64,
+            brokers_live: u64::from(g.members.live_count()),
+            membership_version: g.members.version(),
+            topics: g.durable.topics.len() as u64,
+            pool_segments_in_use: s.pool.segments_in_use(Coherent),
+        }
     };
-    gauge("embar_control_epoch", "Cluster epoch.", g.durable.epoch);
-    gauge(
-        "embar_control_brokers_registered",
-        "Brokers registered since start.",
-        brokers.len() as u64,
-    );
-    gauge(
-        "embar_control_brokers_live",
-        "Brokers alive.",
-        u64::from(g.members.live_count()),
-    );
-    gauge(
-        "embar_control_membership_version",
-        "Membership changes.",
-        g.members.version(),
-    );
-    gauge(
-        "embar_control_topics",
-        "Topics.",
-        g.durable.topics.len() as u64,
-    );
-    gauge(
-        "embar_control_pool_segments_in_use",
-        "Pool segments allocated.",
-        s.pool.segments_in_use(Coherent),
-    );
-    out.push_str(&format!(
-        "# HELP embar_control_requests_total API requests served.\n# TYPE embar_control_requests_total counter\nembar_control_requests_total {}\n",
-        s.requests.load(Ordering::Relaxed)
-    ));
-    out.push_str(&format!(
-        "# HELP embar_control_request_errors_total API requests answered with an error.\n# TYPE embar_control_request_errors_total counter\nembar_control_request_errors_total {}\n",
-        s.errors.load(Ordering::Relaxed)
-    ));
     Response {
         status: 200,
-        content_type: "text/plain; version=0.0.4",
-        body: out,
+        content_type: crate::metrics::CONTENT_TYPE,
+        body: s.metrics.encode(&now),
     }
 }
 
@@ -705,6 +652,75 @@ impl Default for ControlConfig {
 mod tests {
     use super::*;
     use crate::ControlClient;
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    /// A control process on a free port over a small pool of its own; removes both on drop.
+    /// Fail points are global to the test binary: each test holds the scenario lock while its
+    /// control process runs, so a fail point one test sets never stalls another's saves.
+    struct TestControl {
+        _fail_points: fail::FailScenario<'static>,
+        handle: ControlHandle,
+        dir: PathBuf,
+        pool_path: PathBuf,
+    }
+
+    impl TestControl {
+        fn start(name: &str) -> TestControl {
+            let fail_points = fail::FailScenario::setup();
+            let id = std::process::id();
+            let dir = std::env::temp_dir().join(format!("embar-server-{name}-{id}"));
+            let pool_path = PathBuf::from(format!("/dev/shm/embar-server-{name}-{id}"));
+            let _ = std::fs::remove_dir_all(&dir);
+            let _ = std::fs::remove_file(&pool_path);
+            let handle = start(ControlConfig {
+                listen: "127.0.0.1:0".parse().unwrap(),
+                state_dir: dir.clone(),
+                pool_path: pool_path.clone(),
+                pool: PoolConfig {
+                    pool_bytes: 16 << 20,
+                    max_topics: 2,
+                    max_brokers: 2,
+                    ring_slots: 64,
+                    segment_bytes: 1 << 20,
+                },
+                ..ControlConfig::default()
+            })
+            .unwrap();
+            TestControl {
+                _fail_points: fail_points,
+                handle,
+                dir,
+                pool_path,
+            }
+        }
+
+        fn client(&self) -> ControlClient {
+            ControlClient::new(self.handle.addr)
+        }
+    }
+
+    impl Drop for TestControl {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.dir);
+            let _ = std::fs::remove_file(&self.pool_path);
+        }
+    }
+
+    /// Heartbeats of `id` for `period`, each answered within 500 ms.
+    fn heartbeats_stay_prompt(client: &ControlClient, id: u32, period: Duration) {
+        let start_t = Instant::now();
+        while start_t.elapsed() < period {
+            let t = Instant::now();
+            client.heartbeat(id).unwrap();
+            assert!(
+                t.elapsed() < Duration::from_millis(500),
+                "a heartbeat waited {:?}",
+                t.elapsed()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
 
     #[test]
     fn a_registration_whose_pid_was_reused_or_is_gone_counts_as_gone() {
@@ -734,32 +750,14 @@ mod tests {
 
     #[test]
     fn heartbeats_are_answered_while_a_durable_write_is_stuck() {
-        let scenario = fail::FailScenario::setup();
-        let id = std::process::id();
-        let dir = std::env::temp_dir().join(format!("embar-server-slow-disk-{id}"));
-        let pool_path = PathBuf::from(format!("/dev/shm/embar-server-slow-disk-{id}"));
-        let _ = std::fs::remove_dir_all(&dir);
-        let _ = std::fs::remove_file(&pool_path);
-        let handle = start(ControlConfig {
-            listen: "127.0.0.1:0".parse().unwrap(),
-            state_dir: dir.clone(),
-            pool_path: pool_path.clone(),
-            pool: PoolConfig {
-                pool_bytes: 16 << 20,
-                max_topics: 2,
-                max_brokers: 2,
-                ring_slots: 64,
-                segment_bytes: 1 << 20,
-            },
-            ..ControlConfig::default()
-        })
-        .unwrap();
-        let client = ControlClient::new(handle.addr);
+        let c = TestControl::start("slow-disk");
+        let client = c.client();
         let reg = client.register(&BTreeMap::new()).unwrap();
         // The disk "hangs": every save blocks until the fail point is removed.
         fail::cfg("control-store-save", "pause").unwrap();
+        let addr = c.handle.addr;
         let creating = std::thread::spawn(move || {
-            ControlClient::new(handle.addr).create_topic(&crate::topics::TopicSpec {
+            ControlClient::new(addr).create_topic(&crate::topics::TopicSpec {
                 name: "t".into(),
                 order: 5,
                 ack: 1,
@@ -767,24 +765,66 @@ mod tests {
                 batch_bytes: 64 << 10,
             })
         });
-        let start_t = Instant::now();
-        while start_t.elapsed() < Duration::from_secs(2) {
-            let t = Instant::now();
-            client.heartbeat(reg.broker_id).unwrap();
-            assert!(
-                t.elapsed() < Duration::from_millis(500),
-                "a heartbeat waited {:?} behind the stuck write",
-                t.elapsed()
-            );
-            assert!(!creating.is_finished(), "the save was not stuck");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        heartbeats_stay_prompt(&client, reg.broker_id, Duration::from_secs(2));
+        assert!(!creating.is_finished(), "the save was not stuck");
         assert_eq!(client.status().unwrap()["live_brokers"], 1);
         fail::remove("control-store-save");
         creating.join().unwrap().unwrap();
         assert_eq!(client.list_topics().unwrap()["topics"][0]["name"], "t");
-        scenario.teardown();
-        let _ = std::fs::remove_dir_all(&dir);
-        let _ = std::fs::remove_file(&pool_path);
+    }
+
+    #[test]
+    fn garbage_on_the_wire_gets_400_and_changes_nothing() {
+        let c = TestControl::start("garbage");
+        let client = c.client();
+        let reg = client.register(&BTreeMap::new()).unwrap();
+        let version = client.status().unwrap()["membership_version"].clone();
+        for garbage in [
+            &b"\x00\x01\x02\xff\r\n\r\n"[..],
+            b"POST /v1/brokers HTTP/1.1\r\nContent-Length: x\r\n\r\n{}",
+            b"POST /v1/topics HTTP/1.1\r\nContent-Length: 5\r\n\r\n{\"nam",
+        ] {
+            let mut s = TcpStream::connect(c.handle.addr).unwrap();
+            s.write_all(garbage).unwrap();
+            let mut text = String::new();
+            s.read_to_string(&mut text).unwrap();
+            assert!(text.starts_with("HTTP/1.1 400 Bad Request\r\n"), "{text}");
+            assert!(text.contains(r#"{"error":"#), "{text}");
+        }
+        client.heartbeat(reg.broker_id).unwrap();
+        let status = client.status().unwrap();
+        assert_eq!(status["membership_version"], version);
+        assert_eq!(status["topics"], serde_json::json!([]));
+        let metrics = client_metrics(&c);
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l == "embar_control_request_errors_total 3"),
+            "{metrics}"
+        );
+    }
+
+    fn client_metrics(c: &TestControl) -> String {
+        let mut s = TcpStream::connect(c.handle.addr).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        text
+    }
+
+    #[test]
+    fn heartbeats_are_answered_while_connections_send_nothing() {
+        let c = TestControl::start("silent");
+        let client = c.client();
+        let reg = client.register(&BTreeMap::new()).unwrap();
+        // Connections that never send a byte, and one that stops inside its head.
+        let mut silent: Vec<TcpStream> = (0..8)
+            .map(|_| TcpStream::connect(c.handle.addr).unwrap())
+            .collect();
+        silent[0]
+            .write_all(b"POST /v1/brokers/0/heartbeat HTTP/1.1\r\nConte")
+            .unwrap();
+        heartbeats_stay_prompt(&client, reg.broker_id, Duration::from_secs(1));
+        assert_eq!(client.status().unwrap()["live_brokers"], 1);
     }
 }

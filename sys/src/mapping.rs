@@ -5,6 +5,13 @@
 //! the same backing sees the same bytes. [`SharedMapping::open`] maps read-only first, so a
 //! caller can validate a pool's superblock without being able to write a byte of a foreign
 //! file, and then calls [`SharedMapping::make_writable`].
+//!
+//! The mapping itself is `memmap2`'s [`MmapRaw`]: raw pointers only, never a slice over
+//! memory that other processes write. What stays here is what memmap2 does not know: which
+//! backing a path is (tmpfs, hugetlbfs and its page size, a device-DAX instance and its size
+//! and alignment from sysfs), the granule sizes must respect, creating a pool file without
+//! replacing one, and pre-faulting (`MAP_POPULATE`, `MADV_POPULATE_WRITE`). NUMA binding is
+//! [`crate::numa`], on the mapping's pointer.
 
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
@@ -13,7 +20,8 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
-use std::ptr::NonNull;
+
+use memmap2::{Advice, MmapOptions, MmapRaw};
 
 use crate::{SysError, SysResult};
 
@@ -69,19 +77,12 @@ pub fn page_size() -> usize {
 /// pointers: other processes change them concurrently, so no `&[u8]` over them is handed out.
 #[derive(Debug)]
 pub struct SharedMapping {
-    ptr: NonNull<u8>,
-    len: usize,
+    map: MmapRaw,
     writable: bool,
     backing: Backing,
     path: PathBuf,
-    _file: File,
+    file: File,
 }
-
-// SAFETY: the mapping is plain shared memory; access goes through raw pointers whose users
-// synchronise with atomics, so moving or sharing the handle between threads is sound.
-unsafe impl Send for SharedMapping {}
-// SAFETY: as above; `&SharedMapping` only exposes the base pointer and the length.
-unsafe impl Sync for SharedMapping {}
 
 /// Options for [`SharedMapping::create`].
 #[derive(Clone, Copy, Debug, Default)]
@@ -154,26 +155,23 @@ impl SharedMapping {
         map(file, path, len, backing, false, false)
     }
 
-    /// Makes a read-only mapping writable (`mprotect`).
+    /// Makes a read-only mapping writable: maps the same backing again read-write in its
+    /// place. **The mapping moves**: pointers taken from [`as_ptr`](Self::as_ptr) before are
+    /// no longer valid (`&mut self` keeps none borrowed; raw ones are the caller's to drop).
     pub fn make_writable(&mut self) -> SysResult<()> {
         if self.writable {
             return Ok(());
         }
-        // SAFETY: `ptr..ptr+len` is exactly the mapping this handle owns; the file was opened
-        // read-write, so PROT_WRITE on a MAP_SHARED mapping is permitted.
-        let rc = unsafe {
-            libc::mprotect(
-                self.ptr.as_ptr().cast(),
-                self.len,
-                libc::PROT_READ | libc::PROT_WRITE,
-            )
-        };
-        if rc != 0 {
-            return Err(SysError::Protect {
+        let map = MmapOptions::new()
+            .len(self.map.len())
+            .map_raw(&self.file)
+            .map_err(|source| SysError::Protect {
                 path: self.path.clone(),
-                source: io::Error::last_os_error(),
-            });
-        }
+                source,
+            })?;
+        crate::bus::unguard(self.map.as_ptr());
+        crate::bus::guard(map.as_ptr(), map.len(), &self.path);
+        self.map = map;
         self.writable = true;
         Ok(())
     }
@@ -181,26 +179,19 @@ impl SharedMapping {
     /// Faults every page of a writable mapping in now (`MADV_POPULATE_WRITE`, Linux 5.14+),
     /// so that the data path takes no page fault later. Returns false where the kernel cannot.
     pub fn populate(&self) -> bool {
-        const MADV_POPULATE_WRITE: libc::c_int = 23;
-        if !self.writable {
-            return false;
-        }
-        // SAFETY: the range is exactly this handle's live mapping; populating does not change
-        // its contents.
-        let rc = unsafe { libc::madvise(self.ptr.as_ptr().cast(), self.len, MADV_POPULATE_WRITE) };
-        rc == 0
+        self.writable && self.map.advise(Advice::PopulateWrite).is_ok()
     }
 
     pub fn as_ptr(&self) -> *mut u8 {
-        self.ptr.as_ptr()
+        self.map.as_mut_ptr()
     }
 
     pub fn len(&self) -> usize {
-        self.len
+        self.map.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.map.len() == 0
     }
 
     pub fn is_writable(&self) -> bool {
@@ -218,9 +209,8 @@ impl SharedMapping {
 
 impl Drop for SharedMapping {
     fn drop(&mut self) {
-        crate::bus::unguard(self.ptr.as_ptr());
-        // SAFETY: the mapping was created by this handle with this length and is unmapped once.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        // The range stays mapped until `map` drops, right after: unguarded first.
+        crate::bus::unguard(self.map.as_ptr());
     }
 }
 
@@ -357,38 +347,29 @@ fn map(
     writable: bool,
     populate: bool,
 ) -> SysResult<SharedMapping> {
-    let prot = if writable {
-        libc::PROT_READ | libc::PROT_WRITE
-    } else {
-        libc::PROT_READ
-    };
-    let mut flags = libc::MAP_SHARED;
+    let mut opts = MmapOptions::new();
+    opts.len(len);
     if populate {
-        flags |= libc::MAP_POPULATE;
+        opts.populate();
     }
-    // SAFETY: a fresh mapping at an address the kernel picks; `file` is open and at least
-    // `len` bytes long (checked or sized by the callers). The result is checked below.
-    let ptr = unsafe { libc::mmap(std::ptr::null_mut(), len, prot, flags, file.as_raw_fd(), 0) };
-    if ptr == libc::MAP_FAILED {
-        return Err(SysError::Map {
-            path: path.to_path_buf(),
-            bytes: len,
-            source: io::Error::last_os_error(),
-        });
+    // `file` is open and at least `len` bytes long (checked or sized by the callers).
+    let map = if writable {
+        opts.map_raw(&file)
+    } else {
+        opts.map_raw_read_only(&file)
     }
-    let ptr = NonNull::new(ptr.cast::<u8>()).ok_or_else(|| SysError::Map {
+    .map_err(|source| SysError::Map {
         path: path.to_path_buf(),
         bytes: len,
-        source: io::Error::other("mmap returned a null address"),
+        source,
     })?;
-    crate::bus::guard(ptr.as_ptr(), len, path);
+    crate::bus::guard(map.as_ptr(), len, path);
     Ok(SharedMapping {
-        ptr,
-        len,
+        map,
         writable,
         backing,
         path: path.to_path_buf(),
-        _file: file,
+        file,
     })
 }
 
