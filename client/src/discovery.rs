@@ -119,12 +119,10 @@ impl ControlAddr {
                 source: ControlSource::ClusterFile(file),
             }),
             // A directory the user named must hold a cluster.
-            Err(e) if named.is_some() => Err(Error::InvalidInput {
-                what: format!("${CLUSTER_DIR_ENV} ({})", dir.display()),
-                reason: format!(
-                    "no cluster described in {}: {e} (start one with `embar cluster up`)",
-                    file.display()
-                ),
+            Err(e) if named.is_some() => Err(Error::NoCluster {
+                var: CLUSTER_DIR_ENV,
+                reason: format!("{}: {e}", file.display()),
+                dir,
             }),
             Err(_) => Ok(ControlAddr {
                 addr: DEFAULT_CONTROL.parse().expect("a valid address"),

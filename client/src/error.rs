@@ -34,6 +34,13 @@ pub enum Error {
     /// The control process answered without something discovery needs.
     #[error("the control process at {addr} answered without {what}")]
     Discovery { addr: SocketAddr, what: &'static str },
+    /// `$EMBAR_CLUSTER_DIR` names a directory that describes no cluster.
+    #[error("${var} names {dir}, which describes no cluster: {reason} (start one with `embar cluster up`)")]
+    NoCluster {
+        var: &'static str,
+        dir: PathBuf,
+        reason: String,
+    },
     /// A setting, an environment variable or an argument that cannot be used.
     #[error("{what}: {reason}")]
     InvalidInput { what: String, reason: String },
@@ -82,7 +89,7 @@ impl Error {
     pub fn kind(&self) -> ErrorKind {
         match self {
             Error::Control { source, .. } => control_kind(source),
-            Error::UnknownTopic(_) => ErrorKind::NotFound,
+            Error::UnknownTopic(_) | Error::NoCluster { .. } => ErrorKind::NotFound,
             Error::NoLiveBroker | Error::NoVerbsBroker => ErrorKind::Unavailable,
             Error::Discovery { .. } | Error::Poisoned => ErrorKind::Other,
             Error::InvalidInput { .. } | Error::Unsupported(_) => ErrorKind::InvalidInput,
