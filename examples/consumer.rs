@@ -34,7 +34,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let Some(m) = subscriber.next_timeout(Duration::from_secs(30))? else {
             return Err(format!("{got} of {count} messages came; then none for 30 s").into());
         };
-        writeln!(out, "{} {}", m.total_order, String::from_utf8_lossy(&m.payload))?;
+        writeln!(
+            out,
+            "{} {}",
+            m.total_order,
+            String::from_utf8_lossy(&m.payload)
+        )?;
     }
     Ok(())
 }

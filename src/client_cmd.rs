@@ -588,9 +588,11 @@ fn report_rogue(p: &mut impl Publish) {
 fn rogue_verbs(a: &RogueArgs) -> Result<(), String> {
     use embar_dataplane::batch::BatchDesc;
     use embar_dataplane::pool::layout::BATCH_HEADER_VERSION;
-    let mut p = a
-        .transport
-        .verbs_publisher(control_addr(a.control)?, &a.topic, PublisherConfig::default())?;
+    let mut p = a.transport.verbs_publisher(
+        control_addr(a.control)?,
+        &a.topic,
+        PublisherConfig::default(),
+    )?;
     publish_good(&mut p)?;
     let (offset, bytes, used) = p.grant(0).ok_or("no grant")?;
     match a.fault.as_str() {

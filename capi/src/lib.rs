@@ -24,9 +24,7 @@ use std::ffi::{c_char, CStr, CString};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
-use embar_client::{
-    Client, Error, ErrorKind, Message, Publisher, StartAt, Subscriber, TopicSpec,
-};
+use embar_client::{Client, Error, ErrorKind, Message, Publisher, StartAt, Subscriber, TopicSpec};
 
 /// What a call did. `EMBAR_STATUS_OK` is 0; `EMBAR_STATUS_AGAIN` is not a failure (nothing
 /// was there yet); every other status is a failure that `embar_last_error()` describes.
@@ -464,7 +462,9 @@ pub unsafe extern "C" fn embar_subscriber_open(
             EmbarStart::TotalOrder => StartAt::TotalOrder(total_order),
         };
         // SAFETY: a string (the caller's contract).
-        let inner = client.inner.subscriber(unsafe { text(topic, "topic") }?, start)?;
+        let inner = client
+            .inner
+            .subscriber(unsafe { text(topic, "topic") }?, start)?;
         // SAFETY: `out` is writable (the caller's contract).
         unsafe { give(out, EmbarSubscriber { inner, last: None }) }
     })
@@ -537,7 +537,14 @@ mod tests {
         assert_eq!(s, EmbarStatus::InvalidArgument);
         assert_eq!(last_error(), "`client` is NULL");
         // SAFETY: as above.
-        let s = unsafe { embar_publish(std::ptr::null_mut(), std::ptr::null(), 0, std::ptr::null_mut()) };
+        let s = unsafe {
+            embar_publish(
+                std::ptr::null_mut(),
+                std::ptr::null(),
+                0,
+                std::ptr::null_mut(),
+            )
+        };
         assert_eq!(s, EmbarStatus::InvalidArgument);
         assert_eq!(last_error(), "`publisher` is NULL");
         // SAFETY: freeing NULL does nothing.

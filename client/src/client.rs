@@ -237,12 +237,11 @@ impl Client {
             pool: Mutex::new(None),
         };
         let status = client.status()?;
-        client.pool_path = PathBuf::from(status["pool"]["path"].as_str().ok_or(
-            Error::Discovery {
+        client.pool_path =
+            PathBuf::from(status["pool"]["path"].as_str().ok_or(Error::Discovery {
                 addr: client.control.addr,
                 what: "a pool path",
-            },
-        )?);
+            })?);
         Ok(client)
     }
 
@@ -313,7 +312,9 @@ impl Client {
                 Some(Broker {
                     id: b["id"].as_u64()? as u32,
                     slot: b["slot"].as_u64()? as u32,
-                    verbs: b["addresses"]["verbs"].as_str().and_then(|a| a.parse().ok()),
+                    verbs: b["addresses"]["verbs"]
+                        .as_str()
+                        .and_then(|a| a.parse().ok()),
                 })
             })
             .collect();

@@ -177,26 +177,32 @@ mod tests {
     fn the_variable_wins_over_the_cluster_directory() {
         let dir = cluster_dir("wins", "127.0.0.1:9001");
         let d = dir.display().to_string();
-        let found =
-            ControlAddr::discover_with(env(&[(CONTROL_ENV, "127.0.0.1:9002"), (CLUSTER_DIR_ENV, &d)]))
-                .unwrap();
+        let found = ControlAddr::discover_with(env(&[
+            (CONTROL_ENV, "127.0.0.1:9002"),
+            (CLUSTER_DIR_ENV, &d),
+        ]))
+        .unwrap();
         assert_eq!(found.addr, "127.0.0.1:9002".parse().unwrap());
         assert_eq!(found.source, ControlSource::Env);
         let found = ControlAddr::discover_with(env(&[(CLUSTER_DIR_ENV, &d)])).unwrap();
         assert_eq!(found.addr, "127.0.0.1:9001".parse().unwrap());
-        assert_eq!(found.source, ControlSource::ClusterFile(dir.join(CLUSTER_FILE)));
+        assert_eq!(
+            found.source,
+            ControlSource::ClusterFile(dir.join(CLUSTER_FILE))
+        );
         std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
     fn a_named_directory_without_a_cluster_is_an_error_naming_it() {
         let missing = std::env::temp_dir().join("embar-client-no-such-cluster");
-        let e = ControlAddr::discover_with(env(&[(
-            CLUSTER_DIR_ENV,
-            &missing.display().to_string(),
-        )]))
-        .unwrap_err();
-        assert!(e.to_string().contains("embar-client-no-such-cluster"), "{e}");
+        let e =
+            ControlAddr::discover_with(env(&[(CLUSTER_DIR_ENV, &missing.display().to_string())]))
+                .unwrap_err();
+        assert!(
+            e.to_string().contains("embar-client-no-such-cluster"),
+            "{e}"
+        );
         assert!(e.to_string().contains("embar cluster up"), "{e}");
     }
 

@@ -33,7 +33,10 @@ pub enum Error {
     NoVerbsBroker,
     /// The control process answered without something discovery needs.
     #[error("the control process at {addr} answered without {what}")]
-    Discovery { addr: SocketAddr, what: &'static str },
+    Discovery {
+        addr: SocketAddr,
+        what: &'static str,
+    },
     /// `$EMBAR_CLUSTER_DIR` names a directory that describes no cluster.
     #[error("${var} names {dir}, which describes no cluster: {reason} (start one with `embar cluster up`)")]
     NoCluster {
@@ -218,7 +221,10 @@ mod tests {
         };
         assert_eq!(refused.kind(), ErrorKind::Unavailable);
         let text = refused.to_string();
-        assert!(text.starts_with("cannot reach the control process"), "{text}");
+        assert!(
+            text.starts_with("cannot reach the control process"),
+            "{text}"
+        );
         assert!(text.ends_with("(address from $EMBAR_CONTROL)"), "{text}");
     }
 }

@@ -68,8 +68,9 @@ impl Notifier {
         loop {
             let now = Instant::now();
             if due.iter().any(|(t, _)| *t <= now) {
-                let (ready, later): (Vec<_>, Vec<_>) =
-                    std::mem::take(&mut *due).into_iter().partition(|(t, _)| *t <= now);
+                let (ready, later): (Vec<_>, Vec<_>) = std::mem::take(&mut *due)
+                    .into_iter()
+                    .partition(|(t, _)| *t <= now);
                 *due = later;
                 // Woken outside the lock: a waker may run its task right here (a local
                 // executor), and that task may register again.
@@ -110,7 +111,9 @@ mod tests {
 
     #[test]
     fn every_waker_is_woken_once_after_its_interval() {
-        let counts: Vec<Arc<Count>> = (0..3).map(|_| Arc::new(Count(AtomicUsize::new(0)))).collect();
+        let counts: Vec<Arc<Count>> = (0..3)
+            .map(|_| Arc::new(Count(AtomicUsize::new(0))))
+            .collect();
         let start = Instant::now();
         for (i, c) in counts.iter().enumerate() {
             let w = Waker::from(Arc::clone(c));

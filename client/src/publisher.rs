@@ -269,9 +269,7 @@ fn open_verbs(
         return Err(Error::NoVerbsBroker);
     }
     let vc = VerbsConfig {
-        device: device
-            .clone()
-            .or_else(|| std::env::var("RDMA_DEVICE").ok()),
+        device: device.clone().or_else(|| std::env::var("RDMA_DEVICE").ok()),
         gid_index: gid_index
             .or_else(|| std::env::var("RDMA_GID_INDEX").ok()?.parse().ok())
             .unwrap_or(1),

@@ -168,7 +168,11 @@ impl Subscriber {
     /// Lends every message of up to `max_batches` ordered batches to `f`, in total order,
     /// without copying each; returns how many (0: nothing new is ordered yet; never
     /// blocks). A message's payload is valid during the call only.
-    pub fn poll(&mut self, max_batches: usize, mut f: impl FnMut(&MessageRef<'_>)) -> Result<usize> {
+    pub fn poll(
+        &mut self,
+        max_batches: usize,
+        mut f: impl FnMut(&MessageRef<'_>),
+    ) -> Result<usize> {
         let mut n = 0;
         for m in self.pending.drain(..) {
             f(&MessageRef {
