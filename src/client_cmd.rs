@@ -1,62 +1,86 @@
-//! `embar publish` and `embar subscribe` on the pool host (shm transport).
+//! `embar publish` and `embar subscribe`: flags in, calls of the client library
+//! (`embar-client`) out. The control process is found as the library finds it when
+//! `--control` is not given: `$EMBAR_CONTROL`, else the directory of `embar cluster up`
+//! (`$EMBAR_CLUSTER_DIR`, else /tmp/embar-cluster), else 127.0.0.1:7400.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::io::{BufRead, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use embar_control::ControlClient;
+use embar_client::{Client, ClientBuilder, ErrorKind, StartAt, Transport};
 use embar_dataplane::client::publisher::{Publisher, PublisherConfig};
-use embar_dataplane::client::subscriber::{StartAt, Subscriber};
 use embar_dataplane::client::Publish;
 use embar_dataplane::pool::coherence::Coherence;
 use embar_dataplane::pool::{CoherenceFn, OpenOptions, Pool};
 
-use crate::exit::{CliError, CliResult};
+use crate::exit::{CliError, CliResult, ExitKind};
 
-/// The control process's status, and for every live broker (one per pool slot, in slot
-/// order) its slot and what `pick` takes from it; brokers `pick` rejects are left out.
-fn live_brokers<T>(
-    control: SocketAddr,
-    pick: impl Fn(&serde_json::Value) -> Option<T>,
-) -> CliResult<(serde_json::Value, Vec<(u32, T)>)> {
-    let status = ControlClient::new(control).status()?;
-    let mut out: Vec<(u32, T)> = status["brokers"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|b| b["alive"] == true)
-        .filter_map(|b| Some((b["slot"].as_u64()? as u32, pick(b)?)))
-        .collect();
-    out.sort_unstable_by_key(|b| b.0);
-    out.dedup_by_key(|b| b.0);
-    Ok((status, out))
+/// The library's errors, by kind; the layers' own errors as `exit` classifies them.
+impl From<embar_client::Error> for CliError {
+    fn from(e: embar_client::Error) -> CliError {
+        use embar_client::Error as E;
+        let kind = match &e {
+            E::Publish(_) | E::Pool(_) => {
+                return match e {
+                    E::Publish(p) => p.into(),
+                    E::Pool(p) => p.into(),
+                    _ => unreachable!("matched above"),
+                }
+            }
+            E::InvalidInput { .. } | E::Unsupported(_) => ExitKind::Usage,
+            e => match e.kind() {
+                ErrorKind::NotFound => ExitKind::NotFound,
+                ErrorKind::Unavailable => ExitKind::Unavailable,
+                ErrorKind::TimedOut => ExitKind::TimedOut,
+                ErrorKind::InvalidInput | ErrorKind::Rejected | ErrorKind::FellBehind => {
+                    ExitKind::DataError
+                }
+                _ => ExitKind::Failure,
+            },
+        };
+        CliError::new(kind, e)
+    }
+}
+
+/// A client of the control process at `control`, or of the one discovery finds.
+pub fn connect(control: Option<SocketAddr>, b: ClientBuilder) -> CliResult<Client> {
+    let b = match control {
+        Some(c) => b.control(c)?,
+        None => b,
+    };
+    Ok(b.connect()?)
+}
+
+/// The control process's address: `control`, or the one discovery finds.
+pub fn control_addr(control: Option<SocketAddr>) -> CliResult<SocketAddr> {
+    match control {
+        Some(c) => Ok(c),
+        None => Ok(embar_client::ControlAddr::discover()?.addr),
+    }
 }
 
 /// The pool path and the pool slots of the live brokers, from the control process.
 pub fn discover(control: SocketAddr) -> CliResult<(PathBuf, Vec<u32>)> {
-    let (status, brokers) = live_brokers(control, |_| Some(()))?;
-    let pool = PathBuf::from(
-        status["pool"]["path"]
-            .as_str()
-            .ok_or("the control process names no pool")?,
-    );
+    let client = connect(Some(control), Client::builder())?;
+    let brokers: Vec<u32> = client.live_brokers()?.iter().map(|b| b.slot).collect();
     if brokers.is_empty() {
-        return Err(CliError::unavailable(
-            "no live broker (start one with `embar broker` or `embar cluster up`)",
-        ));
+        return Err(embar_client::Error::NoLiveBroker.into());
     }
-    Ok((pool, brokers.into_iter().map(|b| b.0).collect()))
+    Ok((client.pool_path().to_path_buf(), brokers))
 }
 
 /// `(pool slot, verbs address)` of every live broker that accepts verbs publishers.
 #[cfg(feature = "verbs")]
 pub fn discover_verbs(control: SocketAddr) -> CliResult<Vec<(u32, SocketAddr)>> {
-    let (_, brokers) = live_brokers(control, |b| b["addresses"]["verbs"].as_str()?.parse().ok())?;
+    let client = connect(Some(control), Client::builder())?;
+    let brokers: Vec<(u32, SocketAddr)> = client
+        .live_brokers()?
+        .into_iter()
+        .filter_map(|b| Some((b.slot, b.verbs?)))
+        .collect();
     if brokers.is_empty() {
-        return Err(CliError::unavailable("no live broker accepts verbs publishers (start brokers with --verbs, or `embar cluster up --verbs IP`)"));
+        return Err(embar_client::Error::NoVerbsBroker.into());
     }
     Ok(brokers)
 }
@@ -74,15 +98,21 @@ pub fn open_pool(path: &std::path::Path) -> CliResult<Pool> {
 
 /// A client id for this publisher: random, so two publishers never share one.
 pub fn new_client_id() -> u64 {
-    RandomState::new().build_hasher().finish() >> 1
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        >> 1
 }
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct PublishArgs {
     #[arg(long)]
     pub topic: String,
-    #[arg(long, default_value = crate::control_cmd::DEFAULT_CONTROL)]
-    pub control: SocketAddr,
+    /// The control process (default: $EMBAR_CONTROL, else the cluster of `embar cluster
+    /// up` in $EMBAR_CLUSTER_DIR or /tmp/embar-cluster, else 127.0.0.1:7400).
+    #[arg(long)]
+    pub control: Option<SocketAddr>,
     /// How long to wait for the acks of everything published.
     #[arg(long, default_value_t = 30)]
     pub ack_timeout_s: u64,
@@ -129,6 +159,20 @@ impl TransportArgs {
             .unwrap_or(1)
     }
 
+    /// The library's transport for these flags.
+    pub fn client_transport(&self) -> CliResult<Transport> {
+        if !self.verbs() {
+            return Ok(Transport::Shm);
+        }
+        if !cfg!(feature = "verbs") {
+            return Err(CliError::usage(crate::NO_VERBS));
+        }
+        Ok(Transport::Verbs {
+            device: self.rdma_device(),
+            gid_index: Some(self.gid_index()),
+        })
+    }
+
     /// A verbs publisher for `topic` on every live verbs broker.
     #[cfg(feature = "verbs")]
     pub fn verbs_publisher(
@@ -156,34 +200,17 @@ impl TransportArgs {
 /// Publishes each line of stdin as one message; succeeds only when all are acked per the
 /// topic's ACK level.
 pub fn publish(a: &PublishArgs) -> CliResult<()> {
-    let cfg = PublisherConfig {
-        wait_timeout: Duration::from_secs(a.wait_timeout_s),
-        ..PublisherConfig::default()
-    };
-    if a.transport.verbs() {
-        #[cfg(feature = "verbs")]
-        return publish_lines(
-            &mut a.transport.verbs_publisher(a.control, &a.topic, cfg)?,
-            a,
-        );
-        #[cfg(not(feature = "verbs"))]
-        return Err(CliError::usage(crate::NO_VERBS));
-    }
-    let (path, brokers) = discover(a.control)?;
-    let pool = open_pool(&path)?;
-    struct Go<'a>(&'a Pool, &'a PublishArgs, &'a [u32], PublisherConfig);
-    impl CoherenceFn<CliResult<()>> for Go<'_> {
-        fn call<C: Coherence>(self, c: C) -> CliResult<()> {
-            let Go(pool, a, brokers, cfg) = self;
-            let mut p = Publisher::open(pool, c, &a.topic, brokers, new_client_id(), cfg)?;
-            publish_lines(&mut p, a)
-        }
-    }
-    Pool::with_coherence(pool.coherence_mode(), Go(&pool, a, &brokers, cfg))
+    let b = Client::builder()
+        .transport(a.transport.client_transport()?)
+        .wait_timeout(Duration::from_secs(a.wait_timeout_s))
+        .ack_timeout(Duration::from_secs(a.ack_timeout_s));
+    let client = connect(a.control, b)?;
+    let mut p = client.publisher(&a.topic)?;
+    publish_lines(&mut p, a)
 }
 
 /// Publishes each line of stdin; returns once all are acked.
-fn publish_lines(p: &mut impl Publish, a: &PublishArgs) -> CliResult<()> {
+fn publish_lines(p: &mut embar_client::Publisher, a: &PublishArgs) -> CliResult<()> {
     // Lines come from a reader thread, so that a batch still lingers out (is sealed and
     // sent) while stdin is quiet, as an interactive producer expects.
     let (tx, rx) = std::sync::mpsc::sync_channel::<std::io::Result<String>>(4096);
@@ -208,11 +235,7 @@ fn publish_lines(p: &mut impl Publish, a: &PublishArgs) -> CliResult<()> {
     let mut n = 0u64;
     let fed: CliResult<()> = loop {
         // Wake when the open batch's linger runs out, to seal and send it.
-        let wait = p
-            .linger_deadline_ns()
-            .map_or(Duration::from_secs(3600), |d| {
-                Duration::from_nanos(d.saturating_sub(embar_sys::clock::monotonic_ns()))
-            });
+        let wait = p.linger_remaining().unwrap_or(Duration::from_secs(3600));
         match rx.recv_timeout(wait) {
             Ok(line) => {
                 let line = match line {
@@ -240,8 +263,7 @@ fn publish_lines(p: &mut impl Publish, a: &PublishArgs) -> CliResult<()> {
     };
     if let Err(e) = fed {
         // Say how far it got, so that a retry resends only what was not acknowledged.
-        let acked = p.wait_acks(Duration::from_secs(a.ack_timeout_s));
-        let so_far = match acked {
+        let so_far = match p.wait_acks() {
             Ok(k) => format!("{k} acknowledged"),
             Err(w) => format!("acknowledgements not complete: {w}"),
         };
@@ -254,7 +276,7 @@ fn publish_lines(p: &mut impl Publish, a: &PublishArgs) -> CliResult<()> {
             ),
         });
     }
-    let acked = p.wait_acks(Duration::from_secs(a.ack_timeout_s))?;
+    let acked = p.wait_acks()?;
     eprintln!(
         "published {n} messages to {:?}, {acked} acknowledged",
         a.topic
@@ -300,8 +322,9 @@ pub enum Format {
 pub struct SubscribeArgs {
     #[arg(long)]
     pub topic: String,
-    #[arg(long, default_value = crate::control_cmd::DEFAULT_CONTROL)]
-    pub control: SocketAddr,
+    /// The control process (default: as for `embar publish`).
+    #[arg(long)]
+    pub control: Option<SocketAddr>,
     /// `oldest`, `latest`, or a total order.
     #[arg(long, default_value = "oldest")]
     pub from: String,
@@ -327,91 +350,72 @@ pub fn subscribe(a: &SubscribeArgs) -> CliResult<()> {
             CliError::usage(format!("--from {n:?}: expected oldest, latest or a number"))
         })?),
     };
-    let (path, _) = discover(a.control).or_else(|e| {
-        // Subscribing needs no live broker, only the pool.
-        let status = ControlClient::new(a.control)
-            .status()
-            .map_err(|_| e.clone())?;
-        status["pool"]["path"]
-            .as_str()
-            .map(|p| (PathBuf::from(p), Vec::new()))
-            .ok_or(e)
-    })?;
-    let pool = open_pool(&path)?;
-    struct Go<'a>(&'a Pool, &'a SubscribeArgs, StartAt);
-    impl CoherenceFn<CliResult<()>> for Go<'_> {
-        fn call<C: Coherence>(self, c: C) -> CliResult<()> {
-            let Go(pool, a, start) = self;
-            let mut sub = Subscriber::open(pool, c, &a.topic, start)?;
-            if let Some(ms) = a.pause_ms {
-                eprintln!(
-                    "subscriber registered at delivery index {}; pausing {ms} ms",
-                    sub.position()
-                );
-                std::thread::sleep(Duration::from_millis(ms));
-            }
-            let stop = embar_sys::signal::stop_on_term();
-            let out = std::io::stdout();
-            let mut out = std::io::BufWriter::new(out.lock());
-            let mut printed = 0u64;
-            let limit = a.count.unwrap_or(u64::MAX);
-            let mut last = Instant::now();
-            let mut err = None;
-            while printed < limit && !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let n = sub.poll(1, |m| {
-                    if printed >= limit || err.is_some() {
-                        return;
-                    }
-                    let r = match a.format {
-                        Format::Text => {
-                            out.write_all(m.payload).and_then(|()| out.write_all(b"\n"))
-                        }
-                        Format::Jsonl => writeln!(
-                            out,
-                            "{}",
-                            serde_json::json!({
-                                "total_order": m.total_order,
-                                "client_id": m.client_id,
-                                "batch_seq": m.batch_seq,
-                                "index": m.index,
-                                "size": m.payload.len(),
-                                "payload": String::from_utf8_lossy(m.payload),
-                            })
-                        ),
-                    };
-                    if let Err(e) = r {
-                        err = Some(e);
-                    }
-                    printed += 1;
-                })?;
-                if let Some(e) = err.take() {
-                    return Err(format!("cannot write to stdout: {e}").into());
-                }
-                if n > 0 {
-                    last = Instant::now();
-                    continue;
-                }
-                let _ = out.flush();
-                if a.idle_timeout_s
-                    .is_some_and(|t| last.elapsed() > Duration::from_secs(t))
-                {
-                    break;
-                }
-                std::thread::sleep(Duration::from_micros(200));
-            }
-            out.flush()
-                .map_err(|e| format!("cannot write to stdout: {e}").into())
-        }
+    let client = connect(a.control, Client::builder())?;
+    let mut sub = client.subscriber(&a.topic, start)?;
+    if let Some(ms) = a.pause_ms {
+        eprintln!(
+            "subscriber registered at delivery index {}; pausing {ms} ms",
+            sub.position()
+        );
+        std::thread::sleep(Duration::from_millis(ms));
     }
-    Pool::with_coherence(pool.coherence_mode(), Go(&pool, a, start))
+    let stop = embar_sys::signal::stop_on_term();
+    let out = std::io::stdout();
+    let mut out = std::io::BufWriter::new(out.lock());
+    let mut printed = 0u64;
+    let limit = a.count.unwrap_or(u64::MAX);
+    let mut last = Instant::now();
+    let mut err = None;
+    while printed < limit && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        let n = sub.poll(1, |m| {
+            if printed >= limit || err.is_some() {
+                return;
+            }
+            let r = match a.format {
+                Format::Text => out.write_all(m.payload).and_then(|()| out.write_all(b"\n")),
+                Format::Jsonl => writeln!(
+                    out,
+                    "{}",
+                    serde_json::json!({
+                        "total_order": m.total_order,
+                        "client_id": m.client_id,
+                        "batch_seq": m.batch_seq,
+                        "index": m.index,
+                        "size": m.payload.len(),
+                        "payload": String::from_utf8_lossy(m.payload),
+                    })
+                ),
+            };
+            if let Err(e) = r {
+                err = Some(e);
+            }
+            printed += 1;
+        })?;
+        if let Some(e) = err.take() {
+            return Err(format!("cannot write to stdout: {e}").into());
+        }
+        if n > 0 {
+            last = Instant::now();
+            continue;
+        }
+        let _ = out.flush();
+        if a.idle_timeout_s
+            .is_some_and(|t| last.elapsed() > Duration::from_secs(t))
+        {
+            break;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    out.flush()
+        .map_err(|e| format!("cannot write to stdout: {e}").into())
 }
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct RogueArgs {
     #[arg(long)]
     pub topic: String,
-    #[arg(long, default_value = crate::control_cmd::DEFAULT_CONTROL)]
-    pub control: SocketAddr,
+    #[arg(long)]
+    pub control: Option<SocketAddr>,
     /// What the rogue batch does wrong: metadata, outside-grant, past-grant, bad-size,
     /// huge-size, wrong-client (its descriptor); message-size-max, message-past-batch (a
     /// valid descriptor, a bad first message header); ready-word, submitted-ahead,
@@ -435,7 +439,7 @@ pub fn rogue_publish(a: &RogueArgs) -> Result<(), String> {
         return Err(crate::NO_VERBS.into());
     }
     use embar_dataplane::pool::layout::BATCH_HEADER_VERSION;
-    let (path, brokers) = discover(a.control)?;
+    let (path, brokers) = discover(control_addr(a.control)?)?;
     let pool = open_pool(&path)?;
     struct Go<'a>(&'a Pool, &'a RogueArgs, &'a [u32]);
     impl CoherenceFn<Result<(), String>> for Go<'_> {
@@ -627,9 +631,11 @@ fn report_rogue(p: &mut impl Publish) {
 fn rogue_verbs(a: &RogueArgs) -> Result<(), String> {
     use embar_dataplane::batch::BatchDesc;
     use embar_dataplane::pool::layout::BATCH_HEADER_VERSION;
-    let mut p = a
-        .transport
-        .verbs_publisher(a.control, &a.topic, PublisherConfig::default())?;
+    let mut p = a.transport.verbs_publisher(
+        control_addr(a.control)?,
+        &a.topic,
+        PublisherConfig::default(),
+    )?;
     publish_good(&mut p)?;
     let (offset, bytes, used) = p.grant(0).ok_or("no grant")?;
     match a.fault.as_str() {
@@ -638,7 +644,7 @@ fn rogue_verbs(a: &RogueArgs) -> Result<(), String> {
             .write_unchecked(0, bytes - 256, 320)
             .map_err(|e| e.to_string())?,
         "bad-immediate" | "unknown-grant" => {
-            let broker = discover_verbs(a.control)?[0].0;
+            let broker = discover_verbs(control_addr(a.control)?)?[0].0;
             let mut desc = BatchDesc {
                 batch_seq: 1,
                 client_id: p.client_id(),

@@ -16,8 +16,9 @@ use serde::{Deserialize, Serialize};
 pub struct UpArgs {
     #[arg(long, default_value_t = 2)]
     pub brokers: u32,
-    /// Directory of the cluster's state, logs and description.
-    #[arg(long, default_value = "/tmp/embar-cluster")]
+    /// Directory of the cluster's state, logs and description (`cluster.json`, where
+    /// `embar` commands find the control process when not given `--control`).
+    #[arg(long, env = "EMBAR_CLUSTER_DIR", default_value = embar_client::discovery::DEFAULT_CLUSTER_DIR)]
     pub dir: PathBuf,
     /// Address of the control process (`:0`: a free port).
     #[arg(long, default_value = "127.0.0.1:0")]

@@ -80,9 +80,10 @@ pub enum TopicCmd {
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct ClientArgs {
-    /// Address of the control process.
-    #[arg(long, global = true, default_value = DEFAULT_CONTROL)]
-    pub control: SocketAddr,
+    /// Address of the control process (default: $EMBAR_CONTROL, else the cluster of
+    /// `embar cluster up` in $EMBAR_CLUSTER_DIR or /tmp/embar-cluster, else 127.0.0.1:7400).
+    #[arg(long, global = true)]
+    pub control: Option<SocketAddr>,
     /// Print JSON.
     #[arg(long, global = true)]
     pub json: bool,
@@ -112,7 +113,7 @@ fn topic_line(t: &Value) -> String {
 }
 
 pub fn topic(c: &ClientArgs, cmd: &TopicCmd) -> CliResult<()> {
-    let client = ControlClient::new(c.control);
+    let client = ControlClient::new(crate::client_cmd::control_addr(c.control)?);
     match cmd {
         TopicCmd::Create { name, settings } => {
             let spec = TopicSpec {
@@ -164,7 +165,7 @@ fn print_topic(v: &Value) {
 }
 
 pub fn cluster_status(c: &ClientArgs) -> CliResult<()> {
-    let v = ControlClient::new(c.control).status()?;
+    let v = ControlClient::new(crate::client_cmd::control_addr(c.control)?).status()?;
     Ok(show(c.json, &v, |v| {
         let p = &v["pool"];
         println!(

@@ -82,7 +82,7 @@ enum ClusterCmd {
     Up(Box<cluster_cmd::UpArgs>),
     /// Stop the local cluster started by `cluster up`.
     Down {
-        #[arg(long, default_value = "/tmp/embar-cluster")]
+        #[arg(long, env = "EMBAR_CLUSTER_DIR", default_value = embar_client::discovery::DEFAULT_CLUSTER_DIR)]
         dir: PathBuf,
     },
 }
@@ -245,12 +245,21 @@ fn run(command: Cmd) -> CliResult<bool> {
             ..
         } => {
             let f = cluster_cmd::up(&a)?;
+            // Commands find this cluster by its directory when it is the one they look in.
+            let found = embar_client::ControlAddr::discover().is_ok_and(|c| c.addr == f.control);
+            let hint = if found {
+                String::new()
+            } else {
+                format!(
+                    "\n  other commands find it with: export EMBAR_CLUSTER_DIR={}",
+                    a.dir.display()
+                )
+            };
             println!(
-                "cluster up: control at {}, {} brokers, pool {}\n  embar topic create NAME --control {}\n  stop: embar cluster down --dir {}",
+                "cluster up: control at {}, {} brokers, pool {}{hint}\n  embar topic create NAME\n  stop: embar cluster down --dir {}",
                 f.control,
                 f.pids.len() - 1,
                 f.pool.display(),
-                f.control,
                 a.dir.display()
             );
         }

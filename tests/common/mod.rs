@@ -135,3 +135,52 @@ pub fn lines(prefix: &str, n: usize, width: usize) -> String {
         .map(|i| format!("{prefix} {i:06} {}\n", "p".repeat(width)))
         .collect()
 }
+
+/// Builds `targets` (cargo arguments such as `--example producer` or `-p embar-capi`) with
+/// the profile and target directory of this test binary, and returns that profile's output
+/// directory (where `examples/` and `libembar.so` land). A plain `cargo test` has built
+/// them already and this is a no-op; `cargo test --test NAME` builds only NAME.
+pub fn cargo_build(targets: &[&str]) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile dir>/deps/<this test>
+    let out = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    let target_dir = out.parent().unwrap();
+    let profile = if out.ends_with("release") {
+        "release"
+    } else {
+        "test"
+    };
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--profile", profile, "--target-dir"])
+        .arg(target_dir)
+        .args(targets)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "cargo build {targets:?} failed");
+    out
+}
+
+/// Runs `cmd` and returns its output, failing the test if it does not end within `limit`.
+pub fn output_within(mut cmd: Command, limit: std::time::Duration) -> Output {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the command starts");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.expect("the command runs"),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("{cmd:?} did not end within {limit:?}");
+        }
+    }
+}

@@ -27,6 +27,12 @@ pub trait Publish {
     fn acked(&mut self) -> Result<u64, PublishError>;
     /// Messages sealed into submitted batches.
     fn sealed_messages(&self) -> u64;
+    /// How many of this publisher's messages, counted in publish order from its first, are
+    /// all acknowledged per the topic's ACK level (ACK 0: all sealed ones). Less than or
+    /// equal to [`Publish::acked`], which adds up the brokers' counts: a batch acknowledged
+    /// by one broker does not count here while an earlier one waits on another. An error if
+    /// a broker rejected any batch.
+    fn acked_prefix(&mut self) -> Result<u64, PublishError>;
     /// Publish-to-ack latency (ns) of every batch acked since the last call.
     fn take_ack_latencies(&mut self, out: &mut Vec<u64>);
     /// How often `take_ack_latencies` must be called for its figures to hold: `None` when

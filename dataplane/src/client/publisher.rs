@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use embar_sys::clock::monotonic_ns;
 
 use crate::batch::BatchDesc;
-use crate::client::filling::{stride_of, Filling, Unacked};
+use crate::client::filling::{stride_of, AckedPrefix, Filling, Unacked};
 use crate::client::Publish;
 use crate::pool::coherence::Coherence;
 use crate::pool::layout::{Session, BATCH_HEADER_VERSION};
@@ -91,6 +91,8 @@ pub struct Publisher<'p, C: Coherence> {
     batch_seq: u64,
     open: Option<OpenBatch>,
     sealed_messages: u64,
+    /// Which messages are acknowledged in publish order.
+    prefix: AckedPrefix,
     submit_waits: u64,
     grant_waits: u64,
 }
@@ -164,6 +166,7 @@ impl<'p, C: Coherence> Publisher<'p, C> {
             batch_seq: 0,
             open: None,
             sealed_messages: 0,
+            prefix: AckedPrefix::default(),
             submit_waits: 0,
             grant_waits: 0,
         })
@@ -333,9 +336,20 @@ impl<'p, C: Coherence> Publisher<'p, C> {
             *used += b.fill;
         }
         link.unacked.sealed(b.num_msg, b.first_ns);
+        let link_sealed = link.unacked.sealed_messages();
         self.sealed_messages += u64::from(b.num_msg);
         self.batch_seq += 1;
+        if self.prefix.is_full() {
+            self.advance_prefix();
+        }
+        self.prefix.sealed(i, link_sealed, self.sealed_messages);
         Ok(())
+    }
+
+    fn advance_prefix(&mut self) -> u64 {
+        let (c, links) = (self.c, &self.links);
+        self.prefix
+            .advance(|l| c.observe(&links[l].session.acked_messages))
     }
 
     /// Submits `desc` as it is to broker link `link`, bypassing every check this library
@@ -407,6 +421,14 @@ impl<C: Coherence> Publish for Publisher<'_, C> {
 
     fn sealed_messages(&self) -> u64 {
         self.sealed_messages
+    }
+
+    fn acked_prefix(&mut self) -> Result<u64, PublishError> {
+        Publisher::acked(self)?;
+        if self.ack == 0 {
+            return Ok(self.sealed_messages);
+        }
+        Ok(self.advance_prefix())
     }
 
     /// The ack time is the broker's stamp (same host's clock), so a publisher that looks late

@@ -17,7 +17,7 @@ use embar_sys::verbs::{
 use super::credits::StagingCredits;
 use super::frontend::describe_code;
 use super::*;
-use crate::client::filling::{stride_of, Filling, Unacked};
+use crate::client::filling::{stride_of, AckedPrefix, Filling, Unacked};
 use crate::client::publisher::{PublishError, PublisherConfig};
 use crate::client::Publish;
 use crate::pool::layout::BATCH_HEADER_VERSION;
@@ -95,6 +95,8 @@ pub struct VerbsPublisher {
     batch_seq: u64,
     open: Option<OpenBatch>,
     sealed_messages: u64,
+    /// Which messages are acknowledged in publish order.
+    prefix: AckedPrefix,
     grant_waits: u64,
     staging_waits: u64,
     completions: Vec<Completion>,
@@ -144,6 +146,7 @@ impl VerbsPublisher {
             batch_seq: 0,
             open: None,
             sealed_messages: 0,
+            prefix: AckedPrefix::default(),
             grant_waits: 0,
             staging_waits: 0,
             completions: Vec::with_capacity(16),
@@ -468,9 +471,20 @@ impl VerbsPublisher {
         g.used += b.fill;
         l.credits.staged();
         l.unacked.sealed(b.num_msg, b.first_ns);
+        let link_sealed = l.unacked.sealed_messages();
         self.sealed_messages += u64::from(b.num_msg);
         self.batch_seq += 1;
+        if self.prefix.is_full() {
+            self.advance_prefix();
+        }
+        self.prefix.sealed(i, link_sealed, self.sealed_messages);
         Ok(())
+    }
+
+    fn advance_prefix(&mut self) -> u64 {
+        let links = &self.links;
+        self.prefix
+            .advance(|l| links[l].fb().counters.acked_messages.load(Acquire))
     }
 
     /// Writes a batch of `bytes` bytes at `remote_offset` past the start of link `link`'s
@@ -630,6 +644,14 @@ impl Publish for VerbsPublisher {
 
     fn sealed_messages(&self) -> u64 {
         self.sealed_messages
+    }
+
+    fn acked_prefix(&mut self) -> Result<u64, PublishError> {
+        self.acked()?;
+        if self.ack == 0 {
+            return Ok(self.sealed_messages);
+        }
+        Ok(self.advance_prefix())
     }
 
     /// The broker's clock is another host's: an ack is timed when it is seen here.
