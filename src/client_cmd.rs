@@ -286,7 +286,7 @@ fn publish_lines(p: &mut embar_client::Publisher, a: &PublishArgs) -> CliResult<
 
 /// Every line of stdin, once all are checked (UTF-8 text, each fits a batch of the topic);
 /// the first bad line is an error and nothing is published.
-fn read_checked(p: &impl Publish) -> CliResult<Vec<String>> {
+fn read_checked(p: &embar_client::Publisher) -> CliResult<Vec<String>> {
     let mut out = Vec::new();
     for (i, line) in std::io::stdin().lock().lines().enumerate() {
         let nothing = "nothing was published (--validate-first)";

@@ -159,6 +159,12 @@ impl Publisher {
         Ok(self.published - 1)
     }
 
+    /// Whether a message of `payload_len` bytes can be published on this topic (fits a
+    /// batch), without publishing anything: for checking a whole input first.
+    pub fn check_size(&self, payload_len: usize) -> Result<()> {
+        Ok(self.get(|p| p.check_size(payload_len))?)
+    }
+
     /// Seals the open batch and sends it now.
     pub fn flush(&mut self) -> Result<()> {
         Ok(self.with(|p| p.flush())?)
