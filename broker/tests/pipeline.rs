@@ -1,12 +1,12 @@
-//! The whole data path in one process, on threads over one pool: two brokers, the sequencer,
-//! publishers and a subscriber. (The same pieces as separate processes: tests/ at the root.)
-
-#![cfg(not(loom))]
+//! The whole data path in one process, on threads over one pool: two brokers' drivers (the
+//! same `Driver` `embar broker` runs; broker 0 runs the sequencers in its loop, as it does on
+//! a host with few cores), publishers and a subscriber. (The same pieces as separate
+//! processes: tests/ at the root.)
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use embar_dataplane::broker::Broker;
+use embar_broker::{Driver, DriverOptions};
 use embar_dataplane::checker::{Delivered, OrderChecker};
 use embar_dataplane::client::publisher::{PublishError, Publisher, PublisherConfig};
 use embar_dataplane::client::subscriber::{StartAt, Subscriber};
@@ -15,7 +15,6 @@ use embar_dataplane::pool::coherence::Coherent;
 use embar_dataplane::pool::geometry::PoolConfig;
 use embar_dataplane::pool::topics::TopicConfig;
 use embar_dataplane::pool::{CreateOptions, Pool};
-use embar_dataplane::sequencer::driver::{DriverConfig, Sequencer};
 
 struct TempPool(std::path::PathBuf);
 impl Drop for TempPool {
@@ -63,7 +62,7 @@ fn run_pipeline_with(
         replication_factor: 0,
         batch_bytes: 16 << 10,
     };
-    let slot = pool.create_topic(Coherent, "events", &cfg).unwrap();
+    pool.create_topic(Coherent, "events", &cfg).unwrap();
     let stop = AtomicBool::new(false);
     let total = publishers * per_publisher;
     /// Stops the polling threads however the test ends, so that a failure is reported
@@ -80,21 +79,17 @@ fn run_pipeline_with(
             .map(|b| {
                 let (pool, stop) = (&pool, &stop);
                 s.spawn(move || {
-                    let mut broker = Broker::new(pool, Coherent, b).unwrap();
+                    let mut d = Driver::new(pool, Coherent, b, DriverOptions::default()).unwrap();
+                    d.sequence_here(b == 0);
                     while !stop.load(Ordering::Relaxed) {
-                        if broker.poll_once().unwrap() == 0 {
+                        if d.poll_once().unwrap() == 0 {
                             std::thread::yield_now();
                         }
                     }
-                    broker.stats().segments_reclaimed
+                    d.broker().stats().segments_reclaimed
                 })
             })
             .collect();
-        let (p, st) = (&pool, &stop);
-        s.spawn(move || {
-            let mut seq = Sequencer::start(p, Coherent, slot, 2, DriverConfig::default()).unwrap();
-            seq.run(st).unwrap();
-        });
         let mut sub = Subscriber::open(&pool, Coherent, "events", StartAt::Oldest).unwrap();
         let pubs: Vec<_> = (0..publishers)
             .map(|k| {

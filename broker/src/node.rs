@@ -1,0 +1,408 @@
+//! A whole broker: registers with the control process, maps the pool, runs its slot's
+//! [`Driver`] on a polling thread (and the sequencers, in that loop or on a thread of their
+//! own, when it is assigned them), heartbeats, and serves its Prometheus endpoint. What
+//! `embar broker` runs; an embedding process starts one with [`BrokerNode::start`].
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use embar_control::http::ClientError;
+use embar_control::metrics::BrokerSnapshot;
+use embar_control::ControlClient;
+use embar_dataplane::idle::{Idle, IdlePolicy};
+use embar_dataplane::pool::coherence::Coherence;
+use embar_dataplane::pool::{CoherenceFn, OpenOptions, Pool};
+use embar_dataplane::PoolError;
+
+use crate::driver::{Driver, DriverError, DriverOptions};
+use crate::sequencers::sequence_all;
+
+/// Whether this broker runs the sequencers.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SequencerRole {
+    /// When the control process assigns them (the oldest live broker runs them; another
+    /// takes over when it dies).
+    #[default]
+    Candidate,
+    /// Always, here.
+    Pinned,
+    /// Never (they run elsewhere, e.g. `embar sequencer`).
+    Never,
+}
+
+/// Where verbs (RDMA) publishers connect.
+#[derive(Clone, Debug)]
+pub struct VerbsConfig {
+    /// The TCP address of the handshake, which publishers must reach (the RDMA netdev's IP).
+    pub addr: SocketAddr,
+    /// RDMA device (default: the first).
+    pub device: Option<String>,
+    /// GID index (RoCEv2 over IPv4 is usually 1 on rxe).
+    pub gid_index: u8,
+}
+
+/// How to run a broker.
+#[derive(Clone, Debug)]
+pub struct BrokerConfig {
+    /// The control process.
+    pub control: SocketAddr,
+    pub sequencer: SequencerRole,
+    /// The Prometheus endpoint (port 0: a free one, given to the control process).
+    pub metrics: SocketAddr,
+    /// Pin the data-path thread to this CPU (the sequencer thread, if any, to the next one).
+    pub pin_cpu: Option<usize>,
+    pub retention_bytes: Option<u64>,
+    /// Accept verbs publishers (needs the `verbs` feature and an RDMA device).
+    pub verbs: Option<VerbsConfig>,
+    /// How long the control process may be unreachable before this broker stops serving.
+    pub control_grace: Duration,
+}
+
+impl BrokerConfig {
+    /// A candidate sequencer, metrics on a free local port, no verbs, the default grace.
+    pub fn new(control: SocketAddr) -> BrokerConfig {
+        BrokerConfig {
+            control,
+            sequencer: SequencerRole::Candidate,
+            metrics: SocketAddr::from(([127, 0, 0, 1], 0)),
+            pin_cpu: None,
+            retention_bytes: None,
+            verbs: None,
+            control_grace: embar_control::keepalive::GRACE_DEFAULT,
+        }
+    }
+}
+
+/// Why a broker did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Control(#[from] ClientError),
+    #[error("the control process names no pool")]
+    NoPool,
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error(
+        "--verbs {0}: give the address publishers reach (the RDMA netdev's IP), not a wildcard"
+    )]
+    VerbsWildcard(SocketAddr),
+    #[cfg(feature = "verbs")]
+    #[error("--verbs: {0}")]
+    Verbs(#[from] embar_sys::verbs::VerbsError),
+    #[error("this build has no verbs transport (the `verbs` feature)")]
+    NoVerbs,
+    #[error("cannot start a thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// Why a running broker stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Declared dead, refused a rejoin, or the control process stayed away past the grace.
+    #[error("no longer a member of the cluster: {0}; stopping")]
+    Membership(String),
+    #[error(transparent)]
+    Driver(#[from] DriverError),
+    #[error("the data-path thread panicked")]
+    Panicked,
+}
+
+/// A running broker; see the module docs. Dropping it stops it.
+pub struct BrokerNode {
+    broker_id: u32,
+    slot: u32,
+    metrics: SocketAddr,
+    verbs: Option<SocketAddr>,
+    stop: Arc<AtomicBool>,
+    hb_stop: Arc<AtomicBool>,
+    data: Option<JoinHandle<Result<(), RunError>>>,
+    heartbeat: Option<JoinHandle<Result<(), String>>>,
+}
+
+impl BrokerNode {
+    /// Registers with the control process and starts serving; returns once the data path
+    /// runs.
+    pub fn start(cfg: BrokerConfig) -> Result<BrokerNode, StartError> {
+        let client = ControlClient::new(cfg.control);
+        let status = client.status()?;
+        let pool_path = PathBuf::from(status["pool"]["path"].as_str().ok_or(StartError::NoPool)?);
+        let pool = Pool::open(
+            &pool_path,
+            &OpenOptions {
+                populate: true,
+                ..Default::default()
+            },
+        )?;
+        let listen = |addr: SocketAddr| {
+            TcpListener::bind(addr).map_err(|source| StartError::Listen { addr, source })
+        };
+        let metrics = listen(cfg.metrics)?;
+        let metrics_addr = metrics.local_addr().map_err(|source| StartError::Listen {
+            addr: cfg.metrics,
+            source,
+        })?;
+        let verbs = open_verbs(cfg.verbs.as_ref())?;
+        let mut addrs: BTreeMap<String, String> = BTreeMap::new();
+        addrs.insert("shm".into(), pool_path.display().to_string());
+        let verbs_addr = verbs_addr(&verbs);
+        if let Some(at) = verbs_addr {
+            addrs.insert("verbs".into(), at.to_string());
+        }
+        addrs.insert("metrics".into(), metrics_addr.to_string());
+        let me = embar_sys::process::ProcessId::current();
+        addrs.insert("pid".into(), me.pid.to_string());
+        addrs.insert("pid_start".into(), me.start.to_string());
+        if let Some(host) = embar_sys::process::host_name() {
+            addrs.insert("host".into(), host);
+        }
+        addrs.insert(
+            embar_control::membership::GRACE_MS.into(),
+            cfg.control_grace.as_millis().to_string(),
+        );
+        use embar_control::membership::{SEQUENCER, SEQUENCER_CANDIDATE, SEQUENCER_PINNED};
+        match cfg.sequencer {
+            SequencerRole::Pinned => {
+                addrs.insert(SEQUENCER.into(), SEQUENCER_PINNED.into());
+            }
+            SequencerRole::Candidate => {
+                addrs.insert(SEQUENCER.into(), SEQUENCER_CANDIDATE.into());
+            }
+            SequencerRole::Never => {}
+        }
+        let reg = client.register(&addrs)?;
+        let (broker_id, slot) = (reg.broker_id, reg.slot);
+        // Whether this broker runs the sequencers: pinned, or as the control process says in
+        // its answer to every heartbeat.
+        let pinned = cfg.sequencer == SequencerRole::Pinned;
+        let run_sequencer = Arc::new(AtomicBool::new(pinned));
+        let stats = Arc::new(Mutex::new(BrokerSnapshot::default()));
+        embar_control::metrics::serve_broker(metrics, slot, stats.clone()).map_err(|source| {
+            StartError::Listen {
+                addr: metrics_addr,
+                source,
+            }
+        })?;
+        let hb_stop = Arc::new(AtomicBool::new(false));
+        let (hb, assigned, grace) = (hb_stop.clone(), run_sequencer.clone(), cfg.control_grace);
+        let heartbeat = std::thread::Builder::new()
+            .name("broker-heartbeat".into())
+            .spawn(move || {
+                crate::membership::keep_alive(&client, &reg, &addrs, grace, &hb, &assigned, pinned)
+            })
+            .map_err(StartError::Thread)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let serve = Serve {
+            slot,
+            cfg,
+            stop: stop.clone(),
+            stats,
+            run_sequencer,
+            verbs,
+        };
+        let data = std::thread::Builder::new()
+            .name("broker-data".into())
+            .spawn(move || Pool::with_coherence(pool.coherence_mode(), Go(&pool, serve)))
+            .map_err(StartError::Thread)?;
+        Ok(BrokerNode {
+            broker_id,
+            slot,
+            metrics: metrics_addr,
+            verbs: verbs_addr,
+            stop,
+            hb_stop,
+            data: Some(data),
+            heartbeat: Some(heartbeat),
+        })
+    }
+
+    /// The id the control process gave it.
+    pub fn broker_id(&self) -> u32 {
+        self.broker_id
+    }
+
+    /// Its slot in the pool (its rings and sessions).
+    pub fn slot(&self) -> u32 {
+        self.slot
+    }
+
+    pub fn metrics_addr(&self) -> SocketAddr {
+        self.metrics
+    }
+
+    /// Where verbs publishers connect, if it accepts them.
+    pub fn verbs_addr(&self) -> Option<SocketAddr> {
+        self.verbs
+    }
+
+    /// Whether it stopped by itself (see [`wait`](Self::wait) for why).
+    pub fn is_finished(&self) -> bool {
+        self.data.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+
+    /// Stops it and waits until it has stopped: why it stopped by itself, if it did.
+    pub fn stop(mut self) -> Result<(), RunError> {
+        self.stop.store(true, Ordering::Relaxed);
+        self.join()
+    }
+
+    /// Waits until it stops by itself.
+    pub fn wait(mut self) -> Result<(), RunError> {
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<(), RunError> {
+        let result = match self.data.take() {
+            Some(d) => d.join().unwrap_or(Err(RunError::Panicked)),
+            None => Ok(()),
+        };
+        self.hb_stop.store(true, Ordering::Relaxed);
+        if let Some(h) = self.heartbeat.take() {
+            if let (Err(_), Ok(Err(why))) = (&result, h.join()) {
+                return Err(RunError::Membership(why));
+            }
+        }
+        result
+    }
+}
+
+impl Drop for BrokerNode {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.join();
+    }
+}
+
+/// What the data-path thread needs.
+struct Serve {
+    slot: u32,
+    cfg: BrokerConfig,
+    stop: Arc<AtomicBool>,
+    stats: Arc<Mutex<BrokerSnapshot>>,
+    run_sequencer: Arc<AtomicBool>,
+    verbs: Option<VerbsPort>,
+}
+
+struct Go<'a>(&'a Pool, Serve);
+
+impl CoherenceFn<Result<(), RunError>> for Go<'_> {
+    fn call<C: Coherence>(self, c: C) -> Result<(), RunError> {
+        let Go(pool, s) = self;
+        if let Some(cpu) = s.cfg.pin_cpu {
+            if let Err(e) = embar_sys::cpu::pin_current_thread(cpu) {
+                log::warn!("{e}; running unpinned");
+            }
+        }
+        let opts = DriverOptions {
+            retention_bytes: s.cfg.retention_bytes,
+        };
+        #[allow(unused_mut)]
+        let mut driver = Driver::new(pool, c, s.slot, opts)?;
+        #[cfg(feature = "verbs")]
+        if let Some(v) = s.verbs {
+            driver = driver.with_verbs(v.listener, v.ctx)?;
+        }
+        #[cfg(not(feature = "verbs"))]
+        let _ = s.verbs;
+        // On a host with few cores every polling thread beyond the cores costs a scheduler
+        // time slice of latency: the sequencers run in the driver's loop instead.
+        let inline = embar_sys::cpu::available_cpus() <= 2;
+        let seq_stop = AtomicBool::new(false);
+        std::thread::scope(|scope| {
+            let mut seq_thread = None;
+            let mut idle = Idle::new(IdlePolicy::default());
+            let mut last = Instant::now();
+            while !s.stop.load(Ordering::Relaxed) {
+                let want = s.run_sequencer.load(Ordering::Relaxed);
+                let running = driver.sequencing() || seq_thread.is_some();
+                if want && !running {
+                    log::info!("running the sequencer of every topic");
+                    if inline {
+                        driver.sequence_here(true);
+                    } else {
+                        seq_stop.store(false, Ordering::Relaxed);
+                        let (stops, pin) = ([&*s.stop, &seq_stop], s.cfg.pin_cpu.map(|p| p + 1));
+                        seq_thread = Some(scope.spawn(move || sequence_all(pool, c, stops, pin)));
+                    }
+                } else if !want && running {
+                    log::info!("stopping the sequencer");
+                    driver.sequence_here(false);
+                    seq_stop.store(true, Ordering::Relaxed);
+                    if let Some(t) = seq_thread.take() {
+                        let _ = t.join();
+                    }
+                }
+                let work = driver.poll_once()?;
+                idle.after(work, std::thread::sleep);
+                if last.elapsed() > Duration::from_millis(100) {
+                    last = Instant::now();
+                    // A pool file truncated under the cluster: stop with that error before the
+                    // loop touches the missing part (which the bus error handler names).
+                    pool.check_backing().map_err(DriverError::from)?;
+                    if let Ok(mut g) = s.stats.lock() {
+                        *g = driver.snapshot();
+                    }
+                }
+            }
+            s.stop.store(true, Ordering::Relaxed);
+            Ok(())
+        })
+        .inspect_err(|_| s.stop.store(true, Ordering::Relaxed))
+    }
+}
+
+/// The verbs port of a broker: its listener and device, opened before registering so that a
+/// missing device is an error at start.
+#[cfg(feature = "verbs")]
+struct VerbsPort {
+    listener: TcpListener,
+    ctx: Arc<embar_sys::verbs::Context>,
+}
+#[cfg(not(feature = "verbs"))]
+type VerbsPort = std::convert::Infallible;
+
+#[cfg(feature = "verbs")]
+fn open_verbs(v: Option<&VerbsConfig>) -> Result<Option<VerbsPort>, StartError> {
+    let Some(v) = v else { return Ok(None) };
+    if v.addr.ip().is_unspecified() {
+        return Err(StartError::VerbsWildcard(v.addr));
+    }
+    let ctx = embar_sys::verbs::Context::open(v.device.as_deref(), v.gid_index)?;
+    let listener = TcpListener::bind(v.addr).map_err(|source| StartError::Listen {
+        addr: v.addr,
+        source,
+    })?;
+    log::info!(
+        "verbs publishers connect to {} (device {})",
+        listener.local_addr().map_or(v.addr, |a| a),
+        ctx.name()
+    );
+    Ok(Some(VerbsPort { listener, ctx }))
+}
+
+#[cfg(not(feature = "verbs"))]
+fn open_verbs(v: Option<&VerbsConfig>) -> Result<Option<VerbsPort>, StartError> {
+    match v {
+        None => Ok(None),
+        Some(_) => Err(StartError::NoVerbs),
+    }
+}
+
+#[cfg(feature = "verbs")]
+fn verbs_addr(v: &Option<VerbsPort>) -> Option<SocketAddr> {
+    v.as_ref().and_then(|v| v.listener.local_addr().ok())
+}
+
+#[cfg(not(feature = "verbs"))]
+fn verbs_addr(_: &Option<VerbsPort>) -> Option<SocketAddr> {
+    None
+}
