@@ -5,19 +5,19 @@
 //!
 //! The session protocol is described in [`crate::session`].
 
+pub mod core;
+
 use std::collections::{HashMap, VecDeque};
 use std::time::Duration;
 
 use embar_sys::clock::monotonic_ns;
 
+use self::core::{AckPolicy, Effect, Lifecycle, SessionCore, SlotView, GRANTS_AHEAD};
 use crate::batch::{BatchDesc, BatchLimits};
 use crate::client::subscriber::{pid_alive, slowest_position};
 use crate::messages::Messages;
 use crate::pool::coherence::Coherence;
-use crate::pool::layout::{
-    Session, OUTCOME_DUPLICATE, OUTCOME_FENCED, OUTCOME_ORDERED, OUTCOME_TABLE_FULL,
-    SESSION_GRANT_SLOTS,
-};
+use crate::pool::layout::{Session, OUTCOME_ORDERED, SESSION_GRANT_SLOTS};
 use crate::pool::segments::{AllocPolicy, Segment, SegmentAllocator, SegmentOwner};
 use crate::pool::Pool;
 use crate::ring::{Polled, RingConsumer, RingProducer};
@@ -32,15 +32,10 @@ const SPACE_CHECK_INTERVAL: Duration = Duration::from_millis(20);
 /// Log space is reclaimed only when fewer than this fraction (1/n) of the pool's segments
 /// are free, or a grant found none: recent batches stay readable by late subscribers.
 const RECLAIM_WHEN_FREE_BELOW: u64 = 4;
-/// Grants issued to a session and not yet taken (its credits beyond the grant it fills):
-/// enough to never wait on a fast path, few enough that idle sessions do not hoard the pool.
-const GRANTS_AHEAD: u64 = 2;
 /// Smallest grant: a session's first grants are this (or one batch of the topic, if larger),
 /// and each further grant doubles, up to a segment: space scales with what a session
 /// writes.
 const GRANT_BYTES_MIN: u64 = 64 * 1024;
-/// Doublings of a session's grant size (`GRANT_BYTES_MIN << 10` is 64 MiB).
-const GRANT_DOUBLINGS_MAX: u64 = 10;
 const _: () = assert!(GRANTS_AHEAD as usize <= SESSION_GRANT_SLOTS);
 /// Between announcing that log space past the retention limit is reclaimed and freeing it: a
 /// subscriber that checked just before the announcement finishes reading in this time.
@@ -125,15 +120,11 @@ struct SessionState<'p, C: Coherence> {
     topic: u32,
     client_id: u64,
     pid: u64,
-    issued: u64,
-    /// The publisher's `grants_taken` as last read: never past `issued`, never going back.
-    taken: u64,
+    /// Its credits, acks and rejections: the decisions are [`core`]'s.
+    core: SessionCore,
     /// Grant ids by grant number, for this session.
     grants: VecDeque<(u64, u64)>,
     consumer: Option<RingConsumer<'p, C>>,
-    acked_messages: u64,
-    acked_batches: u64,
-    rejected: u64,
     /// Its rejected batches are said at most every 10 s, with the count since: a publisher
     /// that keeps sending bad batches must not flood the log.
     reject_log: crate::log_limit::LogLimit,
@@ -259,13 +250,9 @@ impl<C: Coherence> Default for SessionState<'_, C> {
             topic: 0,
             client_id: 0,
             pid: 0,
-            issued: 0,
-            taken: 0,
+            core: SessionCore::default(),
             grants: VecDeque::new(),
             consumer: None,
-            acked_messages: 0,
-            acked_batches: 0,
-            rejected: 0,
             reject_log: Default::default(),
         }
     }
@@ -411,21 +398,19 @@ impl<'p, C: Coherence> Broker<'p, C> {
     fn lifecycle(&mut self, i: usize, check_pids: bool) -> Result<usize, PoolError> {
         let s = self.session(i);
         let state = self.c.observe(&s.state);
-        let (gen, st) = (state >> 8, state & 0xff);
         let known = &self.sessions[i];
-        if known.open
-            && (gen != known.generation
-                || st == STATE_CLOSED
-                || (check_pids && !pid_alive(known.pid)))
-        {
-            self.close(i)?;
-            return Ok(1);
+        let view = SlotView {
+            generation: state >> 8,
+            state: state & 0xff,
+            answered: self.c.observe(&s.accepted) >> 8,
+            holder_alive: (known.open && check_pids).then(|| pid_alive(known.pid)),
+        };
+        match self::core::lifecycle(known.open.then_some(known.generation), view) {
+            Lifecycle::Close => self.close(i)?,
+            Lifecycle::Open { generation } => self.accept(i, generation)?,
+            Lifecycle::Nothing => return Ok(0),
         }
-        if st == STATE_OPEN && !known.open && self.c.observe(&s.accepted) >> 8 != gen {
-            self.accept(i, gen)?;
-            return Ok(1);
-        }
-        Ok(0)
+        Ok(1)
     }
 
     fn accept(&mut self, i: usize, gen: u64) -> Result<(), PoolError> {
@@ -436,17 +421,17 @@ impl<'p, C: Coherence> Broker<'p, C> {
             s.error.store(err as u64, Relaxed);
             self.c.publish(&s.accepted, gen << 8 | REFUSED);
         };
-        let Some(info) = (topic < self.pool.geometry().max_topics)
+        let info = (topic < self.pool.geometry().max_topics)
             .then(|| self.pool.read_topic(self.c, topic))
-            .flatten()
-        else {
-            refuse(SessionError::UnknownTopic);
-            return Ok(());
+            .flatten();
+        let info = match (self::core::admit(info.as_ref()), info) {
+            (Ok(()), Some(info)) => info,
+            (Err(e), _) => {
+                refuse(e);
+                return Ok(());
+            }
+            (Ok(()), None) => unreachable!("admit refuses a missing topic"),
         };
-        if info.config.ack == 2 {
-            refuse(SessionError::Ack2Unsupported);
-            return Ok(());
-        }
         if self
             .topics
             .get(&topic)
@@ -672,7 +657,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
         let s = self.session(i);
         s.error
             .store(SessionError::ProtocolViolation as u64, Relaxed);
-        self.c.publish(&s.rejected_batches, st.rejected + 1);
+        self.c.publish(&s.rejected_batches, st.core.rejected + 1);
         self.c.publish(&s.accepted, st.generation << 8 | RELEASED);
         self.stats.sessions_closed += 1;
         self.stats.sessions_ended += 1;
@@ -714,25 +699,24 @@ impl<'p, C: Coherence> Broker<'p, C> {
             return Ok(());
         }
         let taken = self.c.observe(&s.grants_taken);
-        let (issued, before) = (self.sessions[i].issued, self.sessions[i].taken);
-        if taken > issued || taken < before {
-            self.end_session(
-                i,
-                &format!(
-                    "grants_taken {taken} (the broker issued {issued} grants; the publisher had taken {before})"
-                ),
-            );
-            return Ok(());
-        }
+        let wanted = match self.sessions[i].core.take_grants(taken) {
+            Ok(n) => n,
+            Err(why) => {
+                self.end_session(i, &why);
+                return Ok(());
+            }
+        };
         let st = &mut self.sessions[i];
-        st.taken = taken;
         let Some(t) = self.topics.get_mut(&st.topic) else {
             return Ok(());
         };
-        while st.issued - taken.min(st.issued) < GRANTS_AHEAD {
+        for _ in 0..wanted {
             t.retract_closed();
-            let want = (t.grant_bytes_min << st.issued.min(GRANT_DOUBLINGS_MAX))
-                .min(self.pool.geometry().segment_bytes);
+            let want = self::core::grant_bytes(
+                t.grant_bytes_min,
+                st.core.issued,
+                self.pool.geometry().segment_bytes,
+            );
             let (seg, start, end) = match t.carve(want) {
                 Ok(carved) => carved,
                 Err(PoolError::NoFreeSegment { .. }) => {
@@ -752,13 +736,13 @@ impl<'p, C: Coherence> Broker<'p, C> {
                 max_delivery: None,
                 closed: false,
             });
-            st.grants.push_back((st.issued, id));
-            let e = &s.grants[grant_slot(st.issued)];
+            st.grants.push_back((st.core.issued, id));
+            let e = &s.grants[grant_slot(st.core.issued)];
             e.offset.store(start, Relaxed);
             e.bytes.store(end - start, Relaxed);
             self.c.writeback(e);
-            st.issued += 1;
-            self.c.publish(&s.grants_issued, st.issued);
+            st.core.issued_one();
+            self.c.publish(&s.grants_issued, st.core.issued);
             self.stats.grants_issued += 1;
         }
         Ok(())
@@ -842,14 +826,12 @@ impl<'p, C: Coherence> Broker<'p, C> {
                         grant: grant_id,
                     });
                     self.stats.batches_landed += 1;
-                    if t.order == 0 && t.ack == 1 {
-                        // ORDER 0, ACK 1: acknowledged once written in the pool.
-                        st.acked_messages += u64::from(desc.num_msg);
-                        st.acked_batches += 1;
-                        s.acked_batches.store(st.acked_batches, Relaxed);
-                        s.ack_ns.store(monotonic_ns(), Relaxed);
-                        self.c.publish(&s.acked_messages, st.acked_messages);
-                    }
+                    let policy = AckPolicy {
+                        order: t.order,
+                        ack: t.ack,
+                    };
+                    let effect = st.core.landed(desc.num_msg, policy);
+                    apply(self.c, s, effect, 0, &mut self.stats);
                     st.consumer
                         .as_mut()
                         .expect("open")
@@ -873,10 +855,8 @@ impl<'p, C: Coherence> Broker<'p, C> {
                         st.client_id,
                         err.describe()
                     );
-                    st.rejected += 1;
-                    s.error.store(err as u64 | seq << 8, Relaxed);
-                    self.c.publish(&s.rejected_batches, st.rejected);
-                    self.stats.batches_rejected += 1;
+                    let effect = st.core.reject(err);
+                    apply(self.c, s, effect, seq, &mut self.stats);
                     st.consumer
                         .as_mut()
                         .expect("open")
@@ -910,29 +890,12 @@ impl<'p, C: Coherence> Broker<'p, C> {
                 continue;
             }
             let s = self.pool.session(self.broker, p.session as u32)?;
-            match outcome {
-                OUTCOME_ORDERED | OUTCOME_DUPLICATE => {
-                    if !(t.order == 0 && t.ack == 1) && t.ack > 0 {
-                        st.acked_messages += u64::from(p.num_msg);
-                        st.acked_batches += 1;
-                        s.acked_batches.store(st.acked_batches, Relaxed);
-                        s.ack_ns.store(monotonic_ns(), Relaxed);
-                        self.c.publish(&s.acked_messages, st.acked_messages);
-                        self.stats.batches_acked += 1;
-                        self.stats.messages_acked += u64::from(p.num_msg);
-                    }
-                }
-                other => {
-                    let err = match other {
-                        OUTCOME_FENCED => SessionError::Fenced,
-                        OUTCOME_TABLE_FULL => SessionError::ClientTableFull,
-                        _ => SessionError::RejectedBySequencer,
-                    };
-                    st.rejected += 1;
-                    s.error.store(err as u64, Relaxed);
-                    self.c.publish(&s.rejected_batches, st.rejected);
-                }
-            }
+            let policy = AckPolicy {
+                order: t.order,
+                ack: t.ack,
+            };
+            let effect = st.core.decide(outcome, p.num_msg, policy);
+            apply(self.c, s, effect, 0, &mut self.stats);
         }
         Ok(work)
     }
@@ -1082,6 +1045,27 @@ impl<'p, C: Coherence> Broker<'p, C> {
 
 /// Checks a submitted batch against its session: client, grant, order inside the grant.
 /// Closes the grants the publisher has moved past. Returns the grant id.
+/// Writes what [`core`] decided for session `s` into its words: the cumulative ack counts,
+/// or the rejected count and the error (`code | batch_seq << 8`).
+fn apply<C: Coherence>(c: C, s: &Session, effect: Effect, batch_seq: u64, stats: &mut BrokerStats) {
+    match effect {
+        Effect::Nothing => {}
+        Effect::Ack { messages, batches } => {
+            let before = s.acked_messages.load(Relaxed);
+            s.acked_batches.store(batches, Relaxed);
+            s.ack_ns.store(monotonic_ns(), Relaxed);
+            c.publish(&s.acked_messages, messages);
+            stats.batches_acked += 1;
+            stats.messages_acked += messages - before.min(messages);
+        }
+        Effect::Reject { rejected, error } => {
+            s.error.store(error as u64 | batch_seq << 8, Relaxed);
+            c.publish(&s.rejected_batches, rejected);
+            stats.batches_rejected += 1;
+        }
+    }
+}
+
 fn check_submission<C: Coherence>(
     st: &mut SessionState<'_, C>,
     t: &mut TopicState<'_, C>,
