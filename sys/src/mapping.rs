@@ -205,6 +205,12 @@ impl SharedMapping {
     pub fn path(&self) -> &Path {
         &self.path
     }
+
+    /// The current length of the mapped file (the inode this mapping holds, whatever the
+    /// path names now): less than [`len`](Self::len) when it was truncated under us.
+    pub fn file_len(&self) -> io::Result<u64> {
+        self.file.metadata().map(|m| m.len())
+    }
 }
 
 impl Drop for SharedMapping {

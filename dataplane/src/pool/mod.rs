@@ -234,7 +234,7 @@ impl Pool {
         self.map.path()
     }
 
-    /// Whether the pool's file still covers the whole pool. A file in `/dev/shm` can be
+    /// Whether the mapped file still covers the whole pool. A file in `/dev/shm` can be
     /// truncated by anyone with write access; a process touching the part it lost gets a bus
     /// error (named by `embar_sys::bus`). Long-running processes check this periodically to
     /// stop with a clear error first, and the control process before it answers. A device
@@ -243,7 +243,11 @@ impl Pool {
         if matches!(self.backing(), Backing::DaxDevice { .. }) {
             return Ok(());
         }
-        let file_bytes = std::fs::metadata(self.path()).map_or(0, |m| m.len());
+        // The inode this process mapped, not the path: a pool file removed (or replaced) by
+        // path stays whole for the processes that map it.
+        let Ok(file_bytes) = self.map.file_len() else {
+            return Ok(());
+        };
         if file_bytes < self.geo.pool_bytes {
             return Err(PoolError::BackingShrunk {
                 path: self.path().to_path_buf(),
