@@ -9,8 +9,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use embar_dataplane::batch::{read_message_header, write_message, BatchDesc};
+use embar_dataplane::batch::{BatchDesc, BatchWriter};
 use embar_dataplane::checker::{Delivered, OrderChecker};
+use embar_dataplane::messages::Messages;
 use embar_dataplane::pool::coherence::Coherent;
 use embar_dataplane::pool::layout::{message_stride, MessageHeader, BATCH_HEADER_VERSION};
 use embar_dataplane::pool::segments::{AllocPolicy, SegmentAllocator, SegmentOwner};
@@ -91,17 +92,18 @@ pub fn feed(a: &FeedArgs) -> Result<FeedReport, String> {
             let off = seg.offset + fill;
             fill += total;
             let base = pool.data_ptr(off, total).map_err(|e| e.to_string())?;
+            // SAFETY: a batch range of a segment this feed owns and never reuses, 64-byte
+            // aligned; the sequencer reads it only once it is published.
+            let mut batch = unsafe { BatchWriter::new(base, total) };
             for i in 0..u64::from(a.messages_per_batch) {
                 let h = MessageHeader {
-                    size: a.message_bytes,
                     client_id: client,
                     batch_seq: k,
                     logical_offset: i,
                     total_order: u64::MAX,
                     ..MessageHeader::default()
                 };
-                // SAFETY: message i of a batch range this feed owns, 64-byte aligned.
-                unsafe { write_message(base.add((i * stride) as usize), &h, &payload) };
+                batch.append(&h, &payload).map_err(|e| e.to_string())?;
             }
             let desc = BatchDesc {
                 batch_seq: k,
@@ -199,26 +201,21 @@ pub fn verify(a: &VerifyArgs) -> Result<VerifyReport, String> {
     let mut checker = OrderChecker::new(fifo);
     let mut check = Ok(());
     'outer: for (first, d) in &ordered {
-        let base = pool
-            .data_ptr(d.log_idx, d.total_size)
-            .map_err(|e| e.to_string())?;
-        let mut off = 0;
-        for i in 0..d.num_msg {
-            if off + 64 > d.total_size {
-                check = Err(format!("batch at {} ends inside message {i}", d.log_idx));
+        let m = match Messages::check(&pool, c, d) {
+            Ok(m) => m,
+            Err(e) => {
+                check = Err(format!("batch at {}: {e}", d.log_idx));
                 break 'outer;
             }
-            // SAFETY: `off + 64 <= total_size`: inside the bounds-checked batch range; the run
-            // is over, nobody writes it.
-            let h = unsafe { read_message_header(base.add(off as usize)) };
-            off += message_stride(u64::from(h.size));
-            if h.client_id != d.client_id || h.batch_seq != d.batch_seq {
-                check = Err(format!(
-                    "message {i} of batch at {} names another batch",
-                    d.log_idx
-                ));
-                break 'outer;
-            }
+        };
+        for r in m.iter() {
+            let (i, h) = match r {
+                Ok(m) => (m.index, m.header),
+                Err(e) => {
+                    check = Err(format!("batch at {}: {e}", d.log_idx));
+                    break 'outer;
+                }
+            };
             if info.config.order == 4 && h.total_order != first + u64::from(i) {
                 check = Err(format!(
                     "ORDER 4 stamp {} where {} was assigned",

@@ -11,7 +11,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::client_cmd::open_pool as open;
-use embar_dataplane::batch::{read_message_header, write_message, BatchDesc, BatchLimits};
+use embar_dataplane::batch::{BatchDesc, BatchLimits, BatchWriter};
+use embar_dataplane::messages::Messages;
 use embar_dataplane::pool::coherence::Coherence;
 use embar_dataplane::pool::layout::{message_stride, MessageHeader, BATCH_HEADER_VERSION};
 use embar_dataplane::pool::segments::{AllocPolicy, Segment, SegmentAllocator, SegmentOwner};
@@ -292,34 +293,39 @@ fn land<C: Coherence>(
         let index = producer.next_index();
         let off = log.reserve(total, index, &mut producer)?;
         let base = pool.data_ptr(off, total).map_err(|e| e.to_string())?;
+        // SAFETY: `base` points at `total` bytes of a segment this lander owns, reserved for
+        // this batch only (64-byte aligned: segments and strides are); the drainer reads it
+        // only once it is published.
+        let mut batch = unsafe { BatchWriter::new(base, total) };
         let ts = monotonic_ns();
         for i in 0..n {
             let lo = logical + i;
             stamp(&mut payload, lo);
             let header = MessageHeader {
-                size: w.message_bytes as u32,
                 client_id: w.client_id,
                 batch_seq,
                 logical_offset: lo,
                 publish_ts_ns: ts,
                 ..MessageHeader::default()
             };
-            // SAFETY: `base` points at `total` bytes of a segment this lander owns, reserved for
-            // this batch only; message i starts at i * stride (64-byte aligned) inside it.
-            unsafe { write_message(base.add((i * stride) as usize), &header, &payload) };
-        }
-        if fault == Some(Fault::CorruptPayload) && batch_seq == 1 && w.message_bytes > 0 {
-            // SAFETY: the last payload byte of message 0, inside this lander's batch range.
-            unsafe { *base.add(64 + w.message_bytes as usize - 1) ^= 0x40 };
+            // The fault flips the last payload byte of message 0 of batch 1.
+            let corrupt = fault == Some(Fault::CorruptPayload) && batch_seq == 1 && i == 0;
+            if let Some(b) = payload.last_mut().filter(|_| corrupt) {
+                *b ^= 0x40;
+            }
+            batch.append(&header, &payload).map_err(|e| e.to_string())?;
+            if let Some(b) = payload.last_mut().filter(|_| corrupt) {
+                *b ^= 0x40;
+            }
         }
         // SAFETY: the batch's bytes lie inside the mapping (checked by `data_ptr`).
-        unsafe { c.writeback_range(base, total as usize) };
+        unsafe { c.writeback_range(base, batch.fill() as usize) };
         let desc = BatchDesc {
             batch_seq,
             client_id: w.client_id,
-            num_msg: n as u32,
+            num_msg: batch.num_msg(),
             broker_id: w.broker,
-            total_size: total,
+            total_size: batch.fill(),
             log_idx: off,
             start_logical_offset: logical,
             version_flags: u64::from(BATCH_HEADER_VERSION),
@@ -425,45 +431,34 @@ impl Checker {
             self.next_logical = d.start_logical_offset;
         }
         self.next_batch_seq = d.batch_seq + 1;
-        let base = match pool.data_ptr(d.log_idx, d.total_size) {
-            Ok(p) => p,
+        let m = match Messages::check_all(pool, c, d) {
+            Ok(m) => m,
             Err(e) => {
-                self.fail(e.to_string());
+                self.fail(format!("batch {}: {e}", d.batch_seq));
+                self.next_logical += u64::from(d.num_msg);
                 return None;
             }
         };
-        // SAFETY: the range was bounds-checked by `data_ptr`.
-        unsafe { c.invalidate_range(base, d.total_size as usize) };
-        let stride = message_stride(self.w.message_bytes);
         let n = self.w.message_bytes as usize;
         let k = n.min(8);
         let mut ts = None;
-        for i in 0..u64::from(d.num_msg) {
-            if (i + 1) * stride > d.total_size {
-                self.fail(format!(
-                    "batch {} too short for {} messages",
-                    d.batch_seq, d.num_msg
-                ));
-                break;
-            }
-            // SAFETY: message i lies inside the checked, published batch range.
-            let h = unsafe { read_message_header(base.add((i * stride) as usize)) };
+        for r in m.iter() {
+            let h = match r {
+                Ok(m) => m,
+                Err(e) => {
+                    self.fail(format!("batch {}: {e}", d.batch_seq));
+                    break;
+                }
+            };
+            let (payload, h) = (h.payload, h.header);
             ts.get_or_insert(h.publish_ts_ns);
             let lo = self.next_logical;
-            if h.size as usize != n
-                || h.client_id != self.w.client_id
-                || h.batch_seq != d.batch_seq
-                || h.logical_offset != lo
-            {
+            if payload.len() != n || h.logical_offset != lo {
                 self.fail(format!(
                     "message {lo}: header {h:?} does not match its batch"
                 ));
-            }
-            // SAFETY: the payload follows its header inside the published batch range, which
-            // no process writes until this drainer finishes the batch's ring slot.
-            let payload =
-                unsafe { std::slice::from_raw_parts(base.add((i * stride) as usize + 64), n) };
-            if payload[..k] != lo.to_le_bytes()[..k] || payload_sum(&payload[k..]) != self.tail_sum
+            } else if payload[..k] != lo.to_le_bytes()[..k]
+                || payload_sum(&payload[k..]) != self.tail_sum
             {
                 self.fail(format!(
                     "message {lo}: payload does not match what was published"
