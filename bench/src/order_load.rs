@@ -19,6 +19,8 @@ use embar_dataplane::pool::{OpenOptions, Pool};
 use embar_dataplane::ring::{RingError, RingProducer};
 use serde::{Deserialize, Serialize};
 
+use crate::{BenchError, BenchResult};
+
 #[derive(Clone, Debug, clap::Args)]
 pub struct FeedArgs {
     #[arg(long)]
@@ -51,27 +53,23 @@ pub struct FeedReport {
     pub duplicates: u64,
 }
 
-fn open(path: &Path) -> Result<Pool, String> {
-    Pool::open(path, &OpenOptions::default()).map_err(|e| e.to_string())
+fn open(path: &Path) -> BenchResult<Pool> {
+    Ok(Pool::open(path, &OpenOptions::default())?)
 }
 
-pub fn feed(a: &FeedArgs) -> Result<FeedReport, String> {
+pub fn feed(a: &FeedArgs) -> BenchResult<FeedReport> {
     let pool = open(&a.pool)?;
     let c = Coherent;
-    let topic_slot = pool.find_topic(c, &a.topic).map_err(|e| e.to_string())?;
-    let mut producer = RingProducer::new(
-        pool.ring(topic_slot, a.broker).map_err(|e| e.to_string())?,
-        c,
-    );
+    let topic_slot = pool.find_topic(c, &a.topic)?;
+    let mut producer = RingProducer::new(pool.ring(topic_slot, a.broker)?, c);
     let owner = SegmentOwner {
         topic: topic_slot,
         broker: a.broker,
     };
-    let mut alloc =
-        SegmentAllocator::new(&pool, c, owner, AllocPolicy::Shared).map_err(|e| e.to_string())?;
+    let mut alloc = SegmentAllocator::new(&pool, c, owner, AllocPolicy::Shared)?;
     let stride = message_stride(u64::from(a.message_bytes));
     let total = stride * u64::from(a.messages_per_batch);
-    let mut seg = alloc.alloc().map_err(|e| e.to_string())?;
+    let mut seg = alloc.alloc()?;
     let mut fill = 0;
     let payload = vec![0xabu8; a.message_bytes as usize];
     let mut report = FeedReport {
@@ -84,14 +82,14 @@ pub fn feed(a: &FeedArgs) -> Result<FeedReport, String> {
                 continue;
             }
             if fill + total > seg.bytes {
-                seg = alloc
-                    .alloc()
-                    .map_err(|e| format!("{e} (the feed never reuses log space)"))?;
+                seg = alloc.alloc().map_err(|e| {
+                    BenchError::Run(format!("{e} (the feed never reuses log space)"))
+                })?;
                 fill = 0;
             }
             let off = seg.offset + fill;
             fill += total;
-            let base = pool.data_ptr(off, total).map_err(|e| e.to_string())?;
+            let base = pool.data_ptr(off, total)?;
             // SAFETY: a batch range of a segment this feed owns and never reuses, 64-byte
             // aligned; the sequencer reads it only once it is published.
             let mut batch = unsafe { BatchWriter::new(base, total) };
@@ -103,7 +101,7 @@ pub fn feed(a: &FeedArgs) -> Result<FeedReport, String> {
                     total_order: u64::MAX,
                     ..MessageHeader::default()
                 };
-                batch.append(&h, &payload).map_err(|e| e.to_string())?;
+                batch.append(&h, &payload)?;
             }
             let desc = BatchDesc {
                 batch_seq: k,
@@ -127,7 +125,7 @@ pub fn feed(a: &FeedArgs) -> Result<FeedReport, String> {
                     match producer.try_publish(&desc) {
                         Ok(_) => break,
                         Err(RingError::Full { .. }) => std::thread::yield_now(),
-                        Err(e) => return Err(e.to_string()),
+                        Err(e) => return Err(e.into()),
                     }
                 }
             }
@@ -163,24 +161,24 @@ pub struct VerifyReport {
     pub check: String,
 }
 
-pub fn verify(a: &VerifyArgs) -> Result<VerifyReport, String> {
+pub fn verify(a: &VerifyArgs) -> BenchResult<VerifyReport> {
     let pool = open(&a.pool)?;
     let c = Coherent;
-    let topic_slot = pool.find_topic(c, &a.topic).map_err(|e| e.to_string())?;
+    let topic_slot = pool.find_topic(c, &a.topic)?;
     let info = pool
         .read_topic(c, topic_slot)
-        .ok_or_else(|| format!("topic {:?} vanished", a.topic))?;
+        .ok_or_else(|| BenchError::Run(format!("topic {:?} vanished", a.topic)))?;
     let slots_n = u64::from(pool.geometry().ring_slots);
     let mut ordered = Vec::new();
     let mut unordered = 0;
     for b in 0..a.brokers {
-        let slots = pool.ring_slots(topic_slot, b).map_err(|e| e.to_string())?;
+        let slots = pool.ring_slots(topic_slot, b)?;
         let written = pool.tinode(topic_slot).brokers[b as usize]
             .broker
             .written
             .load(std::sync::atomic::Ordering::Acquire);
         if written > slots_n {
-            return Err(format!("broker {b}'s ring wrapped ({written} > {slots_n} slots): verification needs a ring that holds the run"));
+            return Err(BenchError::Run(format!("broker {b}'s ring wrapped ({written} > {slots_n} slots): verification needs a ring that holds the run")));
         }
         for (idx, slot) in slots.iter().enumerate().take(written as usize) {
             if slot.ordered.load(std::sync::atomic::Ordering::Acquire) == idx as u64 + 1

@@ -1,16 +1,16 @@
-//! The two worker processes of `embar bench` on the pool: a **lander** that writes batches of
+//! The two worker processes of `embar ring-bench` on the pool: a **lander** that writes batches of
 //! messages into log segments of the pool and publishes them into a broker's batch ring (what
 //! a broker does with a landed batch), and a **drainer** that takes them from the ring, checks
 //! every message, and finishes the slots, possibly out of order (what the sequencer does).
 //! Log space is reused once the drainer's watermark has passed every batch of a segment.
 //!
-//! Each prints one JSON line with what it did; `bench` starts them and reads those lines.
+//! Each prints one JSON line with what it did; `embar ring-bench` ([`crate::ring`]) starts them
+//! and reads those lines.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::client_cmd::open_pool as open;
 use embar_dataplane::batch::{BatchDesc, BatchLimits, BatchWriter};
 use embar_dataplane::messages::Messages;
 use embar_dataplane::pool::coherence::Coherence;
@@ -21,6 +21,9 @@ use embar_dataplane::ring::{Polled, RingConsumer, RingError, RingProducer};
 use embar_dataplane::PoolError;
 use embar_sys::clock::monotonic_ns;
 use serde::{Deserialize, Serialize};
+
+use crate::cluster::open_pool as open;
+use crate::{BenchError, BenchResult};
 
 /// How long a worker waits without progress before it gives up with an error.
 const STALL_LIMIT: Duration = Duration::from_secs(30);
@@ -154,12 +157,13 @@ impl Waiter {
         self.since = None;
     }
 
-    fn wait(&mut self, what: &str) -> Result<(), String> {
+    fn wait(&mut self, what: &'static str) -> BenchResult<()> {
         let since = *self.since.get_or_insert_with(Instant::now);
         if since.elapsed() > STALL_LIMIT {
-            return Err(format!(
-                "no progress for {STALL_LIMIT:?} while waiting for {what}"
-            ));
+            return Err(BenchError::Stalled {
+                what,
+                limit: STALL_LIMIT,
+            });
         }
         if self.spins < SPINS_BEFORE_YIELD {
             self.spins += 1;
@@ -172,11 +176,11 @@ impl Waiter {
 }
 
 /// Runs the lander with the pool's coherence mode.
-pub fn run_lander(w: &Workload, fault: Option<Fault>) -> Result<LanderReport, String> {
+pub fn run_lander(w: &Workload, fault: Option<Fault>) -> BenchResult<LanderReport> {
     let pool = open(&w.pool)?;
     struct Go<'a>(&'a Pool, &'a Workload, Option<Fault>);
-    impl CoherenceFn<Result<LanderReport, String>> for Go<'_> {
-        fn call<C: Coherence>(self, c: C) -> Result<LanderReport, String> {
+    impl CoherenceFn<BenchResult<LanderReport>> for Go<'_> {
+        fn call<C: Coherence>(self, c: C) -> BenchResult<LanderReport> {
             land(self.0, c, self.1, self.2)
         }
     }
@@ -184,11 +188,11 @@ pub fn run_lander(w: &Workload, fault: Option<Fault>) -> Result<LanderReport, St
 }
 
 /// Runs the drainer with the pool's coherence mode.
-pub fn run_drainer(w: &Workload, hold: usize) -> Result<DrainerReport, String> {
+pub fn run_drainer(w: &Workload, hold: usize) -> BenchResult<DrainerReport> {
     let pool = open(&w.pool)?;
     struct Go<'a>(&'a Pool, &'a Workload, usize);
-    impl CoherenceFn<Result<DrainerReport, String>> for Go<'_> {
-        fn call<C: Coherence>(self, c: C) -> Result<DrainerReport, String> {
+    impl CoherenceFn<BenchResult<DrainerReport>> for Go<'_> {
+        fn call<C: Coherence>(self, c: C) -> BenchResult<DrainerReport> {
             drain(self.0, c, self.1, self.2)
         }
     }
@@ -207,12 +211,12 @@ struct Log<'p, C: Coherence> {
 
 impl<C: Coherence> Log<'_, C> {
     /// Frees every closed segment whose batches are all below the consumer's watermark.
-    fn retire(&mut self, consumed: u64) -> Result<(), String> {
+    fn retire(&mut self, consumed: u64) -> BenchResult<()> {
         while let Some(&(seg, last)) = self.full.front() {
             if last >= consumed {
                 break;
             }
-            self.alloc.free(&seg).map_err(|e| e.to_string())?;
+            self.alloc.free(&seg)?;
             self.full.pop_front();
             self.reused += 1;
         }
@@ -225,7 +229,7 @@ impl<C: Coherence> Log<'_, C> {
         len: u64,
         index: u64,
         ring: &mut RingProducer<'_, P>,
-    ) -> Result<u64, String> {
+    ) -> BenchResult<u64> {
         let fits = self
             .current
             .is_some_and(|(s, _)| self.fill + len <= s.bytes);
@@ -242,7 +246,7 @@ impl<C: Coherence> Log<'_, C> {
                         self.waits += 1;
                         waiter.wait("a free segment")?
                     }
-                    Err(e) => return Err(e.to_string()),
+                    Err(e) => return Err(e.into()),
                 }
             };
             self.current = Some((seg, index));
@@ -261,18 +265,15 @@ fn land<C: Coherence>(
     c: C,
     w: &Workload,
     fault: Option<Fault>,
-) -> Result<LanderReport, String> {
-    let ring = pool
-        .ring(w.topic_slot, w.broker)
-        .map_err(|e| e.to_string())?;
+) -> BenchResult<LanderReport> {
+    let ring = pool.ring(w.topic_slot, w.broker)?;
     let mut producer = RingProducer::new(ring, c);
     let owner = SegmentOwner {
         topic: w.topic_slot,
         broker: w.broker,
     };
     let mut log = Log {
-        alloc: SegmentAllocator::new(pool, c, owner, AllocPolicy::Shared)
-            .map_err(|e| e.to_string())?,
+        alloc: SegmentAllocator::new(pool, c, owner, AllocPolicy::Shared)?,
         full: VecDeque::new(),
         current: None,
         fill: 0,
@@ -292,7 +293,7 @@ fn land<C: Coherence>(
         let total = n * stride;
         let index = producer.next_index();
         let off = log.reserve(total, index, &mut producer)?;
-        let base = pool.data_ptr(off, total).map_err(|e| e.to_string())?;
+        let base = pool.data_ptr(off, total)?;
         // SAFETY: `base` points at `total` bytes of a segment this lander owns, reserved for
         // this batch only (64-byte aligned: segments and strides are); the drainer reads it
         // only once it is published.
@@ -313,7 +314,7 @@ fn land<C: Coherence>(
             if let Some(b) = payload.last_mut().filter(|_| corrupt) {
                 *b ^= 0x40;
             }
-            batch.append(&header, &payload).map_err(|e| e.to_string())?;
+            batch.append(&header, &payload)?;
             if let Some(b) = payload.last_mut().filter(|_| corrupt) {
                 *b ^= 0x40;
             }
@@ -344,7 +345,7 @@ fn land<C: Coherence>(
                         ring_full_waits += 1;
                         waiter.wait("a free ring slot")?;
                     }
-                    Err(e) => return Err(e.to_string()),
+                    Err(e) => return Err(e.into()),
                 }
             }
             sent_batches += 1;
@@ -371,7 +372,7 @@ fn stamp(payload: &mut [u8], logical: u64) {
 }
 
 /// Wrapping sum of bytes as little-endian words (and a tail): a cheap read of every byte.
-pub(crate) fn payload_sum(bytes: &[u8]) -> u64 {
+pub fn payload_sum(bytes: &[u8]) -> u64 {
     let mut chunks = bytes.chunks_exact(8);
     let mut sum = 0u64;
     for ch in &mut chunks {
@@ -470,15 +471,8 @@ impl Checker {
     }
 }
 
-fn drain<C: Coherence>(
-    pool: &Pool,
-    c: C,
-    w: &Workload,
-    hold: usize,
-) -> Result<DrainerReport, String> {
-    let ring = pool
-        .ring(w.topic_slot, w.broker)
-        .map_err(|e| e.to_string())?;
+fn drain<C: Coherence>(pool: &Pool, c: C, w: &Workload, hold: usize) -> BenchResult<DrainerReport> {
+    let ring = pool.ring(w.topic_slot, w.broker)?;
     let limits = BatchLimits::new(*pool.geometry(), w.broker);
     let mut consumer = RingConsumer::new(ring, c, limits);
     let capacity = u64::from(pool.geometry().ring_slots);
@@ -490,7 +484,7 @@ fn drain<C: Coherence>(
     let mut first_ns = 0;
     let mut waiter = Waiter::new();
     while checker.next_batch_seq < w.batches() {
-        match consumer.poll().map_err(|e| e.to_string())? {
+        match consumer.poll()? {
             Some(Polled::Batch { index, desc }) => {
                 waiter.progress();
                 if first_ns == 0 {
@@ -504,33 +498,33 @@ fn drain<C: Coherence>(
                 if held.len() > hold {
                     // Finish newest first: the watermark must wait for the oldest.
                     while let Some(i) = held.pop() {
-                        consumer.finish(i).map_err(|e| e.to_string())?;
+                        consumer.finish(i)?;
                     }
                 }
             }
             Some(Polled::Invalid { index, reason, .. }) => {
                 checker.fail(format!("ring index {index} rejected: {reason}"));
-                consumer.finish(index).map_err(|e| e.to_string())?;
+                consumer.finish(index)?;
             }
             None => {
                 if let Err(e) = waiter.wait("the next batch") {
-                    checker.fail(e);
+                    checker.fail(e.to_string());
                     break;
                 }
             }
         }
     }
     while let Some(i) = held.pop() {
-        consumer.finish(i).map_err(|e| e.to_string())?;
+        consumer.finish(i)?;
     }
     // Anything published past the expected end is an extra (duplicate) batch.
     std::thread::sleep(Duration::from_millis(20));
-    if let Some(p) = consumer.poll().map_err(|e| e.to_string())? {
+    if let Some(p) = consumer.poll()? {
         checker.fail(format!(
             "an extra batch at ring index {} after the last expected one",
             p.index()
         ));
-        consumer.finish(p.index()).map_err(|e| e.to_string())?;
+        consumer.finish(p.index())?;
     }
     let last_ns = monotonic_ns();
     Ok(DrainerReport {
@@ -561,12 +555,11 @@ pub fn run_segment_churn(
     broker: u32,
     rounds: u64,
     hold: usize,
-) -> Result<ChurnReport, String> {
+) -> BenchResult<ChurnReport> {
     let pool = open(pool_path)?;
     let c = embar_dataplane::pool::coherence::Coherent;
     let owner = SegmentOwner { topic: 0, broker };
-    let mut alloc =
-        SegmentAllocator::new(&pool, c, owner, AllocPolicy::Shared).map_err(|e| e.to_string())?;
+    let mut alloc = SegmentAllocator::new(&pool, c, owner, AllocPolicy::Shared)?;
     let tag = (u64::from(std::process::id()) << 16) | u64::from(broker);
     let mut held: VecDeque<(Segment, u64)> = VecDeque::new();
     let mut report = ChurnReport {
@@ -574,11 +567,8 @@ pub fn run_segment_churn(
         collisions: 0,
         exhausted: 0,
     };
-    let stamp_at = |s: &Segment| -> Result<*mut u64, String> {
-        pool.data_ptr(s.offset, 8)
-            .map(|p| p.cast::<u64>())
-            .map_err(|e| e.to_string())
-    };
+    let stamp_at =
+        |s: &Segment| -> BenchResult<*mut u64> { Ok(pool.data_ptr(s.offset, 8)?.cast::<u64>()) };
     for round in 0..rounds {
         match alloc.alloc() {
             Ok(s) => {
@@ -590,7 +580,7 @@ pub fn run_segment_churn(
                 report.allocations += 1;
             }
             Err(PoolError::NoFreeSegment { .. }) => report.exhausted += 1,
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         }
         if held.len() > hold || (round % 3 == 0 && !held.is_empty()) {
             std::thread::yield_now();
@@ -599,11 +589,11 @@ pub fn run_segment_churn(
             if unsafe { stamp_at(&s)?.read_volatile() } != value {
                 report.collisions += 1;
             }
-            alloc.free(&s).map_err(|e| e.to_string())?;
+            alloc.free(&s)?;
         }
     }
     for (s, _) in held {
-        alloc.free(&s).map_err(|e| e.to_string())?;
+        alloc.free(&s)?;
     }
     Ok(report)
 }
