@@ -521,7 +521,7 @@ impl Parts {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::batch::write_message;
+    use crate::batch::BatchWriter;
     use crate::pool::coherence::Coherent;
     use crate::pool::geometry::PoolConfig;
     use crate::pool::tests::TempPool;
@@ -544,6 +544,15 @@ mod tests {
         (t, p)
     }
 
+    /// A header of the test's batch (its size set by the writer).
+    fn header() -> MessageHeader {
+        MessageHeader {
+            client_id: CLIENT,
+            batch_seq: SEQ,
+            ..MessageHeader::default()
+        }
+    }
+
     /// Writes `payloads` as one batch at the start of segment 0; its descriptor.
     fn batch(pool: &Pool, payloads: &[&[u8]]) -> BatchDesc {
         let log_idx = pool.geometry().segment_offset(0);
@@ -551,18 +560,11 @@ mod tests {
             .iter()
             .map(|p| message_stride(p.len() as u64))
             .sum();
-        let base = pool.data_ptr(log_idx, total).unwrap();
-        let mut off = 0;
+        // SAFETY: inside the range `data_ptr` checked, 64-byte aligned (a segment's start);
+        // nothing else touches this test's pool.
+        let mut w = unsafe { BatchWriter::new(pool.data_ptr(log_idx, total).unwrap(), total) };
         for p in payloads {
-            let h = MessageHeader {
-                size: p.len() as u32,
-                client_id: CLIENT,
-                batch_seq: SEQ,
-                ..MessageHeader::default()
-            };
-            // SAFETY: inside the range checked just above, 64-byte aligned; nothing else
-            // touches this test's pool.
-            off += unsafe { write_message(base.add(off as usize), &h, p) };
+            w.append(&header(), p).unwrap();
         }
         BatchDesc {
             batch_seq: SEQ,
@@ -725,9 +727,7 @@ mod tests {
         for p in payloads {
             let h = MessageHeader {
                 size: p.len() as u32,
-                client_id: CLIENT,
-                batch_seq: SEQ,
-                ..MessageHeader::default()
+                ..header()
             };
             // SAFETY: `MessageHeader` is plain integers, 64 bytes, no padding.
             let raw: [u8; 64] = unsafe { std::mem::transmute(h) };
