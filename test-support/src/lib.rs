@@ -89,18 +89,6 @@ pub fn wait_until(what: &str, limit: Duration, cond: impl FnMut() -> bool) {
     );
 }
 
-/// Waits until `f` gives a value; fails the test, naming `what`, if it does not within
-/// `limit`.
-#[track_caller]
-pub fn wait_for_value<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Option<T>) -> T {
-    let mut value = None;
-    wait_until(what, limit, || {
-        value = f();
-        value.is_some()
-    });
-    value.expect("set when the wait succeeded")
-}
-
 /// Checks that `cond` stays true for `period` (looked at every few milliseconds); fails the
 /// test, naming `what`, the first time it is false.
 #[track_caller]
@@ -180,11 +168,6 @@ impl Lines {
     /// The child's stderr (taken from it; it must be piped).
     pub fn stderr(child: &mut Child) -> Lines {
         Lines::of(child.stderr.take().expect("stderr is piped"))
-    }
-
-    /// The child's stdout (taken from it; it must be piped).
-    pub fn stdout(child: &mut Child) -> Lines {
-        Lines::of(child.stdout.take().expect("stdout is piped"))
     }
 
     pub fn of(pipe: impl Read + Send + 'static) -> Lines {
