@@ -1,7 +1,6 @@
 //! `embar control`, `embar topic ...`, `embar cluster status`: the control process and the
 //! operator commands that talk to it.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -211,21 +210,4 @@ pub fn cluster_status(c: &ClientArgs) -> CliResult<()> {
             print_topic(t);
         }
     })?)
-}
-
-/// A process that registers with the control process and heartbeats until killed (the
-/// membership half of a broker, for tests of failure detection).
-pub fn heartbeat_worker(control: SocketAddr) -> Result<(), String> {
-    let client = ControlClient::new(control);
-    let addrs: BTreeMap<String, String> =
-        [("pid".to_string(), std::process::id().to_string())].into();
-    let r = client.register(&addrs).map_err(|e| e.to_string())?;
-    let (id, interval) = (r.broker_id, r.heartbeat);
-    println!("{id}");
-    use std::io::Write;
-    let _ = std::io::stdout().flush();
-    loop {
-        std::thread::sleep(interval);
-        client.heartbeat(id).map_err(|e| e.to_string())?;
-    }
 }

@@ -6,13 +6,14 @@
 //! in step.
 //!
 //! The library crates' typed errors are classified here, by variant, never by their text:
-//! the control client's [`ClientError`], the pool's [`PoolError`] and the publisher's
-//! [`PublishError`]. A command that still returns `Result<_, String>` gets the generic
-//! failure through `From<String>`.
+//! the control client's [`ClientError`], the pool's [`PoolError`], the publisher's
+//! [`PublishError`] and the bench's [`BenchError`]. A command that still returns
+//! `Result<_, String>` gets the generic failure through `From<String>`.
 
 use std::fmt;
 use std::io;
 
+use embar_bench::BenchError;
 use embar_control::http::ClientError;
 use embar_dataplane::client::publisher::PublishError;
 use embar_dataplane::PoolError;
@@ -231,6 +232,18 @@ impl From<PublishError> for CliError {
             PublishError::Refused { .. } | PublishError::Transport(_) | PublishError::NoBrokers => {
                 CliError::unavailable(e)
             }
+        }
+    }
+}
+
+impl From<BenchError> for CliError {
+    fn from(e: BenchError) -> CliError {
+        match e {
+            BenchError::Usage(m) => CliError::usage(m),
+            BenchError::Pool(p) => p.into(),
+            BenchError::Control(c) => c.into(),
+            BenchError::Publish(p) => p.into(),
+            e => CliError::new(ExitKind::Failure, e),
         }
     }
 }

@@ -1,16 +1,12 @@
 //! `embar`: the command line of Embarcadero in Rust.
 
-mod baseline;
-mod bench;
+mod bench_cmd;
 mod broker_cmd;
 mod client_cmd;
 mod cluster_cmd;
 mod control_cmd;
 mod exit;
-mod order_load;
 mod pool_cmd;
-mod ring_bench;
-mod ringload;
 mod units;
 
 /// The error of a verbs option in a build without the transport.
@@ -42,9 +38,9 @@ enum Cmd {
     Pool(PoolCmd),
     /// The main job: a local cluster, publishers and subscribers, every message checked,
     /// throughput and latency (the default command).
-    Bench(bench::BenchArgs),
+    Bench(bench_cmd::BenchArgs),
     /// Benchmark the pool data path alone (segments and one ring) between two processes.
-    RingBench(ring_bench::RingBenchArgs),
+    RingBench(bench_cmd::RingBenchArgs),
     /// Run the sequencer of one topic until SIGINT or SIGTERM.
     Sequencer(SequencerArgs),
     /// Publish each line of stdin as one message; exit 0 only when all are acknowledged.
@@ -69,7 +65,7 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ClusterCmd,
     },
-    /// A worker process of `embar bench` (started by it).
+    /// A worker process of the benches and the process tests (started by them).
     #[command(hide = true, subcommand)]
     RingWorker(WorkerCmd),
 }
@@ -134,46 +130,11 @@ struct SequencerArgs {
 
 #[derive(Subcommand)]
 enum WorkerCmd {
-    /// Play one broker feeding a topic's ring with striped, partly duplicated client batches.
-    Feed(order_load::FeedArgs),
-    /// Check a finished run's order (the ring must hold the whole run).
-    VerifyOrder(order_load::VerifyArgs),
     /// Publish good messages, then a batch that breaks the rules; report the broker's answer.
     RoguePublish(client_cmd::RogueArgs),
-    /// Register with the control process and heartbeat until killed.
-    Heartbeat {
-        #[arg(long)]
-        control: std::net::SocketAddr,
-    },
-    Land {
-        #[command(flatten)]
-        workload: ringload::Workload,
-        #[arg(long)]
-        fault: Option<ringload::Fault>,
-    },
-    Drain {
-        #[command(flatten)]
-        workload: ringload::Workload,
-        #[arg(long, default_value_t = 0)]
-        hold: usize,
-    },
-    /// Allocate and free segments in a loop, checking that no segment has two owners.
-    SegmentChurn {
-        #[arg(long)]
-        pool: PathBuf,
-        #[arg(long)]
-        broker: u32,
-        #[arg(long, default_value_t = 20_000)]
-        rounds: u64,
-        #[arg(long, default_value_t = 8)]
-        hold: usize,
-    },
-}
-
-fn print_report<T: serde::Serialize>(r: Result<T, String>) -> Result<bool, String> {
-    let r = r?;
-    println!("{}", serde_json::to_string(&r).map_err(|e| e.to_string())?);
-    Ok(true)
+    /// The bench crate's workers: load generators and test fixtures.
+    #[command(flatten)]
+    Bench(embar_bench::workers::Worker),
 }
 
 fn run_sequencer(a: &SequencerArgs) -> CliResult<()> {
@@ -230,8 +191,8 @@ fn run(command: Cmd) -> CliResult<bool> {
             name,
             settings,
         }) => pool_cmd::create_topic(&path, &name, &settings)?,
-        Cmd::Bench(a) => return Ok(bench::run(&a)?),
-        Cmd::RingBench(a) => return Ok(ring_bench::run(&a)?),
+        Cmd::Bench(a) => return bench_cmd::bench(&a),
+        Cmd::RingBench(a) => return bench_cmd::ring_bench(&a),
         Cmd::Sequencer(a) => run_sequencer(&a)?,
         Cmd::Control(a) => control_cmd::run_control(&a)?,
         Cmd::Broker(a) => broker_cmd::run(&a)?,
@@ -280,32 +241,7 @@ fn run(command: Cmd) -> CliResult<bool> {
         Cmd::Publish(a) => client_cmd::publish(&a)?,
         Cmd::Subscribe(a) => client_cmd::subscribe(&a)?,
         Cmd::RingWorker(WorkerCmd::RoguePublish(a)) => client_cmd::rogue_publish(&a)?,
-        Cmd::RingWorker(WorkerCmd::Heartbeat { control }) => {
-            control_cmd::heartbeat_worker(control)?
-        }
-        Cmd::RingWorker(WorkerCmd::Feed(a)) => return Ok(print_report(order_load::feed(&a))?),
-        Cmd::RingWorker(WorkerCmd::VerifyOrder(a)) => {
-            let r = order_load::verify(&a)?;
-            let passed = r.check == "passed";
-            print_report(Ok(r))?;
-            return Ok(passed);
-        }
-        Cmd::RingWorker(WorkerCmd::Land { workload, fault }) => {
-            return Ok(print_report(ringload::run_lander(&workload, fault))?)
-        }
-        Cmd::RingWorker(WorkerCmd::Drain { workload, hold }) => {
-            return Ok(print_report(ringload::run_drainer(&workload, hold))?)
-        }
-        Cmd::RingWorker(WorkerCmd::SegmentChurn {
-            pool,
-            broker,
-            rounds,
-            hold,
-        }) => {
-            return Ok(print_report(ringload::run_segment_churn(
-                &pool, broker, rounds, hold,
-            ))?)
-        }
+        Cmd::RingWorker(WorkerCmd::Bench(w)) => return Ok(embar_bench::workers::run(&w)?),
     }
     Ok(true)
 }
@@ -317,7 +253,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let command = cli
         .command
-        .unwrap_or_else(|| Cmd::Bench(bench::BenchArgs::parse_defaults()));
+        .unwrap_or_else(|| Cmd::Bench(bench_cmd::BenchArgs::parse_defaults()));
     match run(command) {
         Ok(true) => ExitCode::SUCCESS,
         // The command ran and printed its report, and a check in it failed.

@@ -100,7 +100,7 @@ pub fn resolve(a: &CreateArgs) -> Result<(PathBuf, PoolConfig, CreateOptions), S
     let size = |flag: Option<u64>, key: &Option<String>, default: u64| -> Result<u64, String> {
         match (flag, key) {
             (Some(v), _) => Ok(v),
-            (None, Some(s)) => parse_bytes(s),
+            (None, Some(s)) => parse_bytes(s).map_err(|e| e.to_string()),
             (None, None) => Ok(default),
         }
     };

@@ -2,13 +2,11 @@
 //! system's `cc` against `capi/include/embar.h` and the shared library, and run against a
 //! real cluster.
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::{cargo_build, output_within, serial, Cluster};
+use embar_test_support::{cargo_build, output_within, serial, Cluster};
 
 #[test]
 fn the_c_example_publishes_and_receives_every_message_in_order() {

@@ -3,12 +3,10 @@
 //! topic, input that cannot be published, acknowledgements that never come. Every failure
 //! prints exactly one `embar: ...` line on stderr.
 
-mod common;
-
 use std::io::Write;
 use std::process::{Command, Output, Stdio};
 
-use common::{exe, serial, Cluster};
+use embar_test_support::{exe, serial, Cluster};
 use serde_json::Value;
 
 const USAGE: i32 = 2;

@@ -3,13 +3,11 @@
 //! examples in `examples/` as processes, and the command line finding the cluster without
 //! `--control`.
 
-mod common;
-
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{cargo_build, exe, output_within, serial, Cluster};
 use embar_client::{Client, ErrorKind, StartAt};
+use embar_test_support::{cargo_build, exe, output_within, serial, Cluster};
 use futures_util::StreamExt;
 
 /// A small pool: the cluster comes up quickly.

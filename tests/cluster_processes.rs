@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-mod common;
-use common::{exe, lines, serial, Cluster};
+use embar_test_support::{exe, lines, serial, Cluster, Lines};
 
 /// A subscriber of `topic` that registers, pauses `pause_ms`, then reads `n` messages, and a
 /// publisher of `n` 1 KiB lines started just after it. Returns the publisher's output and how
@@ -20,7 +19,7 @@ fn paused_subscriber_and_publisher(
     pause_ms: u64,
 ) -> (std::process::Output, Duration, std::process::Output) {
     let (count, pause) = (n.to_string(), pause_ms.to_string());
-    let sub = c.spawn(
+    let mut sub = c.spawn(
         &[
             "subscribe",
             "--topic",
@@ -32,14 +31,19 @@ fn paused_subscriber_and_publisher(
         ],
         None,
     );
+    let mut err = Lines::stderr(&mut sub);
+    err.wait_for("subscriber registered", Duration::from_secs(20));
     // Drain its output as it comes (a full pipe would stop it reading).
     let sub = std::thread::spawn(move || sub.wait_with_output().unwrap());
-    std::thread::sleep(Duration::from_millis(300));
     let start = Instant::now();
     let publisher = c.spawn(&["publish", "--topic", topic], Some(lines("m", n, 1000)));
     let published = publisher.wait_with_output().unwrap();
     let took = start.elapsed();
-    (published, took, sub.join().unwrap())
+    let sub = std::process::Output {
+        stderr: err.all().into_bytes(),
+        ..sub.join().unwrap()
+    };
+    (published, took, sub)
 }
 
 #[test]
@@ -325,7 +329,7 @@ fn a_subscriber_killed_while_registered_does_not_stall_the_topic() {
         &["subscribe", "--topic", "tiny", "--pause-ms", "600000"],
         None,
     );
-    std::thread::sleep(Duration::from_millis(500));
+    Lines::stderr(&mut sub).wait_for("subscriber registered", Duration::from_secs(20));
     sub.kill().unwrap(); // SIGKILL: its cursor stays registered at position 0
     sub.wait().unwrap();
     let n = 12_000; // more than the 8,192 delivery entries
@@ -472,19 +476,12 @@ fn when_the_sequencer_broker_dies_the_control_process_moves_it_and_publishing_go
         .status()
         .unwrap()
         .success());
-    let start = Instant::now();
-    let second = loop {
-        let s = control.status().unwrap();
-        match s["sequencer"]["broker_id"].as_u64() {
-            Some(id) if id != first => break id,
-            _ => {}
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "the sequencer did not move: {s}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    };
+    let s = c.wait_for_status("the sequencer to move", Duration::from_secs(20), |s| {
+        s["sequencer"]["broker_id"]
+            .as_u64()
+            .is_some_and(|id| id != first)
+    });
+    let second = s["sequencer"]["broker_id"].as_u64().unwrap();
     assert_ne!(second, first);
     // The surviving broker orders and acknowledges new messages.
     let after = c.spawn(&["publish", "--topic", "f"], Some(lines("after", 200, 10)));
@@ -584,14 +581,11 @@ fn a_broker_restarted_into_its_slot_reclaims_the_log_space_the_killed_process_le
         .status()
         .unwrap()
         .success());
-    let start = Instant::now();
-    while control.status().unwrap()["live_brokers"] != 0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "the killed broker stays live"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.wait_for_status(
+        "the killed broker to be declared dead",
+        Duration::from_secs(20),
+        |s| s["live_brokers"] == 0,
+    );
     // A new broker process takes slot 0 (the lowest free one) and the sequencer.
     struct Kill(Child);
     impl Drop for Kill {
@@ -608,13 +602,11 @@ fn a_broker_restarted_into_its_slot_reclaims_the_log_space_the_killed_process_le
             .spawn()
             .unwrap(),
     );
-    while control.status().unwrap()["sequencer"]["slot"] != 0 {
-        assert!(
-            start.elapsed() < Duration::from_secs(40),
-            "no new broker in slot 0"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    c.wait_for_status(
+        "a new broker in slot 0 with the sequencer",
+        Duration::from_secs(40),
+        |s| s["sequencer"]["slot"] == 0,
+    );
     // Three times the pool through it: every segment the killed process left must be freed
     // and reused on the way (a leaked one keeps its generation).
     let (ok, text, err) = c.embar(&[

@@ -3,8 +3,6 @@
 //! 503; no broker exits, nothing is lost or reordered, the same brokers are live afterwards,
 //! and `embar cluster down` stops processes started into the cluster by hand.
 
-mod common;
-
 use std::io::Write;
 use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
@@ -12,7 +10,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{exe, serial, Cluster};
+use embar_test_support::{exe, serial, signal, wait_for_status, Cluster};
 use serde_json::Value;
 
 /// How long each outage lasts.
@@ -46,30 +44,17 @@ fn live_brokers(s: &Value) -> Vec<(u64, String)> {
 /// heartbeat from each since this call.
 fn wait_for_brokers(control: &str, want: &[(u64, String)], phase: &str) {
     let start = Instant::now();
-    loop {
-        if let Some(s) = status(control) {
-            let since_ms = start.elapsed().as_millis() as u64;
-            let fresh = s["brokers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|b| b["alive"] == true)
-                .all(|b| b["last_heartbeat_ms_ago"].as_u64().unwrap() < since_ms);
-            if live_brokers(&s) == want && fresh {
-                return;
-            }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "{phase}: live brokers {:?}, want {want:?}",
-                live_brokers(&s)
-            );
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(20),
-            "{phase}: the control process does not answer"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let what = format!("{phase}: live brokers {want:?}, each heard from since");
+    wait_for_status(control, &what, Duration::from_secs(20), |s| {
+        let since_ms = start.elapsed().as_millis() as u64;
+        let fresh = s["brokers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["alive"] == true)
+            .all(|b| b["last_heartbeat_ms_ago"].as_u64().unwrap() < since_ms);
+        live_brokers(s) == want && fresh
+    });
 }
 
 fn assert_running(c: &Cluster, pids: &[(u64, String)], phase: &str) {
@@ -119,14 +104,6 @@ fn paced_publisher(
     (child, feeder)
 }
 
-fn signal(pid: u32, sig: &str) {
-    assert!(Command::new("kill")
-        .args([sig, &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
-}
-
 #[test]
 fn publishing_and_subscribing_go_on_through_control_outages_and_down_stops_everything() {
     let _serial = serial();
@@ -135,9 +112,7 @@ fn publishing_and_subscribing_go_on_through_control_outages_and_down_stops_every
         &["--pool-bytes", "256MiB", "--segment-bytes", "2MiB"],
     );
     c.topic("t", &["--order", "5", "--batch-bytes", "64KiB"]);
-    let file: Value =
-        serde_json::from_str(&std::fs::read_to_string(format!("{}/cluster.json", c.dir)).unwrap())
-            .unwrap();
+    let file = c.file();
     let control_args: Vec<String> = file["control_args"]
         .as_array()
         .unwrap()
@@ -161,15 +136,9 @@ fn publishing_and_subscribing_go_on_through_control_outages_and_down_stops_every
         .map(|n| paced_publisher(&c, n, &stop))
         .collect();
     // Some traffic is ordered before the first outage.
-    let start = Instant::now();
-    while status(&c.control).unwrap()["topics"][0]["sequencer"]["next_total_order"]
-        .as_u64()
-        .unwrap()
-        == 0
-    {
-        assert!(start.elapsed() < Duration::from_secs(20), "nothing ordered");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    c.wait_for_status("some traffic ordered", Duration::from_secs(20), |s| {
+        s["topics"][0]["sequencer"]["next_total_order"].as_u64() > Some(0)
+    });
 
     // 1. SIGKILL, down for 10 s, restarted on the same state directory by hand.
     let control_pid = status(&c.control).unwrap()["pid"].as_u64().unwrap() as u32;
@@ -258,12 +227,10 @@ fn publishing_and_subscribing_go_on_through_control_outages_and_down_stops_every
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let start = Instant::now();
-    while live_brokers(&status(&c.control).unwrap()).len() < 3 {
-        assert!(start.elapsed() < Duration::from_secs(20), "no third broker");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let want = live_brokers(&status(&c.control).unwrap());
+    let s = c.wait_for_status("a third broker", Duration::from_secs(20), |s| {
+        live_brokers(s).len() >= 3
+    });
+    let want = live_brokers(&s);
     assert!(want.iter().any(|b| b.1 == extra.id().to_string()));
     let out = Command::new(exe())
         .args(["cluster", "down", "--dir", &c.dir])

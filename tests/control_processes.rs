@@ -8,9 +8,9 @@ use std::net::TcpStream;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use embar_test_support::{assert_holds, embar, exe, wait_until};
 use serde_json::Value;
 
-const EXE: &str = env!("CARGO_BIN_EXE_embar");
 const HEARTBEAT_MS: u64 = 200;
 
 struct Cluster {
@@ -32,7 +32,7 @@ impl Drop for Cluster {
 
 /// Starts `embar control` on a free port; returns the child and its address.
 fn start_control(c: &Cluster) -> (Child, String) {
-    let mut child = Command::new(EXE)
+    let mut child = Command::new(exe())
         .args([
             "control",
             "--listen",
@@ -68,7 +68,7 @@ fn start_control(c: &Cluster) -> (Child, String) {
 }
 
 fn heartbeater(addr: &str) -> (Child, u64) {
-    let mut child = Command::new(EXE)
+    let mut child = Command::new(exe())
         .args(["ring-worker", "heartbeat", "--control", addr])
         .stdout(Stdio::piped())
         .spawn()
@@ -96,15 +96,6 @@ fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, Value) {
     (
         status,
         serde_json::from_str(body).unwrap_or(Value::String(body.to_string())),
-    )
-}
-
-fn embar(args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(EXE).args(args).output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).to_string(),
-        String::from_utf8_lossy(&out.stderr).to_string(),
     )
 }
 
@@ -137,10 +128,10 @@ fn membership_topics_and_restart_of_the_control_process() {
     let (b1, id1) = heartbeater(&addr);
     c.children.push(b0);
     assert_eq!((id0, id1), (0, 1));
-    std::thread::sleep(Duration::from_millis(3 * HEARTBEAT_MS));
-    assert!(
-        alive(&addr, id0) && alive(&addr, id1),
-        "heartbeats keep both alive"
+    assert_holds(
+        "heartbeats keep both alive",
+        Duration::from_millis(3 * HEARTBEAT_MS),
+        || alive(&addr, id0) && alive(&addr, id1),
     );
 
     // A long poll returns when membership changes.
@@ -162,13 +153,11 @@ fn membership_topics_and_restart_of_the_control_process() {
     b1.kill().unwrap();
     b1.wait().unwrap();
     let killed = Instant::now();
-    while alive(&addr, id1) {
-        assert!(
-            killed.elapsed() < Duration::from_secs(5),
-            "broker never declared dead"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_until(
+        "the killed broker declared dead",
+        Duration::from_secs(5),
+        || !alive(&addr, id1),
+    );
     let detected = killed.elapsed();
     assert!(
         detected <= Duration::from_millis(4 * HEARTBEAT_MS + 200),

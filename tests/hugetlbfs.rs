@@ -4,6 +4,8 @@
 
 use std::process::Command;
 
+use embar_test_support::exe;
+
 fn dir() -> Option<String> {
     let d = std::env::var("EMBAR_HUGETLBFS_DIR").ok()?;
     std::path::Path::new(&d).is_dir().then_some(d)
@@ -15,10 +17,10 @@ fn a_pool_on_hugetlbfs_is_created_checked_and_used() {
         eprintln!("skipped: EMBAR_HUGETLBFS_DIR does not name a mounted hugetlbfs (scripts/test.sh mounts one as root)");
         return;
     };
-    let exe = env!("CARGO_BIN_EXE_embar");
+    let exe = exe();
     let path = format!("{dir}/embar-test-{}", std::process::id());
     let _ = std::fs::remove_file(&path);
-    let out = Command::new(exe)
+    let out = Command::new(&exe)
         .args([
             "pool",
             "create",
@@ -40,7 +42,7 @@ fn a_pool_on_hugetlbfs_is_created_checked_and_used() {
     );
     assert!(!std::path::Path::new(&path).exists());
 
-    let out = Command::new(exe)
+    let out = Command::new(&exe)
         .args([
             "pool",
             "create",
@@ -58,7 +60,7 @@ fn a_pool_on_hugetlbfs_is_created_checked_and_used() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = Command::new(exe)
+    let out = Command::new(&exe)
         .args(["pool", "inspect", "--path", &path, "--json"])
         .output()
         .unwrap();
@@ -69,7 +71,7 @@ fn a_pool_on_hugetlbfs_is_created_checked_and_used() {
     );
     std::fs::remove_file(&path).unwrap();
 
-    let out = Command::new(exe)
+    let out = Command::new(&exe)
         .args([
             "ring-bench",
             "--json",

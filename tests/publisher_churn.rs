@@ -5,16 +5,14 @@
 //! --json` shows. Before client-table entries were reclaimed, the 1025th publisher of a topic
 //! timed out.
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-mod common;
-use common::{serial, Cluster};
+use embar_test_support::{serial, wait_for, Cluster, Lines};
 
 /// Messages each publisher process sends.
 const MESSAGES_PER_PUBLISHER: usize = 2;
@@ -25,7 +23,7 @@ const CLIENTS_TRACKED_MAX: u64 = 512;
 /// A subscriber of `topic` reading `count` messages as JSON lines, returned once it has
 /// registered (so that no log space it must read is reclaimed before it reads it).
 fn subscriber(c: &Cluster, topic: &str, count: usize) -> std::thread::JoinHandle<Vec<Value>> {
-    let mut child: Child = std::process::Command::new(common::exe())
+    let mut child: Child = std::process::Command::new(embar_test_support::exe())
         .args(["subscribe", "--topic", topic, "--count", &count.to_string()])
         .args(["--format", "jsonl", "--pause-ms", "0"])
         .args(["--control", &c.control])
@@ -33,22 +31,15 @@ fn subscriber(c: &Cluster, topic: &str, count: usize) -> std::thread::JoinHandle
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stderr).lines();
-        let first = lines.next();
-        let _ = tx.send(first);
-        lines.for_each(drop);
-    });
-    let first = rx
-        .recv_timeout(Duration::from_secs(20))
-        .expect("the subscriber registers within 20 s");
-    let first = first.unwrap().unwrap();
-    assert!(first.contains("registered"), "{first}");
+    let mut stderr = Lines::stderr(&mut child);
+    stderr.wait_for("registered", Duration::from_secs(20));
     std::thread::spawn(move || {
         let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "subscriber of {count} failed");
+        assert!(
+            out.status.success(),
+            "subscriber of {count} failed: {}",
+            stderr.all()
+        );
         String::from_utf8(out.stdout)
             .unwrap()
             .lines()
@@ -172,18 +163,15 @@ fn churn(name: &str, sequential: usize, concurrent: usize, parallel: usize) {
     check_delivery("seq4", &sub4.join().unwrap(), sequential);
     check_delivery("conc5", &sub5.join().unwrap(), concurrent);
     // Every session has ended: the sweeps forget every client.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let topics = record(&c, &peaks);
-        if topics.iter().all(|(_, n)| *n == 0) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "clients still tracked 10 s after the last publisher ended: {topics:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let mut topics = Vec::new();
+    let forgotten = wait_for(Duration::from_secs(10), || {
+        topics = record(&c, &peaks);
+        topics.iter().all(|(_, n)| *n == 0)
+    });
+    assert!(
+        forgotten,
+        "clients still tracked 10 s after the last publisher ended: {topics:?}"
+    );
     let p = peaks.lock().unwrap();
     let (ok, out, _) = c.embar(&["cluster", "status", "--json"]);
     assert!(ok);

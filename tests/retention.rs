@@ -3,13 +3,11 @@
 //! can restart from; the limit keeps at least what it says; short publish sessions do not pin
 //! whole segments.
 
-mod common;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{serial, Cluster};
+use embar_test_support::{serial, wait_for, wait_for_exit, Cluster, Lines};
 use serde_json::Value;
 
 /// Payload bytes after each line's index.
@@ -30,28 +28,15 @@ fn line(i: u64) -> String {
     format!("{i:08} {filler}")
 }
 
-/// Waits for `child` to exit, up to `limit`; kills it past that.
+/// Waits for `child` to exit, up to `limit`; kills it past that. Whether it succeeded, and
+/// its stderr (if still piped).
 fn wait_with_deadline(mut child: Child, limit: Duration) -> (bool, String) {
-    let stderr = child.stderr.take();
-    let err = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(mut e) = stderr {
-            let _ = e.read_to_string(&mut s);
-        }
-        s
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            panic!("process still running after {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    let err = child.stderr.take().map(Lines::of);
+    let Some(status) = wait_for_exit(&mut child, limit) else {
+        let _ = child.kill();
+        panic!("process still running after {limit:?}");
     };
-    (status.success(), err.join().unwrap())
+    (status.success(), err.map(Lines::all).unwrap_or_default())
 }
 
 /// `pool.segments_in_use` from `embar cluster status --json`.
@@ -108,7 +93,7 @@ fn a_slow_subscriber_past_the_retention_limit_gets_only_intact_messages_then_an_
     stderr.read_line(&mut first).unwrap();
     assert!(first.contains("registered at delivery index 0"), "{first}");
     let started = Instant::now();
-    let publisher = Command::new(common::exe())
+    let publisher = Command::new(embar_test_support::exe())
         .args(["publish", "--topic", "slow", "--control", &c.control])
         .stdin(std::fs::File::open(&input).unwrap())
         .stdout(Stdio::null())
@@ -207,12 +192,11 @@ fn short_publishes_stay_readable_and_small(name: &str, extra: &[&str]) {
     // One segment per broker holds all eight (sessions after the first continue in the
     // space the previous one left); at most one more each where a grant spilled over. A
     // closed session's unused grants are given back within a few polls of the broker.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut used = segments_in_use(&c);
-    while used > 4 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(50));
+    let mut used = 0;
+    wait_for(Duration::from_secs(5), || {
         used = segments_in_use(&c);
-    }
+        used <= 4
+    });
     assert!(
         used <= 4,
         "{used} segments in use after 8 one-line publish sessions"

@@ -5,8 +5,10 @@
 
 use std::process::Command;
 
+use embar_test_support::exe;
+
 fn bench(total: &str, extra: &[&str]) -> (i32, serde_json::Value) {
-    let out = Command::new(env!("CARGO_BIN_EXE_embar"))
+    let out = Command::new(exe())
         .args([
             "ring-bench",
             "--json",
@@ -82,7 +84,7 @@ fn a_gap_a_duplicate_and_a_corrupt_payload_are_each_caught() {
 
 #[test]
 fn a_bad_size_argument_is_a_clear_error() {
-    let out = Command::new(env!("CARGO_BIN_EXE_embar"))
+    let out = Command::new(exe())
         .args(["ring-bench", "--total-bytes", "lots"])
         .output()
         .unwrap();

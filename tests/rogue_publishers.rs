@@ -10,8 +10,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 
-mod common;
-use common::{exe, serial, Cluster};
+use embar_test_support::{exe, serial, Cluster};
 
 /// Every fault and what the rogue is told. The first group is batches (a bad descriptor or a
 /// bad message header: that batch rejected), the second words of the session (the session

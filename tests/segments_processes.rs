@@ -3,6 +3,8 @@
 
 use std::process::{Command, Stdio};
 
+use embar_test_support::exe;
+
 /// Removes a test file however the test ends.
 struct Cleanup(String);
 
@@ -14,11 +16,11 @@ impl Drop for Cleanup {
 
 #[test]
 fn concurrent_processes_never_share_a_segment() {
-    let exe = env!("CARGO_BIN_EXE_embar");
+    let exe = exe();
     let path = format!("/dev/shm/embar-test-churn-{}", std::process::id());
     let _ = std::fs::remove_file(&path);
     let _cleanup = Cleanup(path.clone());
-    let created = Command::new(exe)
+    let created = Command::new(&exe)
         .args([
             "pool",
             "create",
@@ -46,7 +48,7 @@ fn concurrent_processes_never_share_a_segment() {
     );
     let children: Vec<_> = (0..4)
         .map(|b| {
-            Command::new(exe)
+            Command::new(&exe)
                 .args([
                     "ring-worker",
                     "segment-churn",
@@ -77,7 +79,7 @@ fn concurrent_processes_never_share_a_segment() {
         exhausted > 0,
         "the pool never ran out, so owners never competed"
     );
-    let inspect = Command::new(exe)
+    let inspect = Command::new(&exe)
         .args(["pool", "inspect", "--path", &path, "--json"])
         .output()
         .unwrap();
@@ -88,12 +90,12 @@ fn concurrent_processes_never_share_a_segment() {
 
 #[test]
 fn pool_create_and_inspect_give_clear_errors_for_bad_input() {
-    let exe = env!("CARGO_BIN_EXE_embar");
+    let exe = exe();
     let path = format!("/dev/shm/embar-test-cli-{}", std::process::id());
     let _ = std::fs::remove_file(&path);
     let _cleanup = Cleanup(path.clone());
     let run = |args: &[&str]| {
-        let out = Command::new(exe).args(args).output().unwrap();
+        let out = Command::new(&exe).args(args).output().unwrap();
         (
             out.status.success(),
             String::from_utf8_lossy(&out.stderr).to_string(),
@@ -136,7 +138,7 @@ fn pool_create_and_inspect_give_clear_errors_for_bad_input() {
         "32",
     ]);
     assert!(ok, "{err}");
-    let out = Command::new(exe)
+    let out = Command::new(&exe)
         .args(["pool", "inspect", "--path", &path, "--json"])
         .output()
         .unwrap();

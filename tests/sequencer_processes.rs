@@ -4,9 +4,9 @@
 //! again; at the end the ordering checker runs on everything in the rings.
 
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-const EXE: &str = env!("CARGO_BIN_EXE_embar");
+use embar_test_support::{exe, signal, wait_for, wait_until};
 
 struct Cleanup(String, Vec<Child>);
 
@@ -22,11 +22,11 @@ impl Drop for Cleanup {
 }
 
 fn embar(args: &[&str]) -> std::process::Output {
-    Command::new(EXE).args(args).output().expect("embar runs")
+    Command::new(exe()).args(args).output().expect("embar runs")
 }
 
 fn sequencer(pool: &str, topic: &str) -> Child {
-    Command::new(EXE)
+    Command::new(exe())
         .args([
             "sequencer",
             "--pool",
@@ -61,18 +61,6 @@ fn ordered(pool: &str) -> u64 {
         .sum()
 }
 
-/// Whether `f` became true within `limit`.
-fn wait_for(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let start = Instant::now();
-    while !f() {
-        if start.elapsed() > limit {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    true
-}
-
 /// Whether every ring of the topic has had every published slot consumed.
 fn all_consumed(pool: &str) -> bool {
     let out = embar(&["pool", "inspect", "--path", pool, "--json"]);
@@ -82,10 +70,6 @@ fn all_consumed(pool: &str) -> bool {
         .unwrap()
         .iter()
         .all(|r| r[0] == r[1])
-}
-
-fn wait_until(what: &str, limit: Duration, f: impl FnMut() -> bool) {
-    assert!(wait_for(limit, f), "timed out waiting for {what}");
 }
 
 fn run(order: &str) {
@@ -128,7 +112,7 @@ fn run(order: &str) {
     guard.1.push(sequencer(&pool, "orders"));
     let feeders: Vec<Child> = (0..3)
         .map(|b| {
-            Command::new(EXE)
+            Command::new(exe())
                 .args([
                     "ring-worker",
                     "feed",
@@ -189,7 +173,7 @@ fn run(order: &str) {
         );
     }
     let mut s = guard.1.pop().unwrap();
-    unsafe_free_sigterm(&s);
+    signal(s.id(), "-TERM");
     assert!(
         s.wait().unwrap().success(),
         "SIGTERM stops the sequencer cleanly"
@@ -220,16 +204,6 @@ fn run(order: &str) {
         r["duplicates_dropped"].as_u64().unwrap() >= duplicates,
         "{r:#}"
     );
-}
-
-/// Sends SIGTERM through the `kill` command (no unsafe code in tests).
-fn unsafe_free_sigterm(c: &Child) {
-    let ok = Command::new("kill")
-        .args(["-TERM", &c.id().to_string()])
-        .status()
-        .unwrap()
-        .success();
-    assert!(ok);
 }
 
 #[test]

@@ -13,8 +13,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-mod common;
-use common::{exe, lines, serial, Cluster};
+use embar_test_support::{alive, exe, lines, serial, signal, wait_for, wait_until, Cluster};
 
 /// The IP brokers listen on for verbs, when a device is usable.
 fn rdma_ip() -> Option<String> {
@@ -112,14 +111,8 @@ impl VerbsCluster for Cluster {
     /// Waits (10 s at most) until metric `name` reaches `want`: brokers refresh their
     /// metrics every 100 ms.
     fn wait_metric(&self, name: &str, want: u64) {
-        let start = std::time::Instant::now();
-        while self.metric(name) < want {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "{name} stayed below {want}: {}",
-                self.broker_logs()
-            );
-            std::thread::sleep(Duration::from_millis(50));
+        if !wait_for(Duration::from_secs(10), || self.metric(name) >= want) {
+            panic!("{name} stayed below {want}: {}", self.broker_logs());
         }
     }
 
@@ -352,16 +345,15 @@ fn unknown_topic_and_unreachable_broker_are_clear_errors() {
     let status = embar_control::ControlClient::new(c.control.parse().unwrap())
         .status()
         .unwrap();
-    let pid = status["brokers"][1]["addresses"]["pid"]
+    let pid: u32 = status["brokers"][1]["addresses"]["pid"]
         .as_str()
         .unwrap()
-        .to_string();
-    assert!(Command::new("kill")
-        .args(["-KILL", &pid])
-        .status()
-        .unwrap()
-        .success());
-    std::thread::sleep(Duration::from_millis(200));
+        .parse()
+        .unwrap();
+    signal(pid, "-KILL");
+    wait_until("the killed broker's exit", Duration::from_secs(10), || {
+        !alive(pid)
+    });
     let out = c
         .publish_verbs("t", "x\n".into())
         .wait_with_output()

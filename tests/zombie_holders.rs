@@ -3,15 +3,13 @@
 //! not a subscriber's position (a zombie subscriber registered at the start of the log, then
 //! a publish of more than the whole pool completes).
 
-mod common;
-
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{exe, serial, Cluster};
 use embar_dataplane::pool::{OpenOptions, Pool};
 use embar_sys::process::ProcessId;
+use embar_test_support::{exe, serial, Cluster};
 use serde_json::Value;
 
 /// The process state letter `/proc` shows for `pid` (`Z` for a zombie).

@@ -122,6 +122,87 @@ pub enum BatchError {
     Range(#[from] RangeError),
 }
 
+/// A batch being written in place, from a 64-byte aligned start: each message appended is
+/// its 64-byte header, then its payload, padded to the message stride. With
+/// `messages::Messages` on the reading side, the one place that lays messages out at offsets
+/// from a raw pointer (every writer goes through it: the publishers' batches, the load
+/// generators, tests).
+#[derive(Debug)]
+pub struct BatchWriter {
+    base: *mut u8,
+    /// Bytes written so far, and at most.
+    fill: u64,
+    limit: u64,
+    num_msg: u32,
+}
+
+/// A message that does not fit in the rest of its batch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("a message of {stride} bytes (header and padding included) does not fit in the {room} bytes left of its batch")]
+pub struct BatchFull {
+    pub stride: u64,
+    pub room: u64,
+}
+
+impl BatchWriter {
+    /// A batch of at most `limit` bytes at `base`.
+    ///
+    /// # Safety
+    ///
+    /// `base..base + limit` is writable, 64-byte aligned, and neither read nor written by
+    /// anyone else until the batch is submitted (its reader waits for the submission), for as
+    /// long as the writer is used.
+    pub unsafe fn new(base: *mut u8, limit: u64) -> BatchWriter {
+        debug_assert_eq!(base as usize % CACHE_LINE, 0);
+        BatchWriter {
+            base,
+            fill: 0,
+            limit,
+            num_msg: 0,
+        }
+    }
+
+    /// Appends one message: `header` with its `size` set to the payload's, then `payload`.
+    pub fn append(&mut self, header: &MessageHeader, payload: &[u8]) -> Result<(), BatchFull> {
+        let stride = message_stride(payload.len() as u64);
+        if self.fill + stride > self.limit {
+            return Err(BatchFull {
+                stride,
+                room: self.limit - self.fill,
+            });
+        }
+        let header = MessageHeader {
+            size: payload.len() as u32,
+            ..*header
+        };
+        // SAFETY: `fill + stride <= limit`, and `base..base + limit` is this batch's,
+        // writable and 64-byte aligned (the contract of `new`); strides are multiples of 64,
+        // so the message starts aligned.
+        unsafe { write_message(self.base.add(self.fill as usize), &header, payload) };
+        self.fill += stride;
+        self.num_msg += 1;
+        Ok(())
+    }
+
+    /// The batch's first byte.
+    pub fn base(&self) -> *mut u8 {
+        self.base
+    }
+
+    /// Bytes written: the batch's `total_size`.
+    pub fn fill(&self) -> u64 {
+        self.fill
+    }
+
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    pub fn num_msg(&self) -> u32 {
+        self.num_msg
+    }
+}
+
 /// Writes one message (header, then payload, padded to the 64-byte stride) at `dst` and
 /// returns the stride.
 ///
@@ -137,13 +218,4 @@ pub unsafe fn write_message(dst: *mut u8, header: &MessageHeader, payload: &[u8]
         std::ptr::copy_nonoverlapping(payload.as_ptr(), dst.add(64), payload.len());
     }
     message_stride(payload.len() as u64)
-}
-
-/// Reads the message header at `src`.
-///
-/// # Safety
-/// `src` must be 64-byte aligned and point at 64 readable bytes of a published batch.
-pub unsafe fn read_message_header(src: *const u8) -> MessageHeader {
-    // SAFETY: per the contract.
-    unsafe { src.cast::<MessageHeader>().read() }
 }

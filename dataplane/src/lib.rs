@@ -26,6 +26,7 @@ pub mod sequencer;
 #[cfg(not(loom))]
 pub mod session;
 pub mod sync;
+pub mod units;
 // The protocol and its credit accounting build everywhere (and are tested in every build);
 // the two ends need the `verbs` feature.
 #[cfg(not(loom))]

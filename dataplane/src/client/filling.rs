@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use super::PublishError;
-use crate::batch::write_message;
+use crate::batch::BatchWriter;
 use crate::pool::layout::{message_stride, MessageHeader, BATCH_MESSAGES_MAX};
 
 /// The bytes a message of `payload_len` takes in a batch, or why it cannot go in one.
@@ -23,11 +23,7 @@ pub(crate) fn stride_of(payload_len: usize, batch_bytes: u64) -> Result<u64, Pub
 /// See the module docs.
 #[derive(Debug)]
 pub(crate) struct Filling {
-    base: *mut u8,
-    /// Bytes written so far, and at most.
-    pub fill: u64,
-    pub limit: u64,
-    pub num_msg: u32,
+    writer: BatchWriter,
     /// When its first message was published (its linger counts from there).
     pub first_ns: u64,
 }
@@ -45,18 +41,24 @@ impl Filling {
     /// `base..base + limit` is writable, 64-byte aligned, and written by nobody else until
     /// the batch is sealed (its reader waits for the submission).
     pub unsafe fn new(base: *mut u8, limit: u64, now: u64) -> Filling {
-        debug_assert_eq!(base as usize % 64, 0);
         Filling {
-            base,
-            fill: 0,
-            limit,
-            num_msg: 0,
+            // SAFETY: the contract of this function is `BatchWriter::new`'s.
+            writer: unsafe { BatchWriter::new(base, limit) },
             first_ns: now,
         }
     }
 
     pub fn base(&self) -> *mut u8 {
-        self.base
+        self.writer.base()
+    }
+
+    /// Bytes written so far.
+    pub fn fill(&self) -> u64 {
+        self.writer.fill()
+    }
+
+    pub fn num_msg(&self) -> u32 {
+        self.writer.num_msg()
     }
 
     /// When the linger of this batch runs out.
@@ -67,29 +69,23 @@ impl Filling {
     /// Whether a message of `stride` bytes published at `now` must go into a new batch: this
     /// one is full, at the message limit, or has lingered.
     pub fn must_seal(&self, stride: u64, now: u64, linger: Duration) -> bool {
-        self.fill + stride > self.limit
-            || self.num_msg >= BATCH_MESSAGES_MAX
+        self.writer.fill() + stride > self.writer.limit()
+            || self.writer.num_msg() >= BATCH_MESSAGES_MAX
             || now > self.deadline_ns(linger)
     }
 
     /// Appends one message (its 64-byte header, then the payload). A caller that checked
     /// `must_seal` first never trips the bound check.
     pub fn append(&mut self, client_id: u64, batch_seq: u64, now: u64, payload: &[u8]) {
-        let stride = message_stride(payload.len() as u64);
-        assert!(self.fill + stride <= self.limit, "a message past its batch");
         let header = MessageHeader {
-            size: payload.len() as u32,
             client_id,
             batch_seq,
             publish_ts_ns: now,
             ..MessageHeader::default()
         };
-        // SAFETY: `fill + stride <= limit` (asserted), and `base..base + limit` is this
-        // batch's, writable and 64-byte aligned (the contract of `new`); strides are
-        // multiples of 64, so the message starts aligned.
-        unsafe { write_message(self.base.add(self.fill as usize), &header, payload) };
-        self.fill += stride;
-        self.num_msg += 1;
+        if let Err(e) = self.writer.append(&header, payload) {
+            panic!("{e}: `must_seal` was not asked first");
+        }
     }
 }
 

@@ -302,14 +302,14 @@ impl<'p, C: Coherence> Publisher<'p, C> {
             return Ok(());
         };
         // SAFETY: the batch's bytes, inside the range checked when it opened.
-        unsafe { self.c.writeback_range(b.base(), b.fill as usize) };
+        unsafe { self.c.writeback_range(b.base(), b.fill() as usize) };
         let link = &mut self.links[i];
         let desc = BatchDesc {
             batch_seq: self.batch_seq,
             client_id: self.client_id,
-            num_msg: b.num_msg,
+            num_msg: b.num_msg(),
             broker_id: link.broker,
-            total_size: b.fill,
+            total_size: b.fill(),
             log_idx: start,
             start_logical_offset: 0,
             version_flags: u64::from(BATCH_HEADER_VERSION),
@@ -333,11 +333,11 @@ impl<'p, C: Coherence> Publisher<'p, C> {
             self.submit_waits += 1;
         }
         if let Some((_, _, used)) = link.grant.as_mut() {
-            *used += b.fill;
+            *used += b.fill();
         }
-        link.unacked.sealed(b.num_msg, b.first_ns);
+        link.unacked.sealed(b.num_msg(), b.first_ns);
         let link_sealed = link.unacked.sealed_messages();
-        self.sealed_messages += u64::from(b.num_msg);
+        self.sealed_messages += u64::from(b.num_msg());
         self.batch_seq += 1;
         if self.prefix.is_full() {
             self.advance_prefix();

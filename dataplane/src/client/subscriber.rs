@@ -17,12 +17,14 @@
 //! the window was freed (let alone rewritten) while it was copied, and its messages are
 //! delivered from the copy while it is still in cache. Otherwise the copy is dropped and the
 //! subscriber gets [`PoolError::FellBehind`], naming its position and the oldest retained one
-//! as total orders. The messages are parsed from the copy, so a header cannot change between
-//! its check and its use either.
+//! as total orders. The messages are checked and read from the copy through the one checked
+//! view of a batch (`messages::Parts`: the same bounds and errors as the broker's check), so a
+//! header cannot change between its check and its use either.
+use crate::messages::{Claims, Parts};
 use crate::pool::coherence::Coherence;
 use crate::pool::layout::{
-    message_stride, DeliveryEntry, MessageHeader, SequencerState, SubscriberEntry, DELIVERY_SLOTS,
-    SUBSCRIBERS_MAX, SUBSCRIBER_ACTIVE,
+    DeliveryEntry, SequencerState, SubscriberEntry, DELIVERY_SLOTS, SUBSCRIBERS_MAX,
+    SUBSCRIBER_ACTIVE,
 };
 use crate::pool::Pool;
 use crate::sync::Ordering::{AcqRel, Acquire, Relaxed, SeqCst};
@@ -31,9 +33,6 @@ use crate::{PoolError, PoolResult};
 /// Bytes of a batch copied out of the pool at a time before they are checked and delivered
 /// (grown for a larger message): small enough to stay in cache until delivered.
 const COPY_WINDOW_BYTES: usize = 64 * 1024;
-
-/// Where a message header keeps its payload size.
-const SIZE_AT: usize = std::mem::offset_of!(MessageHeader, size);
 
 const RECLAIMED: &str = "start position (log space already reclaimed below delivery index)";
 
@@ -310,30 +309,30 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
                 batch_seq,
                 reason,
             };
+            let claims = Claims {
+                num_msg,
+                client_id,
+                batch_seq,
+            };
+            let mut parts = Parts::new(claims, total).map_err(unreadable)?;
             let base = self.pool.data_ptr(log_idx, total)?;
             let len = total as usize;
-            // The batch is copied a window at a time, each window checked, then delivered
-            // from while it is still in cache: the copy costs one pass over cached bytes.
-            let (mut off, mut i) = (0usize, 0u32);
+            // The batch is copied a window of whole messages at a time, each window checked
+            // (through the one view of a batch's messages), then delivered from while it is
+            // still in cache: the copy costs one pass over cached bytes.
             let mut window = COPY_WINDOW_BYTES;
-            while i < num_msg {
-                if off + 64 > len {
-                    return Err(unreadable(crate::messages::BadBatch::HeaderPastBatch {
-                        index: i,
-                        offset: off as u64,
-                        total,
-                    }));
-                }
+            while !parts.is_done() {
+                let off = parts.offset() as usize;
                 let w = window.min(len - off);
                 if self.buf.len() < w {
                     // Only for a message larger than the window (bounded by a segment).
                     self.buf.resize(w, 0);
                 }
                 // SAFETY: `base + off .. base + off + w` lies inside `base..base + len`, which
-                // `data_ptr` bounds-checked in the mapping; `buf` holds at least `w` bytes and
-                // is not the pool. Another process may be writing that range if a broker
-                // reclaimed it meanwhile: the copy is then discarded by the check below,
-                // before anything reads it.
+                // `data_ptr` bounds-checked in the mapping (`Parts` keeps `off <= len`);
+                // `buf` holds at least `w` bytes and is not the pool. Another process may be
+                // writing that range if a broker reclaimed it meanwhile: the copy is then
+                // discarded by the check below, before anything reads it.
                 unsafe {
                     let src = base.add(off);
                     self.c.invalidate_range(src, w);
@@ -342,47 +341,28 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
                 // The copy is complete before the watermark is read again (announce-then-free
                 // on the broker's side; see the module documentation).
                 crate::sync::fence(Acquire);
+                let i = parts.index();
                 if let Err(e) = self.check_retained(broker, d, first + u64::from(i.max(self.skip)))
                 {
                     self.skip = i.max(self.skip);
                     return Err(e);
                 }
-                let copy = &self.buf[..w];
-                let mut at = 0usize;
-                while i < num_msg && at + 64 <= w {
-                    let size = u32::from_ne_bytes(
-                        copy[at + SIZE_AT..at + SIZE_AT + 4]
-                            .try_into()
-                            .expect("4 bytes"),
-                    ) as usize;
-                    if off + at + 64 + size > len {
-                        return Err(unreadable(crate::messages::BadBatch::PayloadPastBatch {
-                            index: i,
-                            offset: (off + at) as u64,
-                            size: size as u64,
-                            total,
-                        }));
-                    }
-                    if at + 64 + size > w {
-                        // Not whole in this window: the next window starts at it, and holds it.
-                        window = window.max(message_stride(size as u64) as usize);
-                        break;
-                    }
-                    if i >= self.skip {
+                for m in parts.next(&self.buf[..w]).map_err(unreadable)?.iter() {
+                    let m = m.map_err(unreadable)?;
+                    if m.index >= self.skip {
                         f(&Message {
-                            total_order: first + u64::from(i),
+                            total_order: first + u64::from(m.index),
                             client_id,
                             batch_seq,
-                            index: i,
+                            index: m.index,
                             num_msg,
-                            payload: &copy[at + 64..at + 64 + size],
+                            payload: m.payload,
                         });
                         n += 1;
                     }
-                    at += message_stride(size as u64) as usize;
-                    i += 1;
                 }
-                off += at;
+                // A message the window did not hold whole: the next window holds it.
+                window = window.max(parts.need() as usize);
             }
             self.skip = 0;
             self.next = d + 1;

@@ -343,9 +343,7 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
     /// protocol: the batch stays ordered (its subscribers report it by total order), unstamped,
     /// and the sequencer goes on with every other batch.
     fn stamp_messages(&self, desc: &BatchDesc, first: u64) -> Result<(), SequencerError> {
-        let stamped = Messages::check(self.pool, self.c, desc)
-            .and_then(|m| m.stamp_total_orders(self.c, first));
-        if let Err(e) = stamped {
+        if let Err(e) = Messages::stamp_total_orders(self.pool, self.c, desc, first) {
             log::warn!(
                 "topic slot {}: batch {} of client {} (total orders from {first}) not stamped: {e}",
                 self.topic,
@@ -594,6 +592,7 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
+    use crate::batch::BatchWriter;
     use crate::pool::coherence::Coherent;
     use crate::pool::geometry::PoolConfig;
     use crate::pool::layout::{MessageHeader, BATCH_HEADER_VERSION};
@@ -732,16 +731,15 @@ mod tests {
         let (_t, pool, topic) = setup(4);
         for b in 0..2u32 {
             let base = pool.geometry().segment_offset(u64::from(b));
-            let ptr = pool.data_ptr(base, 128).unwrap();
-            for i in 0..2 {
-                let h = MessageHeader {
-                    size: 0,
-                    client_id: 9,
-                    batch_seq: u64::from(b),
-                    ..Default::default()
-                };
-                // SAFETY: two 64-byte messages at the start of a segment this test owns.
-                unsafe { crate::batch::write_message(ptr.add(64 * i), &h, &[]) };
+            // SAFETY: the start of a segment this test owns, bounds-checked by `data_ptr`.
+            let mut w = unsafe { BatchWriter::new(pool.data_ptr(base, 128).unwrap(), 128) };
+            let h = MessageHeader {
+                client_id: 9,
+                batch_seq: u64::from(b),
+                ..Default::default()
+            };
+            for _ in 0..2 {
+                w.append(&h, &[]).unwrap();
             }
         }
         publish(&pool, topic, 1, 9, 1);
@@ -750,9 +748,18 @@ mod tests {
         drain(&mut s);
         let stamps: Vec<u64> = (0..2u64)
             .flat_map(|b| {
-                let p = pool.data_ptr(pool.geometry().segment_offset(b), 128).unwrap();
-                // SAFETY: the two message headers written above.
-                (0..2).map(move |i| unsafe { crate::batch::read_message_header(p.add(64 * i)) }.total_order)
+                let desc = BatchDesc {
+                    client_id: 9,
+                    batch_seq: b,
+                    num_msg: 2,
+                    total_size: 128,
+                    log_idx: pool.geometry().segment_offset(b),
+                    ..BatchDesc::default()
+                };
+                let m = Messages::check(&pool, Coherent, &desc).unwrap();
+                m.iter()
+                    .map(|r| r.unwrap().header.total_order)
+                    .collect::<Vec<_>>()
             })
             .collect();
         assert_eq!(

@@ -423,9 +423,9 @@ impl VerbsPublisher {
         let desc = crate::batch::BatchDesc {
             batch_seq: self.batch_seq,
             client_id: self.client_id,
-            num_msg: b.num_msg,
+            num_msg: b.num_msg(),
             broker_id: self.links[i].broker,
-            total_size: b.fill,
+            total_size: b.fill(),
             log_idx: start,
             start_logical_offset: 0,
             version_flags: u64::from(BATCH_HEADER_VERSION),
@@ -447,7 +447,7 @@ impl VerbsPublisher {
         let writes = [
             Write {
                 wr_id: buffer as u64,
-                local: self.buffers.mr().sge(off, b.fill as u32),
+                local: self.buffers.mr().sge(off, b.fill() as u32),
                 remote_addr: g.addr + (start - g.offset),
                 rkey: g.rkey,
                 imm: None,
@@ -468,11 +468,11 @@ impl VerbsPublisher {
         // SAFETY: the buffer is not written again until the signaled completion of the
         // second write returns it to `free` (RC completes the first before the second).
         unsafe { l.qp.post_writes(&writes) }.map_err(transport)?;
-        g.used += b.fill;
+        g.used += b.fill();
         l.credits.staged();
-        l.unacked.sealed(b.num_msg, b.first_ns);
+        l.unacked.sealed(b.num_msg(), b.first_ns);
         let link_sealed = l.unacked.sealed_messages();
-        self.sealed_messages += u64::from(b.num_msg);
+        self.sealed_messages += u64::from(b.num_msg());
         self.batch_seq += 1;
         if self.prefix.is_full() {
             self.advance_prefix();

@@ -9,14 +9,17 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use embar_dataplane::batch::{read_message_header, write_message, BatchDesc};
+use embar_dataplane::batch::{BatchDesc, BatchWriter};
 use embar_dataplane::checker::{Delivered, OrderChecker};
+use embar_dataplane::messages::Messages;
 use embar_dataplane::pool::coherence::Coherent;
 use embar_dataplane::pool::layout::{message_stride, MessageHeader, BATCH_HEADER_VERSION};
 use embar_dataplane::pool::segments::{AllocPolicy, SegmentAllocator, SegmentOwner};
 use embar_dataplane::pool::{OpenOptions, Pool};
 use embar_dataplane::ring::{RingError, RingProducer};
 use serde::{Deserialize, Serialize};
+
+use crate::{BenchError, BenchResult};
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct FeedArgs {
@@ -50,27 +53,23 @@ pub struct FeedReport {
     pub duplicates: u64,
 }
 
-fn open(path: &Path) -> Result<Pool, String> {
-    Pool::open(path, &OpenOptions::default()).map_err(|e| e.to_string())
+fn open(path: &Path) -> BenchResult<Pool> {
+    Ok(Pool::open(path, &OpenOptions::default())?)
 }
 
-pub fn feed(a: &FeedArgs) -> Result<FeedReport, String> {
+pub fn feed(a: &FeedArgs) -> BenchResult<FeedReport> {
     let pool = open(&a.pool)?;
     let c = Coherent;
-    let topic_slot = pool.find_topic(c, &a.topic).map_err(|e| e.to_string())?;
-    let mut producer = RingProducer::new(
-        pool.ring(topic_slot, a.broker).map_err(|e| e.to_string())?,
-        c,
-    );
+    let topic_slot = pool.find_topic(c, &a.topic)?;
+    let mut producer = RingProducer::new(pool.ring(topic_slot, a.broker)?, c);
     let owner = SegmentOwner {
         topic: topic_slot,
         broker: a.broker,
     };
-    let mut alloc =
-        SegmentAllocator::new(&pool, c, owner, AllocPolicy::Shared).map_err(|e| e.to_string())?;
+    let mut alloc = SegmentAllocator::new(&pool, c, owner, AllocPolicy::Shared)?;
     let stride = message_stride(u64::from(a.message_bytes));
     let total = stride * u64::from(a.messages_per_batch);
-    let mut seg = alloc.alloc().map_err(|e| e.to_string())?;
+    let mut seg = alloc.alloc()?;
     let mut fill = 0;
     let payload = vec![0xabu8; a.message_bytes as usize];
     let mut report = FeedReport {
@@ -83,25 +82,26 @@ pub fn feed(a: &FeedArgs) -> Result<FeedReport, String> {
                 continue;
             }
             if fill + total > seg.bytes {
-                seg = alloc
-                    .alloc()
-                    .map_err(|e| format!("{e} (the feed never reuses log space)"))?;
+                seg = alloc.alloc().map_err(|e| {
+                    BenchError::Run(format!("{e} (the feed never reuses log space)"))
+                })?;
                 fill = 0;
             }
             let off = seg.offset + fill;
             fill += total;
-            let base = pool.data_ptr(off, total).map_err(|e| e.to_string())?;
+            let base = pool.data_ptr(off, total)?;
+            // SAFETY: a batch range of a segment this feed owns and never reuses, 64-byte
+            // aligned; the sequencer reads it only once it is published.
+            let mut batch = unsafe { BatchWriter::new(base, total) };
             for i in 0..u64::from(a.messages_per_batch) {
                 let h = MessageHeader {
-                    size: a.message_bytes,
                     client_id: client,
                     batch_seq: k,
                     logical_offset: i,
                     total_order: u64::MAX,
                     ..MessageHeader::default()
                 };
-                // SAFETY: message i of a batch range this feed owns, 64-byte aligned.
-                unsafe { write_message(base.add((i * stride) as usize), &h, &payload) };
+                batch.append(&h, &payload)?;
             }
             let desc = BatchDesc {
                 batch_seq: k,
@@ -125,7 +125,7 @@ pub fn feed(a: &FeedArgs) -> Result<FeedReport, String> {
                     match producer.try_publish(&desc) {
                         Ok(_) => break,
                         Err(RingError::Full { .. }) => std::thread::yield_now(),
-                        Err(e) => return Err(e.to_string()),
+                        Err(e) => return Err(e.into()),
                     }
                 }
             }
@@ -161,24 +161,24 @@ pub struct VerifyReport {
     pub check: String,
 }
 
-pub fn verify(a: &VerifyArgs) -> Result<VerifyReport, String> {
+pub fn verify(a: &VerifyArgs) -> BenchResult<VerifyReport> {
     let pool = open(&a.pool)?;
     let c = Coherent;
-    let topic_slot = pool.find_topic(c, &a.topic).map_err(|e| e.to_string())?;
+    let topic_slot = pool.find_topic(c, &a.topic)?;
     let info = pool
         .read_topic(c, topic_slot)
-        .ok_or_else(|| format!("topic {:?} vanished", a.topic))?;
+        .ok_or_else(|| BenchError::Run(format!("topic {:?} vanished", a.topic)))?;
     let slots_n = u64::from(pool.geometry().ring_slots);
     let mut ordered = Vec::new();
     let mut unordered = 0;
     for b in 0..a.brokers {
-        let slots = pool.ring_slots(topic_slot, b).map_err(|e| e.to_string())?;
+        let slots = pool.ring_slots(topic_slot, b)?;
         let written = pool.tinode(topic_slot).brokers[b as usize]
             .broker
             .written
             .load(std::sync::atomic::Ordering::Acquire);
         if written > slots_n {
-            return Err(format!("broker {b}'s ring wrapped ({written} > {slots_n} slots): verification needs a ring that holds the run"));
+            return Err(BenchError::Run(format!("broker {b}'s ring wrapped ({written} > {slots_n} slots): verification needs a ring that holds the run")));
         }
         for (idx, slot) in slots.iter().enumerate().take(written as usize) {
             if slot.ordered.load(std::sync::atomic::Ordering::Acquire) == idx as u64 + 1
@@ -199,26 +199,21 @@ pub fn verify(a: &VerifyArgs) -> Result<VerifyReport, String> {
     let mut checker = OrderChecker::new(fifo);
     let mut check = Ok(());
     'outer: for (first, d) in &ordered {
-        let base = pool
-            .data_ptr(d.log_idx, d.total_size)
-            .map_err(|e| e.to_string())?;
-        let mut off = 0;
-        for i in 0..d.num_msg {
-            if off + 64 > d.total_size {
-                check = Err(format!("batch at {} ends inside message {i}", d.log_idx));
+        let m = match Messages::check(&pool, c, d) {
+            Ok(m) => m,
+            Err(e) => {
+                check = Err(format!("batch at {}: {e}", d.log_idx));
                 break 'outer;
             }
-            // SAFETY: `off + 64 <= total_size`: inside the bounds-checked batch range; the run
-            // is over, nobody writes it.
-            let h = unsafe { read_message_header(base.add(off as usize)) };
-            off += message_stride(u64::from(h.size));
-            if h.client_id != d.client_id || h.batch_seq != d.batch_seq {
-                check = Err(format!(
-                    "message {i} of batch at {} names another batch",
-                    d.log_idx
-                ));
-                break 'outer;
-            }
+        };
+        for r in m.iter() {
+            let (i, h) = match r {
+                Ok(m) => (m.index, m.header),
+                Err(e) => {
+                    check = Err(format!("batch at {}: {e}", d.log_idx));
+                    break 'outer;
+                }
+            };
             if info.config.order == 4 && h.total_order != first + u64::from(i) {
                 check = Err(format!(
                     "ORDER 4 stamp {} where {} was assigned",

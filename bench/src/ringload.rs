@@ -1,17 +1,18 @@
-//! The two worker processes of `embar bench` on the pool: a **lander** that writes batches of
+//! The two worker processes of `embar ring-bench` on the pool: a **lander** that writes batches of
 //! messages into log segments of the pool and publishes them into a broker's batch ring (what
 //! a broker does with a landed batch), and a **drainer** that takes them from the ring, checks
 //! every message, and finishes the slots, possibly out of order (what the sequencer does).
 //! Log space is reused once the drainer's watermark has passed every batch of a segment.
 //!
-//! Each prints one JSON line with what it did; `bench` starts them and reads those lines.
+//! Each prints one JSON line with what it did; `embar ring-bench` ([`crate::ring`]) starts them
+//! and reads those lines.
 
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::client_cmd::open_pool as open;
-use embar_dataplane::batch::{read_message_header, write_message, BatchDesc, BatchLimits};
+use embar_dataplane::batch::{BatchDesc, BatchLimits, BatchWriter};
+use embar_dataplane::messages::Messages;
 use embar_dataplane::pool::coherence::Coherence;
 use embar_dataplane::pool::layout::{message_stride, MessageHeader, BATCH_HEADER_VERSION};
 use embar_dataplane::pool::segments::{AllocPolicy, Segment, SegmentAllocator, SegmentOwner};
@@ -20,6 +21,9 @@ use embar_dataplane::ring::{Polled, RingConsumer, RingError, RingProducer};
 use embar_dataplane::PoolError;
 use embar_sys::clock::monotonic_ns;
 use serde::{Deserialize, Serialize};
+
+use crate::cluster::open_pool as open;
+use crate::{BenchError, BenchResult};
 
 /// How long a worker waits without progress before it gives up with an error.
 const STALL_LIMIT: Duration = Duration::from_secs(30);
@@ -153,12 +157,13 @@ impl Waiter {
         self.since = None;
     }
 
-    fn wait(&mut self, what: &str) -> Result<(), String> {
+    fn wait(&mut self, what: &'static str) -> BenchResult<()> {
         let since = *self.since.get_or_insert_with(Instant::now);
         if since.elapsed() > STALL_LIMIT {
-            return Err(format!(
-                "no progress for {STALL_LIMIT:?} while waiting for {what}"
-            ));
+            return Err(BenchError::Stalled {
+                what,
+                limit: STALL_LIMIT,
+            });
         }
         if self.spins < SPINS_BEFORE_YIELD {
             self.spins += 1;
@@ -171,11 +176,11 @@ impl Waiter {
 }
 
 /// Runs the lander with the pool's coherence mode.
-pub fn run_lander(w: &Workload, fault: Option<Fault>) -> Result<LanderReport, String> {
+pub fn run_lander(w: &Workload, fault: Option<Fault>) -> BenchResult<LanderReport> {
     let pool = open(&w.pool)?;
     struct Go<'a>(&'a Pool, &'a Workload, Option<Fault>);
-    impl CoherenceFn<Result<LanderReport, String>> for Go<'_> {
-        fn call<C: Coherence>(self, c: C) -> Result<LanderReport, String> {
+    impl CoherenceFn<BenchResult<LanderReport>> for Go<'_> {
+        fn call<C: Coherence>(self, c: C) -> BenchResult<LanderReport> {
             land(self.0, c, self.1, self.2)
         }
     }
@@ -183,11 +188,11 @@ pub fn run_lander(w: &Workload, fault: Option<Fault>) -> Result<LanderReport, St
 }
 
 /// Runs the drainer with the pool's coherence mode.
-pub fn run_drainer(w: &Workload, hold: usize) -> Result<DrainerReport, String> {
+pub fn run_drainer(w: &Workload, hold: usize) -> BenchResult<DrainerReport> {
     let pool = open(&w.pool)?;
     struct Go<'a>(&'a Pool, &'a Workload, usize);
-    impl CoherenceFn<Result<DrainerReport, String>> for Go<'_> {
-        fn call<C: Coherence>(self, c: C) -> Result<DrainerReport, String> {
+    impl CoherenceFn<BenchResult<DrainerReport>> for Go<'_> {
+        fn call<C: Coherence>(self, c: C) -> BenchResult<DrainerReport> {
             drain(self.0, c, self.1, self.2)
         }
     }
@@ -206,12 +211,12 @@ struct Log<'p, C: Coherence> {
 
 impl<C: Coherence> Log<'_, C> {
     /// Frees every closed segment whose batches are all below the consumer's watermark.
-    fn retire(&mut self, consumed: u64) -> Result<(), String> {
+    fn retire(&mut self, consumed: u64) -> BenchResult<()> {
         while let Some(&(seg, last)) = self.full.front() {
             if last >= consumed {
                 break;
             }
-            self.alloc.free(&seg).map_err(|e| e.to_string())?;
+            self.alloc.free(&seg)?;
             self.full.pop_front();
             self.reused += 1;
         }
@@ -224,7 +229,7 @@ impl<C: Coherence> Log<'_, C> {
         len: u64,
         index: u64,
         ring: &mut RingProducer<'_, P>,
-    ) -> Result<u64, String> {
+    ) -> BenchResult<u64> {
         let fits = self
             .current
             .is_some_and(|(s, _)| self.fill + len <= s.bytes);
@@ -241,7 +246,7 @@ impl<C: Coherence> Log<'_, C> {
                         self.waits += 1;
                         waiter.wait("a free segment")?
                     }
-                    Err(e) => return Err(e.to_string()),
+                    Err(e) => return Err(e.into()),
                 }
             };
             self.current = Some((seg, index));
@@ -260,18 +265,15 @@ fn land<C: Coherence>(
     c: C,
     w: &Workload,
     fault: Option<Fault>,
-) -> Result<LanderReport, String> {
-    let ring = pool
-        .ring(w.topic_slot, w.broker)
-        .map_err(|e| e.to_string())?;
+) -> BenchResult<LanderReport> {
+    let ring = pool.ring(w.topic_slot, w.broker)?;
     let mut producer = RingProducer::new(ring, c);
     let owner = SegmentOwner {
         topic: w.topic_slot,
         broker: w.broker,
     };
     let mut log = Log {
-        alloc: SegmentAllocator::new(pool, c, owner, AllocPolicy::Shared)
-            .map_err(|e| e.to_string())?,
+        alloc: SegmentAllocator::new(pool, c, owner, AllocPolicy::Shared)?,
         full: VecDeque::new(),
         current: None,
         fill: 0,
@@ -291,35 +293,40 @@ fn land<C: Coherence>(
         let total = n * stride;
         let index = producer.next_index();
         let off = log.reserve(total, index, &mut producer)?;
-        let base = pool.data_ptr(off, total).map_err(|e| e.to_string())?;
+        let base = pool.data_ptr(off, total)?;
+        // SAFETY: `base` points at `total` bytes of a segment this lander owns, reserved for
+        // this batch only (64-byte aligned: segments and strides are); the drainer reads it
+        // only once it is published.
+        let mut batch = unsafe { BatchWriter::new(base, total) };
         let ts = monotonic_ns();
         for i in 0..n {
             let lo = logical + i;
             stamp(&mut payload, lo);
             let header = MessageHeader {
-                size: w.message_bytes as u32,
                 client_id: w.client_id,
                 batch_seq,
                 logical_offset: lo,
                 publish_ts_ns: ts,
                 ..MessageHeader::default()
             };
-            // SAFETY: `base` points at `total` bytes of a segment this lander owns, reserved for
-            // this batch only; message i starts at i * stride (64-byte aligned) inside it.
-            unsafe { write_message(base.add((i * stride) as usize), &header, &payload) };
-        }
-        if fault == Some(Fault::CorruptPayload) && batch_seq == 1 && w.message_bytes > 0 {
-            // SAFETY: the last payload byte of message 0, inside this lander's batch range.
-            unsafe { *base.add(64 + w.message_bytes as usize - 1) ^= 0x40 };
+            // The fault flips the last payload byte of message 0 of batch 1.
+            let corrupt = fault == Some(Fault::CorruptPayload) && batch_seq == 1 && i == 0;
+            if let Some(b) = payload.last_mut().filter(|_| corrupt) {
+                *b ^= 0x40;
+            }
+            batch.append(&header, &payload)?;
+            if let Some(b) = payload.last_mut().filter(|_| corrupt) {
+                *b ^= 0x40;
+            }
         }
         // SAFETY: the batch's bytes lie inside the mapping (checked by `data_ptr`).
-        unsafe { c.writeback_range(base, total as usize) };
+        unsafe { c.writeback_range(base, batch.fill() as usize) };
         let desc = BatchDesc {
             batch_seq,
             client_id: w.client_id,
-            num_msg: n as u32,
+            num_msg: batch.num_msg(),
             broker_id: w.broker,
-            total_size: total,
+            total_size: batch.fill(),
             log_idx: off,
             start_logical_offset: logical,
             version_flags: u64::from(BATCH_HEADER_VERSION),
@@ -338,7 +345,7 @@ fn land<C: Coherence>(
                         ring_full_waits += 1;
                         waiter.wait("a free ring slot")?;
                     }
-                    Err(e) => return Err(e.to_string()),
+                    Err(e) => return Err(e.into()),
                 }
             }
             sent_batches += 1;
@@ -365,7 +372,7 @@ fn stamp(payload: &mut [u8], logical: u64) {
 }
 
 /// Wrapping sum of bytes as little-endian words (and a tail): a cheap read of every byte.
-pub(crate) fn payload_sum(bytes: &[u8]) -> u64 {
+pub fn payload_sum(bytes: &[u8]) -> u64 {
     let mut chunks = bytes.chunks_exact(8);
     let mut sum = 0u64;
     for ch in &mut chunks {
@@ -425,45 +432,34 @@ impl Checker {
             self.next_logical = d.start_logical_offset;
         }
         self.next_batch_seq = d.batch_seq + 1;
-        let base = match pool.data_ptr(d.log_idx, d.total_size) {
-            Ok(p) => p,
+        let m = match Messages::check_all(pool, c, d) {
+            Ok(m) => m,
             Err(e) => {
-                self.fail(e.to_string());
+                self.fail(format!("batch {}: {e}", d.batch_seq));
+                self.next_logical += u64::from(d.num_msg);
                 return None;
             }
         };
-        // SAFETY: the range was bounds-checked by `data_ptr`.
-        unsafe { c.invalidate_range(base, d.total_size as usize) };
-        let stride = message_stride(self.w.message_bytes);
         let n = self.w.message_bytes as usize;
         let k = n.min(8);
         let mut ts = None;
-        for i in 0..u64::from(d.num_msg) {
-            if (i + 1) * stride > d.total_size {
-                self.fail(format!(
-                    "batch {} too short for {} messages",
-                    d.batch_seq, d.num_msg
-                ));
-                break;
-            }
-            // SAFETY: message i lies inside the checked, published batch range.
-            let h = unsafe { read_message_header(base.add((i * stride) as usize)) };
+        for r in m.iter() {
+            let h = match r {
+                Ok(m) => m,
+                Err(e) => {
+                    self.fail(format!("batch {}: {e}", d.batch_seq));
+                    break;
+                }
+            };
+            let (payload, h) = (h.payload, h.header);
             ts.get_or_insert(h.publish_ts_ns);
             let lo = self.next_logical;
-            if h.size as usize != n
-                || h.client_id != self.w.client_id
-                || h.batch_seq != d.batch_seq
-                || h.logical_offset != lo
-            {
+            if payload.len() != n || h.logical_offset != lo {
                 self.fail(format!(
                     "message {lo}: header {h:?} does not match its batch"
                 ));
-            }
-            // SAFETY: the payload follows its header inside the published batch range, which
-            // no process writes until this drainer finishes the batch's ring slot.
-            let payload =
-                unsafe { std::slice::from_raw_parts(base.add((i * stride) as usize + 64), n) };
-            if payload[..k] != lo.to_le_bytes()[..k] || payload_sum(&payload[k..]) != self.tail_sum
+            } else if payload[..k] != lo.to_le_bytes()[..k]
+                || payload_sum(&payload[k..]) != self.tail_sum
             {
                 self.fail(format!(
                     "message {lo}: payload does not match what was published"
@@ -475,15 +471,8 @@ impl Checker {
     }
 }
 
-fn drain<C: Coherence>(
-    pool: &Pool,
-    c: C,
-    w: &Workload,
-    hold: usize,
-) -> Result<DrainerReport, String> {
-    let ring = pool
-        .ring(w.topic_slot, w.broker)
-        .map_err(|e| e.to_string())?;
+fn drain<C: Coherence>(pool: &Pool, c: C, w: &Workload, hold: usize) -> BenchResult<DrainerReport> {
+    let ring = pool.ring(w.topic_slot, w.broker)?;
     let limits = BatchLimits::new(*pool.geometry(), w.broker);
     let mut consumer = RingConsumer::new(ring, c, limits);
     let capacity = u64::from(pool.geometry().ring_slots);
@@ -495,7 +484,7 @@ fn drain<C: Coherence>(
     let mut first_ns = 0;
     let mut waiter = Waiter::new();
     while checker.next_batch_seq < w.batches() {
-        match consumer.poll().map_err(|e| e.to_string())? {
+        match consumer.poll()? {
             Some(Polled::Batch { index, desc }) => {
                 waiter.progress();
                 if first_ns == 0 {
@@ -509,33 +498,33 @@ fn drain<C: Coherence>(
                 if held.len() > hold {
                     // Finish newest first: the watermark must wait for the oldest.
                     while let Some(i) = held.pop() {
-                        consumer.finish(i).map_err(|e| e.to_string())?;
+                        consumer.finish(i)?;
                     }
                 }
             }
             Some(Polled::Invalid { index, reason, .. }) => {
                 checker.fail(format!("ring index {index} rejected: {reason}"));
-                consumer.finish(index).map_err(|e| e.to_string())?;
+                consumer.finish(index)?;
             }
             None => {
                 if let Err(e) = waiter.wait("the next batch") {
-                    checker.fail(e);
+                    checker.fail(e.to_string());
                     break;
                 }
             }
         }
     }
     while let Some(i) = held.pop() {
-        consumer.finish(i).map_err(|e| e.to_string())?;
+        consumer.finish(i)?;
     }
     // Anything published past the expected end is an extra (duplicate) batch.
     std::thread::sleep(Duration::from_millis(20));
-    if let Some(p) = consumer.poll().map_err(|e| e.to_string())? {
+    if let Some(p) = consumer.poll()? {
         checker.fail(format!(
             "an extra batch at ring index {} after the last expected one",
             p.index()
         ));
-        consumer.finish(p.index()).map_err(|e| e.to_string())?;
+        consumer.finish(p.index())?;
     }
     let last_ns = monotonic_ns();
     Ok(DrainerReport {
@@ -566,12 +555,11 @@ pub fn run_segment_churn(
     broker: u32,
     rounds: u64,
     hold: usize,
-) -> Result<ChurnReport, String> {
+) -> BenchResult<ChurnReport> {
     let pool = open(pool_path)?;
     let c = embar_dataplane::pool::coherence::Coherent;
     let owner = SegmentOwner { topic: 0, broker };
-    let mut alloc =
-        SegmentAllocator::new(&pool, c, owner, AllocPolicy::Shared).map_err(|e| e.to_string())?;
+    let mut alloc = SegmentAllocator::new(&pool, c, owner, AllocPolicy::Shared)?;
     let tag = (u64::from(std::process::id()) << 16) | u64::from(broker);
     let mut held: VecDeque<(Segment, u64)> = VecDeque::new();
     let mut report = ChurnReport {
@@ -579,11 +567,8 @@ pub fn run_segment_churn(
         collisions: 0,
         exhausted: 0,
     };
-    let stamp_at = |s: &Segment| -> Result<*mut u64, String> {
-        pool.data_ptr(s.offset, 8)
-            .map(|p| p.cast::<u64>())
-            .map_err(|e| e.to_string())
-    };
+    let stamp_at =
+        |s: &Segment| -> BenchResult<*mut u64> { Ok(pool.data_ptr(s.offset, 8)?.cast::<u64>()) };
     for round in 0..rounds {
         match alloc.alloc() {
             Ok(s) => {
@@ -595,7 +580,7 @@ pub fn run_segment_churn(
                 report.allocations += 1;
             }
             Err(PoolError::NoFreeSegment { .. }) => report.exhausted += 1,
-            Err(e) => return Err(e.to_string()),
+            Err(e) => return Err(e.into()),
         }
         if held.len() > hold || (round % 3 == 0 && !held.is_empty()) {
             std::thread::yield_now();
@@ -604,11 +589,11 @@ pub fn run_segment_churn(
             if unsafe { stamp_at(&s)?.read_volatile() } != value {
                 report.collisions += 1;
             }
-            alloc.free(&s).map_err(|e| e.to_string())?;
+            alloc.free(&s)?;
         }
     }
     for (s, _) in held {
-        alloc.free(&s).map_err(|e| e.to_string())?;
+        alloc.free(&s)?;
     }
     Ok(report)
 }

@@ -8,7 +8,7 @@
 //! set against single-thread memcpy bandwidth measured in the same run.
 
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,42 +16,35 @@ use embar_dataplane::pool::coherence::{CoherenceMode, Coherent};
 use embar_dataplane::pool::geometry::PoolConfig;
 use embar_dataplane::pool::topics::TopicConfig;
 use embar_dataplane::pool::{CreateOptions, Pool};
+use embar_dataplane::units::format_bytes;
 use serde::Serialize;
 
 use crate::ringload::{DrainerReport, Fault, LanderReport, Workload};
-use crate::units::{format_bytes, parse_bytes};
+use crate::{BenchError, BenchResult};
 
-#[derive(Clone, Debug, clap::Args)]
-pub struct RingBenchArgs {
+/// What to run (`embar ring-bench`'s flags).
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The `embar` binary, which runs the two workers.
+    pub embar: PathBuf,
     /// Payload bytes to move through the pool.
-    #[arg(long, default_value = "4GiB", value_parser = parse_bytes)]
     pub total_bytes: u64,
     /// Payload bytes of each message.
-    #[arg(long, default_value = "1KiB", value_parser = parse_bytes)]
     pub message_bytes: u64,
     /// Batch size (headers and payloads).
-    #[arg(long, default_value = "2MiB", value_parser = parse_bytes)]
     pub batch_bytes: u64,
-    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
     pub pool_bytes: u64,
-    #[arg(long, default_value = "16MiB", value_parser = parse_bytes)]
     pub segment_bytes: u64,
-    #[arg(long, default_value_t = 1024)]
     pub ring_slots: u32,
-    #[arg(long, default_value = "coherent")]
     pub coherence: CoherenceMode,
     /// The drainer holds this many taken batches and finishes them newest first, so the ring
     /// watermark is exercised with out-of-order completion.
-    #[arg(long, default_value_t = 0)]
     pub hold: usize,
     /// Directory of the pool file.
-    #[arg(long, default_value = "/dev/shm")]
     pub pool_dir: PathBuf,
     /// Print one JSON object instead of the human summary.
-    #[arg(long)]
     pub json: bool,
     /// Inject a fault in the lander (to check that the drainer catches it).
-    #[arg(long, hide = true)]
     pub fault: Option<Fault>,
 }
 
@@ -64,7 +57,7 @@ struct LatencyUs {
 }
 
 #[derive(Debug, Serialize)]
-struct BenchConfig {
+struct RingReportConfig {
     transport: &'static str,
     brokers: u32,
     order: u8,
@@ -80,7 +73,7 @@ struct BenchConfig {
 }
 
 #[derive(Debug, Serialize)]
-struct BenchResult {
+struct RingReport {
     throughput_gbps: f64,
     messages_per_s: f64,
     memcpy_gbps: f64,
@@ -98,7 +91,7 @@ struct BenchResult {
     segment_waits: u64,
     order_check: &'static str,
     errors: Vec<String>,
-    config: BenchConfig,
+    config: RingReportConfig,
 }
 
 /// Removes the bench pool however the run ends.
@@ -110,14 +103,17 @@ impl Drop for PoolFile {
     }
 }
 
-fn spawn_worker(args: &[String]) -> Result<Child, String> {
-    let exe = std::env::current_exe().map_err(|e| format!("cannot find the embar binary: {e}"))?;
-    Command::new(exe)
+fn spawn_worker(embar: &Path, args: &[String]) -> BenchResult<Child> {
+    Command::new(embar)
+        .arg(crate::workers::COMMAND)
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .map_err(|e| format!("cannot start a worker process: {e}"))
+        .map_err(|source| BenchError::Spawn {
+            what: format!("a worker process ({})", embar.display()),
+            source,
+        })
 }
 
 fn workload_args(w: &Workload) -> Vec<String> {
@@ -141,24 +137,38 @@ fn workload_args(w: &Workload) -> Vec<String> {
     ]
 }
 
-fn report_of<T: serde::de::DeserializeOwned>(child: Child, what: &str) -> Result<T, String> {
+fn report_of<T: serde::de::DeserializeOwned>(child: Child, what: &str) -> BenchResult<T> {
     let out = child
         .wait_with_output()
-        .map_err(|e| format!("{what}: {e}"))?;
+        .map_err(|source| BenchError::Spawn {
+            what: what.into(),
+            source,
+        })?;
     let line = BufReader::new(&out.stdout[..])
         .lines()
         .map_while(Result::ok)
         .last()
         .unwrap_or_default();
     if !out.status.success() {
-        return Err(format!("{what} failed ({}): {line}", out.status));
+        return Err(BenchError::Worker {
+            what: what.into(),
+            status: out.status,
+            line,
+        });
     }
-    serde_json::from_str(&line).map_err(|e| format!("{what} printed no report ({e}): {line:?}"))
+    serde_json::from_str(&line).map_err(|source| BenchError::Report {
+        what: what.into(),
+        line,
+        source,
+    })
 }
 
-pub fn run(a: &RingBenchArgs) -> Result<bool, String> {
+/// Runs the bench and prints its report; `Ok(false)`: a check in it failed.
+pub fn run(a: &Config) -> BenchResult<bool> {
     if a.message_bytes == 0 || a.total_bytes < a.message_bytes {
-        return Err("--message-bytes must be at least 1 and at most --total-bytes".into());
+        return Err(BenchError::Usage(
+            "--message-bytes must be at least 1 and at most --total-bytes".into(),
+        ));
     }
     let memcpy = crate::baseline::memcpy_gbps();
     let path = a
@@ -179,8 +189,7 @@ pub fn run(a: &RingBenchArgs) -> Result<bool, String> {
             coherence: a.coherence,
             ..Default::default()
         },
-    )
-    .map_err(|e| e.to_string())?;
+    )?;
     let _cleanup = PoolFile(path.clone());
     let topic = TopicConfig {
         order: 0,
@@ -188,9 +197,7 @@ pub fn run(a: &RingBenchArgs) -> Result<bool, String> {
         replication_factor: 0,
         batch_bytes: a.batch_bytes,
     };
-    let slot = pool
-        .create_topic(Coherent, "bench", &topic)
-        .map_err(|e| e.to_string())?;
+    let slot = pool.create_topic(Coherent, "bench", &topic)?;
     let w = Workload {
         pool: path.clone(),
         topic_slot: slot,
@@ -201,17 +208,17 @@ pub fn run(a: &RingBenchArgs) -> Result<bool, String> {
         batch_bytes: a.batch_bytes,
         seed: 0x5eed,
     };
-    let mut drain_args = vec!["ring-worker".to_string(), "drain".into()];
+    let mut drain_args = vec!["drain".to_string()];
     drain_args.extend(workload_args(&w));
     drain_args.extend(["--hold".into(), a.hold.to_string()]);
-    let mut land_args = vec!["ring-worker".to_string(), "land".into()];
+    let mut land_args = vec!["land".to_string()];
     land_args.extend(workload_args(&w));
     if let Some(f) = a.fault {
         let name = clap::ValueEnum::to_possible_value(&f).map(|v| v.get_name().to_string());
         land_args.extend(["--fault".into(), name.unwrap_or_default()]);
     }
-    let mut drainer = spawn_worker(&drain_args)?;
-    let lander = spawn_worker(&land_args)?;
+    let mut drainer = spawn_worker(&a.embar, &drain_args)?;
+    let lander = spawn_worker(&a.embar, &land_args)?;
     progress(&pool, slot, &w, a.json, &mut drainer);
     let land: LanderReport = report_of(lander, "lander")?;
     let drain: DrainerReport = report_of(drainer, "drainer")?;
@@ -222,7 +229,7 @@ pub fn run(a: &RingBenchArgs) -> Result<bool, String> {
     let passed =
         drain.error_count == 0 && drain.messages == w.messages && land.batches == w.batches();
     let lat = &drain.batch_latency_ns;
-    let result = BenchResult {
+    let result = RingReport {
         throughput_gbps: gbps,
         messages_per_s: drain.messages as f64 / elapsed_s,
         memcpy_gbps: memcpy,
@@ -244,7 +251,7 @@ pub fn run(a: &RingBenchArgs) -> Result<bool, String> {
         segment_waits: land.segment_waits,
         order_check: if passed { "passed" } else { "failed" },
         errors: drain.errors,
-        config: BenchConfig {
+        config: RingReportConfig {
             transport: "shm",
             brokers: 1,
             order: 0,
@@ -260,10 +267,7 @@ pub fn run(a: &RingBenchArgs) -> Result<bool, String> {
         },
     };
     if a.json {
-        println!(
-            "{}",
-            serde_json::to_string(&result).map_err(|e| e.to_string())?
-        );
+        println!("{}", serde_json::to_string(&result)?);
     } else {
         print_human(&result);
     }
@@ -297,7 +301,7 @@ fn progress(pool: &Pool, slot: u32, w: &Workload, quiet: bool, drainer: &mut Chi
     }
 }
 
-fn print_human(r: &BenchResult) {
+fn print_human(r: &RingReport) {
     let c = &r.config;
     println!(
         "embar ring-bench: pool data path, {} transport, {} coherence, {} B messages, {} batches ({} msgs each), ring {} slots",

@@ -3,11 +3,13 @@
 //! the shm transport, every message checked (total order, per-client order, payload), and
 //! throughput, publish-to-ack latency (HDR histogram) and the same run's memcpy bandwidth.
 
-use std::net::SocketAddr;
+use std::collections::hash_map::RandomState;
+use std::hash::{BuildHasher, Hasher};
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use crate::ringload::payload_sum as word_sum;
 use embar_control::topics::TopicSpec;
 use embar_control::ControlClient;
 use embar_dataplane::checker::{Delivered, OrderChecker};
@@ -16,67 +18,66 @@ use embar_dataplane::client::subscriber::{StartAt, Subscriber};
 use embar_dataplane::client::Publish;
 use embar_dataplane::pool::coherence::Coherence;
 use embar_dataplane::pool::{CoherenceFn, Pool};
+use embar_dataplane::units::format_bytes;
 use embar_sys::clock::monotonic_ns;
 use hdrhistogram::Histogram;
 use serde_json::{json, Value};
 
-use crate::units::{format_bytes, parse_bytes};
+use crate::baseline::Stalls;
+use crate::cluster::LocalCluster;
+use crate::ringload::payload_sum as word_sum;
+use crate::{BenchError, BenchResult};
 
-#[derive(Clone, Debug, clap::Args)]
-pub struct BenchArgs {
+/// What to run (`embar bench`'s flags).
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The `embar` binary, which starts the local cluster.
+    pub embar: PathBuf,
     /// Use this running cluster instead of starting one.
-    #[arg(long)]
     pub control: Option<SocketAddr>,
     /// Brokers of the cluster the bench starts.
-    #[arg(long, default_value_t = 2)]
     pub brokers: u32,
-    #[arg(long, default_value_t = 1)]
     pub publishers: u32,
-    #[arg(long, default_value_t = 1)]
     pub subscribers: u32,
     /// Payload bytes to publish in all.
-    #[arg(long, default_value = "2GiB", value_parser = parse_bytes)]
     pub total_bytes: u64,
-    #[arg(long, default_value = "1KiB", value_parser = parse_bytes)]
     pub message_bytes: u64,
-    #[arg(long, default_value = "2MiB", value_parser = parse_bytes)]
     pub batch_bytes: u64,
-    #[arg(long, default_value_t = 5)]
     pub order: u8,
-    #[arg(long, default_value_t = 1)]
     pub ack: u8,
-    /// Also run this ORDER in the same run and report the ratio (e.g. 0).
-    #[arg(long)]
+    /// Also run this ORDER in the same run and report the ratio.
     pub compare_order: Option<u8>,
     /// Open loop: messages per second per publisher, paced by a schedule; latency counts
     /// from the scheduled time, so a stall is not hidden (no coordinated omission).
-    #[arg(long)]
     pub rate: Option<u64>,
     /// Pool of the cluster the bench starts.
-    #[arg(long, default_value = "1GiB", value_parser = parse_bytes)]
     pub pool_bytes: u64,
-    #[arg(long, default_value = "16MiB", value_parser = parse_bytes)]
     pub segment_bytes: u64,
     /// One JSON object on stdout instead of the summary.
-    #[arg(long)]
     pub json: bool,
-    #[command(flatten)]
-    pub transport: crate::client_cmd::TransportArgs,
-    /// verbs: the IP the brokers of the started cluster listen on (the RDMA netdev's;
-    /// default: $RDMA_IP).
-    #[arg(long)]
-    pub verbs_ip: Option<std::net::IpAddr>,
+    pub transport: Transport,
 }
 
-impl BenchArgs {
-    /// The arguments of a bare `embar bench`.
-    pub fn parse_defaults() -> BenchArgs {
-        #[derive(clap::Parser)]
-        struct Only {
-            #[command(flatten)]
-            a: BenchArgs,
+/// How the publishers reach their brokers.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// Stores into the pool (publishers on the pool host).
+    Shm,
+    /// RDMA writes into broker-registered grants (a build with the `verbs` feature).
+    Verbs {
+        device: Option<String>,
+        gid_index: u8,
+        /// The IP the brokers of a started cluster listen on (the RDMA netdev's).
+        ip: Option<IpAddr>,
+    },
+}
+
+impl Transport {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Transport::Shm => "shm",
+            Transport::Verbs { .. } => "verbs",
         }
-        <Only as clap::Parser>::parse_from(["embar-bench"]).a
     }
 }
 
@@ -131,47 +132,39 @@ struct Run {
     grant_waits: u64,
 }
 
-pub fn run(a: &BenchArgs) -> Result<bool, String> {
+/// Runs the bench and prints its report; `Ok(false)`: a check in it failed.
+pub fn run(a: &Config) -> BenchResult<bool> {
     if a.message_bytes == 0 || a.total_bytes < a.message_bytes || a.publishers == 0 {
-        return Err("--message-bytes, --publishers must be at least 1 and --total-bytes at least one message".into());
+        return Err(BenchError::Usage("--message-bytes, --publishers must be at least 1 and --total-bytes at least one message".into()));
     }
-    if a.transport.verbs() && !cfg!(feature = "verbs") {
-        return Err(crate::NO_VERBS.into());
+    if a.transport != Transport::Shm && !cfg!(feature = "verbs") {
+        return Err(BenchError::Usage(
+            "the verbs transport needs embar-bench's `verbs` feature".into(),
+        ));
     }
     let memcpy = crate::baseline::memcpy_gbps();
     let stalls = crate::baseline::host_stalls(Duration::from_secs(1));
-    let dir = std::env::temp_dir().join(format!("embar-bench-{}", std::process::id()));
-    let started;
-    let control = match a.control {
-        Some(c) => {
-            started = None;
-            c
-        }
+    let started = match a.control {
+        Some(_) => None,
         None => {
-            let up = crate::cluster_cmd::UpArgs {
-                brokers: a.brokers,
-                dir: dir.clone(),
-                listen: "127.0.0.1:0".parse().expect("an address"),
-                retention_bytes: None,
-                verbs: if a.transport.verbs() {
-                    Some(
-                        a.verbs_ip
-                            .or_else(|| std::env::var("RDMA_IP").ok()?.parse().ok())
-                            .ok_or("--transport verbs: give --verbs-ip (the RDMA netdev's address) or set RDMA_IP")?,
-                    )
-                } else {
-                    None
-                },
-                rdma_device: a.transport.rdma_device(),
-                gid_index: a.transport.gid_index(),
-                pool: crate::pool_cmd::CreateArgs {
-                    pool_bytes: Some(a.pool_bytes),
-                    segment_bytes: Some(a.segment_bytes),
-                    max_brokers: Some(a.brokers.max(2)),
-                    ..crate::pool_cmd::CreateArgs::default()
-                },
+            let verbs = match &a.transport {
+                Transport::Shm => None,
+                Transport::Verbs { device, gid_index, ip } => Some((
+                    ip.ok_or_else(|| BenchError::Usage("--transport verbs: give --verbs-ip (the RDMA netdev's address) or set RDMA_IP".into()))?,
+                    device.clone(),
+                    *gid_index,
+                )),
             };
-            let f = crate::cluster_cmd::up(&up)?;
+            let local = LocalCluster {
+                embar: a.embar.clone(),
+                dir: std::env::temp_dir().join(format!("embar-bench-{}", std::process::id())),
+                brokers: a.brokers,
+                pool_bytes: a.pool_bytes,
+                segment_bytes: a.segment_bytes,
+                max_brokers: a.brokers.max(2),
+                verbs,
+            };
+            let f = local.start()?;
             if !a.json {
                 eprintln!(
                     "bench: started a local cluster: control {}, {} brokers, pool {}",
@@ -180,22 +173,16 @@ pub fn run(a: &BenchArgs) -> Result<bool, String> {
                     f.pool.display()
                 );
             }
-            started = Some(dir.clone());
-            f.control
+            Some(f)
         }
     };
-    struct Down(Option<std::path::PathBuf>);
-    impl Drop for Down {
-        fn drop(&mut self) {
-            if let Some(d) = &self.0 {
-                let _ = crate::cluster_cmd::down(d);
-                let _ = std::fs::remove_dir_all(d);
-            }
-        }
-    }
-    let _down = Down(started);
-    let (pool_path, brokers) = crate::client_cmd::discover(control)?;
-    let pool = crate::client_cmd::open_pool(&pool_path)?;
+    let control = match (&started, a.control) {
+        (Some(f), _) => f.control,
+        (None, Some(c)) => c,
+        (None, None) => unreachable!("a cluster is given or started"),
+    };
+    let (pool_path, brokers) = crate::cluster::discover(control)?;
+    let pool = crate::cluster::open_pool(&pool_path)?;
     // With a comparison, the two orders alternate twice and each keeps its best run: a run's
     // position in the sequence moves its figure more than the ORDER does on this machine.
     let orders: Vec<u8> = match a.compare_order {
@@ -212,12 +199,10 @@ pub fn run(a: &BenchArgs) -> Result<bool, String> {
             replication_factor: 0,
             batch_bytes: a.batch_bytes,
         };
-        ControlClient::new(control)
-            .create_topic(&spec)
-            .map_err(|e| e.to_string())?;
-        struct Go<'a>(&'a Pool, &'a BenchArgs, &'a str, &'a [u32], u8, SocketAddr);
-        impl CoherenceFn<Result<Run, String>> for Go<'_> {
-            fn call<C: Coherence>(self, c: C) -> Result<Run, String> {
+        ControlClient::new(control).create_topic(&spec)?;
+        struct Go<'a>(&'a Pool, &'a Config, &'a str, &'a [u32], u8, SocketAddr);
+        impl CoherenceFn<BenchResult<Run>> for Go<'_> {
+            fn call<C: Coherence>(self, c: C) -> BenchResult<Run> {
                 one_run(self.0, c, self.1, self.2, self.3, self.4, self.5)
             }
         }
@@ -257,12 +242,12 @@ pub fn run(a: &BenchArgs) -> Result<bool, String> {
 fn one_run<C: Coherence>(
     pool: &Pool,
     c: C,
-    a: &BenchArgs,
+    a: &Config,
     topic: &str,
     brokers: &[u32],
     order: u8,
     control: SocketAddr,
-) -> Result<Run, String> {
+) -> BenchResult<Run> {
     let per_pub = (a.total_bytes / a.message_bytes).div_ceil(u64::from(a.publishers));
     let total = per_pub * u64::from(a.publishers);
     let acked = AtomicU64::new(0);
@@ -273,16 +258,16 @@ fn one_run<C: Coherence>(
     let payloads = &payloads;
     // The sequencer picks a new topic up within its topic scan; measuring before that would
     // count the scan in the first batches' latency.
-    let slot = pool.find_topic(c, topic).map_err(|e| e.to_string())?;
+    let slot = pool.find_topic(c, topic)?;
     let waiting = Instant::now();
     while c.observe(&pool.sequencer_state(slot).epoch) == 0 {
         if waiting.elapsed() > Duration::from_secs(10) {
-            return Err(format!("no sequencer took topic {topic:?} within 10 s (is a broker live that may run it? see `embar cluster status`)"));
+            return Err(BenchError::Run(format!("no sequencer took topic {topic:?} within 10 s (is a broker live that may run it? see `embar cluster status`)")));
         }
         std::thread::sleep(Duration::from_millis(5));
     }
     let subs: Vec<_> = (0..a.subscribers)
-        .map(|_| Subscriber::open(pool, c, topic, StartAt::Oldest).map_err(|e| e.to_string()))
+        .map(|_| Subscriber::open(pool, c, topic, StartAt::Oldest))
         .collect::<Result<_, _>>()?;
     let start_ns = monotonic_ns();
     let result = std::thread::scope(|s| {
@@ -290,50 +275,66 @@ fn one_run<C: Coherence>(
             .into_iter()
             .map(|mut sub| {
                 let (delivered, failed) = (&delivered, &failed);
-                s.spawn(move || -> Result<(u64, u64), String> {
+                s.spawn(move || -> BenchResult<(u64, u64)> {
                     let mut checker = OrderChecker::new(fifo);
-                    let mut next: std::collections::HashMap<u64, u64> = std::collections::HashMap::new();
+                    let mut next: std::collections::HashMap<u64, u64> =
+                        std::collections::HashMap::new();
                     let mut digest = 0xcbf2_9ce4_8422_2325u64;
                     let mut err = None;
                     let mut last = Instant::now();
-                    while checker.delivered() < total && err.is_none() && !failed.load(Ordering::Relaxed) {
-                        let n = sub
-                            .poll(64, |m| {
-                                if err.is_some() {
-                                    return;
-                                }
-                                let d = Delivered {
-                                    total_order: m.total_order,
-                                    client_id: m.client_id,
-                                    batch_seq: m.batch_seq,
-                                    index: m.index,
-                                    num_msg: m.num_msg,
-                                };
-                                if let Err(v) = checker.push(&d) {
-                                    err = Some(v.to_string());
-                                    return;
-                                }
-                                match payloads.check(m.payload) {
-                                    Some((p, i)) => {
-                                        if fifo {
-                                            let want = next.entry(p).or_insert(0);
-                                            if i != *want {
-                                                err = Some(format!("publisher {p}: message {i} where {want} was next"));
-                                            }
-                                            *want += 1;
+                    while checker.delivered() < total
+                        && err.is_none()
+                        && !failed.load(Ordering::Relaxed)
+                    {
+                        let n = sub.poll(64, |m| {
+                            if err.is_some() {
+                                return;
+                            }
+                            let d = Delivered {
+                                total_order: m.total_order,
+                                client_id: m.client_id,
+                                batch_seq: m.batch_seq,
+                                index: m.index,
+                                num_msg: m.num_msg,
+                            };
+                            if let Err(v) = checker.push(&d) {
+                                err = Some(v.to_string());
+                                return;
+                            }
+                            match payloads.check(m.payload) {
+                                Some((p, i)) => {
+                                    if fifo {
+                                        let want = next.entry(p).or_insert(0);
+                                        if i != *want {
+                                            err = Some(format!(
+                                                "publisher {p}: message {i} where {want} was next"
+                                            ));
                                         }
+                                        *want += 1;
                                     }
-                                    None => err = Some(format!("message {}: payload checksum mismatch", m.total_order)),
                                 }
-                                digest = (digest ^ m.total_order ^ m.client_id.rotate_left(17) ^ u64::from(m.index)).wrapping_mul(0x100_0000_01b3);
-                            })
-                            .map_err(|e| e.to_string())?;
+                                None => {
+                                    err = Some(format!(
+                                        "message {}: payload checksum mismatch",
+                                        m.total_order
+                                    ))
+                                }
+                            }
+                            digest = (digest
+                                ^ m.total_order
+                                ^ m.client_id.rotate_left(17)
+                                ^ u64::from(m.index))
+                            .wrapping_mul(0x100_0000_01b3);
+                        })?;
                         if n > 0 {
                             delivered.fetch_add(n as u64, Ordering::Relaxed);
                             last = Instant::now();
                         } else {
                             if last.elapsed() > Duration::from_secs(60) {
-                                err = Some(format!("no message for 60 s after {}", checker.delivered()));
+                                err = Some(format!(
+                                    "no message for 60 s after {}",
+                                    checker.delivered()
+                                ));
                             }
                             if last.elapsed() > Duration::from_micros(200) {
                                 std::thread::sleep(Duration::from_micros(50));
@@ -344,9 +345,11 @@ fn one_run<C: Coherence>(
                     }
                     if let Some(e) = err {
                         failed.store(true, Ordering::Relaxed);
-                        return Err(e);
+                        return Err(BenchError::Run(e));
                     }
-                    checker.finish(Some(total)).map_err(|v| v.to_string())?;
+                    checker
+                        .finish(Some(total))
+                        .map_err(|v| BenchError::Run(v.to_string()))?;
                     Ok((checker.delivered(), digest))
                 })
             })
@@ -354,7 +357,7 @@ fn one_run<C: Coherence>(
         let pub_handles: Vec<_> = (0..a.publishers)
             .map(|p| {
                 let (acked, failed) = (&acked, &failed);
-                s.spawn(move || -> Result<Driven, String> {
+                s.spawn(move || -> BenchResult<Driven> {
                     let cfg = PublisherConfig {
                         linger: if a.rate.is_some() {
                             Duration::ZERO
@@ -371,13 +374,12 @@ fn one_run<C: Coherence>(
                         acked,
                         failed,
                     };
-                    let r = if a.transport.verbs() {
-                        drive_verbs(&load, control, topic, cfg)
-                    } else {
-                        let client = crate::client_cmd::new_client_id();
-                        Publisher::open(pool, c, topic, brokers, client, cfg)
-                            .map_err(|e| e.to_string())
+                    let r = if a.transport == Transport::Shm {
+                        Publisher::open(pool, c, topic, brokers, new_client_id(), cfg)
+                            .map_err(BenchError::from)
                             .and_then(|mut publ| load.drive(&mut publ))
+                    } else {
+                        drive_verbs(&load, control, topic, cfg)
                     };
                     if r.is_err() {
                         failed.store(true, Ordering::Relaxed);
@@ -401,8 +403,7 @@ fn one_run<C: Coherence>(
                 );
             }
         }
-        let mut latency =
-            Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?;
+        let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
         let mut errors = Vec::new();
         let mut end_ns = start_ns;
         // From the first message published (not from the sessions' set-up, which
@@ -410,14 +411,17 @@ fn one_run<C: Coherence>(
         let mut first_ns = u64::MAX;
         let mut grant_waits = 0;
         for h in pub_handles {
-            match h.join().map_err(|_| "a publisher panicked".to_string())? {
+            match h
+                .join()
+                .map_err(|_| BenchError::Run("a publisher panicked".into()))?
+            {
                 Ok(d) => {
                     let _ = latency.add(&d.latency);
                     end_ns = end_ns.max(d.end_ns);
                     first_ns = first_ns.min(d.start_ns);
                     grant_waits += d.grant_waits;
                 }
-                Err(e) => errors.push(e),
+                Err(e) => errors.push(e.to_string()),
             }
         }
         let first_ns = if first_ns == u64::MAX {
@@ -427,15 +431,18 @@ fn one_run<C: Coherence>(
         };
         let mut digests = Vec::new();
         for h in sub_handles {
-            match h.join().map_err(|_| "a subscriber panicked".to_string())? {
+            match h
+                .join()
+                .map_err(|_| BenchError::Run("a subscriber panicked".into()))?
+            {
                 Ok((_, digest)) => digests.push(digest),
-                Err(e) => errors.push(e),
+                Err(e) => errors.push(e.to_string()),
             }
         }
         if digests.windows(2).any(|w| w[0] != w[1]) {
             errors.push("subscribers saw different sequences".into());
         }
-        Ok::<Run, String>(Run {
+        Ok::<Run, BenchError>(Run {
             order,
             messages: total,
             bytes: total * a.message_bytes,
@@ -459,7 +466,7 @@ struct Driven {
 
 /// One publisher's share of a run, whatever its transport.
 struct Load<'a> {
-    a: &'a BenchArgs,
+    a: &'a Config,
     payloads: &'a Payloads,
     per_pub: u64,
     p: u64,
@@ -469,16 +476,15 @@ struct Load<'a> {
 
 impl Load<'_> {
     /// Publishes this publisher's messages (paced when open loop), waits for every ack.
-    fn drive<P: Publish>(&self, publ: &mut P) -> Result<Driven, String> {
-        let mut hist =
-            Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?;
+    fn drive<P: Publish>(&self, publ: &mut P) -> BenchResult<Driven> {
+        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
         let mut lat = Vec::with_capacity(1024);
         let mut buf = self.payloads.template.clone();
         let interval_ns = self.a.rate.map(|r| 1_000_000_000 / r.max(1));
         let t0 = monotonic_ns();
         for i in 0..self.per_pub {
             if self.failed.load(Ordering::Relaxed) {
-                return Err("stopped: another thread failed".into());
+                return Err(BenchError::Run("stopped: another thread failed".into()));
             }
             if let Some(iv) = interval_ns {
                 // Sleep through most of the gap (this host may have fewer cores
@@ -502,32 +508,31 @@ impl Load<'_> {
                 }
             }
             Payloads::stamp(&mut buf, self.p, i);
-            publ.publish(&buf).map_err(|e| e.to_string())?;
+            publ.publish(&buf)?;
             if interval_ns.is_some() {
-                publ.flush().map_err(|e| e.to_string())?;
+                publ.flush()?;
             }
             if i % 256 == 0 {
                 publ.take_ack_latencies(&mut lat);
                 for l in lat.drain(..) {
                     let _ = hist.record(l.max(1));
                 }
-                self.acked
-                    .store(publ.acked().map_err(|e| e.to_string())?, Ordering::Relaxed);
+                self.acked.store(publ.acked()?, Ordering::Relaxed);
             }
         }
-        publ.flush().map_err(|e| e.to_string())?;
+        publ.flush()?;
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
-            let n = publ.acked().map_err(|e| e.to_string())?;
+            let n = publ.acked()?;
             publ.take_ack_latencies(&mut lat);
             if n >= publ.sealed_messages() {
                 break;
             }
             if Instant::now() > deadline {
-                return Err(format!(
+                return Err(BenchError::Run(format!(
                     "acks: {n} of {} after 120 s",
                     publ.sealed_messages()
-                ));
+                )));
             }
             std::thread::yield_now();
         }
@@ -550,17 +555,37 @@ fn drive_verbs(
     control: SocketAddr,
     topic: &str,
     cfg: PublisherConfig,
-) -> Result<Driven, String> {
+) -> BenchResult<Driven> {
     #[cfg(feature = "verbs")]
     {
-        let mut publ = load.a.transport.verbs_publisher(control, topic, cfg)?;
+        use embar_dataplane::verbs::publisher::{VerbsConfig, VerbsPublisher};
+        let Transport::Verbs {
+            device, gid_index, ..
+        } = &load.a.transport
+        else {
+            return Err(BenchError::Usage("not the verbs transport".into()));
+        };
+        let brokers = crate::cluster::verbs_brokers(control)?;
+        let vc = VerbsConfig {
+            device: device.clone(),
+            gid_index: *gid_index,
+            publisher: cfg,
+        };
+        let mut publ = VerbsPublisher::connect(&brokers, topic, new_client_id(), &vc)?;
         load.drive(&mut publ)
     }
     #[cfg(not(feature = "verbs"))]
     {
         let _ = (load, control, topic, cfg);
-        Err(crate::NO_VERBS.into())
+        Err(BenchError::Usage(
+            "the verbs transport needs embar-bench's `verbs` feature".into(),
+        ))
     }
+}
+
+/// A client id for a publisher: random, so two publishers never share one.
+fn new_client_id() -> u64 {
+    RandomState::new().build_hasher().finish() >> 1
 }
 
 impl Run {
@@ -585,12 +610,12 @@ fn run_json(r: &Run) -> Value {
 }
 
 fn report(
-    a: &BenchArgs,
+    a: &Config,
     memcpy: f64,
-    stalls: crate::baseline::Stalls,
+    stalls: Stalls,
     brokers: usize,
     runs: &[Run],
-) -> Result<bool, String> {
+) -> BenchResult<bool> {
     let main = &runs[0];
     let mut out = run_json(main);
     let gbps = out["throughput_gbps"].as_f64().unwrap_or(0.0);
@@ -598,7 +623,7 @@ fn report(
     out["ratio_to_memcpy"] = json!(gbps / memcpy);
     out["host_stalls"] = json!(stalls);
     out["config"] = json!({
-        "transport": a.transport.transport,
+        "transport": a.transport.name(),
         "brokers": brokers,
         "order": a.order,
         "ack": a.ack,
@@ -621,7 +646,7 @@ fn report(
     println!(
         "embar bench: {} brokers, {} transport, ORDER {} ACK {}, {} B messages, {} batches, {} publisher(s), {} subscriber(s){}",
         brokers,
-        a.transport.transport,
+        a.transport.name(),
         a.order,
         a.ack,
         a.message_bytes,

@@ -1,0 +1,75 @@
+//! The benchmarks of Embarcadero, and the worker processes that they and the process tests
+//! start. Load generators and test fixtures live here, out of the product's crates; the
+//! `embar` binary parses the flags of `embar bench`, `embar ring-bench` and the hidden
+//! `embar ring-worker ...` and calls in here.
+//!
+//! - [`pipeline`]: the main job (`embar bench`): a local cluster of real processes (or a
+//!   running one), publishers and subscribers in this process, every message checked;
+//!   throughput and publish-to-ack latency beside the same run's memcpy bandwidth.
+//! - [`ring`]: `embar ring-bench`, the pool data path alone, between a lander and a drainer
+//!   process ([`ringload`]).
+//! - [`workers`]: the worker processes: the lander and drainer, a segment churner, a
+//!   sequencer feed and its order check ([`order_load`]), a broker that only heartbeats.
+//! - [`cluster`]: the cluster a bench run drives, started with `embar cluster up` or given.
+//! - [`baseline`]: memcpy bandwidth and host stalls, measured in the same run.
+
+#![deny(unsafe_op_in_unsafe_fn)]
+
+use std::time::Duration;
+
+pub mod baseline;
+pub mod cluster;
+pub mod order_load;
+pub mod pipeline;
+pub mod ring;
+pub mod ringload;
+pub mod workers;
+
+/// Why a benchmark or a worker could not run (a check that fails is a report, not an error).
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// Arguments that cannot make a run.
+    #[error("{0}")]
+    Usage(String),
+    #[error(transparent)]
+    Pool(#[from] embar_dataplane::PoolError),
+    #[error(transparent)]
+    Ring(#[from] embar_dataplane::ring::RingError),
+    #[error(transparent)]
+    Control(#[from] embar_control::http::ClientError),
+    #[error(transparent)]
+    Publish(#[from] embar_dataplane::client::publisher::PublishError),
+    #[error(transparent)]
+    BatchFull(#[from] embar_dataplane::batch::BatchFull),
+    /// Starting, finding or stopping the cluster.
+    #[error("{0}")]
+    Cluster(String),
+    #[error("cannot start {what}: {source}")]
+    Spawn {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{what} failed ({status}): {line}")]
+    Worker {
+        what: String,
+        status: std::process::ExitStatus,
+        line: String,
+    },
+    #[error("{what} printed no report ({source}): {line:?}")]
+    Report {
+        what: String,
+        line: String,
+        source: serde_json::Error,
+    },
+    #[error("no progress for {limit:?} while waiting for {what}")]
+    Stalled { what: &'static str, limit: Duration },
+    /// A run that could not go on (its threads' own errors are in its report).
+    #[error("{0}")]
+    Run(String),
+    #[error("latency histogram: {0}")]
+    Histogram(#[from] hdrhistogram::CreationError),
+    #[error("cannot write a report: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+pub type BenchResult<T> = Result<T, BenchError>;

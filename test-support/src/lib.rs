@@ -1,0 +1,444 @@
+//! The harness of the tests that start real processes (`tests/*.rs` of the `embar` package).
+//!
+//! - [`exe`]: the `embar` binary under test; [`embar`] runs it.
+//! - [`Cluster`]: a local cluster started with `embar cluster up`, stopped however the test
+//!   ends; [`serial`] runs such tests one at a time.
+//! - Readiness, never a fixed sleep: [`wait_until`] a condition holds (with a deadline and
+//!   the condition named in the failure), and its common cases: [`wait_for_port`] (a port
+//!   answering), [`wait_for_status`] (a field of the control process's status),
+//!   [`wait_for_file`] (a file appearing), [`wait_for_exit`] (a process ending),
+//!   [`Lines::wait_for`] (a line of a process's output). [`assert_holds`] checks that a
+//!   condition stays true for a while (what a test of "nothing happens" needs).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// How often a wait looks at its condition.
+const POLL: Duration = Duration::from_millis(10);
+
+/// The `embar` binary under test: `EMBAR_BIN` if set (the rxe VM mounts the host's build
+/// elsewhere), else the one cargo built beside the running test binary
+/// (`target/<profile>/embar`; cargo builds it before the package's tests).
+pub fn exe() -> String {
+    if let Ok(bin) = std::env::var("EMBAR_BIN") {
+        return bin;
+    }
+    let test = std::env::current_exe().expect("the test binary's path");
+    // target/<profile>/deps/<test>-<hash>
+    let bin = test
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join(format!("embar{}", std::env::consts::EXE_SUFFIX)))
+        .expect("a test binary inside target/<profile>/deps");
+    assert!(
+        bin.is_file(),
+        "no embar binary at {} (run the tests with cargo, or set EMBAR_BIN)",
+        bin.display()
+    );
+    bin.display().to_string()
+}
+
+/// Runs `embar ARGS` to the end: (success, stdout, stderr).
+pub fn embar(args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(exe())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("embar runs");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).to_string(),
+        String::from_utf8_lossy(&out.stderr).to_string(),
+    )
+}
+
+/// The cluster tests run one at a time: each starts several polling processes, and a 2-core
+/// machine running two such clusters at once measures the scheduler, not the system.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Whether `cond` became true within `limit` (looked at every few milliseconds).
+pub fn wait_for(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let start = Instant::now();
+    loop {
+        if cond() {
+            return true;
+        }
+        if start.elapsed() > limit {
+            return false;
+        }
+        std::thread::sleep(POLL);
+    }
+}
+
+/// Waits until `cond` is true; fails the test, naming `what`, if it is not within `limit`.
+#[track_caller]
+pub fn wait_until(what: &str, limit: Duration, cond: impl FnMut() -> bool) {
+    assert!(
+        wait_for(limit, cond),
+        "timed out after {limit:?} waiting for {what}"
+    );
+}
+
+/// Checks that `cond` stays true for `period` (looked at every few milliseconds); fails the
+/// test, naming `what`, the first time it is false.
+#[track_caller]
+pub fn assert_holds(what: &str, period: Duration, mut cond: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < period {
+        assert!(cond(), "{what} stopped holding after {:?}", start.elapsed());
+        std::thread::sleep(POLL);
+    }
+    assert!(cond(), "{what} stopped holding at {period:?}");
+}
+
+/// Waits until something accepts connections at `addr`.
+#[track_caller]
+pub fn wait_for_port(addr: SocketAddr, limit: Duration) {
+    wait_until(&format!("a listener at {addr}"), limit, || {
+        TcpStream::connect_timeout(&addr, POLL).is_ok()
+    });
+}
+
+/// Waits until `path` exists.
+#[track_caller]
+pub fn wait_for_file(path: &Path, limit: Duration) {
+    wait_until(&format!("{}", path.display()), limit, || path.exists());
+}
+
+/// Waits until the status of the control process at `control` satisfies `cond`; returns
+/// that status. A status that cannot be had (the control process restarting) is waited out.
+#[track_caller]
+pub fn wait_for_status(
+    control: &str,
+    what: &str,
+    limit: Duration,
+    mut cond: impl FnMut(&Value) -> bool,
+) -> Value {
+    let client = embar_control::ControlClient::new(control.parse().expect("an address"));
+    let mut last = Value::Null;
+    let ok = wait_for(limit, || match client.status() {
+        Ok(s) => {
+            let done = cond(&s);
+            last = s;
+            done
+        }
+        Err(_) => false,
+    });
+    assert!(
+        ok,
+        "timed out after {limit:?} waiting for {what}; last status: {last}"
+    );
+    last
+}
+
+/// Waits up to `limit` for `child` to exit; `None` if it did not (it is left running).
+pub fn wait_for_exit(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let mut status = None;
+    wait_for(limit, || {
+        status = child.try_wait().expect("the child can be waited for");
+        status.is_some()
+    });
+    status
+}
+
+/// Whether process `pid` is running (not exited, not a zombie).
+pub fn alive(pid: u32) -> bool {
+    embar_sys::process::alive(pid as i32)
+}
+
+/// The lines a process writes on one of its pipes, read as they come by a thread of their
+/// own (so the process never blocks on a full pipe): a test waits for a line that says the
+/// process is ready, and gets everything at the end.
+pub struct Lines {
+    rx: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Lines {
+    /// The child's stderr (taken from it; it must be piped).
+    pub fn stderr(child: &mut Child) -> Lines {
+        Lines::of(child.stderr.take().expect("stderr is piped"))
+    }
+
+    pub fn of(pipe: impl Read + Send + 'static) -> Lines {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Lines {
+            rx,
+            seen: Vec::new(),
+        }
+    }
+
+    /// Waits for a line containing `needle`; returns it. Fails the test, showing what the
+    /// process wrote, if none comes within `limit` or the pipe closes first.
+    #[track_caller]
+    pub fn wait_for(&mut self, needle: &str, limit: Duration) -> String {
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(e) => {
+                    let why = match e {
+                        RecvTimeoutError::Timeout => format!("none within {limit:?}"),
+                        RecvTimeoutError::Disconnected => "the pipe closed first".into(),
+                    };
+                    panic!(
+                        "waiting for a line with {needle:?}: {why}; the process wrote:\n{}",
+                        self.seen.join("\n")
+                    );
+                }
+            }
+        }
+    }
+
+    /// Every line, once the pipe closes (the process exited).
+    pub fn all(mut self) -> String {
+        self.seen.extend(self.rx.iter());
+        let mut text = self.seen.join("\n");
+        if !text.is_empty() {
+            text.push('\n');
+        }
+        text
+    }
+}
+
+/// A cluster started with `embar cluster up`, stopped however the test ends.
+pub struct Cluster {
+    pub dir: String,
+    pub control: String,
+}
+
+impl Cluster {
+    /// Two brokers unless `extra` says `--brokers`. `cluster up` returns once every broker
+    /// is live.
+    pub fn up(name: &str, extra: &[&str]) -> Cluster {
+        let dir = format!("/tmp/embar-test-cluster-{name}-{}", std::process::id());
+        let _ = Command::new(exe())
+            .args(["cluster", "down", "--dir", &dir])
+            .output();
+        let brokers: &[&str] = if extra.contains(&"--brokers") {
+            &[]
+        } else {
+            &["--brokers", "2"]
+        };
+        let out = Command::new(exe())
+            .args(["cluster", "up", "--dir", &dir])
+            .args(brokers)
+            .args(extra)
+            .output()
+            .expect("embar runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let file = read_json(&PathBuf::from(format!("{dir}/cluster.json")));
+        Cluster {
+            control: file["control"]
+                .as_str()
+                .expect("a control address")
+                .to_string(),
+            dir,
+        }
+    }
+
+    /// What `cluster up` wrote in `DIR/cluster.json` (control address, pool, pids).
+    pub fn file(&self) -> Value {
+        read_json(&PathBuf::from(format!("{}/cluster.json", self.dir)))
+    }
+
+    /// The control process's status.
+    pub fn status(&self) -> Value {
+        embar_control::ControlClient::new(self.control.parse().expect("an address"))
+            .status()
+            .expect("the control process answers")
+    }
+
+    /// Waits until the status satisfies `cond`; returns it.
+    #[track_caller]
+    pub fn wait_for_status(
+        &self,
+        what: &str,
+        limit: Duration,
+        cond: impl FnMut(&Value) -> bool,
+    ) -> Value {
+        wait_for_status(&self.control, what, limit, cond)
+    }
+
+    /// Runs `embar ARGS --control ADDR`: (success, stdout, stderr).
+    pub fn embar(&self, args: &[&str]) -> (bool, String, String) {
+        let out = self.run(args, None);
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    }
+
+    pub fn run(&self, args: &[&str], stdin: Option<String>) -> Output {
+        self.spawn(args, stdin)
+            .wait_with_output()
+            .expect("embar runs")
+    }
+
+    /// Starts `embar ARGS --control ADDR` with `stdin` written to it (then closed).
+    pub fn spawn(&self, args: &[&str], stdin: Option<String>) -> Child {
+        let mut c = Command::new(exe())
+            .args(args)
+            .args(["--control", &self.control])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("embar starts");
+        let mut input = c.stdin.take().expect("stdin is piped");
+        let text = stdin.unwrap_or_default();
+        // A writer thread, so that a process that exits without reading all of it cannot
+        // block the test on a full pipe.
+        std::thread::spawn(move || {
+            let _ = input.write_all(text.as_bytes());
+        });
+        c
+    }
+
+    /// Runs a rogue publisher with `fault` on topic `t` and checks that its batch was rejected
+    /// with a reason containing one of `needles` (`|`-separated).
+    #[track_caller]
+    pub fn rogue_rejected(&self, fault: &str, needles: &str) {
+        let (ok, out, err) = self.embar(&[
+            "ring-worker",
+            "rogue-publish",
+            "--topic",
+            "t",
+            "--fault",
+            fault,
+        ]);
+        assert!(ok, "{fault}: {err}");
+        let r: Value = serde_json::from_str(out.trim()).expect("a JSON report");
+        assert_eq!(r["rejected"], true, "{fault}: {r}");
+        let error = r["error"].as_str().expect("an error");
+        assert!(
+            needles.split('|').any(|n| error.contains(n)),
+            "{fault}: {r}"
+        );
+    }
+
+    #[track_caller]
+    pub fn topic(&self, name: &str, extra: &[&str]) {
+        let mut args = vec!["topic", "create", name];
+        args.extend(extra);
+        let (ok, _, err) = self.embar(&args);
+        assert!(ok, "{err}");
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let _ = Command::new(exe())
+            .args(["cluster", "down", "--dir", &self.dir])
+            .output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn read_json(path: &Path) -> Value {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}
+
+/// `n` lines `PREFIX 000000 ppp...` (`width` filler bytes), one message each.
+pub fn lines(prefix: &str, n: usize, width: usize) -> String {
+    (0..n)
+        .map(|i| format!("{prefix} {i:06} {}\n", "p".repeat(width)))
+        .collect()
+}
+
+/// Sends `signal` (`-KILL`, `-TERM`, `-STOP`, ...) to process `pid` through the `kill`
+/// command (no unsafe code in tests).
+#[track_caller]
+pub fn signal(pid: u32, signal: &str) {
+    let ok = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("kill runs")
+        .success();
+    assert!(ok, "kill {signal} {pid}");
+}
+
+/// Builds `targets` (cargo arguments such as `--example producer` or `-p embar-capi`) with
+/// the profile and target directory of this test binary, and returns that profile's output
+/// directory (where `examples/` and `libembar.so` land). A plain `cargo test` has built
+/// them already and this is a no-op; `cargo test --test NAME` builds only NAME.
+pub fn cargo_build(targets: &[&str]) -> std::path::PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    // target/<profile dir>/deps/<this test>
+    let out = exe.parent().unwrap().parent().unwrap().to_path_buf();
+    let target_dir = out.parent().unwrap();
+    let profile = if out.ends_with("release") {
+        "release"
+    } else {
+        "test"
+    };
+    let status = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--profile", profile, "--target-dir"])
+        .arg(target_dir)
+        .args(targets)
+        // The workspace root (this crate is one of its members).
+        .current_dir(
+            Path::new(env!("CARGO_MANIFEST_DIR"))
+                .parent()
+                .expect("a workspace"),
+        )
+        .status()
+        .expect("cargo runs");
+    assert!(status.success(), "cargo build {targets:?} failed");
+    out
+}
+
+/// Runs `cmd` and returns its output, failing the test if it does not end within `limit`.
+pub fn output_within(mut cmd: Command, limit: std::time::Duration) -> Output {
+    let child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the command starts");
+    let pid = child.id();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => out.expect("the command runs"),
+        Err(_) => {
+            let _ = Command::new("kill")
+                .args(["-KILL", &pid.to_string()])
+                .status();
+            panic!("{cmd:?} did not end within {limit:?}");
+        }
+    }
+}
