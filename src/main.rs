@@ -131,7 +131,7 @@ struct SequencerArgs {
 #[derive(Subcommand)]
 enum WorkerCmd {
     /// Publish good messages, then a batch that breaks the rules; report the broker's answer.
-    RoguePublish(client_cmd::RogueArgs),
+    RoguePublish(embar_bench::rogue::RogueArgs),
     /// The bench crate's workers: load generators and test fixtures.
     #[command(flatten)]
     Bench(embar_bench::workers::Worker),
@@ -240,7 +240,7 @@ fn run(command: Cmd) -> CliResult<bool> {
         }
         Cmd::Publish(a) => client_cmd::publish(&a)?,
         Cmd::Subscribe(a) => client_cmd::subscribe(&a)?,
-        Cmd::RingWorker(WorkerCmd::RoguePublish(a)) => client_cmd::rogue_publish(&a)?,
+        Cmd::RingWorker(WorkerCmd::RoguePublish(a)) => embar_bench::rogue::rogue_publish(&a)?,
         Cmd::RingWorker(WorkerCmd::Bench(w)) => return Ok(embar_bench::workers::run(&w)?),
     }
     Ok(true)

@@ -10,6 +10,7 @@
 //!   process ([`ringload`]).
 //! - [`workers`]: the worker processes: the lander and drainer, a segment churner, a
 //!   sequencer feed and its order check ([`order_load`]), a broker that only heartbeats.
+//! - [`rogue`]: a publisher that breaks one rule of the session protocol (a test fixture).
 //! - [`cluster`]: the cluster a bench run drives, started with `embar cluster up` or given.
 //! - [`baseline`]: memcpy bandwidth and host stalls, measured in the same run.
 
@@ -23,6 +24,7 @@ pub mod order_load;
 pub mod pipeline;
 pub mod ring;
 pub mod ringload;
+pub mod rogue;
 pub mod workers;
 
 /// Why a benchmark or a worker could not run (a check that fails is a report, not an error).

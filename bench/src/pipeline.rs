@@ -584,7 +584,7 @@ fn drive_verbs(
 }
 
 /// A client id for a publisher: random, so two publishers never share one.
-fn new_client_id() -> u64 {
+pub(crate) fn new_client_id() -> u64 {
     RandomState::new().build_hasher().finish() >> 1
 }
 
