@@ -12,6 +12,11 @@ use std::time::{Duration, Instant};
 use embar_control::ControlClient;
 use serde::{Deserialize, Serialize};
 
+/// How long a broker may take to say it serves: it faults in the whole pool first, which on a
+/// slow or loaded host (a TCG VM, several builds at once) takes tens of seconds for a few
+/// hundred MiB. A broker that exits is reported at once, whatever this says.
+const BROKER_START_LIMIT: Duration = Duration::from_secs(90);
+
 #[derive(Clone, Debug, clap::Args)]
 pub struct UpArgs {
     #[arg(long, default_value_t = 2)]
@@ -229,7 +234,7 @@ pub fn up(a: &UpArgs) -> Result<ClusterFile, String> {
         }
         let (pid, log) = spawn(&a.dir, &format!("broker-{b}"), &args)?;
         pids.push(pid);
-        wait_line(pid, &log, "in pool slot", Duration::from_secs(20))?;
+        wait_line(pid, &log, "in pool slot", BROKER_START_LIMIT)?;
     }
     // A restart of the control process listens on the same address (its state remembers
     // it); the recorded command line says so explicitly.
