@@ -97,7 +97,16 @@ fn wait_line(pid: u32, log: &Path, needle: &str, limit: Duration) -> Result<Stri
         // just before).
         if exited || start.elapsed() > limit {
             let tail = std::fs::read_to_string(log).unwrap_or_default();
-            return Err(format!("{} did not start: {}", log.display(), tail.trim()));
+            let why = if exited {
+                format!("it exited (pid {pid})")
+            } else {
+                format!("no {needle:?} line after {} s", limit.as_secs())
+            };
+            return Err(format!(
+                "{} did not start ({why}): {}",
+                log.display(),
+                tail.trim()
+            ));
         }
         exited = !embar_sys::process::alive(pid as i32);
         if !exited {
