@@ -138,8 +138,10 @@ impl BrokerNode {
         let pool_path = PathBuf::from(status["pool"]["path"].as_str().ok_or(StartError::NoPool)?);
         let pool = Pool::open(
             &pool_path,
+            // The metadata it polls, not the whole pool: log space is faulted in by the
+            // publishers that take it (a 16 GiB pool would cost seconds and 16 GB here).
             &OpenOptions {
-                populate: true,
+                populate_metadata: true,
                 ..Default::default()
             },
         )?;

@@ -271,9 +271,13 @@ impl<'p, C: Coherence> Publisher<'p, C> {
             }
             let e = &s.grants[grant_slot(k)];
             c.invalidate(e);
-            link.grant = Some((e.offset.load(Relaxed), e.bytes.load(Relaxed), 0));
+            let (g_offset, g_bytes) = (e.offset.load(Relaxed), e.bytes.load(Relaxed));
+            link.grant = Some((g_offset, g_bytes, 0));
             link.taken = k + 1;
             c.publish(&s.grants_taken, link.taken);
+            // The pool is not faulted in as a whole (a client pays only for what it
+            // touches): the grant is, in one call, before the batches fill it.
+            self.pool.populate_range(g_offset, g_bytes);
         }
         let (offset, bytes, used) = link.grant.expect("a grant");
         let limit = self.batch_bytes.min(bytes - used);
