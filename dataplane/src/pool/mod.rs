@@ -7,6 +7,8 @@
 //! or damaged file gets a clear error and not a single written byte.
 
 pub mod coherence;
+#[cfg(not(loom))]
+pub mod doorbell;
 pub mod geometry;
 pub mod layout;
 pub mod segments;
