@@ -64,7 +64,15 @@ fn a_one_message_publish_and_subscribe_on_a_4gib_pool_stay_under_64_mib_resident
     );
 
     let subscribe = c.spawn(
-        &["subscribe", "--topic", "t", "--from", "oldest", "--count", "1"],
+        &[
+            "subscribe",
+            "--topic",
+            "t",
+            "--from",
+            "oldest",
+            "--count",
+            "1",
+        ],
         None,
     );
     let (code, rss_kib, err) = reap_with_rusage(subscribe, Duration::from_secs(60));
