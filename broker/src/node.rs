@@ -16,11 +16,16 @@ use embar_control::metrics::BrokerSnapshot;
 use embar_control::ControlClient;
 use embar_dataplane::idle::{Idle, IdlePolicy};
 use embar_dataplane::pool::coherence::Coherence;
+use embar_dataplane::pool::doorbell::Park;
 use embar_dataplane::pool::{CoherenceFn, OpenOptions, Pool};
 use embar_dataplane::PoolError;
 
 use crate::driver::{Driver, DriverError, DriverOptions};
 use crate::sequencers::sequence_all;
+
+/// Longest park of an idle broker loop on its doorbell: what it does unrung (timers, reclaim,
+/// a lost wake-up) waits at most this long; an idle broker wakes this often.
+const PARK_MAX: Duration = Duration::from_millis(5);
 
 /// Whether this broker runs the sequencers.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -138,8 +143,10 @@ impl BrokerNode {
         let pool_path = PathBuf::from(status["pool"]["path"].as_str().ok_or(StartError::NoPool)?);
         let pool = Pool::open(
             &pool_path,
+            // The metadata it polls, not the whole pool: log space is faulted in by the
+            // publishers that take it (a 16 GiB pool would cost seconds and 16 GB here).
             &OpenOptions {
-                populate: true,
+                populate_metadata: true,
                 ..Default::default()
             },
         )?;
@@ -316,6 +323,7 @@ impl CoherenceFn<Result<(), RunError>> for Go<'_> {
         // On a host with few cores every polling thread beyond the cores costs a scheduler
         // time slice of latency: the sequencers run in the driver's loop instead.
         let inline = embar_sys::cpu::available_cpus() <= 2;
+        let bell = pool.broker_doorbell(s.slot).map_err(DriverError::from)?;
         let seq_stop = AtomicBool::new(false);
         std::thread::scope(|scope| {
             let mut seq_thread = None;
@@ -342,7 +350,28 @@ impl CoherenceFn<Result<(), RunError>> for Go<'_> {
                     }
                 }
                 let work = driver.poll_once()?;
-                idle.after(work, std::thread::sleep);
+                if work > 0 {
+                    // Batches this round published are work for a parked sequencer.
+                    pool.ring_sequencers();
+                }
+                if let Some(rest) = idle.step(work) {
+                    if driver.broker().awaiting_decisions() {
+                        // Decisions come without a ring: look again soon.
+                        std::thread::sleep(rest);
+                    } else {
+                        let park = Park::prepare(bell, driver.sequencing());
+                        // Work that came before the flag was visible is found here; any later
+                        // is rung.
+                        let late = driver.poll_once()?;
+                        if late == 0 {
+                            park.wait(PARK_MAX);
+                        } else {
+                            drop(park);
+                            pool.ring_sequencers();
+                            idle.step(late);
+                        }
+                    }
+                }
                 if last.elapsed() > Duration::from_millis(100) {
                     last = Instant::now();
                     // A pool file truncated under the cluster: stop with that error before the

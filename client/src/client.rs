@@ -61,8 +61,10 @@ pub struct Config {
     /// A batch older than this is sealed and sent by the next publisher call (or by an
     /// acknowledgement future that waits on it).
     pub linger: Duration,
-    /// Fault the whole pool in when it is mapped, so the data path takes no page fault
-    /// (costs time and memory up front in proportion to the pool).
+    /// Fault the whole pool in when it is mapped (costs time and memory up front in
+    /// proportion to the pool: seconds and gigabytes on a large one). Off by default: a
+    /// client faults in only what it touches, and each grant of log space in one call as it
+    /// takes it, so the data path takes no page fault either way.
     pub populate: bool,
     /// How often a pending future or stream looks again (the first interval; an idle
     /// stream backs off to [`Config::poll_interval_max`]).
@@ -78,7 +80,7 @@ impl Default for Config {
             wait_timeout: Duration::from_secs(30),
             ack_timeout: Duration::from_secs(30),
             linger: Duration::from_millis(1),
-            populate: true,
+            populate: false,
             poll_interval: Duration::from_micros(100),
             poll_interval_max: Duration::from_millis(2),
         }

@@ -46,10 +46,19 @@ impl Idle {
     /// Call after every round with the work it did; when resting, `rest` is called with the
     /// longest time to rest (sleep, or wait on a futex word that a producer rings).
     pub fn after(&mut self, work: usize, rest: impl FnOnce(Duration)) {
+        if let Some(d) = self.step(work) {
+            rest(d);
+        }
+    }
+
+    /// As [`after`](Self::after), but returns the rest instead of taking it: `Some(longest
+    /// rest)` once spinning and yielding are over, for a loop that parks in its own way (a
+    /// broker on its doorbell, after one more poll).
+    pub fn step(&mut self, work: usize) -> Option<Duration> {
         if work > 0 {
             self.rounds = 0;
             self.since = None;
-            return;
+            return None;
         }
         self.rounds = self.rounds.saturating_add(1);
         let since = *self.since.get_or_insert_with(Instant::now);
@@ -58,8 +67,9 @@ impl Idle {
         } else if since.elapsed() < self.policy.yield_for {
             std::thread::yield_now();
         } else {
-            rest(self.policy.rest);
+            return Some(self.policy.rest);
         }
+        None
     }
 }
 

@@ -10,7 +10,8 @@
 //! memory that other processes write. What stays here is what memmap2 does not know: which
 //! backing a path is (tmpfs, hugetlbfs and its page size, a device-DAX instance and its size
 //! and alignment from sysfs), the granule sizes must respect, creating a pool file without
-//! replacing one, and pre-faulting (`MAP_POPULATE`, `MADV_POPULATE_WRITE`). NUMA binding is
+//! replacing one, and pre-faulting (`MAP_POPULATE`, `MADV_POPULATE_WRITE`) of the whole
+//! mapping or of the ranges a process is about to touch. NUMA binding is
 //! [`crate::numa`], on the mapping's pointer.
 
 use std::ffi::CString;
@@ -180,6 +181,29 @@ impl SharedMapping {
     /// so that the data path takes no page fault later. Returns false where the kernel cannot.
     pub fn populate(&self) -> bool {
         self.writable && self.map.advise(Advice::PopulateWrite).is_ok()
+    }
+
+    /// Faults the pages of `offset..offset + len` in now (`MADV_POPULATE_WRITE`), widened to
+    /// whole granules of the backing (a huge page on hugetlbfs, the alignment of a DAX device)
+    /// and clipped to the mapping: what a process that touches only part of a large pool does
+    /// for the part it is about to write (a client its grants, a broker its metadata), instead
+    /// of faulting the whole pool in. Returns false where the kernel cannot (the pages then
+    /// fault in on first touch), or when the mapping is read-only or the range empty.
+    pub fn populate_range(&self, offset: usize, len: usize) -> bool {
+        let map_len = self.map.len();
+        if !self.writable || len == 0 || offset >= map_len {
+            return false;
+        }
+        let g = self.backing.granule().max(page_size());
+        let start = offset / g * g;
+        let end = offset
+            .saturating_add(len)
+            .div_ceil(g)
+            .saturating_mul(g)
+            .min(map_len);
+        self.map
+            .advise_range(Advice::PopulateWrite, start, end - start)
+            .is_ok()
     }
 
     pub fn as_ptr(&self) -> *mut u8 {
@@ -408,6 +432,37 @@ mod tests {
         }
         assert_ne!(a.as_ptr(), b.as_ptr(), "two mappings, two addresses");
         drop((a, b));
+        std::fs::remove_file(&path).unwrap();
+    }
+
+    /// Resident pages of the calling process's mapping at `ptr`, from /proc/self/smaps.
+    fn resident_kib(ptr: *mut u8) -> u64 {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let start = format!("{:x}-", ptr as usize);
+        let mut lines = smaps.lines().skip_while(|l| !l.starts_with(&start));
+        lines.next().expect("mapping listed");
+        lines
+            .find_map(|l| l.strip_prefix("Rss:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("an Rss line")
+    }
+
+    #[test]
+    fn populate_range_faults_in_only_the_granules_of_the_range() {
+        let path = tmp_path("populate-range");
+        let _ = std::fs::remove_file(&path);
+        let m = SharedMapping::create(&path, 64 << 20, CreateOptions::default()).unwrap();
+        assert_eq!(resident_kib(m.as_ptr()), 0, "nothing touched yet");
+        // 1 MiB starting in the middle of a page: 257 pages.
+        assert!(m.populate_range((8 << 20) + 100, 1 << 20));
+        let kib = resident_kib(m.as_ptr());
+        assert!((1024..=1032).contains(&kib), "{kib} KiB resident");
+        // A range past the end is clipped, an empty one is refused.
+        assert!(m.populate_range((64 << 20) - 4096, 1 << 20));
+        assert!(!m.populate_range(0, 0));
+        assert!(!m.populate_range(64 << 20, 4096));
+        assert!(resident_kib(m.as_ptr()) < 1040);
+        drop(m);
         std::fs::remove_file(&path).unwrap();
     }
 

@@ -327,6 +327,12 @@ impl<'p, C: Coherence> Broker<'p, C> {
             .collect()
     }
 
+    /// Whether batches it published await the sequencer's decision: their acks follow
+    /// without a ring, so its loop must not park for long meanwhile.
+    pub fn awaiting_decisions(&self) -> bool {
+        self.topics.values().any(|t| !t.pending.is_empty())
+    }
+
     fn session(&self, i: usize) -> &'p Session {
         self.pool
             .session(self.broker, i as u32)

@@ -12,7 +12,8 @@ use crate::batch::BatchDesc;
 use crate::client::filling::{stride_of, AckedPrefix, Filling, Unacked};
 use crate::client::Publish;
 use crate::pool::coherence::Coherence;
-use crate::pool::layout::{Session, BATCH_HEADER_VERSION};
+use crate::pool::doorbell;
+use crate::pool::layout::{BrokerDoorbell, Session, BATCH_HEADER_VERSION};
 use crate::pool::Pool;
 use crate::ring::{RingError, RingProducer};
 use crate::session::*;
@@ -62,6 +63,8 @@ pub enum PublishError {
 struct Link<'p, C: Coherence> {
     broker: u32,
     session: &'p Session,
+    /// Rung (when the broker is parked) after each submission, grant taken and close.
+    bell: &'p BrokerDoorbell,
     submit: RingProducer<'p, C>,
     taken: u64,
     /// Current grant: (offset, bytes, used).
@@ -148,6 +151,7 @@ impl<'p, C: Coherence> Publisher<'p, C> {
             links.push(Link {
                 broker: b,
                 session,
+                bell: pool.broker_doorbell(b)?,
                 submit: RingProducer::new(submission_ring(session), c),
                 taken: 0,
                 grant: None,
@@ -195,6 +199,9 @@ impl<'p, C: Coherence> Publisher<'p, C> {
                 limit: u64::from(SESSIONS),
             }));
         };
+        if let Ok(bell) = pool.broker_doorbell(broker) {
+            doorbell::ring(bell);
+        }
         let answer = wait(
             || {
                 format!("broker {broker} to accept a session (is `embar broker` running for slot {broker}?)")
@@ -271,9 +278,15 @@ impl<'p, C: Coherence> Publisher<'p, C> {
             }
             let e = &s.grants[grant_slot(k)];
             c.invalidate(e);
-            link.grant = Some((e.offset.load(Relaxed), e.bytes.load(Relaxed), 0));
+            let (g_offset, g_bytes) = (e.offset.load(Relaxed), e.bytes.load(Relaxed));
+            link.grant = Some((g_offset, g_bytes, 0));
             link.taken = k + 1;
             c.publish(&s.grants_taken, link.taken);
+            // Taking a grant lets the broker issue the next one ahead.
+            doorbell::ring(link.bell);
+            // The pool is not faulted in as a whole (a client pays only for what it
+            // touches): the grant is, in one call, before the batches fill it.
+            self.pool.populate_range(g_offset, g_bytes);
         }
         let (offset, bytes, used) = link.grant.expect("a grant");
         let limit = self.batch_bytes.min(bytes - used);
@@ -329,6 +342,7 @@ impl<'p, C: Coherence> Publisher<'p, C> {
                 Err(_) => None,
             },
         )?;
+        doorbell::ring(link.bell);
         if waited {
             self.submit_waits += 1;
         }
@@ -462,6 +476,7 @@ impl<C: Coherence> Drop for Publisher<'_, C> {
         for l in &self.links {
             let gen = l.session.state.load(Relaxed) >> 8;
             self.c.publish(&l.session.state, gen << 8 | STATE_CLOSED);
+            doorbell::ring(l.bell);
         }
     }
 }

@@ -7,6 +7,7 @@
 //! (4 KiB aligned)  sequencer state: max_topics x SequencerState (clients, subscribers,
 //!                  delivery ring: ~557 KiB each)
 //! (4 KiB aligned)  sessions: max_brokers x SESSIONS_PER_BROKER x Session (4.3 KiB each)
+//! (4 KiB aligned)  doorbells: max_brokers x BrokerDoorbell (128 B each)
 //! (4 KiB aligned)  segment table: segment_count x 64 B
 //! (segment align)  segment pool: segment_count x segment_bytes   (the logs)
 //! ```
@@ -54,6 +55,7 @@ pub struct PoolGeometry {
     pub ring_region_offset: u64,
     pub sequencer_region_offset: u64,
     pub session_region_offset: u64,
+    pub doorbell_region_offset: u64,
     pub segment_table_offset: u64,
     pub segment_pool_offset: u64,
     pub segment_count: u64,
@@ -105,7 +107,9 @@ impl PoolGeometry {
             align_up(sequencer_region_offset + sequencer_bytes, REGION_ALIGN);
         let session_bytes =
             u64::from(cfg.max_brokers) * SESSIONS_PER_BROKER as u64 * size_of::<Session>() as u64;
-        let segment_table_offset = align_up(session_region_offset + session_bytes, REGION_ALIGN);
+        let doorbell_region_offset = align_up(session_region_offset + session_bytes, REGION_ALIGN);
+        let doorbell_bytes = u64::from(cfg.max_brokers) * size_of::<BrokerDoorbell>() as u64;
+        let segment_table_offset = align_up(doorbell_region_offset + doorbell_bytes, REGION_ALIGN);
         let seg_align = cfg.segment_bytes.min(2 << 20).next_power_of_two();
         let entry = size_of::<SegmentEntry>() as u64;
         let room = cfg.pool_bytes.saturating_sub(segment_table_offset);
@@ -136,6 +140,7 @@ impl PoolGeometry {
             ring_region_offset,
             sequencer_region_offset,
             session_region_offset,
+            doorbell_region_offset,
             segment_table_offset,
             segment_pool_offset,
             segment_count,
@@ -183,6 +188,12 @@ impl PoolGeometry {
                 * size_of::<Session>() as u64
     }
 
+    /// Pool offset of the doorbell of broker `broker`.
+    pub fn doorbell_offset(&self, broker: u32) -> u64 {
+        debug_assert!(broker < self.max_brokers);
+        self.doorbell_region_offset + u64::from(broker) * size_of::<BrokerDoorbell>() as u64
+    }
+
     pub fn segment_offset(&self, segment: u64) -> u64 {
         debug_assert!(segment < self.segment_count);
         self.segment_pool_offset + segment * self.segment_bytes
@@ -221,6 +232,8 @@ impl PoolGeometry {
             .store(self.sequencer_region_offset, crate::sync::Ordering::Relaxed);
         sb.session_region_offset
             .store(self.session_region_offset, crate::sync::Ordering::Relaxed);
+        sb.doorbell_region_offset
+            .store(self.doorbell_region_offset, crate::sync::Ordering::Relaxed);
         use crate::sync::Ordering::Relaxed;
         g.max_topics.store(self.max_topics, Relaxed);
         g.max_brokers.store(self.max_brokers, Relaxed);
@@ -255,6 +268,7 @@ impl PoolGeometry {
             ring_region_offset: g.ring_region_offset.load(Relaxed),
             sequencer_region_offset: sb.sequencer_region_offset.load(Relaxed),
             session_region_offset: sb.session_region_offset.load(Relaxed),
+            doorbell_region_offset: sb.doorbell_region_offset.load(Relaxed),
             segment_table_offset: g.segment_table_offset.load(Relaxed),
             segment_pool_offset: g.segment_pool_offset.load(Relaxed),
             segment_count: g.segment_count.load(Relaxed),
@@ -421,7 +435,9 @@ mod tests {
                 prop_assert!(g.sequencer_state_offset(topics - 1)
                     + size_of::<SequencerState>() as u64 <= g.session_region_offset);
                 prop_assert!(g.session_offset(brokers - 1, SESSIONS_PER_BROKER as u32 - 1)
-                    + size_of::<Session>() as u64 <= g.segment_table_offset);
+                    + size_of::<Session>() as u64 <= g.doorbell_region_offset);
+                prop_assert!(g.doorbell_offset(brokers - 1)
+                    + size_of::<BrokerDoorbell>() as u64 <= g.segment_table_offset);
                 prop_assert!(g.segment_table_offset + g.segment_count * 64 <= g.segment_pool_offset);
                 prop_assert!(g.segment_pool_offset + g.segment_pool_bytes() <= cfg.pool_bytes);
                 prop_assert_eq!(g.segment_pool_offset % 64, 0);

@@ -16,7 +16,7 @@ pub const CACHE_LINE: usize = 64;
 /// `"EMBARCXL"` little-endian; written last when a pool is formatted.
 pub const POOL_MAGIC: u64 = u64::from_le_bytes(*b"EMBARCXL");
 /// Bumped whenever any record or region below changes shape.
-pub const LAYOUT_VERSION: u32 = 3;
+pub const LAYOUT_VERSION: u32 = 4;
 /// Brokers a topic can have; fixes the size of a [`TInode`].
 pub const MAX_BROKERS: usize = 32;
 /// Longest topic name, in bytes of UTF-8.
@@ -68,7 +68,9 @@ pub struct Superblock {
     pub sequencer_region_offset: AtomicU64,
     /// Pool offset of the publisher sessions ([`Session`]).
     pub session_region_offset: AtomicU64,
-    pub _reserved: [AtomicU64; 6],
+    /// Pool offset of the brokers' doorbells ([`BrokerDoorbell`]).
+    pub doorbell_region_offset: AtomicU64,
+    pub _reserved: [AtomicU64; 5],
 }
 
 /// Line 1 of the superblock: enough to recompute and cross-check every region.
@@ -377,6 +379,32 @@ pub struct Session {
     pub submissions: [BatchHeader; SESSION_SUBMIT_SLOTS],
 }
 
+/// Where an idle broker's polling loop parks, one per broker slot: it parks on `doorbell` (a
+/// futex, which works across processes) after announcing it in `sleeping`; whoever gives it
+/// work (a publisher that submits, claims a session or takes a grant; a broker that published
+/// a batch, for a parked broker that sequences) loads `sleeping` and only when it is set
+/// bumps `doorbell` and wakes it. The fast path pays one load of a line that stays shared
+/// in every cache while the broker runs. Parks are bounded, so a lost wake-up costs one park.
+///
+/// | line | writer | contents |
+/// |---|---|---|
+/// | 0 | the broker | `sleeping`: 0 running, [`SLEEPING`] parked, [`SLEEPING_SEQUENCER`] parked and running the sequencers |
+/// | 1 | anyone who rings | `doorbell`: bumped before each wake |
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct BrokerDoorbell {
+    pub sleeping: AtomicU32,
+    pub _pad0: [AtomicU32; 15],
+    pub doorbell: AtomicU32,
+    pub _pad1: [AtomicU32; 15],
+}
+
+/// [`BrokerDoorbell::sleeping`]: parked.
+pub const SLEEPING: u32 = 1;
+/// [`BrokerDoorbell::sleeping`]: parked, and its loop runs the sequencers (a batch published
+/// into any ring is work for it).
+pub const SLEEPING_SEQUENCER: u32 = 2;
+
 /// Log space granted to a session. Writer: the broker.
 #[repr(C)]
 #[derive(Debug, Default)]
@@ -433,6 +461,9 @@ mod size_checks {
     const _: () = assert!(offset_of!(Session, grants) == 128);
     const _: () = assert!(offset_of!(Session, submissions) == 256);
     const _: () = assert!(size_of::<GeometryWords>() == 64);
+    const _: () = assert!(offset_of!(Superblock, doorbell_region_offset) == 208);
+    const _: () = assert!(size_of::<BrokerDoorbell>() == 128);
+    const _: () = assert!(offset_of!(BrokerDoorbell, doorbell) == 64);
 
     const _: () = assert!(size_of::<TopicHeader>() == 256);
     const _: () = assert!(offset_of!(TopicHeader, name) == 64);

@@ -7,6 +7,8 @@
 //! or damaged file gets a clear error and not a single written byte.
 
 pub mod coherence;
+#[cfg(not(loom))]
+pub mod doorbell;
 pub mod geometry;
 pub mod layout;
 pub mod segments;
@@ -46,13 +48,20 @@ impl Default for CreateOptions {
     }
 }
 
-/// How to open a pool.
+/// How to open a pool. By default nothing is faulted in up front: a process pays (time and
+/// resident memory) for the pages it touches, whatever the pool's size. What it writes in
+/// bulk it pre-faults as it takes it ([`Pool::populate_range`]: a publisher each grant).
 #[derive(Clone, Debug, Default)]
 pub struct OpenOptions {
     /// Refuse a pool of another size (the configured size).
     pub expect_bytes: Option<u64>,
-    /// Fault every page in once validated, so the data path takes no page fault.
+    /// Fault every page in once validated, so the data path takes no page fault. Costs time
+    /// and memory in proportion to the pool (seconds and gigabytes on a large one).
     pub populate: bool,
+    /// Fault the metadata regions in once validated (superblock, topic table, rings,
+    /// sequencer state and sessions, segment table; a few MiB whatever the pool size): what a
+    /// broker polls. Log space is left to whoever writes it.
+    pub populate_metadata: bool,
 }
 
 /// A mapped, validated pool.
@@ -203,7 +212,14 @@ impl Pool {
             .ok_or_else(|| corrupt(format!("unknown coherence mode code {code}")))?;
         let pool_id = sb.pool_id.load(Relaxed);
         map.make_writable()?;
-        if opts.populate && !map.populate() {
+        let faulted = if opts.populate {
+            map.populate()
+        } else if opts.populate_metadata {
+            map.populate_range(0, geo.metadata_bytes() as usize)
+        } else {
+            true
+        };
+        if !faulted {
             log::debug!(
                 "{}: the kernel cannot pre-fault the mapping",
                 path.display()
@@ -359,6 +375,18 @@ impl Pool {
             .map_err(|e| PoolError::BadRange(e.to_string()))?;
         // SAFETY: the range was checked to lie inside the mapping.
         Ok(unsafe { self.map.as_ptr().add(offset as usize) })
+    }
+
+    /// Faults the pages of `len` bytes at pool offset `offset` in now, for writing (whole
+    /// pages, or huge pages where the pool has them): a client calls it on each grant it
+    /// takes, so that filling the grant takes no page fault, without having faulted in the
+    /// rest of the pool. Advisory: false where the kernel cannot (the pages then fault in on
+    /// first touch); the range is clipped to the pool.
+    pub fn populate_range(&self, offset: u64, len: u64) -> bool {
+        match (usize::try_from(offset), usize::try_from(len)) {
+            (Ok(offset), Ok(len)) => self.map.populate_range(offset, len),
+            _ => false,
+        }
     }
 
     pub(crate) fn check_topic_broker(&self, topic: u32, broker: u32) -> PoolResult<()> {
