@@ -56,6 +56,10 @@ pub struct Message<'a> {
     pub batch_seq: u64,
     pub index: u32,
     pub num_msg: u32,
+    /// The broker slot the batch landed on.
+    pub broker: u32,
+    /// The batch's index in the topic's delivery ring.
+    pub delivery_index: u64,
     pub payload: &'a [u8],
 }
 
@@ -356,6 +360,8 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
                             batch_seq,
                             index: m.index,
                             num_msg,
+                            broker,
+                            delivery_index: d,
                             payload: m.payload,
                         });
                         n += 1;
