@@ -375,7 +375,13 @@ mod tests {
         );
         // Batch at delivery index 7 on broker 2 of 3 slots, RF 2: replicas 2 and 0.
         let w = durable_wait(OUTCOME_ORDERED, 7, 9);
-        assert_eq!(w, DurableWait { below: 7, every_slot: false });
+        assert_eq!(
+            w,
+            DurableWait {
+                below: 7,
+                every_slot: false
+            }
+        );
         let mut progress = [7u64, 0, 8];
         assert!(!is_durable(w, 2, 2, 3, |r| progress[r as usize]));
         progress[0] = 8;
@@ -390,7 +396,13 @@ mod tests {
         );
         // A duplicate waits for every slot past the delivery index before its decision.
         let d = durable_wait(OUTCOME_DUPLICATE, 0, 9);
-        assert_eq!(d, DurableWait { below: 8, every_slot: true });
+        assert_eq!(
+            d,
+            DurableWait {
+                below: 8,
+                every_slot: true
+            }
+        );
         assert!(!is_durable(d, 2, 2, 3, |r| progress[r as usize]));
         let all = [9u64, 9, 9];
         assert!(is_durable(d, 2, 2, 3, |r| all[r as usize]));

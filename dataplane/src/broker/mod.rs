@@ -12,9 +12,7 @@ use std::time::Duration;
 
 use embar_sys::clock::monotonic_ns;
 
-use self::core::{
-    AckPolicy, DurableWait, Effect, Lifecycle, SessionCore, SlotView, GRANTS_AHEAD,
-};
+use self::core::{AckPolicy, DurableWait, Effect, Lifecycle, SessionCore, SlotView, GRANTS_AHEAD};
 use crate::batch::{BatchDesc, BatchLimits};
 use crate::client::subscriber::{pid_alive, slowest_position};
 use crate::messages::Messages;
@@ -912,7 +910,9 @@ impl<'p, C: Coherence> Broker<'p, C> {
             };
             let effect = st.core.decide(outcome, p.num_msg, policy);
             if effect == Effect::AwaitDurable {
-                let next = self.c.observe(&self.pool.sequencer_state(topic).next_delivery);
+                let next = self
+                    .c
+                    .observe(&self.pool.sequencer_state(topic).next_delivery);
                 t.undurable.push_back(Undurable {
                     session: p.session,
                     generation: p.generation,

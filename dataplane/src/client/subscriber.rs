@@ -56,11 +56,16 @@ pub struct Message<'a> {
     pub batch_seq: u64,
     pub index: u32,
     pub num_msg: u32,
-    /// The broker slot the batch landed on.
-    pub broker: u32,
-    /// The batch's index in the topic's delivery ring.
-    pub delivery_index: u64,
     pub payload: &'a [u8],
+}
+
+/// Where a delivered batch came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchOrigin {
+    /// The broker slot it landed on.
+    pub broker: u32,
+    /// Its index in the topic's delivery ring.
+    pub delivery_index: u64,
 }
 
 /// A registered subscriber of one topic.
@@ -281,6 +286,16 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
         max_batches: usize,
         mut f: impl FnMut(&Message<'_>),
     ) -> PoolResult<usize> {
+        self.poll_batches(max_batches, |m, _| f(m))
+    }
+
+    /// As [`poll`](Self::poll), with where each message's batch came from (for the
+    /// replication, which places batches by the broker they landed on).
+    pub fn poll_batches(
+        &mut self,
+        max_batches: usize,
+        mut f: impl FnMut(&Message<'_>, BatchOrigin),
+    ) -> PoolResult<usize> {
         let delivered = self.c.observe(&self.st.delivered);
         let mut n = 0;
         for _ in 0..max_batches {
@@ -354,16 +369,19 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
                 for m in parts.next(&self.buf[..w]).map_err(unreadable)?.iter() {
                     let m = m.map_err(unreadable)?;
                     if m.index >= self.skip {
-                        f(&Message {
+                        let origin = BatchOrigin {
+                            broker,
+                            delivery_index: d,
+                        };
+                        let msg = Message {
                             total_order: first + u64::from(m.index),
                             client_id,
                             batch_seq,
                             index: m.index,
                             num_msg,
-                            broker,
-                            delivery_index: d,
                             payload: m.payload,
-                        });
+                        };
+                        f(&msg, origin);
                         n += 1;
                     }
                 }

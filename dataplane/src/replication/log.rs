@@ -437,7 +437,8 @@ impl DiskLog {
         if b.len() as u64 > RECORD_BODY_MAX {
             return Err(LogError::TooLarge(b.len() as u64));
         }
-        if self.len > 0 && self.len + (RECORD_HEADER_BYTES + b.len()) as u64 > self.cfg.segment_bytes
+        if self.len > 0
+            && self.len + (RECORD_HEADER_BYTES + b.len()) as u64 > self.cfg.segment_bytes
         {
             self.roll()?;
         }
@@ -634,7 +635,13 @@ mod tests {
         let d = tmp("reopen");
         write(&d, 10, LogConfig::default());
         let (log, rec) = DiskLog::open(&d, LogConfig::default()).unwrap();
-        assert_eq!(rec, Recovery { records: 10, ..Default::default() });
+        assert_eq!(
+            rec,
+            Recovery {
+                records: 10,
+                ..Default::default()
+            }
+        );
         assert_eq!(log.last(), Some(&meta(27, 3)));
         assert_eq!(log.find(99, 13).unwrap().total_order, 12);
         assert!(log.find(99, 30).is_none());
@@ -642,7 +649,10 @@ mod tests {
         let (records, _) = read_log(&d).unwrap();
         assert_eq!(records.len(), 10);
         let got: Vec<&[u8]> = messages(&records[4].body).collect();
-        assert_eq!(got, vec![&b"message 4-0"[..], b"message 4-1", b"message 4-2"]);
+        assert_eq!(
+            got,
+            vec![&b"message 4-0"[..], b"message 4-1", b"message 4-2"]
+        );
         let _ = std::fs::remove_dir_all(&d);
     }
 
@@ -657,7 +667,8 @@ mod tests {
         assert!(segments(&d).unwrap().len() > 3);
         let (mut log, rec) = DiskLog::open(&d, cfg).unwrap();
         assert_eq!(rec.records, 12);
-        log.append(&meta(36, 3), &body(3, 12), Instant::now()).unwrap();
+        log.append(&meta(36, 3), &body(3, 12), Instant::now())
+            .unwrap();
         log.sync().unwrap();
         let (records, rec) = read_log(&d).unwrap();
         assert_eq!((records.len(), rec.truncated_bytes), (13, 0));
@@ -680,7 +691,8 @@ mod tests {
             assert_eq!(rec.truncated_bytes, (cut - last_at) as u64, "cut at {cut}");
             assert_eq!(std::fs::metadata(&seg).unwrap().len(), last_at as u64);
             // The log goes on after the cut.
-            log.append(&meta(9, 3), &body(3, 3), Instant::now()).unwrap();
+            log.append(&meta(9, 3), &body(3, 3), Instant::now())
+                .unwrap();
             log.sync().unwrap();
             drop(log);
             assert_eq!(std::fs::read(&seg).unwrap(), whole, "cut at {cut}");

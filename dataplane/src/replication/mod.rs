@@ -98,7 +98,10 @@ impl<'p, C: Coherence> Replicator<'p, C> {
             .ok_or_else(|| PoolError::UnknownTopic(topic.to_string()))?;
         let (log, rec) = DiskLog::open(&log::topic_dir(data_dir, topic), cfg)?;
         let sub = Subscriber::open(pool, c, topic, StartAt::Oldest)?;
-        let era = pool.superblock().pool_id.load(crate::sync::Ordering::Relaxed);
+        let era = pool
+            .superblock()
+            .pool_id
+            .load(crate::sync::Ordering::Relaxed);
         let start = sub.position();
         Ok((
             Replicator {
@@ -136,11 +139,11 @@ impl<'p, C: Coherence> Replicator<'p, C> {
             .map(|l| l.total_order + u64::from(l.num_msg));
         let (body, done) = (&mut self.body, &mut self.done);
         let mut batches = 0;
-        self.sub.poll(64, |m| {
+        self.sub.poll_batches(64, |m, origin| {
             if m.index == 0 {
                 body.clear();
             }
-            let mine = replica_set(m.broker, rf, n).any(|r| r == me);
+            let mine = replica_set(origin.broker, rf, n).any(|r| r == me);
             let fresh = skip_below.is_none_or(|s| m.total_order >= s);
             if mine && fresh {
                 body.push(m.payload);
@@ -153,9 +156,9 @@ impl<'p, C: Coherence> Replicator<'p, C> {
                         client_id: m.client_id,
                         batch_seq: m.batch_seq,
                         num_msg: m.num_msg,
-                        broker: m.broker,
+                        broker: origin.broker,
                         era,
-                        delivery_index: m.delivery_index,
+                        delivery_index: origin.delivery_index,
                     };
                     done.push((meta, std::mem::take(body)));
                 }
