@@ -28,7 +28,8 @@ impl TopicSpec {
     /// The rules that need the cluster's state; the pool checks the rest (ORDER and ACK
     /// values, ACK 2 without replication, sizes) when the topic is written. Replica sets
     /// range over the pool's `broker_slots` (`embar_dataplane::replication::replica_set`),
-    /// so a replicated topic needs a live broker in every slot.
+    /// so an ACK 2 topic (whose acks wait for every replica) needs a live broker in every
+    /// slot; at ACK 0 and 1 the slots without a broker only hold no replica.
     pub fn check_cluster(
         &self,
         live_brokers: u32,
@@ -41,7 +42,7 @@ impl TopicSpec {
                 live_brokers,
             });
         }
-        if self.replication_factor > 0 && live_brokers < broker_slots {
+        if self.ack == 2 && live_brokers < broker_slots {
             return Err(TopicRuleError::ReplicaSlots {
                 live_brokers,
                 broker_slots,
@@ -91,8 +92,12 @@ mod tests {
     #[test]
     fn a_bad_name_and_too_few_brokers_are_refused_with_what_is_wrong() {
         assert!(spec("orders", 2).check_cluster(2, 2).is_ok());
-        assert!(spec("orders", 0).check_cluster(2, 4).is_ok());
-        let e = spec("orders", 1).check_cluster(3, 4).unwrap_err();
+        assert!(spec("orders", 1).check_cluster(2, 4).is_ok());
+        let acked = TopicSpec {
+            ack: 2,
+            ..spec("orders", 1)
+        };
+        let e = acked.check_cluster(3, 4).unwrap_err();
         assert!(matches!(e, TopicRuleError::ReplicaSlots { .. }), "{e}");
         let e = spec("", 0).check_cluster(2, 2).unwrap_err();
         assert!(

@@ -29,7 +29,7 @@ use self::log::{Body, DiskLog, LogConfig, LogError, RecordMeta};
 /// `brokers` is the pool's broker slot count (`max_brokers`), not the live brokers: every
 /// process computes the same set for a batch at any time, whoever is alive. A slot with no
 /// broker therefore never reports progress, and an ACK 2 batch it should hold is not acked
-/// (fail closed); the control process refuses RF >= 1 unless every slot is live.
+/// (fail closed); the control process refuses an ACK 2 topic unless every slot is live.
 pub fn replica_set(primary: u32, rf: u8, brokers: u32) -> impl Iterator<Item = u32> {
     let n = brokers.max(1);
     (0..u32::from(rf).min(n)).map(move |i| (primary + i) % n)
