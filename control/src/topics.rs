@@ -42,7 +42,7 @@ impl TopicSpec {
                 live_brokers,
             });
         }
-        if self.ack == 2 && live_brokers < broker_slots {
+        if self.ack == 2 && self.replication_factor > 0 && live_brokers < broker_slots {
             return Err(TopicRuleError::ReplicaSlots {
                 live_brokers,
                 broker_slots,
