@@ -201,6 +201,37 @@ fn acked_messages_are_on_every_replica_disk_even_when_a_broker_is_killed() {
         "nothing of the run was acknowledged before the kill"
     );
     assert_on_every_replica(&c, "t", &all[..acked]);
+
+    // A subscriber of durable messages only sees every acknowledged one, and nothing that
+    // is not on every disk of its replica set (batches that needed the killed broker after
+    // it died are not).
+    let out = c.run(
+        &[
+            "subscribe",
+            "--topic",
+            "t",
+            "--durable-only",
+            "--idle-timeout-s",
+            "2",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let seen_set: BTreeSet<&String> = seen.iter().collect();
+    assert!(
+        all[..acked].iter().all(|m| seen_set.contains(m)),
+        "an acknowledged message is missing from the durable subscriber's {} messages",
+        seen.len()
+    );
+    assert_on_every_replica(&c, "t", &seen);
 }
 
 #[test]

@@ -85,6 +85,9 @@ pub struct Subscriber<'p, C: Coherence> {
     buf: Vec<u8>,
     /// Total order after the last batch read (for errors: positions are total orders).
     next_total: Option<u64>,
+    /// Deliver a batch only once it is durable on its replica set (ACK 2's condition).
+    durable_only: bool,
+    replication_factor: u8,
 }
 
 fn entry(st: &SequencerState, d: u64) -> &DeliveryEntry {
@@ -130,6 +133,10 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             skip,
             buf: vec![0; COPY_WINDOW_BYTES],
             next_total: None,
+            durable_only: false,
+            replication_factor: pool
+                .read_topic(c, slot)
+                .map_or(0, |t| t.config.replication_factor),
         })
     }
 
@@ -225,6 +232,20 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
         })
     }
 
+    /// Whether the batch at delivery index `d`, landed on `broker`, is durable on its
+    /// replica set.
+    fn durable(&self, broker: u32, d: u64) -> bool {
+        use crate::replication::{durable_on, progress_of, replica_set};
+        let t = self.pool.tinode(self.topic);
+        let slots = self.pool.geometry().max_brokers;
+        self.replication_factor > 0
+            && durable_on(
+                d,
+                replica_set(broker, self.replication_factor, slots),
+                |r| progress_of(self.c, t, r),
+            )
+    }
+
     /// Whether broker `broker` may have freed the log space of delivery index `d`: then an
     /// error naming `position` (the total order the subscriber would deliver next) and the
     /// oldest retained total order.
@@ -274,6 +295,13 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
         self.topic
     }
 
+    /// Deliver only batches durable on every broker of their replica set (synced to disk:
+    /// `docs/durability.md`); the subscriber waits at the first that is not yet. A topic
+    /// without replication has nothing durable, so such a subscriber delivers nothing.
+    pub fn set_durable_only(&mut self, yes: bool) {
+        self.durable_only = yes;
+    }
+
     /// Next delivery index (batch) this subscriber will read.
     pub fn position(&self) -> u64 {
         self.next
@@ -318,6 +346,9 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             let (client_id, batch_seq) = (e.client_id.load(Relaxed), e.batch_seq.load(Relaxed));
             let (log_idx, total) = (e.log_idx.load(Relaxed), e.total_size.load(Relaxed));
             let broker = e.broker.load(Relaxed);
+            if self.durable_only && !self.durable(broker, d) {
+                break;
+            }
             // Past a broker's retention limit, its log space may be reclaimed before this
             // subscriber read it: then this is an error, never reused bytes.
             self.check_retained(broker, d, first + u64::from(self.skip))?;
