@@ -338,3 +338,64 @@ fn a_cluster_brought_down_and_up_keeps_its_topic_and_its_logs() {
         assert!(!std::path::Path::new(&p).exists(), "{p} survived --purge");
     }
 }
+
+#[test]
+fn acked_messages_survive_a_sigkill_of_every_process_and_a_new_cluster_up() {
+    let _g = serial();
+    let mut c = Cluster::up("durable-killall", &cluster_args());
+    c.topic(
+        "all",
+        &[
+            "--order",
+            "5",
+            "--ack",
+            "2",
+            "--rf",
+            "2",
+            "--batch-bytes",
+            "16KiB",
+        ],
+    );
+    let (text, acked) = message_lines("acked", 3000);
+    let out = c.run(&["publish", "--topic", "all"], Some(text));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(acknowledged(&err), 3000, "{err}");
+
+    // Every process at once, no chance to sync or say goodbye.
+    let pids: Vec<u32> = c.file()["pids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_u64().unwrap() as u32)
+        .collect();
+    for &pid in &pids {
+        signal(pid, "-KILL");
+    }
+    wait_until("every process gone", Duration::from_secs(10), || {
+        pids.iter().all(|p| !embar_test_support::alive(*p))
+    });
+    // `down` clears what is left (the pool, the cluster file); `up` brings the cluster back.
+    let down = Command::new(exe())
+        .args(["cluster", "down", "--dir", &c.dir])
+        .output()
+        .unwrap();
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    let mut up = Command::new(exe());
+    up.args(["cluster", "up", "--dir", &c.dir])
+        .args(cluster_args());
+    let up = up.output().unwrap();
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    c.control = c.file()["control"].as_str().unwrap().to_string();
+    let (ok, list, err) = c.embar(&["topic", "list"]);
+    assert!(ok && list.contains("all"), "{list}{err}");
+    assert_on_every_replica(&c, "all", &acked);
+}
