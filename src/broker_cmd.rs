@@ -5,7 +5,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use embar_broker::{BrokerConfig, BrokerNode, RunError, SequencerRole, StartError, VerbsConfig};
+use embar_broker::{
+    BrokerConfig, BrokerNode, ReplicationConfig, RunError, SequencerRole, StartError, VerbsConfig,
+};
+use embar_dataplane::replication::log::LogConfig;
 
 use crate::exit::{CliError, CliResult};
 
@@ -48,6 +51,20 @@ pub struct BrokerArgs {
     /// (it goes on serving publishers and subscribers meanwhile, and retries heartbeats).
     #[arg(long, default_value_t = embar_control::keepalive::GRACE_DEFAULT.as_millis() as u64)]
     pub control_grace_ms: u64,
+    /// Keep replicas of ordered batches (topics with a replication factor) in disk logs
+    /// under this directory (docs/durability.md). Without it this broker holds no replica,
+    /// and ACK 2 batches whose replica set names it are not acked.
+    #[arg(long)]
+    pub data_dir: Option<std::path::PathBuf>,
+    /// `fdatasync` a disk log once this many bytes are unsynced.
+    #[arg(long, default_value = "64MiB", value_parser = crate::units::parse_bytes)]
+    pub sync_bytes: u64,
+    /// `fdatasync` a disk log once its oldest unsynced byte is this old.
+    #[arg(long, default_value_t = 250)]
+    pub sync_interval_ms: u64,
+    /// A disk log starts a new segment file past this size.
+    #[arg(long, default_value = "64MiB", value_parser = crate::units::parse_bytes)]
+    pub log_segment_bytes: u64,
 }
 
 impl BrokerArgs {
@@ -70,6 +87,14 @@ impl BrokerArgs {
                 gid_index: self.gid_index,
             }),
             control_grace: Duration::from_millis(self.control_grace_ms),
+            replication: self.data_dir.clone().map(|data_dir| ReplicationConfig {
+                data_dir,
+                log: LogConfig {
+                    segment_bytes: self.log_segment_bytes,
+                    sync_bytes: self.sync_bytes,
+                    sync_interval: Duration::from_millis(self.sync_interval_ms),
+                },
+            }),
         }
     }
 }

@@ -267,6 +267,10 @@ pub struct SubscribeArgs {
     /// backpressure).
     #[arg(long, hide = true)]
     pub pause_ms: Option<u64>,
+    /// Only messages durable on every broker of their batch's replica set (synced to disk,
+    /// as ACK 2 waits for); waits at the first that is not yet.
+    #[arg(long)]
+    pub durable_only: bool,
 }
 
 pub fn subscribe(a: &SubscribeArgs) -> CliResult<()> {
@@ -279,6 +283,7 @@ pub fn subscribe(a: &SubscribeArgs) -> CliResult<()> {
     };
     let client = connect(a.control, Client::builder())?;
     let mut sub = client.subscriber(&a.topic, start)?;
+    sub.set_durable_only(a.durable_only);
     if let Some(ms) = a.pause_ms {
         eprintln!(
             "subscriber registered at delivery index {}; pausing {ms} ms",

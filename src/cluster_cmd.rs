@@ -41,6 +41,12 @@ pub struct UpArgs {
     /// GID index for `--verbs`.
     #[arg(long, default_value_t = 1)]
     pub gid_index: u8,
+    /// Passed to every broker (see `embar broker --sync-interval-ms`).
+    #[arg(long)]
+    pub sync_interval_ms: Option<u64>,
+    /// Passed to every broker (see `embar broker --sync-bytes`).
+    #[arg(long, value_parser = crate::units::parse_bytes)]
+    pub sync_bytes: Option<u64>,
     /// Pool options (path defaults to /dev/shm/embar-<dir name>.pool).
     #[command(flatten)]
     pub pool: crate::pool_cmd::CreateArgs,
@@ -222,11 +228,20 @@ pub fn up(a: &UpArgs) -> Result<ClusterFile, String> {
     // The control process assigns the sequencer to the oldest live broker (broker 0 here),
     // and to the next one if that dies.
     for b in 0..a.brokers {
+        // Each broker keeps its disk logs in its own directory, kept across down and up.
         let mut args = vec![
             "broker".to_string(),
             "--control".into(),
             control.to_string(),
+            "--data-dir".into(),
+            a.dir.join(format!("broker-{b}")).display().to_string(),
         ];
+        if let Some(ms) = a.sync_interval_ms {
+            args.extend(["--sync-interval-ms".into(), ms.to_string()]);
+        }
+        if let Some(n) = a.sync_bytes {
+            args.extend(["--sync-bytes".into(), n.to_string()]);
+        }
         if let Some(r) = a.retention_bytes {
             args.extend(["--retention-bytes".into(), r.to_string()]);
         }
@@ -348,8 +363,11 @@ fn is_ours(pid: u32, names: &[String]) -> bool {
 }
 
 /// Stops every process of the cluster (see [`members`]), brokers first, and deletes its pool
-/// and state; returns what it stopped.
-pub fn down(dir: &Path) -> Result<Vec<String>, crate::exit::CliError> {
+/// (memory: a later `up` makes a new one, as after a reboot). The control state (topics) and
+/// the brokers' disk logs stay, with the brokers taken out of the state (they are stopped; a
+/// later `up` starts new ones into the slots); `purge` deletes those too. Returns what it
+/// stopped.
+pub fn down(dir: &Path, purge: bool) -> Result<Vec<String>, crate::exit::CliError> {
     let path = cluster_file(dir);
     let text = std::fs::read_to_string(&path).map_err(|e| {
         crate::exit::CliError::not_found(format!("no cluster described in {}: {e}", path.display()))
@@ -373,6 +391,30 @@ pub fn down(dir: &Path) -> Result<Vec<String>, crate::exit::CliError> {
         .collect();
     let _ = std::fs::remove_file(&file.pool);
     std::fs::remove_file(&path).map_err(|e| format!("cannot remove {}: {e}", path.display()))?;
-    let _ = std::fs::remove_dir_all(dir.join("control"));
+    let state_dir = dir.join("control");
+    if purge {
+        let _ = std::fs::remove_dir_all(&state_dir);
+        purge_broker_dirs(dir);
+    } else if let Ok(Some(mut state)) = embar_control::store::load(&state_dir) {
+        state.members.clear();
+        embar_control::store::save(&state_dir, &state)
+            .map_err(|e| format!("cannot save {}: {e}", state_dir.display()))?;
+    }
     Ok(stopped)
+}
+
+/// Deletes the brokers' data directories (`broker-N`) of a cluster directory.
+fn purge_broker_dirs(dir: &Path) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().to_string();
+        let numbered = name
+            .strip_prefix("broker-")
+            .is_some_and(|n| n.parse::<u32>().is_ok());
+        if numbered && e.path().is_dir() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }

@@ -6,6 +6,7 @@ mod client_cmd;
 mod cluster_cmd;
 mod control_cmd;
 mod exit;
+mod log_cmd;
 mod pool_cmd;
 mod units;
 
@@ -65,9 +66,18 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ClusterCmd,
     },
+    /// A broker's disk logs (docs/durability.md).
+    #[command(subcommand)]
+    Log(LogCmd),
     /// A worker process of the benches and the process tests (started by them).
     #[command(hide = true, subcommand)]
     RingWorker(WorkerCmd),
+}
+
+#[derive(Subcommand)]
+enum LogCmd {
+    /// Verify every record of a topic's disk log and print its messages in total order.
+    Dump(log_cmd::DumpArgs),
 }
 
 #[derive(Subcommand)]
@@ -76,10 +86,15 @@ enum ClusterCmd {
     Status,
     /// Start a local cluster (control process, brokers, sequencer) in the background.
     Up(Box<cluster_cmd::UpArgs>),
-    /// Stop the local cluster started by `cluster up`.
+    /// Stop the local cluster started by `cluster up`. Its disk logs and control state stay
+    /// in the directory (`cluster up` on it brings the cluster back with its topics and
+    /// logs) unless `--purge`.
     Down {
         #[arg(long, env = "EMBAR_CLUSTER_DIR", default_value = embar_client::discovery::DEFAULT_CLUSTER_DIR)]
         dir: PathBuf,
+        /// Also delete the control state and the brokers' disk logs.
+        #[arg(long)]
+        purge: bool,
     },
 }
 
@@ -225,14 +240,12 @@ fn run(command: Cmd) -> CliResult<bool> {
             );
         }
         Cmd::Cluster {
-            cmd: ClusterCmd::Down { dir },
+            cmd: ClusterCmd::Down { dir, purge },
             ..
         } => {
-            let stopped = cluster_cmd::down(&dir)?;
+            let stopped = cluster_cmd::down(&dir, purge)?;
             if stopped.is_empty() {
-                println!(
-                    "cluster down: no process of it was running; its pool and state are deleted"
-                );
+                println!("cluster down: no process of it was running");
             }
             for s in stopped {
                 println!("stopped {s}");
@@ -240,6 +253,7 @@ fn run(command: Cmd) -> CliResult<bool> {
         }
         Cmd::Publish(a) => client_cmd::publish(&a)?,
         Cmd::Subscribe(a) => client_cmd::subscribe(&a)?,
+        Cmd::Log(LogCmd::Dump(a)) => return log_cmd::dump(&a),
         Cmd::RingWorker(WorkerCmd::RoguePublish(a)) => embar_bench::rogue::rogue_publish(&a)?,
         Cmd::RingWorker(WorkerCmd::Bench(w)) => return Ok(embar_bench::workers::run(&w)?),
     }

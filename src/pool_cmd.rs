@@ -18,7 +18,9 @@ pub struct TopicSettings {
     pub order: u8,
     #[arg(long, default_value_t = 1)]
     pub ack: u8,
-    #[arg(long, default_value_t = 0)]
+    /// Brokers that keep each batch on disk, the one it landed on included (`--rf`); ACK 2
+    /// needs at least 1 (docs/durability.md).
+    #[arg(long, visible_alias = "rf", default_value_t = 0)]
     pub replication_factor: u8,
     #[arg(long, default_value = "2MiB", value_parser = parse_bytes)]
     pub batch_bytes: u64,

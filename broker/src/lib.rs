@@ -22,7 +22,10 @@
 pub mod driver;
 pub mod membership;
 pub mod node;
+pub mod replication;
 pub mod sequencers;
 
 pub use driver::{Driver, DriverError, DriverOptions};
-pub use node::{BrokerConfig, BrokerNode, RunError, SequencerRole, StartError, VerbsConfig};
+pub use node::{
+    BrokerConfig, BrokerNode, ReplicationConfig, RunError, SequencerRole, StartError, VerbsConfig,
+};

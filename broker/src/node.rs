@@ -66,6 +66,16 @@ pub struct BrokerConfig {
     pub verbs: Option<VerbsConfig>,
     /// How long the control process may be unreachable before this broker stops serving.
     pub control_grace: Duration,
+    /// Replicate ordered batches to disk (topics with a replication factor): where, and the
+    /// sync policy. Without it this broker holds no replica and reports no progress.
+    pub replication: Option<ReplicationConfig>,
+}
+
+/// Where a broker keeps its disk logs and how it syncs them (`docs/durability.md`).
+#[derive(Clone, Debug)]
+pub struct ReplicationConfig {
+    pub data_dir: PathBuf,
+    pub log: embar_dataplane::replication::log::LogConfig,
 }
 
 impl BrokerConfig {
@@ -79,6 +89,7 @@ impl BrokerConfig {
             retention_bytes: None,
             verbs: None,
             control_grace: embar_control::keepalive::GRACE_DEFAULT,
+            replication: None,
         }
     }
 }
@@ -132,6 +143,7 @@ pub struct BrokerNode {
     hb_stop: Arc<AtomicBool>,
     data: Option<JoinHandle<Result<(), RunError>>>,
     heartbeat: Option<JoinHandle<Result<(), String>>>,
+    replication: Option<JoinHandle<()>>,
 }
 
 impl BrokerNode {
@@ -208,6 +220,18 @@ impl BrokerNode {
             })
             .map_err(StartError::Thread)?;
         let stop = Arc::new(AtomicBool::new(false));
+        let replication = match cfg.replication.clone() {
+            Some(rc) => {
+                let (stop, path) = (stop.clone(), pool_path.clone());
+                Some(
+                    std::thread::Builder::new()
+                        .name("broker-replication".into())
+                        .spawn(move || crate::replication::run(&path, slot, &rc, &stop))
+                        .map_err(StartError::Thread)?,
+                )
+            }
+            None => None,
+        };
         let serve = Serve {
             slot,
             cfg,
@@ -229,6 +253,7 @@ impl BrokerNode {
             hb_stop,
             data: Some(data),
             heartbeat: Some(heartbeat),
+            replication,
         })
     }
 
@@ -272,6 +297,12 @@ impl BrokerNode {
             Some(d) => d.join().unwrap_or(Err(RunError::Panicked)),
             None => Ok(()),
         };
+        // The data path has stopped (by request or by itself): the replication goes too,
+        // syncing what it appended.
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(r) = self.replication.take() {
+            let _ = r.join();
+        }
         self.hb_stop.store(true, Ordering::Relaxed);
         if let Some(h) = self.heartbeat.take() {
             if let (Err(_), Ok(Err(why))) = (&result, h.join()) {

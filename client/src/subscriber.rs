@@ -50,6 +50,7 @@ trait Read: Send {
     fn poll(&mut self, max_batches: usize, f: &mut dyn FnMut(&MessageRef<'_>))
         -> PoolResult<usize>;
     fn position(&self) -> u64;
+    fn set_durable_only(&mut self, yes: bool);
 }
 
 impl<C: Coherence> Read for PoolSubscriber<'_, C> {
@@ -63,6 +64,10 @@ impl<C: Coherence> Read for PoolSubscriber<'_, C> {
 
     fn position(&self) -> u64 {
         PoolSubscriber::position(self)
+    }
+
+    fn set_durable_only(&mut self, yes: bool) {
+        PoolSubscriber::set_durable_only(self, yes)
     }
 }
 
@@ -157,6 +162,12 @@ impl Subscriber {
 
     pub fn topic(&self) -> &str {
         &self.topic
+    }
+
+    /// Deliver only messages durable on every broker of their batch's replica set (what
+    /// ACK 2 waits for; `docs/durability.md`). On a topic without replication nothing is.
+    pub fn set_durable_only(&mut self, yes: bool) {
+        self.cell.with_dependent_mut(|_, r| r.set_durable_only(yes));
     }
 
     /// The delivery index (the number of ordered batches before it) of the next batch this

@@ -495,7 +495,7 @@ fn create_topic(s: &Shared, req: &Request) -> Response {
     }
     {
         let g = lock(s);
-        if let Err(e) = spec.check_cluster(g.members.live_count()) {
+        if let Err(e) = spec.check_cluster(g.members.live_count(), s.pool.geometry().max_brokers) {
             return Response::error(422, e);
         }
         if g.durable.topics.iter().any(|t| t.name == spec.name) {

@@ -26,13 +26,26 @@ impl TopicSpec {
     }
 
     /// The rules that need the cluster's state; the pool checks the rest (ORDER and ACK
-    /// values, ACK 2 without replication, sizes) when the topic is written.
-    pub fn check_cluster(&self, live_brokers: u32) -> Result<(), TopicRuleError> {
+    /// values, ACK 2 without replication, sizes) when the topic is written. Replica sets
+    /// range over the pool's `broker_slots` (`embar_dataplane::replication::replica_set`),
+    /// so an ACK 2 topic (whose acks wait for every replica) needs a live broker in every
+    /// slot; at ACK 0 and 1 the slots without a broker only hold no replica.
+    pub fn check_cluster(
+        &self,
+        live_brokers: u32,
+        broker_slots: u32,
+    ) -> Result<(), TopicRuleError> {
         check_topic_name(&self.name)?;
         if u32::from(self.replication_factor) > live_brokers {
             return Err(TopicRuleError::ReplicationFactor {
                 replication_factor: self.replication_factor,
                 live_brokers,
+            });
+        }
+        if self.ack == 2 && self.replication_factor > 0 && live_brokers < broker_slots {
+            return Err(TopicRuleError::ReplicaSlots {
+                live_brokers,
+                broker_slots,
             });
         }
         Ok(())
@@ -50,6 +63,15 @@ pub enum TopicRuleError {
     ReplicationFactor {
         replication_factor: u8,
         live_brokers: u32,
+    },
+    #[error(
+        "replica sets range over the pool's {broker_slots} broker slots and only \
+         {live_brokers} brokers are live: start a broker in every slot, or make the pool \
+         with --max-brokers {live_brokers}"
+    )]
+    ReplicaSlots {
+        live_brokers: u32,
+        broker_slots: u32,
     },
 }
 
@@ -69,13 +91,20 @@ mod tests {
 
     #[test]
     fn a_bad_name_and_too_few_brokers_are_refused_with_what_is_wrong() {
-        assert!(spec("orders", 2).check_cluster(2).is_ok());
-        let e = spec("", 0).check_cluster(2).unwrap_err();
+        assert!(spec("orders", 2).check_cluster(2, 2).is_ok());
+        assert!(spec("orders", 1).check_cluster(2, 4).is_ok());
+        let acked = TopicSpec {
+            ack: 2,
+            ..spec("orders", 1)
+        };
+        let e = acked.check_cluster(3, 4).unwrap_err();
+        assert!(matches!(e, TopicRuleError::ReplicaSlots { .. }), "{e}");
+        let e = spec("", 0).check_cluster(2, 2).unwrap_err();
         assert!(
             matches!(e, TopicRuleError::Name(PoolError::TopicName(..))),
             "{e}"
         );
-        let e = spec("orders", 3).check_cluster(2).unwrap_err();
+        let e = spec("orders", 3).check_cluster(2, 2).unwrap_err();
         assert!(matches!(e, TopicRuleError::ReplicationFactor { .. }), "{e}");
         assert_eq!(
             e.to_string(),

@@ -7,7 +7,9 @@
 //! - [`SessionCore::take_grants`]: the credit check on `grants_taken` and how many grants to
 //!   issue, [`grant_bytes`] how large.
 //! - [`SessionCore::decide`]: what the sequencer's decision on one batch means for the
-//!   session: an ack (per the topic's ACK level), a rejection with its reason, or nothing.
+//!   session: an ack (per the topic's ACK level), a rejection with its reason, nothing, or
+//!   (ACK 2) a wait for durability: [`durable_wait`] says what to wait for, [`is_durable`]
+//!   whether the replicas' progress words cover it, and [`SessionCore::durable`] acks it.
 
 use crate::pool::layout::{OUTCOME_DUPLICATE, OUTCOME_FENCED, OUTCOME_ORDERED, OUTCOME_TABLE_FULL};
 use crate::pool::topics::TopicInfo;
@@ -64,7 +66,6 @@ pub fn lifecycle(open: Option<u64>, v: SlotView) -> Lifecycle {
 pub fn admit(topic: Option<&TopicInfo>) -> Result<(), SessionError> {
     match topic {
         None => Err(SessionError::UnknownTopic),
-        Some(t) if t.config.ack == 2 => Err(SessionError::Ack2Unsupported),
         Some(_) => Ok(()),
     }
 }
@@ -105,6 +106,52 @@ pub enum Effect {
         rejected: u64,
         error: SessionError,
     },
+    /// ACK 2: ordered; ack once durable on its replica set ([`durable_wait`], then
+    /// [`SessionCore::durable`]).
+    AwaitDurable,
+}
+
+/// What an ACK 2 batch waits for: `durable_delivery > below` on every broker of its replica
+/// set, or, for a duplicate (whose first copy may have landed on another broker, so in
+/// another replica set), on every broker slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DurableWait {
+    pub below: u64,
+    pub every_slot: bool,
+}
+
+/// The wait for a batch decided `outcome` with delivery index `delivery`; `next_delivery`
+/// is the topic's next delivery index as read after the decision (a duplicate's first copy
+/// lies below it).
+pub fn durable_wait(outcome: u64, delivery: u64, next_delivery: u64) -> DurableWait {
+    if outcome == OUTCOME_DUPLICATE {
+        DurableWait {
+            below: next_delivery.saturating_sub(1),
+            every_slot: true,
+        }
+    } else {
+        DurableWait {
+            below: delivery,
+            every_slot: false,
+        }
+    }
+}
+
+/// Whether `w` is met for a batch that landed on `primary` of a topic with replication
+/// factor `rf` over `slots` broker slots, given each slot's `durable_delivery`.
+pub fn is_durable(
+    w: DurableWait,
+    primary: u32,
+    rf: u8,
+    slots: u32,
+    progress: impl FnMut(u32) -> u64,
+) -> bool {
+    use crate::replication::{durable_on, replica_set};
+    if w.every_slot {
+        durable_on(w.below, 0..slots, progress)
+    } else {
+        durable_on(w.below, replica_set(primary, rf, slots), progress)
+    }
 }
 
 /// The broker's counts for one open session.
@@ -161,12 +208,18 @@ impl SessionCore {
     /// The sequencer decided `outcome` on a batch of `num_msg` messages of this session.
     pub fn decide(&mut self, outcome: u64, num_msg: u32, policy: AckPolicy) -> Effect {
         match outcome {
+            OUTCOME_ORDERED | OUTCOME_DUPLICATE if policy.ack == 2 => Effect::AwaitDurable,
             OUTCOME_ORDERED | OUTCOME_DUPLICATE if policy.acks_on_decision() => self.ack(num_msg),
             OUTCOME_ORDERED | OUTCOME_DUPLICATE => Effect::Nothing,
             OUTCOME_FENCED => self.reject(SessionError::Fenced),
             OUTCOME_TABLE_FULL => self.reject(SessionError::ClientTableFull),
             _ => self.reject(SessionError::RejectedBySequencer),
         }
+    }
+
+    /// An ACK 2 batch of `num_msg` messages is durable on its replica set: ack it.
+    pub fn durable(&mut self, num_msg: u32) -> Effect {
+        self.ack(num_msg)
     }
 
     fn ack(&mut self, num_msg: u32) -> Effect {
@@ -305,5 +358,73 @@ mod tests {
                 error: SessionError::BadDescriptor
             }
         );
+    }
+
+    #[test]
+    fn ack_2_waits_until_every_replica_of_the_batch_has_synced_past_it() {
+        let policy = AckPolicy { order: 5, ack: 2 };
+        let mut s = SessionCore::default();
+        assert_eq!(s.decide(OUTCOME_ORDERED, 4, policy), Effect::AwaitDurable);
+        // Fenced and rejected batches are reported at once, as at ACK 1.
+        assert_eq!(
+            s.decide(OUTCOME_FENCED, 4, policy),
+            Effect::Reject {
+                rejected: 1,
+                error: SessionError::Fenced
+            }
+        );
+        // Batch at delivery index 7 on broker 2 of 3 slots, RF 2: replicas 2 and 0.
+        let w = durable_wait(OUTCOME_ORDERED, 7, 9);
+        assert_eq!(
+            w,
+            DurableWait {
+                below: 7,
+                every_slot: false
+            }
+        );
+        let mut progress = [7u64, 0, 8];
+        assert!(!is_durable(w, 2, 2, 3, |r| progress[r as usize]));
+        progress[0] = 8;
+        // Broker 1 is not in the set: its progress does not matter.
+        assert!(is_durable(w, 2, 2, 3, |r| progress[r as usize]));
+        assert_eq!(
+            s.durable(4),
+            Effect::Ack {
+                messages: 4,
+                batches: 1
+            }
+        );
+        // A duplicate waits for every slot past the delivery index before its decision.
+        let d = durable_wait(OUTCOME_DUPLICATE, 0, 9);
+        assert_eq!(
+            d,
+            DurableWait {
+                below: 8,
+                every_slot: true
+            }
+        );
+        assert!(!is_durable(d, 2, 2, 3, |r| progress[r as usize]));
+        let all = [9u64, 9, 9];
+        assert!(is_durable(d, 2, 2, 3, |r| all[r as usize]));
+        assert_eq!(s.decide(OUTCOME_DUPLICATE, 1, policy), Effect::AwaitDurable);
+    }
+
+    #[test]
+    fn ack_2_topics_admit_sessions() {
+        use crate::pool::topics::TopicConfig;
+        let t = TopicInfo {
+            slot: 0,
+            name: "t".into(),
+            config: TopicConfig {
+                order: 5,
+                ack: 2,
+                replication_factor: 2,
+                batch_bytes: 1 << 20,
+            },
+            generation: 1,
+            created_epoch: 0,
+        };
+        assert_eq!(admit(Some(&t)), Ok(()));
+        assert_eq!(admit(None), Err(SessionError::UnknownTopic));
     }
 }

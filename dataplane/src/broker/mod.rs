@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use embar_sys::clock::monotonic_ns;
 
-use self::core::{AckPolicy, Effect, Lifecycle, SessionCore, SlotView, GRANTS_AHEAD};
+use self::core::{AckPolicy, DurableWait, Effect, Lifecycle, SessionCore, SlotView, GRANTS_AHEAD};
 use crate::batch::{BatchDesc, BatchLimits};
 use crate::client::subscriber::{pid_alive, slowest_position};
 use crate::messages::Messages;
@@ -88,11 +88,23 @@ struct Pending {
     grant: u64,
 }
 
+/// An ACK 2 batch ordered and not yet durable on its replica set.
+#[derive(Debug)]
+struct Undurable {
+    session: usize,
+    generation: u64,
+    num_msg: u32,
+    wait: DurableWait,
+}
+
 struct TopicState<'p, C: Coherence> {
     /// Generation of the topic slot this state belongs to.
     generation: u64,
     order: u8,
     ack: u8,
+    replication_factor: u8,
+    /// ACK 2: ordered batches awaiting their replicas' progress, in decision order.
+    undurable: VecDeque<Undurable>,
     producer: RingProducer<'p, C>,
     alloc: SegmentAllocator<'p, C>,
     /// Published batches awaiting the sequencer's decision, in ring order.
@@ -508,6 +520,8 @@ impl<'p, C: Coherence> Broker<'p, C> {
                 generation: info.generation,
                 order: info.config.order,
                 ack: info.config.ack,
+                replication_factor: info.config.replication_factor,
+                undurable: VecDeque::new(),
                 orphans_below: producer.next_index(),
                 producer,
                 alloc: SegmentAllocator::new(self.pool, self.c, owner, AllocPolicy::Shared)?,
@@ -901,9 +915,60 @@ impl<'p, C: Coherence> Broker<'p, C> {
                 ack: t.ack,
             };
             let effect = st.core.decide(outcome, p.num_msg, policy);
+            if effect == Effect::AwaitDurable {
+                let next = self
+                    .c
+                    .observe(&self.pool.sequencer_state(topic).next_delivery);
+                t.undurable.push_back(Undurable {
+                    session: p.session,
+                    generation: p.generation,
+                    num_msg: p.num_msg,
+                    wait: self::core::durable_wait(outcome, delivery, next),
+                });
+            }
             apply(self.c, s, effect, 0, &mut self.stats);
         }
+        if !t.undurable.is_empty() {
+            work += self.durable_acks(topic)?;
+        }
         Ok(work)
+    }
+
+    /// ACK 2: acks the waiting batches whose replica set has synced past them, each
+    /// session's in its order (acks are cumulative counts of a prefix).
+    fn durable_acks(&mut self, topic: u32) -> Result<usize, PoolError> {
+        let Some(t) = self.topics.get_mut(&topic) else {
+            return Ok(0);
+        };
+        let tinode = self.pool.tinode(topic);
+        let slots = self.pool.geometry().max_brokers;
+        let (c, me, rf) = (self.c, self.broker, t.replication_factor);
+        let mut blocked: Vec<usize> = Vec::new();
+        let mut acked = 0;
+        let mut i = 0;
+        while i < t.undurable.len() {
+            let u = &t.undurable[i];
+            let st = &mut self.sessions[u.session];
+            if !st.open || st.generation != u.generation {
+                t.undurable.remove(i);
+                continue;
+            }
+            if blocked.contains(&u.session)
+                || !self::core::is_durable(u.wait, me, rf, slots, |r| {
+                    crate::replication::progress_of(c, tinode, r)
+                })
+            {
+                blocked.push(u.session);
+                i += 1;
+                continue;
+            }
+            let effect = st.core.durable(u.num_msg);
+            let s = self.pool.session(self.broker, u.session as u32)?;
+            apply(c, s, effect, 0, &mut self.stats);
+            t.undurable.remove(i);
+            acked += 1;
+        }
+        Ok(acked)
     }
 
     /// Segments of `topic` whose every grant is closed with every batch decided (nothing more
@@ -1055,7 +1120,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
 /// or the rejected count and the error (`code | batch_seq << 8`).
 fn apply<C: Coherence>(c: C, s: &Session, effect: Effect, batch_seq: u64, stats: &mut BrokerStats) {
     match effect {
-        Effect::Nothing => {}
+        Effect::Nothing | Effect::AwaitDurable => {}
         Effect::Ack { messages, batches } => {
             let before = s.acked_messages.load(Relaxed);
             s.acked_batches.store(batches, Relaxed);

@@ -59,6 +59,15 @@ pub struct Message<'a> {
     pub payload: &'a [u8],
 }
 
+/// Where a delivered batch came from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchOrigin {
+    /// The broker slot it landed on.
+    pub broker: u32,
+    /// Its index in the topic's delivery ring.
+    pub delivery_index: u64,
+}
+
 /// A registered subscriber of one topic.
 #[derive(Debug)]
 pub struct Subscriber<'p, C: Coherence> {
@@ -76,6 +85,9 @@ pub struct Subscriber<'p, C: Coherence> {
     buf: Vec<u8>,
     /// Total order after the last batch read (for errors: positions are total orders).
     next_total: Option<u64>,
+    /// Deliver a batch only once it is durable on its replica set (ACK 2's condition).
+    durable_only: bool,
+    replication_factor: u8,
 }
 
 fn entry(st: &SequencerState, d: u64) -> &DeliveryEntry {
@@ -121,6 +133,10 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             skip,
             buf: vec![0; COPY_WINDOW_BYTES],
             next_total: None,
+            durable_only: false,
+            replication_factor: pool
+                .read_topic(c, slot)
+                .map_or(0, |t| t.config.replication_factor),
         })
     }
 
@@ -216,6 +232,20 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
         })
     }
 
+    /// Whether the batch at delivery index `d`, landed on `broker`, is durable on its
+    /// replica set.
+    fn durable(&self, broker: u32, d: u64) -> bool {
+        use crate::replication::{durable_on, progress_of, replica_set};
+        let t = self.pool.tinode(self.topic);
+        let slots = self.pool.geometry().max_brokers;
+        self.replication_factor > 0
+            && durable_on(
+                d,
+                replica_set(broker, self.replication_factor, slots),
+                |r| progress_of(self.c, t, r),
+            )
+    }
+
     /// Whether broker `broker` may have freed the log space of delivery index `d`: then an
     /// error naming `position` (the total order the subscriber would deliver next) and the
     /// oldest retained total order.
@@ -265,6 +295,13 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
         self.topic
     }
 
+    /// Deliver only batches durable on every broker of their replica set (synced to disk:
+    /// `docs/durability.md`); the subscriber waits at the first that is not yet. A topic
+    /// without replication has nothing durable, so such a subscriber delivers nothing.
+    pub fn set_durable_only(&mut self, yes: bool) {
+        self.durable_only = yes;
+    }
+
     /// Next delivery index (batch) this subscriber will read.
     pub fn position(&self) -> u64 {
         self.next
@@ -276,6 +313,16 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
         &mut self,
         max_batches: usize,
         mut f: impl FnMut(&Message<'_>),
+    ) -> PoolResult<usize> {
+        self.poll_batches(max_batches, |m, _| f(m))
+    }
+
+    /// As [`poll`](Self::poll), with where each message's batch came from (for the
+    /// replication, which places batches by the broker they landed on).
+    pub fn poll_batches(
+        &mut self,
+        max_batches: usize,
+        mut f: impl FnMut(&Message<'_>, BatchOrigin),
     ) -> PoolResult<usize> {
         let delivered = self.c.observe(&self.st.delivered);
         let mut n = 0;
@@ -299,6 +346,9 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             let (client_id, batch_seq) = (e.client_id.load(Relaxed), e.batch_seq.load(Relaxed));
             let (log_idx, total) = (e.log_idx.load(Relaxed), e.total_size.load(Relaxed));
             let broker = e.broker.load(Relaxed);
+            if self.durable_only && !self.durable(broker, d) {
+                break;
+            }
             // Past a broker's retention limit, its log space may be reclaimed before this
             // subscriber read it: then this is an error, never reused bytes.
             self.check_retained(broker, d, first + u64::from(self.skip))?;
@@ -350,14 +400,19 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
                 for m in parts.next(&self.buf[..w]).map_err(unreadable)?.iter() {
                     let m = m.map_err(unreadable)?;
                     if m.index >= self.skip {
-                        f(&Message {
+                        let origin = BatchOrigin {
+                            broker,
+                            delivery_index: d,
+                        };
+                        let msg = Message {
                             total_order: first + u64::from(m.index),
                             client_id,
                             batch_seq,
                             index: m.index,
                             num_msg,
                             payload: m.payload,
-                        });
+                        };
+                        f(&msg, origin);
                         n += 1;
                     }
                 }

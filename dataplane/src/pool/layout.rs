@@ -16,7 +16,7 @@ pub const CACHE_LINE: usize = 64;
 /// `"EMBARCXL"` little-endian; written last when a pool is formatted.
 pub const POOL_MAGIC: u64 = u64::from_le_bytes(*b"EMBARCXL");
 /// Bumped whenever any record or region below changes shape.
-pub const LAYOUT_VERSION: u32 = 4;
+pub const LAYOUT_VERSION: u32 = 5;
 /// Brokers a topic can have; fixes the size of a [`TInode`].
 pub const MAX_BROKERS: usize = 32;
 /// Longest topic name, in bytes of UTF-8.
@@ -145,11 +145,20 @@ pub struct BrokerRegion {
     pub _pad: [AtomicU64; 3],
 }
 
-/// Writer: broker `b`'s replication (`replication_done[src]`: bytes of broker `src`'s
-/// ordered batches that `b` holds durably).
+/// Writer: broker `b`'s replication thread (`dataplane/src/replication/`).
+///
+/// Line 0 is the progress ACK 2 waits for: `durable_delivery` is the topic's delivery index
+/// below which every ordered batch whose replica set holds `b` is on `b`'s disk and synced
+/// (batches of other replica sets are passed over). Published only after the `fdatasync`
+/// that covers it; it only grows. Lines 1-4: `replication_done[src]`, bytes of broker `src`'s
+/// ordered batches that `b` holds durably (for operators; nothing waits on it).
 #[repr(C, align(64))]
 #[derive(Debug, Default)]
 pub struct ReplicationRegion {
+    pub durable_delivery: AtomicU64,
+    /// Total order after the last batch covered by `durable_delivery` (for operators).
+    pub durable_total_order: AtomicU64,
+    pub _pad: [AtomicU64; 6],
     pub replication_done: [AtomicU64; MAX_BROKERS],
 }
 
@@ -470,12 +479,13 @@ mod size_checks {
     const _: () = assert!(TOPIC_NAME_MAX_BYTES % 8 == 0);
 
     const _: () = assert!(size_of::<BrokerRegion>() == 64);
-    const _: () = assert!(size_of::<ReplicationRegion>() == 4 * 64);
+    const _: () = assert!(size_of::<ReplicationRegion>() == 5 * 64);
+    const _: () = assert!(offset_of!(ReplicationRegion, replication_done) == 64);
     const _: () = assert!(size_of::<SequencerRegion>() == 64);
-    const _: () = assert!(size_of::<BrokerEntry>() == 6 * 64);
+    const _: () = assert!(size_of::<BrokerEntry>() == 7 * 64);
     const _: () = assert!(offset_of!(BrokerEntry, replication) == 64);
-    const _: () = assert!(offset_of!(BrokerEntry, sequencer) == 5 * 64);
-    const _: () = assert!(size_of::<TInode>() == 256 + MAX_BROKERS * 6 * 64);
+    const _: () = assert!(offset_of!(BrokerEntry, sequencer) == 6 * 64);
+    const _: () = assert!(size_of::<TInode>() == 256 + MAX_BROKERS * 7 * 64);
     const _: () = assert!(offset_of!(TInode, brokers) == 256);
 
     const _: () = assert!(size_of::<BatchHeader>() == 128);

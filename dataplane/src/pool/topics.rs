@@ -218,6 +218,8 @@ impl Pool {
             ] {
                 w.store(0, Relaxed);
             }
+            e.replication.durable_delivery.store(0, Relaxed);
+            e.replication.durable_total_order.store(0, Relaxed);
             for w in &e.replication.replication_done {
                 w.store(0, Relaxed);
             }

@@ -1,0 +1,234 @@
+//! Replication to disk (SPEC §5 step 5): every broker copies the ordered batches of its replica
+//! sets, in total order, into its own disk log, and publishes how far that log is synced.
+//!
+//! - [`replica_set`]: the one formula for a batch's replica set, used by the replicator (which
+//!   batches to write) and by the broker's ACK 2 decision (whose progress to wait for).
+//! - [`log`]: the disk log (segments, CRC32C per batch, index by total order, sync policy,
+//!   recovery). Format: `docs/durability.md`.
+//! - [`Replicator`]: one (broker, topic): reads the topic's delivery ring through a subscriber
+//!   cursor (which holds the sequencer and retention back until it has read), appends the
+//!   batches of its replica sets, syncs per the policy, and only then publishes
+//!   `durable_delivery` in the pool.
+
+pub mod log;
+
+use std::path::Path;
+use std::time::Instant;
+
+use crate::client::subscriber::{StartAt, Subscriber};
+use crate::pool::coherence::Coherence;
+use crate::pool::layout::TInode;
+use crate::pool::Pool;
+use crate::PoolError;
+
+use self::log::{Body, DiskLog, LogConfig, LogError, RecordMeta};
+
+/// The replica set of a batch that landed on broker slot `primary` of a topic with
+/// replication factor `rf`, over `brokers` slots: `{(primary + i) mod brokers : i < rf}`.
+///
+/// `brokers` is the pool's broker slot count (`max_brokers`), not the live brokers: every
+/// process computes the same set for a batch at any time, whoever is alive. A slot with no
+/// broker therefore never reports progress, and an ACK 2 batch it should hold is not acked
+/// (fail closed); the control process refuses an ACK 2 topic unless every slot is live.
+pub fn replica_set(primary: u32, rf: u8, brokers: u32) -> impl Iterator<Item = u32> {
+    let n = brokers.max(1);
+    (0..u32::from(rf).min(n)).map(move |i| (primary + i) % n)
+}
+
+/// Whether the batch at delivery index `d` is durable on every slot of `replicas`, given each
+/// slot's published `durable_delivery` (`progress`).
+pub fn durable_on(
+    d: u64,
+    mut replicas: impl Iterator<Item = u32>,
+    mut progress: impl FnMut(u32) -> u64,
+) -> bool {
+    replicas.all(|r| progress(r) > d)
+}
+
+/// Broker `b`'s published progress on a topic.
+pub fn progress_of<C: Coherence>(c: C, t: &TInode, b: u32) -> u64 {
+    t.brokers
+        .get(b as usize)
+        .map_or(0, |e| c.observe(&e.replication.durable_delivery))
+}
+
+/// Why a replicator stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicationError {
+    #[error(transparent)]
+    Log(#[from] LogError),
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+}
+
+/// The replication of one topic on one broker. See the module docs.
+pub struct Replicator<'p, C: Coherence> {
+    pool: &'p Pool,
+    c: C,
+    me: u32,
+    rf: u8,
+    slot: u32,
+    era: u64,
+    sub: Subscriber<'p, C>,
+    log: DiskLog,
+    body: Body,
+    /// Batches read and complete, waiting to be appended.
+    done: Vec<(RecordMeta, Body)>,
+    /// Delivery index after the last batch appended (published once synced).
+    appended_through: u64,
+    appended_total: u64,
+    bytes_by_src: Vec<u64>,
+}
+
+impl<'p, C: Coherence> Replicator<'p, C> {
+    /// Opens (recovering) the log of `topic` under `data_dir` and a cursor at the oldest
+    /// batch still retained; batches already in the log (same pool, same or lower total
+    /// order) are passed over.
+    pub fn open(
+        pool: &'p Pool,
+        c: C,
+        me: u32,
+        topic: &str,
+        data_dir: &Path,
+        cfg: LogConfig,
+    ) -> Result<(Self, log::Recovery), ReplicationError> {
+        let slot = pool.find_topic(c, topic)?;
+        let info = pool
+            .read_topic(c, slot)
+            .ok_or_else(|| PoolError::UnknownTopic(topic.to_string()))?;
+        let (log, rec) = DiskLog::open(&log::topic_dir(data_dir, topic), cfg)?;
+        let sub = Subscriber::open(pool, c, topic, StartAt::Oldest)?;
+        let era = pool
+            .superblock()
+            .pool_id
+            .load(crate::sync::Ordering::Relaxed);
+        let start = sub.position();
+        Ok((
+            Replicator {
+                pool,
+                c,
+                me,
+                rf: info.config.replication_factor,
+                slot,
+                era,
+                sub,
+                log,
+                body: Body::default(),
+                done: Vec::new(),
+                appended_through: start,
+                appended_total: 0,
+                bytes_by_src: vec![0; pool.geometry().max_brokers as usize],
+            },
+            rec,
+        ))
+    }
+
+    pub fn topic_slot(&self) -> u32 {
+        self.slot
+    }
+
+    /// Reads what is newly ordered, appends the batches of this broker's replica sets, syncs
+    /// when the policy says, and publishes the progress the sync covers. Returns the batches
+    /// read.
+    pub fn poll(&mut self, now: Instant) -> Result<usize, ReplicationError> {
+        let (me, rf, n, era) = (self.me, self.rf, self.pool.geometry().max_brokers, self.era);
+        let skip_below = self
+            .log
+            .last()
+            .filter(|l| l.era == era)
+            .map(|l| l.total_order + u64::from(l.num_msg));
+        let (body, done) = (&mut self.body, &mut self.done);
+        let mut batches = 0;
+        self.sub.poll_batches(64, |m, origin| {
+            if m.index == 0 {
+                body.clear();
+            }
+            let mine = replica_set(origin.broker, rf, n).any(|r| r == me);
+            let fresh = skip_below.is_none_or(|s| m.total_order >= s);
+            if mine && fresh {
+                body.push(m.payload);
+            }
+            if m.index + 1 == m.num_msg {
+                batches += 1;
+                if mine && fresh && body.count() == m.num_msg {
+                    let meta = RecordMeta {
+                        total_order: m.total_order - u64::from(m.index),
+                        client_id: m.client_id,
+                        batch_seq: m.batch_seq,
+                        num_msg: m.num_msg,
+                        broker: origin.broker,
+                        era,
+                        delivery_index: origin.delivery_index,
+                    };
+                    done.push((meta, std::mem::take(body)));
+                }
+            }
+        })?;
+        for (meta, body) in self.done.drain(..) {
+            self.log.append(&meta, &body, now)?;
+            if let Some(b) = self.bytes_by_src.get_mut(meta.broker as usize) {
+                *b += body.as_bytes().len() as u64;
+            }
+            self.appended_total = meta.total_order + u64::from(meta.num_msg);
+        }
+        self.appended_through = self.sub.position();
+        if self.log.unsynced_bytes() > 0 && self.log.sync_due(now) {
+            self.log.sync()?;
+        }
+        if self.log.unsynced_bytes() == 0 {
+            self.publish();
+        }
+        Ok(batches)
+    }
+
+    /// Everything appended is synced: say so in the pool.
+    fn publish(&self) {
+        let r = &self.pool.tinode(self.slot).brokers[self.me as usize].replication;
+        if self.c.observe(&r.durable_delivery) >= self.appended_through {
+            return;
+        }
+        for (src, bytes) in self.bytes_by_src.iter().enumerate() {
+            r.replication_done[src].store(*bytes, crate::sync::Ordering::Relaxed);
+        }
+        r.durable_total_order
+            .store(self.appended_total, crate::sync::Ordering::Relaxed);
+        self.c.publish(&r.durable_delivery, self.appended_through);
+    }
+
+    /// Syncs what is appended and publishes it (at shutdown).
+    pub fn flush(&mut self) -> Result<(), ReplicationError> {
+        self.log.sync()?;
+        self.publish();
+        Ok(())
+    }
+
+    pub fn log(&self) -> &DiskLog {
+        &self.log
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replica_set_is_the_primary_and_the_next_slots_around_the_ring() {
+        let set = |b, rf, n| replica_set(b, rf, n).collect::<Vec<_>>();
+        assert_eq!(set(0, 2, 3), vec![0, 1]);
+        assert_eq!(set(2, 2, 3), vec![2, 0]);
+        assert_eq!(set(1, 3, 3), vec![1, 2, 0]);
+        assert_eq!(set(1, 0, 3), Vec::<u32>::new());
+        // RF above the slots: each slot once.
+        assert_eq!(set(1, 5, 3), vec![1, 2, 0]);
+    }
+
+    #[test]
+    fn durable_needs_every_replica_past_the_batch() {
+        let progress = [5u64, 3, 9];
+        let p = |r: u32| progress[r as usize];
+        assert!(durable_on(2, replica_set(0, 2, 3), p));
+        assert!(!durable_on(3, replica_set(0, 2, 3), p));
+        assert!(durable_on(4, replica_set(2, 2, 3), p));
+        assert!(!durable_on(5, replica_set(2, 2, 3), p));
+    }
+}

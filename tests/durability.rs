@@ -1,0 +1,401 @@
+//! Replication to disk and ACK 2 with real processes and real files: every message a
+//! publisher saw acknowledged at ACK 2 is in the disk log of every broker of its batch's
+//! replica set (read back by `embar log dump`, which verifies every CRC), also when a broker
+//! is SIGKILLed mid-run; and `cluster down` then `cluster up` on the same directory brings
+//! the topic back with its logs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+use std::time::Duration;
+
+use embar_test_support::{exe, lines, serial, signal, wait_until, Cluster};
+use serde_json::Value;
+
+const BROKERS: u32 = 3;
+const RF: u8 = 2;
+
+fn cluster_args() -> Vec<&'static str> {
+    vec![
+        "--brokers",
+        "3",
+        "--max-brokers",
+        "3",
+        "--pool-bytes",
+        "256MiB",
+        "--sync-interval-ms",
+        "20",
+    ]
+}
+
+/// What the disk log of `topic` in broker directory `dir` holds: (payload, primary broker)
+/// of every message, checked to be in strictly increasing total order within each era.
+fn dump(dir: &str, topic: &str) -> Vec<(String, u32)> {
+    let out = Command::new(exe())
+        .args(["log", "dump", "--dir", dir, "--topic", topic])
+        .output()
+        .expect("embar runs");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "log dump of {dir}: {err}");
+    let mut last: Option<(u64, u64)> = None;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).expect("a JSON line");
+            // Total orders grow within a pool era (a new pool counts from 0 again).
+            let (era, t) = (
+                v["era"].as_u64().unwrap(),
+                v["total_order"].as_u64().unwrap(),
+            );
+            assert!(
+                last.is_none_or(|(e, p)| e != era || t > p),
+                "{dir}: total order {t} after {last:?}"
+            );
+            last = Some((era, t));
+            (
+                v["payload"].as_str().unwrap().to_string(),
+                v["broker"].as_u64().unwrap() as u32,
+            )
+        })
+        .collect()
+}
+
+/// For every message of the logs of all brokers: the brokers whose log holds it, and the
+/// broker its batch landed on.
+fn holders(c: &Cluster, topic: &str) -> BTreeMap<String, (u32, BTreeSet<u32>)> {
+    let mut m: BTreeMap<String, (u32, BTreeSet<u32>)> = BTreeMap::new();
+    for b in 0..BROKERS {
+        for (payload, primary) in dump(&format!("{}/broker-{b}", c.dir), topic) {
+            let e = m.entry(payload).or_insert((primary, BTreeSet::new()));
+            assert_eq!(e.0, primary, "one batch, one primary");
+            assert!(e.1.insert(b), "a message twice in the log of broker {b}");
+        }
+    }
+    m
+}
+
+/// Every message of `acked` is in the log of each broker of its replica set. Data
+/// directories are by start order and slots are by registration; `cluster up` starts the
+/// brokers one after the other, so broker-N holds slot N.
+#[track_caller]
+fn assert_on_every_replica(c: &Cluster, topic: &str, acked: &[String]) {
+    let m = holders(c, topic);
+    for p in acked {
+        let Some((primary, on)) = m.get(p) else {
+            panic!("acked message {p:?} is on no disk");
+        };
+        let want: BTreeSet<u32> =
+            embar_dataplane::replication::replica_set(*primary, RF, BROKERS).collect();
+        assert!(
+            want.is_subset(on),
+            "acked message {p:?} (landed on broker {primary}) is on the disks of {on:?}, its replica set is {want:?}"
+        );
+    }
+}
+
+/// The count in "... N acknowledged" (the publisher's acknowledged prefix).
+fn acknowledged(stderr: &str) -> u64 {
+    let Some(at) = stderr.rfind(" acknowledged") else {
+        panic!("no acknowledged count in {stderr:?}");
+    };
+    let digits: String = stderr[..at]
+        .chars()
+        .rev()
+        .take_while(char::is_ascii_digit)
+        .collect();
+    digits.chars().rev().collect::<String>().parse().unwrap()
+}
+
+fn message_lines(prefix: &str, n: usize) -> (String, Vec<String>) {
+    let text = lines(prefix, n, 40);
+    let v = text.lines().map(str::to_string).collect();
+    (text, v)
+}
+
+fn broker_pid(c: &Cluster, slot: u64) -> u32 {
+    c.status()["brokers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["slot"] == slot && b["alive"] == true)
+        .and_then(|b| b["addresses"]["pid"].as_str())
+        .and_then(|p| p.parse().ok())
+        .expect("a live broker in the slot")
+}
+
+#[test]
+fn acked_messages_are_on_every_replica_disk_even_when_a_broker_is_killed() {
+    let _g = serial();
+    let c = Cluster::up("durable-kill", &cluster_args());
+    c.topic(
+        "t",
+        &[
+            "--order",
+            "5",
+            "--ack",
+            "2",
+            "--rf",
+            "2",
+            "--batch-bytes",
+            "16KiB",
+        ],
+    );
+
+    // 1. A whole run, acked at ACK 2: every message on both replicas of its batch.
+    let (text, all) = message_lines("calm", 5000);
+    let out = c.run(&["publish", "--topic", "t"], Some(text));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(acknowledged(&err), 5000, "{err}");
+    assert_on_every_replica(&c, "t", &all);
+
+    // 2. SIGKILL the broker of slot 2 (not the sequencer's) while a publisher (the client
+    // library, in this process) runs: every prefix it saw acknowledged is on the disks of
+    // the replicas, the surviving ones included.
+    let (_, all) = message_lines("kill", 40_000);
+    let victim = broker_pid(&c, 2);
+    let log = format!("{}/broker-2/topic-t/00000000000000000000.log", c.dir);
+    let before = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+    let control = c.control.clone();
+    let payloads = all.clone();
+    let publisher = std::thread::spawn(move || {
+        let client = embar_client::Client::builder()
+            .control(control.as_str())
+            .unwrap()
+            .wait_timeout(Duration::from_secs(3))
+            .connect()
+            .unwrap();
+        let mut p = client.publisher("t").unwrap();
+        let mut acked = 0u64;
+        for (i, m) in payloads.iter().enumerate() {
+            if p.publish(m.as_bytes()).is_err() {
+                break;
+            }
+            if i % 64 == 0 {
+                match p.acked() {
+                    Ok(n) => acked = acked.max(n),
+                    Err(_) => break,
+                }
+            }
+        }
+        // What is acknowledged after the kill (until acks stop or fail).
+        let _ = p.flush();
+        let deadline = std::time::Instant::now() + Duration::from_secs(3);
+        while std::time::Instant::now() < deadline {
+            match p.acked() {
+                Ok(n) => acked = acked.max(n),
+                Err(_) => break,
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        acked
+    });
+    wait_until(
+        "broker 2 appends the run's batches",
+        Duration::from_secs(20),
+        || std::fs::metadata(&log).is_ok_and(|m| m.len() > before + (64 << 10)),
+    );
+    signal(victim, "-KILL");
+    let acked = publisher.join().unwrap() as usize;
+    assert!(
+        acked > 0,
+        "nothing of the run was acknowledged before the kill"
+    );
+    assert_on_every_replica(&c, "t", &all[..acked]);
+
+    // A subscriber of durable messages only sees every acknowledged one, and nothing that
+    // is not on every disk of its replica set (batches that needed the killed broker after
+    // it died are not).
+    let out = c.run(
+        &[
+            "subscribe",
+            "--topic",
+            "t",
+            "--durable-only",
+            "--idle-timeout-s",
+            "2",
+        ],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    let seen_set: BTreeSet<&String> = seen.iter().collect();
+    assert!(
+        all[..acked].iter().all(|m| seen_set.contains(m)),
+        "an acknowledged message is missing from the durable subscriber's {} messages",
+        seen.len()
+    );
+    assert_on_every_replica(&c, "t", &seen);
+}
+
+#[test]
+fn a_cluster_brought_down_and_up_keeps_its_topic_and_its_logs() {
+    let _g = serial();
+    let mut c = Cluster::up("durable-restart", &cluster_args());
+    c.topic(
+        "kept",
+        &[
+            "--order",
+            "5",
+            "--ack",
+            "2",
+            "--rf",
+            "2",
+            "--batch-bytes",
+            "16KiB",
+        ],
+    );
+    let (text, before) = message_lines("before", 3000);
+    let out = c.run(&["publish", "--topic", "kept"], Some(text));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let down = Command::new(exe())
+        .args(["cluster", "down", "--dir", &c.dir])
+        .output()
+        .unwrap();
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    let mut up = Command::new(exe());
+    up.args(["cluster", "up", "--dir", &c.dir])
+        .args(cluster_args());
+    let up = up.output().unwrap();
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    c.control = c.file()["control"].as_str().unwrap().to_string();
+
+    let (ok, list, err) = c.embar(&["topic", "list"]);
+    assert!(
+        ok && list.contains("kept") && list.contains("ACK 2 RF 2"),
+        "{list}{err}"
+    );
+    assert_on_every_replica(&c, "kept", &before);
+
+    // The cluster serves ACK 2 again, into the same logs.
+    let (text, after) = message_lines("after", 1000);
+    let out = c.run(&["publish", "--topic", "kept"], Some(text));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(acknowledged(&err), 1000, "{err}");
+    assert_on_every_replica(&c, "kept", &before);
+    assert_on_every_replica(&c, "kept", &after);
+
+    // A torn tail (the last record cut short): the dump verifies and prints exactly the
+    // records before it, says why it stopped, and exits with 65 (data error).
+    let whole = dump(&format!("{}/broker-0", c.dir), "kept").len();
+    let torn = format!("{}/torn/topic-kept", c.dir);
+    std::fs::create_dir_all(&torn).unwrap();
+    let seg = "00000000000000000000.log";
+    let bytes = std::fs::read(format!("{}/broker-0/topic-kept/{seg}", c.dir)).unwrap();
+    std::fs::write(format!("{torn}/{seg}"), &bytes[..bytes.len() - 10]).unwrap();
+    let out = Command::new(exe())
+        .args([
+            "log",
+            "dump",
+            "--dir",
+            &format!("{}/torn", c.dir),
+            "--topic",
+            "kept",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{err}");
+    assert!(
+        err.contains("does not verify") && err.contains("short body"),
+        "{err}"
+    );
+    let kept = String::from_utf8_lossy(&out.stdout).lines().count();
+    assert!(kept < whole && kept > 0, "{kept} of {whole} messages");
+
+    // --purge deletes the state and the logs.
+    let down = Command::new(exe())
+        .args(["cluster", "down", "--dir", &c.dir, "--purge"])
+        .output()
+        .unwrap();
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    for gone in ["control", "broker-0", "broker-1", "broker-2"] {
+        let p = format!("{}/{gone}", c.dir);
+        assert!(!std::path::Path::new(&p).exists(), "{p} survived --purge");
+    }
+}
+
+#[test]
+fn acked_messages_survive_a_sigkill_of_every_process_and_a_new_cluster_up() {
+    let _g = serial();
+    let mut c = Cluster::up("durable-killall", &cluster_args());
+    c.topic(
+        "all",
+        &[
+            "--order",
+            "5",
+            "--ack",
+            "2",
+            "--rf",
+            "2",
+            "--batch-bytes",
+            "16KiB",
+        ],
+    );
+    let (text, acked) = message_lines("acked", 3000);
+    let out = c.run(&["publish", "--topic", "all"], Some(text));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(acknowledged(&err), 3000, "{err}");
+
+    // Every process at once, no chance to sync or say goodbye.
+    let pids: Vec<u32> = c.file()["pids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_u64().unwrap() as u32)
+        .collect();
+    for &pid in &pids {
+        signal(pid, "-KILL");
+    }
+    wait_until("every process gone", Duration::from_secs(10), || {
+        pids.iter().all(|p| !embar_test_support::alive(*p))
+    });
+    // `down` clears what is left (the pool, the cluster file); `up` brings the cluster back.
+    let down = Command::new(exe())
+        .args(["cluster", "down", "--dir", &c.dir])
+        .output()
+        .unwrap();
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    let mut up = Command::new(exe());
+    up.args(["cluster", "up", "--dir", &c.dir])
+        .args(cluster_args());
+    let up = up.output().unwrap();
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    c.control = c.file()["control"].as_str().unwrap().to_string();
+    let (ok, list, err) = c.embar(&["topic", "list"]);
+    assert!(ok && list.contains("all"), "{list}{err}");
+    assert_on_every_replica(&c, "all", &acked);
+}
