@@ -37,7 +37,11 @@ fn repeated_runs_report_each_run_a_summary_svg_plots_and_a_readable_hdr_log() {
     let dir = std::env::temp_dir().join(format!("embar-bench-runs-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
-    let (plots, hdr, json) = (dir.join("plots"), dir.join("lat.hlog"), dir.join("out.json"));
+    let (plots, hdr, json) = (
+        dir.join("plots"),
+        dir.join("lat.hlog"),
+        dir.join("out.json"),
+    );
     let mut cmd = Command::new(exe());
     cmd.args(["bench", "--runs", "2", "--compare-order", "0"])
         .args(["--total-bytes", "4MiB", "--message-bytes", "1KiB"])
@@ -53,7 +57,10 @@ fn repeated_runs_report_each_run_a_summary_svg_plots_and_a_readable_hdr_log() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
-    assert!(stdout.contains("over 2 runs, min / median / max"), "{stdout}");
+    assert!(
+        stdout.contains("over 2 runs, min / median / max"),
+        "{stdout}"
+    );
 
     let r: Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     assert_eq!(r["order_check"], "passed", "{r:#}");
@@ -122,7 +129,7 @@ fn repeated_runs_report_each_run_a_summary_svg_plots_and_a_readable_hdr_log() {
             // Every message of the run, handed to the one subscriber.
             assert_eq!(h.len(), 4096, "{tag}");
         } else {
-            assert!(h.len() > 0, "{tag}");
+            assert!(!h.is_empty(), "{tag}");
         }
     }
     let _ = std::fs::remove_dir_all(&dir);

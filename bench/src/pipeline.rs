@@ -255,9 +255,7 @@ pub fn run(a: &Config) -> BenchResult<bool> {
         return Err(BenchError::Usage("--message-bytes, --publishers must be at least 1 and --total-bytes at least one message".into()));
     }
     if a.runs == 0 || a.runs > RUNS_MAX {
-        return Err(BenchError::Usage(format!(
-            "--runs must be 1 to {RUNS_MAX}"
-        )));
+        return Err(BenchError::Usage(format!("--runs must be 1 to {RUNS_MAX}")));
     }
     if a.transport != Transport::Shm && !cfg!(feature = "verbs") {
         return Err(BenchError::Usage(

@@ -110,6 +110,7 @@ pub fn latency_percentiles(path: &Path, curves: &[Curve]) -> BenchResult<()> {
             .x_desc("percentile")
             .y_desc("latency (us)")
             .x_label_formatter(&|x| percentile_label(*x))
+            .y_label_formatter(&|y| format!("{y}"))
             .draw()?;
         draw_curves(&mut chart, curves)?;
         Ok(())
@@ -181,7 +182,7 @@ where
     }
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(SeriesLabelPosition::LowerRight)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .draw()?;
@@ -191,13 +192,7 @@ where
 /// Throughput of each ORDER (and the same run's memcpy) side by side, a group a run.
 pub fn order_comparison(path: &Path, bars: &Bars) -> BenchResult<()> {
     let runs = bars.runs.len().max(1);
-    let y_max = bars
-        .runs
-        .iter()
-        .flatten()
-        .copied()
-        .fold(0.1, f64::max)
-        * 1.15;
+    let y_max = bars.runs.iter().flatten().copied().fold(0.1, f64::max) * 1.15;
     let width = 0.8 / bars.series.len().max(1) as f64;
     svg(path, |root| {
         let mut chart = ChartBuilder::on(root)
@@ -225,7 +220,10 @@ pub fn order_comparison(path: &Path, bars: &Bars) -> BenchResult<()> {
                 .draw_series(bars.runs.iter().enumerate().map(|(r, v)| {
                     let x0 = r as f64 + 1.0 - 0.4 + s as f64 * width;
                     Rectangle::new(
-                        [(x0, 0.0), (x0 + width * 0.9, v.get(s).copied().unwrap_or(0.0))],
+                        [
+                            (x0, 0.0),
+                            (x0 + width * 0.9, v.get(s).copied().unwrap_or(0.0)),
+                        ],
                         fill,
                     )
                 }))?

@@ -8,7 +8,7 @@ use embar_dataplane::units::format_bytes;
 use hdrhistogram::Histogram;
 use serde_json::{json, Map, Value};
 
-use crate::pipeline::{Began, Config, Repetition, Run};
+use crate::pipeline::{Began, Config, Repetition, Run, TimelinePoint};
 use crate::plot::{self, Bars, Curve};
 use crate::{BenchError, BenchResult};
 
@@ -131,7 +131,9 @@ pub(crate) fn report(
             *slot = s["median"].clone();
         }
     }
-    let passed = reps.iter().all(|r| r.runs.iter().all(|x| x.errors.is_empty()));
+    let passed = reps
+        .iter()
+        .all(|r| r.runs.iter().all(|x| x.errors.is_empty()));
     let errors: Vec<String> = reps
         .iter()
         .flat_map(|r| r.runs.iter().flat_map(|x| x.errors.clone()))
@@ -292,11 +294,7 @@ fn print_summary(a: &Config, n: usize, s: &Value) {
         ("publish-to-deliver", "deliver_latency_us"),
     ] {
         for (q, name) in [("p50", "p50"), ("p99", "p99"), ("p999", "p99.9")] {
-            rows.push((
-                format!("{what} {name}"),
-                format!("{key}.{q}"),
-                "us",
-            ));
+            rows.push((format!("{what} {name}"), format!("{key}.{q}"), "us"));
         }
     }
     if let Some(o) = a.compare_order {
@@ -324,6 +322,18 @@ fn print_summary(a: &Config, n: usize, s: &Value) {
             g("max")
         );
     }
+}
+
+/// A throughput timeline as steps: each interval's rate held from its start to its end.
+fn steps(timeline: &[TimelinePoint]) -> Vec<(f64, f64)> {
+    let mut start = 0.0;
+    let mut out = Vec::with_capacity(timeline.len() * 2);
+    for p in timeline {
+        out.push((start, p.gbps));
+        out.push((p.end_s, p.gbps));
+        start = p.end_s;
+    }
+    out
 }
 
 /// The SVG plots of `--plot DIR`.
@@ -356,7 +366,7 @@ fn plots(a: &Config, reps: &[Repetition], dir: &Path) -> BenchResult<()> {
             });
             timeline.push(Curve {
                 label: name(k, r),
-                points: r.timeline.iter().map(|p| (p.end_s, p.gbps)).collect(),
+                points: steps(&r.timeline),
                 dashed: false,
             });
         }
