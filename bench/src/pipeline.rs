@@ -818,3 +818,28 @@ impl Run {
 pub(crate) fn latency_histogram() -> BenchResult<Histogram<u64>> {
     Ok(Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_carries_its_identity_and_publish_time_and_any_other_changed_byte_is_caught() {
+        for len in [1usize, 7, 8, 15, 16, 17, 64, 1024] {
+            let p = Payloads::new(len);
+            let mut buf = p.template.clone();
+            Payloads::stamp(&mut buf, 3, 41, 123_456_789);
+            let s = p.check(&buf).expect("an intact payload passes");
+            let id_bytes = len.min(ID_BYTES);
+            let id = (3u64 << 40 | 41) & (u64::MAX >> (64 - 8 * id_bytes as u32));
+            assert_eq!(s.publisher << 40 | s.index, id, "len {len}");
+            let want_stamp = (len >= 16).then_some(123_456_789);
+            assert_eq!(s.published_ns, want_stamp, "len {len}");
+            if len > Payloads::header(len) {
+                let mut bad = buf.clone();
+                bad[len - 1] ^= 0x40;
+                assert_eq!(p.check(&bad), None, "len {len}");
+            }
+        }
+    }
+}
