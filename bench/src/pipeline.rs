@@ -169,7 +169,10 @@ pub(crate) struct Run {
     pub order: u8,
     pub messages: u64,
     pub bytes: u64,
+    /// From the first publish to the last ack.
     pub elapsed_s: f64,
+    /// From the first publish to the last subscriber's last hand-off.
+    pub deliver_elapsed_s: f64,
     /// Publish-to-ack, per batch (from its first message's publish call to the ack).
     pub latency: Histogram<u64>,
     /// Publish-to-deliver, per message (from the publish call, or the scheduled time in open
@@ -454,7 +457,7 @@ fn one_run<C: Coherence>(c: C, r: OneRun<'_>) -> BenchResult<Run> {
             .into_iter()
             .map(|mut sub| {
                 let (delivered, failed) = (&delivered, &failed);
-                s.spawn(move || -> BenchResult<(u64, u64, Histogram<u64>)> {
+                s.spawn(move || -> BenchResult<Handed> {
                     let mut deliver = latency_histogram()?;
                     let mut checker = OrderChecker::new(fifo);
                     let mut next: std::collections::HashMap<u64, u64> =
@@ -546,7 +549,11 @@ fn one_run<C: Coherence>(c: C, r: OneRun<'_>) -> BenchResult<Run> {
                     checker
                         .finish(Some(total))
                         .map_err(|v| BenchError::Run(v.to_string()))?;
-                    Ok((checker.delivered(), digest, deliver))
+                    Ok(Handed {
+                        digest,
+                        deliver,
+                        last_ns: monotonic_ns(),
+                    })
                 })
             })
             .collect();
@@ -637,14 +644,16 @@ fn one_run<C: Coherence>(c: C, r: OneRun<'_>) -> BenchResult<Run> {
             first_ns
         };
         let mut digests = Vec::new();
+        let mut deliver_end_ns = first_ns;
         for h in sub_handles {
             match h
                 .join()
                 .map_err(|_| BenchError::Run("a subscriber panicked".into()))?
             {
-                Ok((_, digest, d)) => {
-                    digests.push(digest);
-                    let _ = deliver.add(&d);
+                Ok(h) => {
+                    digests.push(h.digest);
+                    let _ = deliver.add(&h.deliver);
+                    deliver_end_ns = deliver_end_ns.max(h.last_ns);
                 }
                 Err(e) => errors.push(e.to_string()),
             }
@@ -657,6 +666,7 @@ fn one_run<C: Coherence>(c: C, r: OneRun<'_>) -> BenchResult<Run> {
             messages: total,
             bytes: total * a.message_bytes,
             elapsed_s: end_ns.saturating_sub(first_ns).max(1) as f64 / 1e9,
+            deliver_elapsed_s: deliver_end_ns.saturating_sub(first_ns).max(1) as f64 / 1e9,
             latency,
             deliver,
             errors,
@@ -666,6 +676,16 @@ fn one_run<C: Coherence>(c: C, r: OneRun<'_>) -> BenchResult<Run> {
         })
     })?;
     Ok(result)
+}
+
+/// What one subscriber's share of a run saw.
+struct Handed {
+    /// Over the sequence it was handed (every subscriber's must be the same).
+    digest: u64,
+    /// Publish-to-deliver latencies.
+    deliver: Histogram<u64>,
+    /// When it had been handed its last message.
+    last_ns: u64,
 }
 
 /// What one publisher's share of a run measured.
