@@ -57,7 +57,9 @@ fn repetition_json(rep: &Repetition) -> Value {
 }
 
 /// Keys that are not figures to summarise (settings, counts, checks, series).
-const NOT_FIGURES: [&str; 5] = ["order", "messages", "errors", "timeline", "cpus"];
+const NOT_FIGURES: [&str; 6] = [
+    "order", "messages", "errors", "timeline", "cpus", "probe_ms",
+];
 
 /// The JSON pointers of every number in a repetition's object (the figures).
 fn figure_pointers(v: &Value, at: &str, out: &mut Vec<String>) {
