@@ -6,6 +6,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use base64::Engine;
+use embar_bench::pipeline::DELIVER_SAMPLE_CLOSED_LOOP;
 use embar_test_support::{exe, output_within, serial};
 use hdrhistogram::serialization::interval_log::{IntervalLogIterator, LogEntry};
 use hdrhistogram::serialization::Deserializer;
@@ -124,10 +125,12 @@ fn repeated_runs_report_each_run_a_summary_svg_plots_and_a_readable_hdr_log() {
             "run2-o0-deliver",
         ]
     );
+    let sample = DELIVER_SAMPLE_CLOSED_LOOP;
+    assert_eq!(r["config"]["deliver_sample"], sample);
     for (tag, h) in &log {
         if tag.ends_with("deliver") {
-            // Every message of the run, handed to the one subscriber.
-            assert_eq!(h.len(), 4096, "{tag}");
+            // Every sampled message of the run, handed to the one subscriber.
+            assert_eq!(h.len(), 4096 / sample, "{tag}");
         } else {
             assert!(!h.is_empty(), "{tag}");
         }

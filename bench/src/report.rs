@@ -170,6 +170,8 @@ pub(crate) fn report(
         "rate_per_publisher": a.rate,
         "compare_order": a.compare_order,
         "runs": a.runs,
+        // Publish-to-deliver is measured on one message in this many of each publisher.
+        "deliver_sample": crate::pipeline::deliver_sample(a),
     });
     out["summary"] = Value::Object(summary);
     out["runs"] = Value::Array(per_rep);
