@@ -46,9 +46,21 @@ pub struct BenchArgs {
     pub pool_bytes: u64,
     #[arg(long, default_value = "16MiB", value_parser = parse_bytes)]
     pub segment_bytes: u64,
-    /// One JSON object on stdout instead of the summary.
-    #[arg(long)]
-    pub json: bool,
+    /// JSON (every run, and each figure's min, median and max over them): one object on
+    /// stdout instead of the summary, or with FILE written there beside the summary.
+    #[arg(long, value_name = "FILE", num_args = 0..=1)]
+    pub json: Option<Option<PathBuf>>,
+    /// Repeat the whole run (the same run's memcpy baseline included) this many times and
+    /// report each figure's min, median and max.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=i64::from(pipeline::RUNS_MAX)))]
+    pub runs: u32,
+    /// Write SVG plots into DIR: latency.svg (publish-to-ack and publish-to-deliver by
+    /// percentile), throughput.svg (over time), orders.svg (with --compare-order).
+    #[arg(long, value_name = "DIR")]
+    pub plot: Option<PathBuf>,
+    /// Write the latency histograms to FILE in HdrHistogram's interval log format.
+    #[arg(long, value_name = "FILE")]
+    pub hdr_log: Option<PathBuf>,
     #[command(flatten)]
     pub transport: crate::client_cmd::TransportArgs,
     /// verbs: the IP the brokers of the started cluster listen on (the RDMA netdev's;
@@ -140,7 +152,11 @@ pub fn bench(a: &BenchArgs) -> CliResult<bool> {
         rate: a.rate,
         pool_bytes: a.pool_bytes,
         segment_bytes: a.segment_bytes,
-        json: a.json,
+        json: matches!(a.json, Some(None)),
+        json_file: a.json.clone().flatten(),
+        runs: a.runs,
+        plot_dir: a.plot.clone(),
+        hdr_log: a.hdr_log.clone(),
         transport,
     };
     Ok(pipeline::run(&cfg)?)

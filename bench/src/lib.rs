@@ -5,7 +5,9 @@
 //!
 //! - [`pipeline`]: the main job (`embar bench`): a local cluster of real processes (or a
 //!   running one), publishers and subscribers in this process, every message checked;
-//!   throughput and publish-to-ack latency beside the same run's memcpy bandwidth.
+//!   throughput, publish-to-ack and publish-to-deliver latency beside the same run's memcpy
+//!   bandwidth, repeated `--runs` times; [`report`] prints each figure's min, median and max
+//!   and writes the JSON, the SVG plots ([`plot`]) and the HDR interval log ([`hdr_log`]).
 //! - [`ring`]: `embar ring-bench`, the pool data path alone, between a lander and a drainer
 //!   process ([`ringload`]).
 //! - [`workers`]: the worker processes: the lander and drainer, a segment churner, a
@@ -20,8 +22,11 @@ use std::time::Duration;
 
 pub mod baseline;
 pub mod cluster;
+pub mod hdr_log;
 pub mod order_load;
 pub mod pipeline;
+pub mod plot;
+pub mod report;
 pub mod ring;
 pub mod ringload;
 pub mod rogue;
@@ -72,6 +77,21 @@ pub enum BenchError {
     Histogram(#[from] hdrhistogram::CreationError),
     #[error("cannot write a report: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("cannot write {path}: {source}")]
+    Write {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot draw {path}: {reason}")]
+    Plot {
+        path: std::path::PathBuf,
+        reason: String,
+    },
+    #[error("cannot write the HDR log {path}: {reason}")]
+    HdrLog {
+        path: std::path::PathBuf,
+        reason: String,
+    },
 }
 
 pub type BenchResult<T> = Result<T, BenchError>;

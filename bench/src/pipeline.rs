@@ -18,10 +18,8 @@ use embar_dataplane::client::subscriber::{StartAt, Subscriber};
 use embar_dataplane::client::Publish;
 use embar_dataplane::pool::coherence::Coherence;
 use embar_dataplane::pool::{CoherenceFn, Pool};
-use embar_dataplane::units::format_bytes;
 use embar_sys::clock::monotonic_ns;
 use hdrhistogram::Histogram;
-use serde_json::{json, Value};
 
 use crate::baseline::Stalls;
 use crate::cluster::LocalCluster;
@@ -55,6 +53,15 @@ pub struct Config {
     pub segment_bytes: u64,
     /// One JSON object on stdout instead of the summary.
     pub json: bool,
+    /// Also write the JSON (every run and the summary) to this file.
+    pub json_file: Option<PathBuf>,
+    /// Repetitions of the whole run (memcpy baseline included); figures are reported as
+    /// min, median and max over them.
+    pub runs: u32,
+    /// Write SVG plots into this directory.
+    pub plot_dir: Option<PathBuf>,
+    /// Write the latency histograms as an HdrHistogram interval log.
+    pub hdr_log: Option<PathBuf>,
     pub transport: Transport,
 }
 
@@ -82,11 +89,26 @@ impl Transport {
 }
 
 /// Payloads: a random template whose first 8 bytes are replaced by the message's identity
-/// (publisher, index). A subscriber checks the identity and a sum over every other byte, a
+/// (publisher, index) and the next 8 by its publish time (CLOCK_MONOTONIC nanoseconds, shared
+/// by the processes of one host), when the message has room. A subscriber checks the
+/// identity, that the publish time lies within the run, and a sum over every other byte, a
 /// full read of the payload at memory speed.
 struct Payloads {
     template: Vec<u8>,
     tail_sum: u64,
+}
+
+/// Bytes of a payload's identity, then of its publish time.
+const ID_BYTES: usize = 8;
+const STAMP_BYTES: usize = 8;
+
+/// What a subscriber reads back from a payload whose every byte is as published.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    publisher: u64,
+    index: u64,
+    /// `None` for a message shorter than its identity and publish time.
+    published_ns: Option<u64>,
 }
 
 impl Payloads {
@@ -100,36 +122,134 @@ impl Payloads {
                 x as u8
             })
             .collect();
-        let tail_sum = word_sum(&template[bytes.min(8)..]);
+        let tail_sum = word_sum(&template[Self::header(bytes)..]);
         Payloads { template, tail_sum }
     }
 
-    fn stamp(buf: &mut [u8], p: u64, i: u64) {
-        let k = buf.len().min(8);
-        buf[..k].copy_from_slice(&(p << 40 | i).to_le_bytes()[..k]);
+    /// Bytes at the start of a payload of `len` bytes that differ from the template.
+    fn header(len: usize) -> usize {
+        if len >= ID_BYTES + STAMP_BYTES {
+            ID_BYTES + STAMP_BYTES
+        } else {
+            len.min(ID_BYTES)
+        }
     }
 
-    /// `(publisher, index)` of a payload whose every byte is as published.
-    fn check(&self, buf: &[u8]) -> Option<(u64, u64)> {
-        let k = buf.len().min(8);
-        if buf.len() != self.template.len() || word_sum(&buf[k..]) != self.tail_sum {
+    fn stamp(buf: &mut [u8], p: u64, i: u64, published_ns: u64) {
+        let k = buf.len().min(ID_BYTES);
+        buf[..k].copy_from_slice(&(p << 40 | i).to_le_bytes()[..k]);
+        if buf.len() >= ID_BYTES + STAMP_BYTES {
+            buf[ID_BYTES..ID_BYTES + STAMP_BYTES].copy_from_slice(&published_ns.to_le_bytes());
+        }
+    }
+
+    /// The identity and publish time of a payload whose every other byte is as published.
+    fn check(&self, buf: &[u8]) -> Option<Stamp> {
+        let h = Self::header(buf.len());
+        if buf.len() != self.template.len() || word_sum(&buf[h..]) != self.tail_sum {
             return None;
         }
+        let k = buf.len().min(ID_BYTES);
         let mut idb = [0u8; 8];
         idb[..k].copy_from_slice(&buf[..k]);
         let id = u64::from_le_bytes(idb);
-        Some((id >> 40, id & ((1 << 40) - 1)))
+        let published_ns = buf
+            .get(ID_BYTES..ID_BYTES + STAMP_BYTES)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")));
+        Some(Stamp {
+            publisher: id >> 40,
+            index: id & ((1 << 40) - 1),
+            published_ns,
+        })
     }
 }
 
-struct Run {
-    order: u8,
-    messages: u64,
-    bytes: u64,
-    elapsed_s: f64,
-    latency: Histogram<u64>,
-    errors: Vec<String>,
-    grant_waits: u64,
+/// One ORDER's run: what it moved, its latencies, and its checks.
+pub(crate) struct Run {
+    pub order: u8,
+    pub messages: u64,
+    pub bytes: u64,
+    /// From the first publish to the last ack.
+    pub elapsed_s: f64,
+    /// From the first publish to the last subscriber's last hand-off.
+    pub deliver_elapsed_s: f64,
+    /// Publish-to-ack, per batch (from its first message's publish call to the ack).
+    pub latency: Histogram<u64>,
+    /// Publish-to-deliver, per (sampled) message (from the publish call, or the scheduled time in open
+    /// loop, to the subscriber's hand-off), over every subscriber.
+    pub deliver: Histogram<u64>,
+    pub errors: Vec<String>,
+    pub grant_waits: u64,
+    /// When its first message was published (CLOCK_MONOTONIC ns).
+    pub first_ns: u64,
+    /// Delivered throughput (per subscriber) over the run.
+    pub timeline: Vec<TimelinePoint>,
+}
+
+/// How often the throughput over time is sampled.
+const TIMELINE_STEP_NS: u64 = 100_000_000;
+
+/// Throughput delivered to each subscriber in the interval that ends `end_s` after the
+/// subscribers were opened.
+#[derive(Clone, Copy, Debug, serde::Serialize)]
+pub struct TimelinePoint {
+    pub end_s: f64,
+    pub gbps: f64,
+}
+
+/// The progress line on stderr of a run longer than [`Progress::QUIET_NS`]: one line
+/// rewritten in place on a terminal, a line every few seconds otherwise (stdout, where the
+/// JSON goes, is never written).
+struct Progress {
+    label: String,
+    terminal: bool,
+    shown_ns: Option<u64>,
+}
+
+impl Progress {
+    const QUIET_NS: u64 = 2_000_000_000;
+
+    fn new(label: &str) -> Progress {
+        use std::io::IsTerminal;
+        Progress {
+            label: label.to_string(),
+            terminal: std::io::stderr().is_terminal(),
+            shown_ns: None,
+        }
+    }
+
+    fn show(&mut self, el_ns: u64, delivered: u64, total: u64, bytes: f64) {
+        let every_ns = if self.terminal { 0 } else { Self::QUIET_NS };
+        if el_ns < Self::QUIET_NS || self.shown_ns.is_some_and(|t| el_ns - t < every_ns) {
+            return;
+        }
+        self.shown_ns = Some(el_ns);
+        let line = format!(
+            "bench {}: {delivered}/{total} delivered to each subscriber, {:.1} s, {:.2} GB/s so far",
+            self.label,
+            el_ns as f64 / 1e9,
+            bytes / (el_ns as f64 / 1e9) / 1e9
+        );
+        if self.terminal {
+            eprint!("\r\x1b[2K{line}");
+        } else {
+            eprintln!("{line}");
+        }
+    }
+
+    fn finish(&self) {
+        if self.terminal && self.shown_ns.is_some() {
+            eprintln!();
+        }
+    }
+}
+
+/// One repetition of `--runs`: the same run's memcpy and host stalls, and each ORDER's kept
+/// run (the configured ORDER first).
+pub(crate) struct Repetition {
+    pub memcpy_gbps: f64,
+    pub stalls: Stalls,
+    pub runs: Vec<Run>,
 }
 
 /// Runs the bench and prints its report; `Ok(false)`: a check in it failed.
@@ -137,13 +257,18 @@ pub fn run(a: &Config) -> BenchResult<bool> {
     if a.message_bytes == 0 || a.total_bytes < a.message_bytes || a.publishers == 0 {
         return Err(BenchError::Usage("--message-bytes, --publishers must be at least 1 and --total-bytes at least one message".into()));
     }
+    if a.runs == 0 || a.runs > RUNS_MAX {
+        return Err(BenchError::Usage(format!("--runs must be 1 to {RUNS_MAX}")));
+    }
     if a.transport != Transport::Shm && !cfg!(feature = "verbs") {
         return Err(BenchError::Usage(
             "the verbs transport needs embar-bench's `verbs` feature".into(),
         ));
     }
-    let memcpy = crate::baseline::memcpy_gbps();
-    let stalls = crate::baseline::host_stalls(Duration::from_secs(1));
+    let began = Began {
+        wall: std::time::SystemTime::now(),
+        mono_ns: monotonic_ns(),
+    };
     let started = match a.control {
         Some(_) => None,
         None => {
@@ -183,6 +308,39 @@ pub fn run(a: &Config) -> BenchResult<bool> {
     };
     let (pool_path, brokers) = crate::cluster::discover(control)?;
     let pool = crate::cluster::open_pool(&pool_path)?;
+    let mut reps = Vec::new();
+    for rep in 0..a.runs {
+        // The baselines of each repetition, measured beside its runs (the cluster idle).
+        let memcpy_gbps = crate::baseline::memcpy_gbps();
+        let stalls = crate::baseline::host_stalls(Duration::from_secs(1));
+        let runs = repetition(a, &pool, control, &brokers, rep)?;
+        reps.push(Repetition {
+            memcpy_gbps,
+            stalls,
+            runs,
+        });
+    }
+    crate::report::report(a, brokers.len(), &reps, &began)
+}
+
+/// At most this many repetitions (`--runs`).
+pub const RUNS_MAX: u32 = 1000;
+
+/// When the bench began, on the wall clock (for the HDR log's base time) and on
+/// CLOCK_MONOTONIC (what the runs measure with).
+pub(crate) struct Began {
+    pub wall: std::time::SystemTime,
+    pub mono_ns: u64,
+}
+
+/// The runs of one repetition: the configured ORDER, and the compared one.
+fn repetition(
+    a: &Config,
+    pool: &Pool,
+    control: SocketAddr,
+    brokers: &[u32],
+    rep: u32,
+) -> BenchResult<Vec<Run>> {
     // With a comparison, the two orders alternate twice and each keeps its best run: a run's
     // position in the sequence moves its figure more than the ORDER does on this machine.
     let orders: Vec<u8> = match a.compare_order {
@@ -191,7 +349,7 @@ pub fn run(a: &Config) -> BenchResult<bool> {
     };
     let mut runs = Vec::new();
     for order in orders {
-        let name = format!("bench-o{order}-{}-{}", std::process::id(), runs.len());
+        let name = format!("bench-o{order}-{}-{rep}-{}", std::process::id(), runs.len());
         let spec = TopicSpec {
             name: name.clone(),
             order,
@@ -200,16 +358,21 @@ pub fn run(a: &Config) -> BenchResult<bool> {
             batch_bytes: a.batch_bytes,
         };
         ControlClient::new(control).create_topic(&spec)?;
-        struct Go<'a>(&'a Pool, &'a Config, &'a str, &'a [u32], u8, SocketAddr);
-        impl CoherenceFn<BenchResult<Run>> for Go<'_> {
-            fn call<C: Coherence>(self, c: C) -> BenchResult<Run> {
-                one_run(self.0, c, self.1, self.2, self.3, self.4, self.5)
-            }
-        }
-        runs.push(Pool::with_coherence(
-            pool.coherence_mode(),
-            Go(&pool, a, &name, &brokers, order, control),
-        )?);
+        let label = if a.runs > 1 {
+            format!("run {}/{} ORDER {order}", rep + 1, a.runs)
+        } else {
+            format!("ORDER {order}")
+        };
+        let one = OneRun {
+            pool,
+            a,
+            topic: &name,
+            brokers,
+            order,
+            control,
+            label: &label,
+        };
+        runs.push(Pool::with_coherence(pool.coherence_mode(), one)?);
         // Each run starts with the pool's log space free: brokers free a deleted topic's
         // segments within their 100 ms topic check.
         let _ = ControlClient::new(control).delete_topic(&name);
@@ -236,24 +399,44 @@ pub fn run(a: &Config) -> BenchResult<bool> {
             kept.push(top);
         }
     }
-    report(a, memcpy, stalls, brokers.len(), &kept)
+    Ok(kept)
 }
 
-fn one_run<C: Coherence>(
-    pool: &Pool,
-    c: C,
-    a: &Config,
-    topic: &str,
-    brokers: &[u32],
+/// One ORDER's run on a topic made for it.
+struct OneRun<'a> {
+    pool: &'a Pool,
+    a: &'a Config,
+    topic: &'a str,
+    brokers: &'a [u32],
     order: u8,
     control: SocketAddr,
-) -> BenchResult<Run> {
+    /// What the progress line calls it.
+    label: &'a str,
+}
+
+impl CoherenceFn<BenchResult<Run>> for OneRun<'_> {
+    fn call<C: Coherence>(self, c: C) -> BenchResult<Run> {
+        one_run(c, self)
+    }
+}
+
+fn one_run<C: Coherence>(c: C, r: OneRun<'_>) -> BenchResult<Run> {
+    let OneRun {
+        pool,
+        a,
+        topic,
+        brokers,
+        order,
+        control,
+        label,
+    } = r;
     let per_pub = (a.total_bytes / a.message_bytes).div_ceil(u64::from(a.publishers));
     let total = per_pub * u64::from(a.publishers);
     let acked = AtomicU64::new(0);
     let delivered = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
     let fifo = matches!(order, 4 | 5);
+    let sample = deliver_sample(a);
     let payloads = Payloads::new(a.message_bytes as usize);
     let payloads = &payloads;
     // The sequencer picks a new topic up within its topic scan; measuring before that would
@@ -275,7 +458,8 @@ fn one_run<C: Coherence>(
             .into_iter()
             .map(|mut sub| {
                 let (delivered, failed) = (&delivered, &failed);
-                s.spawn(move || -> BenchResult<(u64, u64)> {
+                s.spawn(move || -> BenchResult<Handed> {
+                    let mut deliver = latency_histogram()?;
                     let mut checker = OrderChecker::new(fifo);
                     let mut next: std::collections::HashMap<u64, u64> =
                         std::collections::HashMap::new();
@@ -302,7 +486,29 @@ fn one_run<C: Coherence>(
                                 return;
                             }
                             match payloads.check(m.payload) {
-                                Some((p, i)) => {
+                                Some(Stamp {
+                                    publisher: p,
+                                    index: i,
+                                    published_ns,
+                                }) => {
+                                    if let Some(t) = published_ns {
+                                        // The hand-off: this message is the application's now.
+                                        let now = if i & (sample - 1) == 0 {
+                                            monotonic_ns()
+                                        } else {
+                                            u64::MAX
+                                        };
+                                        if t < start_ns || t > now {
+                                            err = Some(format!(
+                                                "message {}: publish time {t} ns outside the run ({start_ns}..{now} ns)",
+                                                m.total_order
+                                            ));
+                                            return;
+                                        }
+                                        if now != u64::MAX {
+                                            let _ = deliver.record((now - t).max(1));
+                                        }
+                                    }
                                     if fifo {
                                         let want = next.entry(p).or_insert(0);
                                         if i != *want {
@@ -350,7 +556,11 @@ fn one_run<C: Coherence>(
                     checker
                         .finish(Some(total))
                         .map_err(|v| BenchError::Run(v.to_string()))?;
-                    Ok((checker.delivered(), digest))
+                    Ok(Handed {
+                        digest,
+                        deliver,
+                        last_ns: monotonic_ns(),
+                    })
                 })
             })
             .collect();
@@ -368,6 +578,7 @@ fn one_run<C: Coherence>(
                     };
                     let load = Load {
                         a,
+                        sample,
                         payloads,
                         per_pub,
                         p: p.into(),
@@ -388,22 +599,33 @@ fn one_run<C: Coherence>(
                 })
             })
             .collect();
-        let mut last = Instant::now();
-        while pub_handles.iter().any(|h| !h.is_finished())
-            || sub_handles.iter().any(|h| !h.is_finished())
-        {
-            std::thread::sleep(Duration::from_millis(50));
-            if !a.json && last.elapsed() > Duration::from_secs(1) {
-                last = Instant::now();
-                let el = (monotonic_ns() - start_ns) as f64 / 1e9;
-                let d = delivered.load(Ordering::Relaxed);
-                eprintln!(
-                    "bench ORDER {order}: {d}/{total} delivered to each subscriber, {:.2} GB/s so far",
-                    d as f64 * a.message_bytes as f64 / el / 1e9 / f64::from(a.subscribers.max(1))
-                );
+        let mut progress = Progress::new(label);
+        let bytes_per_sub = a.message_bytes as f64;
+        let subs_n = u64::from(a.subscribers.max(1));
+        let mut timeline = Vec::new();
+        let mut sample = (start_ns, 0u64);
+        loop {
+            let done = pub_handles.iter().all(|h| h.is_finished())
+                && sub_handles.iter().all(|h| h.is_finished());
+            let now = monotonic_ns();
+            if done || now - sample.0 >= TIMELINE_STEP_NS {
+                let d = delivered.load(Ordering::Relaxed) / subs_n;
+                let dt_s = (now - sample.0).max(1) as f64 / 1e9;
+                timeline.push(TimelinePoint {
+                    end_s: (now - start_ns) as f64 / 1e9,
+                    gbps: (d - sample.1) as f64 * bytes_per_sub / dt_s / 1e9,
+                });
+                sample = (now, d);
+                progress.show(now - start_ns, d, total, d as f64 * bytes_per_sub);
             }
+            if done {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
-        let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+        progress.finish();
+        let mut latency = latency_histogram()?;
+        let mut deliver = latency_histogram()?;
         let mut errors = Vec::new();
         let mut end_ns = start_ns;
         // From the first message published (not from the sessions' set-up, which
@@ -430,12 +652,17 @@ fn one_run<C: Coherence>(
             first_ns
         };
         let mut digests = Vec::new();
+        let mut deliver_end_ns = first_ns;
         for h in sub_handles {
             match h
                 .join()
                 .map_err(|_| BenchError::Run("a subscriber panicked".into()))?
             {
-                Ok((_, digest)) => digests.push(digest),
+                Ok(h) => {
+                    digests.push(h.digest);
+                    let _ = deliver.add(&h.deliver);
+                    deliver_end_ns = deliver_end_ns.max(h.last_ns);
+                }
                 Err(e) => errors.push(e.to_string()),
             }
         }
@@ -447,12 +674,26 @@ fn one_run<C: Coherence>(
             messages: total,
             bytes: total * a.message_bytes,
             elapsed_s: end_ns.saturating_sub(first_ns).max(1) as f64 / 1e9,
+            deliver_elapsed_s: deliver_end_ns.saturating_sub(first_ns).max(1) as f64 / 1e9,
             latency,
+            deliver,
             errors,
             grant_waits,
+            first_ns,
+            timeline,
         })
     })?;
     Ok(result)
+}
+
+/// What one subscriber's share of a run saw.
+struct Handed {
+    /// Over the sequence it was handed (every subscriber's must be the same).
+    digest: u64,
+    /// Publish-to-deliver latencies.
+    deliver: Histogram<u64>,
+    /// When it had been handed its last message.
+    last_ns: u64,
 }
 
 /// What one publisher's share of a run measured.
@@ -467,6 +708,8 @@ struct Driven {
 /// One publisher's share of a run, whatever its transport.
 struct Load<'a> {
     a: &'a Config,
+    /// Publish-to-deliver is measured on messages whose index is a multiple of this.
+    sample: u64,
     payloads: &'a Payloads,
     per_pub: u64,
     p: u64,
@@ -477,11 +720,15 @@ struct Load<'a> {
 impl Load<'_> {
     /// Publishes this publisher's messages (paced when open loop), waits for every ack.
     fn drive<P: Publish>(&self, publ: &mut P) -> BenchResult<Driven> {
-        let mut hist = Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?;
+        let mut hist = latency_histogram()?;
         let mut lat = Vec::with_capacity(1024);
         let mut buf = self.payloads.template.clone();
         let interval_ns = self.a.rate.map(|r| 1_000_000_000 / r.max(1));
         let t0 = monotonic_ns();
+        // The publish time the subscribers count from: the scheduled time in open loop (a
+        // late publisher does not hide its lateness), else the publish call, read for the
+        // sampled messages (the others carry the last time read, earlier than theirs).
+        let mut published_ns = t0;
         for i in 0..self.per_pub {
             if self.failed.load(Ordering::Relaxed) {
                 return Err(BenchError::Run("stopped: another thread failed".into()));
@@ -507,7 +754,12 @@ impl Load<'_> {
                     }
                 }
             }
-            Payloads::stamp(&mut buf, self.p, i);
+            if let Some(iv) = interval_ns {
+                published_ns = t0 + i * iv;
+            } else if i & (self.sample - 1) == 0 {
+                published_ns = monotonic_ns();
+            }
+            Payloads::stamp(&mut buf, self.p, i, published_ns);
             publ.publish(&buf)?;
             if interval_ns.is_some() {
                 publ.flush()?;
@@ -589,112 +841,54 @@ pub(crate) fn new_client_id() -> u64 {
 }
 
 impl Run {
-    fn gbps(&self) -> f64 {
+    pub fn gbps(&self) -> f64 {
         self.bytes as f64 / self.elapsed_s / 1e9
     }
 }
 
-fn run_json(r: &Run) -> Value {
-    let us = |q: f64| r.latency.value_at_quantile(q) as f64 / 1e3;
-    json!({
-        "order": r.order,
-        "throughput_gbps": r.bytes as f64 / r.elapsed_s / 1e9,
-        "messages_per_s": r.messages as f64 / r.elapsed_s,
-        "messages": r.messages,
-        "elapsed_s": r.elapsed_s,
-        "order_check": if r.errors.is_empty() { "passed" } else { "failed" },
-        "errors": r.errors,
-        "latency_us": { "p50": us(0.5), "p99": us(0.99), "p999": us(0.999), "max": r.latency.max() as f64 / 1e3 },
-        "grant_waits": r.grant_waits,
-    })
+/// Publish-to-deliver is measured on every message of an open-loop run, and on one message
+/// in this many of each publisher at full speed: two clock reads a message (publisher and
+/// subscriber, 25-40 ns each here) would take a tenth or more of the subscriber's time at
+/// several million 1 KiB messages a second, and move the throughput figure it sits beside.
+pub const DELIVER_SAMPLE_CLOSED_LOOP: u64 = 16;
+
+/// A power of two, so that picking the sampled messages is a mask, not a division.
+const _: () = assert!(DELIVER_SAMPLE_CLOSED_LOOP.is_power_of_two());
+
+pub(crate) fn deliver_sample(a: &Config) -> u64 {
+    if a.rate.is_some() {
+        1
+    } else {
+        DELIVER_SAMPLE_CLOSED_LOOP
+    }
 }
 
-fn report(
-    a: &Config,
-    memcpy: f64,
-    stalls: Stalls,
-    brokers: usize,
-    runs: &[Run],
-) -> BenchResult<bool> {
-    let main = &runs[0];
-    let mut out = run_json(main);
-    let gbps = out["throughput_gbps"].as_f64().unwrap_or(0.0);
-    out["memcpy_gbps"] = json!(memcpy);
-    out["ratio_to_memcpy"] = json!(gbps / memcpy);
-    out["host_stalls"] = json!(stalls);
-    out["config"] = json!({
-        "transport": a.transport.name(),
-        "brokers": brokers,
-        "order": a.order,
-        "ack": a.ack,
-        "message_size": a.message_bytes,
-        "batch_size": a.batch_bytes,
-        "publishers": a.publishers,
-        "subscribers": a.subscribers,
-        "rate_per_publisher": a.rate,
-    });
-    if let Some(other) = runs.get(1) {
-        let o = run_json(other);
-        let og = o["throughput_gbps"].as_f64().unwrap_or(0.0);
-        out["comparison"] = json!({ "run": o, "ratio": if og > 0.0 { gbps / og } else { 0.0 } });
-    }
-    let passed = runs.iter().all(|r| r.errors.is_empty());
-    if a.json {
-        println!("{out}");
-        return Ok(passed);
-    }
-    println!(
-        "embar bench: {} brokers, {} transport, ORDER {} ACK {}, {} B messages, {} batches, {} publisher(s), {} subscriber(s){}",
-        brokers,
-        a.transport.name(),
-        a.order,
-        a.ack,
-        a.message_bytes,
-        format_bytes(a.batch_bytes),
-        a.publishers,
-        a.subscribers,
-        a.rate.map_or(String::new(), |r| format!(", open loop {r} msgs/s per publisher"))
-    );
-    for (i, r) in runs.iter().enumerate() {
-        let j = run_json(r);
-        let l = &j["latency_us"];
-        println!(
-            "  ORDER {}: {} in {} messages, {:.2} s: {:.2} GB/s, {:.2} M msgs/s{}",
-            r.order,
-            format_bytes(r.bytes),
-            r.messages,
-            r.elapsed_s,
-            j["throughput_gbps"].as_f64().unwrap_or(0.0),
-            j["messages_per_s"].as_f64().unwrap_or(0.0) / 1e6,
-            if i == 0 {
-                format!("  ({:.2} x memcpy {memcpy:.2} GB/s)", gbps / memcpy)
-            } else {
-                String::new()
+/// A histogram of latencies in nanoseconds, 1 ns to a minute, 3 significant digits.
+pub(crate) fn latency_histogram() -> BenchResult<Histogram<u64>> {
+    Ok(Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_payload_carries_its_identity_and_publish_time_and_any_other_changed_byte_is_caught() {
+        for len in [1usize, 7, 8, 15, 16, 17, 64, 1024] {
+            let p = Payloads::new(len);
+            let mut buf = p.template.clone();
+            Payloads::stamp(&mut buf, 3, 41, 123_456_789);
+            let s = p.check(&buf).expect("an intact payload passes");
+            let id_bytes = len.min(ID_BYTES);
+            let id = (3u64 << 40 | 41) & (u64::MAX >> (64 - 8 * id_bytes as u32));
+            assert_eq!(s.publisher << 40 | s.index, id, "len {len}");
+            let want_stamp = (len >= 16).then_some(123_456_789);
+            assert_eq!(s.published_ns, want_stamp, "len {len}");
+            if len > Payloads::header(len) {
+                let mut bad = buf.clone();
+                bad[len - 1] ^= 0x40;
+                assert_eq!(p.check(&bad), None, "len {len}");
             }
-        );
-        println!(
-            "    publish-to-ack latency: p50 {:.1} us, p99 {:.1} us, p99.9 {:.1} us, max {:.1} us; order check {}",
-            l["p50"].as_f64().unwrap_or(0.0),
-            l["p99"].as_f64().unwrap_or(0.0),
-            l["p999"].as_f64().unwrap_or(0.0),
-            l["max"].as_f64().unwrap_or(0.0),
-            j["order_check"].as_str().unwrap_or("?")
-        );
-        for e in &r.errors {
-            println!("    error: {e}");
         }
     }
-    println!(
-        "  host stalls (a thread spinning on each of {} CPUs for {} ms): {} over 50 us, {} over 200 us, longest {} us: no tail latency here is below these",
-        stalls.cpus, stalls.probe_ms, stalls.over_50us, stalls.over_200us, stalls.max_us
-    );
-    if let Some(c) = out.get("comparison") {
-        println!(
-            "  ORDER {} / ORDER {} throughput: {:.2}",
-            a.order,
-            runs[1].order,
-            c["ratio"].as_f64().unwrap_or(0.0)
-        );
-    }
-    Ok(passed)
 }
