@@ -95,7 +95,11 @@ fn paced_publisher(
             let chunk: String = (n..n + 100)
                 .map(|i| format!("{name} {i:06} {}\n", "p".repeat(100)))
                 .collect();
-            input.write_all(chunk.as_bytes()).unwrap();
+            // A publisher that exited closes its stdin: stop feeding; the test then shows
+            // its exit status and stderr.
+            if input.write_all(chunk.as_bytes()).is_err() {
+                break;
+            }
             n += 100;
             std::thread::sleep(Duration::from_millis(50));
         }
