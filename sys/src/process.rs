@@ -70,16 +70,15 @@ impl ProcessId {
     /// time is known) started when this one did, so a later process given the same pid is
     /// not taken for it.
     pub fn alive(self) -> bool {
-        if self.pid == 0 || self.pid > i32::MAX as u32 || !alive(self.pid as i32) {
+        if self.pid == 0 || self.pid > i32::MAX as u32 || !exists(self.pid as i32) {
             return false;
         }
-        match (self.start, start_time(self.pid)) {
-            (0, _) => true,
-            (start, Some(now)) => now & START_MASK == start & START_MASK,
-            // `/proc` unreadable for this pid (it exited this instant, or no procfs): the
-            // signal check above is all there is.
-            (_, None) => true,
-        }
+        // One read of `/proc/<pid>/stat` gives both the state and the start time. Unreadable
+        // (it exited this instant, or no procfs): the signal check above is all there is.
+        let Some(stat) = Stat::read(self.pid) else {
+            return true;
+        };
+        !stat.zombie && (self.start == 0 || stat.start & START_MASK == self.start & START_MASK)
     }
 }
 
@@ -87,13 +86,17 @@ impl ProcessId {
 /// (exited, not yet reaped by its parent) is not alive: it holds nothing and will run no more.
 /// A pid alone may name a later process: use [`ProcessId::alive`] for anything recorded.
 pub fn alive(pid: i32) -> bool {
+    exists(pid) && !Stat::read(pid as u32).is_some_and(|s| s.zombie)
+}
+
+/// Whether a process `pid` exists (a zombie does), by signal 0.
+fn exists(pid: i32) -> bool {
     if pid <= 0 {
         return false;
     }
     // SAFETY: signal 0 performs the permission and existence checks only.
     let rc = unsafe { libc::kill(pid, 0) };
-    let exists = rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM);
-    exists && !zombie(pid)
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
 }
 
 /// This host's name (the kernel's), if it can be read.
@@ -103,22 +106,32 @@ pub fn host_name() -> Option<String> {
         .map(|h| h.trim().to_string())
 }
 
-/// The fields of `/proc/<pid>/stat` after the command name (which is in parentheses and may
-/// hold spaces and parentheses itself): the first is the state (field 3).
-fn stat_fields(pid: u32) -> Option<Vec<String>> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let rest = s.rsplit_once(')')?.1;
-    Some(rest.split_whitespace().map(str::to_string).collect())
+/// What liveness needs of `/proc/<pid>/stat`.
+struct Stat {
+    /// State `Z` (zombie) or `X` (being reaped).
+    zombie: bool,
+    /// Start time in clock ticks after boot (field 22).
+    start: u64,
 }
 
-/// Start time of `pid` in clock ticks after boot (field 22).
+impl Stat {
+    fn read(pid: u32) -> Option<Stat> {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The command name is in parentheses and may hold spaces and parentheses itself;
+        // the fields after it start with the state (field 3).
+        let mut fields = s.rsplit_once(')')?.1.split_whitespace();
+        let state = fields.next()?;
+        let start = fields.nth(18)?.parse().ok()?;
+        Some(Stat {
+            zombie: state == "Z" || state == "X",
+            start,
+        })
+    }
+}
+
+/// Start time of `pid` in clock ticks after boot.
 fn start_time(pid: u32) -> Option<u64> {
-    stat_fields(pid)?.get(19)?.parse().ok()
-}
-
-/// Whether `/proc` shows `pid` as a zombie (state `Z`, or `X` while it is being reaped).
-fn zombie(pid: i32) -> bool {
-    stat_fields(pid as u32).is_some_and(|f| f.first().is_some_and(|st| st == "Z" || st == "X"))
+    Stat::read(pid).map(|s| s.start)
 }
 
 #[cfg(test)]
