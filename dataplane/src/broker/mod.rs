@@ -851,7 +851,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
                         ack: t.ack,
                     };
                     let effect = st.core.landed(desc.num_msg, policy);
-                    apply(self.c, s, effect, 0, &mut self.stats);
+                    apply(self.c, s, effect, desc.num_msg, 0, &mut self.stats);
                     st.consumer
                         .as_mut()
                         .expect("open")
@@ -876,7 +876,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
                         err.describe()
                     );
                     let effect = st.core.reject(err);
-                    apply(self.c, s, effect, seq, &mut self.stats);
+                    apply(self.c, s, effect, 0, seq, &mut self.stats);
                     st.consumer
                         .as_mut()
                         .expect("open")
@@ -926,7 +926,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
                     wait: self::core::durable_wait(outcome, delivery, next),
                 });
             }
-            apply(self.c, s, effect, 0, &mut self.stats);
+            apply(self.c, s, effect, p.num_msg, 0, &mut self.stats);
         }
         if !t.undurable.is_empty() {
             work += self.durable_acks(topic)?;
@@ -943,31 +943,35 @@ impl<'p, C: Coherence> Broker<'p, C> {
         let tinode = self.pool.tinode(topic);
         let slots = self.pool.geometry().max_brokers;
         let (c, me, rf) = (self.c, self.broker, t.replication_factor);
+        let (pool, sessions, stats) = (self.pool, &mut self.sessions, &mut self.stats);
+        // Sessions with an earlier batch still waiting: their later ones wait too (acks are
+        // cumulative). At most one entry per session.
         let mut blocked: Vec<usize> = Vec::new();
         let mut acked = 0;
-        let mut i = 0;
-        while i < t.undurable.len() {
-            let u = &t.undurable[i];
-            let st = &mut self.sessions[u.session];
+        // One pass in decision order, each batch kept or removed in place.
+        t.undurable.retain(|u| {
+            let st = &mut sessions[u.session];
             if !st.open || st.generation != u.generation {
-                t.undurable.remove(i);
-                continue;
+                return false;
             }
             if blocked.contains(&u.session)
                 || !self::core::is_durable(u.wait, me, rf, slots, |r| {
                     crate::replication::progress_of(c, tinode, r)
                 })
             {
-                blocked.push(u.session);
-                i += 1;
-                continue;
+                if !blocked.contains(&u.session) {
+                    blocked.push(u.session);
+                }
+                return true;
             }
             let effect = st.core.durable(u.num_msg);
-            let s = self.pool.session(self.broker, u.session as u32)?;
-            apply(c, s, effect, 0, &mut self.stats);
-            t.undurable.remove(i);
+            let s = pool
+                .session(me, u.session as u32)
+                .expect("session index below SESSIONS");
+            apply(c, s, effect, u.num_msg, 0, stats);
             acked += 1;
-        }
+            false
+        });
         Ok(acked)
     }
 
@@ -1114,20 +1118,25 @@ impl<'p, C: Coherence> Broker<'p, C> {
     }
 }
 
-/// Checks a submitted batch against its session: client, grant, order inside the grant.
-/// Closes the grants the publisher has moved past. Returns the grant id.
-/// Writes what [`core`] decided for session `s` into its words: the cumulative ack counts,
-/// or the rejected count and the error (`code | batch_seq << 8`).
-fn apply<C: Coherence>(c: C, s: &Session, effect: Effect, batch_seq: u64, stats: &mut BrokerStats) {
+/// Writes what [`core`] decided for session `s` into its words: the cumulative ack counts
+/// (of a batch of `num_msg` messages), or the rejected count and the error
+/// (`code | batch_seq << 8`).
+fn apply<C: Coherence>(
+    c: C,
+    s: &Session,
+    effect: Effect,
+    num_msg: u32,
+    batch_seq: u64,
+    stats: &mut BrokerStats,
+) {
     match effect {
         Effect::Nothing | Effect::AwaitDurable => {}
         Effect::Ack { messages, batches } => {
-            let before = s.acked_messages.load(Relaxed);
             s.acked_batches.store(batches, Relaxed);
             s.ack_ns.store(monotonic_ns(), Relaxed);
             c.publish(&s.acked_messages, messages);
             stats.batches_acked += 1;
-            stats.messages_acked += messages - before.min(messages);
+            stats.messages_acked += u64::from(num_msg);
         }
         Effect::Reject { rejected, error } => {
             s.error.store(error as u64 | batch_seq << 8, Relaxed);
@@ -1137,6 +1146,8 @@ fn apply<C: Coherence>(c: C, s: &Session, effect: Effect, batch_seq: u64, stats:
     }
 }
 
+/// Checks a submitted batch against its session: client, grant, order inside the grant.
+/// Closes the grants the publisher has moved past. Returns the grant id.
 fn check_submission<C: Coherence>(
     st: &mut SessionState<'_, C>,
     t: &mut TopicState<'_, C>,
