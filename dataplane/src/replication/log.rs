@@ -307,7 +307,6 @@ pub struct DiskLog {
     unsynced_bytes: u64,
     unsynced_since: Option<Instant>,
     last: Option<RecordMeta>,
-    synced_total: u64,
 }
 
 impl DiskLog {
@@ -397,7 +396,6 @@ impl DiskLog {
             unsynced_bytes: 0,
             unsynced_since: None,
             last,
-            synced_total: 0,
         };
         Ok((log, rec))
     }
@@ -437,17 +435,18 @@ impl DiskLog {
             self.roll()?;
         }
         let h = encode_header(meta, b);
-        let path = segment_path(&self.dir, self.first);
+        // Paths are built for an error only, not per record.
+        let (dir, first) = (&self.dir, self.first);
         self.file
             .write_all(&h)
             .and_then(|_| self.file.write_all(b))
-            .map_err(io("cannot write", &path))?;
+            .map_err(|e| io("cannot write", &segment_path(dir, first))(e))?;
         let mut ie = [0u8; INDEX_ENTRY_BYTES];
         ie[..8].copy_from_slice(&meta.total_order.to_le_bytes());
         ie[8..].copy_from_slice(&self.len.to_le_bytes());
         self.idx
             .write_all(&ie)
-            .map_err(io("cannot write", &index_path(&path)))?;
+            .map_err(|e| io("cannot write", &index_path(&segment_path(dir, first)))(e))?;
         self.index.push(IndexEntry {
             era: meta.era,
             total_order: meta.total_order,
@@ -506,15 +505,9 @@ impl DiskLog {
         self.idx
             .sync_data()
             .map_err(io("cannot sync", &index_path(&path)))?;
-        self.synced_total += self.unsynced_bytes;
         self.unsynced_bytes = 0;
         self.unsynced_since = None;
         Ok(())
-    }
-
-    /// Bytes synced since the log was opened.
-    pub fn synced_bytes(&self) -> u64 {
-        self.synced_total
     }
 }
 

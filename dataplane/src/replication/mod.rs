@@ -71,11 +71,12 @@ pub struct Replicator<'p, C: Coherence> {
     era: u64,
     sub: Subscriber<'p, C>,
     log: DiskLog,
+    /// The batch being read, its buffer reused from batch to batch.
     body: Body,
-    /// Batches read and complete, waiting to be appended.
-    done: Vec<(RecordMeta, Body)>,
     /// Delivery index after the last batch appended (published once synced).
     appended_through: u64,
+    /// The `durable_delivery` this replicator last published.
+    published: u64,
     appended_total: u64,
     bytes_by_src: Vec<u64>,
 }
@@ -103,6 +104,12 @@ impl<'p, C: Coherence> Replicator<'p, C> {
             .pool_id
             .load(crate::sync::Ordering::Relaxed);
         let start = sub.position();
+        // Progress never goes back: a reopened replicator publishes only past what is there.
+        let published = c.observe(
+            &pool.tinode(slot).brokers[me as usize]
+                .replication
+                .durable_delivery,
+        );
         Ok((
             Replicator {
                 pool,
@@ -114,17 +121,13 @@ impl<'p, C: Coherence> Replicator<'p, C> {
                 sub,
                 log,
                 body: Body::default(),
-                done: Vec::new(),
                 appended_through: start,
+                published,
                 appended_total: 0,
                 bytes_by_src: vec![0; pool.geometry().max_brokers as usize],
             },
             rec,
         ))
-    }
-
-    pub fn topic_slot(&self) -> u32 {
-        self.slot
     }
 
     /// Reads what is newly ordered, appends the batches of this broker's replica sets, syncs
@@ -137,20 +140,24 @@ impl<'p, C: Coherence> Replicator<'p, C> {
             .last()
             .filter(|l| l.era == era)
             .map(|l| l.total_order + u64::from(l.num_msg));
-        let (body, done) = (&mut self.body, &mut self.done);
+        let (body, log) = (&mut self.body, &mut self.log);
+        let (bytes_by_src, appended_total) = (&mut self.bytes_by_src, &mut self.appended_total);
         let mut batches = 0;
+        // Whether the batch being read is appended: decided at its first message.
+        let mut keep = false;
+        let mut failed = None;
         self.sub.poll_batches(64, |m, origin| {
             if m.index == 0 {
                 body.clear();
+                keep = replica_set(origin.broker, rf, n).any(|r| r == me)
+                    && skip_below.is_none_or(|s| m.total_order >= s);
             }
-            let mine = replica_set(origin.broker, rf, n).any(|r| r == me);
-            let fresh = skip_below.is_none_or(|s| m.total_order >= s);
-            if mine && fresh {
+            if keep {
                 body.push(m.payload);
             }
             if m.index + 1 == m.num_msg {
                 batches += 1;
-                if mine && fresh && body.count() == m.num_msg {
+                if keep && failed.is_none() && body.count() == m.num_msg {
                     let meta = RecordMeta {
                         total_order: m.total_order - u64::from(m.index),
                         client_id: m.client_id,
@@ -160,16 +167,20 @@ impl<'p, C: Coherence> Replicator<'p, C> {
                         era,
                         delivery_index: origin.delivery_index,
                     };
-                    done.push((meta, std::mem::take(body)));
+                    match log.append(&meta, body, now) {
+                        Ok(()) => {
+                            if let Some(b) = bytes_by_src.get_mut(meta.broker as usize) {
+                                *b += body.as_bytes().len() as u64;
+                            }
+                            *appended_total = meta.total_order + u64::from(meta.num_msg);
+                        }
+                        Err(e) => failed = Some(e),
+                    }
                 }
             }
         })?;
-        for (meta, body) in self.done.drain(..) {
-            self.log.append(&meta, &body, now)?;
-            if let Some(b) = self.bytes_by_src.get_mut(meta.broker as usize) {
-                *b += body.as_bytes().len() as u64;
-            }
-            self.appended_total = meta.total_order + u64::from(meta.num_msg);
+        if let Some(e) = failed {
+            return Err(e.into());
         }
         self.appended_through = self.sub.position();
         if self.log.unsynced_bytes() > 0 && self.log.sync_due(now) {
@@ -182,17 +193,18 @@ impl<'p, C: Coherence> Replicator<'p, C> {
     }
 
     /// Everything appended is synced: say so in the pool.
-    fn publish(&self) {
-        let r = &self.pool.tinode(self.slot).brokers[self.me as usize].replication;
-        if self.c.observe(&r.durable_delivery) >= self.appended_through {
+    fn publish(&mut self) {
+        if self.published >= self.appended_through {
             return;
         }
+        let r = &self.pool.tinode(self.slot).brokers[self.me as usize].replication;
         for (src, bytes) in self.bytes_by_src.iter().enumerate() {
             r.replication_done[src].store(*bytes, crate::sync::Ordering::Relaxed);
         }
         r.durable_total_order
             .store(self.appended_total, crate::sync::Ordering::Relaxed);
         self.c.publish(&r.durable_delivery, self.appended_through);
+        self.published = self.appended_through;
     }
 
     /// Syncs what is appended and publishes it (at shutdown).
@@ -200,10 +212,6 @@ impl<'p, C: Coherence> Replicator<'p, C> {
         self.log.sync()?;
         self.publish();
         Ok(())
-    }
-
-    pub fn log(&self) -> &DiskLog {
-        &self.log
     }
 }
 
