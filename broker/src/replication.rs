@@ -19,6 +19,31 @@ use crate::node::ReplicationConfig;
 const TOPIC_SCAN_INTERVAL: Duration = Duration::from_millis(100);
 /// Sleep of a round that found nothing to do.
 const IDLE_SLEEP: Duration = Duration::from_millis(1);
+/// A topic whose log cannot be opened or written (a full or failing disk) is tried again
+/// after this, doubling up to [`RETRY_MAX`]: reopening reads and checks its whole log.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// When a failed topic (slot, generation) may be tried again, and the wait after that.
+#[derive(Default)]
+struct Retries(HashMap<u32, (u64, Instant, Duration)>);
+
+impl Retries {
+    fn failed(&mut self, slot: u32, generation: u64, now: Instant) {
+        let wait = match self.0.get(&slot) {
+            Some(&(g, _, w)) if g == generation => (w * 2).min(RETRY_MAX),
+            _ => RETRY_FIRST,
+        };
+        self.0.insert(slot, (generation, now + wait, wait));
+    }
+
+    /// Whether topic (slot, generation) may be tried now.
+    fn due(&self, slot: u32, generation: u64, now: Instant) -> bool {
+        self.0
+            .get(&slot)
+            .is_none_or(|&(g, at, _)| g != generation || now >= at)
+    }
+}
 
 /// Runs until `stop`; errors are logged (a topic whose log fails is retried at the next
 /// scan, and its progress stays where it was, so nothing it did not sync is acked).
@@ -59,25 +84,27 @@ impl CoherenceFn<()> for Go<'_> {
         // By topic slot: (generation, its replicator).
         let mut topics: HashMap<u32, (u64, Replicator<'_, C>)> = HashMap::new();
         let mut last_scan: Option<Instant> = None;
+        let mut retries = Retries::default();
         while !stop.load(Ordering::Relaxed) {
             let now = Instant::now();
             if last_scan.is_none_or(|t| now.duration_since(t) >= TOPIC_SCAN_INTERVAL) {
                 last_scan = Some(now);
-                scan(pool, c, me, cfg, &mut topics);
+                scan(pool, c, me, cfg, &mut topics, &mut retries, now);
             }
             let mut work = 0;
             let mut failed = Vec::new();
-            for (slot, (_, r)) in topics.iter_mut() {
+            for (slot, (gen, r)) in topics.iter_mut() {
                 match r.poll(now) {
                     Ok(n) => work += n,
                     Err(e) => {
                         log::error!("broker {me}: replication of topic slot {slot}: {e}");
-                        failed.push(*slot);
+                        failed.push((*slot, *gen));
                     }
                 }
             }
-            for slot in failed {
+            for (slot, gen) in failed {
                 topics.remove(&slot);
+                retries.failed(slot, gen, now);
             }
             if work == 0 {
                 std::thread::sleep(IDLE_SLEEP);
@@ -99,6 +126,8 @@ fn scan<'p, C: Coherence>(
     me: u32,
     cfg: &ReplicationConfig,
     topics: &mut HashMap<u32, (u64, Replicator<'p, C>)>,
+    retries: &mut Retries,
+    now: Instant,
 ) {
     for slot in 0..pool.geometry().max_topics {
         let info = pool.read_topic(c, slot);
@@ -112,7 +141,7 @@ fn scan<'p, C: Coherence>(
             _ => {}
         }
         let Some(info) = info else { continue };
-        if info.config.replication_factor == 0 {
+        if info.config.replication_factor == 0 || !retries.due(slot, info.generation, now) {
             continue;
         }
         match Replicator::open(pool, c, me, &info.name, &cfg.data_dir, cfg.log) {
@@ -135,10 +164,38 @@ fn scan<'p, C: Coherence>(
                 );
                 topics.insert(slot, (info.generation, r));
             }
-            Err(e) => log::error!(
-                "broker {me}: cannot replicate topic {:?}: {e}; trying again",
-                info.name
-            ),
+            Err(e) => {
+                retries.failed(slot, info.generation, now);
+                log::error!(
+                    "broker {me}: cannot replicate topic {:?}: {e}; trying again later",
+                    info.name
+                );
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_failing_topic_is_retried_after_a_wait_that_doubles_and_a_new_topic_at_once() {
+        let mut r = Retries::default();
+        let t0 = Instant::now();
+        assert!(r.due(3, 1, t0));
+        r.failed(3, 1, t0);
+        assert!(!r.due(3, 1, t0 + RETRY_FIRST / 2));
+        assert!(r.due(3, 1, t0 + RETRY_FIRST));
+        let t1 = t0 + RETRY_FIRST;
+        r.failed(3, 1, t1);
+        assert!(!r.due(3, 1, t1 + RETRY_FIRST));
+        assert!(r.due(3, 1, t1 + 2 * RETRY_FIRST));
+        // The slot holds another topic now (new generation): no wait.
+        assert!(r.due(3, 2, t1));
+        for _ in 0..10 {
+            r.failed(3, 1, t1);
+        }
+        assert!(r.due(3, 1, t1 + RETRY_MAX));
     }
 }
