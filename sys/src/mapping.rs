@@ -156,23 +156,27 @@ impl SharedMapping {
         map(file, path, len, backing, false, false)
     }
 
-    /// Makes a read-only mapping writable: maps the same backing again read-write in its
-    /// place. **The mapping moves**: pointers taken from [`as_ptr`](Self::as_ptr) before are
-    /// no longer valid (`&mut self` keeps none borrowed; raw ones are the caller's to drop).
+    /// Makes a read-only mapping writable, in place (`mprotect`): the address stays.
     pub fn make_writable(&mut self) -> SysResult<()> {
         if self.writable {
             return Ok(());
         }
-        let map = MmapOptions::new()
-            .len(self.map.len())
-            .map_raw(&self.file)
-            .map_err(|source| SysError::Protect {
+        // SAFETY: `as_mut_ptr()..+len()` is exactly the mapping this handle owns (memmap2's
+        // raw mapping hands out no references into it); the file was opened read-write, so
+        // PROT_WRITE on this MAP_SHARED mapping is permitted.
+        let rc = unsafe {
+            libc::mprotect(
+                self.map.as_mut_ptr().cast(),
+                self.map.len(),
+                libc::PROT_READ | libc::PROT_WRITE,
+            )
+        };
+        if rc != 0 {
+            return Err(SysError::Protect {
                 path: self.path.clone(),
-                source,
-            })?;
-        crate::bus::unguard(self.map.as_ptr());
-        crate::bus::guard(map.as_ptr(), map.len(), &self.path);
-        self.map = map;
+                source: io::Error::last_os_error(),
+            });
+        }
         self.writable = true;
         Ok(())
     }

@@ -161,8 +161,8 @@ impl Pool {
             });
         }
         // SAFETY: the mapping is at least 4 KiB, page aligned, and Superblock is made of atomics,
-        // so a shared reference to it is valid while this mapping lives: until `make_writable`
-        // below, which maps the file again elsewhere; `sb` is not used after it.
+        // so a shared reference to it is valid while this mapping lives (`make_writable`
+        // below changes its protection in place).
         let sb = unsafe { &*(map.as_ptr() as *const Superblock) };
         NonCoherent::detect().invalidate(sb);
         let magic = sb.magic.load(Acquire);
