@@ -122,23 +122,48 @@ fn broker_pid(c: &Cluster, slot: u64) -> u32 {
         .expect("a live broker in the slot")
 }
 
+/// The replicated topic of these tests: ORDER 5, ACK 2, RF 2, small batches.
+const ACK2_RF2: [&str; 8] = [
+    "--order",
+    "5",
+    "--ack",
+    "2",
+    "--rf",
+    "2",
+    "--batch-bytes",
+    "16KiB",
+];
+
+/// `cluster down` then `cluster up` on the cluster's directory (its data kept); the test's
+/// handle follows the new control address.
+fn restart(c: &mut Cluster) {
+    let down = Command::new(exe())
+        .args(["cluster", "down", "--dir", &c.dir])
+        .output()
+        .unwrap();
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    let up = Command::new(exe())
+        .args(["cluster", "up", "--dir", &c.dir])
+        .args(cluster_args())
+        .output()
+        .unwrap();
+    assert!(
+        up.status.success(),
+        "{}",
+        String::from_utf8_lossy(&up.stderr)
+    );
+    c.control = c.file()["control"].as_str().unwrap().to_string();
+}
+
 #[test]
 fn acked_messages_are_on_every_replica_disk_even_when_a_broker_is_killed() {
     let _g = serial();
     let c = Cluster::up("durable-kill", &cluster_args());
-    c.topic(
-        "t",
-        &[
-            "--order",
-            "5",
-            "--ack",
-            "2",
-            "--rf",
-            "2",
-            "--batch-bytes",
-            "16KiB",
-        ],
-    );
+    c.topic("t", &ACK2_RF2);
 
     // 1. A whole run, acked at ACK 2: every message on both replicas of its batch.
     let (text, all) = message_lines("calm", 5000);
@@ -238,19 +263,7 @@ fn acked_messages_are_on_every_replica_disk_even_when_a_broker_is_killed() {
 fn a_cluster_brought_down_and_up_keeps_its_topic_and_its_logs() {
     let _g = serial();
     let mut c = Cluster::up("durable-restart", &cluster_args());
-    c.topic(
-        "kept",
-        &[
-            "--order",
-            "5",
-            "--ack",
-            "2",
-            "--rf",
-            "2",
-            "--batch-bytes",
-            "16KiB",
-        ],
-    );
+    c.topic("kept", &ACK2_RF2);
     let (text, before) = message_lines("before", 3000);
     let out = c.run(&["publish", "--topic", "kept"], Some(text));
     assert!(
@@ -259,25 +272,7 @@ fn a_cluster_brought_down_and_up_keeps_its_topic_and_its_logs() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let down = Command::new(exe())
-        .args(["cluster", "down", "--dir", &c.dir])
-        .output()
-        .unwrap();
-    assert!(
-        down.status.success(),
-        "{}",
-        String::from_utf8_lossy(&down.stderr)
-    );
-    let mut up = Command::new(exe());
-    up.args(["cluster", "up", "--dir", &c.dir])
-        .args(cluster_args());
-    let up = up.output().unwrap();
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
-    c.control = c.file()["control"].as_str().unwrap().to_string();
+    restart(&mut c);
 
     let (ok, list, err) = c.embar(&["topic", "list"]);
     assert!(
@@ -343,19 +338,7 @@ fn a_cluster_brought_down_and_up_keeps_its_topic_and_its_logs() {
 fn acked_messages_survive_a_sigkill_of_every_process_and_a_new_cluster_up() {
     let _g = serial();
     let mut c = Cluster::up("durable-killall", &cluster_args());
-    c.topic(
-        "all",
-        &[
-            "--order",
-            "5",
-            "--ack",
-            "2",
-            "--rf",
-            "2",
-            "--batch-bytes",
-            "16KiB",
-        ],
-    );
+    c.topic("all", &ACK2_RF2);
     let (text, acked) = message_lines("acked", 3000);
     let out = c.run(&["publish", "--topic", "all"], Some(text));
     let err = String::from_utf8_lossy(&out.stderr);
@@ -376,25 +359,7 @@ fn acked_messages_survive_a_sigkill_of_every_process_and_a_new_cluster_up() {
         pids.iter().all(|p| !embar_test_support::alive(*p))
     });
     // `down` clears what is left (the pool, the cluster file); `up` brings the cluster back.
-    let down = Command::new(exe())
-        .args(["cluster", "down", "--dir", &c.dir])
-        .output()
-        .unwrap();
-    assert!(
-        down.status.success(),
-        "{}",
-        String::from_utf8_lossy(&down.stderr)
-    );
-    let mut up = Command::new(exe());
-    up.args(["cluster", "up", "--dir", &c.dir])
-        .args(cluster_args());
-    let up = up.output().unwrap();
-    assert!(
-        up.status.success(),
-        "{}",
-        String::from_utf8_lossy(&up.stderr)
-    );
-    c.control = c.file()["control"].as_str().unwrap().to_string();
+    restart(&mut c);
     let (ok, list, err) = c.embar(&["topic", "list"]);
     assert!(ok && list.contains("all"), "{list}{err}");
     assert_on_every_replica(&c, "all", &acked);

@@ -5,12 +5,15 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use embar_dataplane::pool::{OpenOptions, Pool};
 use embar_sys::process::ProcessId;
-use embar_test_support::{exe, serial, Cluster};
+use embar_test_support::{exe, serial, wait_for_exit, wait_until, Cluster};
 use serde_json::Value;
+
+/// The longest wait for any one condition below.
+const LIMIT: Duration = Duration::from_secs(60);
 
 /// The process state letter `/proc` shows for `pid` (`Z` for a zombie).
 fn state(pid: u32) -> Option<char> {
@@ -28,20 +31,9 @@ fn make_zombie(child: &mut Child) {
     let pid = child.id();
     // SAFETY: `pid` is our unreaped child, so the number cannot name another process.
     assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGKILL) }, 0);
-    wait_for(&format!("process {pid} to be a zombie"), || {
+    wait_until(&format!("process {pid} to be a zombie"), LIMIT, || {
         state(pid) == Some('Z')
     });
-}
-
-fn wait_for(what: &str, mut ready: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ready() {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "waited 60 s for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
 }
 
 /// Pids of the processes that hold a live session on any broker of `pool`.
@@ -110,16 +102,22 @@ fn zombie_publishers_and_a_zombie_subscriber_hold_nothing() {
             .spawn()
             .unwrap();
         let pid = p.id();
-        wait_for(&format!("publisher {pid} to open its sessions"), || {
-            session_holders(&pool).contains(&pid)
-        });
+        wait_until(
+            &format!("publisher {pid} to open its sessions"),
+            LIMIT,
+            || session_holders(&pool).contains(&pid),
+        );
         make_zombie(&mut p);
         zombies.push(p);
     }
-    wait_for("the brokers to reclaim the zombies' sessions", || {
-        let holders = session_holders(&pool);
-        !zombies.iter().any(|z| holders.contains(&z.id()))
-    });
+    wait_until(
+        "the brokers to reclaim the zombies' sessions",
+        LIMIT,
+        || {
+            let holders = session_holders(&pool);
+            !zombies.iter().any(|z| holders.contains(&z.id()))
+        },
+    );
 
     // More than the whole pool (256 MiB): it completes only if the zombie subscriber's
     // position holds nothing back.
@@ -140,17 +138,8 @@ fn zombie_publishers_and_a_zombie_subscriber_hold_nothing() {
             }
         }
     });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = publisher.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(120),
-            "a 300 MiB publish did not finish in 120 s: something holds the pool"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_for_exit(&mut publisher, Duration::from_secs(120))
+        .expect("a 300 MiB publish did not finish in 120 s: something holds the pool");
     writer.join().unwrap();
     let mut err = String::new();
     std::io::Read::read_to_string(&mut publisher.stderr.take().unwrap(), &mut err).unwrap();
@@ -194,17 +183,7 @@ fn a_pool_file_truncated_under_the_cluster_is_named_by_every_process_and_by_stat
         .unwrap();
 
     // The subscriber stops with the reason, not a silent bus error.
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = sub.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            start.elapsed() < Duration::from_secs(30),
-            "the subscriber runs on"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    };
+    let status = wait_for_exit(&mut sub, Duration::from_secs(30)).expect("the subscriber runs on");
     let mut rest = String::new();
     std::io::Read::read_to_string(&mut err, &mut rest).unwrap();
     assert_eq!(status.code(), Some(POOL_LOST), "{status:?}: {rest}");
@@ -214,9 +193,11 @@ fn a_pool_file_truncated_under_the_cluster_is_named_by_every_process_and_by_stat
     // The brokers stop the same way, each saying why in its log.
     for b in 0..2 {
         let log = format!("{}/broker-{b}.log", c.dir);
-        wait_for(&format!("broker {b} to name the truncated pool"), || {
-            std::fs::read_to_string(&log).is_ok_and(|l| l.contains("truncated or replaced"))
-        });
+        wait_until(
+            &format!("broker {b} to name the truncated pool"),
+            LIMIT,
+            || std::fs::read_to_string(&log).is_ok_and(|l| l.contains("truncated or replaced")),
+        );
     }
     // `cluster status` says what is wrong instead of all being well.
     let (ok, out, err) = c.embar(&["cluster", "status"]);

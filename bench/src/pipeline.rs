@@ -357,6 +357,8 @@ fn repetition(
             replication_factor: 0,
             batch_bytes: a.batch_bytes,
         };
+        let in_use = || pool.segments_in_use(embar_dataplane::pool::coherence::Coherent);
+        let free_before = in_use();
         ControlClient::new(control).create_topic(&spec)?;
         let label = if a.runs > 1 {
             format!("run {}/{} ORDER {order}", rep + 1, a.runs)
@@ -374,9 +376,12 @@ fn repetition(
         };
         runs.push(Pool::with_coherence(pool.coherence_mode(), one)?);
         // Each run starts with the pool's log space free: brokers free a deleted topic's
-        // segments within their 100 ms topic check.
+        // segments within their 100 ms topic check. Waited for (up to 10 s), not assumed.
         let _ = ControlClient::new(control).delete_topic(&name);
-        std::thread::sleep(Duration::from_millis(300));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while in_use() > free_before && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
     let mut kept = Vec::new();
     for order in [Some(a.order), a.compare_order].into_iter().flatten() {
@@ -461,8 +466,8 @@ fn one_run<C: Coherence>(c: C, r: OneRun<'_>) -> BenchResult<Run> {
                 s.spawn(move || -> BenchResult<Handed> {
                     let mut deliver = latency_histogram()?;
                     let mut checker = OrderChecker::new(fifo);
-                    let mut next: std::collections::HashMap<u64, u64> =
-                        std::collections::HashMap::new();
+                    // The next message index expected of each publisher (FIFO check).
+                    let mut next = vec![0u64; a.publishers as usize];
                     let mut digest = 0xcbf2_9ce4_8422_2325u64;
                     let mut err = None;
                     let mut last = Instant::now();
@@ -510,7 +515,10 @@ fn one_run<C: Coherence>(c: C, r: OneRun<'_>) -> BenchResult<Run> {
                                         }
                                     }
                                     if fifo {
-                                        let want = next.entry(p).or_insert(0);
+                                        let Some(want) = next.get_mut(p as usize) else {
+                                            err = Some(format!("a message of publisher {p}, which this run does not have"));
+                                            return;
+                                        };
                                         if i != *want {
                                             err = Some(format!(
                                                 "publisher {p}: message {i} where {want} was next"
@@ -730,9 +738,6 @@ impl Load<'_> {
         // sampled messages (the others carry the last time read, earlier than theirs).
         let mut published_ns = t0;
         for i in 0..self.per_pub {
-            if self.failed.load(Ordering::Relaxed) {
-                return Err(BenchError::Run("stopped: another thread failed".into()));
-            }
             if let Some(iv) = interval_ns {
                 // Sleep through most of the gap (this host may have fewer cores
                 // than polling threads), spin the last part; wake as often as the
@@ -765,6 +770,10 @@ impl Load<'_> {
                 publ.flush()?;
             }
             if i % 256 == 0 {
+                // Looked at every 256 messages, not each one.
+                if self.failed.load(Ordering::Relaxed) {
+                    return Err(BenchError::Run("stopped: another thread failed".into()));
+                }
                 publ.take_ack_latencies(&mut lat);
                 for l in lat.drain(..) {
                     let _ = hist.record(l.max(1));
