@@ -13,24 +13,14 @@ use embar_dataplane::client::Publish;
 use embar_dataplane::pool::coherence::Coherent;
 use embar_dataplane::pool::geometry::PoolConfig;
 use embar_dataplane::pool::topics::TopicConfig;
-use embar_dataplane::pool::{CreateOptions, Pool};
+use embar_dataplane::pool::Pool;
 use embar_dataplane::session::{self, SESSIONS};
 use embar_dataplane::PoolError;
 
-/// A pool file, removed when the test ends.
-struct TempPool(std::path::PathBuf);
-impl Drop for TempPool {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
+mod common;
+use common::{temp_pool, TempPool};
 
 fn pool(name: &str) -> (TempPool, Pool) {
-    let path = std::path::PathBuf::from(format!(
-        "/dev/shm/embar-test-clients-{name}-{}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_file(&path);
     let cfg = PoolConfig {
         pool_bytes: 32 << 20,
         max_topics: 2,
@@ -38,8 +28,7 @@ fn pool(name: &str) -> (TempPool, Pool) {
         ring_slots: 64,
         segment_bytes: 1 << 20,
     };
-    let p = Pool::create(&path, &cfg, &CreateOptions::default()).unwrap();
-    (TempPool(path), p)
+    temp_pool(&format!("clients-{name}"), &cfg)
 }
 
 fn topic(pool: &Pool, name: &str, order: u8, ack: u8) {

@@ -14,24 +14,12 @@ use embar_dataplane::client::Publish;
 use embar_dataplane::pool::coherence::Coherent;
 use embar_dataplane::pool::geometry::PoolConfig;
 use embar_dataplane::pool::topics::TopicConfig;
-use embar_dataplane::pool::{CreateOptions, Pool};
+use embar_dataplane::pool::Pool;
 
-struct TempPool(std::path::PathBuf);
-impl Drop for TempPool {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
+mod common;
+use common::{temp_pool, TempPool};
 
 fn pool(name: &str, pool_mib: u64) -> (TempPool, Pool) {
-    // Tests run in parallel: every pool gets its own file.
-    static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let n = N.fetch_add(1, Ordering::Relaxed);
-    let path = std::path::PathBuf::from(format!(
-        "/dev/shm/embar-test-pipeline-{name}-{}-{n}",
-        std::process::id()
-    ));
-    let _ = std::fs::remove_file(&path);
     let cfg = PoolConfig {
         pool_bytes: pool_mib << 20,
         max_topics: 2,
@@ -39,8 +27,7 @@ fn pool(name: &str, pool_mib: u64) -> (TempPool, Pool) {
         ring_slots: 64,
         segment_bytes: 256 << 10,
     };
-    let p = Pool::create(&path, &cfg, &CreateOptions::default()).unwrap();
-    (TempPool(path), p)
+    temp_pool(&format!("pipeline-{name}"), &cfg)
 }
 
 /// Runs the pipeline; returns the segments the brokers reclaimed and the pool's segment count.
