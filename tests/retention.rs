@@ -39,6 +39,38 @@ fn wait_with_deadline(mut child: Child, limit: Duration) -> (bool, String) {
     (status.success(), err.map(Lines::all).unwrap_or_default())
 }
 
+/// Waits (up to 20 s) until the retention floor of topic `name` (the delivery index below
+/// which its log space is reclaimed, highest over brokers) has not moved for 300 ms: once a
+/// publisher exits, its broker closes its session and may then reclaim the grants it held,
+/// so the floor moves once more after the publish is over.
+fn wait_for_settled_floor(c: &Cluster, name: &str) {
+    use embar_dataplane::pool::coherence::{Coherence, Coherent};
+    use embar_dataplane::pool::{OpenOptions, Pool};
+    let pool = Pool::open(
+        c.file()["pool"].as_str().unwrap().as_ref(),
+        &OpenOptions::default(),
+    )
+    .unwrap();
+    let slot = pool.find_topic(Coherent, name).unwrap();
+    let floor = || {
+        let t = pool.tinode(slot);
+        (0..pool.geometry().max_brokers as usize)
+            .map(|b| Coherent.observe(&t.brokers[b].broker.reclaimed_below))
+            .max()
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (mut seen, mut since) = (floor(), Instant::now());
+    while since.elapsed() < Duration::from_millis(300) {
+        assert!(Instant::now() < deadline, "the retention floor kept moving");
+        std::thread::sleep(Duration::from_millis(10));
+        let now = floor();
+        if now != seen {
+            (seen, since) = (now, Instant::now());
+        }
+    }
+}
+
 /// `pool.segments_in_use` from `embar cluster status --json`.
 fn segments_in_use(c: &Cluster) -> u64 {
     let (ok, out, err) = c.embar(&["cluster", "status", "--json"]);
@@ -103,6 +135,9 @@ fn a_slow_subscriber_past_the_retention_limit_gets_only_intact_messages_then_an_
     let (ok, err) = wait_with_deadline(publisher, Duration::from_secs(120));
     assert!(ok, "the publisher waited for the slow subscriber: {err}");
     eprintln!("published {n} messages in {:?}", started.elapsed());
+    // The oldest position the subscriber's error will name must still be there for the
+    // restart below: let the reclaim that follows the publisher's exit finish first.
+    wait_for_settled_floor(&c, "slow");
     // Now read everything the subscriber prints; it ends with the error.
     let mut out = sub.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
