@@ -61,6 +61,10 @@ pub struct BenchArgs {
     /// Write the latency histograms to FILE in HdrHistogram's interval log format.
     #[arg(long, value_name = "FILE")]
     pub hdr_log: Option<PathBuf>,
+    /// Publish this much, unmeasured, before the measured runs (default: one pass over the
+    /// pool's log space, so the figures are those of a running system; 0: none).
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    pub warmup: Option<u64>,
     #[command(flatten)]
     pub transport: crate::client_cmd::TransportArgs,
     /// verbs: the IP the brokers of the started cluster listen on (the RDMA netdev's;
@@ -158,6 +162,7 @@ pub fn bench(a: &BenchArgs) -> CliResult<bool> {
         plot_dir: a.plot.clone(),
         hdr_log: a.hdr_log.clone(),
         transport,
+        warmup_bytes: a.warmup,
     };
     Ok(pipeline::run(&cfg)?)
 }

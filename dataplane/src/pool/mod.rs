@@ -9,6 +9,7 @@
 pub mod coherence;
 #[cfg(not(loom))]
 pub mod doorbell;
+mod faulted;
 pub mod geometry;
 pub mod layout;
 pub mod segments;
@@ -71,6 +72,8 @@ pub struct Pool {
     geo: PoolGeometry,
     mode: CoherenceMode,
     pool_id: u64,
+    /// Chunks of log space this process faulted in (see [`populate_range`](Self::populate_range)).
+    faulted: faulted::Faulted,
 }
 
 impl Pool {
@@ -89,11 +92,17 @@ impl Pool {
         )?;
         let dax = matches!(map.backing(), Backing::DaxDevice { .. });
         let pool_id = RandomState::new().build_hasher().finish() | 1;
+        let faulted = faulted::Faulted::new(
+            geo.metadata_bytes(),
+            geo.segment_pool_bytes(),
+            opts.populate,
+        );
         let pool = Pool {
             map,
             geo,
             mode: opts.coherence,
             pool_id,
+            faulted,
         };
         let result = pool.format(opts, dax);
         if let Err(e) = result {
@@ -225,11 +234,17 @@ impl Pool {
                 path.display()
             );
         }
+        let faulted = faulted::Faulted::new(
+            geo.metadata_bytes(),
+            geo.segment_pool_bytes(),
+            opts.populate && faulted,
+        );
         Ok(Pool {
             map,
             geo,
             mode,
             pool_id,
+            faulted,
         })
     }
 
@@ -380,13 +395,22 @@ impl Pool {
     /// Faults the pages of `len` bytes at pool offset `offset` in now, for writing (whole
     /// pages, or huge pages where the pool has them): a client calls it on each grant it
     /// takes, so that filling the grant takes no page fault, without having faulted in the
-    /// rest of the pool. Advisory: false where the kernel cannot (the pages then fault in on
+    /// rest of the pool. Log space this process already faulted in (1 MiB chunks) is not
+    /// walked again. Advisory: false where the kernel cannot (the pages then fault in on
     /// first touch); the range is clipped to the pool.
     pub fn populate_range(&self, offset: u64, len: u64) -> bool {
-        match (usize::try_from(offset), usize::try_from(len)) {
-            (Ok(offset), Ok(len)) => self.map.populate_range(offset, len),
-            _ => false,
+        let mut ok = true;
+        for (at, n) in self.faulted.missing(offset, len) {
+            let done = match (usize::try_from(at), usize::try_from(n)) {
+                (Ok(at), Ok(n)) => self.map.populate_range(at, n),
+                _ => false,
+            };
+            if done {
+                self.faulted.insert(at, n);
+            }
+            ok &= done;
         }
+        ok
     }
 
     pub(crate) fn check_topic_broker(&self, topic: u32, broker: u32) -> PoolResult<()> {
