@@ -47,6 +47,14 @@ pub struct BrokerArgs {
     /// GID index for `--verbs` (RoCEv2 over IPv4 is usually 1 on rxe).
     #[arg(long, default_value_t = 1)]
     pub gid_index: u8,
+    /// Accept TCP publishers and subscribers (other hosts) on this address, which they
+    /// must reach (not a wildcard; port 0 takes a free one). `none` turns TCP off.
+    #[arg(long, default_value = "127.0.0.1:0", value_parser = parse_tcp)]
+    pub tcp: TcpListen,
+    /// A TCP publisher that stalls mid-frame or leaves its acks unread this long, or a TCP
+    /// subscriber that reads nothing this long, is dropped (ms).
+    #[arg(long, default_value_t = 10_000)]
+    pub tcp_idle_timeout_ms: u64,
     /// How long the control process may be unreachable before this broker stops serving
     /// (it goes on serving publishers and subscribers meanwhile, and retries heartbeats).
     #[arg(long, default_value_t = embar_control::keepalive::GRACE_DEFAULT.as_millis() as u64)]
@@ -65,6 +73,19 @@ pub struct BrokerArgs {
     /// A disk log starts a new segment file past this size.
     #[arg(long, default_value = "64MiB", value_parser = crate::units::parse_bytes)]
     pub log_segment_bytes: u64,
+}
+
+/// `--tcp`: an address, or `none`.
+#[derive(Clone, Copy, Debug)]
+pub struct TcpListen(pub Option<SocketAddr>);
+
+fn parse_tcp(s: &str) -> Result<TcpListen, String> {
+    if s == "none" {
+        return Ok(TcpListen(None));
+    }
+    s.parse()
+        .map(|a| TcpListen(Some(a)))
+        .map_err(|e| format!("{s:?}: {e} (an IP:port, or none)"))
 }
 
 impl BrokerArgs {
@@ -86,6 +107,11 @@ impl BrokerArgs {
                 device: self.rdma_device.clone(),
                 gid_index: self.gid_index,
             }),
+            tcp: self.tcp.0,
+            tcp_frontend: embar_dataplane::tcp::frontend::FrontendConfig {
+                idle_timeout: Duration::from_millis(self.tcp_idle_timeout_ms.max(1)),
+                ..Default::default()
+            },
             control_grace: Duration::from_millis(self.control_grace_ms),
             replication: self.data_dir.clone().map(|data_dir| ReplicationConfig {
                 data_dir,
@@ -109,6 +135,9 @@ pub fn run(a: &BrokerArgs) -> CliResult<()> {
     })?;
     if let Some(at) = node.verbs_addr() {
         println!("embar broker: verbs publishers connect to {at}");
+    }
+    if let Some(at) = node.tcp_addr() {
+        println!("embar broker: TCP publishers and subscribers connect to {at}");
     }
     // `cluster up` waits for this line.
     println!(

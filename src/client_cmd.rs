@@ -80,9 +80,10 @@ pub struct PublishArgs {
 /// How a publisher reaches its brokers.
 #[derive(Clone, Debug, clap::Args)]
 pub struct TransportArgs {
-    /// `shm` (on the pool host: store into the pool) or `verbs` (RDMA writes into
-    /// broker-registered grants; brokers started with --verbs; a build with --features verbs).
-    #[arg(long, default_value = "shm", value_parser = ["shm", "verbs"])]
+    /// `shm` (on the pool host: store into the pool), `verbs` (RDMA writes into
+    /// broker-registered grants; brokers started with --verbs; a build with --features verbs)
+    /// or `tcp` (from any host: batches over TCP to the brokers).
+    #[arg(long, default_value = "shm", value_parser = ["shm", "verbs", "tcp"])]
     pub transport: String,
     /// verbs: RDMA device (default: $RDMA_DEVICE, else the first).
     #[arg(long)]
@@ -111,6 +112,9 @@ impl TransportArgs {
 
     /// The library's transport for these flags.
     pub fn client_transport(&self) -> CliResult<Transport> {
+        if self.transport == "tcp" {
+            return Ok(Transport::Tcp);
+        }
         if !self.verbs() {
             return Ok(Transport::Shm);
         }
@@ -271,6 +275,10 @@ pub struct SubscribeArgs {
     /// as ACK 2 waits for); waits at the first that is not yet.
     #[arg(long)]
     pub durable_only: bool,
+    /// `shm` (on the pool host: read the pool) or `tcp` (from any host: read the total
+    /// order from a broker, resuming on another when the connection drops).
+    #[arg(long, default_value = "shm", value_parser = ["shm", "tcp"])]
+    pub transport: String,
 }
 
 pub fn subscribe(a: &SubscribeArgs) -> CliResult<()> {
@@ -281,7 +289,12 @@ pub fn subscribe(a: &SubscribeArgs) -> CliResult<()> {
             CliError::usage(format!("--from {n:?}: expected oldest, latest or a number"))
         })?),
     };
-    let client = connect(a.control, Client::builder())?;
+    let transport = if a.transport == "tcp" {
+        Transport::Tcp
+    } else {
+        Transport::Shm
+    };
+    let client = connect(a.control, Client::builder().transport(transport))?;
     let mut sub = client.subscriber(&a.topic, start)?;
     sub.set_durable_only(a.durable_only);
     if let Some(ms) = a.pause_ms {

@@ -41,6 +41,11 @@ pub struct UpArgs {
     /// GID index for `--verbs`.
     #[arg(long, default_value_t = 1)]
     pub gid_index: u8,
+    /// Brokers accept TCP publishers and subscribers on this IP, each on a free port (see
+    /// `embar broker --tcp`; default: the control process's IP, or 127.0.0.1 for a
+    /// wildcard).
+    #[arg(long)]
+    pub tcp: Option<std::net::IpAddr>,
     /// Passed to every broker (see `embar broker --sync-interval-ms`).
     #[arg(long)]
     pub sync_interval_ms: Option<u64>,
@@ -245,6 +250,12 @@ pub fn up(a: &UpArgs) -> Result<ClusterFile, String> {
         if let Some(r) = a.retention_bytes {
             args.extend(["--retention-bytes".into(), r.to_string()]);
         }
+        let tcp_ip = a.tcp.unwrap_or(if a.listen.ip().is_unspecified() {
+            std::net::IpAddr::from([127, 0, 0, 1])
+        } else {
+            a.listen.ip()
+        });
+        args.extend(["--tcp".into(), SocketAddr::new(tcp_ip, 0).to_string()]);
         if let Some(ip) = a.verbs {
             args.extend([
                 "--verbs".into(),

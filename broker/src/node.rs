@@ -64,6 +64,11 @@ pub struct BrokerConfig {
     pub retention_bytes: Option<u64>,
     /// Accept verbs publishers (needs the `verbs` feature and an RDMA device).
     pub verbs: Option<VerbsConfig>,
+    /// Accept TCP publishers and subscribers on this address, which they must reach (not a
+    /// wildcard: it is given to the control process as is; port 0 takes a free one).
+    pub tcp: Option<SocketAddr>,
+    /// How the TCP frontend treats its connections (timeouts, limits).
+    pub tcp_frontend: embar_dataplane::tcp::frontend::FrontendConfig,
     /// How long the control process may be unreachable before this broker stops serving.
     pub control_grace: Duration,
     /// Replicate ordered batches to disk (topics with a replication factor): where, and the
@@ -88,6 +93,8 @@ impl BrokerConfig {
             pin_cpu: None,
             retention_bytes: None,
             verbs: None,
+            tcp: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+            tcp_frontend: Default::default(),
             control_grace: embar_control::keepalive::GRACE_DEFAULT,
             replication: None,
         }
@@ -112,6 +119,8 @@ pub enum StartError {
         "--verbs {0}: give the address publishers reach (the RDMA netdev's IP), not a wildcard"
     )]
     VerbsWildcard(SocketAddr),
+    #[error("--tcp {0}: give the address clients reach, not a wildcard")]
+    TcpWildcard(SocketAddr),
     #[cfg(feature = "verbs")]
     #[error("--verbs: {0}")]
     Verbs(#[from] embar_sys::verbs::VerbsError),
@@ -139,11 +148,13 @@ pub struct BrokerNode {
     slot: u32,
     metrics: SocketAddr,
     verbs: Option<SocketAddr>,
+    tcp: Option<SocketAddr>,
     stop: Arc<AtomicBool>,
     hb_stop: Arc<AtomicBool>,
     data: Option<JoinHandle<Result<(), RunError>>>,
     heartbeat: Option<JoinHandle<Result<(), String>>>,
     replication: Option<JoinHandle<()>>,
+    tcp_thread: Option<JoinHandle<()>>,
 }
 
 impl BrokerNode {
@@ -153,7 +164,7 @@ impl BrokerNode {
         let client = ControlClient::new(cfg.control);
         let status = client.status()?;
         let pool_path = PathBuf::from(status["pool"]["path"].as_str().ok_or(StartError::NoPool)?);
-        let pool = Pool::open(
+        let pool = Arc::new(Pool::open(
             &pool_path,
             // The metadata it polls, not the whole pool: log space is faulted in by the
             // publishers that take it (a 16 GiB pool would cost seconds and 16 GB here).
@@ -161,7 +172,7 @@ impl BrokerNode {
                 populate_metadata: true,
                 ..Default::default()
             },
-        )?;
+        )?);
         let listen = |addr: SocketAddr| {
             TcpListener::bind(addr).map_err(|source| StartError::Listen { addr, source })
         };
@@ -171,6 +182,18 @@ impl BrokerNode {
             source,
         })?;
         let verbs = open_verbs(cfg.verbs.as_ref())?;
+        let tcp = match cfg.tcp {
+            Some(addr) if addr.ip().is_unspecified() => return Err(StartError::TcpWildcard(addr)),
+            Some(addr) => Some(listen(addr)?),
+            None => None,
+        };
+        let tcp_addr = match &tcp {
+            Some(l) => Some(l.local_addr().map_err(|source| StartError::Listen {
+                addr: cfg.tcp.expect("listening"),
+                source,
+            })?),
+            None => None,
+        };
         let mut addrs: BTreeMap<String, String> = BTreeMap::new();
         addrs.insert("shm".into(), pool_path.display().to_string());
         let verbs_addr = verbs_addr(&verbs);
@@ -178,6 +201,9 @@ impl BrokerNode {
             addrs.insert("verbs".into(), at.to_string());
         }
         addrs.insert("metrics".into(), metrics_addr.to_string());
+        if let Some(at) = tcp_addr {
+            addrs.insert("tcp".into(), at.to_string());
+        }
         let me = embar_sys::process::ProcessId::current();
         addrs.insert("pid".into(), me.pid.to_string());
         addrs.insert("pid_start".into(), me.start.to_string());
@@ -232,6 +258,29 @@ impl BrokerNode {
             }
             None => None,
         };
+        let tcp_thread = match tcp {
+            Some(listener) => {
+                let (pool, stop, fcfg) = (pool.clone(), stop.clone(), cfg.tcp_frontend);
+                Some(
+                    std::thread::Builder::new()
+                        .name("broker-tcp".into())
+                        .spawn(move || {
+                            let go = TcpGo {
+                                pool: &pool,
+                                slot,
+                                listener,
+                                cfg: fcfg,
+                                stop: &stop,
+                            };
+                            if let Err(e) = Pool::with_coherence(pool.coherence_mode(), go) {
+                                log::error!("broker {slot}: the TCP frontend stopped: {e}");
+                            }
+                        })
+                        .map_err(StartError::Thread)?,
+                )
+            }
+            None => None,
+        };
         let serve = Serve {
             slot,
             cfg,
@@ -249,11 +298,13 @@ impl BrokerNode {
             slot,
             metrics: metrics_addr,
             verbs: verbs_addr,
+            tcp: tcp_addr,
             stop,
             hb_stop,
             data: Some(data),
             heartbeat: Some(heartbeat),
             replication,
+            tcp_thread,
         })
     }
 
@@ -274,6 +325,11 @@ impl BrokerNode {
     /// Where verbs publishers connect, if it accepts them.
     pub fn verbs_addr(&self) -> Option<SocketAddr> {
         self.verbs
+    }
+
+    /// Where TCP publishers and subscribers connect, if it accepts them.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp
     }
 
     /// Whether it stopped by itself (see [`wait`](Self::wait) for why).
@@ -303,6 +359,9 @@ impl BrokerNode {
         if let Some(r) = self.replication.take() {
             let _ = r.join();
         }
+        if let Some(t) = self.tcp_thread.take() {
+            let _ = t.join();
+        }
         self.hb_stop.store(true, Ordering::Relaxed);
         if let Some(h) = self.heartbeat.take() {
             if let (Err(_), Ok(Err(why))) = (&result, h.join()) {
@@ -317,6 +376,28 @@ impl Drop for BrokerNode {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.join();
+    }
+}
+
+/// What the TCP frontend's thread runs.
+struct TcpGo<'a> {
+    pool: &'a Pool,
+    slot: u32,
+    listener: TcpListener,
+    cfg: embar_dataplane::tcp::frontend::FrontendConfig,
+    stop: &'a AtomicBool,
+}
+
+impl CoherenceFn<Result<(), embar_dataplane::tcp::frontend::FrontendError>> for TcpGo<'_> {
+    fn call<C: Coherence>(self, c: C) -> Result<(), embar_dataplane::tcp::frontend::FrontendError> {
+        embar_dataplane::tcp::frontend::run(
+            self.pool,
+            c,
+            self.slot,
+            self.listener,
+            self.cfg,
+            self.stop,
+        )
     }
 }
 

@@ -33,14 +33,19 @@ pub enum Transport {
         /// The GID index; `None`: `$RDMA_GID_INDEX`, else 1 (RoCEv2 over IPv4 on rxe).
         gid_index: Option<u8>,
     },
+    /// From any host: batches are sent over TCP to the brokers, which read them into their
+    /// grants; subscribers read the total order from a broker. Nothing to configure: the
+    /// brokers' addresses come from the control process.
+    Tcp,
 }
 
 impl Transport {
-    /// `shm` or `verbs`, as the command line names them.
+    /// `shm`, `verbs` or `tcp`, as the command line names them.
     pub fn name(&self) -> &'static str {
         match self {
             Transport::Shm => "shm",
             Transport::Verbs { .. } => "verbs",
+            Transport::Tcp => "tcp",
         }
     }
 }
@@ -186,6 +191,8 @@ pub struct Broker {
     pub slot: u32,
     /// Where it takes verbs (RDMA) publishers, if it does.
     pub verbs: Option<SocketAddr>,
+    /// Where it takes TCP publishers and subscribers, if it does.
+    pub tcp: Option<SocketAddr>,
 }
 
 /// A connection to one cluster: its control process, and the pool once a publisher or
@@ -317,12 +324,26 @@ impl Client {
                     verbs: b["addresses"]["verbs"]
                         .as_str()
                         .and_then(|a| a.parse().ok()),
+                    tcp: b["addresses"]["tcp"].as_str().and_then(|a| a.parse().ok()),
                 })
             })
             .collect();
         out.sort_unstable_by_key(|b| b.slot);
         out.dedup_by_key(|b| b.slot);
         Ok(out)
+    }
+
+    /// The live brokers that take TCP clients: `(pool slot, address)`.
+    pub fn tcp_brokers(&self) -> Result<Vec<(u32, SocketAddr)>> {
+        let brokers: Vec<(u32, SocketAddr)> = self
+            .live_brokers()?
+            .into_iter()
+            .filter_map(|b| Some((b.slot, b.tcp?)))
+            .collect();
+        if brokers.is_empty() {
+            return Err(Error::NoTcpBroker);
+        }
+        Ok(brokers)
     }
 
     /// The pool, mapped on first use (then shared by everything this client opens). Only on

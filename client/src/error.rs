@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use embar_control::http::ClientError;
 use embar_dataplane::client::PublishError;
+use embar_dataplane::tcp::subscriber::SubscribeError;
 use embar_dataplane::PoolError;
 use embar_sys::SysError;
 
@@ -58,6 +59,13 @@ pub enum Error {
     Publish(PublishError),
     #[error(transparent)]
     Pool(PoolError),
+    /// A remote (TCP) subscription failed: refused, ended by the broker, or no broker
+    /// answered.
+    #[error(transparent)]
+    Subscribe(SubscribeError),
+    /// No live broker accepts TCP clients.
+    #[error("no live broker accepts TCP clients (brokers started with --tcp none?)")]
+    NoTcpBroker,
 }
 
 /// The result of every fallible call of this crate.
@@ -93,7 +101,10 @@ impl Error {
         match self {
             Error::Control { source, .. } => control_kind(source),
             Error::UnknownTopic(_) | Error::NoCluster { .. } => ErrorKind::NotFound,
-            Error::NoLiveBroker | Error::NoVerbsBroker => ErrorKind::Unavailable,
+            Error::NoLiveBroker | Error::NoVerbsBroker | Error::NoTcpBroker => {
+                ErrorKind::Unavailable
+            }
+            Error::Subscribe(e) => subscribe_kind(e),
             Error::Discovery { .. } | Error::Poisoned => ErrorKind::Other,
             Error::InvalidInput { .. } | Error::Unsupported(_) => ErrorKind::InvalidInput,
             Error::Publish(e) => publish_kind(e),
@@ -116,6 +127,26 @@ impl From<PublishError> for Error {
             PublishError::Pool(p) => p.into(),
             e => Error::Publish(e),
         }
+    }
+}
+
+impl From<SubscribeError> for Error {
+    fn from(e: SubscribeError) -> Error {
+        Error::Subscribe(e)
+    }
+}
+
+fn subscribe_kind(e: &SubscribeError) -> ErrorKind {
+    match e {
+        SubscribeError::NoBrokers | SubscribeError::Unreachable { .. } => ErrorKind::Unavailable,
+        SubscribeError::Refused { reason, .. } if reason.starts_with("unknown topic") => {
+            ErrorKind::NotFound
+        }
+        SubscribeError::Refused { .. } => ErrorKind::InvalidInput,
+        SubscribeError::Ended { reason, .. } if reason.contains("fell behind") => {
+            ErrorKind::FellBehind
+        }
+        SubscribeError::Ended { .. } | SubscribeError::BadFrame { .. } => ErrorKind::Other,
     }
 }
 

@@ -131,6 +131,17 @@ impl Publisher {
                 let p = open_verbs(client, topic, client_id, device, *gid_index, pc)?;
                 Cell::new(None, |_| p)
             }
+            Transport::Tcp => {
+                let brokers = client.tcp_brokers()?;
+                let tc = embar_dataplane::tcp::publisher::TcpPublisherConfig {
+                    publisher: pc,
+                    ..Default::default()
+                };
+                let p = embar_dataplane::tcp::publisher::TcpPublisher::connect(
+                    &brokers, topic, client_id, &tc,
+                )?;
+                Cell::new(None, |_| Box::new(p) as DynPublish<'static>)
+            }
         };
         Ok(Publisher {
             cell,

@@ -51,6 +51,10 @@ trait Read: Send {
         -> PoolResult<usize>;
     fn position(&self) -> u64;
     fn set_durable_only(&mut self, yes: bool);
+    /// A failure of a remote subscription, after `poll` returned what came before it.
+    fn take_failure(&mut self) -> Option<Error> {
+        None
+    }
 }
 
 impl<C: Coherence> Read for PoolSubscriber<'_, C> {
@@ -71,12 +75,65 @@ impl<C: Coherence> Read for PoolSubscriber<'_, C> {
     }
 }
 
+/// A remote subscriber over TCP, read without blocking.
+struct TcpRead {
+    sub: embar_dataplane::tcp::subscriber::TcpSubscriber,
+    /// The total order of the next message.
+    next: u64,
+    /// A failure kept for the next call (a remote subscription's errors are not PoolErrors).
+    failed: Option<embar_dataplane::tcp::subscriber::SubscribeError>,
+}
+
+impl Read for TcpRead {
+    fn poll(
+        &mut self,
+        max_batches: usize,
+        f: &mut dyn FnMut(&MessageRef<'_>),
+    ) -> PoolResult<usize> {
+        // A batch's worth per "batch" asked for: messages as they arrived, without waiting.
+        let mut n = 0;
+        let most = max_batches.saturating_mul(1024).max(1);
+        while n < most {
+            match self.sub.next_timeout(Duration::ZERO) {
+                Ok(Some(m)) => {
+                    self.next = m.total_order + 1;
+                    f(&MessageRef {
+                        total_order: m.total_order,
+                        client_id: m.client_id,
+                        batch_seq: m.batch_seq,
+                        index: m.index,
+                        num_msg: m.num_msg,
+                        payload: m.payload,
+                    });
+                    n += 1;
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    self.failed = Some(e);
+                    break;
+                }
+            }
+        }
+        Ok(n)
+    }
+
+    fn position(&self) -> u64 {
+        self.next
+    }
+
+    fn set_durable_only(&mut self, _yes: bool) {}
+
+    fn take_failure(&mut self) -> Option<Error> {
+        self.failed.take().map(Error::from)
+    }
+}
+
 type DynRead<'p> = Box<dyn Read + 'p>;
 
 self_cell::self_cell!(
-    /// The mapped pool and the subscriber that borrows it.
+    /// The mapped pool (`None` for a remote subscriber) and the subscriber that borrows it.
     struct Cell {
-        owner: Arc<Pool>,
+        owner: Option<Arc<Pool>>,
         #[covariant]
         dependent: DynRead,
     }
@@ -137,17 +194,49 @@ impl std::fmt::Debug for Subscriber {
 
 impl Subscriber {
     pub(crate) fn open(client: &Client, topic: &str, start: StartAt) -> Result<Subscriber> {
-        if client.config().transport != Transport::Shm {
-            return Err(Error::Unsupported(
-                "a subscriber reads the pool: it runs on the pool host (transport shm)",
-            ));
-        }
-        // The pool's topic table says whether the topic exists: no control request (a
-        // subscriber needs no live broker).
-        let cell = Cell::try_new(client.pool()?, |pool| {
-            let open = OpenSub { pool, topic, start };
-            Pool::with_coherence(pool.coherence_mode(), open).map_err(Error::from)
-        })?;
+        let cell = match client.config().transport {
+            Transport::Shm => {
+                // The pool's topic table says whether the topic exists: no control request
+                // (a subscriber needs no live broker).
+                Cell::try_new(Some(client.pool()?), |pool| {
+                    let pool = pool.as_deref().expect("a pool subscriber has a pool");
+                    let open = OpenSub { pool, topic, start };
+                    Pool::with_coherence(pool.coherence_mode(), open).map_err(Error::from)
+                })?
+            }
+            Transport::Tcp => {
+                let brokers: Vec<std::net::SocketAddr> =
+                    client.tcp_brokers()?.into_iter().map(|(_, a)| a).collect();
+                let sub = embar_dataplane::tcp::subscriber::TcpSubscriber::connect(
+                    &brokers,
+                    topic,
+                    start,
+                    client.config().wait_timeout,
+                )
+                .map_err(|e| match e {
+                    embar_dataplane::tcp::subscriber::SubscribeError::Refused {
+                        reason, ..
+                    } if reason.starts_with("unknown topic") => {
+                        Error::UnknownTopic(topic.to_string())
+                    }
+                    e => Error::from(e),
+                })?;
+                let next = match start {
+                    StartAt::TotalOrder(t) => t,
+                    _ => 0,
+                };
+                Cell::new(None, |_| {
+                    Box::new(TcpRead {
+                        sub,
+                        next,
+                        failed: None,
+                    }) as DynRead<'static>
+                })
+            }
+            _ => return Err(Error::Unsupported(
+                "a subscriber reads the pool (transport shm) or a broker over TCP (transport tcp)",
+            )),
+        };
         Ok(Subscriber {
             cell,
             topic: topic.to_string(),
@@ -171,7 +260,8 @@ impl Subscriber {
     }
 
     /// The delivery index (the number of ordered batches before it) of the next batch this
-    /// subscriber reads.
+    /// subscriber reads; for a subscriber over TCP, the total order of the next message
+    /// (0 before the first from `Oldest` or `Latest`).
     pub fn position(&self) -> u64 {
         self.cell.borrow_dependent().position()
     }
@@ -199,6 +289,11 @@ impl Subscriber {
         let read = self
             .cell
             .with_dependent_mut(|_, r| r.poll(max_batches, &mut f))?;
+        if read == 0 && n == 0 {
+            if let Some(e) = self.cell.with_dependent_mut(|_, r| r.take_failure()) {
+                return Err(e);
+            }
+        }
         Ok(n + read)
     }
 
@@ -208,6 +303,11 @@ impl Subscriber {
             let pending = &mut self.pending;
             self.cell
                 .with_dependent_mut(|_, r| r.poll(1, &mut |m| pending.push_back(m.into())))?;
+            if self.pending.is_empty() {
+                if let Some(e) = self.cell.with_dependent_mut(|_, r| r.take_failure()) {
+                    return Err(e);
+                }
+            }
         }
         Ok(self.pending.pop_front())
     }

@@ -28,6 +28,8 @@ pub mod sequencer;
 #[cfg(not(loom))]
 pub mod session;
 pub mod sync;
+#[cfg(not(loom))]
+pub mod tcp;
 pub mod units;
 // The protocol and its credit accounting build everywhere (and are tested in every build);
 // the two ends need the `verbs` feature.

@@ -1,0 +1,277 @@
+//! The TCP transport: publishers and subscribers on hosts without the pool or an RDMA NIC.
+//!
+//! The broker's TCP frontend ([`frontend`]) stands in for each remote publisher as the
+//! publisher of a shm session in the pool (see [`crate::session`]), exactly as the verbs
+//! frontend does: it claims the session, takes its grants, reads each batch from the socket
+//! straight into granted log space (no intermediate buffer: `read(2)` into the pool), and
+//! publishes the batch's descriptor into the session's submission ring, where the broker
+//! checks it like any other. Acks come back as the session's cumulative counters. Remote
+//! subscribers ([`subscriber`]) get the topic's ordered messages from a broker, which reads
+//! them from the pool like a local subscriber.
+//!
+//! ## Connection (one line each way, as for verbs; `docs/tcp.md`)
+//!
+//! ```text
+//! publisher  -> EMBAR-TCP/1 topic=T client=ID
+//! broker     -> OK broker=SLOT batch_bytes=N ack=A          (or ERR reason)
+//! subscriber -> EMBAR-TCP-SUB/1 topic=T from=oldest|latest|TOTAL_ORDER
+//! broker     -> OK broker=SLOT from=TOTAL_ORDER             (or ERR reason)
+//! ```
+//!
+//! ## Frames (little-endian, fixed size headers)
+//!
+//! Publisher to broker, per batch: a [`BatchFrame`] header (32 bytes) and then exactly
+//! `total_size` bytes: the batch as it lies in the pool (64-byte message headers and
+//! payloads, the format of `docs/pool-layout.md`). Broker to publisher: [`AckFrame`]s of 64
+//! bytes carrying the latest cumulative counters (coalesced: a publisher that reads late
+//! reads only the newest). Broker to subscriber: per message a [`MessageFrame`] header (32
+//! bytes) and its payload; an error ends the stream with a frame whose `total_order` is
+//! [`END_OF_STREAM`] and whose payload is the reason.
+//!
+//! The framing is hand-written: three fixed little-endian headers read in place, with no
+//! schema to evolve beyond the version in the hello line; a serialisation crate would add a
+//! copy or an allocation per frame for nothing it checks better (every field is checked
+//! here, and the batch itself by the broker's one batch check).
+
+pub mod frontend;
+pub mod publisher;
+pub mod subscriber;
+
+/// First word of a publisher's request line.
+pub const HELLO: &str = "EMBAR-TCP/1";
+/// First word of a subscriber's request line.
+pub const SUB_HELLO: &str = "EMBAR-TCP-SUB/1";
+/// Longest handshake line.
+pub const MAX_LINE: usize = 1024;
+
+/// `"EBT1"`: the first word of a batch frame.
+pub const BATCH_MAGIC: u32 = u32::from_le_bytes(*b"EBT1");
+/// `"EBA1"`: the first word of an ack frame.
+pub const ACK_MAGIC: u32 = u32::from_le_bytes(*b"EBA1");
+/// A subscriber frame with this total order carries the reason the stream ends.
+pub const END_OF_STREAM: u64 = u64::MAX;
+
+/// A session error code (beyond those of [`crate::session::SessionError`]): the connection
+/// failed, stalled mid-frame, or sent a frame that is not one.
+pub const ERROR_TRANSPORT: u64 = 9;
+
+/// The header of one batch on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchFrame {
+    pub batch_seq: u64,
+    pub num_msg: u32,
+    /// Bytes of the batch that follow.
+    pub total_size: u64,
+}
+
+impl BatchFrame {
+    pub const BYTES: usize = 32;
+
+    pub fn encode(&self) -> [u8; Self::BYTES] {
+        let mut b = [0u8; Self::BYTES];
+        b[0..4].copy_from_slice(&BATCH_MAGIC.to_le_bytes());
+        b[4..8].copy_from_slice(&self.num_msg.to_le_bytes());
+        b[8..16].copy_from_slice(&self.batch_seq.to_le_bytes());
+        b[16..24].copy_from_slice(&self.total_size.to_le_bytes());
+        b
+    }
+
+    /// The header, if `b` is one whose batch may be at most `limit` bytes.
+    pub fn decode(b: &[u8; Self::BYTES], limit: u64) -> Result<BatchFrame, FrameError> {
+        let magic = u32::from_le_bytes(b[0..4].try_into().expect("4 bytes"));
+        if magic != BATCH_MAGIC {
+            return Err(FrameError::Magic(magic));
+        }
+        let f = BatchFrame {
+            num_msg: u32::from_le_bytes(b[4..8].try_into().expect("4 bytes")),
+            batch_seq: u64::from_le_bytes(b[8..16].try_into().expect("8 bytes")),
+            total_size: u64::from_le_bytes(b[16..24].try_into().expect("8 bytes")),
+        };
+        if f.num_msg == 0 || f.total_size == 0 {
+            return Err(FrameError::Empty);
+        }
+        if f.total_size > limit {
+            return Err(FrameError::TooLarge {
+                size: f.total_size,
+                limit,
+            });
+        }
+        if f.total_size % 64 != 0 {
+            return Err(FrameError::Unaligned(f.total_size));
+        }
+        Ok(f)
+    }
+}
+
+/// What makes bytes not a batch frame header.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("not a batch frame (first word {0:#x})")]
+    Magic(u32),
+    #[error("a batch frame of no messages or no bytes")]
+    Empty,
+    #[error("a batch frame of {size} bytes, more than the {limit} of a batch")]
+    TooLarge { size: u64, limit: u64 },
+    #[error("a batch frame of {0} bytes, not a whole number of 64-byte lines")]
+    Unaligned(u64),
+}
+
+/// The broker's counters for one session, as an ack frame carries them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AckFrame {
+    /// Batches the broker has taken from the connection into the pool.
+    pub batches_received: u64,
+    pub acked_messages: u64,
+    pub acked_batches: u64,
+    pub rejected_batches: u64,
+    /// Last error: `code | batch_seq << 8`.
+    pub error: u64,
+    /// Non-zero once the broker ended the session (a session error code).
+    pub closed: u64,
+}
+
+impl AckFrame {
+    pub const BYTES: usize = 64;
+
+    pub fn encode(&self) -> [u8; Self::BYTES] {
+        let mut b = [0u8; Self::BYTES];
+        b[0..4].copy_from_slice(&ACK_MAGIC.to_le_bytes());
+        let words = [
+            self.batches_received,
+            self.acked_messages,
+            self.acked_batches,
+            self.rejected_batches,
+            self.error,
+            self.closed,
+        ];
+        for (i, w) in words.iter().enumerate() {
+            b[8 + 8 * i..16 + 8 * i].copy_from_slice(&w.to_le_bytes());
+        }
+        b
+    }
+
+    pub fn decode(b: &[u8; Self::BYTES]) -> Option<AckFrame> {
+        if u32::from_le_bytes(b[0..4].try_into().expect("4 bytes")) != ACK_MAGIC {
+            return None;
+        }
+        let w = |i: usize| u64::from_le_bytes(b[8 + 8 * i..16 + 8 * i].try_into().expect("8"));
+        Some(AckFrame {
+            batches_received: w(0),
+            acked_messages: w(1),
+            acked_batches: w(2),
+            rejected_batches: w(3),
+            error: w(4),
+            closed: w(5),
+        })
+    }
+}
+
+/// The header of one delivered message on a subscriber's stream.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MessageFrame {
+    pub total_order: u64,
+    pub client_id: u64,
+    pub batch_seq: u64,
+    /// Bytes of payload that follow.
+    pub len: u32,
+    pub index: u32,
+    /// Messages in its batch.
+    pub num_msg: u32,
+}
+
+impl MessageFrame {
+    pub const BYTES: usize = 40;
+
+    pub fn encode(&self) -> [u8; Self::BYTES] {
+        let mut b = [0u8; Self::BYTES];
+        b[0..8].copy_from_slice(&self.total_order.to_le_bytes());
+        b[8..16].copy_from_slice(&self.client_id.to_le_bytes());
+        b[16..24].copy_from_slice(&self.batch_seq.to_le_bytes());
+        b[24..28].copy_from_slice(&self.len.to_le_bytes());
+        b[28..32].copy_from_slice(&self.index.to_le_bytes());
+        b[32..36].copy_from_slice(&self.num_msg.to_le_bytes());
+        b
+    }
+
+    pub fn decode(b: &[u8; Self::BYTES]) -> MessageFrame {
+        let w = |r: std::ops::Range<usize>| u64::from_le_bytes(b[r].try_into().expect("8"));
+        let h = |r: std::ops::Range<usize>| u32::from_le_bytes(b[r].try_into().expect("4"));
+        MessageFrame {
+            total_order: w(0..8),
+            client_id: w(8..16),
+            batch_seq: w(16..24),
+            len: h(24..28),
+            index: h(28..32),
+            num_msg: h(32..36),
+        }
+    }
+}
+
+/// A session error code, including the transport's own.
+pub fn describe_code(code: u64) -> &'static str {
+    match code & 0xff {
+        ERROR_TRANSPORT => "the connection failed, stalled or sent a malformed frame",
+        other => crate::session::SessionError::from_code(other).describe(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn ack_and_message_frames_round_trip(a: [u64; 6], t: u64, c: u64, s: u64, len: u32, i: u32, n: u32) {
+            let f = AckFrame { batches_received: a[0], acked_messages: a[1], acked_batches: a[2], rejected_batches: a[3], error: a[4], closed: a[5] };
+            prop_assert_eq!(AckFrame::decode(&f.encode()), Some(f));
+            let m = MessageFrame { total_order: t, client_id: c, batch_seq: s, len, index: i, num_msg: n };
+            prop_assert_eq!(MessageFrame::decode(&m.encode()), m);
+        }
+
+        #[test]
+        fn any_bytes_decode_to_a_checked_frame_or_an_error(b: [u8; 32], limit in 64u64..1 << 30) {
+            if let Ok(f) = BatchFrame::decode(&b, limit) {
+                prop_assert!(f.num_msg > 0 && f.total_size > 0 && f.total_size <= limit);
+                prop_assert_eq!(f.total_size % 64, 0);
+                prop_assert_eq!(BatchFrame::decode(&f.encode(), limit), Ok(f));
+            }
+        }
+    }
+
+    #[test]
+    fn a_bad_batch_header_says_what_is_wrong() {
+        let good = BatchFrame {
+            batch_seq: 3,
+            num_msg: 2,
+            total_size: 256,
+        };
+        assert_eq!(BatchFrame::decode(&good.encode(), 1024), Ok(good));
+        let mut b = good.encode();
+        b[0] ^= 1;
+        assert!(matches!(
+            BatchFrame::decode(&b, 1024),
+            Err(FrameError::Magic(_))
+        ));
+        let big = BatchFrame {
+            total_size: 4096,
+            ..good
+        };
+        assert_eq!(
+            BatchFrame::decode(&big.encode(), 1024),
+            Err(FrameError::TooLarge {
+                size: 4096,
+                limit: 1024
+            })
+        );
+        let odd = BatchFrame {
+            total_size: 100,
+            ..good
+        };
+        assert_eq!(
+            BatchFrame::decode(&odd.encode(), 1024),
+            Err(FrameError::Unaligned(100))
+        );
+        assert_eq!(AckFrame::decode(&[0; 64]), None);
+    }
+}

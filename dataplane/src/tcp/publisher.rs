@@ -1,0 +1,676 @@
+//! A remote publisher on the TCP transport (see [`super`]). Same batching rules as the shm
+//! and verbs publishers: seal at the batch size, on `flush`, or after the linger time; dense
+//! per-client `batch_seq`; batches striped round-robin over the brokers.
+//!
+//! Each batch is built in a buffer of its own and written to its broker's connection as one
+//! frame. The buffer is kept until the broker acknowledges the batch (at most
+//! [`TcpPublisherConfig::window_bytes`] in flight): when a connection drops, the publisher
+//! sends every batch that broker had not acknowledged again, unchanged (same `batch_seq`), to
+//! a broker that is still up, and the sequencer drops the copies it had already ordered
+//! (they are acked again, so the resend completes). Acks are timed when the publisher sees
+//! them (the broker's clock may be another host's).
+
+use std::collections::VecDeque;
+use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use embar_sys::clock::monotonic_ns;
+
+use super::*;
+use crate::client::filling::{stride_of, Filling};
+use crate::client::publisher::{PublishError, PublisherConfig};
+use crate::client::Publish;
+use crate::verbs::field;
+
+/// How often a caller timing acks looks at them (see `Publish::ack_poll_interval`).
+const ACK_POLL_INTERVAL: Duration = Duration::from_micros(50);
+
+/// How to publish over TCP.
+#[derive(Clone, Copy, Debug)]
+pub struct TcpPublisherConfig {
+    pub publisher: PublisherConfig,
+    /// Bytes of sealed batches kept for a resend until acknowledged; a publisher with this
+    /// much in flight waits for acks.
+    pub window_bytes: u64,
+    /// Send a dropped connection's unacknowledged batches to another broker (`false`: the
+    /// publisher fails with the connection's error).
+    pub failover: bool,
+}
+
+impl Default for TcpPublisherConfig {
+    fn default() -> Self {
+        TcpPublisherConfig {
+            publisher: PublisherConfig::default(),
+            window_bytes: 64 << 20,
+            failover: true,
+        }
+    }
+}
+
+/// A sealed batch, kept until its broker acknowledges it.
+struct Sent {
+    batch_seq: u64,
+    num_msg: u32,
+    first_ns: u64,
+    /// The frame (header, then the batch) is `buf[start..end]`.
+    buf: Vec<u8>,
+    start: usize,
+    end: usize,
+}
+
+impl Sent {
+    fn frame(&self) -> &[u8] {
+        &self.buf[self.start..self.end]
+    }
+
+    fn bytes(&self) -> u64 {
+        (self.end - self.start) as u64
+    }
+}
+
+struct Link {
+    broker: u32,
+    addr: SocketAddr,
+    /// `None` once the connection failed.
+    stream: Option<TcpStream>,
+    /// The latest counters the broker sent.
+    acks: AckFrame,
+    rx: [u8; AckFrame::BYTES],
+    rx_have: usize,
+    /// Batches sent on this connection and not yet acknowledged, in the order sent (the
+    /// broker acknowledges a session's batches in that order).
+    inflight: VecDeque<Sent>,
+    /// Batches of `inflight`'s front already counted acknowledged (`acks.acked_batches`
+    /// when the front was sent ... and since).
+    acked_batches_seen: u64,
+    batch_limit: u64,
+}
+
+/// Acknowledged batches by `batch_seq`, for the acknowledged prefix.
+#[derive(Default)]
+struct Prefix {
+    /// `(num_msg, acked)` of batches from `first_seq` on.
+    batches: VecDeque<(u32, bool)>,
+    first_seq: u64,
+    /// Messages of every batch before `first_seq` (all acknowledged).
+    messages: u64,
+}
+
+impl Prefix {
+    fn sealed(&mut self, num_msg: u32) {
+        self.batches.push_back((num_msg, false));
+    }
+
+    fn acked(&mut self, batch_seq: u64) {
+        if let Some(b) = batch_seq
+            .checked_sub(self.first_seq)
+            .and_then(|i| self.batches.get_mut(i as usize))
+        {
+            b.1 = true;
+        }
+        while let Some(&(n, true)) = self.batches.front() {
+            self.messages += u64::from(n);
+            self.first_seq += 1;
+            self.batches.pop_front();
+        }
+    }
+}
+
+/// See the module docs.
+pub struct TcpPublisher {
+    client_id: u64,
+    topic: String,
+    batch_bytes: u64,
+    ack: u8,
+    cfg: TcpPublisherConfig,
+    links: Vec<Link>,
+    next_link: usize,
+    batch_seq: u64,
+    /// The batch being filled: its frame buffer (header space, then the batch) and writer.
+    open: Option<(Vec<u8>, Filling)>,
+    /// Frame buffers of acknowledged batches, for reuse.
+    spare: Vec<Vec<u8>>,
+    inflight_bytes: u64,
+    sealed_messages: u64,
+    acked_messages: u64,
+    prefix: Prefix,
+    latencies: Vec<u64>,
+    resent_batches: u64,
+    waits: u64,
+    failure: Option<PublishError>,
+}
+
+/// Bytes before the batch in a frame buffer: the frame header sits in the last 32 of them,
+/// so the batch starts 64-byte aligned (the buffer's allocation is, see [`frame_buffer`]).
+const LEAD: usize = 64;
+
+/// A frame buffer for batches of `batch_bytes`, whose batch part is 64-byte aligned.
+fn frame_buffer(batch_bytes: u64) -> Vec<u8> {
+    // A Vec<u8> is only byte-aligned; the batch is placed at the first 64-byte boundary
+    // past LEAD - 32 bytes of header room when the frame is written (see `batch_at`).
+    vec![0u8; LEAD + 64 + batch_bytes as usize]
+}
+
+/// Where the batch starts in `buf`: the first 64-byte aligned offset at or past `LEAD`.
+fn batch_at(buf: &[u8]) -> usize {
+    let addr = buf.as_ptr() as usize + LEAD;
+    LEAD + (addr.next_multiple_of(64) - addr)
+}
+
+impl TcpPublisher {
+    /// Connects to each broker's TCP port (`(pool slot, address)`) for `topic`.
+    pub fn connect(
+        brokers: &[(u32, SocketAddr)],
+        topic: &str,
+        client_id: u64,
+        cfg: &TcpPublisherConfig,
+    ) -> Result<TcpPublisher, PublishError> {
+        if brokers.is_empty() {
+            return Err(PublishError::NoBrokers);
+        }
+        if topic.split_ascii_whitespace().count() != 1 || topic.len() > 256 {
+            return Err(PublishError::Transport(format!("bad topic name {topic:?}")));
+        }
+        let mut links = Vec::new();
+        let mut ack = 1;
+        for &(broker, addr) in brokers {
+            let (stream, batch_limit, a) = handshake(broker, addr, topic, client_id, cfg)?;
+            ack = a;
+            links.push(Link {
+                broker,
+                addr,
+                stream: Some(stream),
+                acks: AckFrame::default(),
+                rx: [0; AckFrame::BYTES],
+                rx_have: 0,
+                inflight: VecDeque::new(),
+                acked_batches_seen: 0,
+                batch_limit,
+            });
+        }
+        let batch_bytes = links.iter().map(|l| l.batch_limit).min().expect("a link");
+        Ok(TcpPublisher {
+            client_id,
+            topic: topic.to_string(),
+            batch_bytes,
+            ack,
+            cfg: *cfg,
+            links,
+            next_link: 0,
+            batch_seq: 0,
+            open: None,
+            spare: Vec::new(),
+            inflight_bytes: 0,
+            sealed_messages: 0,
+            acked_messages: 0,
+            prefix: Prefix::default(),
+            latencies: Vec::new(),
+            resent_batches: 0,
+            waits: 0,
+            failure: None,
+        })
+    }
+
+    /// Batches sent again to another broker after a connection dropped.
+    pub fn resent_batches(&self) -> u64 {
+        self.resent_batches
+    }
+
+    /// Brokers whose connection is up.
+    pub fn live_brokers(&self) -> usize {
+        self.links.iter().filter(|l| l.stream.is_some()).count()
+    }
+
+    /// Reads every ack frame the brokers sent (without blocking) and retires what they
+    /// acknowledge; a connection that ended is failed over.
+    fn read_acks(&mut self) -> Result<(), PublishError> {
+        if let Some(f) = &self.failure {
+            return Err(clone_error(f));
+        }
+        let now = monotonic_ns();
+        for i in 0..self.links.len() {
+            let lost = self.links[i].read_acks().err();
+            let l = &mut self.links[i];
+            // Acknowledged batches leave the window, oldest first.
+            while l.acked_batches_seen < l.acks.acked_batches {
+                let Some(s) = l.inflight.pop_front() else {
+                    break;
+                };
+                l.acked_batches_seen += 1;
+                self.acked_messages += u64::from(s.num_msg);
+                self.inflight_bytes -= s.bytes();
+                self.prefix.acked(s.batch_seq);
+                self.latencies.push(now.saturating_sub(s.first_ns));
+                self.spare.push(s.buf);
+            }
+            if l.acks.rejected_batches > 0 {
+                let e = l.acks.error;
+                let err = PublishError::Rejected {
+                    broker: l.broker,
+                    count: l.acks.rejected_batches,
+                    reason: describe_code(e),
+                    batch_seq: e >> 8,
+                };
+                self.failure = Some(clone_error(&err));
+                return Err(err);
+            }
+            if let Some(why) = lost {
+                self.fail_over(i, &why)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Link `i`'s connection ended: its unacknowledged batches go to another broker.
+    fn fail_over(&mut self, i: usize, why: &str) -> Result<(), PublishError> {
+        let l = &mut self.links[i];
+        if l.stream.take().is_none() && l.inflight.is_empty() {
+            return Ok(());
+        }
+        let pending: Vec<Sent> = l.inflight.drain(..).collect();
+        let (broker, addr) = (l.broker, l.addr);
+        let live: Vec<usize> = (0..self.links.len())
+            .filter(|&k| self.links[k].stream.is_some())
+            .collect();
+        if !self.cfg.failover || live.is_empty() {
+            let err = PublishError::Transport(format!(
+                "broker {broker} at {addr}: {why}{}",
+                if live.is_empty() {
+                    "; no broker left to send its unacknowledged batches to"
+                } else {
+                    ""
+                }
+            ));
+            self.failure = Some(clone_error(&err));
+            return Err(err);
+        }
+        log::warn!(
+            "publisher {}: broker {broker} at {addr}: {why}; sending its {} unacknowledged batch(es) to broker {}",
+            self.client_id,
+            pending.len(),
+            self.links[live[0]].broker
+        );
+        for s in pending {
+            // Round-robin over the live brokers, in batch order per broker.
+            let k = live[(s.batch_seq as usize) % live.len()];
+            self.resent_batches += 1;
+            self.send(k, s)?;
+        }
+        Ok(())
+    }
+
+    /// Writes a sealed batch's frame to link `i` (failing over if it cannot).
+    fn send(&mut self, i: usize, s: Sent) -> Result<(), PublishError> {
+        let l = &mut self.links[i];
+        let Some(stream) = l.stream.as_mut() else {
+            return Err(PublishError::Transport(format!(
+                "broker {} is not connected",
+                l.broker
+            )));
+        };
+        let written = stream.write_all(s.frame());
+        // Kept until acknowledged, or sent again with the rest if the connection failed.
+        l.inflight.push_back(s);
+        match written {
+            Ok(()) => Ok(()),
+            Err(e) => {
+                let why = if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
+                    format!(
+                        "it took nothing for {:?} (sending a batch)",
+                        self.cfg.publisher.wait_timeout
+                    )
+                } else {
+                    format!("sending a batch: {e}")
+                };
+                self.fail_over(i, &why)
+            }
+        }
+    }
+
+    /// Waits until the window has room for `bytes` more.
+    fn make_room(&mut self, bytes: u64) -> Result<(), PublishError> {
+        if self.inflight_bytes + bytes <= self.cfg.window_bytes {
+            return Ok(());
+        }
+        self.waits += 1;
+        let began = Instant::now();
+        let mut spins = 0u32;
+        loop {
+            self.read_acks()?;
+            if self.inflight_bytes + bytes <= self.cfg.window_bytes || self.inflight_bytes == 0 {
+                return Ok(());
+            }
+            if began.elapsed() > self.cfg.publisher.wait_timeout {
+                return Err(PublishError::Timeout {
+                    what: format!(
+                        "acks for {} bytes in flight (topic {})",
+                        self.inflight_bytes, self.topic
+                    ),
+                    waited: began.elapsed(),
+                });
+            }
+            spins += 1;
+            if spins < 64 {
+                std::thread::yield_now();
+            } else {
+                std::thread::sleep(Duration::from_micros(50));
+            }
+        }
+    }
+
+    fn start_batch(&mut self, now: u64) {
+        let buf = self
+            .spare
+            .pop()
+            .unwrap_or_else(|| frame_buffer(self.batch_bytes));
+        let mut buf = buf;
+        let at = batch_at(&buf);
+        // SAFETY: `buf` holds `LEAD + 64 + batch_bytes` bytes and `at <= LEAD + 63`, so
+        // `at..at + batch_bytes` lies inside it; `at` is 64-byte aligned (`batch_at`). The
+        // Vec is not touched but through this writer until the batch is sealed (it moves
+        // with the writer in `open`; moving a Vec does not move its heap bytes).
+        let filling = unsafe { Filling::new(buf.as_mut_ptr().add(at), self.batch_bytes, now) };
+        self.open = Some((buf, filling));
+    }
+
+    fn seal(&mut self) -> Result<(), PublishError> {
+        let Some((mut buf, b)) = self.open.take() else {
+            return Ok(());
+        };
+        let at = batch_at(&buf);
+        let header = BatchFrame {
+            batch_seq: self.batch_seq,
+            num_msg: b.num_msg(),
+            total_size: b.fill(),
+        };
+        buf[at - BatchFrame::BYTES..at].copy_from_slice(&header.encode());
+        let s = Sent {
+            batch_seq: self.batch_seq,
+            num_msg: b.num_msg(),
+            first_ns: b.first_ns,
+            buf,
+            start: at - BatchFrame::BYTES,
+            end: at + b.fill() as usize,
+        };
+        self.make_room(s.bytes())?;
+        self.inflight_bytes += s.bytes();
+        self.sealed_messages += u64::from(s.num_msg);
+        self.prefix.sealed(s.num_msg);
+        self.batch_seq += 1;
+        let i = self.next_live()?;
+        self.send(i, s)
+    }
+
+    /// The next broker in the round-robin whose connection is up.
+    fn next_live(&mut self) -> Result<usize, PublishError> {
+        for _ in 0..self.links.len() {
+            let i = self.next_link;
+            self.next_link = (self.next_link + 1) % self.links.len();
+            if self.links[i].stream.is_some() {
+                return Ok(i);
+            }
+        }
+        Err(PublishError::Transport("no broker connection is up".into()))
+    }
+}
+
+/// A copy of an error kept to be returned again (PublishError is not Clone).
+fn clone_error(e: &PublishError) -> PublishError {
+    match e {
+        PublishError::Rejected {
+            broker,
+            count,
+            reason,
+            batch_seq,
+        } => PublishError::Rejected {
+            broker: *broker,
+            count: *count,
+            reason,
+            batch_seq: *batch_seq,
+        },
+        other => PublishError::Transport(other.to_string()),
+    }
+}
+
+fn handshake(
+    broker: u32,
+    addr: SocketAddr,
+    topic: &str,
+    client_id: u64,
+    cfg: &TcpPublisherConfig,
+) -> Result<(TcpStream, u64, u8), PublishError> {
+    let refused =
+        |reason: String| PublishError::Transport(format!("broker {broker} at {addr}: {reason}"));
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+        .map_err(|e| refused(format!("cannot connect to its TCP port: {e}")))?;
+    stream
+        .set_read_timeout(Some(cfg.publisher.wait_timeout))
+        .map_err(|e| refused(e.to_string()))?;
+    let _ = stream.set_nodelay(true);
+    writeln!(stream, "{HELLO} topic={topic} client={client_id}")
+        .map_err(|e| refused(e.to_string()))?;
+    let mut line = String::new();
+    // The answer is the only thing the broker sends before the publisher's first frame.
+    BufReader::new((&stream).take_line())
+        .read_line(&mut line)
+        .map_err(|e| refused(format!("no answer: {e}")))?;
+    let line = line.trim_end();
+    if let Some(reason) = line.strip_prefix("ERR ") {
+        return Err(PublishError::Refused {
+            broker,
+            reason: reason.to_string(),
+        });
+    }
+    if !line.starts_with("OK ") {
+        return Err(refused(format!("unexpected answer {line:?}")));
+    }
+    let num = |key: &str| -> Result<u64, PublishError> {
+        field(line, key)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| refused(format!("bad answer {line:?}: {key}=")))
+    };
+    let batch_bytes = num("batch_bytes")?;
+    let ack = num("ack")?;
+    if !(128..=1 << 32).contains(&batch_bytes) || ack > 2 {
+        return Err(refused(format!("bad answer {line:?}: out of range")));
+    }
+    stream
+        .set_write_timeout(Some(cfg.publisher.wait_timeout))
+        .map_err(|e| refused(e.to_string()))?;
+    Ok((stream, batch_bytes, ack as u8))
+}
+
+/// Reads a stream a byte at a time, so that nothing past the answer line is consumed.
+trait TakeLine {
+    fn take_line(self) -> ByteReader<Self>
+    where
+        Self: Sized;
+}
+
+impl<R: std::io::Read> TakeLine for R {
+    fn take_line(self) -> ByteReader<R> {
+        ByteReader(self)
+    }
+}
+
+struct ByteReader<R>(R);
+
+impl<R: std::io::Read> std::io::Read for ByteReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = buf.len().min(1);
+        self.0.read(&mut buf[..n])
+    }
+}
+
+impl Link {
+    /// Reads the ack frames that arrived, without blocking; keeps the latest. An error
+    /// when the connection ended (or the broker ended the session).
+    fn read_acks(&mut self) -> Result<(), String> {
+        let Some(stream) = self.stream.as_ref() else {
+            return Ok(());
+        };
+        loop {
+            let want = AckFrame::BYTES - self.rx_have;
+            // SAFETY: `rx[rx_have..]` is a valid buffer of `want` bytes; MSG_DONTWAIT makes
+            // this one read non-blocking without changing the socket's mode (its writes
+            // block, with a timeout).
+            let n = unsafe {
+                libc::recv(
+                    stream.as_raw_fd(),
+                    self.rx.as_mut_ptr().add(self.rx_have).cast(),
+                    want,
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n == 0 {
+                return Err("the broker closed the connection".into());
+            }
+            if n < 0 {
+                let e = std::io::Error::last_os_error();
+                return match e.kind() {
+                    ErrorKind::WouldBlock => Ok(()),
+                    ErrorKind::Interrupted => continue,
+                    _ => Err(format!("reading acks: {e}")),
+                };
+            }
+            self.rx_have += n as usize;
+            if self.rx_have < AckFrame::BYTES {
+                continue;
+            }
+            self.rx_have = 0;
+            let Some(f) = AckFrame::decode(&self.rx) else {
+                return Err("the broker sent a frame that is not an ack".into());
+            };
+            self.acks = f;
+            if f.closed != 0 {
+                return Err(format!(
+                    "the broker ended the session: {}",
+                    describe_code(f.closed)
+                ));
+            }
+        }
+    }
+}
+
+impl Publish for TcpPublisher {
+    fn client_id(&self) -> u64 {
+        self.client_id
+    }
+
+    fn check_size(&self, payload_len: usize) -> Result<(), PublishError> {
+        stride_of(payload_len, self.batch_bytes).map(drop)
+    }
+
+    fn publish(&mut self, payload: &[u8]) -> Result<(), PublishError> {
+        let stride = stride_of(payload.len(), self.batch_bytes)?;
+        let now = monotonic_ns();
+        if self
+            .open
+            .as_ref()
+            .is_some_and(|(_, b)| b.must_seal(stride, now, self.cfg.publisher.linger))
+        {
+            self.seal()?;
+        }
+        if self.open.is_none() {
+            self.start_batch(now);
+        }
+        let (client, seq) = (self.client_id, self.batch_seq);
+        let (_, b) = self.open.as_mut().expect("a batch is open");
+        b.append(client, seq, now, payload);
+        Ok(())
+    }
+
+    fn poll(&mut self) -> Result<(), PublishError> {
+        self.read_acks()?;
+        if self
+            .linger_deadline_ns()
+            .is_some_and(|d| monotonic_ns() > d)
+        {
+            self.seal()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), PublishError> {
+        self.seal()
+    }
+
+    fn acked(&mut self) -> Result<u64, PublishError> {
+        self.read_acks()?;
+        Ok(self.acked_messages)
+    }
+
+    fn sealed_messages(&self) -> u64 {
+        self.sealed_messages
+    }
+
+    fn acked_prefix(&mut self) -> Result<u64, PublishError> {
+        self.read_acks()?;
+        if self.ack == 0 {
+            return Ok(self.sealed_messages);
+        }
+        Ok(self.prefix.messages)
+    }
+
+    fn ack_poll_interval(&self) -> Option<Duration> {
+        Some(ACK_POLL_INTERVAL)
+    }
+
+    fn take_ack_latencies(&mut self, out: &mut Vec<u64>) {
+        let _ = self.read_acks();
+        out.append(&mut self.latencies);
+    }
+
+    fn grant_waits(&self) -> u64 {
+        self.waits
+    }
+
+    fn ack_level(&self) -> u8 {
+        self.ack
+    }
+
+    fn linger_deadline_ns(&self) -> Option<u64> {
+        self.open
+            .as_ref()
+            .map(|(_, b)| b.deadline_ns(self.cfg.publisher.linger))
+    }
+}
+
+impl Drop for TcpPublisher {
+    fn drop(&mut self) {
+        let _ = self.seal();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_prefix_moves_only_over_batches_acknowledged_without_a_gap() {
+        let mut p = Prefix::default();
+        for n in [3, 4, 5] {
+            p.sealed(n);
+        }
+        p.acked(1);
+        assert_eq!(p.messages, 0, "batch 0 is not acknowledged yet");
+        p.acked(0);
+        assert_eq!(p.messages, 7);
+        p.acked(7);
+        p.acked(2);
+        assert_eq!(p.messages, 12);
+    }
+
+    #[test]
+    fn a_frame_buffer_places_the_batch_on_a_64_byte_boundary_with_room_for_the_header() {
+        for bb in [128u64, 4096, 1 << 20] {
+            let buf = frame_buffer(bb);
+            let at = batch_at(&buf);
+            assert_eq!((buf.as_ptr() as usize + at) % 64, 0);
+            assert!(at >= BatchFrame::BYTES && at + bb as usize <= buf.len());
+        }
+    }
+}

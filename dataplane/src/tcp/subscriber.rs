@@ -1,0 +1,474 @@
+//! Remote subscribers over TCP: the broker's side ([`serve`]) and the client's
+//! ([`TcpSubscriber`]).
+//!
+//! Every broker maps the whole pool, so any one broker can serve a topic's whole total order:
+//! a remote subscriber reads from one broker, and after a dropped connection resumes from
+//! the next total order it expects on the same broker or another. The broker reads the log
+//! as a local [`Subscriber`] does (copy, then validate: never bytes that were reused), so
+//! what it sends is what a subscriber on the pool host would see, and its cursor holds
+//! retention for the remote reader like a local one.
+//!
+//! The bytes go through a buffer in the broker (the local subscriber's copy, then the socket
+//! buffer) rather than `sendfile(2)` from the pool file: with splice, TCP may keep
+//! references to the pool's pages after the call returns and read them again when it
+//! retransmits, long after a retention limit may have let a publisher reuse the space; a copy
+//! that was validated first cannot change under the socket.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::AtomicBool;
+use std::time::{Duration, Instant};
+
+use super::frontend::SubscriberConn;
+use super::*;
+use crate::client::subscriber::{StartAt, Subscriber};
+use crate::idle::{Idle, IdlePolicy};
+use crate::pool::coherence::Coherence;
+use crate::pool::Pool;
+use crate::sync::Ordering::Relaxed;
+use crate::verbs::field;
+
+/// Bytes of frames gathered before a write (fewer when nothing more is ordered yet).
+const SEND_BUFFER: usize = 256 * 1024;
+/// Batches read from the pool per round.
+const BATCHES_PER_ROUND: usize = 16;
+
+/// A subscriber request's start position.
+fn parse_from(v: &str) -> Result<StartAt, String> {
+    match v {
+        "oldest" => Ok(StartAt::Oldest),
+        "latest" => Ok(StartAt::Latest),
+        n => n
+            .parse()
+            .map(StartAt::TotalOrder)
+            .map_err(|_| format!("bad from= {n:?} (oldest, latest or a total order)")),
+    }
+}
+
+/// Serves one remote subscriber until it goes away, falls behind, reads nothing for
+/// `idle_timeout` while frames wait, or `stop`.
+pub fn serve<C: Coherence>(
+    pool: &Pool,
+    c: C,
+    broker: u32,
+    conn: SubscriberConn,
+    idle_timeout: Duration,
+    stop: &AtomicBool,
+) {
+    let SubscriberConn { mut stream, line } = conn;
+    let peer = stream
+        .peer_addr()
+        .map_or_else(|_| "?".to_string(), |a| a.to_string());
+    let opened = field(&line, "topic")
+        .map_err(|e| e.to_string())
+        .and_then(|topic| {
+            let from = field(&line, "from").unwrap_or("oldest");
+            let start = parse_from(from)?;
+            Subscriber::open(pool, c, topic, start).map_err(|e| e.to_string())
+        });
+    let mut sub = match opened {
+        Ok(s) => s,
+        Err(why) => {
+            let _ = writeln!(stream, "ERR {why}");
+            log::info!("broker {broker}: TCP subscriber {peer} refused: {why}");
+            return;
+        }
+    };
+    if writeln!(stream, "OK broker={broker}").is_err() {
+        return;
+    }
+    let _ = stream.set_write_timeout(Some(idle_timeout));
+    let _ = stream.set_nodelay(true);
+    log::info!("broker {broker}: TCP subscriber {peer} of {line:?} serving");
+    let mut buf: Vec<u8> = Vec::with_capacity(SEND_BUFFER + 64 * 1024);
+    let mut idle = Idle::new(IdlePolicy {
+        spin_rounds: 0,
+        yield_for: Duration::from_millis(1),
+        rest: Duration::from_micros(100),
+    });
+    let mut last_check = Instant::now();
+    let why = loop {
+        if stop.load(Relaxed) {
+            break "the broker is stopping".to_string();
+        }
+        let polled = sub.poll(BATCHES_PER_ROUND, |m| {
+            let f = MessageFrame {
+                total_order: m.total_order,
+                client_id: m.client_id,
+                batch_seq: m.batch_seq,
+                len: m.payload.len() as u32,
+                index: m.index,
+                num_msg: m.num_msg,
+            };
+            buf.extend_from_slice(&f.encode());
+            buf.extend_from_slice(m.payload);
+        });
+        let n = match polled {
+            Ok(n) => n,
+            Err(e) => {
+                // Falling behind retention, an unreadable batch: the stream ends with why.
+                let reason = e.to_string();
+                let _ = stream.write_all(&buf);
+                let f = MessageFrame {
+                    total_order: END_OF_STREAM,
+                    client_id: 0,
+                    batch_seq: 0,
+                    len: reason.len() as u32,
+                    index: 0,
+                    num_msg: 0,
+                };
+                let _ = stream.write_all(&f.encode());
+                let _ = stream.write_all(reason.as_bytes());
+                break reason;
+            }
+        };
+        if buf.len() >= SEND_BUFFER || (n == 0 && !buf.is_empty()) {
+            if let Err(e) = stream.write_all(&buf) {
+                break if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
+                    format!("it read nothing for {idle_timeout:?}; dropped")
+                } else {
+                    format!("writing: {e}")
+                };
+            }
+            buf.clear();
+        }
+        if n == 0 {
+            if last_check.elapsed() > Duration::from_millis(100) {
+                last_check = Instant::now();
+                if peer_closed(&stream) {
+                    break "the subscriber closed the connection".to_string();
+                }
+            }
+            idle.after(0, std::thread::sleep);
+        } else {
+            idle.after(n, |_| {});
+        }
+    };
+    log::info!("broker {broker}: TCP subscriber {peer} ended: {why}");
+}
+
+/// Whether the peer closed its end (a subscriber sends nothing after its request line).
+fn peer_closed(stream: &TcpStream) -> bool {
+    let mut b = [0u8; 1];
+    // SAFETY: `b` is a valid 1-byte buffer; MSG_PEEK | MSG_DONTWAIT neither consumes nor
+    // blocks.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n == 0 {
+        return true;
+    }
+    n < 0 && std::io::Error::last_os_error().kind() != ErrorKind::WouldBlock
+}
+
+/// Why a remote subscription failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SubscribeError {
+    #[error("no broker to subscribe from")]
+    NoBrokers,
+    #[error("broker at {addr} refused: {reason}")]
+    Refused { addr: SocketAddr, reason: String },
+    /// The broker ended the stream (the subscriber fell behind retention, ...).
+    #[error("the stream ended at total order {next}: {reason}")]
+    Ended { next: u64, reason: String },
+    #[error("no broker answered for {waited:?} (last: {last})")]
+    Unreachable { waited: Duration, last: String },
+    #[error("broker at {addr} sent a frame of {len} bytes, more than {max}")]
+    BadFrame {
+        addr: SocketAddr,
+        len: u32,
+        max: u32,
+    },
+}
+
+/// One message as a remote subscriber gets it; `payload` borrows the subscriber's buffer
+/// until the next call.
+#[derive(Debug, PartialEq, Eq)]
+pub struct RemoteMessage<'a> {
+    pub total_order: u64,
+    pub client_id: u64,
+    pub batch_seq: u64,
+    pub index: u32,
+    pub num_msg: u32,
+    pub payload: &'a [u8],
+}
+
+/// A subscriber of a topic on another host: reads the total order from one broker over TCP
+/// and, when the connection drops, resumes from the next total order it expects on the next
+/// broker that answers (trying each in turn for `reconnect_for`).
+pub struct TcpSubscriber {
+    brokers: Vec<SocketAddr>,
+    topic: String,
+    /// Where the next connection starts: the original position until a message arrives,
+    /// then the total order after the last one.
+    start: StartAt,
+    current: usize,
+    stream: Option<TcpStream>,
+    /// Bytes received and not yet handed out: `buf[head..tail]`.
+    buf: Vec<u8>,
+    head: usize,
+    tail: usize,
+    reconnect_for: Duration,
+    reconnects: u64,
+    /// The largest payload accepted (a larger frame means a broken stream).
+    max_payload: u32,
+}
+
+impl TcpSubscriber {
+    /// Subscribes to `topic` from `start` on the first of `brokers` that answers.
+    pub fn connect(
+        brokers: &[SocketAddr],
+        topic: &str,
+        start: StartAt,
+        reconnect_for: Duration,
+    ) -> Result<TcpSubscriber, SubscribeError> {
+        if brokers.is_empty() {
+            return Err(SubscribeError::NoBrokers);
+        }
+        let mut s = TcpSubscriber {
+            brokers: brokers.to_vec(),
+            topic: topic.to_string(),
+            start,
+            current: 0,
+            stream: None,
+            buf: vec![0; 1 << 20],
+            head: 0,
+            tail: 0,
+            reconnect_for,
+            reconnects: 0,
+            max_payload: 256 << 20,
+        };
+        s.reconnect(true)?;
+        Ok(s)
+    }
+
+    /// Times the subscriber connected again after a dropped connection.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects
+    }
+
+    /// The broker it reads from now.
+    pub fn broker_addr(&self) -> SocketAddr {
+        self.brokers[self.current]
+    }
+
+    /// The position the next message has (once a message was received).
+    pub fn position(&self) -> StartAt {
+        self.start
+    }
+
+    fn request(&self) -> String {
+        let from = match self.start {
+            StartAt::Oldest => "oldest".to_string(),
+            StartAt::Latest => "latest".to_string(),
+            StartAt::TotalOrder(t) => t.to_string(),
+        };
+        format!("{SUB_HELLO} topic={} from={from}\n", self.topic)
+    }
+
+    fn open(&self, addr: SocketAddr) -> Result<TcpStream, SubscribeError> {
+        let unreachable = |e: std::io::Error| SubscribeError::Unreachable {
+            waited: Duration::ZERO,
+            last: format!("{addr}: {e}"),
+        };
+        let mut s =
+            TcpStream::connect_timeout(&addr, Duration::from_secs(5)).map_err(unreachable)?;
+        s.set_read_timeout(Some(Duration::from_secs(5)))
+            .map_err(unreachable)?;
+        s.write_all(self.request().as_bytes())
+            .map_err(unreachable)?;
+        // The answer line, a byte at a time: the frames that follow stay in the socket.
+        let mut line = Vec::new();
+        let mut b = [0u8; 1];
+        while line.len() <= MAX_LINE {
+            match s.read(&mut b) {
+                Ok(0) => {
+                    return Err(unreachable(std::io::Error::new(
+                        ErrorKind::UnexpectedEof,
+                        "closed before answering",
+                    )))
+                }
+                Ok(_) if b[0] == b'\n' => break,
+                Ok(_) => line.push(b[0]),
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(unreachable(e)),
+            }
+        }
+        let line = String::from_utf8_lossy(&line).to_string();
+        if let Some(reason) = line.strip_prefix("ERR ") {
+            return Err(SubscribeError::Refused {
+                addr,
+                reason: reason.to_string(),
+            });
+        }
+        if !line.starts_with("OK") {
+            return Err(SubscribeError::Refused {
+                addr,
+                reason: format!("unexpected answer {line:?}"),
+            });
+        }
+        Ok(s)
+    }
+
+    /// Connects to the current broker, or the next ones in turn, for `reconnect_for`. A
+    /// refusal (an unknown topic, a position not retained) is final on the first attempt;
+    /// later, another broker may still answer.
+    fn reconnect(&mut self, first: bool) -> Result<(), SubscribeError> {
+        self.stream = None;
+        self.head = 0;
+        self.tail = 0;
+        let began = Instant::now();
+        let mut pause = Duration::from_millis(20);
+        let mut last = String::new();
+        loop {
+            for k in 0..self.brokers.len() {
+                let i = (self.current + k) % self.brokers.len();
+                match self.open(self.brokers[i]) {
+                    Ok(s) => {
+                        self.current = i;
+                        self.stream = Some(s);
+                        if !first {
+                            self.reconnects += 1;
+                        }
+                        return Ok(());
+                    }
+                    Err(e @ SubscribeError::Refused { .. }) if first => return Err(e),
+                    Err(e) => last = e.to_string(),
+                }
+            }
+            if began.elapsed() >= self.reconnect_for {
+                return Err(SubscribeError::Unreachable {
+                    waited: began.elapsed(),
+                    last,
+                });
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
+    }
+
+    /// Bytes buffered and not handed out.
+    fn buffered(&self) -> usize {
+        self.tail - self.head
+    }
+
+    /// Reads more into the buffer, waiting at most `timeout`. `Ok(false)` on a timeout; an
+    /// error when the connection ended.
+    fn fill(&mut self, need: usize, timeout: Duration) -> std::io::Result<bool> {
+        if self.head > 0 && self.head == self.tail {
+            self.head = 0;
+            self.tail = 0;
+        }
+        if self.buf.len() - self.head < need {
+            self.buf.copy_within(self.head..self.tail, 0);
+            self.tail -= self.head;
+            self.head = 0;
+            if self.buf.len() < need {
+                self.buf.resize(need, 0);
+            }
+        }
+        let s = self
+            .stream
+            .as_mut()
+            .ok_or_else(|| std::io::Error::new(ErrorKind::NotConnected, "not connected"))?;
+        s.set_read_timeout(Some(timeout.max(Duration::from_micros(1))))?;
+        match s.read(&mut self.buf[self.tail..]) {
+            Ok(0) => Err(std::io::Error::new(
+                ErrorKind::UnexpectedEof,
+                "the broker closed the connection",
+            )),
+            Ok(n) => {
+                self.tail += n;
+                Ok(true)
+            }
+            Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => Ok(false),
+            Err(e) if e.kind() == ErrorKind::Interrupted => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The next message in total order, waiting at most `timeout` (`None` when none came).
+    /// A dropped connection is resumed on a broker that answers, from the next total order.
+    pub fn next_timeout(
+        &mut self,
+        timeout: Duration,
+    ) -> Result<Option<RemoteMessage<'_>>, SubscribeError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.buffered() >= MessageFrame::BYTES {
+                let h: [u8; MessageFrame::BYTES] = self.buf
+                    [self.head..self.head + MessageFrame::BYTES]
+                    .try_into()
+                    .expect("a frame header");
+                let f = MessageFrame::decode(&h);
+                if f.len > self.max_payload {
+                    return Err(SubscribeError::BadFrame {
+                        addr: self.broker_addr(),
+                        len: f.len,
+                        max: self.max_payload,
+                    });
+                }
+                let whole = MessageFrame::BYTES + f.len as usize;
+                if self.buffered() >= whole {
+                    let at = self.head + MessageFrame::BYTES;
+                    self.head += whole;
+                    if f.total_order == END_OF_STREAM {
+                        let next = match self.start {
+                            StartAt::TotalOrder(t) => t,
+                            _ => 0,
+                        };
+                        return Err(SubscribeError::Ended {
+                            next,
+                            reason: String::from_utf8_lossy(&self.buf[at..at + f.len as usize])
+                                .to_string(),
+                        });
+                    }
+                    self.start = StartAt::TotalOrder(f.total_order + 1);
+                    return Ok(Some(RemoteMessage {
+                        total_order: f.total_order,
+                        client_id: f.client_id,
+                        batch_seq: f.batch_seq,
+                        index: f.index,
+                        num_msg: f.num_msg,
+                        payload: &self.buf[at..at + f.len as usize],
+                    }));
+                }
+            }
+            let need = if self.buffered() >= MessageFrame::BYTES {
+                let h: [u8; MessageFrame::BYTES] = self.buf
+                    [self.head..self.head + MessageFrame::BYTES]
+                    .try_into()
+                    .expect("a frame header");
+                MessageFrame::BYTES + MessageFrame::decode(&h).len as usize
+            } else {
+                MessageFrame::BYTES
+            };
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.fill(need, left) {
+                Ok(true) => {}
+                Ok(false) => {
+                    if Instant::now() >= deadline {
+                        return Ok(None);
+                    }
+                }
+                Err(e) => {
+                    log::info!(
+                        "subscriber of {}: connection to {} lost ({e}); resuming from {:?}",
+                        self.topic,
+                        self.broker_addr(),
+                        self.start
+                    );
+                    // The next broker first: the one that dropped may be the one that died.
+                    self.current = (self.current + 1) % self.brokers.len();
+                    self.reconnect(false)?;
+                }
+            }
+        }
+    }
+}
