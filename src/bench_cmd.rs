@@ -138,6 +138,8 @@ pub fn bench(a: &BenchArgs) -> CliResult<bool> {
                 .verbs_ip
                 .or_else(|| std::env::var("RDMA_IP").ok()?.parse().ok()),
         }
+    } else if t.transport == "tcp" {
+        pipeline::Transport::Tcp
     } else {
         pipeline::Transport::Shm
     };

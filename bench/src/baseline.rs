@@ -67,3 +67,44 @@ pub fn host_stalls(probe: std::time::Duration) -> Stalls {
         max_us: per_cpu.iter().map(|c| c.2).max().unwrap_or(0),
     }
 }
+
+/// This host's loopback TCP ceiling, GB/s: one connected socket pair on 127.0.0.1, one
+/// thread writing 1 MiB buffers, another reading them, for `bytes` in all (the best of
+/// three). What a single TCP stream can carry here, to set the TCP transport's figures
+/// against.
+pub fn tcp_loopback_gbps(bytes: u64) -> std::io::Result<f64> {
+    use std::io::{Read, Write};
+    const CHUNK: usize = 1 << 20;
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        let addr = listener.local_addr()?;
+        let reader = std::thread::spawn(move || -> std::io::Result<u64> {
+            let (mut s, _) = listener.accept()?;
+            let mut buf = vec![0u8; CHUNK];
+            let mut got = 0u64;
+            loop {
+                let n = s.read(&mut buf)?;
+                if n == 0 {
+                    return Ok(got);
+                }
+                got += n as u64;
+            }
+        });
+        let mut w = std::net::TcpStream::connect(addr)?;
+        let _ = w.set_nodelay(true);
+        let buf = vec![0x5au8; CHUNK];
+        let t = Instant::now();
+        let mut sent = 0u64;
+        while sent < bytes {
+            w.write_all(&buf)?;
+            sent += CHUNK as u64;
+        }
+        drop(w);
+        let got = reader
+            .join()
+            .map_err(|_| std::io::Error::other("the reader panicked"))??;
+        best = best.max(got as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    Ok(best)
+}

@@ -148,6 +148,17 @@ pub fn verbs_brokers(control: SocketAddr) -> BenchResult<Vec<(u32, SocketAddr)>>
     Ok(live)
 }
 
+/// The live brokers that take TCP clients: `(pool slot, address)`.
+pub fn tcp_brokers(control: SocketAddr) -> BenchResult<Vec<(u32, SocketAddr)>> {
+    let (_, live) = live_brokers(control, |b| b["addresses"]["tcp"].as_str()?.parse().ok())?;
+    if live.is_empty() {
+        return Err(BenchError::Cluster(
+            "no live broker accepts TCP clients (brokers started with --tcp none?)".into(),
+        ));
+    }
+    Ok(live)
+}
+
 /// Maps the pool with every page faulted in, so the data path takes no page fault.
 pub fn open_pool(path: &Path) -> BenchResult<embar_dataplane::pool::Pool> {
     let opts = embar_dataplane::pool::OpenOptions {

@@ -80,6 +80,9 @@ pub enum Transport {
         /// The IP the brokers of a started cluster listen on (the RDMA netdev's).
         ip: Option<IpAddr>,
     },
+    /// Batches over TCP to the brokers; subscribers read the total order from a broker over
+    /// TCP too (remote subscribers).
+    Tcp,
 }
 
 impl Transport {
@@ -87,6 +90,7 @@ impl Transport {
         match self {
             Transport::Shm => "shm",
             Transport::Verbs { .. } => "verbs",
+            Transport::Tcp => "tcp",
         }
     }
 }
@@ -251,6 +255,8 @@ impl Progress {
 /// run (the configured ORDER first).
 pub(crate) struct Repetition {
     pub memcpy_gbps: f64,
+    /// The loopback TCP ceiling (one socket pair), measured for the TCP transport.
+    pub tcp_gbps: Option<f64>,
     pub stalls: Stalls,
     pub runs: Vec<Run>,
 }
@@ -263,7 +269,7 @@ pub fn run(a: &Config) -> BenchResult<bool> {
     if a.runs == 0 || a.runs > RUNS_MAX {
         return Err(BenchError::Usage(format!("--runs must be 1 to {RUNS_MAX}")));
     }
-    if a.transport != Transport::Shm && !cfg!(feature = "verbs") {
+    if matches!(a.transport, Transport::Verbs { .. }) && !cfg!(feature = "verbs") {
         return Err(BenchError::Usage(
             "the verbs transport needs embar-bench's `verbs` feature".into(),
         ));
@@ -276,7 +282,7 @@ pub fn run(a: &Config) -> BenchResult<bool> {
         Some(_) => None,
         None => {
             let verbs = match &a.transport {
-                Transport::Shm => None,
+                Transport::Shm | Transport::Tcp => None,
                 Transport::Verbs { device, gid_index, ip } => Some((
                     ip.ok_or_else(|| BenchError::Usage("--transport verbs: give --verbs-ip (the RDMA netdev's address) or set RDMA_IP".into()))?,
                     device.clone(),
@@ -316,10 +322,18 @@ pub fn run(a: &Config) -> BenchResult<bool> {
     for rep in 0..a.runs {
         // The baselines of each repetition, measured beside its runs (the cluster idle).
         let memcpy_gbps = crate::baseline::memcpy_gbps();
+        let tcp_gbps = match a.transport {
+            Transport::Tcp => Some(
+                crate::baseline::tcp_loopback_gbps(a.total_bytes.clamp(256 << 20, 2 << 30))
+                    .map_err(|e| BenchError::Run(format!("the loopback TCP baseline: {e}")))?,
+            ),
+            _ => None,
+        };
         let stalls = crate::baseline::host_stalls(Duration::from_secs(1));
         let runs = repetition(a, &pool, control, &brokers, rep)?;
         reps.push(Repetition {
             memcpy_gbps,
+            tcp_gbps,
             stalls,
             runs,
         });
@@ -511,8 +525,8 @@ fn one_run<C: Coherence>(c: C, r: OneRun<'_>) -> BenchResult<Run> {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let subs: Vec<_> = (0..a.subscribers)
-        .map(|_| Subscriber::open(pool, c, topic, StartAt::Oldest))
+    let subs: Vec<BenchSub<'_, C>> = (0..a.subscribers)
+        .map(|_| BenchSub::open(pool, c, control, topic, &a.transport))
         .collect::<Result<_, _>>()?;
     let start_ns = monotonic_ns();
     let result = std::thread::scope(|s| {
@@ -650,12 +664,14 @@ fn one_run<C: Coherence>(c: C, r: OneRun<'_>) -> BenchResult<Run> {
                         acked,
                         failed,
                     };
-                    let r = if a.transport == Transport::Shm {
-                        Publisher::open(pool, c, topic, brokers, new_client_id(), cfg)
-                            .map_err(BenchError::from)
-                            .and_then(|mut publ| load.drive(&mut publ))
-                    } else {
-                        drive_verbs(&load, control, topic, cfg)
+                    let r = match a.transport {
+                        Transport::Shm => {
+                            Publisher::open(pool, c, topic, brokers, new_client_id(), cfg)
+                                .map_err(BenchError::from)
+                                .and_then(|mut publ| load.drive(&mut publ))
+                        }
+                        Transport::Tcp => drive_tcp(&load, control, topic, cfg),
+                        Transport::Verbs { .. } => drive_verbs(&load, control, topic, cfg),
                     };
                     if r.is_err() {
                         failed.store(true, Ordering::Relaxed);
@@ -868,6 +884,93 @@ impl Load<'_> {
 }
 
 /// One publisher's share over the verbs transport (a build with the feature).
+/// A bench subscriber: on the pool host, or (with the TCP transport) a remote one reading
+/// the total order from a broker over TCP.
+enum BenchSub<'p, C: Coherence> {
+    Pool(Subscriber<'p, C>),
+    Tcp(embar_dataplane::tcp::subscriber::TcpSubscriber),
+}
+
+impl<'p, C: Coherence> BenchSub<'p, C> {
+    fn open(
+        pool: &'p Pool,
+        c: C,
+        control: SocketAddr,
+        topic: &str,
+        transport: &Transport,
+    ) -> BenchResult<Self> {
+        if *transport != Transport::Tcp {
+            return Ok(BenchSub::Pool(Subscriber::open(
+                pool,
+                c,
+                topic,
+                StartAt::Oldest,
+            )?));
+        }
+        let brokers: Vec<SocketAddr> = crate::cluster::tcp_brokers(control)?
+            .into_iter()
+            .map(|(_, a)| a)
+            .collect();
+        let s = embar_dataplane::tcp::subscriber::TcpSubscriber::connect(
+            &brokers,
+            topic,
+            StartAt::Oldest,
+            Duration::from_secs(10),
+        )
+        .map_err(|e| BenchError::Run(format!("TCP subscriber: {e}")))?;
+        Ok(BenchSub::Tcp(s))
+    }
+
+    /// Hands every message that is here (up to about `max_batches` batches) to `f`.
+    fn poll(
+        &mut self,
+        max_batches: usize,
+        mut f: impl FnMut(&embar_dataplane::client::subscriber::Message<'_>),
+    ) -> BenchResult<usize> {
+        match self {
+            BenchSub::Pool(s) => Ok(s.poll(max_batches, f)?),
+            BenchSub::Tcp(s) => {
+                let mut n = 0;
+                while n < max_batches * 2048 {
+                    match s.next_timeout(Duration::ZERO) {
+                        Ok(Some(m)) => {
+                            f(&embar_dataplane::client::subscriber::Message {
+                                total_order: m.total_order,
+                                client_id: m.client_id,
+                                batch_seq: m.batch_seq,
+                                index: m.index,
+                                num_msg: m.num_msg,
+                                payload: m.payload,
+                            });
+                            n += 1;
+                        }
+                        Ok(None) => break,
+                        Err(e) => return Err(BenchError::Run(format!("TCP subscriber: {e}"))),
+                    }
+                }
+                Ok(n)
+            }
+        }
+    }
+}
+
+/// Drives one publisher over the TCP transport.
+fn drive_tcp(
+    load: &Load<'_>,
+    control: SocketAddr,
+    topic: &str,
+    cfg: PublisherConfig,
+) -> BenchResult<Driven> {
+    use embar_dataplane::tcp::publisher::{TcpPublisher, TcpPublisherConfig};
+    let brokers = crate::cluster::tcp_brokers(control)?;
+    let tc = TcpPublisherConfig {
+        publisher: cfg,
+        ..Default::default()
+    };
+    let mut publ = TcpPublisher::connect(&brokers, topic, new_client_id(), &tc)?;
+    load.drive(&mut publ)
+}
+
 fn drive_verbs(
     load: &Load<'_>,
     control: SocketAddr,

@@ -45,6 +45,12 @@ fn repetition_json(rep: &Repetition) -> Value {
     let mut out = run_json(main);
     out["memcpy_gbps"] = json!(rep.memcpy_gbps);
     out["ratio_to_memcpy"] = json!(main.gbps() / rep.memcpy_gbps);
+    if let Some(t) = rep.tcp_gbps {
+        out["tcp_loopback_gbps"] = json!(t);
+        out["ratio_to_tcp_loopback"] = json!(main.gbps() / t);
+        out["delivered_ratio_to_tcp_loopback"] =
+            json!(main.bytes as f64 / main.deliver_elapsed_s / 1e9 / t);
+    }
     out["host_stalls"] = json!(rep.stalls);
     if let Some(other) = rep.runs.get(1) {
         let og = other.gbps();
@@ -226,9 +232,13 @@ fn print_human(a: &Config, brokers: usize, reps: &[Repetition], out: &Value) {
                 r.bytes as f64 / r.deliver_elapsed_s / 1e9,
                 if i == 0 {
                     format!(
-                        "  ({:.2} x memcpy {:.2} GB/s)",
+                        "  ({:.2} x memcpy {:.2} GB/s{})",
                         r.gbps() / rep.memcpy_gbps,
-                        rep.memcpy_gbps
+                        rep.memcpy_gbps,
+                        rep.tcp_gbps.map_or(String::new(), |t| format!(
+                            "; {:.2} x one loopback TCP stream {t:.2} GB/s",
+                            r.gbps() / t
+                        ))
                     )
                 } else {
                     String::new()
@@ -301,6 +311,16 @@ fn print_summary(a: &Config, n: usize, s: &Value) {
             "GB/s",
         ),
         ("memcpy".into(), "memcpy_gbps".into(), "GB/s"),
+        (
+            format!("ORDER {} / loopback TCP", a.order),
+            "ratio_to_tcp_loopback".into(),
+            "",
+        ),
+        (
+            "loopback TCP stream".into(),
+            "tcp_loopback_gbps".into(),
+            "GB/s",
+        ),
     ];
     for (what, key) in [
         ("publish-to-ack", "latency_us"),
