@@ -46,6 +46,9 @@ pub struct UpArgs {
     /// wildcard).
     #[arg(long)]
     pub tcp: Option<std::net::IpAddr>,
+    /// Passed to every broker (see `embar broker --tcp-idle-timeout-ms`).
+    #[arg(long)]
+    pub tcp_idle_timeout_ms: Option<u64>,
     /// Passed to every broker (see `embar broker --sync-interval-ms`).
     #[arg(long)]
     pub sync_interval_ms: Option<u64>,
@@ -256,6 +259,9 @@ pub fn up(a: &UpArgs) -> Result<ClusterFile, String> {
             a.listen.ip()
         });
         args.extend(["--tcp".into(), SocketAddr::new(tcp_ip, 0).to_string()]);
+        if let Some(ms) = a.tcp_idle_timeout_ms {
+            args.extend(["--tcp-idle-timeout-ms".into(), ms.to_string()]);
+        }
         if let Some(ip) = a.verbs {
             args.extend([
                 "--verbs".into(),

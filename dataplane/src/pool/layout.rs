@@ -16,7 +16,7 @@ pub const CACHE_LINE: usize = 64;
 /// `"EMBARCXL"` little-endian; written last when a pool is formatted.
 pub const POOL_MAGIC: u64 = u64::from_le_bytes(*b"EMBARCXL");
 /// Bumped whenever any record or region below changes shape.
-pub const LAYOUT_VERSION: u32 = 5;
+pub const LAYOUT_VERSION: u32 = 6;
 /// Brokers a topic can have; fixes the size of a [`TInode`].
 pub const MAX_BROKERS: usize = 32;
 /// Longest topic name, in bytes of UTF-8.
@@ -339,7 +339,7 @@ pub struct ClientEntry {
 }
 
 /// Publisher sessions a broker serves at once (shm transport).
-pub const SESSIONS_PER_BROKER: usize = 32;
+pub const SESSIONS_PER_BROKER: usize = 128;
 /// Grants a session can hold (its credits).
 pub const SESSION_GRANT_SLOTS: usize = 8;
 /// Batches a session can have submitted and not yet taken by its broker.
