@@ -853,6 +853,9 @@ impl<'p, C: Coherence> Remote<'p, C> {
                     self.taken
                 ));
             }
+            // Batches are read into it with `read(2)`: its pages are faulted in once here
+            // (once per chunk per process), not one by one inside the kernel's copy.
+            pool.populate_range(offset, len);
             self.grant = Some(Grant {
                 offset,
                 bytes: len,

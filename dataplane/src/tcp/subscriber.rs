@@ -215,6 +215,8 @@ pub struct TcpSubscriber {
     head: usize,
     tail: usize,
     reconnect_for: Duration,
+    /// The socket's read timeout as last set (set again only when it changes).
+    read_timeout: Option<Duration>,
     reconnects: u64,
     /// The largest payload accepted (a larger frame means a broken stream).
     max_payload: u32,
@@ -241,6 +243,7 @@ impl TcpSubscriber {
             head: 0,
             tail: 0,
             reconnect_for,
+            read_timeout: None,
             reconnects: 0,
             max_payload: 256 << 20,
         };
@@ -333,6 +336,7 @@ impl TcpSubscriber {
                     Ok(s) => {
                         self.current = i;
                         self.stream = Some(s);
+                        self.read_timeout = None;
                         if !first {
                             self.reconnects += 1;
                         }
@@ -377,8 +381,34 @@ impl TcpSubscriber {
             .stream
             .as_mut()
             .ok_or_else(|| std::io::Error::new(ErrorKind::NotConnected, "not connected"))?;
-        s.set_read_timeout(Some(timeout.max(Duration::from_micros(1))))?;
-        match s.read(&mut self.buf[self.tail..]) {
+        let read = if timeout.is_zero() {
+            let room = &mut self.buf[self.tail..];
+            // SAFETY: `room` is a valid, writable buffer of `room.len()` bytes;
+            // MSG_DONTWAIT makes this one read non-blocking without changing the socket.
+            let n = unsafe {
+                libc::recv(
+                    s.as_raw_fd(),
+                    room.as_mut_ptr().cast(),
+                    room.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if n < 0 {
+                Err(std::io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
+        } else {
+            // Whole milliseconds (the kernel's granularity is a tick anyway), so that a
+            // caller polling with the same timeout sets it once.
+            let t = Some(Duration::from_millis(timeout.as_millis().max(1) as u64));
+            if self.read_timeout != t {
+                s.set_read_timeout(t)?;
+                self.read_timeout = t;
+            }
+            s.read(&mut self.buf[self.tail..])
+        };
+        match read {
             Ok(0) => Err(std::io::Error::new(
                 ErrorKind::UnexpectedEof,
                 "the broker closed the connection",
@@ -399,7 +429,9 @@ impl TcpSubscriber {
         &mut self,
         timeout: Duration,
     ) -> Result<Option<RemoteMessage<'_>>, SubscribeError> {
-        let deadline = Instant::now() + timeout;
+        // The clock is read only when the buffer holds no whole frame (a message already
+        // here costs no system call).
+        let mut deadline = None;
         loop {
             if self.buffered() >= MessageFrame::BYTES {
                 let h: [u8; MessageFrame::BYTES] = self.buf
@@ -449,6 +481,7 @@ impl TcpSubscriber {
             } else {
                 MessageFrame::BYTES
             };
+            let deadline = *deadline.get_or_insert_with(|| Instant::now() + timeout);
             let left = deadline.saturating_duration_since(Instant::now());
             match self.fill(need, left) {
                 Ok(true) => {}
