@@ -132,6 +132,30 @@ fn ack_futures_and_the_message_stream_work_on_a_plain_executor() {
 }
 
 #[test]
+fn a_pool_truncated_under_a_client_is_pool_lost_for_what_it_opens_next() {
+    let _serial = serial();
+    let c = Cluster::up("lib-lost", &SMALL_POOL);
+    c.topic("t", &["--batch-bytes", "16KiB"]);
+    let client = Client::connect(c.control.as_str()).unwrap();
+    // The client maps the pool for its first subscriber, and keeps the mapping.
+    drop(client.subscriber("t", StartAt::Oldest).unwrap());
+
+    // Someone with write access truncates the pool file to its first page.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(client.pool_path())
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+
+    // The next subscriber would read the missing part: it is refused with the reason, and
+    // a kind of its own (the C ABI's EMBAR_STATUS_POOL_LOST, the command line's exit 74).
+    let e = client.subscriber("t", StartAt::Oldest).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PoolLost, "{e}");
+    assert!(e.to_string().contains("truncated or replaced"), "{e}");
+}
+
+#[test]
 fn the_example_producer_and_consumer_run_against_a_cluster_found_through_the_environment() {
     let _serial = serial();
     let c = Cluster::up("examples", &SMALL_POOL);

@@ -326,10 +326,13 @@ impl Client {
     }
 
     /// The pool, mapped on first use (then shared by everything this client opens). Only on
-    /// the pool host; for tools that work on the pool directly.
+    /// the pool host; for tools that work on the pool directly. Fails with
+    /// [`ErrorKind::PoolLost`](crate::ErrorKind::PoolLost) once the pool's file has been
+    /// truncated or replaced under the mapping: what is opened next would fault on it.
     pub fn pool(&self) -> Result<Arc<Pool>> {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(p) = pool.as_ref() {
+            p.check_backing()?;
             return Ok(Arc::clone(p));
         }
         let opened = Arc::new(Pool::open(
