@@ -3,8 +3,6 @@
 //! the shm transport, every message checked (total order, per-client order, payload), and
 //! throughput, publish-to-ack latency (HDR histogram) and the same run's memcpy bandwidth.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,7 +13,7 @@ use embar_control::ControlClient;
 use embar_dataplane::checker::{Delivered, OrderChecker};
 use embar_dataplane::client::publisher::{Publisher, PublisherConfig};
 use embar_dataplane::client::subscriber::{StartAt, Subscriber};
-use embar_dataplane::client::Publish;
+use embar_dataplane::client::{new_client_id, Publish};
 use embar_dataplane::pool::coherence::Coherence;
 use embar_dataplane::pool::{CoherenceFn, Pool};
 use embar_sys::clock::monotonic_ns;
@@ -899,11 +897,6 @@ fn drive_verbs(
             "the verbs transport needs embar-bench's `verbs` feature".into(),
         ))
     }
-}
-
-/// A client id for a publisher: random, so two publishers never share one.
-pub(crate) fn new_client_id() -> u64 {
-    RandomState::new().build_hasher().finish() >> 1
 }
 
 impl Run {

@@ -8,14 +8,13 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use embar_dataplane::client::publisher::{Publisher, PublisherConfig};
-use embar_dataplane::client::Publish;
+use embar_dataplane::client::{new_client_id, Publish};
 use embar_dataplane::pool::coherence::Coherence;
 use embar_dataplane::pool::{CoherenceFn, Pool};
 
 #[cfg(feature = "verbs")]
 use crate::cluster::verbs_brokers;
 use crate::cluster::{discover, open_pool};
-use crate::pipeline::new_client_id;
 
 /// What a rogue publisher does (`embar ring-worker rogue-publish`).
 #[derive(Clone, Debug, clap::Args)]

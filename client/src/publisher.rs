@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use embar_dataplane::client::publisher::{Publisher as ShmPublisher, PublisherConfig};
-use embar_dataplane::client::{Publish, PublishError};
+use embar_dataplane::client::{new_client_id, Publish, PublishError};
 use embar_dataplane::idle::{Idle, IdlePolicy};
 use embar_dataplane::pool::coherence::Coherence;
 use embar_dataplane::pool::{CoherenceFn, Pool};
@@ -65,15 +65,6 @@ impl std::fmt::Debug for Publisher {
             .field("published", &self.published)
             .finish_non_exhaustive()
     }
-}
-
-/// A client id: random, so two publishers never share one.
-fn new_client_id() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish()
-        >> 1
 }
 
 /// Opens a shm publisher with the pool's coherence implementation.
