@@ -12,7 +12,7 @@ use embar_control::ControlClient;
 use embar_dataplane::pool::{OpenOptions, Pool};
 use serde_json::Value;
 
-use crate::discovery::{ControlAddr, ControlSource};
+use crate::discovery::{Broker, ClusterView, ControlAddr, ControlSource};
 use crate::error::{Error, Result};
 use crate::publisher::Publisher;
 use crate::subscriber::{StartAt, Subscriber};
@@ -178,16 +178,6 @@ pub struct Topic {
     pub slot: u32,
 }
 
-/// A live broker.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Broker {
-    pub id: u32,
-    /// Its regions in the pool.
-    pub slot: u32,
-    /// Where it takes verbs (RDMA) publishers, if it does.
-    pub verbs: Option<SocketAddr>,
-}
-
 /// A connection to one cluster: its control process, and the pool once a publisher or
 /// subscriber on this host needs it. Cheap to share between threads (`&Client`); the
 /// publishers and subscribers it opens own what they use and may outlive it.
@@ -238,12 +228,7 @@ impl Client {
             pool_path: PathBuf::new(),
             pool: Mutex::new(None),
         };
-        let status = client.status()?;
-        client.pool_path =
-            PathBuf::from(status["pool"]["path"].as_str().ok_or(Error::Discovery {
-                addr: client.control.addr,
-                what: "a pool path",
-            })?);
+        client.pool_path = client.cluster()?.pool_path;
         Ok(client)
     }
 
@@ -262,10 +247,7 @@ impl Client {
     }
 
     pub(crate) fn control_error(&self, source: ClientError) -> Error {
-        Error::Control {
-            source,
-            from: self.control.source.clone(),
-        }
+        self.control.error(source)
     }
 
     /// The control process's status document (`GET /v1/status`, docs/control-api.md).
@@ -302,27 +284,14 @@ impl Client {
         Ok(Topic { spec, slot })
     }
 
+    /// Where the pool is and which brokers are live, as the control process says now.
+    pub fn cluster(&self) -> Result<ClusterView> {
+        ClusterView::ask(&self.control)
+    }
+
     /// The live brokers, in pool-slot order.
     pub fn live_brokers(&self) -> Result<Vec<Broker>> {
-        let status = self.status()?;
-        let mut out: Vec<Broker> = status["brokers"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|b| b["alive"] == true)
-            .filter_map(|b| {
-                Some(Broker {
-                    id: b["id"].as_u64()? as u32,
-                    slot: b["slot"].as_u64()? as u32,
-                    verbs: b["addresses"]["verbs"]
-                        .as_str()
-                        .and_then(|a| a.parse().ok()),
-                })
-            })
-            .collect();
-        out.sort_unstable_by_key(|b| b.slot);
-        out.dedup_by_key(|b| b.slot);
-        Ok(out)
+        Ok(self.cluster()?.brokers)
     }
 
     /// The pool, mapped on first use (then shared by everything this client opens). Only on

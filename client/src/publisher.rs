@@ -102,10 +102,7 @@ impl Publisher {
         let client_id = new_client_id();
         let cell = match &cfg.transport {
             Transport::Shm => {
-                let brokers: Vec<u32> = client.live_brokers()?.iter().map(|b| b.slot).collect();
-                if brokers.is_empty() {
-                    return Err(Error::NoLiveBroker);
-                }
+                let brokers = client.cluster()?.broker_slots()?;
                 Cell::try_new(Some(client.pool()?), |pool| {
                     let pool = pool.as_deref().expect("a shm publisher has a pool");
                     let open = OpenShm {
@@ -257,14 +254,7 @@ fn open_verbs(
     publisher: PublisherConfig,
 ) -> Result<DynPublish<'static>> {
     use embar_dataplane::verbs::publisher::{VerbsConfig, VerbsPublisher};
-    let brokers: Vec<(u32, std::net::SocketAddr)> = client
-        .live_brokers()?
-        .into_iter()
-        .filter_map(|b| Some((b.slot, b.verbs?)))
-        .collect();
-    if brokers.is_empty() {
-        return Err(Error::NoVerbsBroker);
-    }
+    let brokers = client.cluster()?.verbs_brokers()?;
     let vc = VerbsConfig {
         device: device.clone().or_else(|| std::env::var("RDMA_DEVICE").ok()),
         gid_index: gid_index
