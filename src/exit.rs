@@ -239,6 +239,7 @@ impl From<BenchError> for CliError {
             BenchError::Usage(m) => CliError::usage(m),
             BenchError::Pool(p) => p.into(),
             BenchError::Control(c) => c.into(),
+            BenchError::Client(c) => c.into(),
             BenchError::Publish(p) => p.into(),
             e => CliError::new(ExitKind::Failure, e),
         }

@@ -290,16 +290,7 @@ pub fn run(a: &Config) -> BenchResult<bool> {
                 max_brokers: a.brokers.max(2),
                 verbs,
             };
-            let f = local.start()?;
-            if !a.json {
-                eprintln!(
-                    "bench: started a local cluster: control {}, {} brokers, pool {}",
-                    f.control,
-                    a.brokers,
-                    f.pool.display()
-                );
-            }
-            Some(f)
+            Some(local.start()?)
         }
     };
     let control = match (&started, a.control) {
@@ -307,8 +298,16 @@ pub fn run(a: &Config) -> BenchResult<bool> {
         (None, Some(c)) => c,
         (None, None) => unreachable!("a cluster is given or started"),
     };
-    let (pool_path, brokers) = crate::cluster::discover(control)?;
-    let pool = crate::cluster::open_pool(&pool_path)?;
+    let cluster = crate::cluster::cluster_view(control)?;
+    if started.is_some() && !a.json {
+        eprintln!(
+            "bench: started a local cluster: control {control}, {} brokers, pool {}",
+            a.brokers,
+            cluster.pool_path.display()
+        );
+    }
+    let brokers = cluster.broker_slots()?;
+    let pool = crate::cluster::open_pool(&cluster.pool_path)?;
     warm_up(a, &pool, control, &brokers)?;
     let mut reps = Vec::new();
     for rep in 0..a.runs {
@@ -881,7 +880,7 @@ fn drive_verbs(
         else {
             return Err(BenchError::Usage("not the verbs transport".into()));
         };
-        let brokers = crate::cluster::verbs_brokers(control)?;
+        let brokers = crate::cluster::cluster_view(control)?.verbs_brokers()?;
         let vc = VerbsConfig {
             device: device.clone(),
             gid_index: *gid_index,
