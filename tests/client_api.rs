@@ -121,6 +121,20 @@ fn ack_futures_and_the_message_stream_work_on_a_plain_executor() {
     }
     assert_eq!(publisher.acked().unwrap(), n + 1);
 
+    // Many more through the publisher itself (no lock and no future per message), with one
+    // future asked for afterwards; it sends the lingering batch itself.
+    let last = {
+        let mut p = publisher.lock_publisher().unwrap();
+        (0..n)
+            .map(|i| p.publish(format!("bulk {i}").as_bytes()).unwrap())
+            .last()
+            .unwrap()
+    };
+    assert_eq!(last, 2 * n);
+    let bulk = publisher.until_acked(last + 1);
+    assert_eq!(bulk.count(), 2 * n + 1);
+    assert_eq!(futures_executor::block_on(bulk).unwrap(), 2 * n + 1);
+
     let messages: Vec<_> = futures_executor::block_on(stream.take(n as usize + 1).collect());
     let first = messages[0].as_ref().unwrap();
     assert_eq!(first.payload, b"alone");
