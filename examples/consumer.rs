@@ -5,8 +5,9 @@
 //! cargo run --example consumer -- orders 1000
 //! ```
 //!
-//! The control process is found as every `embar` command finds it: `--control ADDR`, else
-//! `$EMBAR_CONTROL`, else the cluster directory of `embar cluster up`.
+//! The cluster is found by the library ([`Client::discover`]) as every `embar` command finds
+//! it without `--control`: `$EMBAR_CONTROL`, else the directory of `embar cluster up`
+//! (`$EMBAR_CLUSTER_DIR`, else /tmp/embar-cluster).
 
 use std::io::Write;
 use std::time::Duration;
@@ -15,21 +16,14 @@ use embar_client::{Client, StartAt};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
-    let (topic, count, control) = match args.as_slice() {
-        [topic, count] => (topic, count.parse::<u64>()?, None),
-        [topic, count, flag, addr] if flag == "--control" => {
-            (topic, count.parse::<u64>()?, Some(addr))
-        }
-        _ => return Err("usage: consumer TOPIC COUNT [--control ADDR]".into()),
+    let [topic, count] = args.as_slice() else {
+        return Err("usage: consumer TOPIC COUNT".into());
     };
-    let mut builder = Client::builder();
-    if let Some(addr) = control {
-        builder = builder.control(addr.as_str())?;
-    }
-    let client = builder.connect()?;
+    let count: u64 = count.parse()?;
+
+    let client = Client::discover()?;
     let mut subscriber = client.subscriber(topic, StartAt::Oldest)?;
-    let out = std::io::stdout();
-    let mut out = out.lock();
+    let mut out = std::io::stdout().lock();
     for got in 0..count {
         let Some(m) = subscriber.next_timeout(Duration::from_secs(30))? else {
             return Err(format!("{got} of {count} messages came; then none for 30 s").into());

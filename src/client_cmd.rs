@@ -7,36 +7,9 @@ use std::io::{BufRead, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use embar_client::{Client, ClientBuilder, ErrorKind, StartAt, Transport};
+use embar_client::{Client, ClientBuilder, StartAt, Transport};
 
-use crate::exit::{CliError, CliResult, ExitKind};
-
-/// The library's errors, by kind; the layers' own errors as `exit` classifies them.
-impl From<embar_client::Error> for CliError {
-    fn from(e: embar_client::Error) -> CliError {
-        use embar_client::Error as E;
-        let kind = match &e {
-            E::Publish(_) | E::Pool(_) => {
-                return match e {
-                    E::Publish(p) => p.into(),
-                    E::Pool(p) => p.into(),
-                    _ => unreachable!("matched above"),
-                }
-            }
-            E::InvalidInput { .. } | E::Unsupported(_) => ExitKind::Usage,
-            e => match e.kind() {
-                ErrorKind::NotFound => ExitKind::NotFound,
-                ErrorKind::Unavailable => ExitKind::Unavailable,
-                ErrorKind::TimedOut => ExitKind::TimedOut,
-                ErrorKind::InvalidInput | ErrorKind::Rejected | ErrorKind::FellBehind => {
-                    ExitKind::DataError
-                }
-                _ => ExitKind::Failure,
-            },
-        };
-        CliError::new(kind, e)
-    }
-}
+use crate::exit::{CliError, CliResult};
 
 /// A client of the control process at `control`, or of the one discovery finds.
 pub fn connect(control: Option<SocketAddr>, b: ClientBuilder) -> CliResult<Client> {

@@ -5,19 +5,21 @@
 //! [`EXIT_CODES_HELP`] (shown by `embar --help`) and the README's; a test keeps the three
 //! in step.
 //!
-//! The library crates' typed errors are classified here, by variant, never by their text:
-//! the control client's [`ClientError`], the pool's [`PoolError`], the publisher's
-//! [`PublishError`] and the bench's [`BenchError`]. A command that still returns
-//! `Result<_, String>` gets the generic failure through `From<String>`.
+//! The library crates' typed errors are classified here, never by their text, and by the
+//! libraries' own classification: the pool's [`PoolError`] and the publisher's
+//! [`PublishError`] by their `ErrorClass`, the client library's errors and the control
+//! client's [`ClientError`] by the client's `ErrorKind`, the bench's [`BenchError`] through
+//! the errors it wraps. So `embar`'s exit codes and the client library's kinds (and the C
+//! ABI's statuses) agree; a test checks it for every error variant. A command that still
+//! returns `Result<_, String>` gets the generic failure through `From<String>`.
 
 use std::fmt;
-use std::io;
 
 use embar_bench::BenchError;
+use embar_client::ErrorKind;
 use embar_control::http::ClientError;
 use embar_dataplane::client::publisher::PublishError;
-use embar_dataplane::PoolError;
-use embar_sys::SysError;
+use embar_dataplane::{ErrorClass, PoolError};
 
 /// What kind of failure ended the command; each has its own exit code.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -163,76 +165,71 @@ impl From<CliError> for String {
     }
 }
 
-fn io_kind(e: &io::Error) -> ExitKind {
-    match e.kind() {
-        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock => ExitKind::TimedOut,
-        io::ErrorKind::NotFound => ExitKind::NotFound,
-        io::ErrorKind::ConnectionRefused
-        | io::ErrorKind::ConnectionReset
-        | io::ErrorKind::ConnectionAborted
-        | io::ErrorKind::NotConnected
-        | io::ErrorKind::BrokenPipe
-        | io::ErrorKind::UnexpectedEof => ExitKind::Unavailable,
-        io::ErrorKind::InvalidData | io::ErrorKind::InvalidInput => ExitKind::DataError,
+/// The exit kind of each class of data-plane error: the classification
+/// (`embar_dataplane::ErrorClass`) that the client library's error kinds follow too.
+fn class_exit_kind(class: ErrorClass) -> ExitKind {
+    match class {
+        ErrorClass::InvalidInput
+        | ErrorClass::Rejected
+        | ErrorClass::Unreadable
+        | ErrorClass::BadPool
+        | ErrorClass::FellBehind => ExitKind::DataError,
+        ErrorClass::NotFound => ExitKind::NotFound,
+        ErrorClass::Unavailable => ExitKind::Unavailable,
+        ErrorClass::TimedOut => ExitKind::TimedOut,
+        ErrorClass::PoolLost => ExitKind::PoolLost,
+        ErrorClass::Conflict | ErrorClass::System => ExitKind::Failure,
+    }
+}
+
+/// The exit kind of each kind of the client library's errors.
+fn client_exit_kind(kind: ErrorKind) -> ExitKind {
+    match kind {
+        ErrorKind::InvalidInput
+        | ErrorKind::Rejected
+        | ErrorKind::FellBehind
+        | ErrorKind::BadPool => ExitKind::DataError,
+        ErrorKind::NotFound => ExitKind::NotFound,
+        ErrorKind::Unavailable => ExitKind::Unavailable,
+        ErrorKind::TimedOut => ExitKind::TimedOut,
+        ErrorKind::PoolLost => ExitKind::PoolLost,
+        ErrorKind::Other => ExitKind::Failure,
+        // `ErrorKind` is non-exhaustive: a kind added to the library is a generic failure
+        // until it is given its own code (the agreement test below checks the known ones).
         _ => ExitKind::Failure,
     }
 }
 
-impl From<ClientError> for CliError {
-    fn from(e: ClientError) -> CliError {
+/// The library's errors, by kind. Its own setting and argument errors are usage errors
+/// here: they come from flags.
+impl From<embar_client::Error> for CliError {
+    fn from(e: embar_client::Error) -> CliError {
         let kind = match &e {
-            ClientError::Unreachable { .. } => ExitKind::Unavailable,
-            ClientError::Io { source, .. } => match io_kind(source) {
-                ExitKind::TimedOut => ExitKind::TimedOut,
-                _ => ExitKind::Unavailable,
-            },
-            ClientError::Malformed { .. } => ExitKind::Failure,
-            ClientError::Api { status, .. } => match status {
-                404 | 410 => ExitKind::NotFound,
-                400 | 413 | 422 => ExitKind::DataError,
-                503 => ExitKind::Unavailable,
-                _ => ExitKind::Failure,
-            },
+            embar_client::Error::InvalidInput { .. } | embar_client::Error::Unsupported(_) => {
+                ExitKind::Usage
+            }
+            e => client_exit_kind(e.kind()),
         };
         CliError::new(kind, e)
+    }
+}
+
+/// As the client library classifies a failed call of the control process's API.
+impl From<ClientError> for CliError {
+    fn from(e: ClientError) -> CliError {
+        CliError::new(client_exit_kind(ErrorKind::of_control(&e)), e)
     }
 }
 
 impl From<PoolError> for CliError {
     fn from(e: PoolError) -> CliError {
-        let kind = match &e {
-            PoolError::UnknownTopic(_) => ExitKind::NotFound,
-            PoolError::Sys(SysError::Open { source, .. }) => match io_kind(source) {
-                ExitKind::NotFound => ExitKind::NotFound,
-                _ => ExitKind::Failure,
-            },
-            PoolError::NotAPool { .. }
-            | PoolError::VersionMismatch { .. }
-            | PoolError::SizeMismatch { .. }
-            | PoolError::UnexpectedSize { .. }
-            | PoolError::CorruptLayout { .. }
-            | PoolError::Config(_)
-            | PoolError::TopicName(..)
-            | PoolError::TopicConfig(_)
-            | PoolError::OutOfRange { .. } => ExitKind::DataError,
-            PoolError::NoFreeSegment { .. } => ExitKind::Unavailable,
-            PoolError::BackingShrunk { .. } => ExitKind::PoolLost,
-            _ => ExitKind::Failure,
-        };
-        CliError::new(kind, e)
+        CliError::new(class_exit_kind(e.class()), e)
     }
 }
 
 impl From<PublishError> for CliError {
     fn from(e: PublishError) -> CliError {
-        match e {
-            PublishError::Pool(p) => p.into(),
-            PublishError::Timeout { .. } => CliError::timed_out(e),
-            PublishError::TooLarge { .. } | PublishError::Rejected { .. } => CliError::data(e),
-            PublishError::Refused { .. } | PublishError::Transport(_) | PublishError::NoBrokers => {
-                CliError::unavailable(e)
-            }
-        }
+        CliError::new(class_exit_kind(e.class()), e)
     }
 }
 
@@ -242,6 +239,7 @@ impl From<BenchError> for CliError {
             BenchError::Usage(m) => CliError::usage(m),
             BenchError::Pool(p) => p.into(),
             BenchError::Control(c) => c.into(),
+            BenchError::Client(c) => c.into(),
             BenchError::Publish(p) => p.into(),
             e => CliError::new(ExitKind::Failure, e),
         }
@@ -251,8 +249,14 @@ impl From<BenchError> for CliError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::io;
     use std::net::SocketAddr;
+    use std::path::PathBuf;
     use std::time::Duration;
+
+    use embar_client::ControlSource;
+    use embar_dataplane::messages::BadBatch;
+    use embar_sys::SysError;
 
     #[test]
     fn every_kind_has_its_own_code_and_a_line_in_the_help() {
@@ -325,5 +329,267 @@ mod tests {
             CliError::from(PublishError::NoBrokers).kind,
             ExitKind::Unavailable
         );
+    }
+
+    /// One error of every variant of the pool's error type, the system errors it wraps
+    /// included (an open error both as a missing file and otherwise).
+    fn every_pool_error() -> Vec<PoolError> {
+        let path = || PathBuf::from("/dev/shm/embar-pool");
+        let os = |k: io::ErrorKind| io::Error::from(k);
+        let sys = [
+            SysError::Open {
+                path: path(),
+                source: os(io::ErrorKind::NotFound),
+            },
+            SysError::Open {
+                path: path(),
+                source: os(io::ErrorKind::PermissionDenied),
+            },
+            SysError::Create {
+                path: path(),
+                source: os(io::ErrorKind::PermissionDenied),
+            },
+            SysError::AlreadyExists { path: path() },
+            SysError::Resize {
+                path: path(),
+                bytes: 1,
+                source: os(io::ErrorKind::StorageFull),
+            },
+            SysError::Map {
+                path: path(),
+                bytes: 1,
+                source: os(io::ErrorKind::OutOfMemory),
+            },
+            SysError::Protect {
+                path: path(),
+                source: os(io::ErrorKind::PermissionDenied),
+            },
+            SysError::Backing {
+                path: path(),
+                reason: "is empty".into(),
+            },
+            SysError::NoNumaNode { node: 9 },
+            SysError::Mbind {
+                node: 0,
+                source: os(io::ErrorKind::InvalidInput),
+            },
+            SysError::CpuOutOfRange {
+                cpu: 9999,
+                limit: 1024,
+            },
+            SysError::Affinity {
+                cpu: 0,
+                source: os(io::ErrorKind::InvalidInput),
+            },
+        ];
+        let mut all: Vec<PoolError> = sys.into_iter().map(PoolError::Sys).collect();
+        all.extend([
+            PoolError::NotAPool {
+                path: path(),
+                found: 0,
+                expected: 1,
+            },
+            PoolError::VersionMismatch {
+                path: path(),
+                found: 1,
+                expected: 2,
+            },
+            PoolError::SizeMismatch {
+                path: path(),
+                recorded: 2,
+                actual: 1,
+            },
+            PoolError::UnexpectedSize {
+                path: path(),
+                expected: 2,
+                actual: 1,
+            },
+            PoolError::CorruptLayout {
+                path: path(),
+                reason: "r".into(),
+            },
+            PoolError::Config("c".into()),
+            PoolError::TopicName("t/".into(), "no slash"),
+            PoolError::TopicExists("t".into()),
+            PoolError::UnknownTopic("t".into()),
+            PoolError::TopicTableFull(8),
+            PoolError::TopicConfig("c".into()),
+            PoolError::NoFreeSegment {
+                segment_bytes: 1,
+                segment_count: 1,
+                scope: String::new(),
+            },
+            PoolError::NotSegmentOwner {
+                segment: 1,
+                claimed: "broker 0".into(),
+                owner: 2,
+            },
+            PoolError::BadRange("r".into()),
+            PoolError::FellBehind {
+                position: 1,
+                oldest: 5,
+            },
+            PoolError::BackingShrunk {
+                path: path(),
+                file_bytes: 1,
+                pool_bytes: 2,
+            },
+            PoolError::UnreadableBatch {
+                first: 0,
+                end: 1,
+                client_id: 1,
+                batch_seq: 0,
+                reason: BadBatch::Count { num_msg: 0 },
+            },
+            PoolError::OutOfRange {
+                what: "w",
+                value: 2,
+                limit: 1,
+            },
+        ]);
+        all
+    }
+
+    /// Which variant a pool error is. Exhaustive: a new variant does not compile until it
+    /// is numbered here, and the test below fails until `every_pool_error` makes one.
+    fn pool_variant(e: &PoolError) -> usize {
+        match e {
+            PoolError::Sys(_) => 0,
+            PoolError::NotAPool { .. } => 1,
+            PoolError::VersionMismatch { .. } => 2,
+            PoolError::SizeMismatch { .. } => 3,
+            PoolError::UnexpectedSize { .. } => 4,
+            PoolError::CorruptLayout { .. } => 5,
+            PoolError::Config(_) => 6,
+            PoolError::TopicName(..) => 7,
+            PoolError::TopicExists(_) => 8,
+            PoolError::UnknownTopic(_) => 9,
+            PoolError::TopicTableFull(_) => 10,
+            PoolError::TopicConfig(_) => 11,
+            PoolError::NoFreeSegment { .. } => 12,
+            PoolError::NotSegmentOwner { .. } => 13,
+            PoolError::BadRange(_) => 14,
+            PoolError::FellBehind { .. } => 15,
+            PoolError::BackingShrunk { .. } => 16,
+            PoolError::UnreadableBatch { .. } => 17,
+            PoolError::OutOfRange { .. } => 18,
+        }
+    }
+    const POOL_VARIANTS: usize = 19;
+
+    /// One error of every variant of the publisher's error type, each pool error wrapped.
+    fn every_publish_error() -> Vec<PublishError> {
+        let mut all: Vec<PublishError> = every_pool_error()
+            .into_iter()
+            .map(PublishError::Pool)
+            .collect();
+        all.extend([
+            PublishError::Refused {
+                broker: 0,
+                reason: "r".into(),
+            },
+            PublishError::Transport("t".into()),
+            PublishError::Timeout {
+                what: "acks".into(),
+                waited: Duration::from_secs(1),
+            },
+            PublishError::TooLarge { size: 9, max: 8 },
+            PublishError::Rejected {
+                broker: 0,
+                count: 1,
+                reason: "r",
+                batch_seq: 0,
+            },
+            PublishError::NoBrokers,
+        ]);
+        all
+    }
+
+    /// A failed call of the control API of every variant, and every status it classifies.
+    fn every_control_error() -> Vec<ClientError> {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let mut all = vec![
+            ClientError::Unreachable {
+                addr,
+                source: io::ErrorKind::ConnectionRefused.into(),
+            },
+            ClientError::Io {
+                addr,
+                source: io::ErrorKind::WouldBlock.into(),
+            },
+            ClientError::Io {
+                addr,
+                source: io::ErrorKind::TimedOut.into(),
+            },
+            ClientError::Io {
+                addr,
+                source: io::ErrorKind::ConnectionReset.into(),
+            },
+            ClientError::Malformed {
+                addr,
+                detail: "d".into(),
+            },
+        ];
+        all.extend(
+            [400, 404, 409, 410, 413, 422, 500, 503, 507].map(|status| ClientError::Api {
+                status,
+                message: "m".into(),
+            }),
+        );
+        all
+    }
+
+    #[test]
+    fn the_client_library_and_the_command_line_classify_every_error_alike() {
+        let mut seen = [false; POOL_VARIANTS];
+        for e in every_pool_error() {
+            seen[pool_variant(&e)] = true;
+        }
+        assert!(seen.iter().all(|s| *s), "a pool error variant is not made");
+
+        let pool = every_pool_error().into_iter().zip(every_pool_error());
+        for (direct, through_client) in pool {
+            let text = direct.to_string();
+            let cli = CliError::from(direct);
+            let client = embar_client::Error::from(through_client);
+            assert_eq!(
+                cli.kind,
+                client_exit_kind(client.kind()),
+                "{text}: the command line and the client ({:?}) disagree",
+                client.kind()
+            );
+            assert_eq!(cli, CliError::from(client), "{text}");
+        }
+        let publish = every_publish_error().into_iter().zip(every_publish_error());
+        for (direct, through_client) in publish {
+            let text = direct.to_string();
+            let cli = CliError::from(direct);
+            let client = embar_client::Error::from(through_client);
+            assert_eq!(cli, CliError::from(client), "{text}");
+        }
+        let control = every_control_error().into_iter().zip(every_control_error());
+        for (direct, through_client) in control {
+            let text = direct.to_string();
+            let cli = CliError::from(direct);
+            let client = embar_client::Error::Control {
+                source: through_client,
+                from: ControlSource::Given,
+            };
+            assert_eq!(cli, CliError::from(client), "{text}");
+        }
+    }
+
+    #[test]
+    fn a_pool_that_lost_its_bytes_is_its_own_kind_in_the_library_and_the_command_line() {
+        let shrunk = || PoolError::BackingShrunk {
+            path: PathBuf::from("/dev/shm/p"),
+            file_bytes: 1,
+            pool_bytes: 2,
+        };
+        assert_eq!(shrunk().class(), ErrorClass::PoolLost);
+        assert_eq!(CliError::from(shrunk()).kind, ExitKind::PoolLost);
+        let e = embar_client::Error::from(PublishError::Pool(shrunk()));
+        assert_eq!(e.kind(), ErrorKind::PoolLost);
+        assert_eq!(CliError::from(e).kind, ExitKind::PoolLost);
     }
 }

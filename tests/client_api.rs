@@ -121,6 +121,20 @@ fn ack_futures_and_the_message_stream_work_on_a_plain_executor() {
     }
     assert_eq!(publisher.acked().unwrap(), n + 1);
 
+    // Many more through the publisher itself (no lock and no future per message), with one
+    // future asked for afterwards; it sends the lingering batch itself.
+    let last = {
+        let mut p = publisher.lock_publisher().unwrap();
+        (0..n)
+            .map(|i| p.publish(format!("bulk {i}").as_bytes()).unwrap())
+            .last()
+            .unwrap()
+    };
+    assert_eq!(last, 2 * n);
+    let bulk = publisher.until_acked(last + 1);
+    assert_eq!(bulk.count(), 2 * n + 1);
+    assert_eq!(futures_executor::block_on(bulk).unwrap(), 2 * n + 1);
+
     let messages: Vec<_> = futures_executor::block_on(stream.take(n as usize + 1).collect());
     let first = messages[0].as_ref().unwrap();
     assert_eq!(first.payload, b"alone");
@@ -129,6 +143,30 @@ fn ack_futures_and_the_message_stream_work_on_a_plain_executor() {
         assert_eq!(m.total_order, first.total_order + 1 + i as u64);
         assert_eq!(m.payload, format!("m {i}").as_bytes());
     }
+}
+
+#[test]
+fn a_pool_truncated_under_a_client_is_pool_lost_for_what_it_opens_next() {
+    let _serial = serial();
+    let c = Cluster::up("lib-lost", &SMALL_POOL);
+    c.topic("t", &["--batch-bytes", "16KiB"]);
+    let client = Client::connect(c.control.as_str()).unwrap();
+    // The client maps the pool for its first subscriber, and keeps the mapping.
+    drop(client.subscriber("t", StartAt::Oldest).unwrap());
+
+    // Someone with write access truncates the pool file to its first page.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(client.pool_path())
+        .unwrap()
+        .set_len(4096)
+        .unwrap();
+
+    // The next subscriber would read the missing part: it is refused with the reason, and
+    // a kind of its own (the C ABI's EMBAR_STATUS_POOL_LOST, the command line's exit 74).
+    let e = client.subscriber("t", StartAt::Oldest).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PoolLost, "{e}");
+    assert!(e.to_string().contains("truncated or replaced"), "{e}");
 }
 
 #[test]

@@ -1,15 +1,14 @@
 //! The cluster a bench run drives: a local one it starts through the `embar` binary
 //! (`embar cluster up`: control process, brokers and sequencer as real processes, the same
 //! start-up users run), stopped with `embar cluster down` however the run ends; or a running
-//! one named by its control address. A publisher finds the pool and the live brokers through
-//! the control process.
+//! one named by its control address. The pool and the live brokers are found through the
+//! control process as every client finds them (`embar_client::discovery`).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use embar_control::ControlClient;
-use serde_json::Value;
+use embar_client::discovery::{ClusterView, ControlAddr};
 
 use crate::{BenchError, BenchResult};
 
@@ -35,7 +34,6 @@ pub struct Started {
     embar: PathBuf,
     dir: PathBuf,
     pub control: SocketAddr,
-    pub pool: PathBuf,
 }
 
 impl LocalCluster {
@@ -75,20 +73,10 @@ impl LocalCluster {
             embar: self.embar.clone(),
             dir: self.dir.clone(),
             control: SocketAddr::from(([127, 0, 0, 1], 0)),
-            pool: PathBuf::new(),
         };
-        let path = self.dir.join("cluster.json");
-        let file: Value = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .ok_or_else(|| {
-                BenchError::Cluster(format!("`cluster up` wrote no {}", path.display()))
-            })?;
-        started.control = file["control"]
-            .as_str()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| BenchError::Cluster(format!("{} names no control", path.display())))?;
-        started.pool = PathBuf::from(file["pool"].as_str().unwrap_or_default());
+        started.control = ControlAddr::in_cluster_dir(&self.dir)
+            .map_err(|e| BenchError::Cluster(format!("after `cluster up`: {e}")))?
+            .addr;
         Ok(started)
     }
 }
@@ -103,60 +91,9 @@ impl Drop for Started {
     }
 }
 
-/// For every live broker of the cluster at `control` (in pool slot order), its slot and
-/// what `pick` takes from its status; brokers `pick` rejects are left out. And the status.
-fn live_brokers<T>(
-    control: SocketAddr,
-    pick: impl Fn(&Value) -> Option<T>,
-) -> BenchResult<(Value, Vec<(u32, T)>)> {
-    let status = ControlClient::new(control).status()?;
-    let mut live: Vec<(u32, T)> = Vec::new();
-    for b in status["brokers"].as_array().into_iter().flatten() {
-        if b["alive"] != true {
-            continue;
-        }
-        if let (Some(slot), Some(t)) = (b["slot"].as_u64(), pick(b)) {
-            if !live.iter().any(|(s, _)| u64::from(*s) == slot) {
-                live.push((slot as u32, t));
-            }
-        }
-    }
-    live.sort_unstable_by_key(|b| b.0);
-    Ok((status, live))
-}
-
-/// The pool path and the slots of the live brokers of the cluster at `control`.
-pub fn discover(control: SocketAddr) -> BenchResult<(PathBuf, Vec<u32>)> {
-    let (status, live) = live_brokers(control, |_| Some(()))?;
-    let pool = status["pool"]["path"]
-        .as_str()
-        .ok_or_else(|| BenchError::Cluster("the control process names no pool".into()))?;
-    if live.is_empty() {
-        return Err(BenchError::Cluster(
-            "no live broker (start one with `embar broker` or `embar cluster up`)".into(),
-        ));
-    }
-    Ok((PathBuf::from(pool), live.into_iter().map(|b| b.0).collect()))
-}
-
-/// `(pool slot, verbs address)` of every live broker that accepts verbs publishers.
-pub fn verbs_brokers(control: SocketAddr) -> BenchResult<Vec<(u32, SocketAddr)>> {
-    let (_, live) = live_brokers(control, |b| b["addresses"]["verbs"].as_str()?.parse().ok())?;
-    if live.is_empty() {
-        return Err(BenchError::Cluster("no live broker accepts verbs publishers (start brokers with --verbs, or `embar cluster up --verbs IP`)".into()));
-    }
-    Ok(live)
-}
-
-/// The live brokers that take TCP clients: `(pool slot, address)`.
-pub fn tcp_brokers(control: SocketAddr) -> BenchResult<Vec<(u32, SocketAddr)>> {
-    let (_, live) = live_brokers(control, |b| b["addresses"]["tcp"].as_str()?.parse().ok())?;
-    if live.is_empty() {
-        return Err(BenchError::Cluster(
-            "no live broker accepts TCP clients (brokers started with --tcp none?)".into(),
-        ));
-    }
-    Ok(live)
+/// Where the pool is and which brokers are live, per the control process at `control`.
+pub fn cluster_view(control: SocketAddr) -> BenchResult<ClusterView> {
+    Ok(ClusterView::ask(&ControlAddr::given(control)?)?)
 }
 
 /// Maps the pool with every page faulted in, so the data path takes no page fault.

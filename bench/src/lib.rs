@@ -44,6 +44,9 @@ pub enum BenchError {
     Ring(#[from] embar_dataplane::ring::RingError),
     #[error(transparent)]
     Control(#[from] embar_control::http::ClientError),
+    /// Finding the cluster (through the client library's discovery).
+    #[error(transparent)]
+    Client(#[from] embar_client::Error),
     #[error(transparent)]
     Publish(#[from] embar_dataplane::client::publisher::PublishError),
     #[error(transparent)]

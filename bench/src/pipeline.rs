@@ -3,8 +3,6 @@
 //! the shm transport, every message checked (total order, per-client order, payload), and
 //! throughput, publish-to-ack latency (HDR histogram) and the same run's memcpy bandwidth.
 
-use std::collections::hash_map::RandomState;
-use std::hash::{BuildHasher, Hasher};
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -15,7 +13,7 @@ use embar_control::ControlClient;
 use embar_dataplane::checker::{Delivered, OrderChecker};
 use embar_dataplane::client::publisher::{Publisher, PublisherConfig};
 use embar_dataplane::client::subscriber::{StartAt, Subscriber};
-use embar_dataplane::client::Publish;
+use embar_dataplane::client::{new_client_id, Publish};
 use embar_dataplane::pool::coherence::Coherence;
 use embar_dataplane::pool::{CoherenceFn, Pool};
 use embar_sys::clock::monotonic_ns;
@@ -298,16 +296,7 @@ pub fn run(a: &Config) -> BenchResult<bool> {
                 max_brokers: a.brokers.max(2),
                 verbs,
             };
-            let f = local.start()?;
-            if !a.json {
-                eprintln!(
-                    "bench: started a local cluster: control {}, {} brokers, pool {}",
-                    f.control,
-                    a.brokers,
-                    f.pool.display()
-                );
-            }
-            Some(f)
+            Some(local.start()?)
         }
     };
     let control = match (&started, a.control) {
@@ -315,8 +304,16 @@ pub fn run(a: &Config) -> BenchResult<bool> {
         (None, Some(c)) => c,
         (None, None) => unreachable!("a cluster is given or started"),
     };
-    let (pool_path, brokers) = crate::cluster::discover(control)?;
-    let pool = crate::cluster::open_pool(&pool_path)?;
+    let cluster = crate::cluster::cluster_view(control)?;
+    if started.is_some() && !a.json {
+        eprintln!(
+            "bench: started a local cluster: control {control}, {} brokers, pool {}",
+            a.brokers,
+            cluster.pool_path.display()
+        );
+    }
+    let brokers = cluster.broker_slots()?;
+    let pool = crate::cluster::open_pool(&cluster.pool_path)?;
     warm_up(a, &pool, control, &brokers)?;
     let mut reps = Vec::new();
     for rep in 0..a.runs {
@@ -907,7 +904,8 @@ impl<'p, C: Coherence> BenchSub<'p, C> {
                 StartAt::Oldest,
             )?));
         }
-        let brokers: Vec<SocketAddr> = crate::cluster::tcp_brokers(control)?
+        let brokers: Vec<SocketAddr> = crate::cluster::cluster_view(control)?
+            .tcp_brokers()?
             .into_iter()
             .map(|(_, a)| a)
             .collect();
@@ -962,7 +960,7 @@ fn drive_tcp(
     cfg: PublisherConfig,
 ) -> BenchResult<Driven> {
     use embar_dataplane::tcp::publisher::{TcpPublisher, TcpPublisherConfig};
-    let brokers = crate::cluster::tcp_brokers(control)?;
+    let brokers = crate::cluster::cluster_view(control)?.tcp_brokers()?;
     let tc = TcpPublisherConfig {
         publisher: cfg,
         ..Default::default()
@@ -986,7 +984,7 @@ fn drive_verbs(
         else {
             return Err(BenchError::Usage("not the verbs transport".into()));
         };
-        let brokers = crate::cluster::verbs_brokers(control)?;
+        let brokers = crate::cluster::cluster_view(control)?.verbs_brokers()?;
         let vc = VerbsConfig {
             device: device.clone(),
             gid_index: *gid_index,
@@ -1002,11 +1000,6 @@ fn drive_verbs(
             "the verbs transport needs embar-bench's `verbs` feature".into(),
         ))
     }
-}
-
-/// A client id for a publisher: random, so two publishers never share one.
-pub(crate) fn new_client_id() -> u64 {
-    RandomState::new().build_hasher().finish() >> 1
 }
 
 impl Run {

@@ -8,14 +8,11 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use embar_dataplane::client::publisher::{Publisher, PublisherConfig};
-use embar_dataplane::client::Publish;
+use embar_dataplane::client::{new_client_id, Publish};
 use embar_dataplane::pool::coherence::Coherence;
 use embar_dataplane::pool::{CoherenceFn, Pool};
 
-#[cfg(feature = "verbs")]
-use crate::cluster::verbs_brokers;
-use crate::cluster::{discover, open_pool};
-use crate::pipeline::new_client_id;
+use crate::cluster::{cluster_view, open_pool};
 
 /// What a rogue publisher does (`embar ring-worker rogue-publish`).
 #[derive(Clone, Debug, clap::Args)]
@@ -54,8 +51,9 @@ pub fn rogue_publish(a: &RogueArgs) -> Result<(), String> {
         return Err("the verbs rogue needs embar-bench's `verbs` feature".into());
     }
     use embar_dataplane::pool::layout::BATCH_HEADER_VERSION;
-    let (path, brokers) = discover(a.control).map_err(|e| e.to_string())?;
-    let pool = open_pool(&path).map_err(|e| e.to_string())?;
+    let cluster = cluster_view(a.control).map_err(|e| e.to_string())?;
+    let brokers = cluster.broker_slots().map_err(|e| e.to_string())?;
+    let pool = open_pool(&cluster.pool_path).map_err(|e| e.to_string())?;
     struct Go<'a>(&'a Pool, &'a RogueArgs, &'a [u32]);
     impl CoherenceFn<Result<(), String>> for Go<'_> {
         fn call<C: Coherence>(self, c: C) -> Result<(), String> {
@@ -247,7 +245,9 @@ fn rogue_verbs(a: &RogueArgs) -> Result<(), String> {
     use embar_dataplane::batch::BatchDesc;
     use embar_dataplane::pool::layout::BATCH_HEADER_VERSION;
     use embar_dataplane::verbs::publisher::{VerbsConfig, VerbsPublisher};
-    let brokers = verbs_brokers(a.control).map_err(|e| e.to_string())?;
+    let brokers = cluster_view(a.control)
+        .and_then(|c| Ok(c.verbs_brokers()?))
+        .map_err(|e| e.to_string())?;
     let vc = VerbsConfig {
         device: a.rdma_device.clone(),
         gid_index: a.gid_index,

@@ -37,6 +37,12 @@ typedef enum {
   // The library panicked (a bug); the handle it was called with should be freed.
   EMBAR_STATUS_PANIC = 8,
   EMBAR_STATUS_OTHER = 9,
+  // The pool's file lost its bytes under this process (truncated or replaced): the
+  // cluster has to be started again, and every handle on it opened anew.
+  EMBAR_STATUS_POOL_LOST = 10,
+  // The pool cannot be used as it is: a file that is no pool, another layout version,
+  // sizes that disagree, a damaged layout.
+  EMBAR_STATUS_BAD_POOL = 11,
 } embar_status;
 
 // Where a subscriber starts.

@@ -49,6 +49,12 @@ pub enum EmbarStatus {
     /// The library panicked (a bug); the handle it was called with should be freed.
     Panic = 8,
     Other = 9,
+    /// The pool's file lost its bytes under this process (truncated or replaced): the
+    /// cluster has to be started again, and every handle on it opened anew.
+    PoolLost = 10,
+    /// The pool cannot be used as it is: a file that is no pool, another layout version,
+    /// sizes that disagree, a damaged layout.
+    BadPool = 11,
 }
 
 /// Where a subscriber starts.
@@ -116,6 +122,11 @@ fn status_of(e: &Error) -> EmbarStatus {
         ErrorKind::TimedOut => EmbarStatus::TimedOut,
         ErrorKind::Rejected => EmbarStatus::Rejected,
         ErrorKind::FellBehind => EmbarStatus::FellBehind,
+        ErrorKind::PoolLost => EmbarStatus::PoolLost,
+        ErrorKind::BadPool => EmbarStatus::BadPool,
+        ErrorKind::Other => EmbarStatus::Other,
+        // `ErrorKind` is non-exhaustive: a kind added to the library is `Other` here until
+        // it is given a status of its own.
         _ => EmbarStatus::Other,
     }
 }
@@ -235,6 +246,8 @@ pub extern "C" fn embar_status_name(status: EmbarStatus) -> *const c_char {
         EmbarStatus::FellBehind => c"EMBAR_STATUS_FELL_BEHIND",
         EmbarStatus::Panic => c"EMBAR_STATUS_PANIC",
         EmbarStatus::Other => c"EMBAR_STATUS_OTHER",
+        EmbarStatus::PoolLost => c"EMBAR_STATUS_POOL_LOST",
+        EmbarStatus::BadPool => c"EMBAR_STATUS_BAD_POOL",
     };
     name.as_ptr()
 }
@@ -581,5 +594,46 @@ mod tests {
         assert_eq!(s, EmbarStatus::Panic);
         assert!(last_error().contains("boom"), "{}", last_error());
         assert_eq!(guard(|| Ok(EmbarStatus::Ok)), EmbarStatus::Ok);
+    }
+
+    #[test]
+    fn pool_errors_have_the_status_of_their_kind_a_lost_pool_its_own() {
+        use embar_client::PoolError;
+        let path = || std::path::PathBuf::from("/dev/shm/embar-pool");
+        let cases = [
+            (
+                PoolError::BackingShrunk {
+                    path: path(),
+                    file_bytes: 4096,
+                    pool_bytes: 1 << 26,
+                },
+                EmbarStatus::PoolLost,
+            ),
+            (
+                PoolError::VersionMismatch {
+                    path: path(),
+                    found: 1,
+                    expected: 2,
+                },
+                EmbarStatus::BadPool,
+            ),
+            (
+                PoolError::FellBehind {
+                    position: 1,
+                    oldest: 5,
+                },
+                EmbarStatus::FellBehind,
+            ),
+            (PoolError::UnknownTopic("t".into()), EmbarStatus::NotFound),
+        ];
+        for (e, status) in cases {
+            let text = e.to_string();
+            let Failure(got, message) = Failure::from(Error::from(e));
+            assert_eq!(got, status, "{text}");
+            assert_eq!(message, text);
+        }
+        // SAFETY: a static string.
+        let name = unsafe { CStr::from_ptr(embar_status_name(EmbarStatus::PoolLost)) };
+        assert_eq!(name.to_str().unwrap(), "EMBAR_STATUS_POOL_LOST");
     }
 }

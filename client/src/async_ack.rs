@@ -3,6 +3,13 @@
 //! message (and every one published before it) is acknowledged. Runtime-agnostic: a pending
 //! future is woken by the [notifier thread](crate::notifier) and then reads the
 //! acknowledgements itself.
+//!
+//! What a message costs: all of a publisher's futures share its one state, so a future is a
+//! reference to it and a count, and it reads the clock only once it is found pending (its
+//! timeout starts then). `publish` takes the publisher's lock once per message; the bulk
+//! paths take it once per call and make one future: [`AsyncPublisher::publish_all`], or the
+//! publisher itself ([`AsyncPublisher::lock_publisher`]) with a future asked for afterwards
+//! ([`AsyncPublisher::until_acked`]).
 
 use std::future::Future;
 use std::pin::Pin;
@@ -27,8 +34,11 @@ struct Shared {
 }
 
 /// A [`Publisher`] shared by tasks (and threads): `Clone`, `Send` and `Sync`. Each call
-/// takes the publisher's lock for its duration (uncontended, a few tens of nanoseconds; use
-/// [`publish_all`](AsyncPublisher::publish_all) for many messages at a time).
+/// takes the publisher's lock for its duration (uncontended, a few tens of nanoseconds; for
+/// many messages at a time, [`publish_all`](AsyncPublisher::publish_all), or
+/// [`lock_publisher`](AsyncPublisher::lock_publisher) and
+/// [`until_acked`](AsyncPublisher::until_acked): no lock, no future and no clock read per
+/// message).
 ///
 /// ```no_run
 /// # async fn demo() -> embar_client::Result<()> {
@@ -77,11 +87,33 @@ impl AsyncPublisher {
         self.shared.publisher.lock().map_err(|_| Error::Poisoned)
     }
 
-    fn future(&self, count: u64) -> AckFuture {
+    /// A future that resolves once the first `count` messages of this publisher are all
+    /// acknowledged: for messages published through [`lock_publisher`], whose
+    /// [`Publisher::publish`] numbers them (message `n` is acknowledged once `n + 1` are).
+    /// Futures are made only when asked for: publishing many messages this way costs no
+    /// future per message.
+    ///
+    /// ```no_run
+    /// # async fn demo(publisher: embar_client::AsyncPublisher) -> embar_client::Result<()> {
+    /// let last = {
+    ///     let mut p = publisher.lock_publisher()?;
+    ///     let mut last = 0;
+    ///     for i in 0..1000 {
+    ///         last = p.publish(format!("order {i}").as_bytes())?;
+    ///     }
+    ///     last
+    /// };
+    /// publisher.until_acked(last + 1).await?; // all 1000 (it sends a lingering batch)
+    /// # Ok(())
+    /// # }
+    /// ```
+    ///
+    /// [`lock_publisher`]: AsyncPublisher::lock_publisher
+    pub fn until_acked(&self, count: u64) -> AckFuture {
         AckFuture {
             shared: Arc::clone(&self.shared),
             count,
-            deadline: Instant::now() + self.shared.ack_timeout,
+            deadline: None,
         }
     }
 
@@ -89,7 +121,7 @@ impl AsyncPublisher {
     /// acknowledged.
     pub fn publish(&self, payload: &[u8]) -> Result<AckFuture> {
         let seq = self.lock()?.publish(payload)?;
-        Ok(self.future(seq + 1))
+        Ok(self.until_acked(seq + 1))
     }
 
     /// Appends every message of `payloads` under one lock; the future resolves once the
@@ -105,7 +137,7 @@ impl AsyncPublisher {
         }
         let count = p.published();
         drop(p);
-        Ok(self.future(count))
+        Ok(self.until_acked(count))
     }
 
     /// Seals the open batch now; the future resolves once everything published so far is
@@ -115,7 +147,7 @@ impl AsyncPublisher {
         p.flush()?;
         let count = p.published();
         drop(p);
-        Ok(self.future(count))
+        Ok(self.until_acked(count))
     }
 
     /// How many of the first messages are acknowledged (never blocks).
@@ -132,15 +164,18 @@ impl AsyncPublisher {
 }
 
 /// Resolves to the acknowledged count once the first `count` messages of its publisher are
-/// all acknowledged; fails if a broker rejects a batch of the publisher, or after
-/// [`Config::ack_timeout`](crate::Config) ([`ErrorKind::TimedOut`](crate::ErrorKind)).
-/// While pending it also sends a batch that has lingered, so awaiting the future of a
-/// message in an open batch needs no flush. Dropping it cancels nothing.
+/// all acknowledged; fails if a broker rejects a batch of the publisher, or
+/// ([`ErrorKind::TimedOut`](crate::ErrorKind)) when they are not acknowledged within
+/// [`Config::ack_timeout`](crate::Config) of the first poll that finds the future pending
+/// (a future is made without a look at the clock). While pending it also sends a batch
+/// that has lingered, so awaiting the future of a message in an open batch needs no flush.
+/// Dropping it cancels nothing.
 #[must_use = "a future does nothing unless awaited; the message is published either way"]
 pub struct AckFuture {
     shared: Arc<Shared>,
     count: u64,
-    deadline: Instant,
+    /// When waiting fails: set by the first poll that finds the future pending.
+    deadline: Option<Instant>,
 }
 
 impl std::fmt::Debug for AckFuture {
@@ -177,26 +212,29 @@ impl Future for AckFuture {
     type Output = Result<u64>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Result<u64>> {
-        let seen = self.shared.acked.load(Ordering::Relaxed);
-        if seen >= self.count {
+        let this = self.get_mut();
+        let seen = this.shared.acked.load(Ordering::Relaxed);
+        if seen >= this.count {
             return Poll::Ready(Ok(seen));
         }
-        match self.look() {
-            Ok(n) if n >= self.count => return Poll::Ready(Ok(n)),
-            Ok(n) if Instant::now() >= self.deadline => {
-                return Poll::Ready(Err(PublishError::Timeout {
-                    what: format!(
-                        "acknowledgements of {} messages ({n} acknowledged)",
-                        self.count
-                    ),
-                    waited: self.shared.ack_timeout,
-                }
-                .into()))
-            }
-            Ok(_) => {}
+        let n = match this.look() {
+            Ok(n) if n >= this.count => return Poll::Ready(Ok(n)),
+            Ok(n) => n,
             Err(e) => return Poll::Ready(Err(e)),
+        };
+        let now = Instant::now();
+        let deadline = *this.deadline.get_or_insert(now + this.shared.ack_timeout);
+        if now >= deadline {
+            return Poll::Ready(Err(PublishError::Timeout {
+                what: format!(
+                    "acknowledgements of {} messages ({n} acknowledged)",
+                    this.count
+                ),
+                waited: this.shared.ack_timeout,
+            }
+            .into()));
         }
-        wake_after(cx.waker(), self.shared.poll_interval);
+        wake_after(cx.waker(), this.shared.poll_interval);
         Poll::Pending
     }
 }

@@ -12,7 +12,7 @@ use embar_control::ControlClient;
 use embar_dataplane::pool::{OpenOptions, Pool};
 use serde_json::Value;
 
-use crate::discovery::{ControlAddr, ControlSource};
+use crate::discovery::{Broker, ClusterView, ControlAddr, ControlSource};
 use crate::error::{Error, Result};
 use crate::publisher::Publisher;
 use crate::subscriber::{StartAt, Subscriber};
@@ -183,18 +183,6 @@ pub struct Topic {
     pub slot: u32,
 }
 
-/// A live broker.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Broker {
-    pub id: u32,
-    /// Its regions in the pool.
-    pub slot: u32,
-    /// Where it takes verbs (RDMA) publishers, if it does.
-    pub verbs: Option<SocketAddr>,
-    /// Where it takes TCP publishers and subscribers, if it does.
-    pub tcp: Option<SocketAddr>,
-}
-
 /// A connection to one cluster: its control process, and the pool once a publisher or
 /// subscriber on this host needs it. Cheap to share between threads (`&Client`); the
 /// publishers and subscribers it opens own what they use and may outlive it.
@@ -245,12 +233,7 @@ impl Client {
             pool_path: PathBuf::new(),
             pool: Mutex::new(None),
         };
-        let status = client.status()?;
-        client.pool_path =
-            PathBuf::from(status["pool"]["path"].as_str().ok_or(Error::Discovery {
-                addr: client.control.addr,
-                what: "a pool path",
-            })?);
+        client.pool_path = client.cluster()?.pool_path;
         Ok(client)
     }
 
@@ -269,10 +252,7 @@ impl Client {
     }
 
     pub(crate) fn control_error(&self, source: ClientError) -> Error {
-        Error::Control {
-            source,
-            from: self.control.source.clone(),
-        }
+        self.control.error(source)
     }
 
     /// The control process's status document (`GET /v1/status`, docs/control-api.md).
@@ -309,48 +289,29 @@ impl Client {
         Ok(Topic { spec, slot })
     }
 
+    /// Where the pool is and which brokers are live, as the control process says now.
+    pub fn cluster(&self) -> Result<ClusterView> {
+        ClusterView::ask(&self.control)
+    }
+
     /// The live brokers, in pool-slot order.
     pub fn live_brokers(&self) -> Result<Vec<Broker>> {
-        let status = self.status()?;
-        let mut out: Vec<Broker> = status["brokers"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|b| b["alive"] == true)
-            .filter_map(|b| {
-                Some(Broker {
-                    id: b["id"].as_u64()? as u32,
-                    slot: b["slot"].as_u64()? as u32,
-                    verbs: b["addresses"]["verbs"]
-                        .as_str()
-                        .and_then(|a| a.parse().ok()),
-                    tcp: b["addresses"]["tcp"].as_str().and_then(|a| a.parse().ok()),
-                })
-            })
-            .collect();
-        out.sort_unstable_by_key(|b| b.slot);
-        out.dedup_by_key(|b| b.slot);
-        Ok(out)
+        Ok(self.cluster()?.brokers)
     }
 
     /// The live brokers that take TCP clients: `(pool slot, address)`.
     pub fn tcp_brokers(&self) -> Result<Vec<(u32, SocketAddr)>> {
-        let brokers: Vec<(u32, SocketAddr)> = self
-            .live_brokers()?
-            .into_iter()
-            .filter_map(|b| Some((b.slot, b.tcp?)))
-            .collect();
-        if brokers.is_empty() {
-            return Err(Error::NoTcpBroker);
-        }
-        Ok(brokers)
+        self.cluster()?.tcp_brokers()
     }
 
     /// The pool, mapped on first use (then shared by everything this client opens). Only on
-    /// the pool host; for tools that work on the pool directly.
+    /// the pool host; for tools that work on the pool directly. Fails with
+    /// [`ErrorKind::PoolLost`](crate::ErrorKind::PoolLost) once the pool's file has been
+    /// truncated or replaced under the mapping: what is opened next would fault on it.
     pub fn pool(&self) -> Result<Arc<Pool>> {
         let mut pool = self.pool.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(p) = pool.as_ref() {
+            p.check_backing()?;
             return Ok(Arc::clone(p));
         }
         let opened = Arc::new(Pool::open(

@@ -1,5 +1,5 @@
-//! Finding the cluster: where its control process listens, and from the control process the
-//! pool, the live brokers and a topic's settings.
+//! Finding the cluster: where its control process listens ([`ControlAddr`]), and from the
+//! control process where the pool is and which brokers are live ([`ClusterView`]).
 //!
 //! The control address is taken, in this order, from:
 //!
@@ -19,6 +19,9 @@
 use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::path::{Path, PathBuf};
+
+use embar_control::ControlClient;
+use serde_json::Value;
 
 use crate::error::{cluster_file_error, Error, Result};
 
@@ -130,6 +133,137 @@ impl ControlAddr {
             }),
         }
     }
+
+    /// The control address of the cluster in `dir`, a directory `embar cluster up` wrote
+    /// (its `cluster.json`), for a program that started the cluster there.
+    pub fn in_cluster_dir(dir: &Path) -> Result<ControlAddr> {
+        let file = dir.join(CLUSTER_FILE);
+        let text =
+            std::fs::read_to_string(&file).map_err(|e| cluster_file_error(file.clone(), e))?;
+        Ok(ControlAddr {
+            addr: control_in(&file, &text)?,
+            source: ControlSource::ClusterFile(file),
+        })
+    }
+
+    /// A failed request to this control process, naming where its address came from.
+    pub(crate) fn error(&self, source: embar_control::http::ClientError) -> Error {
+        Error::Control {
+            source,
+            from: self.source.clone(),
+        }
+    }
+}
+
+/// A live broker.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Broker {
+    pub id: u32,
+    /// Its regions in the pool.
+    pub slot: u32,
+    /// Where it takes verbs (RDMA) publishers, if it does.
+    pub verbs: Option<SocketAddr>,
+    /// Where it takes TCP publishers and subscribers, if it does.
+    pub tcp: Option<SocketAddr>,
+}
+
+/// The cluster as its control process describes it (`GET /v1/status`,
+/// docs/control-api.md): where the pool is and which brokers are live. What a publisher
+/// needs to open its sessions; [`Client`](crate::Client) asks for it, and so may a program
+/// that drives the data plane itself (the bench).
+///
+/// ```no_run
+/// use embar_client::discovery::{ClusterView, ControlAddr};
+///
+/// let cluster = ClusterView::ask(&ControlAddr::discover()?)?;
+/// println!("pool {}, brokers {:?}", cluster.pool_path.display(), cluster.broker_slots()?);
+/// # Ok::<(), embar_client::Error>(())
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ClusterView {
+    /// The pool's path on the pool host.
+    pub pool_path: PathBuf,
+    /// The live brokers, in pool-slot order.
+    pub brokers: Vec<Broker>,
+}
+
+impl ClusterView {
+    /// Asks the control process at `control` (one request).
+    pub fn ask(control: &ControlAddr) -> Result<ClusterView> {
+        let status = ControlClient::new(control.addr)
+            .status()
+            .map_err(|e| control.error(e))?;
+        ClusterView::of_status(control.addr, &status)
+    }
+
+    /// The view in a status document that the control process at `addr` sent.
+    fn of_status(addr: SocketAddr, status: &Value) -> Result<ClusterView> {
+        let pool_path = status["pool"]["path"].as_str().ok_or(Error::Discovery {
+            addr,
+            what: "a pool path",
+        })?;
+        let mut brokers: Vec<Broker> = status["brokers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|b| b["alive"] == true)
+            .filter_map(|b| {
+                Some(Broker {
+                    id: b["id"].as_u64()? as u32,
+                    slot: b["slot"].as_u64()? as u32,
+                    verbs: b["addresses"]["verbs"]
+                        .as_str()
+                        .and_then(|a| a.parse().ok()),
+                    tcp: b["addresses"]["tcp"].as_str().and_then(|a| a.parse().ok()),
+                })
+            })
+            .collect();
+        // A slot listed twice counts once, as first listed (a stable sort keeps that one
+        // first).
+        brokers.sort_by_key(|b| b.slot);
+        brokers.dedup_by_key(|b| b.slot);
+        Ok(ClusterView {
+            pool_path: PathBuf::from(pool_path),
+            brokers,
+        })
+    }
+
+    /// The pool slots of the live brokers, which shm publishers stripe over;
+    /// [`Error::NoLiveBroker`] when there is none.
+    pub fn broker_slots(&self) -> Result<Vec<u32>> {
+        let slots: Vec<u32> = self.brokers.iter().map(|b| b.slot).collect();
+        if slots.is_empty() {
+            return Err(Error::NoLiveBroker);
+        }
+        Ok(slots)
+    }
+
+    /// `(pool slot, verbs address)` of every live broker that accepts verbs publishers;
+    /// [`Error::NoVerbsBroker`] when there is none.
+    pub fn verbs_brokers(&self) -> Result<Vec<(u32, SocketAddr)>> {
+        let verbs: Vec<(u32, SocketAddr)> = self
+            .brokers
+            .iter()
+            .filter_map(|b| Some((b.slot, b.verbs?)))
+            .collect();
+        if verbs.is_empty() {
+            return Err(Error::NoVerbsBroker);
+        }
+        Ok(verbs)
+    }
+
+    /// The live brokers that take TCP clients: `(pool slot, address)`.
+    pub fn tcp_brokers(&self) -> Result<Vec<(u32, SocketAddr)>> {
+        let tcp: Vec<(u32, SocketAddr)> = self
+            .brokers
+            .iter()
+            .filter_map(|b| Some((b.slot, b.tcp?)))
+            .collect();
+        if tcp.is_empty() {
+            return Err(Error::NoTcpBroker);
+        }
+        Ok(tcp)
+    }
 }
 
 /// The control address a cluster description names.
@@ -215,5 +349,47 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("no \"control\" address"), "{e}");
         std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn the_cluster_view_takes_the_live_brokers_in_slot_order_once_each() {
+        let addr: SocketAddr = "127.0.0.1:7400".parse().unwrap();
+        let status = serde_json::json!({
+            "pool": {"path": "/dev/shm/embar.pool"},
+            "brokers": [
+                {"id": 3, "slot": 2, "alive": true, "addresses": {"verbs": "10.0.0.2:7500"}},
+                {"id": 1, "slot": 0, "alive": true, "addresses": {}},
+                {"id": 2, "slot": 1, "alive": false, "addresses": {"verbs": "10.0.0.1:7500"}},
+                {"id": 4, "slot": 2, "alive": true, "addresses": {}},
+            ],
+        });
+        let view = ClusterView::of_status(addr, &status).unwrap();
+        assert_eq!(view.pool_path, PathBuf::from("/dev/shm/embar.pool"));
+        assert_eq!(view.broker_slots().unwrap(), vec![0, 2]);
+        assert_eq!(
+            view.verbs_brokers().unwrap(),
+            vec![(2, "10.0.0.2:7500".parse().unwrap())]
+        );
+
+        let none = serde_json::json!({"pool": {"path": "/p"}, "brokers": []});
+        let view = ClusterView::of_status(addr, &none).unwrap();
+        assert!(matches!(view.broker_slots(), Err(Error::NoLiveBroker)));
+        assert!(matches!(view.verbs_brokers(), Err(Error::NoVerbsBroker)));
+        let e = ClusterView::of_status(addr, &serde_json::json!({"brokers": []})).unwrap_err();
+        assert!(e.to_string().contains("without a pool path"), "{e}");
+    }
+
+    #[test]
+    fn a_cluster_directory_names_its_control_process() {
+        let dir = cluster_dir("in-dir", "127.0.0.1:9003");
+        let found = ControlAddr::in_cluster_dir(&dir).unwrap();
+        assert_eq!(found.addr, "127.0.0.1:9003".parse().unwrap());
+        assert_eq!(
+            found.source,
+            ControlSource::ClusterFile(dir.join(CLUSTER_FILE))
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
+        let e = ControlAddr::in_cluster_dir(&dir).unwrap_err();
+        assert!(e.to_string().contains(CLUSTER_FILE), "{e}");
     }
 }

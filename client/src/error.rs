@@ -7,8 +7,7 @@ use std::path::PathBuf;
 use embar_control::http::ClientError;
 use embar_dataplane::client::PublishError;
 use embar_dataplane::tcp::subscriber::SubscribeError;
-use embar_dataplane::PoolError;
-use embar_sys::SysError;
+use embar_dataplane::{ErrorClass, PoolError};
 
 use crate::discovery::ControlSource;
 
@@ -90,6 +89,12 @@ pub enum ErrorKind {
     /// The subscriber fell behind the retention limit (subscribe again from the oldest
     /// retained position).
     FellBehind,
+    /// The pool's file lost its bytes under this process (truncated or replaced): the
+    /// cluster has to be stopped and started again, and everything opened on it anew.
+    PoolLost,
+    /// The pool cannot be used as it is: a file that is no pool, another layout version,
+    /// sizes that disagree, a damaged layout.
+    BadPool,
     /// Anything else.
     Other,
 }
@@ -99,7 +104,7 @@ impl Error {
     /// are chosen by it.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Control { source, .. } => control_kind(source),
+            Error::Control { source, .. } => ErrorKind::of_control(source),
             Error::UnknownTopic(_) | Error::NoCluster { .. } => ErrorKind::NotFound,
             Error::NoLiveBroker | Error::NoVerbsBroker | Error::NoTcpBroker => {
                 ErrorKind::Unavailable
@@ -107,8 +112,8 @@ impl Error {
             Error::Subscribe(e) => subscribe_kind(e),
             Error::Discovery { .. } | Error::Poisoned => ErrorKind::Other,
             Error::InvalidInput { .. } | Error::Unsupported(_) => ErrorKind::InvalidInput,
-            Error::Publish(e) => publish_kind(e),
-            Error::Pool(e) => pool_kind(e),
+            Error::Publish(e) => class_kind(e.class()),
+            Error::Pool(e) => class_kind(e.class()),
         }
     }
 
@@ -159,56 +164,43 @@ impl From<PoolError> for Error {
     }
 }
 
-fn control_kind(e: &ClientError) -> ErrorKind {
-    match e {
-        ClientError::Unreachable { .. } => ErrorKind::Unavailable,
-        ClientError::Io { source, .. } => match source.kind() {
-            std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => ErrorKind::TimedOut,
-            _ => ErrorKind::Unavailable,
-        },
-        ClientError::Malformed { .. } => ErrorKind::Other,
-        ClientError::Api { status, .. } => match status {
-            404 | 410 => ErrorKind::NotFound,
-            400 | 413 | 422 => ErrorKind::InvalidInput,
-            503 => ErrorKind::Unavailable,
-            _ => ErrorKind::Other,
-        },
-    }
-}
-
-fn publish_kind(e: &PublishError) -> ErrorKind {
-    match e {
-        PublishError::Pool(p) => pool_kind(p),
-        PublishError::Timeout { .. } => ErrorKind::TimedOut,
-        PublishError::TooLarge { .. } => ErrorKind::InvalidInput,
-        PublishError::Rejected { .. } => ErrorKind::Rejected,
-        PublishError::Refused { .. } | PublishError::Transport(_) | PublishError::NoBrokers => {
-            ErrorKind::Unavailable
+impl ErrorKind {
+    /// The kind of a failed call of the control process's API: how [`Error::Control`] is
+    /// classified, for programs (the command line) that call the API directly.
+    pub fn of_control(e: &ClientError) -> ErrorKind {
+        match e {
+            ClientError::Unreachable { .. } => ErrorKind::Unavailable,
+            ClientError::Io { source, .. } => match source.kind() {
+                std::io::ErrorKind::TimedOut | std::io::ErrorKind::WouldBlock => {
+                    ErrorKind::TimedOut
+                }
+                _ => ErrorKind::Unavailable,
+            },
+            ClientError::Malformed { .. } => ErrorKind::Other,
+            ClientError::Api { status, .. } => match status {
+                404 | 410 => ErrorKind::NotFound,
+                400 | 413 | 422 => ErrorKind::InvalidInput,
+                // 507: the pool's topic table is full (nothing free, as a full pool is).
+                503 | 507 => ErrorKind::Unavailable,
+                _ => ErrorKind::Other,
+            },
         }
     }
 }
 
-fn pool_kind(e: &PoolError) -> ErrorKind {
-    match e {
-        PoolError::UnknownTopic(_) => ErrorKind::NotFound,
-        PoolError::Sys(SysError::Open { source, .. })
-            if source.kind() == std::io::ErrorKind::NotFound =>
-        {
-            ErrorKind::NotFound
-        }
-        PoolError::FellBehind { .. } => ErrorKind::FellBehind,
-        PoolError::UnreadableBatch { .. } => ErrorKind::Rejected,
-        PoolError::NotAPool { .. }
-        | PoolError::VersionMismatch { .. }
-        | PoolError::SizeMismatch { .. }
-        | PoolError::UnexpectedSize { .. }
-        | PoolError::CorruptLayout { .. } => ErrorKind::Other,
-        PoolError::Config(_)
-        | PoolError::TopicName(..)
-        | PoolError::TopicConfig(_)
-        | PoolError::OutOfRange { .. } => ErrorKind::InvalidInput,
-        PoolError::NoFreeSegment { .. } => ErrorKind::Unavailable,
-        _ => ErrorKind::Other,
+/// The client's kind of each class of data-plane error (the one classification, which the
+/// command line's exit codes follow too).
+fn class_kind(class: ErrorClass) -> ErrorKind {
+    match class {
+        ErrorClass::InvalidInput => ErrorKind::InvalidInput,
+        ErrorClass::NotFound => ErrorKind::NotFound,
+        ErrorClass::Unavailable => ErrorKind::Unavailable,
+        ErrorClass::TimedOut => ErrorKind::TimedOut,
+        ErrorClass::Rejected | ErrorClass::Unreadable => ErrorKind::Rejected,
+        ErrorClass::BadPool => ErrorKind::BadPool,
+        ErrorClass::PoolLost => ErrorKind::PoolLost,
+        ErrorClass::FellBehind => ErrorKind::FellBehind,
+        ErrorClass::Conflict | ErrorClass::System => ErrorKind::Other,
     }
 }
 
@@ -257,5 +249,34 @@ mod tests {
             "{text}"
         );
         assert!(text.ends_with("(address from $EMBAR_CONTROL)"), "{text}");
+    }
+
+    #[test]
+    fn a_pool_that_lost_its_bytes_is_its_own_kind_and_a_damaged_one_another() {
+        let path = || PathBuf::from("/dev/shm/embar-pool");
+        let lost = Error::from(PublishError::Pool(PoolError::BackingShrunk {
+            path: path(),
+            file_bytes: 4096,
+            pool_bytes: 1 << 26,
+        }));
+        assert_eq!(lost.kind(), ErrorKind::PoolLost);
+        assert!(lost.to_string().contains("truncated or replaced"), "{lost}");
+        let damaged = Error::from(PoolError::CorruptLayout {
+            path: path(),
+            reason: "r".into(),
+        });
+        assert_eq!(damaged.kind(), ErrorKind::BadPool);
+        let full = Error::Control {
+            source: ClientError::Api {
+                status: 507,
+                message: "topic table is full".into(),
+            },
+            from: ControlSource::Given,
+        };
+        assert_eq!(full.kind(), ErrorKind::Unavailable);
+        assert_eq!(
+            Error::from(PoolError::TopicTableFull(8)).kind(),
+            ErrorKind::Unavailable
+        );
     }
 }

@@ -54,8 +54,8 @@ pub mod notifier;
 #[cfg(feature = "async")]
 mod stream;
 
-pub use client::{Broker, Client, ClientBuilder, Config, Topic, Transport};
-pub use discovery::{ControlAddr, ControlSource};
+pub use client::{Client, ClientBuilder, Config, Topic, Transport};
+pub use discovery::{Broker, ClusterView, ControlAddr, ControlSource};
 pub use error::{Error, ErrorKind, Result};
 pub use publisher::Publisher;
 pub use subscriber::{Message, MessageRef, StartAt, Subscriber};

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use embar_dataplane::client::publisher::{Publisher as ShmPublisher, PublisherConfig};
-use embar_dataplane::client::{Publish, PublishError};
+use embar_dataplane::client::{new_client_id, Publish, PublishError};
 use embar_dataplane::idle::{Idle, IdlePolicy};
 use embar_dataplane::pool::coherence::Coherence;
 use embar_dataplane::pool::{CoherenceFn, Pool};
@@ -67,15 +67,6 @@ impl std::fmt::Debug for Publisher {
     }
 }
 
-/// A client id: random, so two publishers never share one.
-fn new_client_id() -> u64 {
-    use std::hash::{BuildHasher, Hasher};
-    std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish()
-        >> 1
-}
-
 /// Opens a shm publisher with the pool's coherence implementation.
 struct OpenShm<'p, 'a> {
     pool: &'p Pool,
@@ -111,10 +102,7 @@ impl Publisher {
         let client_id = new_client_id();
         let cell = match &cfg.transport {
             Transport::Shm => {
-                let brokers: Vec<u32> = client.live_brokers()?.iter().map(|b| b.slot).collect();
-                if brokers.is_empty() {
-                    return Err(Error::NoLiveBroker);
-                }
+                let brokers = client.cluster()?.broker_slots()?;
                 Cell::try_new(Some(client.pool()?), |pool| {
                     let pool = pool.as_deref().expect("a shm publisher has a pool");
                     let open = OpenShm {
@@ -277,14 +265,7 @@ fn open_verbs(
     publisher: PublisherConfig,
 ) -> Result<DynPublish<'static>> {
     use embar_dataplane::verbs::publisher::{VerbsConfig, VerbsPublisher};
-    let brokers: Vec<(u32, std::net::SocketAddr)> = client
-        .live_brokers()?
-        .into_iter()
-        .filter_map(|b| Some((b.slot, b.verbs?)))
-        .collect();
-    if brokers.is_empty() {
-        return Err(Error::NoVerbsBroker);
-    }
+    let brokers = client.cluster()?.verbs_brokers()?;
     let vc = VerbsConfig {
         device: device.clone().or_else(|| std::env::var("RDMA_DEVICE").ok()),
         gid_index: gid_index

@@ -103,3 +103,89 @@ pub enum PoolError {
 }
 
 pub type PoolResult<T> = Result<T, PoolError>;
+
+/// What kind of failure an error of the data plane is: what its caller can do about it.
+///
+/// The one classification of these errors. The client library's error kinds (and through
+/// them the C ABI's statuses) and the command line's exit codes are each chosen from it, by
+/// an exhaustive match, so they cannot drift apart; a new error variant has to be given a
+/// class here, where there is no catch-all.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ErrorClass {
+    /// A value the caller chose is refused: a configuration, a topic name or setting, a
+    /// number out of range, a message too large, a NUMA node or CPU this host lacks, a
+    /// place a pool cannot live.
+    InvalidInput,
+    /// What was named does not exist: a topic, the pool's file.
+    NotFound,
+    /// What is needed cannot be reached or has nothing free: log space, a topic slot, a
+    /// broker (none live, one that refused a session, a transport that failed).
+    Unavailable,
+    /// Waiting ran out (a broker's answer, log space, acknowledgements): retrying later may
+    /// succeed.
+    TimedOut,
+    /// A broker rejected a batch of this publisher.
+    Rejected,
+    /// A delivered batch cannot be read (its publisher changed it after its broker checked
+    /// it).
+    Unreadable,
+    /// Someone else holds it: the topic exists, the segment is another's, the file is there.
+    Conflict,
+    /// The pool cannot be used as it is: a file that is no pool, another layout version,
+    /// sizes that disagree, a damaged layout, a range outside its bounds.
+    BadPool,
+    /// The pool's file lost its bytes under the process (truncated or replaced).
+    PoolLost,
+    /// A subscriber fell behind the retention limit.
+    FellBehind,
+    /// The operating system refused a call (open, create, size, map, protect, bind, pin)
+    /// for a reason not above.
+    System,
+}
+
+impl PoolError {
+    /// This error's [`ErrorClass`].
+    pub fn class(&self) -> ErrorClass {
+        match self {
+            PoolError::Sys(e) => sys_class(e),
+            PoolError::Config(_)
+            | PoolError::TopicName(..)
+            | PoolError::TopicConfig(_)
+            | PoolError::OutOfRange { .. } => ErrorClass::InvalidInput,
+            PoolError::UnknownTopic(_) => ErrorClass::NotFound,
+            PoolError::NoFreeSegment { .. } | PoolError::TopicTableFull(_) => {
+                ErrorClass::Unavailable
+            }
+            PoolError::TopicExists(_) | PoolError::NotSegmentOwner { .. } => ErrorClass::Conflict,
+            PoolError::NotAPool { .. }
+            | PoolError::VersionMismatch { .. }
+            | PoolError::SizeMismatch { .. }
+            | PoolError::UnexpectedSize { .. }
+            | PoolError::CorruptLayout { .. }
+            | PoolError::BadRange(_) => ErrorClass::BadPool,
+            PoolError::BackingShrunk { .. } => ErrorClass::PoolLost,
+            PoolError::FellBehind { .. } => ErrorClass::FellBehind,
+            #[cfg(not(loom))]
+            PoolError::UnreadableBatch { .. } => ErrorClass::Unreadable,
+        }
+    }
+}
+
+fn sys_class(e: &SysError) -> ErrorClass {
+    match e {
+        SysError::Open { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
+            ErrorClass::NotFound
+        }
+        SysError::Open { .. }
+        | SysError::Create { .. }
+        | SysError::Resize { .. }
+        | SysError::Map { .. }
+        | SysError::Protect { .. }
+        | SysError::Mbind { .. }
+        | SysError::Affinity { .. } => ErrorClass::System,
+        SysError::AlreadyExists { .. } => ErrorClass::Conflict,
+        SysError::Backing { .. } | SysError::NoNumaNode { .. } | SysError::CpuOutOfRange { .. } => {
+            ErrorClass::InvalidInput
+        }
+    }
+}

@@ -36,4 +36,4 @@ pub mod units;
 #[cfg(not(loom))]
 pub mod verbs;
 
-pub use error::{PoolError, PoolResult};
+pub use error::{ErrorClass, PoolError, PoolResult};

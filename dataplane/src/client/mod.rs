@@ -11,6 +11,17 @@ use std::time::{Duration, Instant};
 
 pub use publisher::PublishError;
 
+/// A new client id for a publisher: 63 random bits (from the standard library's per-process,
+/// per-call hasher keys), so two publishers never share one. Every publisher, of every
+/// transport, takes its id from here.
+pub fn new_client_id() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish()
+        >> 1
+}
+
 /// What every publisher offers, whatever its transport.
 pub trait Publish {
     fn client_id(&self) -> u64;

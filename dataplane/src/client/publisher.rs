@@ -60,6 +60,22 @@ pub enum PublishError {
     NoBrokers,
 }
 
+impl PublishError {
+    /// This error's [`ErrorClass`](crate::error::ErrorClass).
+    pub fn class(&self) -> crate::error::ErrorClass {
+        use crate::error::ErrorClass;
+        match self {
+            PublishError::Pool(e) => e.class(),
+            PublishError::Refused { .. } | PublishError::Transport(_) | PublishError::NoBrokers => {
+                ErrorClass::Unavailable
+            }
+            PublishError::Timeout { .. } => ErrorClass::TimedOut,
+            PublishError::TooLarge { .. } => ErrorClass::InvalidInput,
+            PublishError::Rejected { .. } => ErrorClass::Rejected,
+        }
+    }
+}
+
 struct Link<'p, C: Coherence> {
     broker: u32,
     session: &'p Session,
