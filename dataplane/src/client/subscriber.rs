@@ -68,6 +68,27 @@ pub struct BatchOrigin {
     pub delivery_index: u64,
 }
 
+/// Whole messages of one ordered batch, as the subscriber copied and checked them: the
+/// batch's bytes (64-byte message headers and payloads, the pool's format) of messages
+/// `first_index..first_index + count`. What a subscriber that forwards the log (a broker
+/// serving a remote subscriber) passes on without looking at each message.
+#[derive(Debug)]
+pub struct Window<'a> {
+    /// The total order of the batch's message 0.
+    pub batch_total_order: u64,
+    pub client_id: u64,
+    pub batch_seq: u64,
+    /// Messages in the batch.
+    pub num_msg: u32,
+    /// The index in the batch of the window's first message.
+    pub first_index: u32,
+    /// Messages in the window.
+    pub count: u32,
+    /// Messages before this index are not delivered (a start inside the batch).
+    pub deliver_from: u32,
+    pub bytes: &'a [u8],
+}
+
 /// A registered subscriber of one topic.
 #[derive(Debug)]
 pub struct Subscriber<'p, C: Coherence> {
@@ -324,6 +345,49 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
         max_batches: usize,
         mut f: impl FnMut(&Message<'_>, BatchOrigin),
     ) -> PoolResult<usize> {
+        self.poll_parts(max_batches, |w, messages, origin| {
+            let mut n = 0;
+            for m in messages.iter() {
+                let m = m?;
+                if m.index >= w.deliver_from {
+                    f(
+                        &Message {
+                            total_order: w.batch_total_order + u64::from(m.index),
+                            client_id: w.client_id,
+                            batch_seq: w.batch_seq,
+                            index: m.index,
+                            num_msg: w.num_msg,
+                            payload: m.payload,
+                        },
+                        origin,
+                    );
+                    n += 1;
+                }
+            }
+            Ok(n)
+        })
+    }
+
+    /// Hands every window of whole messages of up to `max_batches` ordered batches to `f`,
+    /// in total order, each copied and checked (as for [`poll`](Self::poll)); `f` returns
+    /// how many messages it delivered. For a subscriber that forwards the log as it is.
+    pub fn poll_windows(
+        &mut self,
+        max_batches: usize,
+        mut f: impl FnMut(&Window<'_>) -> usize,
+    ) -> PoolResult<usize> {
+        self.poll_parts(max_batches, |w, _, _| Ok(f(w)))
+    }
+
+    fn poll_parts(
+        &mut self,
+        max_batches: usize,
+        mut f: impl FnMut(
+            &Window<'_>,
+            &crate::messages::Messages<'_>,
+            BatchOrigin,
+        ) -> Result<usize, crate::messages::BadBatch>,
+    ) -> PoolResult<usize> {
         let delivered = self.c.observe(&self.st.delivered);
         let mut n = 0;
         for _ in 0..max_batches {
@@ -397,24 +461,25 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
                     self.skip = i.max(self.skip);
                     return Err(e);
                 }
-                for m in parts.next(&self.buf[..w]).map_err(unreadable)?.iter() {
-                    let m = m.map_err(unreadable)?;
-                    if m.index >= self.skip {
-                        let origin = BatchOrigin {
-                            broker,
-                            delivery_index: d,
-                        };
-                        let msg = Message {
-                            total_order: first + u64::from(m.index),
-                            client_id,
-                            batch_seq,
-                            index: m.index,
-                            num_msg,
-                            payload: m.payload,
-                        };
-                        f(&msg, origin);
-                        n += 1;
-                    }
+                let messages = parts.next(&self.buf[..w]).map_err(unreadable)?;
+                let count = parts.index() - i;
+                if count > 0 {
+                    let used = parts.offset() as usize - off;
+                    let window = Window {
+                        batch_total_order: first,
+                        client_id,
+                        batch_seq,
+                        num_msg,
+                        first_index: i,
+                        count,
+                        deliver_from: self.skip,
+                        bytes: &self.buf[..used],
+                    };
+                    let origin = BatchOrigin {
+                        broker,
+                        delivery_index: d,
+                    };
+                    n += f(&window, &messages, origin).map_err(unreadable)?;
                 }
                 // A message the window did not hold whole: the next window holds it.
                 window = window.max(parts.need() as usize);

@@ -166,43 +166,60 @@ impl AckFrame {
     }
 }
 
-/// The header of one delivered message on a subscriber's stream.
+/// The header of a window of one ordered batch on a subscriber's stream: `bytes` bytes
+/// follow, whole messages of the batch in the pool's format (64-byte message headers and
+/// payloads), messages `first_index..first_index + count`, checked by the receiver with the
+/// one checked view of a batch (`messages::Messages::over`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct MessageFrame {
-    pub total_order: u64,
+pub struct WindowFrame {
+    /// The total order of the batch's message 0 ([`END_OF_STREAM`]: the stream ends, and
+    /// the `bytes` that follow are the reason).
+    pub batch_total_order: u64,
     pub client_id: u64,
     pub batch_seq: u64,
-    /// Bytes of payload that follow.
-    pub len: u32,
-    pub index: u32,
-    /// Messages in its batch.
     pub num_msg: u32,
+    pub first_index: u32,
+    pub count: u32,
+    /// Messages before this index are not delivered (a start inside the batch).
+    pub deliver_from: u32,
+    pub bytes: u32,
 }
 
-impl MessageFrame {
-    pub const BYTES: usize = 40;
+impl WindowFrame {
+    pub const BYTES: usize = 48;
 
     pub fn encode(&self) -> [u8; Self::BYTES] {
         let mut b = [0u8; Self::BYTES];
-        b[0..8].copy_from_slice(&self.total_order.to_le_bytes());
+        b[0..8].copy_from_slice(&self.batch_total_order.to_le_bytes());
         b[8..16].copy_from_slice(&self.client_id.to_le_bytes());
         b[16..24].copy_from_slice(&self.batch_seq.to_le_bytes());
-        b[24..28].copy_from_slice(&self.len.to_le_bytes());
-        b[28..32].copy_from_slice(&self.index.to_le_bytes());
-        b[32..36].copy_from_slice(&self.num_msg.to_le_bytes());
+        for (i, w) in [
+            self.num_msg,
+            self.first_index,
+            self.count,
+            self.deliver_from,
+            self.bytes,
+        ]
+        .iter()
+        .enumerate()
+        {
+            b[24 + 4 * i..28 + 4 * i].copy_from_slice(&w.to_le_bytes());
+        }
         b
     }
 
-    pub fn decode(b: &[u8; Self::BYTES]) -> MessageFrame {
+    pub fn decode(b: &[u8; Self::BYTES]) -> WindowFrame {
         let w = |r: std::ops::Range<usize>| u64::from_le_bytes(b[r].try_into().expect("8"));
-        let h = |r: std::ops::Range<usize>| u32::from_le_bytes(b[r].try_into().expect("4"));
-        MessageFrame {
-            total_order: w(0..8),
+        let h = |i: usize| u32::from_le_bytes(b[24 + 4 * i..28 + 4 * i].try_into().expect("4"));
+        WindowFrame {
+            batch_total_order: w(0..8),
             client_id: w(8..16),
             batch_seq: w(16..24),
-            len: h(24..28),
-            index: h(28..32),
-            num_msg: h(32..36),
+            num_msg: h(0),
+            first_index: h(1),
+            count: h(2),
+            deliver_from: h(3),
+            bytes: h(4),
         }
     }
 }
@@ -222,11 +239,11 @@ mod tests {
 
     proptest! {
         #[test]
-        fn ack_and_message_frames_round_trip(a: [u64; 6], t: u64, c: u64, s: u64, len: u32, i: u32, n: u32) {
+        fn ack_and_window_frames_round_trip(a: [u64; 6], t: u64, c: u64, s: u64, h: [u32; 5]) {
             let f = AckFrame { batches_received: a[0], acked_messages: a[1], acked_batches: a[2], rejected_batches: a[3], error: a[4], closed: a[5] };
             prop_assert_eq!(AckFrame::decode(&f.encode()), Some(f));
-            let m = MessageFrame { total_order: t, client_id: c, batch_seq: s, len, index: i, num_msg: n };
-            prop_assert_eq!(MessageFrame::decode(&m.encode()), m);
+            let w = WindowFrame { batch_total_order: t, client_id: c, batch_seq: s, num_msg: h[0], first_index: h[1], count: h[2], deliver_from: h[3], bytes: h[4] };
+            prop_assert_eq!(WindowFrame::decode(&w.encode()), w);
         }
 
         #[test]

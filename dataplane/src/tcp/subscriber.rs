@@ -14,7 +14,7 @@
 //! retransmits, long after a retention limit may have let a publisher reuse the space; a copy
 //! that was validated first cannot change under the socket.
 
-use std::io::{ErrorKind, Read, Write};
+use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::AtomicBool;
@@ -24,15 +24,17 @@ use super::frontend::SubscriberConn;
 use super::*;
 use crate::client::subscriber::{StartAt, Subscriber};
 use crate::idle::{Idle, IdlePolicy};
+use crate::messages::{Claims, Messages};
 use crate::pool::coherence::Coherence;
 use crate::pool::Pool;
 use crate::sync::Ordering::Relaxed;
 use crate::verbs::field;
 
-/// Bytes of frames gathered before a write (fewer when nothing more is ordered yet).
-const SEND_BUFFER: usize = 256 * 1024;
 /// Batches read from the pool per round.
 const BATCHES_PER_ROUND: usize = 16;
+/// After this long without a message, a subscriber's thread rests [`QUIET_REST`] at a time.
+const QUIET_AFTER: Duration = Duration::from_millis(50);
+const QUIET_REST: Duration = Duration::from_millis(1);
 
 /// A subscriber request's start position.
 fn parse_from(v: &str) -> Result<StartAt, String> {
@@ -81,58 +83,67 @@ pub fn serve<C: Coherence>(
     let _ = stream.set_write_timeout(Some(idle_timeout));
     let _ = stream.set_nodelay(true);
     log::info!("broker {broker}: TCP subscriber {peer} of {line:?} serving");
-    let mut buf: Vec<u8> = Vec::with_capacity(SEND_BUFFER + 64 * 1024);
     let mut idle = Idle::new(IdlePolicy {
         spin_rounds: 0,
         yield_for: Duration::from_millis(1),
         rest: Duration::from_micros(100),
     });
     let mut last_check = Instant::now();
+    let mut idle_since: Option<Instant> = None;
     let why = loop {
         if stop.load(Relaxed) {
             break "the broker is stopping".to_string();
         }
-        let polled = sub.poll(BATCHES_PER_ROUND, |m| {
-            let f = MessageFrame {
-                total_order: m.total_order,
-                client_id: m.client_id,
-                batch_seq: m.batch_seq,
-                len: m.payload.len() as u32,
-                index: m.index,
-                num_msg: m.num_msg,
-            };
-            buf.extend_from_slice(&f.encode());
-            buf.extend_from_slice(m.payload);
+        let mut failed: Option<std::io::Error> = None;
+        // Each window goes out as the subscriber checked it: one vectored write of its
+        // header and its bytes, no copy per message.
+        let polled = sub.poll_windows(BATCHES_PER_ROUND, |w| {
+            if failed.is_some() {
+                return 0;
+            }
+            let h = WindowFrame {
+                batch_total_order: w.batch_total_order,
+                client_id: w.client_id,
+                batch_seq: w.batch_seq,
+                num_msg: w.num_msg,
+                first_index: w.first_index,
+                count: w.count,
+                deliver_from: w.deliver_from,
+                bytes: w.bytes.len() as u32,
+            }
+            .encode();
+            if let Err(e) = write_all_vectored(&mut stream, &h, w.bytes) {
+                failed = Some(e);
+                return 0;
+            }
+            (w.first_index + w.count - w.deliver_from.max(w.first_index)) as usize
         });
+        if let Some(e) = failed {
+            break if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
+                format!("it read nothing for {idle_timeout:?}; dropped")
+            } else {
+                format!("writing: {e}")
+            };
+        }
         let n = match polled {
             Ok(n) => n,
             Err(e) => {
                 // Falling behind retention, an unreadable batch: the stream ends with why.
                 let reason = e.to_string();
-                let _ = stream.write_all(&buf);
-                let f = MessageFrame {
-                    total_order: END_OF_STREAM,
+                let f = WindowFrame {
+                    batch_total_order: END_OF_STREAM,
                     client_id: 0,
                     batch_seq: 0,
-                    len: reason.len() as u32,
-                    index: 0,
                     num_msg: 0,
+                    first_index: 0,
+                    count: 0,
+                    deliver_from: 0,
+                    bytes: reason.len() as u32,
                 };
-                let _ = stream.write_all(&f.encode());
-                let _ = stream.write_all(reason.as_bytes());
+                let _ = write_all_vectored(&mut stream, &f.encode(), reason.as_bytes());
                 break reason;
             }
         };
-        if buf.len() >= SEND_BUFFER || (n == 0 && !buf.is_empty()) {
-            if let Err(e) = stream.write_all(&buf) {
-                break if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
-                    format!("it read nothing for {idle_timeout:?}; dropped")
-                } else {
-                    format!("writing: {e}")
-                };
-            }
-            buf.clear();
-        }
         if n == 0 {
             if last_check.elapsed() > Duration::from_millis(100) {
                 last_check = Instant::now();
@@ -140,12 +151,39 @@ pub fn serve<C: Coherence>(
                     break "the subscriber closed the connection".to_string();
                 }
             }
-            idle.after(0, std::thread::sleep);
+            // Short rests while the topic is busy, longer ones once it has been quiet a
+            // while: an idle remote subscriber costs its broker little.
+            let quiet = idle_since.get_or_insert_with(Instant::now).elapsed();
+            idle.after(0, |rest| {
+                std::thread::sleep(if quiet > QUIET_AFTER {
+                    QUIET_REST
+                } else {
+                    rest
+                })
+            });
         } else {
+            idle_since = None;
             idle.after(n, |_| {});
         }
     };
     log::info!("broker {broker}: TCP subscriber {peer} ended: {why}");
+}
+
+/// Writes `head` then `body` with as few system calls as the socket takes.
+fn write_all_vectored(stream: &mut TcpStream, head: &[u8], body: &[u8]) -> std::io::Result<()> {
+    let (mut h, mut b) = (head, body);
+    while !h.is_empty() || !b.is_empty() {
+        let n = match stream.write_vectored(&[IoSlice::new(h), IoSlice::new(b)]) {
+            Ok(0) => return Err(ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        let from_h = n.min(h.len());
+        h = &h[from_h..];
+        b = &b[n - from_h..];
+    }
+    Ok(())
 }
 
 /// Whether the peer closed its end (a subscriber sends nothing after its request line).
@@ -179,12 +217,8 @@ pub enum SubscribeError {
     Ended { next: u64, reason: String },
     #[error("no broker answered for {waited:?} (last: {last})")]
     Unreachable { waited: Duration, last: String },
-    #[error("broker at {addr} sent a frame of {len} bytes, more than {max}")]
-    BadFrame {
-        addr: SocketAddr,
-        len: u32,
-        max: u32,
-    },
+    #[error("broker at {addr} sent a bad frame: {reason}")]
+    BadFrame { addr: SocketAddr, reason: String },
 }
 
 /// One message as a remote subscriber gets it; `payload` borrows the subscriber's buffer
@@ -218,8 +252,10 @@ pub struct TcpSubscriber {
     /// The socket's read timeout as last set (set again only when it changes).
     read_timeout: Option<Duration>,
     reconnects: u64,
-    /// The largest payload accepted (a larger frame means a broken stream).
+    /// The largest window accepted (a larger frame means a broken stream).
     max_payload: u32,
+    /// The window being handed out.
+    window: Option<RxWindow>,
 }
 
 impl TcpSubscriber {
@@ -246,6 +282,7 @@ impl TcpSubscriber {
             read_timeout: None,
             reconnects: 0,
             max_payload: 256 << 20,
+            window: None,
         };
         s.reconnect(true)?;
         Ok(s)
@@ -324,6 +361,7 @@ impl TcpSubscriber {
     /// later, another broker may still answer.
     fn reconnect(&mut self, first: bool) -> Result<(), SubscribeError> {
         self.stream = None;
+        self.window = None;
         self.head = 0;
         self.tail = 0;
         let began = Instant::now();
@@ -429,57 +467,32 @@ impl TcpSubscriber {
         &mut self,
         timeout: Duration,
     ) -> Result<Option<RemoteMessage<'_>>, SubscribeError> {
-        // The clock is read only when the buffer holds no whole frame (a message already
-        // here costs no system call).
+        // The clock is read only when no message is here already (a message of a window
+        // already received costs no system call).
         let mut deadline = None;
         loop {
-            if self.buffered() >= MessageFrame::BYTES {
-                let h: [u8; MessageFrame::BYTES] = self.buf
-                    [self.head..self.head + MessageFrame::BYTES]
-                    .try_into()
-                    .expect("a frame header");
-                let f = MessageFrame::decode(&h);
-                if f.len > self.max_payload {
-                    return Err(SubscribeError::BadFrame {
-                        addr: self.broker_addr(),
-                        len: f.len,
-                        max: self.max_payload,
-                    });
-                }
-                let whole = MessageFrame::BYTES + f.len as usize;
-                if self.buffered() >= whole {
-                    let at = self.head + MessageFrame::BYTES;
-                    self.head += whole;
-                    if f.total_order == END_OF_STREAM {
-                        let next = match self.start {
-                            StartAt::TotalOrder(t) => t,
-                            _ => 0,
-                        };
-                        return Err(SubscribeError::Ended {
-                            next,
-                            reason: String::from_utf8_lossy(&self.buf[at..at + f.len as usize])
-                                .to_string(),
-                        });
-                    }
-                    self.start = StartAt::TotalOrder(f.total_order + 1);
+            if let Some(w) = &mut self.window {
+                if let Some(&(index, off, len)) = w.messages.get(w.next) {
+                    w.next += 1;
+                    let total_order = w.frame.batch_total_order + u64::from(index);
+                    self.start = StartAt::TotalOrder(total_order + 1);
+                    let at = w.at + off as usize;
                     return Ok(Some(RemoteMessage {
-                        total_order: f.total_order,
-                        client_id: f.client_id,
-                        batch_seq: f.batch_seq,
-                        index: f.index,
-                        num_msg: f.num_msg,
-                        payload: &self.buf[at..at + f.len as usize],
+                        total_order,
+                        client_id: w.frame.client_id,
+                        batch_seq: w.frame.batch_seq,
+                        index,
+                        num_msg: w.frame.num_msg,
+                        payload: &self.buf[at..at + len as usize],
                     }));
                 }
+                // Every message of the window was handed out: its bytes go.
+                self.head = w.at + w.frame.bytes as usize;
+                self.window = None;
             }
-            let need = if self.buffered() >= MessageFrame::BYTES {
-                let h: [u8; MessageFrame::BYTES] = self.buf
-                    [self.head..self.head + MessageFrame::BYTES]
-                    .try_into()
-                    .expect("a frame header");
-                MessageFrame::BYTES + MessageFrame::decode(&h).len as usize
-            } else {
-                MessageFrame::BYTES
+            let need = match self.take_window()? {
+                Took::Window => continue,
+                Took::Need(n) => n,
             };
             let deadline = *deadline.get_or_insert_with(|| Instant::now() + timeout);
             let left = deadline.saturating_duration_since(Instant::now());
@@ -504,4 +517,84 @@ impl TcpSubscriber {
             }
         }
     }
+
+    /// Takes the next window from the buffer if it is whole (checking its messages with the
+    /// one checked view of a batch), or says how many bytes the next frame needs.
+    fn take_window(&mut self) -> Result<Took, SubscribeError> {
+        if self.buffered() < WindowFrame::BYTES {
+            return Ok(Took::Need(WindowFrame::BYTES));
+        }
+        let h: [u8; WindowFrame::BYTES] = self.buf[self.head..self.head + WindowFrame::BYTES]
+            .try_into()
+            .expect("a frame header");
+        let f = WindowFrame::decode(&h);
+        if f.bytes > self.max_payload {
+            return Err(SubscribeError::BadFrame {
+                addr: self.broker_addr(),
+                reason: format!(
+                    "a window of {} bytes, more than {}",
+                    f.bytes, self.max_payload
+                ),
+            });
+        }
+        let whole = WindowFrame::BYTES + f.bytes as usize;
+        if self.buffered() < whole {
+            return Ok(Took::Need(whole));
+        }
+        let at = self.head + WindowFrame::BYTES;
+        let bytes = &self.buf[at..at + f.bytes as usize];
+        if f.batch_total_order == END_OF_STREAM {
+            let next = match self.start {
+                StartAt::TotalOrder(t) => t,
+                _ => 0,
+            };
+            return Err(SubscribeError::Ended {
+                next,
+                reason: String::from_utf8_lossy(bytes).to_string(),
+            });
+        }
+        let bad = |reason: String| SubscribeError::BadFrame {
+            addr: self.brokers[self.current],
+            reason,
+        };
+        let claims = Claims {
+            num_msg: f.count,
+            client_id: f.client_id,
+            batch_seq: f.batch_seq,
+        };
+        let view = Messages::over(bytes, claims).map_err(|e| bad(format!("a window: {e}")))?;
+        let mut messages = Vec::with_capacity(f.count as usize);
+        for m in view.iter() {
+            let m = m.map_err(|e| bad(format!("a window: {e}")))?;
+            let index = f.first_index + m.index;
+            if index < f.deliver_from {
+                continue;
+            }
+            // Where the checked view found the payload, as an offset into the window.
+            let off = m.payload.as_ptr() as usize - bytes.as_ptr() as usize;
+            messages.push((index, off as u32, m.payload.len() as u32));
+        }
+        self.window = Some(RxWindow {
+            frame: f,
+            at,
+            messages,
+            next: 0,
+        });
+        Ok(Took::Window)
+    }
+}
+
+/// What [`TcpSubscriber::take_window`] found.
+enum Took {
+    Window,
+    Need(usize),
+}
+
+/// A received window being handed out: its messages as `(index, offset, length)` in the
+/// buffer from `at`.
+struct RxWindow {
+    frame: WindowFrame,
+    at: usize,
+    messages: Vec<(u32, u32, u32)>,
+    next: usize,
 }
