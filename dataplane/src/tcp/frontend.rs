@@ -869,6 +869,15 @@ impl<'p, C: Coherence> Remote<'p, C> {
     }
 }
 
+/// One subscriber thread in the count of live ones, until dropped.
+struct Live<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Live<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Relaxed);
+    }
+}
+
 /// Runs the frontend until `stop`: publishers in this thread, each subscriber on a thread of
 /// its own (at most `cfg.max_subscribers`), served by [`super::subscriber::serve`].
 pub fn run<C: Coherence>(
@@ -906,8 +915,9 @@ pub fn run<C: Coherence>(
                 let spawned = std::thread::Builder::new()
                     .name("tcp-subscriber".into())
                     .spawn_scoped(scope, move || {
+                        // Counted out however the thread ends (a panic included).
+                        let _live = Live(live);
                         super::subscriber::serve(pool, c, broker, s, cfg.idle_timeout, stop);
-                        live.fetch_sub(1, Relaxed);
                     });
                 if spawned.is_err() {
                     live.fetch_sub(1, Relaxed);

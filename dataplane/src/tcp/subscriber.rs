@@ -98,7 +98,9 @@ pub fn serve<C: Coherence>(
         // Each window goes out as the subscriber checked it: one vectored write of its
         // header and its bytes, no copy per message.
         let polled = sub.poll_windows(BATCHES_PER_ROUND, |w| {
-            if failed.is_some() {
+            let end = w.first_index + w.count;
+            if failed.is_some() || end <= w.deliver_from {
+                // Nothing of it is delivered (a start inside the batch): not sent.
                 return 0;
             }
             let h = WindowFrame {
@@ -116,7 +118,7 @@ pub fn serve<C: Coherence>(
                 failed = Some(e);
                 return 0;
             }
-            (w.first_index + w.count - w.deliver_from.max(w.first_index)) as usize
+            (end - w.deliver_from.max(w.first_index)) as usize
         });
         if let Some(e) = failed {
             break if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) {
