@@ -7,7 +7,8 @@ use std::io::{BufRead, Write};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use embar_client::{Client, ClientBuilder, StartAt, Transport};
+use embar_client::{Client, ClientBuilder, MessageRef, StartAt, Transport};
+use embar_dataplane::checker::{Delivered, OrderChecker};
 
 use crate::exit::{CliError, CliResult};
 
@@ -252,6 +253,23 @@ pub struct SubscribeArgs {
     /// order from a broker, resuming on another when the connection drops).
     #[arg(long, default_value = "shm", value_parser = ["shm", "tcp"])]
     pub transport: String,
+    /// Check the order of every message delivered: total orders contiguous from the first,
+    /// each batch's messages together, and (ORDER 4, 5) each publisher's batches in its
+    /// order. The first violation is printed to stderr, after the messages up to and
+    /// including the offending one, and exits 65; at the end a summary goes to stderr.
+    #[arg(long)]
+    pub check_order: bool,
+}
+
+/// The checker of `--check-order` for a topic of ORDER `order`.
+fn order_checker(topic: &str, order: u8) -> CliResult<OrderChecker> {
+    if order == 1 {
+        return Err(CliError::usage(format!(
+            "--check-order: topic {topic:?} is ORDER 1, which numbers messages per broker, \
+             not in one total order (ORDER 0, 2, 4 and 5 can be checked)"
+        )));
+    }
+    Ok(OrderChecker::from_first(matches!(order, 4 | 5)))
 }
 
 pub fn subscribe(a: &SubscribeArgs) -> CliResult<()> {
@@ -268,6 +286,10 @@ pub fn subscribe(a: &SubscribeArgs) -> CliResult<()> {
         Transport::Shm
     };
     let client = connect(a.control, Client::builder().transport(transport))?;
+    let mut checker = match a.check_order {
+        true => Some(order_checker(&a.topic, client.topic(&a.topic)?.spec.order)?),
+        false => None,
+    };
     let mut sub = client.subscriber(&a.topic, start)?;
     sub.set_durable_only(a.durable_only);
     if let Some(ms) = a.pause_ms {
@@ -284,10 +306,15 @@ pub fn subscribe(a: &SubscribeArgs) -> CliResult<()> {
     let limit = a.count.unwrap_or(u64::MAX);
     let mut last = Instant::now();
     let mut err = None;
-    while printed < limit && !stop.load(std::sync::atomic::Ordering::Relaxed) {
+    let mut violation = None;
+    while printed < limit && violation.is_none() && !stop.load(std::sync::atomic::Ordering::Relaxed)
+    {
         let n = sub.poll(1, |m| {
-            if printed >= limit || err.is_some() {
+            if printed >= limit || err.is_some() || violation.is_some() {
                 return;
+            }
+            if let Some(c) = checker.as_mut() {
+                violation = check_message(c, m).err();
             }
             let r = match a.format {
                 Format::Text => out.write_all(m.payload).and_then(|()| out.write_all(b"\n")),
@@ -325,5 +352,92 @@ pub fn subscribe(a: &SubscribeArgs) -> CliResult<()> {
         std::thread::sleep(Duration::from_micros(200));
     }
     out.flush()
-        .map_err(|e| format!("cannot write to stdout: {e}").into())
+        .map_err(|e| format!("cannot write to stdout: {e}"))?;
+    if let Some(v) = violation {
+        return Err(v);
+    }
+    if let Some(c) = checker {
+        eprintln!("{}", passed(&c));
+    }
+    Ok(())
+}
+
+/// Feeds one delivered message to the `--check-order` checker; a broken rule is a data error.
+fn check_message(c: &mut OrderChecker, m: &MessageRef<'_>) -> CliResult<()> {
+    let d = Delivered {
+        total_order: m.total_order,
+        client_id: m.client_id,
+        batch_seq: m.batch_seq,
+        index: m.index,
+        num_msg: m.num_msg,
+    };
+    c.push(&d)
+        .map_err(|v| CliError::data(format!("order check failed: {v}")))
+}
+
+/// The summary line of a check that found nothing wrong. The reading may end inside a batch
+/// (`--count`, a signal, `--idle-timeout-s`), so the last batch's completeness is no rule here.
+fn passed(c: &OrderChecker) -> String {
+    format!(
+        "order check passed: {} messages, {} publishers",
+        c.delivered(),
+        c.publishers()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(
+        total_order: u64,
+        client_id: u64,
+        batch_seq: u64,
+        index: u32,
+    ) -> MessageRef<'static> {
+        MessageRef {
+            total_order,
+            client_id,
+            batch_seq,
+            index,
+            num_msg: 2,
+            payload: b"m",
+        }
+    }
+
+    #[test]
+    fn a_broken_order_is_a_data_error_naming_the_rule() {
+        let mut c = order_checker("t", 5).unwrap();
+        check_message(&mut c, &message(7, 1, 3, 0)).unwrap();
+        check_message(&mut c, &message(8, 1, 3, 1)).unwrap();
+        let e = check_message(&mut c, &message(10, 2, 0, 0)).unwrap_err();
+        assert_eq!(e.kind.code(), 65);
+        assert!(
+            e.message
+                .starts_with("order check failed: message 2: total order 10, expected 9"),
+            "{e}"
+        );
+        let mut c = order_checker("t", 4).unwrap();
+        check_message(&mut c, &message(7, 1, 3, 0)).unwrap();
+        check_message(&mut c, &message(8, 1, 3, 1)).unwrap();
+        let e = check_message(&mut c, &message(9, 1, 5, 0)).unwrap_err();
+        assert!(e.message.contains("per-client FIFO"), "{e}");
+        // ORDER 2 has no per-client rule.
+        let mut c = order_checker("t", 2).unwrap();
+        for m in [
+            message(0, 1, 3, 0),
+            message(1, 1, 3, 1),
+            message(2, 2, 9, 0),
+        ] {
+            check_message(&mut c, &m).unwrap();
+        }
+        assert_eq!(passed(&c), "order check passed: 3 messages, 2 publishers");
+    }
+
+    #[test]
+    fn order_1_has_no_total_order_to_check() {
+        let e = order_checker("t", 1).unwrap_err();
+        assert_eq!(e.kind, ExitKind::Usage);
+        assert!(e.message.contains("ORDER 1"), "{e}");
+    }
 }
