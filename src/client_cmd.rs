@@ -388,6 +388,7 @@ fn passed(c: &OrderChecker) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::exit::ExitKind;
 
     fn message(
         total_order: u64,
