@@ -932,14 +932,7 @@ impl<'p, C: Coherence> BenchSub<'p, C> {
                 while n < max_batches * 2048 {
                     match s.next_timeout(Duration::ZERO) {
                         Ok(Some(m)) => {
-                            f(&embar_dataplane::client::subscriber::Message {
-                                total_order: m.total_order,
-                                client_id: m.client_id,
-                                batch_seq: m.batch_seq,
-                                index: m.index,
-                                num_msg: m.num_msg,
-                                payload: m.payload,
-                            });
+                            f(&m);
                             n += 1;
                         }
                         Ok(None) => break,

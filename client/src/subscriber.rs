@@ -97,14 +97,7 @@ impl Read for TcpRead {
             match self.sub.next_timeout(Duration::ZERO) {
                 Ok(Some(m)) => {
                     self.next = m.total_order + 1;
-                    f(&MessageRef {
-                        total_order: m.total_order,
-                        client_id: m.client_id,
-                        batch_seq: m.batch_seq,
-                        index: m.index,
-                        num_msg: m.num_msg,
-                        payload: m.payload,
-                    });
+                    f(&m);
                     n += 1;
                 }
                 Ok(None) => break,

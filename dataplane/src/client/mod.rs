@@ -62,6 +62,12 @@ pub trait Publish {
     /// the batch, so `publish` needs no lock.
     fn linger_deadline_ns(&self) -> Option<u64>;
 
+    /// Whether the open batch has lingered past its deadline (then `poll` seals it).
+    fn lingered(&self) -> bool {
+        self.linger_deadline_ns()
+            .is_some_and(|d| embar_sys::clock::monotonic_ns() > d)
+    }
+
     /// Flushes, then waits until every message is acknowledged per the topic's ACK level
     /// (ACK 0: returns at once).
     fn wait_acks(&mut self, timeout: Duration) -> Result<u64, PublishError> {

@@ -432,10 +432,7 @@ impl<C: Coherence> Publish for Publisher<'_, C> {
     }
 
     fn poll(&mut self) -> Result<(), PublishError> {
-        if self
-            .linger_deadline_ns()
-            .is_some_and(|d| monotonic_ns() > d)
-        {
+        if self.lingered() {
             self.seal()?;
         }
         Ok(())

@@ -585,10 +585,7 @@ impl Publish for TcpPublisher {
 
     fn poll(&mut self) -> Result<(), PublishError> {
         self.read_acks()?;
-        if self
-            .linger_deadline_ns()
-            .is_some_and(|d| monotonic_ns() > d)
-        {
+        if self.lingered() {
             self.seal()?;
         }
         Ok(())

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use super::frontend::SubscriberConn;
 use super::*;
-use crate::client::subscriber::{StartAt, Subscriber};
+use crate::client::subscriber::{Message, StartAt, Subscriber};
 use crate::idle::{Idle, IdlePolicy};
 use crate::messages::{Claims, Messages};
 use crate::pool::coherence::Coherence;
@@ -221,18 +221,6 @@ pub enum SubscribeError {
     Unreachable { waited: Duration, last: String },
     #[error("broker at {addr} sent a bad frame: {reason}")]
     BadFrame { addr: SocketAddr, reason: String },
-}
-
-/// One message as a remote subscriber gets it; `payload` borrows the subscriber's buffer
-/// until the next call.
-#[derive(Debug, PartialEq, Eq)]
-pub struct RemoteMessage<'a> {
-    pub total_order: u64,
-    pub client_id: u64,
-    pub batch_seq: u64,
-    pub index: u32,
-    pub num_msg: u32,
-    pub payload: &'a [u8],
 }
 
 /// A subscriber of a topic on another host: reads the total order from one broker over TCP
@@ -463,12 +451,13 @@ impl TcpSubscriber {
         }
     }
 
-    /// The next message in total order, waiting at most `timeout` (`None` when none came).
-    /// A dropped connection is resumed on a broker that answers, from the next total order.
+    /// The next message in total order, waiting at most `timeout` (`None` when none came);
+    /// its payload borrows this subscriber's buffer until the next call. A dropped
+    /// connection is resumed on a broker that answers, from the next total order.
     pub fn next_timeout(
         &mut self,
         timeout: Duration,
-    ) -> Result<Option<RemoteMessage<'_>>, SubscribeError> {
+    ) -> Result<Option<Message<'_>>, SubscribeError> {
         // The clock is read only when no message is here already (a message of a window
         // already received costs no system call).
         let mut deadline = None;
@@ -479,7 +468,7 @@ impl TcpSubscriber {
                     let total_order = w.frame.batch_total_order + u64::from(index);
                     self.start = StartAt::TotalOrder(total_order + 1);
                     let at = w.at + off as usize;
-                    return Ok(Some(RemoteMessage {
+                    return Ok(Some(Message {
                         total_order,
                         client_id: w.frame.client_id,
                         batch_seq: w.frame.batch_seq,

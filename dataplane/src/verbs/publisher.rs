@@ -601,10 +601,7 @@ impl Publish for VerbsPublisher {
 
     fn poll(&mut self) -> Result<(), PublishError> {
         self.reap()?;
-        if self
-            .linger_deadline_ns()
-            .is_some_and(|d| monotonic_ns() > d)
-        {
+        if self.lingered() {
             self.seal()?;
         }
         Ok(())
