@@ -62,7 +62,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "FILE")]
     pub hdr_log: Option<PathBuf>,
     /// Publish this much, unmeasured, before the measured runs (default: one pass over the
-    /// pool's log space, so the figures are those of a running system; 0: none).
+    /// pool's log space, at most --total-bytes, so the figures are those of a running
+    /// system; 0: none).
     #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
     pub warmup: Option<u64>,
     #[command(flatten)]

@@ -338,7 +338,8 @@ pub fn run(a: &Config) -> BenchResult<bool> {
     crate::report::report(a, brokers.len(), &reps, &began)
 }
 
-/// Publishes one pass over the pool's log space (or `--warmup` bytes), unmeasured, checked
+/// Publishes one pass over the pool's log space (at most what a run publishes; or `--warmup`
+/// bytes), unmeasured, checked
 /// like a run, before the measured runs: what benchmarks of messaging systems call a warm-up
 /// (OpenMessaging Benchmark's warm-up phase). The figures are then those of a running
 /// system, not of its first pass over the pool, on which every process maps each page it
@@ -346,9 +347,11 @@ pub fn run(a: &Config) -> BenchResult<bool> {
 /// the sequencer's stamping; a pool on huge pages has few), and of the sequencer picking up
 /// its first topic.
 fn warm_up(a: &Config, pool: &Pool, control: SocketAddr, brokers: &[u32]) -> BenchResult<()> {
+    // By default one pass over the log space, but never more than the run itself publishes
+    // (a light open-loop run of a few messages needs no gigabyte first).
     let bytes = a
         .warmup_bytes
-        .unwrap_or_else(|| pool.geometry().segment_pool_bytes());
+        .unwrap_or_else(|| pool.geometry().segment_pool_bytes().min(a.total_bytes));
     if bytes < a.message_bytes {
         return Ok(());
     }
