@@ -244,6 +244,29 @@ pub fn full_fence() {
     std::sync::atomic::fence(Ordering::SeqCst);
 }
 
+/// Asks the CPU to start loading the cache line at `ptr` (a hint: it never faults, reads
+/// nothing into the program, and may be ignored). For a walk whose next address depends on
+/// the line it reads (a batch's message headers): loading the lines a few steps ahead
+/// overlaps their misses instead of taking them one after another. Any address is allowed,
+/// even one outside every mapping.
+#[inline]
+pub fn prefetch_read(ptr: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: PREFETCHT0 is a hint: it does not access memory architecturally and does not
+    // fault on any address; SSE is part of the x86_64 baseline.
+    unsafe {
+        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(ptr.cast())
+    };
+    #[cfg(target_arch = "aarch64")]
+    // SAFETY: PRFM PLDL1KEEP is a hint: it does not fault on any address and has no
+    // architectural effect.
+    unsafe {
+        core::arch::asm!("prfm pldl1keep, [{0}]", in(reg) ptr, options(nostack, preserves_flags, readonly))
+    };
+    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
+    let _ = ptr;
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -294,27 +317,4 @@ mod tests {
             );
         }
     }
-}
-
-/// Asks the CPU to start loading the cache line at `ptr` (a hint: it never faults, reads
-/// nothing into the program, and may be ignored). For a walk whose next address depends on
-/// the line it reads (a batch's message headers): loading the lines a few steps ahead
-/// overlaps their misses instead of taking them one after another. Any address is allowed,
-/// even one outside every mapping.
-#[inline]
-pub fn prefetch_read(ptr: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: PREFETCHT0 is a hint: it does not access memory architecturally and does not
-    // fault on any address; SSE is part of the x86_64 baseline.
-    unsafe {
-        core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(ptr.cast())
-    };
-    #[cfg(target_arch = "aarch64")]
-    // SAFETY: PRFM PLDL1KEEP is a hint: it does not fault on any address and has no
-    // architectural effect.
-    unsafe {
-        core::arch::asm!("prfm pldl1keep, [{0}]", in(reg) ptr, options(nostack, preserves_flags, readonly))
-    };
-    #[cfg(not(any(target_arch = "x86_64", target_arch = "aarch64")))]
-    let _ = ptr;
 }
