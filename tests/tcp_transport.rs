@@ -13,7 +13,7 @@ use embar_dataplane::client::subscriber::StartAt;
 use embar_dataplane::client::Publish;
 use embar_dataplane::tcp::publisher::{TcpPublisher, TcpPublisherConfig};
 use embar_dataplane::tcp::subscriber::TcpSubscriber;
-use embar_dataplane::tcp::{AckFrame, BatchFrame, HELLO};
+use embar_dataplane::tcp::{AckFrame, BatchFrame, HELLO, SUB_HELLO};
 use embar_test_support::{serial, signal, wait_for, wait_until, Cluster};
 
 /// `(pool slot, TCP address)` of every live broker, in slot order.
@@ -383,6 +383,56 @@ fn bad_frames_drop_their_own_session_and_nothing_else() {
     for k in 0..100 {
         assert_eq!(publish_tcp(&brokers, "t", &format!("after{k}"), 3), 3);
     }
+}
+
+#[test]
+fn a_remote_subscriber_that_stops_reading_is_dropped_and_holds_nothing() {
+    let _g = serial();
+    let c = Cluster::up(
+        "tcp-slow-sub",
+        &[
+            "--pool-bytes",
+            "256MiB",
+            "--segment-bytes",
+            "4MiB",
+            "--tcp-idle-timeout-ms",
+            "500",
+        ],
+    );
+    c.topic("t", &["--order", "5"]);
+    let brokers = tcp_brokers(&c);
+    // More than the socket buffers hold, already published.
+    assert_eq!(publish_tcp(&brokers, "t", "s", 100_000), 100_000);
+    let mut stuck = TcpStream::connect(brokers[0].1).expect("the broker's TCP port");
+    writeln!(stuck, "{SUB_HELLO} topic=t from=oldest").unwrap();
+    let log = || std::fs::read_to_string(format!("{}/broker-0.log", c.dir)).unwrap_or_default();
+    wait_until(
+        "the broker drops the subscriber that reads nothing",
+        Duration::from_secs(20),
+        || log().contains("read nothing for 500ms; dropped"),
+    );
+    // Its cursor went with it: the topic's subscriber table holds no one, so log space is
+    // reclaimed again (a publisher of more than the pool goes through).
+    let pool = embar_dataplane::pool::Pool::open(
+        c.file()["pool"].as_str().unwrap().as_ref(),
+        &Default::default(),
+    )
+    .unwrap();
+    use embar_dataplane::pool::coherence::Coherent;
+    let slot = pool.find_topic(Coherent, "t").unwrap();
+    let st = pool.sequencer_state(slot);
+    wait_until("no subscriber holds the topic", Duration::from_secs(5), || {
+        embar_dataplane::client::subscriber::slowest_position(st, Coherent, |_, _, _| true)
+            .is_none()
+    });
+    let big = "x".repeat(1000);
+    let cfg = TcpPublisherConfig::default();
+    let mut p = TcpPublisher::connect(&brokers, "t", client_id("big"), &cfg).unwrap();
+    for _ in 0..400_000 {
+        p.publish(big.as_bytes()).expect("log space is reclaimed");
+    }
+    assert_eq!(p.wait_acks(Duration::from_secs(60)).unwrap(), 400_000);
+    drop(stuck);
 }
 
 #[test]
