@@ -421,10 +421,14 @@ fn a_remote_subscriber_that_stops_reading_is_dropped_and_holds_nothing() {
     use embar_dataplane::pool::coherence::Coherent;
     let slot = pool.find_topic(Coherent, "t").unwrap();
     let st = pool.sequencer_state(slot);
-    wait_until("no subscriber holds the topic", Duration::from_secs(5), || {
-        embar_dataplane::client::subscriber::slowest_position(st, Coherent, |_, _, _| true)
-            .is_none()
-    });
+    wait_until(
+        "no subscriber holds the topic",
+        Duration::from_secs(5),
+        || {
+            embar_dataplane::client::subscriber::slowest_position(st, Coherent, |_, _, _| true)
+                .is_none()
+        },
+    );
     let big = "x".repeat(1000);
     let cfg = TcpPublisherConfig::default();
     let mut p = TcpPublisher::connect(&brokers, "t", client_id("big"), &cfg).unwrap();

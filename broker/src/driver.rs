@@ -126,6 +126,9 @@ impl<'p, C: Coherence> Driver<'p, C> {
             broker: self.broker.stats(),
             sessions_open: self.broker.sessions_open(),
             ring_occupancy: self.broker.ring_occupancy().iter().map(|(_, n)| n).sum(),
+            disk_failures: embar_dataplane::replication::disk_failures_of(
+                self.pool, self.c, self.slot,
+            ),
             verbs,
         }
     }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use embar_dataplane::pool::coherence::Coherence;
 use embar_dataplane::pool::{CoherenceFn, OpenOptions, Pool};
-use embar_dataplane::replication::Replicator;
+use embar_dataplane::replication::{report_disk_failure, Replicator};
 
 use crate::node::ReplicationConfig;
 
@@ -98,6 +98,7 @@ impl CoherenceFn<()> for Go<'_> {
                     Ok(n) => work += n,
                     Err(e) => {
                         log::error!("broker {me}: replication of topic slot {slot}: {e}");
+                        report_disk_failure(pool, c, *slot, me, e.errno());
                         failed.push((*slot, *gen));
                     }
                 }
@@ -166,6 +167,7 @@ fn scan<'p, C: Coherence>(
             }
             Err(e) => {
                 retries.failed(slot, info.generation, now);
+                report_disk_failure(pool, c, slot, me, e.errno());
                 log::error!(
                     "broker {me}: cannot replicate topic {:?}: {e}; trying again later",
                     info.name

@@ -67,6 +67,14 @@ impl std::fmt::Debug for Publisher {
     }
 }
 
+/// The brokers whose disk log of `topic` is failing: `(broker slot, errno, failures)`.
+fn disk_failures<C: Coherence>(pool: &Pool, c: C, topic: &str) -> Vec<(u32, i32, u64)> {
+    match pool.find_topic(c, topic) {
+        Ok(slot) => embar_dataplane::replication::disk_failures(pool, c, slot),
+        Err(_) => Vec::new(),
+    }
+}
+
 /// Opens a shm publisher with the pool's coherence implementation.
 struct OpenShm<'p, 'a> {
     pool: &'p Pool,
@@ -215,7 +223,10 @@ impl Publisher {
             }
             if start.elapsed() > timeout {
                 return Err(PublishError::Timeout {
-                    what: format!("acknowledgements of {count} messages ({acked} acknowledged)"),
+                    what: format!(
+                        "acknowledgements of {count} messages ({acked} acknowledged){}",
+                        self.disk_trouble()
+                    ),
                     waited: start.elapsed(),
                 }
                 .into());
@@ -223,6 +234,29 @@ impl Publisher {
             self.poll()?;
             idle.after(0, std::thread::sleep);
         }
+    }
+
+    /// Why acknowledgements may be held back, as the pool says (on the pool host): the
+    /// brokers whose disk log of this topic is failing (ACK 2 waits for every replica's
+    /// sync). Empty when there is nothing to say.
+    fn disk_trouble(&self) -> String {
+        let Some(pool) = self.cell.borrow_owner().as_deref() else {
+            return String::new();
+        };
+        use embar_dataplane::pool::coherence::{CoherenceMode, Coherent, NonCoherent};
+        let failures = match pool.coherence_mode() {
+            CoherenceMode::Coherent => disk_failures(pool, Coherent, &self.topic),
+            CoherenceMode::NonCoherent => disk_failures(pool, NonCoherent::detect(), &self.topic),
+        };
+        failures
+            .into_iter()
+            .map(|(b, errno, n)| {
+                format!(
+                    "; broker slot {b} cannot write its disk log of this topic: {} ({n} failures)",
+                    std::io::Error::from_raw_os_error(errno)
+                )
+            })
+            .collect()
     }
 
     /// Messages published (handed to `publish`) so far.

@@ -123,6 +123,8 @@ pub struct BrokerSnapshot {
     pub sessions_open: usize,
     /// Batches in this broker's rings not yet ordered.
     pub ring_occupancy: u64,
+    /// Failed writes, syncs or opens of this broker's disk logs (every topic).
+    pub disk_failures: u64,
     pub verbs: VerbsSnapshot,
 }
 
@@ -212,6 +214,12 @@ const BROKER_METRICS: &[(&str, &str, Kind, Read)] = &[
         "Batches in this broker's rings not yet ordered",
         Kind::Gauge,
         |s| s.ring_occupancy,
+    ),
+    (
+        "disk_failures",
+        "Failed writes, syncs or opens of this broker's disk logs; nothing they cover is acked at ACK 2",
+        Kind::Counter,
+        |s| s.disk_failures,
     ),
     (
         "verbs_sessions_open",

@@ -158,7 +158,12 @@ pub struct ReplicationRegion {
     pub durable_delivery: AtomicU64,
     /// Total order after the last batch covered by `durable_delivery` (for operators).
     pub durable_total_order: AtomicU64,
-    pub _pad: [AtomicU64; 6],
+    /// Writes, syncs or opens of this broker's disk log of the topic that failed.
+    pub disk_failures: AtomicU64,
+    /// The OS error number of the last failure while it lasts (0 once the log syncs again):
+    /// what a publisher waiting for ACK 2 is told.
+    pub disk_error: AtomicU64,
+    pub _pad: [AtomicU64; 4],
     pub replication_done: [AtomicU64; MAX_BROKERS],
 }
 

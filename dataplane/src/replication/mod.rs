@@ -81,6 +81,55 @@ pub struct Replicator<'p, C: Coherence> {
     bytes_by_src: Vec<u64>,
 }
 
+impl ReplicationError {
+    /// The OS error number behind it (`EIO` when there is none).
+    pub fn errno(&self) -> i32 {
+        match self {
+            ReplicationError::Log(LogError::Io { source, .. }) => {
+                source.raw_os_error().unwrap_or(libc::EIO)
+            }
+            _ => libc::EIO,
+        }
+    }
+}
+
+/// Records in the pool that broker `me`'s disk log of topic slot `slot` failed with `errno`
+/// (a write, sync or open): counted, and kept as the last error until the log syncs again.
+pub fn report_disk_failure<C: Coherence>(pool: &Pool, c: C, slot: u32, me: u32, errno: i32) {
+    let r = &pool.tinode(slot).brokers[me as usize].replication;
+    r.disk_failures.fetch_add(1, crate::sync::Ordering::Relaxed);
+    c.publish(&r.disk_error, errno.unsigned_abs().into());
+}
+
+/// The brokers whose disk log of topic slot `slot` is failing now: `(broker slot, OS error
+/// number, failures so far)`. What a publisher waiting for ACK 2 adds to its timeout.
+pub fn disk_failures<C: Coherence>(pool: &Pool, c: C, slot: u32) -> Vec<(u32, i32, u64)> {
+    let t = pool.tinode(slot);
+    (0..pool.geometry().max_brokers)
+        .filter_map(|b| {
+            let r = &t.brokers[b as usize].replication;
+            let e = c.observe(&r.disk_error);
+            (e != 0).then(|| {
+                (
+                    b,
+                    e as i32,
+                    r.disk_failures.load(crate::sync::Ordering::Relaxed),
+                )
+            })
+        })
+        .collect()
+}
+
+/// Failures of broker `me`'s disk logs over every topic (its metric).
+pub fn disk_failures_of<C: Coherence>(pool: &Pool, c: C, me: u32) -> u64 {
+    (0..pool.geometry().max_topics)
+        .map(|slot| {
+            let r = &pool.tinode(slot).brokers[me as usize].replication;
+            c.observe(&r.disk_failures)
+        })
+        .sum()
+}
+
 impl<'p, C: Coherence> Replicator<'p, C> {
     /// Opens (recovering) the log of `topic` under `data_dir` and a cursor at the oldest
     /// batch still retained; batches already in the log (same pool, same or lower total
@@ -205,6 +254,10 @@ impl<'p, C: Coherence> Replicator<'p, C> {
             .store(self.appended_total, crate::sync::Ordering::Relaxed);
         self.c.publish(&r.durable_delivery, self.appended_through);
         self.published = self.appended_through;
+        // It synced: whatever failed before is behind it.
+        if self.c.observe(&r.disk_error) != 0 {
+            self.c.publish(&r.disk_error, 0);
+        }
     }
 
     /// Syncs what is appended and publishes it (at shutdown).
