@@ -622,7 +622,7 @@ fn one_run<C: Coherence>(c: C, r: OneRun<'_>) -> BenchResult<Run> {
                                 ));
                             }
                             if last.elapsed() > Duration::from_micros(200) {
-                                std::thread::sleep(Duration::from_micros(50));
+                                sub.wait(Duration::from_millis(5));
                             } else {
                                 std::thread::yield_now();
                             }
@@ -920,6 +920,15 @@ impl<'p, C: Coherence> BenchSub<'p, C> {
         )
         .map_err(|e| BenchError::Run(format!("TCP subscriber: {e}")))?;
         Ok(BenchSub::Tcp(s))
+    }
+
+    /// Waits up to `timeout` for more: parked on the topic's doorbell on the pool host (the
+    /// sequencer rings it), a short sleep over TCP.
+    fn wait(&self, timeout: Duration) {
+        match self {
+            BenchSub::Pool(s) => s.wait_ordered(timeout),
+            BenchSub::Tcp(_) => std::thread::sleep(Duration::from_micros(50)),
+        }
     }
 
     /// Hands every message that is here (up to about `max_batches` batches) to `f`.

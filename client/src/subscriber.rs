@@ -15,6 +15,9 @@ pub use embar_dataplane::client::subscriber::{Message as MessageRef, StartAt};
 use crate::client::{Client, Transport};
 use crate::error::{Error, Result};
 
+/// Longest park of a waiting subscriber before it looks again by itself.
+const PARK_MAX: Duration = Duration::from_millis(5);
+
 /// One message, owned: what the iterator and the stream yield. ([`Subscriber::poll`] lends
 /// [`MessageRef`]s instead, with no copy per message.)
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,6 +58,10 @@ trait Read: Send {
     fn take_failure(&mut self) -> Option<Error> {
         None
     }
+    /// Waits up to `timeout` for more to read (may return early).
+    fn wait(&mut self, timeout: Duration) {
+        std::thread::sleep(timeout.min(Duration::from_micros(50)));
+    }
 }
 
 impl<C: Coherence> Read for PoolSubscriber<'_, C> {
@@ -72,6 +79,11 @@ impl<C: Coherence> Read for PoolSubscriber<'_, C> {
 
     fn set_durable_only(&mut self, yes: bool) {
         PoolSubscriber::set_durable_only(self, yes)
+    }
+
+    /// Parked on the topic's doorbell, which the sequencer rings.
+    fn wait(&mut self, timeout: Duration) {
+        self.wait_ordered(timeout);
     }
 }
 
@@ -317,12 +329,16 @@ impl Subscriber {
             if let Some(m) = self.try_next()? {
                 return Ok(Some(m));
             }
-            if start.elapsed() >= timeout {
+            let left = timeout.saturating_sub(start.elapsed());
+            if left.is_zero() {
                 return Ok(None);
             }
-            idle.after(0, |rest| {
-                std::thread::sleep(rest.min(timeout.saturating_sub(start.elapsed())))
-            });
+            // Spin, then yield, then park (on the pool's doorbell, rung when the sequencer
+            // orders more; bounded, so a durable-only wait or a lost wake-up costs one park).
+            if idle.step(0).is_some() {
+                let cell = &mut self.cell;
+                cell.with_dependent_mut(|_, r| r.wait(left.min(PARK_MAX)));
+            }
         }
     }
 }

@@ -20,6 +20,8 @@
 //! as total orders. The messages are checked and read from the copy through the one checked
 //! view of a batch (`messages::Parts`: the same bounds and errors as the broker's check), so a
 //! header cannot change between its check and its use either.
+use std::time::Duration;
+
 use crate::messages::{Claims, Parts};
 use crate::pool::coherence::Coherence;
 use crate::pool::layout::{
@@ -326,6 +328,30 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
     /// Next delivery index (batch) this subscriber will read.
     pub fn position(&self) -> u64 {
         self.next
+    }
+
+    /// Waits until the sequencer has ordered a batch this subscriber has not read, for at
+    /// most `timeout`: parks on the topic's doorbell (a futex the sequencer rings after it
+    /// publishes new delivery entries, only when a subscriber is parked), instead of waking
+    /// on a timer. Returns at once if one is there already; may return early (callers poll
+    /// again). Across hosts (a pool without one kernel) the futex is not shared: the wait
+    /// is then the timeout, so keep it short there.
+    pub fn wait_ordered(&self, timeout: Duration) {
+        if self.durable_only {
+            // Durability comes without a ring: look again soon.
+            std::thread::sleep(timeout.min(Duration::from_micros(50)));
+            return;
+        }
+        let st = self.st;
+        st.subscribers_parked.fetch_add(1, SeqCst);
+        crate::sync::fence(SeqCst);
+        let seen = st.subscriber_bell.load(Relaxed);
+        // Announced, then looked: a batch published before the announcement is seen here;
+        // one after it finds the announcement and rings.
+        if self.c.observe(&st.delivered) <= self.next {
+            embar_sys::futex::wait(&st.subscriber_bell, seen, timeout);
+        }
+        st.subscribers_parked.fetch_sub(1, SeqCst);
     }
 
     /// Delivers every message of up to `max_batches` ordered batches to `f`, in total order.

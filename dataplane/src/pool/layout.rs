@@ -284,7 +284,14 @@ pub struct SequencerState {
     pub next_delivery: AtomicU64,
     /// Delivery entries subscribers may read: below it every entry is committed.
     pub delivered: AtomicU64,
-    pub _pad0: [AtomicU64; 2],
+    /// Subscribers' doorbell: a parked subscriber waits on it (a futex); the sequencer bumps
+    /// it and wakes them after publishing `delivered`, when `subscribers_parked` says one
+    /// waits. In the sequencer's line on purpose: the sequencer reads the count right after
+    /// its store to `delivered`, in a line it holds already.
+    pub subscriber_bell: AtomicU32,
+    /// Subscribers parked on `subscriber_bell` (each adds itself before it parks).
+    pub subscribers_parked: AtomicU32,
+    pub _pad0: AtomicU64,
     pub doorbell: AtomicU32,
     pub _pad1: [AtomicU32; 15],
     pub clients: [ClientEntry; SEQUENCER_CLIENTS_MAX],

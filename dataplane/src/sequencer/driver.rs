@@ -508,6 +508,9 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
 
     /// One round over every ring; returns how many slots it took.
     pub fn poll_once(&mut self) -> Result<usize, SequencerError> {
+        // Subscribers parked since the last round's deliveries: woken now, once whoever
+        // drives this sequencer has had a turn to ack those batches.
+        self.state.ring_if_pending();
         let state = self.c.observe(&self.pool.tinode(self.topic).header.state);
         if state >> 8 != self.generation || state & 0xff != crate::pool::topics::STATE_ACTIVE {
             return Err(SequencerError::TopicGone(self.topic));
@@ -679,6 +682,49 @@ mod tests {
         }
         v.sort();
         v
+    }
+
+    #[test]
+    fn a_parked_subscriber_is_woken_by_the_round_after_a_delivery() {
+        use crate::client::subscriber::{StartAt, Subscriber};
+        use std::time::Duration;
+        let (_t, pool, topic) = setup(5);
+        let st = pool.sequencer_state(topic);
+        let mut seq = Sequencer::start(&pool, Coherent, topic, 2, DriverConfig::default()).unwrap();
+        drain(&mut seq);
+        std::thread::scope(|s| {
+            let waiter = s.spawn(|| {
+                let sub = Subscriber::open(&pool, Coherent, "t", StartAt::Oldest).unwrap();
+                let t0 = std::time::Instant::now();
+                // Parks: nothing is ordered yet. The timeout is far beyond the test's bound.
+                sub.wait_ordered(Duration::from_secs(60));
+                let waited = t0.elapsed();
+                // (This test's batches carry no messages to read: their delivery entry is
+                // what the wait is for.)
+                let here = Coherent.observe(&pool.sequencer_state(topic).delivered);
+                (waited, here > sub.position())
+            });
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while st.subscribers_parked.load(Relaxed) == 0 {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "the subscriber never parked"
+                );
+                std::thread::yield_now();
+            }
+            publish(&pool, topic, 0, 1, 0);
+            // The round that orders the batch publishes it; the next round rings.
+            drain(&mut seq);
+            let (waited, more) = waiter.join().unwrap();
+            assert!(waited < Duration::from_secs(10), "woken after {waited:?}");
+            assert!(more, "woken with the batch there to read");
+        });
+        // A subscriber with something to read does not park at all.
+        let sub = Subscriber::open(&pool, Coherent, "t", StartAt::Oldest).unwrap();
+        let t0 = std::time::Instant::now();
+        sub.wait_ordered(Duration::from_secs(60));
+        assert!(t0.elapsed() < Duration::from_secs(10));
+        assert_eq!(st.subscribers_parked.load(Relaxed), 0);
     }
 
     #[test]

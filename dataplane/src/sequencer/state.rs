@@ -45,6 +45,10 @@ pub struct PoolState<'p, C: Coherence> {
     next_global: u64,
     duplicates: u64,
     unsaved: bool,
+    /// New delivery entries were published: parked subscribers are rung at the start of the
+    /// next round (after the broker that runs this sequencer has acked the batches, so the
+    /// wake-up's system call does not delay their acks).
+    ring_pending: bool,
     /// Per subscriber entry: the state word it had when its process was found gone.
     dead_subscribers: [Option<u64>; crate::pool::layout::SUBSCRIBERS_MAX],
     last_pid_check: Option<std::time::Instant>,
@@ -73,6 +77,7 @@ impl<'p, C: Coherence> PoolState<'p, C> {
             next_global: st.next_global.load(Relaxed),
             duplicates: st.duplicates.load(Relaxed),
             unsaved: false,
+            ring_pending: false,
             dead_subscribers: [None; crate::pool::layout::SUBSCRIBERS_MAX],
             last_pid_check: None,
         }
@@ -184,7 +189,16 @@ impl<'p, C: Coherence> PoolState<'p, C> {
         self.st.next_global.store(self.next_global, Relaxed);
         self.c.publish(&self.st.next_delivery, next_delivery);
         self.c.publish(&self.st.delivered, next_delivery);
+        self.ring_pending = true;
         self.unsaved = false;
+    }
+
+    /// Rings the subscribers parked on the topic's doorbell if delivery entries were
+    /// published since the last call.
+    pub fn ring_if_pending(&mut self) {
+        if std::mem::take(&mut self.ring_pending) {
+            ring_subscribers(self.st);
+        }
     }
 
     /// The lowest position of any active subscriber, if one is registered.
@@ -261,5 +275,15 @@ impl crate::pool::Pool {
             .iter()
             .filter(|e| e.client_key.load(Relaxed) != 0)
             .count()
+    }
+}
+
+/// Wakes the subscribers parked on the topic's doorbell, if any (after new entries were
+/// published in `delivered`): one fenced load when none is parked.
+pub(crate) fn ring_subscribers(st: &SequencerState) {
+    crate::sync::fence(crate::sync::Ordering::SeqCst);
+    if st.subscribers_parked.load(Relaxed) != 0 {
+        st.subscriber_bell.fetch_add(1, Relaxed);
+        embar_sys::futex::wake_all(&st.subscriber_bell);
     }
 }

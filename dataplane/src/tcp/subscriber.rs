@@ -32,9 +32,8 @@ use crate::verbs::field;
 
 /// Batches read from the pool per round.
 const BATCHES_PER_ROUND: usize = 16;
-/// After this long without a message, a subscriber's thread rests [`QUIET_REST`] at a time.
-const QUIET_AFTER: Duration = Duration::from_millis(50);
-const QUIET_REST: Duration = Duration::from_millis(1);
+/// Longest park of an idle subscriber's thread (it checks its connection in between).
+const PARK_MAX: Duration = Duration::from_millis(20);
 
 /// A subscriber request's start position.
 fn parse_from(v: &str) -> Result<StartAt, String> {
@@ -86,10 +85,9 @@ pub fn serve<C: Coherence>(
     let mut idle = Idle::new(IdlePolicy {
         spin_rounds: 0,
         yield_for: Duration::from_millis(1),
-        rest: Duration::from_micros(100),
+        rest: PARK_MAX,
     });
     let mut last_check = Instant::now();
-    let mut idle_since: Option<Instant> = None;
     let why = loop {
         if stop.load(Relaxed) {
             break "the broker is stopping".to_string();
@@ -153,18 +151,11 @@ pub fn serve<C: Coherence>(
                     break "the subscriber closed the connection".to_string();
                 }
             }
-            // Short rests while the topic is busy, longer ones once it has been quiet a
-            // while: an idle remote subscriber costs its broker little.
-            let quiet = idle_since.get_or_insert_with(Instant::now).elapsed();
-            idle.after(0, |rest| {
-                std::thread::sleep(if quiet > QUIET_AFTER {
-                    QUIET_REST
-                } else {
-                    rest
-                })
-            });
+            // Parked on the topic's doorbell (the sequencer rings it when it orders more):
+            // an idle remote subscriber costs its broker nothing, and a new batch is sent
+            // as soon as it is ordered.
+            idle.after(0, |_| sub.wait_ordered(PARK_MAX));
         } else {
-            idle_since = None;
             idle.after(n, |_| {});
         }
     };
