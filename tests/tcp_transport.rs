@@ -47,6 +47,25 @@ fn broker_pid(c: &Cluster, slot: u32) -> u32 {
         .expect("a live broker in that slot")
 }
 
+/// A cluster whose brokers drop a TCP peer idle mid-frame (or not reading) after 500 ms,
+/// with an ORDER 5 topic `t`; its brokers' TCP addresses.
+fn impatient_cluster(name: &str) -> (Cluster, Vec<(u32, SocketAddr)>) {
+    let c = Cluster::up(
+        name,
+        &[
+            "--pool-bytes",
+            "256MiB",
+            "--segment-bytes",
+            "4MiB",
+            "--tcp-idle-timeout-ms",
+            "500",
+        ],
+    );
+    c.topic("t", &["--order", "5"]);
+    let brokers = tcp_brokers(&c);
+    (c, brokers)
+}
+
 /// A batch as it goes on the wire: 64-byte message headers and payloads padded to 64.
 fn batch(client: u64, seq: u64, payloads: &[&[u8]]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -254,19 +273,7 @@ fn sixty_four_publisher_connections_per_broker_and_a_stalled_one_block_nobody() 
 #[test]
 fn bad_frames_drop_their_own_session_and_nothing_else() {
     let _g = serial();
-    let c = Cluster::up(
-        "tcp-bad",
-        &[
-            "--pool-bytes",
-            "256MiB",
-            "--segment-bytes",
-            "4MiB",
-            "--tcp-idle-timeout-ms",
-            "500",
-        ],
-    );
-    c.topic("t", &["--order", "5"]);
-    let brokers = tcp_brokers(&c);
+    let (c, brokers) = impatient_cluster("tcp-bad");
     let addr = brokers[0].1;
     let log = || std::fs::read_to_string(format!("{}/broker-0.log", c.dir)).unwrap_or_default();
 
@@ -374,9 +381,13 @@ fn bad_frames_drop_their_own_session_and_nothing_else() {
         dropped,
         "sent {sent} batches without reading an ack and was not dropped"
     );
-    wait_until("the reason is logged", Duration::from_secs(5), || {
+    if !embar_test_support::wait_for(Duration::from_secs(5), || {
         log().contains("client 17 dropped: it left its acks unread")
-    });
+    }) {
+        let l = log();
+        let lines: Vec<&str> = l.lines().filter(|x| x.contains("client 17")).collect();
+        panic!("client 17 was not dropped for its unread acks: {lines:?}");
+    }
 
     // Every dropped session's slot and grants were freed: 100 publishers in turn (more
     // than the sessions left if any leaked) all finish.
@@ -388,19 +399,7 @@ fn bad_frames_drop_their_own_session_and_nothing_else() {
 #[test]
 fn a_remote_subscriber_that_stops_reading_is_dropped_and_holds_nothing() {
     let _g = serial();
-    let c = Cluster::up(
-        "tcp-slow-sub",
-        &[
-            "--pool-bytes",
-            "256MiB",
-            "--segment-bytes",
-            "4MiB",
-            "--tcp-idle-timeout-ms",
-            "500",
-        ],
-    );
-    c.topic("t", &["--order", "5"]);
-    let brokers = tcp_brokers(&c);
+    let (c, brokers) = impatient_cluster("tcp-slow-sub");
     // More than the socket buffers hold, already published.
     assert_eq!(publish_tcp(&brokers, "t", "s", 100_000), 100_000);
     let mut stuck = TcpStream::connect(brokers[0].1).expect("the broker's TCP port");

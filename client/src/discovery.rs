@@ -241,28 +241,30 @@ impl ClusterView {
     /// `(pool slot, verbs address)` of every live broker that accepts verbs publishers;
     /// [`Error::NoVerbsBroker`] when there is none.
     pub fn verbs_brokers(&self) -> Result<Vec<(u32, SocketAddr)>> {
-        let verbs: Vec<(u32, SocketAddr)> = self
-            .brokers
-            .iter()
-            .filter_map(|b| Some((b.slot, b.verbs?)))
-            .collect();
-        if verbs.is_empty() {
-            return Err(Error::NoVerbsBroker);
-        }
-        Ok(verbs)
+        self.brokers_at(|b| b.verbs, Error::NoVerbsBroker)
     }
 
-    /// The live brokers that take TCP clients: `(pool slot, address)`.
+    /// `(pool slot, TCP address)` of every live broker that takes TCP publishers and
+    /// subscribers; [`Error::NoTcpBroker`] when there is none.
     pub fn tcp_brokers(&self) -> Result<Vec<(u32, SocketAddr)>> {
-        let tcp: Vec<(u32, SocketAddr)> = self
+        self.brokers_at(|b| b.tcp, Error::NoTcpBroker)
+    }
+
+    /// `(pool slot, address)` of the live brokers that have the address `at` picks.
+    fn brokers_at(
+        &self,
+        at: impl Fn(&Broker) -> Option<SocketAddr>,
+        none: Error,
+    ) -> Result<Vec<(u32, SocketAddr)>> {
+        let v: Vec<(u32, SocketAddr)> = self
             .brokers
             .iter()
-            .filter_map(|b| Some((b.slot, b.tcp?)))
+            .filter_map(|b| Some((b.slot, at(b)?)))
             .collect();
-        if tcp.is_empty() {
-            return Err(Error::NoTcpBroker);
+        if v.is_empty() {
+            return Err(none);
         }
-        Ok(tcp)
+        Ok(v)
     }
 }
 
