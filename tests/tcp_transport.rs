@@ -83,7 +83,27 @@ fn batch(client: u64, seq: u64, payloads: &[&[u8]]) -> Vec<u8> {
 
 /// A raw publisher connection past its handshake.
 fn raw_publisher(addr: SocketAddr, topic: &str, client: u64) -> TcpStream {
-    let mut s = TcpStream::connect(addr).expect("the broker's TCP port");
+    raw_publisher_with(addr, topic, client, None)
+}
+
+/// As [`raw_publisher`], with a small receive buffer, so that acks it does not read back up
+/// soon.
+fn raw_publisher_small_rcvbuf(addr: SocketAddr, topic: &str, client: u64) -> TcpStream {
+    raw_publisher_with(addr, topic, client, Some(4096))
+}
+
+fn raw_publisher_with(
+    addr: SocketAddr,
+    topic: &str,
+    client: u64,
+    rcvbuf: Option<usize>,
+) -> TcpStream {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    if let Some(n) = rcvbuf {
+        sock.set_recv_buffer_size(n).unwrap();
+    }
+    sock.connect(&addr.into()).expect("the broker's TCP port");
+    let mut s: TcpStream = sock.into();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     writeln!(s, "{HELLO} topic={topic} client={client}").unwrap();
     let mut line = Vec::new();
@@ -352,7 +372,7 @@ fn bad_frames_drop_their_own_session_and_nothing_else() {
 
     // A publisher that never reads its acks: once its acks back up, its frames are not
     // read (back-pressure), and past the idle timeout it is dropped.
-    let mut s = raw_publisher(addr, "t", 17);
+    let mut s = raw_publisher_small_rcvbuf(addr, "t", 17);
     s.set_write_timeout(Some(Duration::from_secs(20))).unwrap();
     let began = Instant::now();
     let mut sent = 0u64;

@@ -46,6 +46,8 @@ use crate::warn_limited;
 const LISTENER: Token = Token(usize::MAX);
 /// Longest wait for a request line, and for the broker's answer to a session.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Send buffer of a connection (acks and a handshake line only; the kernel doubles it).
+const ACK_SEND_BUFFER: usize = 16 << 10;
 /// How often an idle loop wakes to check timeouts and sessions the broker ended.
 const HOUSEKEEPING: Duration = Duration::from_millis(100);
 
@@ -511,6 +513,11 @@ impl<'p, C: Coherence> Frontend<'p, C> {
                     refuse(self, p, "the publisher went away".into(), true);
                     return 1;
                 }
+                // To a publisher the broker only writes 64-byte ack frames (coalesced): a
+                // small send buffer bounds what one that reads nothing holds here, and lets
+                // its unread acks back up soon (then it is not read). Subscribers keep the
+                // kernel's self-tuning buffers.
+                let _ = socket2::SockRef::from(&p.stream).set_send_buffer_size(ACK_SEND_BUFFER);
                 self.stats.sessions_opened += 1;
                 log::info!(
                     "broker {}: TCP session of client {} opened",
