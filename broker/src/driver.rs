@@ -90,6 +90,17 @@ impl<'p, C: Coherence> Driver<'p, C> {
         &self.broker
     }
 
+    /// Whether work can come to this driver without a ring of its doorbell: verbs sessions
+    /// (a batch announces itself by a completion on the device, not a futex), so the loop
+    /// must not park while one is open.
+    pub fn has_unrung_sources(&self) -> bool {
+        #[cfg(feature = "verbs")]
+        if let Some(f) = &self.frontend {
+            return f.sessions_open() > 0;
+        }
+        false
+    }
+
     /// One round: sessions and rings, then the sequencers, then the verbs frontend. Returns
     /// the work done (0: idle). An error is the broker's own (its pool, its device): nothing a
     /// session writes makes it fail (see docs/broker.md).

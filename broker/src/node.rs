@@ -467,8 +467,9 @@ impl CoherenceFn<Result<(), RunError>> for Go<'_> {
                     pool.ring_sequencers();
                 }
                 if let Some(rest) = idle.step(work) {
-                    if driver.broker().awaiting_decisions() {
-                        // Decisions come without a ring: look again soon.
+                    if driver.broker().awaiting_decisions() || driver.has_unrung_sources() {
+                        // Decisions, and verbs publishers' batches, come without a ring: look
+                        // again soon.
                         std::thread::sleep(rest);
                     } else {
                         let park = Park::prepare(bell, driver.sequencing());
