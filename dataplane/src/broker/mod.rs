@@ -27,6 +27,11 @@ use crate::PoolError;
 
 /// How often sessions are checked for a vanished publisher process.
 const PID_CHECK_INTERVAL: Duration = Duration::from_millis(100);
+/// How often the slots of sessions that are not open are looked at for a new claim. Open
+/// sessions are looked at every round; a claim waits at most this long for its answer (a
+/// publisher claims once per session), and a round costs two pool words per open session
+/// instead of per slot (128 slots: on a non-coherent pool each look is a line flush).
+const CLAIM_SCAN_INTERVAL: Duration = Duration::from_micros(200);
 /// How often the broker checks whether the pool is running short of free segments.
 const SPACE_CHECK_INTERVAL: Duration = Duration::from_millis(20);
 /// Log space is reclaimed only when fewer than this fraction (1/n) of the pool's segments
@@ -279,6 +284,7 @@ pub struct Broker<'p, C: Coherence> {
     topics: HashMap<u32, TopicState<'p, C>>,
     stats: BrokerStats,
     last_pid_check_ns: u64,
+    last_claim_scan_ns: u64,
     last_space_check_ns: u64,
     /// Segments are short: reclaim what readers have passed.
     need_space: bool,
@@ -304,6 +310,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
             topics: HashMap::new(),
             stats: BrokerStats::default(),
             last_pid_check_ns: 0,
+            last_claim_scan_ns: 0,
             last_space_check_ns: 0,
             need_space: false,
             retention_bytes: None,
@@ -374,7 +381,15 @@ impl<'p, C: Coherence> Broker<'p, C> {
                 self.drop_topic(slot)?;
             }
         }
+        let scan_claims = now.saturating_sub(self.last_claim_scan_ns)
+            >= CLAIM_SCAN_INTERVAL.as_nanos() as u64;
+        if scan_claims {
+            self.last_claim_scan_ns = now;
+        }
         for i in 0..self.sessions.len() {
+            if !self.sessions[i].open && !scan_claims {
+                continue;
+            }
             work += self.lifecycle(i, check_pids)?;
             if self.sessions[i].open {
                 work += self.receive(i)?;
