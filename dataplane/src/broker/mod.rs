@@ -381,8 +381,8 @@ impl<'p, C: Coherence> Broker<'p, C> {
                 self.drop_topic(slot)?;
             }
         }
-        let scan_claims = now.saturating_sub(self.last_claim_scan_ns)
-            >= CLAIM_SCAN_INTERVAL.as_nanos() as u64;
+        let scan_claims =
+            now.saturating_sub(self.last_claim_scan_ns) >= CLAIM_SCAN_INTERVAL.as_nanos() as u64;
         if scan_claims {
             self.last_claim_scan_ns = now;
         }
