@@ -114,6 +114,9 @@ struct TopicState<'p, C: Coherence> {
     alloc: SegmentAllocator<'p, C>,
     /// Published batches awaiting the sequencer's decision, in ring order.
     pending: VecDeque<Pending>,
+    /// Batches were published into the ring this round: the topic's sequencer is rung (if
+    /// it is parked) at the end of the round.
+    ring_sequencer: bool,
     grants: HashMap<u64, Grant>,
     next_grant_id: u64,
     /// Segments this (topic, broker) holds, by index (see `reclaim`).
@@ -402,6 +405,11 @@ impl<'p, C: Coherence> Broker<'p, C> {
             let free = g.segment_count - self.pool.segments_in_use(self.c);
             self.need_space |= free < g.segment_count / RECLAIM_WHEN_FREE_BELOW;
         }
+        for (slot, t) in self.topics.iter_mut() {
+            if std::mem::take(&mut t.ring_sequencer) {
+                crate::sequencer::state::ring_sequencer(self.pool.sequencer_state(*slot));
+            }
+        }
         let topics: Vec<u32> = self.topics.keys().copied().collect();
         for t in &topics {
             work += self.decisions(*t)?;
@@ -541,6 +549,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
                 producer,
                 alloc: SegmentAllocator::new(self.pool, self.c, owner, AllocPolicy::Shared)?,
                 pending: VecDeque::new(),
+                ring_sequencer: false,
                 grants: HashMap::new(),
                 next_grant_id: 0,
                 segments: HashMap::new(),
@@ -850,6 +859,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
                         .try_publish(&published)
                         .map_err(|e| PoolError::BadRange(e.to_string()))?;
                     t.logical += u64::from(desc.num_msg);
+                    t.ring_sequencer = true;
                     let g = t.grants.get_mut(&grant_id).expect("checked grant");
                     g.fill = desc.log_idx + desc.total_size;
                     g.inflight += 1;

@@ -292,8 +292,12 @@ pub struct SequencerState {
     /// Subscribers parked on `subscriber_bell` (each adds itself before it parks).
     pub subscribers_parked: AtomicU32,
     pub _pad0: AtomicU64,
+    /// The sequencer's doorbell: a sequencer that runs alone (`embar sequencer`) parks on it
+    /// when idle, after setting `sequencer_parked`; a broker that published batches into the
+    /// topic's rings bumps it and wakes the sequencer when the flag is set.
     pub doorbell: AtomicU32,
-    pub _pad1: [AtomicU32; 15],
+    pub sequencer_parked: AtomicU32,
+    pub _pad1: [AtomicU32; 14],
     pub clients: [ClientEntry; SEQUENCER_CLIENTS_MAX],
     /// Subscriber cursors (each line written by its subscriber).
     pub subscribers: [SubscriberEntry; SUBSCRIBERS_MAX],

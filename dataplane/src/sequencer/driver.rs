@@ -32,7 +32,7 @@ use crate::pool::layout::{
 };
 use crate::pool::Pool;
 use crate::ring::{Polled, RingConsumer, RingError};
-use crate::sync::Ordering::Relaxed;
+use crate::sync::Ordering::{Acquire, Relaxed, SeqCst};
 use crate::PoolError;
 
 /// How often client-table entries of ended sessions are looked for (ORDER 4 and 5): a sweep
@@ -62,6 +62,10 @@ impl Default for Logs {
         }
     }
 }
+
+/// Longest park of a sequencer that runs alone (`run`) when idle: the brokers ring it when
+/// they publish batches; its own timers (holds, client sweeps) wait at most this long.
+const PARK_MAX: std::time::Duration = std::time::Duration::from_millis(5);
 
 #[derive(Clone, Copy, Debug)]
 pub struct DriverConfig {
@@ -580,13 +584,25 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
             }
         }
         let mut idle = Idle::new(self.idle);
+        let st = self.pool.sequencer_state(self.topic);
         while !stop.load(Relaxed) {
             let work = self.poll_once()?;
-            let bell = self.state.doorbell();
-            idle.after(work, |rest| {
-                let seen = bell.load(Relaxed);
-                embar_sys::futex::wait(bell, seen, rest);
-            });
+            let Some(rest) = idle.step(work) else {
+                continue;
+            };
+            // Park on the topic's doorbell: announce it, then look once more (a batch published
+            // before the announcement is found here; one after it finds the flag and rings).
+            let seen = st.doorbell.load(Acquire);
+            st.sequencer_parked.store(1, SeqCst);
+            crate::sync::fence(SeqCst);
+            let late = self.poll_once()?;
+            if late == 0 {
+                // Rung by the brokers when they publish; its own timers (holds, sweeps) wait
+                // at most the bound.
+                embar_sys::futex::wait(&st.doorbell, seen, rest.max(PARK_MAX));
+            }
+            st.sequencer_parked.store(0, Relaxed);
+            idle.step(late);
         }
         Ok(())
     }
@@ -682,6 +698,52 @@ mod tests {
         }
         v.sort();
         v
+    }
+
+    #[test]
+    fn a_parked_sequencer_is_woken_by_a_broker_that_published() {
+        use std::time::{Duration, Instant};
+        let (_t, pool, topic) = setup(5);
+        let st = pool.sequencer_state(topic);
+        // Parks for a minute unless rung: only the ring can wake it within the test's bound.
+        let cfg = DriverConfig {
+            idle: IdlePolicy {
+                spin_rounds: 1,
+                yield_for: Duration::ZERO,
+                rest: Duration::from_secs(60),
+            },
+            ..DriverConfig::default()
+        };
+        let mut seq = Sequencer::start(&pool, Coherent, topic, 2, cfg).unwrap();
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let runner = s.spawn(|| seq.run(&stop));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while st.sequencer_parked.load(Relaxed) == 0 {
+                assert!(Instant::now() < deadline, "the sequencer never parked");
+                std::thread::yield_now();
+            }
+            publish(&pool, topic, 0, 1, 0);
+            crate::sequencer::state::ring_sequencer(st);
+            while ordered_slots(&pool, topic).is_empty() {
+                assert!(
+                    Instant::now() < deadline,
+                    "the rung sequencer did not order the batch"
+                );
+                std::thread::yield_now();
+            }
+            stop.store(true, Relaxed);
+            // Parked again by now, or about to: the ring lets it see `stop`.
+            while !runner.is_finished() {
+                crate::sequencer::state::ring_sequencer(st);
+                assert!(
+                    Instant::now() < deadline + Duration::from_secs(10),
+                    "it did not stop"
+                );
+                std::thread::yield_now();
+            }
+            runner.join().unwrap().unwrap();
+        });
     }
 
     #[test]

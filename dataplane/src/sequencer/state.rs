@@ -287,3 +287,13 @@ pub(crate) fn ring_subscribers(st: &SequencerState) {
         embar_sys::futex::wake_all(&st.subscriber_bell);
     }
 }
+
+/// Wakes the sequencer of a topic if it is parked on the topic's doorbell (after batches were
+/// published into the topic's rings): one fenced load when it is not.
+pub fn ring_sequencer(st: &SequencerState) {
+    crate::sync::fence(crate::sync::Ordering::SeqCst);
+    if st.sequencer_parked.load(Relaxed) != 0 {
+        st.doorbell.fetch_add(1, Relaxed);
+        embar_sys::futex::wake_all(&st.doorbell);
+    }
+}
