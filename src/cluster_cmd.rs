@@ -130,12 +130,19 @@ fn wait_line(pid: u32, log: &Path, needle: &str, limit: Duration) -> Result<Stri
 }
 
 /// The processes `up` started, stopped when dropped unless `up` succeeded.
-struct Started(Vec<u32>);
+struct Started(Vec<u32>, Option<PathBuf>);
 
 impl Drop for Started {
     fn drop(&mut self) {
         let pids: Vec<u32> = self.0.iter().rev().copied().collect();
+        if pids.is_empty() {
+            return;
+        }
         stop(&pids, Duration::from_secs(5));
+        // A pool this start created (a `/dev/shm` file holds its memory) goes with it.
+        if let Some(pool) = &self.1 {
+            let _ = std::fs::remove_file(pool);
+        }
     }
 }
 
@@ -217,10 +224,11 @@ pub fn up(a: &UpArgs) -> Result<ClusterFile, String> {
     if opts.populate {
         control_args.push("--populate".into());
     }
+    let created_pool = (!pool_path.exists()).then(|| pool_path.clone());
     let (control_pid, control_log) = spawn(&a.dir, "control", &control_args)?;
     // Until the cluster is described in its file, a failure stops what was started (nothing
-    // else could find those processes to stop them).
-    let mut started = Started(vec![control_pid]);
+    // else could find those processes to stop them), and removes the pool it created.
+    let mut started = Started(vec![control_pid], created_pool);
     let pids = &mut started.0;
     let line = wait_line(
         control_pid,
