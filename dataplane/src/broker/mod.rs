@@ -407,7 +407,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
         }
         for (slot, t) in self.topics.iter_mut() {
             if std::mem::take(&mut t.ring_sequencer) {
-                crate::sequencer::state::ring_sequencer(self.pool.sequencer_state(*slot));
+                crate::sequencer::state::sequencer_bell(self.pool.sequencer_state(*slot)).ring();
             }
         }
         let topics: Vec<u32> = self.topics.keys().copied().collect();

@@ -342,16 +342,13 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             std::thread::sleep(timeout.min(Duration::from_micros(50)));
             return;
         }
-        let st = self.st;
-        st.subscribers_parked.fetch_add(1, SeqCst);
-        crate::sync::fence(SeqCst);
-        let seen = st.subscriber_bell.load(Relaxed);
+        let park =
+            crate::pool::doorbell::Park::counted(crate::sequencer::state::subscriber_bell(self.st));
         // Announced, then looked: a batch published before the announcement is seen here;
         // one after it finds the announcement and rings.
-        if self.c.observe(&st.delivered) <= self.next {
-            embar_sys::futex::wait(&st.subscriber_bell, seen, timeout);
+        if self.c.observe(&self.st.delivered) <= self.next {
+            park.wait(timeout);
         }
-        st.subscribers_parked.fetch_sub(1, SeqCst);
     }
 
     /// Delivers every message of up to `max_batches` ordered batches to `f`, in total order.

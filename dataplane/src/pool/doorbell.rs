@@ -1,6 +1,9 @@
-//! Parking an idle broker loop on its [`BrokerDoorbell`], and ringing it.
+//! Parking on a doorbell of the pool, and ringing it: an idle broker loop on its
+//! [`BrokerDoorbell`], a topic's sequencer running alone and a topic's subscribers on theirs
+//! in the topic's `SequencerState` (each a [`Bell`]: a futex word and a word that says who
+//! waits).
 //!
-//! The broker (the only writer of `sleeping`): [`Park::prepare`] reads the doorbell, sets
+//! The broker (the only writer of `sleeping`; subscribers count themselves in theirs): [`Park::prepare`] reads the doorbell, sets
 //! `sleeping`, and fences; the caller then polls once more (work that arrived before the flag
 //! was visible is found there) and only if that round was empty calls [`Park::wait`], a
 //! futex wait on the doorbell value read first, bounded by a timeout. Dropping the `Park`
@@ -51,52 +54,117 @@ impl Pool {
 
 /// Wakes the broker of `bell` if it is parked (its work published before this call).
 pub fn ring(bell: &BrokerDoorbell) {
-    fence(SeqCst);
-    if bell.sleeping.load(Relaxed) != 0 {
-        wake(bell);
-    }
+    Bell::of_broker(bell).ring();
 }
 
 fn wake(bell: &BrokerDoorbell) {
-    bell.doorbell.fetch_add(1, Release);
-    embar_sys::futex::wake_all(futex_word(&bell.doorbell));
+    Bell::of_broker(bell).wake();
 }
 
 fn futex_word(w: &AtomicU32) -> &std::sync::atomic::AtomicU32 {
     w
 }
 
-/// A broker about to park; see the module docs.
+/// A futex word in the pool and the word beside it that says whether anyone waits on it
+/// (non-zero: someone does): the protocol of the module docs, for every doorbell of the pool
+/// (a broker's, a topic's sequencer's, a topic's subscribers').
+#[derive(Clone, Copy, Debug)]
+pub struct Bell<'p> {
+    word: &'p AtomicU32,
+    waiting: &'p AtomicU32,
+}
+
+impl<'p> Bell<'p> {
+    pub fn new(word: &'p AtomicU32, waiting: &'p AtomicU32) -> Bell<'p> {
+        Bell { word, waiting }
+    }
+
+    fn of_broker(bell: &'p BrokerDoorbell) -> Bell<'p> {
+        Bell::new(&bell.doorbell, &bell.sleeping)
+    }
+
+    /// Wakes whoever waits, if anyone does (what they wait for published before this call):
+    /// a fence and one load when nobody does.
+    pub fn ring(self) {
+        fence(SeqCst);
+        if self.waiting.load(Relaxed) != 0 {
+            self.wake();
+        }
+    }
+
+    fn wake(self) {
+        self.word.fetch_add(1, Release);
+        embar_sys::futex::wake_all(futex_word(self.word));
+    }
+}
+
+/// How a waiter shows itself in the `waiting` word.
+#[derive(Clone, Copy, Debug)]
+enum Waiter {
+    /// The only waiter: it stores this value (a broker: what it runs) and clears it.
+    Alone(u32),
+    /// One of several: each adds one and takes it back.
+    Counted,
+}
+
+/// A waiter about to park; see the module docs.
 #[derive(Debug)]
 pub struct Park<'p> {
-    bell: &'p BrokerDoorbell,
+    bell: Bell<'p>,
     seen: u32,
+    waiter: Waiter,
 }
 
 impl<'p> Park<'p> {
     /// Announces that the broker is about to park (`sequencing`: its loop runs the
     /// sequencers). Poll once more before [`wait`](Self::wait).
     pub fn prepare(bell: &'p BrokerDoorbell, sequencing: bool) -> Park<'p> {
-        let seen = bell.doorbell.load(Acquire);
         let flag = if sequencing {
             SLEEPING_SEQUENCER
         } else {
             SLEEPING
         };
-        bell.sleeping.store(flag, Relaxed);
+        Park::announce(Bell::of_broker(bell), Waiter::Alone(flag))
+    }
+
+    /// Announces the only waiter on `bell` (a topic's sequencer). Look once more before
+    /// [`wait`](Self::wait).
+    pub fn alone(bell: Bell<'p>) -> Park<'p> {
+        Park::announce(bell, Waiter::Alone(1))
+    }
+
+    /// Announces one of the waiters on `bell` (a topic's subscribers). Look once more
+    /// before [`wait`](Self::wait).
+    pub fn counted(bell: Bell<'p>) -> Park<'p> {
+        Park::announce(bell, Waiter::Counted)
+    }
+
+    fn announce(bell: Bell<'p>, waiter: Waiter) -> Park<'p> {
+        let seen = bell.word.load(Acquire);
+        match waiter {
+            Waiter::Alone(v) => bell.waiting.store(v, Relaxed),
+            Waiter::Counted => {
+                bell.waiting.fetch_add(1, Relaxed);
+            }
+        }
         fence(SeqCst);
-        Park { bell, seen }
+        Park { bell, seen, waiter }
     }
 
     /// Sleeps until rung, for at most `timeout`.
     pub fn wait(&self, timeout: Duration) {
-        embar_sys::futex::wait(futex_word(&self.bell.doorbell), self.seen, timeout);
+        embar_sys::futex::wait(futex_word(self.bell.word), self.seen, timeout);
     }
 }
 
 impl Drop for Park<'_> {
     fn drop(&mut self) {
-        self.bell.sleeping.store(0, Relaxed);
+        match self.waiter {
+            Waiter::Alone(_) => self.bell.waiting.store(0, Relaxed),
+            Waiter::Counted => {
+                self.bell.waiting.fetch_sub(1, Relaxed);
+            }
+        }
     }
 }
 

@@ -26,13 +26,15 @@ use crate::idle::{Idle, IdlePolicy};
 use crate::log_limit::LogLimit;
 use crate::messages::Messages;
 use crate::pool::coherence::Coherence;
+use crate::pool::doorbell::Park;
 use crate::pool::layout::{
     DELIVERY_SLOTS, OUTCOME_DUPLICATE, OUTCOME_FENCED, OUTCOME_ORDERED, OUTCOME_REJECTED,
     OUTCOME_TABLE_FULL,
 };
 use crate::pool::Pool;
 use crate::ring::{Polled, RingConsumer, RingError};
-use crate::sync::Ordering::{Acquire, Relaxed, SeqCst};
+use crate::sequencer::state::sequencer_bell;
+use crate::sync::Ordering::Relaxed;
 use crate::PoolError;
 
 /// How often client-table entries of ended sessions are looked for (ORDER 4 and 5): a sweep
@@ -592,16 +594,14 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
             };
             // Park on the topic's doorbell: announce it, then look once more (a batch published
             // before the announcement is found here; one after it finds the flag and rings).
-            let seen = st.doorbell.load(Acquire);
-            st.sequencer_parked.store(1, SeqCst);
-            crate::sync::fence(SeqCst);
+            let park = Park::alone(sequencer_bell(st));
             let late = self.poll_once()?;
             if late == 0 {
                 // Rung by the brokers when they publish; its own timers (holds, sweeps) wait
                 // at most the bound.
-                embar_sys::futex::wait(&st.doorbell, seen, rest.max(PARK_MAX));
+                park.wait(rest.max(PARK_MAX));
             }
-            st.sequencer_parked.store(0, Relaxed);
+            drop(park);
             idle.step(late);
         }
         Ok(())
@@ -724,7 +724,7 @@ mod tests {
                 std::thread::yield_now();
             }
             publish(&pool, topic, 0, 1, 0);
-            crate::sequencer::state::ring_sequencer(st);
+            sequencer_bell(st).ring();
             while ordered_slots(&pool, topic).is_empty() {
                 assert!(
                     Instant::now() < deadline,
@@ -735,7 +735,7 @@ mod tests {
             stop.store(true, Relaxed);
             // Parked again by now, or about to: the ring lets it see `stop`.
             while !runner.is_finished() {
-                crate::sequencer::state::ring_sequencer(st);
+                sequencer_bell(st).ring();
                 assert!(
                     Instant::now() < deadline + Duration::from_secs(10),
                     "it did not stop"

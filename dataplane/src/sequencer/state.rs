@@ -19,6 +19,7 @@
 use std::collections::HashMap;
 
 use crate::pool::coherence::Coherence;
+use crate::pool::doorbell::Bell;
 use crate::pool::layout::{SequencerState, SEQUENCER_CLIENTS_MAX};
 use crate::sync::Ordering::Relaxed;
 
@@ -197,7 +198,7 @@ impl<'p, C: Coherence> PoolState<'p, C> {
     /// published since the last call.
     pub fn ring_if_pending(&mut self) {
         if std::mem::take(&mut self.ring_pending) {
-            ring_subscribers(self.st);
+            subscriber_bell(self.st).ring();
         }
     }
 
@@ -278,22 +279,14 @@ impl crate::pool::Pool {
     }
 }
 
-/// Wakes the subscribers parked on the topic's doorbell, if any (after new entries were
-/// published in `delivered`): one fenced load when none is parked.
-pub(crate) fn ring_subscribers(st: &SequencerState) {
-    crate::sync::fence(crate::sync::Ordering::SeqCst);
-    if st.subscribers_parked.load(Relaxed) != 0 {
-        st.subscriber_bell.fetch_add(1, Relaxed);
-        embar_sys::futex::wake_all(&st.subscriber_bell);
-    }
+/// The doorbell a topic's subscribers park on; the sequencer rings it after publishing new
+/// delivery entries.
+pub fn subscriber_bell(st: &SequencerState) -> Bell<'_> {
+    Bell::new(&st.subscriber_bell, &st.subscribers_parked)
 }
 
-/// Wakes the sequencer of a topic if it is parked on the topic's doorbell (after batches were
-/// published into the topic's rings): one fenced load when it is not.
-pub fn ring_sequencer(st: &SequencerState) {
-    crate::sync::fence(crate::sync::Ordering::SeqCst);
-    if st.sequencer_parked.load(Relaxed) != 0 {
-        st.doorbell.fetch_add(1, Relaxed);
-        embar_sys::futex::wake_all(&st.doorbell);
-    }
+/// The doorbell a topic's sequencer running alone parks on; a broker rings it after
+/// publishing batches into the topic's rings.
+pub fn sequencer_bell(st: &SequencerState) -> Bell<'_> {
+    Bell::new(&st.doorbell, &st.sequencer_parked)
 }
