@@ -883,7 +883,6 @@ impl Load<'_> {
     }
 }
 
-/// One publisher's share over the verbs transport (a build with the feature).
 /// A bench subscriber: on the pool host, or (with the TCP transport) a remote one reading
 /// the total order from a broker over TCP.
 enum BenchSub<'p, C: Coherence> {
@@ -923,11 +922,11 @@ impl<'p, C: Coherence> BenchSub<'p, C> {
     }
 
     /// Waits up to `timeout` for more: parked on the topic's doorbell on the pool host (the
-    /// sequencer rings it), a short sleep over TCP.
-    fn wait(&self, timeout: Duration) {
+    /// sequencer rings it), in a read of the socket over TCP.
+    fn wait(&mut self, timeout: Duration) {
         match self {
             BenchSub::Pool(s) => s.wait_ordered(timeout),
-            BenchSub::Tcp(_) => std::thread::sleep(Duration::from_micros(50)),
+            BenchSub::Tcp(s) => s.wait(timeout),
         }
     }
 
@@ -935,24 +934,13 @@ impl<'p, C: Coherence> BenchSub<'p, C> {
     fn poll(
         &mut self,
         max_batches: usize,
-        mut f: impl FnMut(&embar_dataplane::client::subscriber::Message<'_>),
+        f: impl FnMut(&embar_dataplane::client::subscriber::Message<'_>),
     ) -> BenchResult<usize> {
         match self {
             BenchSub::Pool(s) => Ok(s.poll(max_batches, f)?),
-            BenchSub::Tcp(s) => {
-                let mut n = 0;
-                while n < max_batches * 2048 {
-                    match s.next_timeout(Duration::ZERO) {
-                        Ok(Some(m)) => {
-                            f(&m);
-                            n += 1;
-                        }
-                        Ok(None) => break,
-                        Err(e) => return Err(BenchError::Run(format!("TCP subscriber: {e}"))),
-                    }
-                }
-                Ok(n)
-            }
+            BenchSub::Tcp(s) => s
+                .poll(max_batches * 2048, f)
+                .map_err(|e| BenchError::Run(format!("TCP subscriber: {e}"))),
         }
     }
 }
@@ -974,6 +962,7 @@ fn drive_tcp(
     load.drive(&mut publ)
 }
 
+/// One publisher's share over the verbs transport (a build with the feature).
 fn drive_verbs(
     load: &Load<'_>,
     control: SocketAddr,

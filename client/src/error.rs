@@ -144,14 +144,17 @@ impl From<SubscribeError> for Error {
 fn subscribe_kind(e: &SubscribeError) -> ErrorKind {
     match e {
         SubscribeError::NoBrokers | SubscribeError::Unreachable { .. } => ErrorKind::Unavailable,
-        SubscribeError::Refused { reason, .. } if reason.starts_with("unknown topic") => {
-            ErrorKind::NotFound
+        // The broker's own error, classified where it happened.
+        SubscribeError::Refused {
+            class: Some(class), ..
         }
-        SubscribeError::Refused { .. } => ErrorKind::InvalidInput,
-        SubscribeError::Ended { reason, .. } if reason.contains("fell behind") => {
-            ErrorKind::FellBehind
+        | SubscribeError::Ended {
+            class: Some(class), ..
+        } => class_kind(*class),
+        SubscribeError::Refused { class: None, .. } => ErrorKind::InvalidInput,
+        SubscribeError::Ended { class: None, .. } | SubscribeError::BadFrame { .. } => {
+            ErrorKind::Other
         }
-        SubscribeError::Ended { .. } | SubscribeError::BadFrame { .. } => ErrorKind::Other,
     }
 }
 

@@ -90,8 +90,6 @@ impl<C: Coherence> Read for PoolSubscriber<'_, C> {
 /// A remote subscriber over TCP, read without blocking.
 struct TcpRead {
     sub: embar_dataplane::tcp::subscriber::TcpSubscriber,
-    /// The total order of the next message.
-    next: u64,
     /// A failure kept for the next call (a remote subscription's errors are not PoolErrors).
     failed: Option<embar_dataplane::tcp::subscriber::SubscribeError>,
 }
@@ -102,34 +100,32 @@ impl Read for TcpRead {
         max_batches: usize,
         f: &mut dyn FnMut(&MessageRef<'_>),
     ) -> PoolResult<usize> {
-        // A batch's worth per "batch" asked for: messages as they arrived, without waiting.
-        let mut n = 0;
-        let most = max_batches.saturating_mul(1024).max(1);
-        while n < most {
-            match self.sub.next_timeout(Duration::ZERO) {
-                Ok(Some(m)) => {
-                    self.next = m.total_order + 1;
-                    f(&m);
-                    n += 1;
-                }
-                Ok(None) => break,
-                Err(e) => {
-                    self.failed = Some(e);
-                    break;
-                }
+        // Messages as they arrived (a window at a time), without waiting: about a batch's
+        // worth per batch asked for.
+        match self.sub.poll(max_batches.saturating_mul(1024).max(1), f) {
+            Ok(n) => Ok(n),
+            Err(e) => {
+                self.failed = Some(e);
+                Ok(0)
             }
         }
-        Ok(n)
     }
 
     fn position(&self) -> u64 {
-        self.next
+        match self.sub.position() {
+            StartAt::TotalOrder(t) => t,
+            StartAt::Oldest | StartAt::Latest => 0,
+        }
     }
 
     fn set_durable_only(&mut self, _yes: bool) {}
 
     fn take_failure(&mut self) -> Option<Error> {
         self.failed.take().map(Error::from)
+    }
+
+    fn wait(&mut self, timeout: Duration) {
+        self.sub.wait(timeout);
     }
 }
 
@@ -220,22 +216,13 @@ impl Subscriber {
                 )
                 .map_err(|e| match e {
                     embar_dataplane::tcp::subscriber::SubscribeError::Refused {
-                        reason, ..
-                    } if reason.starts_with("unknown topic") => {
-                        Error::UnknownTopic(topic.to_string())
-                    }
+                        class: Some(embar_dataplane::ErrorClass::NotFound),
+                        ..
+                    } => Error::UnknownTopic(topic.to_string()),
                     e => Error::from(e),
                 })?;
-                let next = match start {
-                    StartAt::TotalOrder(t) => t,
-                    _ => 0,
-                };
                 Cell::new(None, |_| {
-                    Box::new(TcpRead {
-                        sub,
-                        next,
-                        failed: None,
-                    }) as DynRead<'static>
+                    Box::new(TcpRead { sub, failed: None }) as DynRead<'static>
                 })
             }
             _ => return Err(Error::Unsupported(

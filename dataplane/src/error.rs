@@ -143,6 +143,37 @@ pub enum ErrorClass {
     System,
 }
 
+impl ErrorClass {
+    pub(crate) const ALL: [ErrorClass; 11] = [
+        ErrorClass::InvalidInput,
+        ErrorClass::NotFound,
+        ErrorClass::Unavailable,
+        ErrorClass::TimedOut,
+        ErrorClass::Rejected,
+        ErrorClass::Unreadable,
+        ErrorClass::Conflict,
+        ErrorClass::BadPool,
+        ErrorClass::PoolLost,
+        ErrorClass::FellBehind,
+        ErrorClass::System,
+    ];
+
+    /// A number for the wire (a remote subscriber learns why its broker refused it or
+    /// ended its stream); [`from_code`](Self::from_code) reads it back.
+    pub fn code(self) -> u8 {
+        Self::ALL
+            .iter()
+            .position(|c| *c == self)
+            .expect("every class is in ALL") as u8
+            + 1
+    }
+
+    pub fn from_code(code: u64) -> Option<ErrorClass> {
+        let i = usize::try_from(code).ok()?.checked_sub(1)?;
+        Self::ALL.get(i).copied()
+    }
+}
+
 impl PoolError {
     /// This error's [`ErrorClass`].
     pub fn class(&self) -> ErrorClass {

@@ -15,7 +15,7 @@
 //! publisher  -> EMBAR-TCP/1 topic=T client=ID
 //! broker     -> OK broker=SLOT batch_bytes=N ack=A          (or ERR reason)
 //! subscriber -> EMBAR-TCP-SUB/1 topic=T from=oldest|latest|TOTAL_ORDER
-//! broker     -> OK broker=SLOT from=TOTAL_ORDER             (or ERR reason)
+//! broker     -> OK broker=SLOT                  (or ERR class=N reason: N an ErrorClass code)
 //! ```
 //!
 //! ## Frames (little-endian, fixed size headers)
@@ -172,8 +172,8 @@ impl AckFrame {
 /// one checked view of a batch (`messages::Messages::over`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct WindowFrame {
-    /// The total order of the batch's message 0 ([`END_OF_STREAM`]: the stream ends, and
-    /// the `bytes` that follow are the reason).
+    /// The total order of the batch's message 0 ([`END_OF_STREAM`]: the stream ends, the
+    /// `bytes` that follow are the reason, and `client_id` is its `ErrorClass` code).
     pub batch_total_order: u64,
     pub client_id: u64,
     pub batch_seq: u64,
@@ -224,6 +224,70 @@ impl WindowFrame {
     }
 }
 
+/// Reads one line of a handshake (at most [`MAX_LINE`] bytes) a byte at a time, so that
+/// nothing after it (the frames that follow) is taken from the socket.
+pub fn read_line(stream: &mut std::net::TcpStream) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut line = Vec::new();
+    let mut b = [0u8; 1];
+    while line.len() <= MAX_LINE {
+        match stream.read(&mut b) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "closed before answering",
+                ))
+            }
+            Ok(_) if b[0] == b'\n' => break,
+            Ok(_) => line.push(b[0]),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(String::from_utf8_lossy(&line).trim_end().to_string())
+}
+
+/// A broker's answer to a request line: the fields after `OK`, or the reason after `ERR`
+/// (anything else is named as unexpected).
+pub fn parse_answer(line: &str) -> Result<&str, String> {
+    if let Some(reason) = line.strip_prefix("ERR ") {
+        return Err(reason.to_string());
+    }
+    match line.strip_prefix("OK") {
+        Some(rest) => Ok(rest.trim_start()),
+        None => Err(format!("unexpected answer {line:?}")),
+    }
+}
+
+/// Reads what has arrived into `buf` without waiting (`MSG_DONTWAIT`), leaving the socket's
+/// own mode (its blocking writes with a timeout) alone; `peek` leaves the bytes there.
+/// `Ok(0)`: the peer closed. `WouldBlock`: nothing has arrived.
+pub fn recv_now(
+    stream: &impl std::os::fd::AsRawFd,
+    buf: &mut [u8],
+    peek: bool,
+) -> std::io::Result<usize> {
+    let flags = libc::MSG_DONTWAIT | if peek { libc::MSG_PEEK } else { 0 };
+    loop {
+        // SAFETY: `buf` is a valid, writable buffer of `buf.len()` bytes for the call.
+        let n = unsafe {
+            libc::recv(
+                stream.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                flags,
+            )
+        };
+        if n >= 0 {
+            return Ok(n as usize);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
 /// A session error code, including the transport's own.
 pub fn describe_code(code: u64) -> &'static str {
     match code & 0xff {
@@ -254,6 +318,22 @@ mod tests {
                 prop_assert_eq!(BatchFrame::decode(&f.encode(), limit), Ok(f));
             }
         }
+    }
+
+    #[test]
+    fn an_error_class_crosses_the_wire_as_its_code() {
+        for class in crate::ErrorClass::ALL {
+            assert_eq!(
+                crate::ErrorClass::from_code(class.code().into()),
+                Some(class)
+            );
+        }
+        assert_eq!(
+            crate::ErrorClass::from_code(0),
+            None,
+            "0: no class (an old broker)"
+        );
+        assert_eq!(crate::ErrorClass::from_code(99), None);
     }
 
     #[test]

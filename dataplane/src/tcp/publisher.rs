@@ -11,9 +11,8 @@
 //! them (the broker's clock may be another host's).
 
 use std::collections::VecDeque;
-use std::io::{BufRead, BufReader, ErrorKind, Write};
+use std::io::{ErrorKind, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use embar_sys::clock::monotonic_ns;
@@ -24,6 +23,8 @@ use crate::client::publisher::{PublishError, PublisherConfig};
 use crate::client::Publish;
 use crate::verbs::field;
 
+/// Bytes of ack frames read per system call (16 frames).
+const ACK_READ_BYTES: usize = 16 * AckFrame::BYTES;
 /// How often a caller timing acks looks at them (see `Publish::ack_poll_interval`).
 const ACK_POLL_INTERVAL: Duration = Duration::from_micros(50);
 
@@ -77,7 +78,8 @@ struct Link {
     stream: Option<TcpStream>,
     /// The latest counters the broker sent.
     acks: AckFrame,
-    rx: [u8; AckFrame::BYTES],
+    /// Ack frames received, the last one possibly in part: `rx[..rx_have]`.
+    rx: [u8; ACK_READ_BYTES],
     rx_have: usize,
     /// Batches sent on this connection and not yet acknowledged, in the order sent (the
     /// broker acknowledges a session's batches in that order).
@@ -88,7 +90,9 @@ struct Link {
     batch_limit: u64,
 }
 
-/// Acknowledged batches by `batch_seq`, for the acknowledged prefix.
+/// Acknowledged batches by `batch_seq`, for the acknowledged prefix. Not the shm and verbs
+/// publishers' `AckedPrefix`, which counts per link: here a batch sent again after a failover
+/// is acknowledged on another link than the one it was sealed for.
 #[derive(Default)]
 struct Prefix {
     /// `(num_msg, acked)` of batches from `first_seq` on.
@@ -183,7 +187,7 @@ impl TcpPublisher {
                 addr,
                 stream: Some(stream),
                 acks: AckFrame::default(),
-                rx: [0; AckFrame::BYTES],
+                rx: [0; ACK_READ_BYTES],
                 rx_have: 0,
                 inflight: VecDeque::new(),
                 acked_batches_seen: 0,
@@ -361,11 +365,10 @@ impl TcpPublisher {
     }
 
     fn start_batch(&mut self, now: u64) {
-        let buf = self
+        let mut buf = self
             .spare
             .pop()
             .unwrap_or_else(|| frame_buffer(self.batch_bytes));
-        let mut buf = buf;
         let at = batch_at(&buf);
         // SAFETY: `buf` holds `LEAD + 64 + batch_bytes` bytes and `at <= LEAD + 63`, so
         // `at..at + batch_bytes` lies inside it; `at` is 64-byte aligned (`batch_at`). The
@@ -451,31 +454,25 @@ fn handshake(
     let _ = stream.set_nodelay(true);
     writeln!(stream, "{HELLO} topic={topic} client={client_id}")
         .map_err(|e| refused(e.to_string()))?;
-    let mut line = String::new();
     // The answer is the only thing the broker sends before the publisher's first frame.
-    BufReader::new((&stream).take_line())
-        .read_line(&mut line)
-        .map_err(|e| refused(format!("no answer: {e}")))?;
-    let line = line.trim_end();
-    if let Some(reason) = line.strip_prefix("ERR ") {
-        return Err(PublishError::Refused {
-            broker,
-            reason: reason.to_string(),
-        });
-    }
-    if !line.starts_with("OK ") {
-        return Err(refused(format!("unexpected answer {line:?}")));
-    }
+    let line = read_line(&mut stream).map_err(|e| refused(format!("no answer: {e}")))?;
+    let line = match parse_answer(&line) {
+        Ok(fields) => fields,
+        Err(reason) if line.starts_with("ERR ") => {
+            return Err(PublishError::Refused { broker, reason })
+        }
+        Err(unexpected) => return Err(refused(unexpected)),
+    };
     let num = |key: &str| -> Result<u64, PublishError> {
         field(line, key)
             .ok()
             .and_then(|v| v.parse().ok())
-            .ok_or_else(|| refused(format!("bad answer {line:?}: {key}=")))
+            .ok_or_else(|| refused(format!("bad answer \"OK {line}\": {key}=")))
     };
     let batch_bytes = num("batch_bytes")?;
     let ack = num("ack")?;
     if !(128..=1 << 32).contains(&batch_bytes) || ack > 2 {
-        return Err(refused(format!("bad answer {line:?}: out of range")));
+        return Err(refused(format!("bad answer \"OK {line}\": out of range")));
     }
     stream
         .set_write_timeout(Some(cfg.publisher.wait_timeout))
@@ -483,74 +480,38 @@ fn handshake(
     Ok((stream, batch_bytes, ack as u8))
 }
 
-/// Reads a stream a byte at a time, so that nothing past the answer line is consumed.
-trait TakeLine {
-    fn take_line(self) -> ByteReader<Self>
-    where
-        Self: Sized;
-}
-
-impl<R: std::io::Read> TakeLine for R {
-    fn take_line(self) -> ByteReader<R> {
-        ByteReader(self)
-    }
-}
-
-struct ByteReader<R>(R);
-
-impl<R: std::io::Read> std::io::Read for ByteReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = buf.len().min(1);
-        self.0.read(&mut buf[..n])
-    }
-}
-
 impl Link {
-    /// Reads the ack frames that arrived, without blocking; keeps the latest. An error
-    /// when the connection ended (or the broker ended the session).
+    /// Reads the ack frames that arrived, without blocking (many per system call); keeps
+    /// the latest (they are cumulative). An error when the connection ended, or the broker
+    /// ended the session.
     fn read_acks(&mut self) -> Result<(), String> {
         let Some(stream) = self.stream.as_ref() else {
             return Ok(());
         };
         loop {
-            let want = AckFrame::BYTES - self.rx_have;
-            // SAFETY: `rx[rx_have..]` is a valid buffer of `want` bytes; MSG_DONTWAIT makes
-            // this one read non-blocking without changing the socket's mode (its writes
-            // block, with a timeout).
-            let n = unsafe {
-                libc::recv(
-                    stream.as_raw_fd(),
-                    self.rx.as_mut_ptr().add(self.rx_have).cast(),
-                    want,
-                    libc::MSG_DONTWAIT,
-                )
+            let n = match recv_now(stream, &mut self.rx[self.rx_have..], false) {
+                Ok(0) => return Err("the broker closed the connection".into()),
+                Ok(n) => n,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(format!("reading acks: {e}")),
             };
-            if n == 0 {
-                return Err("the broker closed the connection".into());
-            }
-            if n < 0 {
-                let e = std::io::Error::last_os_error();
-                return match e.kind() {
-                    ErrorKind::WouldBlock => Ok(()),
-                    ErrorKind::Interrupted => continue,
-                    _ => Err(format!("reading acks: {e}")),
+            self.rx_have += n;
+            let whole = self.rx_have / AckFrame::BYTES * AckFrame::BYTES;
+            for frame in self.rx[..whole].chunks_exact(AckFrame::BYTES) {
+                let frame: &[u8; AckFrame::BYTES] = frame.try_into().expect("a whole frame");
+                let Some(f) = AckFrame::decode(frame) else {
+                    return Err("the broker sent a frame that is not an ack".into());
                 };
+                self.acks = f;
+                if f.closed != 0 {
+                    return Err(format!(
+                        "the broker ended the session: {}",
+                        describe_code(f.closed)
+                    ));
+                }
             }
-            self.rx_have += n as usize;
-            if self.rx_have < AckFrame::BYTES {
-                continue;
-            }
-            self.rx_have = 0;
-            let Some(f) = AckFrame::decode(&self.rx) else {
-                return Err("the broker sent a frame that is not an ack".into());
-            };
-            self.acks = f;
-            if f.closed != 0 {
-                return Err(format!(
-                    "the broker ended the session: {}",
-                    describe_code(f.closed)
-                ));
-            }
+            self.rx.copy_within(whole..self.rx_have, 0);
+            self.rx_have -= whole;
         }
     }
 }

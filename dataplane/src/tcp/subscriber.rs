@@ -16,7 +16,6 @@
 
 use std::io::{ErrorKind, IoSlice, Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::os::fd::AsRawFd;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
@@ -29,6 +28,7 @@ use crate::pool::coherence::Coherence;
 use crate::pool::Pool;
 use crate::sync::Ordering::Relaxed;
 use crate::verbs::field;
+use crate::ErrorClass;
 
 /// Batches read from the pool per round.
 const BATCHES_PER_ROUND: usize = 16;
@@ -62,16 +62,16 @@ pub fn serve<C: Coherence>(
         .peer_addr()
         .map_or_else(|_| "?".to_string(), |a| a.to_string());
     let opened = field(&line, "topic")
-        .map_err(|e| e.to_string())
+        .map_err(|e| (ErrorClass::InvalidInput, e.to_string()))
         .and_then(|topic| {
             let from = field(&line, "from").unwrap_or("oldest");
-            let start = parse_from(from)?;
-            Subscriber::open(pool, c, topic, start).map_err(|e| e.to_string())
+            let start = parse_from(from).map_err(|e| (ErrorClass::InvalidInput, e))?;
+            Subscriber::open(pool, c, topic, start).map_err(|e| (e.class(), e.to_string()))
         });
     let mut sub = match opened {
         Ok(s) => s,
-        Err(why) => {
-            let _ = writeln!(stream, "ERR {why}");
+        Err((class, why)) => {
+            let _ = writeln!(stream, "ERR class={} {why}", class.code());
             log::info!("broker {broker}: TCP subscriber {peer} refused: {why}");
             return;
         }
@@ -132,7 +132,7 @@ pub fn serve<C: Coherence>(
                 let reason = e.to_string();
                 let f = WindowFrame {
                     batch_total_order: END_OF_STREAM,
-                    client_id: 0,
+                    client_id: u64::from(e.class().code()),
                     batch_seq: 0,
                     num_msg: 0,
                     first_index: 0,
@@ -181,21 +181,11 @@ fn write_all_vectored(stream: &mut TcpStream, head: &[u8], body: &[u8]) -> std::
 
 /// Whether the peer closed its end (a subscriber sends nothing after its request line).
 fn peer_closed(stream: &TcpStream) -> bool {
-    let mut b = [0u8; 1];
-    // SAFETY: `b` is a valid 1-byte buffer; MSG_PEEK | MSG_DONTWAIT neither consumes nor
-    // blocks.
-    let n = unsafe {
-        libc::recv(
-            stream.as_raw_fd(),
-            b.as_mut_ptr().cast(),
-            1,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
-    if n == 0 {
-        return true;
+    match recv_now(stream, &mut [0u8; 1], true) {
+        Ok(0) => true,
+        Ok(_) => false,
+        Err(e) => e.kind() != ErrorKind::WouldBlock,
     }
-    n < 0 && std::io::Error::last_os_error().kind() != ErrorKind::WouldBlock
 }
 
 /// Why a remote subscription failed.
@@ -203,11 +193,20 @@ fn peer_closed(stream: &TcpStream) -> bool {
 pub enum SubscribeError {
     #[error("no broker to subscribe from")]
     NoBrokers,
+    /// The broker refused the request (`class`: what kind of refusal, as its error said).
     #[error("broker at {addr} refused: {reason}")]
-    Refused { addr: SocketAddr, reason: String },
+    Refused {
+        addr: SocketAddr,
+        class: Option<ErrorClass>,
+        reason: String,
+    },
     /// The broker ended the stream (the subscriber fell behind retention, ...).
     #[error("the stream ended at total order {next}: {reason}")]
-    Ended { next: u64, reason: String },
+    Ended {
+        next: u64,
+        class: Option<ErrorClass>,
+        reason: String,
+    },
     #[error("no broker answered for {waited:?} (last: {last})")]
     Unreachable { waited: Duration, last: String },
     #[error("broker at {addr} sent a bad frame: {reason}")]
@@ -237,6 +236,8 @@ pub struct TcpSubscriber {
     max_payload: u32,
     /// The window being handed out.
     window: Option<RxWindow>,
+    /// The offsets list of the last window handed out, for the next one.
+    spare_offsets: Vec<(u32, u32, u32)>,
 }
 
 impl TcpSubscriber {
@@ -264,6 +265,7 @@ impl TcpSubscriber {
             reconnects: 0,
             max_payload: 256 << 20,
             window: None,
+            spare_offsets: Vec::new(),
         };
         s.reconnect(true)?;
         Ok(s)
@@ -304,36 +306,25 @@ impl TcpSubscriber {
             .map_err(unreachable)?;
         s.write_all(self.request().as_bytes())
             .map_err(unreachable)?;
-        // The answer line, a byte at a time: the frames that follow stay in the socket.
-        let mut line = Vec::new();
-        let mut b = [0u8; 1];
-        while line.len() <= MAX_LINE {
-            match s.read(&mut b) {
-                Ok(0) => {
-                    return Err(unreachable(std::io::Error::new(
-                        ErrorKind::UnexpectedEof,
-                        "closed before answering",
-                    )))
-                }
-                Ok(_) if b[0] == b'\n' => break,
-                Ok(_) => line.push(b[0]),
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(unreachable(e)),
+        let line = read_line(&mut s).map_err(unreachable)?;
+        parse_answer(&line).map_err(|reason| {
+            // `class=N reason`: the kind of refusal, then the broker's words.
+            let (class, reason) = match reason
+                .strip_prefix("class=")
+                .and_then(|r| r.split_once(' '))
+            {
+                Some((code, rest)) => (
+                    code.parse().ok().and_then(ErrorClass::from_code),
+                    rest.to_string(),
+                ),
+                None => (None, reason),
+            };
+            SubscribeError::Refused {
+                addr,
+                class,
+                reason,
             }
-        }
-        let line = String::from_utf8_lossy(&line).to_string();
-        if let Some(reason) = line.strip_prefix("ERR ") {
-            return Err(SubscribeError::Refused {
-                addr,
-                reason: reason.to_string(),
-            });
-        }
-        if !line.starts_with("OK") {
-            return Err(SubscribeError::Refused {
-                addr,
-                reason: format!("unexpected answer {line:?}"),
-            });
-        }
+        })?;
         Ok(s)
     }
 
@@ -401,22 +392,7 @@ impl TcpSubscriber {
             .as_mut()
             .ok_or_else(|| std::io::Error::new(ErrorKind::NotConnected, "not connected"))?;
         let read = if timeout.is_zero() {
-            let room = &mut self.buf[self.tail..];
-            // SAFETY: `room` is a valid, writable buffer of `room.len()` bytes;
-            // MSG_DONTWAIT makes this one read non-blocking without changing the socket.
-            let n = unsafe {
-                libc::recv(
-                    s.as_raw_fd(),
-                    room.as_mut_ptr().cast(),
-                    room.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if n < 0 {
-                Err(std::io::Error::last_os_error())
-            } else {
-                Ok(n as usize)
-            }
+            recv_now(s, &mut self.buf[self.tail..], false)
         } else {
             // Whole milliseconds (the kernel's granularity is a tick anyway), so that a
             // caller polling with the same timeout sets it once.
@@ -470,7 +446,9 @@ impl TcpSubscriber {
                 }
                 // Every message of the window was handed out: its bytes go.
                 self.head = w.at + w.frame.bytes as usize;
-                self.window = None;
+                if let Some(w) = self.window.take() {
+                    self.spare_offsets = w.messages;
+                }
             }
             let need = match self.take_window()? {
                 Took::Window => continue,
@@ -497,6 +475,40 @@ impl TcpSubscriber {
                     self.reconnect(false)?;
                 }
             }
+        }
+    }
+
+    /// Hands every message that has arrived (at most `max`) to `f`, without waiting;
+    /// returns how many. A dropped connection is resumed as by
+    /// [`next_timeout`](Self::next_timeout).
+    pub fn poll(
+        &mut self,
+        max: usize,
+        mut f: impl FnMut(&Message<'_>),
+    ) -> Result<usize, SubscribeError> {
+        let mut n = 0;
+        while n < max {
+            match self.next_timeout(Duration::ZERO)? {
+                Some(m) => f(&m),
+                None => break,
+            }
+            n += 1;
+        }
+        Ok(n)
+    }
+
+    /// Waits up to `timeout` until bytes arrive, if no whole message is here already (may
+    /// return early; a connection that ended is noticed by the next call that reads).
+    pub fn wait(&mut self, timeout: Duration) {
+        if self
+            .window
+            .as_ref()
+            .is_some_and(|w| w.next < w.messages.len())
+        {
+            return;
+        }
+        if let Ok(Took::Need(need)) = self.take_window() {
+            let _ = self.fill(need, timeout);
         }
     }
 
@@ -532,6 +544,7 @@ impl TcpSubscriber {
             };
             return Err(SubscribeError::Ended {
                 next,
+                class: ErrorClass::from_code(f.client_id),
                 reason: String::from_utf8_lossy(bytes).to_string(),
             });
         }
@@ -545,7 +558,9 @@ impl TcpSubscriber {
             batch_seq: f.batch_seq,
         };
         let view = Messages::over(bytes, claims).map_err(|e| bad(format!("a window: {e}")))?;
-        let mut messages = Vec::with_capacity(f.count as usize);
+        // The previous window's list, emptied (no allocation per window).
+        let mut messages = std::mem::take(&mut self.spare_offsets);
+        messages.clear();
         for m in view.iter() {
             let m = m.map_err(|e| bad(format!("a window: {e}")))?;
             let index = f.first_index + m.index;
