@@ -386,30 +386,6 @@ fn mount_small_tmpfs(dir: &str, size: &str) -> Option<()> {
     Some(())
 }
 
-/// A broker's Prometheus value of `name` (a counter's `_total`).
-fn metric(c: &Cluster, slot: u64, name: &str) -> u64 {
-    let st = c.status();
-    let addr = st["brokers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["slot"] == slot && b["alive"] == true)
-        .and_then(|b| b["addresses"]["metrics"].as_str())
-        .expect("a metrics address")
-        .to_string();
-    let body = ureq::get(&format!("http://{addr}/metrics"))
-        .call()
-        .expect("the metrics endpoint")
-        .body_mut()
-        .read_to_string()
-        .expect("a text body");
-    body.lines()
-        .find(|l| l.starts_with(name) && !l.starts_with('#'))
-        .and_then(|l| l.rsplit(' ').next())
-        .and_then(|v| v.parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
-}
-
 #[test]
 fn a_replica_on_a_full_disk_acks_nothing_it_could_not_sync_and_says_why() {
     let _g = serial();
@@ -450,7 +426,7 @@ fn a_replica_on_a_full_disk_acks_nothing_it_could_not_sync_and_says_why() {
     // What was acknowledged is on every replica's disk: nothing unsynced was acked.
     let (_, all) = message_lines("full", 40_000);
     assert_on_every_replica(&c, "t", &all[..acked as usize]);
-    assert!(metric(&c, 1, "embar_broker_disk_failures") > 0);
+    assert!(c.metric(1, "embar_broker_disk_failures_total") > 0);
     let log = std::fs::read_to_string(format!("{}/broker-1.log", c.dir)).unwrap_or_default();
     assert!(log.contains("No space left on device"), "{log}");
     // Topics that need no disk go on being served meanwhile.

@@ -409,6 +409,14 @@ fn bad_frames_drop_their_own_session_and_nothing_else() {
         panic!("client 17 was not dropped for its unread acks: {lines:?}");
     }
 
+    // The drops are counted in broker 0's metrics (not-a-frame, too large, truncated,
+    // stalled, unread acks).
+    wait_until(
+        "the drops show in the metrics",
+        Duration::from_secs(5),
+        || c.metric(0, "embar_broker_tcp_sessions_dropped_total") >= 5,
+    );
+
     // Every dropped session's slot and grants were freed: 100 publishers in turn (more
     // than the sessions left if any leaked) all finish.
     for k in 0..100 {

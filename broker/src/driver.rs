@@ -141,6 +141,7 @@ impl<'p, C: Coherence> Driver<'p, C> {
                 self.pool, self.c, self.slot,
             ),
             verbs,
+            tcp: Default::default(),
         }
     }
 }

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use embar_control::http::ClientError;
-use embar_control::metrics::BrokerSnapshot;
+use embar_control::metrics::{BrokerSnapshot, TcpSnapshot};
 use embar_control::ControlClient;
 use embar_dataplane::idle::{Idle, IdlePolicy};
 use embar_dataplane::pool::coherence::Coherence;
@@ -261,6 +261,7 @@ impl BrokerNode {
         let tcp_thread = match tcp {
             Some(listener) => {
                 let (pool, stop, fcfg) = (pool.clone(), stop.clone(), cfg.tcp_frontend);
+                let stats = stats.clone();
                 Some(
                     std::thread::Builder::new()
                         .name("broker-tcp".into())
@@ -271,6 +272,7 @@ impl BrokerNode {
                                 listener,
                                 cfg: fcfg,
                                 stop: &stop,
+                                stats: &stats,
                             };
                             if let Err(e) = Pool::with_coherence(pool.coherence_mode(), go) {
                                 log::error!("broker {slot}: the TCP frontend stopped: {e}");
@@ -386,6 +388,8 @@ struct TcpGo<'a> {
     listener: TcpListener,
     cfg: embar_dataplane::tcp::frontend::FrontendConfig,
     stop: &'a AtomicBool,
+    /// Its counters go into the broker's metrics (the data path's thread keeps them).
+    stats: &'a Mutex<BrokerSnapshot>,
 }
 
 impl CoherenceFn<Result<(), embar_dataplane::tcp::frontend::FrontendError>> for TcpGo<'_> {
@@ -397,6 +401,19 @@ impl CoherenceFn<Result<(), embar_dataplane::tcp::frontend::FrontendError>> for 
             self.listener,
             self.cfg,
             self.stop,
+            &mut |f| {
+                if let Ok(mut g) = self.stats.lock() {
+                    g.tcp = TcpSnapshot {
+                        sessions_open: f.sessions_open,
+                        sessions_opened: f.sessions_opened,
+                        sessions_refused: f.sessions_refused,
+                        sessions_dropped: f.sessions_dropped,
+                        batches_received: f.batches_received,
+                        bytes_received: f.bytes_received,
+                        subscribers_opened: f.subscribers_opened,
+                    };
+                }
+            },
         )
     }
 }
@@ -491,7 +508,11 @@ impl CoherenceFn<Result<(), RunError>> for Go<'_> {
                     // loop touches the missing part (which the bus error handler names).
                     pool.check_backing().map_err(DriverError::from)?;
                     if let Ok(mut g) = s.stats.lock() {
-                        *g = driver.snapshot();
+                        // The TCP frontend's counters are its thread's to write.
+                        *g = BrokerSnapshot {
+                            tcp: g.tcp,
+                            ..driver.snapshot()
+                        };
                     }
                 }
             }

@@ -126,6 +126,20 @@ pub struct BrokerSnapshot {
     /// Failed writes, syncs or opens of this broker's disk logs (every topic).
     pub disk_failures: u64,
     pub verbs: VerbsSnapshot,
+    pub tcp: TcpSnapshot,
+}
+
+/// The TCP frontend's counters (zero without `--tcp`).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TcpSnapshot {
+    pub sessions_open: u64,
+    pub sessions_opened: u64,
+    pub sessions_refused: u64,
+    /// Sessions dropped for a malformed, truncated or stalled frame or unread acks.
+    pub sessions_dropped: u64,
+    pub batches_received: u64,
+    pub bytes_received: u64,
+    pub subscribers_opened: u64,
 }
 
 /// The verbs frontend's counters (zero without `--verbs`).
@@ -262,6 +276,48 @@ const BROKER_METRICS: &[(&str, &str, Kind, Read)] = &[
         "Grants registered for remote writes",
         Kind::Counter,
         |s| s.verbs.grants_registered,
+    ),
+    (
+        "tcp_sessions_open",
+        "Open TCP publisher sessions",
+        Kind::Gauge,
+        |s| s.tcp.sessions_open,
+    ),
+    (
+        "tcp_sessions_opened",
+        "TCP publisher sessions opened",
+        Kind::Counter,
+        |s| s.tcp.sessions_opened,
+    ),
+    (
+        "tcp_sessions_refused",
+        "TCP connection requests refused",
+        Kind::Counter,
+        |s| s.tcp.sessions_refused,
+    ),
+    (
+        "tcp_sessions_dropped",
+        "TCP sessions dropped for a malformed, truncated or stalled frame or unread acks",
+        Kind::Counter,
+        |s| s.tcp.sessions_dropped,
+    ),
+    (
+        "tcp_batches_received",
+        "Batches read from TCP publishers into the pool",
+        Kind::Counter,
+        |s| s.tcp.batches_received,
+    ),
+    (
+        "tcp_bytes_received",
+        "Bytes read from TCP publishers into the pool",
+        Kind::Counter,
+        |s| s.tcp.bytes_received,
+    ),
+    (
+        "tcp_subscribers_opened",
+        "Remote subscribers served over TCP",
+        Kind::Counter,
+        |s| s.tcp.subscribers_opened,
     ),
 ];
 

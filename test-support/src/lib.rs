@@ -288,6 +288,32 @@ impl Cluster {
         wait_for_status(&self.control, what, limit, cond)
     }
 
+    /// The value of metric `name` (a counter's full name, `..._total`) on the Prometheus
+    /// endpoint of the live broker in pool slot `slot`; 0 when it is not shown.
+    pub fn metric(&self, slot: u64, name: &str) -> u64 {
+        let st = self.status();
+        let addr = st["brokers"]
+            .as_array()
+            .expect("brokers")
+            .iter()
+            .find(|b| b["slot"] == slot && b["alive"] == true)
+            .and_then(|b| b["addresses"]["metrics"].as_str())
+            .expect("a metrics address")
+            .to_string();
+        let body = ureq::get(&format!("http://{addr}/metrics"))
+            .call()
+            .expect("the metrics endpoint")
+            .body_mut()
+            .read_to_string()
+            .expect("a text body");
+        body.lines()
+            // `name{labels} value`, or `name value`.
+            .find(|l| !l.starts_with('#') && l.split([' ', '{']).next() == Some(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(0, |v| v as u64)
+    }
+
     /// Runs `embar ARGS --control ADDR`: (success, stdout, stderr).
     pub fn embar(&self, args: &[&str]) -> (bool, String, String) {
         let out = self.run(args, None);

@@ -73,15 +73,15 @@ impl Default for FrontendConfig {
     }
 }
 
-/// Counters (exported as metrics).
+/// Counters (the broker's `embar_broker_tcp_*` metrics).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FrontendStats {
+    /// Publisher sessions open now.
+    pub sessions_open: u64,
     pub sessions_opened: u64,
-    pub sessions_closed: u64,
     pub sessions_refused: u64,
     pub batches_received: u64,
     pub bytes_received: u64,
-    pub ack_frames: u64,
     /// Sessions dropped for a malformed, truncated or stalled frame or unread acks.
     pub sessions_dropped: u64,
     pub subscribers_opened: u64,
@@ -235,14 +235,14 @@ impl<'p, C: Coherence> Frontend<'p, C> {
     }
 
     pub fn stats(&self) -> FrontendStats {
-        self.stats
-    }
-
-    pub fn sessions_open(&self) -> usize {
-        self.conns
-            .iter()
-            .filter(|c| matches!(c, Some(Conn::Publisher(_))))
-            .count()
+        FrontendStats {
+            sessions_open: self
+                .conns
+                .iter()
+                .filter(|c| matches!(c, Some(Conn::Publisher(_))))
+                .count() as u64,
+            ..self.stats
+        }
     }
 
     /// Whether a connection waits on the pool (a grant, ring room, the broker's answer, an
@@ -780,7 +780,6 @@ impl<'p, C: Coherence> Frontend<'p, C> {
                     if *off == AckFrame::BYTES {
                         r.out = None;
                         r.blocked_since_ns = None;
-                        self.stats.ack_frames += 1;
                         return 1;
                     }
                 }
@@ -808,7 +807,6 @@ impl<'p, C: Coherence> Frontend<'p, C> {
         let _ = r.stream.write(&last.encode());
         session::close(self.c, r.session, r.generation);
         doorbell::ring(self.bell);
-        self.stats.sessions_closed += 1;
         if code == ERROR_TRANSPORT && why != "the publisher closed the connection" {
             log::warn!(
                 "broker {}: TCP session of client {} dropped: {why}",
@@ -887,6 +885,8 @@ impl Drop for Live<'_> {
 
 /// Runs the frontend until `stop`: publishers in this thread, each subscriber on a thread of
 /// its own (at most `cfg.max_subscribers`), served by [`super::subscriber::serve`].
+///
+/// `report` gets the counters every [`HOUSEKEEPING`] (for the broker's metrics).
 pub fn run<C: Coherence>(
     pool: &Pool,
     c: C,
@@ -894,8 +894,10 @@ pub fn run<C: Coherence>(
     listener: std::net::TcpListener,
     cfg: FrontendConfig,
     stop: &AtomicBool,
+    report: &mut dyn FnMut(FrontendStats),
 ) -> Result<(), FrontendError> {
     let mut f = Frontend::new(pool, c, broker, listener, cfg)?;
+    let mut reported = std::time::Instant::now();
     let live = std::sync::atomic::AtomicUsize::new(0);
     // Short rests while a connection waits on the pool; the event loop's own wait (whole
     // milliseconds in epoll) only when nothing does.
@@ -929,6 +931,10 @@ pub fn run<C: Coherence>(
                 if spawned.is_err() {
                     live.fetch_sub(1, Relaxed);
                 }
+            }
+            if reported.elapsed() >= HOUSEKEEPING {
+                reported = std::time::Instant::now();
+                report(f.stats());
             }
             timeout = Some(Duration::ZERO);
             if let Some(rest) = idle.step(work) {
