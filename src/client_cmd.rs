@@ -364,14 +364,7 @@ pub fn subscribe(a: &SubscribeArgs) -> CliResult<()> {
 
 /// Feeds one delivered message to the `--check-order` checker; a broken rule is a data error.
 fn check_message(c: &mut OrderChecker, m: &MessageRef<'_>) -> CliResult<()> {
-    let d = Delivered {
-        total_order: m.total_order,
-        client_id: m.client_id,
-        batch_seq: m.batch_seq,
-        index: m.index,
-        num_msg: m.num_msg,
-    };
-    c.push(&d)
+    c.push(&Delivered::from(m))
         .map_err(|v| CliError::data(format!("order check failed: {v}")))
 }
 

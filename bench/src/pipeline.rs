@@ -550,14 +550,7 @@ fn one_run<C: Coherence>(c: C, r: OneRun<'_>) -> BenchResult<Run> {
                             if err.is_some() {
                                 return;
                             }
-                            let d = Delivered {
-                                total_order: m.total_order,
-                                client_id: m.client_id,
-                                batch_seq: m.batch_seq,
-                                index: m.index,
-                                num_msg: m.num_msg,
-                            };
-                            if let Err(v) = checker.push(&d) {
+                            if let Err(v) = checker.push(&Delivered::from(m)) {
                                 err = Some(v.to_string());
                                 return;
                             }

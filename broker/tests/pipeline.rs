@@ -115,15 +115,7 @@ fn run_pipeline_with(
             );
             let n = sub
                 .poll(16, |m| {
-                    checker
-                        .push(&Delivered {
-                            total_order: m.total_order,
-                            client_id: m.client_id,
-                            batch_seq: m.batch_seq,
-                            index: m.index,
-                            num_msg: m.num_msg,
-                        })
-                        .unwrap();
+                    checker.push(&Delivered::from(m)).unwrap();
                     // The payload names its client and index; both must match, each message
                     // must come once, and (ORDER 4, 5) each client's in order.
                     let k = m.client_id - 1000;

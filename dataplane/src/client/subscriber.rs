@@ -61,6 +61,19 @@ pub struct Message<'a> {
     pub payload: &'a [u8],
 }
 
+impl From<&Message<'_>> for crate::checker::Delivered {
+    /// What the ordering checker looks at of a delivered message.
+    fn from(m: &Message<'_>) -> Self {
+        crate::checker::Delivered {
+            total_order: m.total_order,
+            client_id: m.client_id,
+            batch_seq: m.batch_seq,
+            index: m.index,
+            num_msg: m.num_msg,
+        }
+    }
+}
+
 /// Where a delivered batch came from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchOrigin {

@@ -188,6 +188,20 @@ pub struct WindowFrame {
 impl WindowFrame {
     pub const BYTES: usize = 48;
 
+    /// The header of a window a broker's subscriber copied and checked.
+    pub fn of(w: &crate::client::subscriber::Window<'_>) -> WindowFrame {
+        WindowFrame {
+            batch_total_order: w.batch_total_order,
+            client_id: w.client_id,
+            batch_seq: w.batch_seq,
+            num_msg: w.num_msg,
+            first_index: w.first_index,
+            count: w.count,
+            deliver_from: w.deliver_from,
+            bytes: w.bytes.len() as u32,
+        }
+    }
+
     pub fn encode(&self) -> [u8; Self::BYTES] {
         let mut b = [0u8; Self::BYTES];
         b[0..8].copy_from_slice(&self.batch_total_order.to_le_bytes());

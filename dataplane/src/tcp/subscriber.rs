@@ -101,17 +101,7 @@ pub fn serve<C: Coherence>(
                 // Nothing of it is delivered (a start inside the batch): not sent.
                 return 0;
             }
-            let h = WindowFrame {
-                batch_total_order: w.batch_total_order,
-                client_id: w.client_id,
-                batch_seq: w.batch_seq,
-                num_msg: w.num_msg,
-                first_index: w.first_index,
-                count: w.count,
-                deliver_from: w.deliver_from,
-                bytes: w.bytes.len() as u32,
-            }
-            .encode();
+            let h = WindowFrame::of(w).encode();
             if let Err(e) = write_all_vectored(&mut stream, &h, w.bytes) {
                 failed = Some(e);
                 return 0;
