@@ -59,7 +59,6 @@ fn up_verbs(name: &str, ip: &str) -> Cluster {
 trait VerbsCluster {
     fn publish_verbs(&self, topic: &str, lines: String) -> Child;
     fn read_all(&self, topic: &str) -> Vec<Value>;
-    fn metric(&self, name: &str) -> u64;
     fn wait_metric(&self, name: &str, want: u64);
     fn broker_logs(&self) -> String;
     fn rogue(&self, topic: &str, fault: &str) -> Value;
@@ -93,25 +92,10 @@ impl VerbsCluster for Cluster {
             .collect()
     }
 
-    /// Metric `name` summed over the brokers' Prometheus endpoints.
-    fn metric(&self, name: &str) -> u64 {
-        let status = embar_control::ControlClient::new(self.control.parse().unwrap())
-            .status()
-            .unwrap();
-        status["brokers"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter(|b| b["alive"] == true)
-            .filter_map(|b| b["addresses"]["metrics"].as_str())
-            .map(|addr| scrape(addr, name))
-            .sum()
-    }
-
     /// Waits (10 s at most) until metric `name` reaches `want`: brokers refresh their
     /// metrics every 100 ms.
     fn wait_metric(&self, name: &str, want: u64) {
-        if !wait_for(Duration::from_secs(10), || self.metric(name) >= want) {
+        if !wait_for(Duration::from_secs(10), || self.metric_sum(name) >= want) {
             panic!("{name} stayed below {want}: {}", self.broker_logs());
         }
     }
@@ -149,22 +133,6 @@ impl VerbsCluster for Cluster {
 }
 
 /// The sum of metric `name` at one broker's Prometheus endpoint.
-fn scrape(addr: &str, name: &str) -> u64 {
-    use std::io::Read;
-    let mut s = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        s,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
-    body.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
-        .sum()
-}
-
 fn payloads(msgs: &[Value]) -> Vec<String> {
     msgs.iter()
         .map(|m| m["payload"].as_str().unwrap().to_string())
@@ -215,7 +183,7 @@ fn verbs_publishers_and_subscribers_agree_nothing_lost_or_duplicated() {
     );
     c.wait_metric("embar_broker_verbs_batches_forwarded_total", 2);
     c.wait_metric("embar_broker_verbs_sessions_opened_total", 4);
-    assert_eq!(c.metric("embar_broker_verbs_sessions_opened_total"), 4);
+    assert_eq!(c.metric_sum("embar_broker_verbs_sessions_opened_total"), 4);
 }
 
 #[test]
@@ -306,7 +274,7 @@ fn a_session_that_vanishes_mid_batch_publishes_nothing_half_written() {
     // Each broker (the rogue had a session with both) notices the connection's end and
     // closes the pool session.
     c.wait_metric("embar_broker_verbs_sessions_closed_total", 2);
-    assert_eq!(c.metric("embar_broker_verbs_sessions_open"), 0);
+    assert_eq!(c.metric_sum("embar_broker_verbs_sessions_open"), 0);
     let ok = c
         .publish_verbs("t", lines("h", 100, 200))
         .wait_with_output()

@@ -300,18 +300,20 @@ impl Cluster {
             .and_then(|b| b["addresses"]["metrics"].as_str())
             .expect("a metrics address")
             .to_string();
-        let body = ureq::get(&format!("http://{addr}/metrics"))
-            .call()
-            .expect("the metrics endpoint")
-            .body_mut()
-            .read_to_string()
-            .expect("a text body");
-        body.lines()
-            // `name{labels} value`, or `name value`.
-            .find(|l| !l.starts_with('#') && l.split([' ', '{']).next() == Some(name))
-            .and_then(|l| l.rsplit(' ').next())
-            .and_then(|v| v.parse::<f64>().ok())
-            .map_or(0, |v| v as u64)
+        scrape(&addr, name)
+    }
+
+    /// Metric `name` summed over every live broker's endpoint.
+    pub fn metric_sum(&self, name: &str) -> u64 {
+        let st = self.status();
+        st["brokers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|b| b["alive"] == true)
+            .filter_map(|b| b["addresses"]["metrics"].as_str())
+            .map(|addr| scrape(addr, name))
+            .sum()
     }
 
     /// Runs `embar ARGS --control ADDR`: (success, stdout, stderr).
@@ -394,6 +396,22 @@ fn read_json(path: &Path) -> Value {
     let text = std::fs::read_to_string(path)
         .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}
+
+/// The value of metric `name` on the Prometheus endpoint at `addr` (0 when not shown).
+fn scrape(addr: &str, name: &str) -> u64 {
+    let body = ureq::get(&format!("http://{addr}/metrics"))
+        .call()
+        .expect("the metrics endpoint")
+        .body_mut()
+        .read_to_string()
+        .expect("a text body");
+    body.lines()
+        // `name{labels} value`, or `name value`.
+        .find(|l| !l.starts_with('#') && l.split([' ', '{']).next() == Some(name))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .map_or(0, |v| v as u64)
 }
 
 /// `n` lines `PREFIX 000000 ppp...` (`width` filler bytes), one message each.
