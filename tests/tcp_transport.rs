@@ -81,6 +81,17 @@ fn batch(client: u64, seq: u64, payloads: &[&[u8]]) -> Vec<u8> {
     out
 }
 
+/// Writes a batch frame: its header (sizes from `body`), then `body`.
+fn send_frame(s: &mut TcpStream, batch_seq: u64, num_msg: u32, body: &[u8]) -> std::io::Result<()> {
+    let h = BatchFrame {
+        batch_seq,
+        num_msg,
+        total_size: body.len() as u64,
+    };
+    s.write_all(&h.encode())?;
+    s.write_all(body)
+}
+
 /// A raw publisher connection past its handshake.
 fn raw_publisher(addr: SocketAddr, topic: &str, client: u64) -> TcpStream {
     raw_publisher_with(addr, topic, client, None)
@@ -348,25 +359,12 @@ fn bad_frames_drop_their_own_session_and_nothing_else() {
     let mut s = raw_publisher(addr, "t", 15);
     let mut body = batch(15, 0, &[b"hello", b"world"]);
     body[0..4].copy_from_slice(&5000u32.to_le_bytes()); // the first message claims 5000 bytes
-    let h = BatchFrame {
-        batch_seq: 0,
-        num_msg: 2,
-        total_size: body.len() as u64,
-    };
-    s.write_all(&h.encode()).unwrap();
-    s.write_all(&body).unwrap();
+    send_frame(&mut s, 0, 2, &body).unwrap();
     let f = read_acks_until(&mut s, |f| f.rejected_batches > 0).expect("a rejection");
     assert_eq!(f.acked_batches, 0);
     // A good batch on a good session is acked all the while.
     let mut good = raw_publisher(brokers[1].1, "t", 16);
-    let body = batch(16, 0, &[b"fine"]);
-    let h = BatchFrame {
-        batch_seq: 0,
-        num_msg: 1,
-        total_size: body.len() as u64,
-    };
-    good.write_all(&h.encode()).unwrap();
-    good.write_all(&body).unwrap();
+    send_frame(&mut good, 0, 1, &batch(16, 0, &[b"fine"])).unwrap();
     let f = read_acks_until(&mut good, |f| f.acked_messages == 1).expect("acked");
     assert_eq!(f.rejected_batches, 0);
 
@@ -377,16 +375,7 @@ fn bad_frames_drop_their_own_session_and_nothing_else() {
     let began = Instant::now();
     let mut sent = 0u64;
     let dropped = loop {
-        let body = batch(17, sent, &[b"x"]);
-        let h = BatchFrame {
-            batch_seq: sent,
-            num_msg: 1,
-            total_size: body.len() as u64,
-        };
-        if s.write_all(&h.encode())
-            .and_then(|()| s.write_all(&body))
-            .is_err()
-        {
+        if send_frame(&mut s, sent, 1, &batch(17, sent, &[b"x"])).is_err() {
             break true;
         }
         sent += 1;
