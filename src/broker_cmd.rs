@@ -55,6 +55,22 @@ pub struct BrokerArgs {
     /// subscriber that reads nothing this long, is dropped (ms).
     #[arg(long, default_value_t = 10_000)]
     pub tcp_idle_timeout_ms: u64,
+    /// Accept DPDK publishers (docs/dpdk.md; a build with `--features dpdk`): each memif
+    /// publisher gets a port of its own, attached when its session opens on the TCP port.
+    #[arg(long)]
+    pub dpdk: bool,
+    /// DPDK: also serve publishers on this Ethernet segment, through this port (device
+    /// arguments, e.g. `net_af_packet0,iface=veth0`). Implies `--dpdk`.
+    #[arg(long)]
+    pub dpdk_port: Option<String>,
+    /// DPDK: largest frame in bytes, Ethernet header included (1514: a 1500-byte MTU; up to
+    /// 9216 where the link takes jumbo frames).
+    #[arg(long, default_value_t = 1514, value_parser = clap::value_parser!(u32).range(256..=9216))]
+    pub dpdk_frame_bytes: u32,
+    /// DPDK: environment (EAL) options, space-separated (default: virtual devices without
+    /// hugepages or PCI, 256 MiB).
+    #[arg(long, allow_hyphen_values = true)]
+    pub dpdk_eal: Option<String>,
     /// How long the control process may be unreachable before this broker stops serving
     /// (it goes on serving publishers and subscribers meanwhile, and retries heartbeats).
     #[arg(long, default_value_t = embar_control::keepalive::GRACE_DEFAULT.as_millis() as u64)]
@@ -112,6 +128,13 @@ impl BrokerArgs {
                 idle_timeout: Duration::from_millis(self.tcp_idle_timeout_ms.max(1)),
                 ..Default::default()
             },
+            dpdk: (self.dpdk || self.dpdk_port.is_some()).then(|| {
+                embar_dataplane::tcp::frontend::DpdkFrontendConfig {
+                    eal_args: crate::dpdk_eal_args(self.dpdk_eal.as_deref()),
+                    port: self.dpdk_port.clone(),
+                    frame_bytes: self.dpdk_frame_bytes,
+                }
+            }),
             control_grace: Duration::from_millis(self.control_grace_ms),
             replication: self.data_dir.clone().map(|data_dir| ReplicationConfig {
                 data_dir,
@@ -126,6 +149,14 @@ impl BrokerArgs {
 }
 
 pub fn run(a: &BrokerArgs) -> CliResult<()> {
+    if (a.dpdk || a.dpdk_port.is_some()) && !cfg!(feature = "dpdk") {
+        return Err(CliError::usage(crate::NO_DPDK));
+    }
+    if (a.dpdk || a.dpdk_port.is_some()) && a.tcp.0.is_none() {
+        return Err(CliError::usage(
+            "--dpdk needs the TCP port (DPDK sessions open on it): drop --tcp none",
+        ));
+    }
     let stop = embar_sys::signal::stop_on_term();
     let node = BrokerNode::start(a.config()).map_err(|e| match e {
         StartError::NoVerbs => CliError::usage(crate::NO_VERBS),

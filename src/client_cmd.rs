@@ -56,9 +56,26 @@ pub struct PublishArgs {
 pub struct TransportArgs {
     /// `shm` (on the pool host: store into the pool), `verbs` (RDMA writes into
     /// broker-registered grants; brokers started with --verbs; a build with --features verbs)
-    /// or `tcp` (from any host: batches over TCP to the brokers).
-    #[arg(long, default_value = "shm", value_parser = ["shm", "verbs", "tcp"])]
+    /// `tcp` (from any host: batches over TCP to the brokers) or `dpdk` (Ethernet frames
+    /// from a DPDK port; brokers started with --dpdk; a build with --features dpdk).
+    #[arg(long, default_value = "shm", value_parser = ["shm", "verbs", "tcp", "dpdk"])]
     pub transport: String,
+    /// dpdk: a port on the brokers' Ethernet segment (device arguments, e.g.
+    /// `net_af_packet0,iface=veth1`; default: a memif link per broker).
+    #[arg(long)]
+    pub dpdk_port: Option<String>,
+    /// dpdk: largest frame in bytes (default 1514; the broker's limit applies too).
+    #[arg(long)]
+    pub dpdk_frame_bytes: Option<u32>,
+    /// dpdk: environment (EAL) options, space-separated.
+    #[arg(long, allow_hyphen_values = true)]
+    pub dpdk_eal: Option<String>,
+    /// dpdk, for tests of the link's recovery: drop every Nth data frame sent.
+    #[arg(long, default_value_t = 0)]
+    pub dpdk_drop_every: u32,
+    /// dpdk, for tests of the link's checks: corrupt every Nth data frame sent.
+    #[arg(long, default_value_t = 0)]
+    pub dpdk_corrupt_every: u32,
     /// verbs: RDMA device (default: $RDMA_DEVICE, else the first).
     #[arg(long)]
     pub rdma_device: Option<String>,
@@ -88,6 +105,21 @@ impl TransportArgs {
     pub fn client_transport(&self) -> CliResult<Transport> {
         if self.transport == "tcp" {
             return Ok(Transport::Tcp);
+        }
+        if self.transport == "dpdk" {
+            if !cfg!(feature = "dpdk") {
+                return Err(CliError::usage(crate::NO_DPDK));
+            }
+            let mut o = embar_client::DpdkOptions::memif();
+            o.port = self.dpdk_port.clone();
+            o.frame_bytes = self.dpdk_frame_bytes;
+            o.eal_args = self
+                .dpdk_eal
+                .as_deref()
+                .map(|s| crate::dpdk_eal_args(Some(s)));
+            o.drop_every = self.dpdk_drop_every;
+            o.corrupt_every = self.dpdk_corrupt_every;
+            return Ok(Transport::Dpdk(o));
         }
         if !self.verbs() {
             return Ok(Transport::Shm);

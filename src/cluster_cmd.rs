@@ -46,6 +46,12 @@ pub struct UpArgs {
     /// wildcard).
     #[arg(long)]
     pub tcp: Option<std::net::IpAddr>,
+    /// Brokers also accept DPDK publishers over memif links (see `embar broker --dpdk`).
+    #[arg(long)]
+    pub dpdk: bool,
+    /// Passed to every broker (see `embar broker --dpdk-frame-bytes`).
+    #[arg(long)]
+    pub dpdk_frame_bytes: Option<u32>,
     /// Passed to every broker (see `embar broker --tcp-idle-timeout-ms`).
     #[arg(long)]
     pub tcp_idle_timeout_ms: Option<u64>,
@@ -269,6 +275,12 @@ pub fn up(a: &UpArgs) -> Result<ClusterFile, String> {
         args.extend(["--tcp".into(), SocketAddr::new(tcp_ip, 0).to_string()]);
         if let Some(ms) = a.tcp_idle_timeout_ms {
             args.extend(["--tcp-idle-timeout-ms".into(), ms.to_string()]);
+        }
+        if a.dpdk {
+            args.push("--dpdk".into());
+        }
+        if let Some(n) = a.dpdk_frame_bytes {
+            args.extend(["--dpdk-frame-bytes".into(), n.to_string()]);
         }
         if let Some(ip) = a.verbs {
             args.extend([

@@ -11,6 +11,19 @@ mod pool_cmd;
 mod units;
 
 /// The error of a verbs option in a build without the transport.
+pub const NO_DPDK: &str = "this embar was built without the DPDK transport: build it with `cargo build --release --features dpdk` (needs libdpdk-dev and pkg-config)";
+
+/// EAL options: `given` split on spaces, else those for virtual devices on any host.
+pub fn dpdk_eal_args(given: Option<&str>) -> Vec<String> {
+    match given {
+        Some(s) => s.split_ascii_whitespace().map(String::from).collect(),
+        #[cfg(feature = "dpdk")]
+        None => embar_sys::dpdk::vdev_eal_args(256),
+        #[cfg(not(feature = "dpdk"))]
+        None => Vec::new(),
+    }
+}
+
 pub const NO_VERBS: &str = "this embar was built without the verbs transport: build it with `cargo build --release --features verbs` (needs libibverbs-dev, librdmacm-dev, libclang-dev)";
 
 use std::path::PathBuf;

@@ -69,6 +69,9 @@ pub struct BrokerConfig {
     pub tcp: Option<SocketAddr>,
     /// How the TCP frontend treats its connections (timeouts, limits).
     pub tcp_frontend: embar_dataplane::tcp::frontend::FrontendConfig,
+    /// Accept DPDK publishers (needs the `dpdk` feature; their sessions open on the TCP
+    /// port, which must then be on).
+    pub dpdk: Option<embar_dataplane::tcp::frontend::DpdkFrontendConfig>,
     /// How long the control process may be unreachable before this broker stops serving.
     pub control_grace: Duration,
     /// Replicate ordered batches to disk (topics with a replication factor): where, and the
@@ -95,6 +98,7 @@ impl BrokerConfig {
             verbs: None,
             tcp: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
             tcp_frontend: Default::default(),
+            dpdk: None,
             control_grace: embar_control::keepalive::GRACE_DEFAULT,
             replication: None,
         }
@@ -261,6 +265,7 @@ impl BrokerNode {
         let tcp_thread = match tcp {
             Some(listener) => {
                 let (pool, stop, fcfg) = (pool.clone(), stop.clone(), cfg.tcp_frontend);
+                let dpdk = cfg.dpdk.clone();
                 let stats = stats.clone();
                 Some(
                     std::thread::Builder::new()
@@ -271,6 +276,7 @@ impl BrokerNode {
                                 slot,
                                 listener,
                                 cfg: fcfg,
+                                dpdk,
                                 stop: &stop,
                                 stats: &stats,
                             };
@@ -387,6 +393,7 @@ struct TcpGo<'a> {
     slot: u32,
     listener: TcpListener,
     cfg: embar_dataplane::tcp::frontend::FrontendConfig,
+    dpdk: Option<embar_dataplane::tcp::frontend::DpdkFrontendConfig>,
     stop: &'a AtomicBool,
     /// Its counters go into the broker's metrics (the data path's thread keeps them).
     stats: &'a Mutex<BrokerSnapshot>,
@@ -400,6 +407,7 @@ impl CoherenceFn<Result<(), embar_dataplane::tcp::frontend::FrontendError>> for 
             self.slot,
             self.listener,
             self.cfg,
+            self.dpdk,
             self.stop,
             &mut |f| {
                 if let Ok(mut g) = self.stats.lock() {

@@ -37,6 +37,33 @@ pub enum Transport {
     /// grants; subscribers read the total order from a broker. Nothing to configure: the
     /// brokers' addresses come from the control process.
     Tcp,
+    /// From a host with a DPDK port: batches go as Ethernet frames to the brokers' DPDK
+    /// poll loops (brokers started with `--dpdk`; this crate built with the `dpdk` feature).
+    /// Sessions open over TCP, so the brokers' addresses come from the control process.
+    Dpdk(DpdkOptions),
+}
+
+/// How a DPDK publisher reaches its brokers.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct DpdkOptions {
+    /// A port on the brokers' Ethernet segment (device arguments, e.g.
+    /// `net_af_packet0,iface=veth1`); `None`: a memif link per broker session.
+    pub port: Option<String>,
+    /// Largest frame (bytes); `None`: 1514. The broker's limit applies too.
+    pub frame_bytes: Option<u32>,
+    /// DPDK environment (EAL) options; `None`: virtual devices without hugepages or PCI.
+    pub eal_args: Option<Vec<String>>,
+    /// Test aids: drop, or corrupt, every Nth data frame sent (0: none).
+    pub drop_every: u32,
+    pub corrupt_every: u32,
+}
+
+impl DpdkOptions {
+    /// memif links, the defaults.
+    pub fn memif() -> DpdkOptions {
+        DpdkOptions::default()
+    }
 }
 
 impl Transport {
@@ -46,6 +73,7 @@ impl Transport {
             Transport::Shm => "shm",
             Transport::Verbs { .. } => "verbs",
             Transport::Tcp => "tcp",
+            Transport::Dpdk(_) => "dpdk",
         }
     }
 }

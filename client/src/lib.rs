@@ -54,7 +54,7 @@ pub mod notifier;
 #[cfg(feature = "async")]
 mod stream;
 
-pub use client::{Client, ClientBuilder, Config, Topic, Transport};
+pub use client::{Client, ClientBuilder, Config, DpdkOptions, Topic, Transport};
 pub use discovery::{Broker, ClusterView, ControlAddr, ControlSource};
 pub use error::{Error, ErrorKind, Result};
 pub use publisher::Publisher;
@@ -72,4 +72,6 @@ pub use embar_dataplane::client::PublishError;
 pub use embar_dataplane::PoolError;
 
 /// The error of the verbs transport in a build without it.
+/// The error of a DPDK publisher in a build without the `dpdk` feature.
+pub const NO_DPDK: &str = "this build has no DPDK transport: build with the `dpdk` feature (`cargo build --release --features dpdk`; needs libdpdk-dev and pkg-config)";
 pub const NO_VERBS: &str = "this build has no verbs transport: build with the `verbs` feature (`cargo build --release --features verbs`; needs libibverbs-dev, librdmacm-dev, libclang-dev)";

@@ -138,6 +138,10 @@ impl Publisher {
                 )?;
                 Cell::new(None, |_| Box::new(p) as DynPublish<'static>)
             }
+            Transport::Dpdk(opts) => {
+                let p = open_dpdk(client, topic, client_id, opts, pc)?;
+                Cell::new(None, |_| p)
+            }
         };
         Ok(Publisher {
             cell,
@@ -310,6 +314,52 @@ fn open_verbs(
     Ok(Box::new(VerbsPublisher::connect(
         &brokers, topic, client_id, &vc,
     )?))
+}
+
+#[cfg(feature = "dpdk")]
+fn open_dpdk(
+    client: &Client,
+    topic: &str,
+    client_id: u64,
+    opts: &crate::DpdkOptions,
+    publisher: PublisherConfig,
+) -> Result<DynPublish<'static>> {
+    use embar_dataplane::dpdk::publisher::{DpdkLinkConfig, LinkKind};
+    let brokers = client.tcp_brokers()?;
+    let mut link = DpdkLinkConfig::memif();
+    if let Some(devargs) = &opts.port {
+        link.link = LinkKind::Port {
+            devargs: devargs.clone(),
+        };
+    }
+    if let Some(args) = &opts.eal_args {
+        link.eal_args = args.clone();
+    }
+    if let Some(n) = opts.frame_bytes {
+        link.frame_bytes = n;
+    }
+    link.drop_every = opts.drop_every;
+    link.corrupt_every = opts.corrupt_every;
+    let tc = embar_dataplane::tcp::publisher::TcpPublisherConfig {
+        publisher,
+        ..Default::default()
+    };
+    Ok(Box::new(
+        embar_dataplane::tcp::publisher::TcpPublisher::connect_dpdk(
+            &brokers, topic, client_id, &tc, &link,
+        )?,
+    ))
+}
+
+#[cfg(not(feature = "dpdk"))]
+fn open_dpdk(
+    _: &Client,
+    _: &str,
+    _: u64,
+    _: &crate::DpdkOptions,
+    _: PublisherConfig,
+) -> Result<DynPublish<'static>> {
+    Err(Error::Unsupported(crate::NO_DPDK))
 }
 
 #[cfg(not(feature = "verbs"))]

@@ -13,6 +13,8 @@ pub mod broker;
 pub mod checker;
 #[cfg(not(loom))]
 pub mod client;
+#[cfg(feature = "dpdk")]
+pub mod dpdk;
 pub mod error;
 pub mod idle;
 pub mod log_limit;

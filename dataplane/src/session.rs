@@ -210,6 +210,78 @@ pub fn live_clients<C: crate::pool::coherence::Coherence>(
     Ok(())
 }
 
+/// A network frontend's place in the grants of a session it stands in for as publisher
+/// (TCP, DPDK): the grant being filled, and how many it has taken.
+#[derive(Debug, Default)]
+pub struct GrantCursor {
+    /// `(offset, bytes, used)` of the grant being filled.
+    grant: Option<(u64, u64, u64)>,
+    taken: u64,
+}
+
+impl GrantCursor {
+    /// Where a batch of `bytes` goes: the current grant if it has room, else the next one
+    /// the broker issued (`None` while it has not). A grant the broker wrote out of the
+    /// pool's bounds, or too small for a batch, is an error.
+    pub fn place<C: crate::pool::coherence::Coherence>(
+        &mut self,
+        pool: &crate::pool::Pool,
+        c: C,
+        s: &Session,
+        bell: &crate::pool::layout::BrokerDoorbell,
+        bytes: u64,
+    ) -> Result<Option<u64>, String> {
+        loop {
+            if let Some((offset, len, used)) = self.grant.as_mut() {
+                if *used + bytes <= *len {
+                    let at = *offset + *used;
+                    *used += bytes;
+                    return Ok(Some(at));
+                }
+            }
+            let issued = c.observe(&s.grants_issued);
+            if issued <= self.taken {
+                return Ok(None);
+            }
+            let e = &s.grants[grant_slot(self.taken)];
+            c.invalidate(e);
+            let (offset, len) = (
+                e.offset.load(crate::sync::Ordering::Relaxed),
+                e.bytes.load(crate::sync::Ordering::Relaxed),
+            );
+            pool.data_ptr(offset, len)
+                .map_err(|e| format!("grant {} of the broker: {e}", self.taken))?;
+            if len < bytes {
+                return Err(format!(
+                    "a batch of {bytes} bytes does not fit grant {} of {len} bytes",
+                    self.taken
+                ));
+            }
+            // Frontends copy into it from the network: its pages are faulted in once here
+            // (once per chunk per process), not one by one inside the copies.
+            pool.populate_range(offset, len);
+            self.grant = Some((offset, len, 0));
+            self.taken += 1;
+            c.publish(&s.grants_taken, self.taken);
+            // Taking a grant lets the broker issue the next one ahead.
+            crate::pool::doorbell::ring(bell);
+        }
+    }
+
+    /// Bytes the session may still place without waiting: what is left of the grant being
+    /// filled and the grants issued and not taken.
+    pub fn room<C: crate::pool::coherence::Coherence>(&self, c: C, s: &Session) -> u64 {
+        let mut room = self.grant.map_or(0, |(_, len, used)| len - used);
+        let issued = c.observe(&s.grants_issued);
+        for k in self.taken..issued.min(self.taken + SESSION_GRANT_SLOTS as u64) {
+            let e = &s.grants[grant_slot(k)];
+            c.invalidate(e);
+            room += e.bytes.load(crate::sync::Ordering::Relaxed);
+        }
+        room
+    }
+}
+
 /// Ends generation `gen` of session `s` from the publisher's side.
 pub fn close<C: crate::pool::coherence::Coherence>(c: C, s: &Session, gen: u64) {
     c.publish(&s.state, gen << 8 | STATE_CLOSED);

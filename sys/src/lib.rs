@@ -9,6 +9,7 @@
 //! - [`numa`]: bind a mapping to a NUMA node (`mbind`).
 //! - [`cpu`]: pin the calling thread to a CPU.
 //! - [`futex`]: park on, and wake, a 32-bit word of shared memory across processes.
+//! - `dpdk` (feature `dpdk`): DPDK poll-mode ports (EAL, mbuf pools, bursts) over a C shim.
 //! - `verbs` (feature `verbs`): RDMA verbs: device, CQ, MR, RC QP, posting and polling.
 
 #![deny(unsafe_op_in_unsafe_fn)]
@@ -17,6 +18,8 @@ pub mod bus;
 pub mod cacheline;
 pub mod clock;
 pub mod cpu;
+#[cfg(feature = "dpdk")]
+pub mod dpdk;
 pub mod futex;
 pub mod mapping;
 pub mod numa;

@@ -38,7 +38,9 @@ use crate::pool::doorbell;
 use crate::pool::layout::{BrokerDoorbell, Session, BATCH_HEADER_VERSION};
 use crate::pool::Pool;
 use crate::ring::{RingError, RingProducer};
-use crate::session::{self, answer, grant_slot, submission_ring, SessionError, ACCEPTED, RELEASED};
+use crate::session::{
+    self, answer, submission_ring, GrantCursor, SessionError, ACCEPTED, RELEASED,
+};
 use crate::sync::Ordering::Relaxed;
 use crate::verbs::field;
 use crate::warn_limited;
@@ -73,6 +75,50 @@ impl Default for FrontendConfig {
     }
 }
 
+/// Accept DPDK publishers (`docs/dpdk.md`; needs the `dpdk` feature): their sessions open
+/// on this frontend's TCP port and are served by a poll-mode thread over DPDK ports.
+#[derive(Clone, Debug)]
+pub struct DpdkFrontendConfig {
+    /// DPDK environment (EAL) options.
+    pub eal_args: Vec<String>,
+    /// A port on a shared Ethernet segment (device arguments, e.g.
+    /// `net_af_packet0,iface=veth0`) for publishers that come with `link=mac:`; memif
+    /// publishers each get a port of their own.
+    pub port: Option<String>,
+    /// Largest frame, Ethernet header included.
+    pub frame_bytes: u32,
+}
+
+/// A DPDK publisher's session, accepted by the broker, for the DPDK frontend to answer and
+/// serve.
+pub struct Handoff<'p> {
+    pub stream: std::net::TcpStream,
+    pub session: &'p Session,
+    pub generation: u64,
+    pub client_id: u64,
+    pub batch_limit: u64,
+    pub ack: u8,
+    /// The publisher's request line.
+    pub line: String,
+}
+
+/// A session's counters as an ack carries them (`batches_received` is the frontend's).
+pub fn counters<C: Coherence>(c: C, s: &Session, batches_received: u64) -> AckFrame {
+    let rejected = c.observe(&s.rejected_batches);
+    AckFrame {
+        batches_received,
+        acked_messages: c.observe(&s.acked_messages),
+        acked_batches: s.acked_batches.load(Relaxed),
+        rejected_batches: rejected,
+        error: if rejected > 0 {
+            s.error.load(Relaxed)
+        } else {
+            0
+        },
+        closed: 0,
+    }
+}
+
 /// Counters (the broker's `embar_broker_tcp_*` metrics).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct FrontendStats {
@@ -85,6 +131,25 @@ pub struct FrontendStats {
     /// Sessions dropped for a malformed, truncated or stalled frame or unread acks.
     pub sessions_dropped: u64,
     pub subscribers_opened: u64,
+    /// The DPDK frontend's, if one runs.
+    pub dpdk: DpdkCounters,
+}
+
+/// The DPDK frontend's counters (the broker's `embar_broker_dpdk_*` metrics).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DpdkCounters {
+    pub sessions_open: u64,
+    pub sessions_opened: u64,
+    pub sessions_dropped: u64,
+    pub frames_received: u64,
+    /// Frames that failed their checksum or were not whole.
+    pub frames_bad: u64,
+    pub frames_unknown_session: u64,
+    /// Frames not taken: duplicates, out of order, or with no room for their batch.
+    pub frames_not_taken: u64,
+    pub batches_received: u64,
+    /// Payload bytes copied from frame buffers into the pool.
+    pub bytes_copied: u64,
 }
 
 /// A subscriber connection, after its request line, for a thread of its own.
@@ -106,12 +171,8 @@ struct Pending<'p> {
     client_id: u64,
     topic: u32,
     since_ns: u64,
-}
-
-struct Grant {
-    offset: u64,
-    bytes: u64,
-    used: u64,
+    /// A DPDK publisher's request line: accepted, it goes to the DPDK frontend.
+    dpdk: Option<String>,
 }
 
 enum Rx {
@@ -141,8 +202,7 @@ struct Remote<'p, C: Coherence> {
     rx: Rx,
     /// The socket may hold bytes: no read has returned `WouldBlock` since its last event.
     readable: bool,
-    grant: Option<Grant>,
-    taken: u64,
+    grants: GrantCursor,
     received: u64,
     /// The counters last queued for the publisher.
     sent: AckFrame,
@@ -177,12 +237,17 @@ pub struct Frontend<'p, C: Coherence> {
     conns: Vec<Option<Conn<'p, C>>>,
     free_tokens: Vec<usize>,
     subscribers: Vec<SubscriberConn>,
+    /// Whether DPDK publishers are taken (a DPDK frontend runs), and those accepted.
+    dpdk: bool,
+    handoffs: Vec<Handoff<'p>>,
     stats: FrontendStats,
     warn: LogLimit,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrontendError {
+    #[error("DPDK: {0}")]
+    Dpdk(String),
     #[error("TCP listener: {0}")]
     Listen(std::io::Error),
     #[error("event loop: {0}")]
@@ -225,6 +290,8 @@ impl<'p, C: Coherence> Frontend<'p, C> {
             conns: Vec::new(),
             free_tokens: Vec::new(),
             subscribers: Vec::new(),
+            dpdk: false,
+            handoffs: Vec::new(),
             stats: FrontendStats::default(),
             warn: LogLimit::new(Duration::from_secs(10)),
         })
@@ -407,6 +474,16 @@ impl<'p, C: Coherence> Frontend<'p, C> {
             self.hand_over_subscriber(i, h.stream, line);
             return 1;
         }
+        if first == DPDK_HELLO && !self.dpdk {
+            self.stats.sessions_refused += 1;
+            let _ = writeln!(
+                h.stream,
+                "ERR broker {} takes no DPDK publishers (start it with --dpdk)",
+                self.broker
+            );
+            self.release(i, h.stream);
+            return 1;
+        }
         match self.claim(&line) {
             Ok((session, generation, client_id, topic)) => {
                 doorbell::ring(self.bell);
@@ -417,6 +494,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
                     client_id,
                     topic,
                     since_ns: now,
+                    dpdk: (first == DPDK_HELLO).then(|| line.clone()),
                 }));
             }
             Err(why) => {
@@ -446,7 +524,10 @@ impl<'p, C: Coherence> Frontend<'p, C> {
     }
 
     fn claim(&self, line: &str) -> Result<(&'p Session, u64, u64, u32), String> {
-        if line.split_ascii_whitespace().next() != Some(HELLO) {
+        if !matches!(
+            line.split_ascii_whitespace().next(),
+            Some(HELLO | DPDK_HELLO)
+        ) {
             return Err(format!(
                 "expected {HELLO} (a publisher) or {SUB_HELLO} (a subscriber)"
             ));
@@ -504,6 +585,22 @@ impl<'p, C: Coherence> Frontend<'p, C> {
                     .config
                     .batch_bytes
                     .min(self.pool.geometry().segment_bytes);
+                if let Some(line) = p.dpdk.take() {
+                    let mut stream = p.stream;
+                    let _ = self.poll.registry().deregister(&mut stream);
+                    self.conns[i] = None;
+                    self.free_tokens.push(i);
+                    self.handoffs.push(Handoff {
+                        stream: stream.into(),
+                        session: p.session,
+                        generation: p.generation,
+                        client_id: p.client_id,
+                        batch_limit,
+                        ack: info.config.ack,
+                        line,
+                    });
+                    return 1;
+                }
                 let ok = writeln!(
                     p.stream,
                     "OK broker={} batch_bytes={batch_limit} ack={}",
@@ -537,8 +634,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
                     },
                     // Bytes may have come with the request line's event.
                     readable: true,
-                    grant: None,
-                    taken: 0,
+                    grants: GrantCursor::default(),
                     received: 0,
                     sent: AckFrame::default(),
                     out: None,
@@ -642,7 +738,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
                 }
                 Rx::Placing(f) => {
                     let f = *f;
-                    match r.place(pool, c, bell, f.total_size) {
+                    match r.grants.place(pool, c, r.session, bell, f.total_size) {
                         Ok(Some(at)) => {
                             r.rx = Rx::Payload {
                                 frame: f,
@@ -750,20 +846,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
     /// Queues the session's counters when they changed and writes what it can.
     fn acks(&mut self, r: &mut Remote<'p, C>, now: u64) -> usize {
         if r.out.is_none() {
-            let s = r.session;
-            let rejected = self.c.observe(&s.rejected_batches);
-            let frame = AckFrame {
-                batches_received: r.received,
-                acked_messages: self.c.observe(&s.acked_messages),
-                acked_batches: s.acked_batches.load(Relaxed),
-                rejected_batches: rejected,
-                error: if rejected > 0 {
-                    s.error.load(Relaxed)
-                } else {
-                    0
-                },
-                closed: 0,
-            };
+            let frame = counters(self.c, r.session, r.received);
             if frame == r.sent {
                 return 0;
             }
@@ -825,55 +908,6 @@ impl<'p, C: Coherence> Frontend<'p, C> {
     }
 }
 
-impl<'p, C: Coherence> Remote<'p, C> {
-    /// Where a batch of `bytes` goes: the current grant if it has room, else the next one
-    /// the broker issued (`None` while it has not).
-    fn place(
-        &mut self,
-        pool: &Pool,
-        c: C,
-        bell: &BrokerDoorbell,
-        bytes: u64,
-    ) -> Result<Option<u64>, String> {
-        loop {
-            if let Some(g) = self.grant.as_mut() {
-                if g.used + bytes <= g.bytes {
-                    let at = g.offset + g.used;
-                    g.used += bytes;
-                    return Ok(Some(at));
-                }
-            }
-            let issued = c.observe(&self.session.grants_issued);
-            if issued <= self.taken {
-                return Ok(None);
-            }
-            let e = &self.session.grants[grant_slot(self.taken)];
-            c.invalidate(e);
-            let (offset, len) = (e.offset.load(Relaxed), e.bytes.load(Relaxed));
-            pool.data_ptr(offset, len)
-                .map_err(|e| format!("grant {} of the broker: {e}", self.taken))?;
-            if len < bytes {
-                return Err(format!(
-                    "a batch of {bytes} bytes does not fit grant {} of {len} bytes",
-                    self.taken
-                ));
-            }
-            // Batches are read into it with `read(2)`: its pages are faulted in once here
-            // (once per chunk per process), not one by one inside the kernel's copy.
-            pool.populate_range(offset, len);
-            self.grant = Some(Grant {
-                offset,
-                bytes: len,
-                used: 0,
-            });
-            self.taken += 1;
-            c.publish(&self.session.grants_taken, self.taken);
-            // Taking a grant lets the broker issue the next one ahead.
-            doorbell::ring(bell);
-        }
-    }
-}
-
 /// One subscriber thread in the count of live ones, until dropped.
 struct Live<'a>(&'a std::sync::atomic::AtomicUsize);
 
@@ -893,10 +927,19 @@ pub fn run<C: Coherence>(
     broker: u32,
     listener: std::net::TcpListener,
     cfg: FrontendConfig,
+    dpdk: Option<DpdkFrontendConfig>,
     stop: &AtomicBool,
     report: &mut dyn FnMut(FrontendStats),
 ) -> Result<(), FrontendError> {
     let mut f = Frontend::new(pool, c, broker, listener, cfg)?;
+    #[cfg(feature = "dpdk")]
+    let dpdk_stats = crate::dpdk::frontend::DpdkStats::default();
+    #[cfg(not(feature = "dpdk"))]
+    if dpdk.is_some() {
+        return Err(FrontendError::Dpdk(
+            "this build has no DPDK transport (build with --features dpdk)".into(),
+        ));
+    }
     let mut reported = std::time::Instant::now();
     let live = std::sync::atomic::AtomicUsize::new(0);
     // Short rests while a connection waits on the pool; the event loop's own wait (whole
@@ -907,9 +950,59 @@ pub fn run<C: Coherence>(
         rest: Duration::from_micros(50),
     });
     std::thread::scope(|scope| {
+        #[cfg(feature = "dpdk")]
+        let dpdk_handoff = match dpdk {
+            Some(dcfg) => {
+                let (tx, rx) = std::sync::mpsc::channel();
+                let stats = &dpdk_stats;
+                std::thread::Builder::new()
+                    .name("broker-dpdk".into())
+                    .spawn_scoped(scope, move || {
+                        let r = crate::dpdk::frontend::run(
+                            pool,
+                            c,
+                            broker,
+                            dcfg,
+                            cfg.idle_timeout,
+                            rx,
+                            stats,
+                            stop,
+                        );
+                        if let Err(e) = r {
+                            log::error!("broker {broker}: the DPDK frontend stopped: {e}");
+                        }
+                    })
+                    .map_err(|e| FrontendError::Dpdk(format!("its thread: {e}")))?;
+                Some(tx)
+            }
+            None => None,
+        };
+        #[cfg(feature = "dpdk")]
+        {
+            f.dpdk = dpdk_handoff.is_some();
+        }
         let mut timeout = Some(Duration::ZERO);
         while !stop.load(Relaxed) {
             let work = f.poll_once(timeout)?;
+            for h in std::mem::take(&mut f.handoffs) {
+                #[cfg(feature = "dpdk")]
+                let h = match &dpdk_handoff {
+                    Some(tx) => match tx.send(h) {
+                        Ok(()) => continue,
+                        Err(e) => e.0,
+                    },
+                    None => h,
+                };
+                let Handoff {
+                    mut stream,
+                    session,
+                    generation,
+                    ..
+                } = h;
+                let _ = writeln!(stream, "ERR broker {broker}: its DPDK frontend stopped");
+                session::close(c, session, generation);
+                doorbell::ring(f.bell);
+            }
             for s in f.take_subscribers() {
                 if live.load(Relaxed) >= cfg.max_subscribers {
                     let mut st = s.stream;
@@ -934,7 +1027,13 @@ pub fn run<C: Coherence>(
             }
             if reported.elapsed() >= HOUSEKEEPING {
                 reported = std::time::Instant::now();
-                report(f.stats());
+                #[allow(unused_mut)]
+                let mut stats = f.stats();
+                #[cfg(feature = "dpdk")]
+                {
+                    stats.dpdk = dpdk_stats.snapshot();
+                }
+                report(stats);
             }
             timeout = Some(Duration::ZERO);
             if let Some(rest) = idle.step(work) {

@@ -41,6 +41,8 @@ pub mod subscriber;
 pub const HELLO: &str = "EMBAR-TCP/1";
 /// First word of a subscriber's request line.
 pub const SUB_HELLO: &str = "EMBAR-TCP-SUB/1";
+/// First word of a DPDK publisher's request line (its session opens here, `crate::dpdk`).
+pub const DPDK_HELLO: &str = "EMBAR-DPDK/1";
 /// Longest handshake line.
 pub const MAX_LINE: usize = 1024;
 

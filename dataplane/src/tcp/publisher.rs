@@ -71,11 +71,20 @@ impl Sent {
     }
 }
 
+/// How a link's batches travel.
+enum Wire {
+    /// As frames on the session's TCP connection.
+    Tcp(TcpStream),
+    /// As DPDK frames; the TCP connection is the session's lifeline.
+    #[cfg(feature = "dpdk")]
+    Dpdk(Box<crate::dpdk::publisher::DpdkWire>),
+}
+
 struct Link {
     broker: u32,
     addr: SocketAddr,
     /// `None` once the connection failed.
-    stream: Option<TcpStream>,
+    stream: Option<Wire>,
     /// The latest counters the broker sent.
     acks: AckFrame,
     /// Ack frames received, the last one possibly in part: `rx[..rx_have]`.
@@ -171,6 +180,44 @@ impl TcpPublisher {
         client_id: u64,
         cfg: &TcpPublisherConfig,
     ) -> Result<TcpPublisher, PublishError> {
+        let hello = format!("{HELLO} topic={topic} client={client_id}");
+        Self::open(brokers, topic, client_id, cfg, |broker, addr| {
+            let (stream, batch_limit, ack, _) =
+                handshake(broker, addr, &hello, cfg.publisher.wait_timeout)?;
+            Ok((Wire::Tcp(stream), batch_limit, ack))
+        })
+    }
+
+    /// Like [`connect`](Self::connect), with the batches sent as DPDK frames over the links
+    /// `dpdk` describes (the sessions open on each broker's TCP port; `docs/dpdk.md`).
+    #[cfg(feature = "dpdk")]
+    pub fn connect_dpdk(
+        brokers: &[(u32, SocketAddr)],
+        topic: &str,
+        client_id: u64,
+        cfg: &TcpPublisherConfig,
+        dpdk: &crate::dpdk::publisher::DpdkLinkConfig,
+    ) -> Result<TcpPublisher, PublishError> {
+        Self::open(brokers, topic, client_id, cfg, |broker, addr| {
+            let (w, batch_limit, ack) = crate::dpdk::publisher::DpdkWire::connect(
+                broker,
+                addr,
+                topic,
+                client_id,
+                dpdk,
+                cfg.publisher.wait_timeout,
+            )?;
+            Ok((Wire::Dpdk(Box::new(w)), batch_limit, ack))
+        })
+    }
+
+    fn open(
+        brokers: &[(u32, SocketAddr)],
+        topic: &str,
+        client_id: u64,
+        cfg: &TcpPublisherConfig,
+        mut connect: impl FnMut(u32, SocketAddr) -> Result<(Wire, u64, u8), PublishError>,
+    ) -> Result<TcpPublisher, PublishError> {
         if brokers.is_empty() {
             return Err(PublishError::NoBrokers);
         }
@@ -180,12 +227,12 @@ impl TcpPublisher {
         let mut links = Vec::new();
         let mut ack = 1;
         for &(broker, addr) in brokers {
-            let (stream, batch_limit, a) = handshake(broker, addr, topic, client_id, cfg)?;
+            let (wire, batch_limit, a) = connect(broker, addr)?;
             ack = a;
             links.push(Link {
                 broker,
                 addr,
-                stream: Some(stream),
+                stream: Some(wire),
                 acks: AckFrame::default(),
                 rx: [0; ACK_READ_BYTES],
                 rx_have: 0,
@@ -314,7 +361,14 @@ impl TcpPublisher {
                 l.broker
             )));
         };
-        let written = stream.write_all(s.frame());
+        let written = match stream {
+            Wire::Tcp(stream) => stream.write_all(s.frame()),
+            #[cfg(feature = "dpdk")]
+            Wire::Dpdk(w) => {
+                w.queue(s.batch_seq, (s.bytes() as usize - BatchFrame::BYTES) as u32);
+                Ok(())
+            }
+        };
         // Kept until acknowledged, or sent again with the rest if the connection failed.
         l.inflight.push_back(s);
         match written {
@@ -437,23 +491,23 @@ fn clone_error(e: &PublishError) -> PublishError {
     }
 }
 
-fn handshake(
+/// Opens a session on broker `broker`'s TCP port with the request line `hello`: the
+/// connection, the largest batch, the topic's ACK level and the whole answer (after `OK`).
+pub(crate) fn handshake(
     broker: u32,
     addr: SocketAddr,
-    topic: &str,
-    client_id: u64,
-    cfg: &TcpPublisherConfig,
-) -> Result<(TcpStream, u64, u8), PublishError> {
+    hello: &str,
+    wait: Duration,
+) -> Result<(TcpStream, u64, u8, String), PublishError> {
     let refused =
         |reason: String| PublishError::Transport(format!("broker {broker} at {addr}: {reason}"));
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
         .map_err(|e| refused(format!("cannot connect to its TCP port: {e}")))?;
     stream
-        .set_read_timeout(Some(cfg.publisher.wait_timeout))
+        .set_read_timeout(Some(wait))
         .map_err(|e| refused(e.to_string()))?;
     let _ = stream.set_nodelay(true);
-    writeln!(stream, "{HELLO} topic={topic} client={client_id}")
-        .map_err(|e| refused(e.to_string()))?;
+    writeln!(stream, "{hello}").map_err(|e| refused(e.to_string()))?;
     // The answer is the only thing the broker sends before the publisher's first frame.
     let line = read_line(&mut stream).map_err(|e| refused(format!("no answer: {e}")))?;
     let line = match parse_answer(&line) {
@@ -475,9 +529,9 @@ fn handshake(
         return Err(refused(format!("bad answer \"OK {line}\": out of range")));
     }
     stream
-        .set_write_timeout(Some(cfg.publisher.wait_timeout))
+        .set_write_timeout(Some(wait))
         .map_err(|e| refused(e.to_string()))?;
-    Ok((stream, batch_bytes, ack as u8))
+    Ok((stream, batch_bytes, ack as u8, line.to_string()))
 }
 
 impl Link {
@@ -485,8 +539,19 @@ impl Link {
     /// the latest (they are cumulative). An error when the connection ended, or the broker
     /// ended the session.
     fn read_acks(&mut self) -> Result<(), String> {
-        let Some(stream) = self.stream.as_ref() else {
-            return Ok(());
+        let stream = match self.stream.as_mut() {
+            None => return Ok(()),
+            Some(Wire::Tcp(stream)) => stream,
+            #[cfg(feature = "dpdk")]
+            Some(Wire::Dpdk(w)) => {
+                let inflight = &self.inflight;
+                let r = w.pump(|seq| {
+                    let s = inflight.iter().find(|s| s.batch_seq == seq)?;
+                    Some((&s.frame()[BatchFrame::BYTES..], s.num_msg))
+                });
+                self.acks = w.acks();
+                return r;
+            }
         };
         loop {
             let n = match recv_now(stream, &mut self.rx[self.rx_have..], false) {
