@@ -142,6 +142,7 @@ impl<'p, C: Coherence> Driver<'p, C> {
             ),
             verbs,
             tcp: Default::default(),
+            dpdk: Default::default(),
         }
     }
 }

@@ -420,6 +420,7 @@ impl CoherenceFn<Result<(), embar_dataplane::tcp::frontend::FrontendError>> for 
                         bytes_received: f.bytes_received,
                         subscribers_opened: f.subscribers_opened,
                     };
+                    g.dpdk = f.dpdk;
                 }
             },
         )
@@ -516,9 +517,10 @@ impl CoherenceFn<Result<(), RunError>> for Go<'_> {
                     // loop touches the missing part (which the bus error handler names).
                     pool.check_backing().map_err(DriverError::from)?;
                     if let Ok(mut g) = s.stats.lock() {
-                        // The TCP frontend's counters are its thread's to write.
+                        // The TCP (and DPDK) frontend's counters are its thread's to write.
                         *g = BrokerSnapshot {
                             tcp: g.tcp,
+                            dpdk: g.dpdk,
                             ..driver.snapshot()
                         };
                     }

@@ -127,6 +127,8 @@ pub struct BrokerSnapshot {
     pub disk_failures: u64,
     pub verbs: VerbsSnapshot,
     pub tcp: TcpSnapshot,
+    /// The DPDK frontend's counters (zero without `--dpdk`).
+    pub dpdk: embar_dataplane::tcp::frontend::DpdkCounters,
 }
 
 /// The TCP frontend's counters (zero without `--tcp`).
@@ -318,6 +320,60 @@ const BROKER_METRICS: &[(&str, &str, Kind, Read)] = &[
         "Remote subscribers served over TCP",
         Kind::Counter,
         |s| s.tcp.subscribers_opened,
+    ),
+    (
+        "dpdk_sessions_open",
+        "Open DPDK publisher sessions",
+        Kind::Gauge,
+        |s| s.dpdk.sessions_open,
+    ),
+    (
+        "dpdk_sessions_opened",
+        "DPDK publisher sessions opened",
+        Kind::Counter,
+        |s| s.dpdk.sessions_opened,
+    ),
+    (
+        "dpdk_sessions_dropped",
+        "DPDK sessions dropped for a protocol violation or a stall mid-batch",
+        Kind::Counter,
+        |s| s.dpdk.sessions_dropped,
+    ),
+    (
+        "dpdk_frames_received",
+        "Frames received on DPDK ports",
+        Kind::Counter,
+        |s| s.dpdk.frames_received,
+    ),
+    (
+        "dpdk_frames_bad",
+        "DPDK frames dropped for a failed checksum or a truncated header",
+        Kind::Counter,
+        |s| s.dpdk.frames_bad,
+    ),
+    (
+        "dpdk_frames_unknown_session",
+        "DPDK frames dropped for naming no open session",
+        Kind::Counter,
+        |s| s.dpdk.frames_unknown_session,
+    ),
+    (
+        "dpdk_frames_not_taken",
+        "DPDK data frames not taken: duplicates, out of order, or no room for their batch",
+        Kind::Counter,
+        |s| s.dpdk.frames_not_taken,
+    ),
+    (
+        "dpdk_batches_received",
+        "Batches received from DPDK publishers into the pool",
+        Kind::Counter,
+        |s| s.dpdk.batches_received,
+    ),
+    (
+        "dpdk_bytes_copied",
+        "Payload bytes copied from DPDK frame buffers into the pool",
+        Kind::Counter,
+        |s| s.dpdk.bytes_copied,
     ),
 ];
 

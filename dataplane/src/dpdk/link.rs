@@ -95,19 +95,21 @@ impl Sender {
         self.queue.len()
     }
 
-    /// The next frame to put on the wire now (its sequence number), if any.
-    pub fn next(&mut self, now_ns: u64) -> Option<(u32, FrameRef)> {
+    /// The next frame to put on the wire now: its sequence number, and whether it was sent
+    /// before.
+    pub fn next(&mut self, now_ns: u64) -> Option<(u32, FrameRef, bool)> {
         let (f, sent) = self.queue.get_mut(self.cursor)?;
         let seq = self.acked.wrapping_add(self.cursor as u32);
         if !before(seq, self.window_end) {
             return None;
         }
-        if *sent != 0 {
+        let again = *sent != 0;
+        if again {
             self.resent += 1;
         }
         *sent = now_ns.max(1);
         self.cursor += 1;
-        Some((seq, *f))
+        Some((seq, *f, again))
     }
 
     /// An ack: every frame before `next_expected` arrived; `window` more may be in flight.
@@ -414,7 +416,8 @@ mod tests {
             while done.len() < batches.len() {
                 now += 1;
                 prop_assert!(now < 1_000_000, "stuck: {} of {} batches", done.len(), batches.len());
-                while let Some(f) = tx.next(now) {
+                while let Some((seq, f, _)) = tx.next(now) {
+                    let f = (seq, f);
                     match fates[k % fates.len()] {
                         Fate::Deliver => wire.push_back(f),
                         Fate::Drop => {}
@@ -528,6 +531,6 @@ mod tests {
         tx.on_tick(50);
         assert_eq!(tx.next(51), None);
         tx.on_tick(200);
-        assert_eq!(tx.next(201).map(|(s, _)| s), Some(0), "one probe");
+        assert_eq!(tx.next(201).map(|(s, _, _)| s), Some(0), "one probe");
     }
 }

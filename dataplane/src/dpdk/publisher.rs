@@ -34,9 +34,10 @@ pub struct DpdkLinkConfig {
     pub link: LinkKind,
     /// Largest frame it sends (the broker's limit applies too).
     pub frame_bytes: u32,
-    /// Test aid: drop every Nth data frame sent (0: none), as a lossy link would.
+    /// Test aid: drop every Nth data frame sent for the first time (0: none), as a lossy
+    /// link would.
     pub drop_every: u32,
-    /// Test aid: flip a byte of every Nth data frame sent (0: none).
+    /// Test aid: flip a byte of every Nth data frame sent for the first time (0: none).
     pub corrupt_every: u32,
 }
 
@@ -273,7 +274,7 @@ impl DpdkWire {
         }
         self.tx.on_tick(now);
         let mut burst = TxBurst::default();
-        while let Some((seq, f)) = self.tx.next(now) {
+        while let Some((seq, f, again)) = self.tx.next(now) {
             let Some((bytes, num_msg)) = batch(f.batch_seq) else {
                 continue;
             };
@@ -289,12 +290,17 @@ impl DpdkWire {
                 offset: f.offset,
             };
             let payload = &bytes[f.offset as usize..(f.offset + f.len) as usize];
-            self.data_frames += 1;
+            // Injected faults hit first transmissions only: a resend that met the same fault
+            // every time (a go-back resends a fixed run of frames) would never get through.
+            if !again {
+                self.data_frames += 1;
+            }
             let k = self.data_frames;
-            if self.drop_every > 0 && k % u64::from(self.drop_every) == 0 {
+            if !again && self.drop_every > 0 && k % u64::from(self.drop_every) == 0 {
                 continue;
             }
-            let corrupt = self.corrupt_every > 0 && k % u64::from(self.corrupt_every) == 0;
+            let corrupt =
+                !again && self.corrupt_every > 0 && k % u64::from(self.corrupt_every) == 0;
             if burst.is_full() {
                 burst.send(port);
             }
