@@ -4,7 +4,9 @@
 #
 #   <prefix>-srv  the pool host: `embar cluster up` (control process, 2 brokers) on 10.77.0.1,
 #                 a bridge br0 that the other two namespaces' links join
-#   <prefix>-pub  10.77.0.2: publishers over TCP (`embar publish --transport tcp`)
+#   <prefix>-pub  10.77.0.2: publishers over TCP (`embar publish --transport tcp`), or with
+#                 EMBAR_NETNS_TRANSPORT=dpdk over DPDK: Ethernet frames from an af_packet port on
+#                 eth0 to the brokers' af_packet ports on br0 (a build with --features dpdk)
 #   <prefix>-sub  10.77.0.3: a subscriber over TCP (`embar subscribe --transport tcp
 #                 --check-order`)
 #
@@ -24,13 +26,24 @@
 #
 # Env: EMBAR_BIN (default: target/release/embar, built with cargo), EMBAR_NETNS_PREFIX (names of
 # namespaces, work directory and pool; default embar), EMBAR_NETNS_NET (the /24, default
-# 10.77.0), EMBAR_NETNS_LINES (lines per publisher, default 4000).
+# 10.77.0), EMBAR_NETNS_LINES (lines per publisher, default 4000), EMBAR_NETNS_TRANSPORT
+# (the publishers' transport: tcp, the default, or dpdk).
 set -Eeuo pipefail
 cd "$(dirname "$0")/.."
 
 PREFIX=${EMBAR_NETNS_PREFIX:-embar}
 NET=${EMBAR_NETNS_NET:-10.77.0}
 LINES=${EMBAR_NETNS_LINES:-4000}
+TRANSPORT=${EMBAR_NETNS_TRANSPORT:-tcp}
+case $TRANSPORT in
+  tcp) BROKER_FLAGS=(); PUB_FLAGS=(--transport tcp); FEATURES=() ;;
+  dpdk)
+    BROKER_FLAGS=(--dpdk-port net_af_packet0,iface=br0)
+    PUB_FLAGS=(--transport dpdk --dpdk-port net_af_packet0,iface=eth0)
+    FEATURES=(--features dpdk)
+    ;;
+  *) echo "netns-test: FAIL: EMBAR_NETNS_TRANSPORT=$TRANSPORT (tcp or dpdk)"; exit 1 ;;
+esac
 SRV=$PREFIX-srv
 PUB=$PREFIX-pub
 SUB=$PREFIX-sub
@@ -114,7 +127,7 @@ on_exit() {
   cleanup
   if [ "$passed" = 1 ]; then
     rm -rf "$WORK"
-    echo "netns-test: PASS: $TOTAL messages from ${#PUBLISHERS[@]} publishers in $PUB, over TCP through $SRV's brokers, to a subscriber in $SUB, in order"
+    echo "netns-test: PASS: $TOTAL messages from ${#PUBLISHERS[@]} publishers in $PUB, over $TRANSPORT through $SRV's brokers, to a subscriber in $SUB, in order"
   else
     echo "netns-test: FAIL: ${why:-exit status $rc} (logs: $WORK)"
     [ "$rc" != 0 ] || rc=1
@@ -131,7 +144,7 @@ else
   [[ $target_dir = /* ]] || target_dir=$PWD/$target_dir
   EMBAR=$target_dir/release/embar
   if command -v cargo >/dev/null; then
-    cargo build --release -q -p embar
+    cargo build --release -q -p embar "${FEATURES[@]}"
   fi
   [ -x "$EMBAR" ] || { echo "netns-test: FAIL: no $EMBAR (cargo build --release -p embar)"; exit 1; }
 fi
@@ -163,7 +176,8 @@ done
 
 say "cluster in $SRV"
 ip netns exec "$SRV" "$EMBAR" cluster up --dir "$WORK" --listen "$NET.1:0" --brokers 2 \
-  --path "$POOL" --pool-bytes 256MiB --segment-bytes 4MiB >"$WORK/out/up.out" 2>"$WORK/out/up.err" \
+  --path "$POOL" --pool-bytes 256MiB --segment-bytes 4MiB "${BROKER_FLAGS[@]}" \
+  >"$WORK/out/up.out" 2>"$WORK/out/up.err" \
   || fail "cluster up failed: $(tail -n 3 "$WORK/out/up.err")"
 [ -f "$WORK/cluster.json" ] || fail "cluster up wrote no $WORK/cluster.json"
 CONTROL=$(sed -n 's/.*"control": *"\([^"]*\)".*/\1/p' "$WORK/cluster.json")
@@ -202,7 +216,7 @@ sub_pid=$!
 pub_pids=()
 for p in "${PUBLISHERS[@]}"; do
   awk -v p="$p" -v n="$LINES" -v f="$FILLER" 'BEGIN { for (i = 0; i < n; i++) printf "%s %06d %s\n", p, i, f }' \
-    | remote "$PUB" "$EMBAR" publish --transport tcp --topic "$TOPIC" --control "$CONTROL" \
+    | remote "$PUB" "$EMBAR" publish "${PUB_FLAGS[@]}" --topic "$TOPIC" --control "$CONTROL" \
       >"$WORK/out/pub-$p.out" 2>"$WORK/out/pub-$p.err" &
   pub_pids+=($!)
 done

@@ -133,6 +133,7 @@ impl BrokerArgs {
                     eal_args: crate::dpdk_eal_args(self.dpdk_eal.as_deref()),
                     port: self.dpdk_port.clone(),
                     frame_bytes: self.dpdk_frame_bytes,
+                    idle_timeout: Duration::from_millis(self.tcp_idle_timeout_ms.max(1)),
                 }
             }),
             control_grace: Duration::from_millis(self.control_grace_ms),

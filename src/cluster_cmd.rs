@@ -49,6 +49,9 @@ pub struct UpArgs {
     /// Brokers also accept DPDK publishers over memif links (see `embar broker --dpdk`).
     #[arg(long)]
     pub dpdk: bool,
+    /// Passed to every broker (see `embar broker --dpdk-port`; implies `--dpdk`).
+    #[arg(long)]
+    pub dpdk_port: Option<String>,
     /// Passed to every broker (see `embar broker --dpdk-frame-bytes`).
     #[arg(long)]
     pub dpdk_frame_bytes: Option<u32>,
@@ -278,6 +281,9 @@ pub fn up(a: &UpArgs) -> Result<ClusterFile, String> {
         }
         if a.dpdk {
             args.push("--dpdk".into());
+        }
+        if let Some(p) = &a.dpdk_port {
+            args.extend(["--dpdk-port".into(), p.clone()]);
         }
         if let Some(n) = a.dpdk_frame_bytes {
             args.extend(["--dpdk-frame-bytes".into(), n.to_string()]);

@@ -140,13 +140,14 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
         c: C,
         broker: u32,
         cfg: DpdkFrontendConfig,
-        idle_timeout: Duration,
         stats: &'s DpdkStats,
     ) -> Result<Self, String> {
         let bell = pool.broker_doorbell(broker).map_err(|e| e.to_string())?;
         dpdk::init(&cfg.eal_args).map_err(|e| e.to_string())?;
         dpdk::register_thread().map_err(|e| e.to_string())?;
-        let mbufs = MbufPool::new(8191, cfg.frame_bytes).map_err(|e| e.to_string())?;
+        // Room for a whole frame in one buffer, and at least the 2 KiB that af_packet and
+        // memif ports receive into by default.
+        let mbufs = MbufPool::new(8191, cfg.frame_bytes.max(2048)).map_err(|e| e.to_string())?;
         let mut links = Vec::new();
         if let Some(devargs) = &cfg.port {
             let port = Port::attach(devargs, mbufs, 1024, 1024).map_err(|e| e.to_string())?;
@@ -166,8 +167,8 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
             c,
             broker,
             bell,
+            idle_timeout: cfg.idle_timeout,
             cfg,
-            idle_timeout,
             mbufs,
             links,
             sessions: Vec::new(),
@@ -684,12 +685,11 @@ pub fn run<'p, C: Coherence>(
     c: C,
     broker: u32,
     cfg: DpdkFrontendConfig,
-    idle_timeout: Duration,
     handoffs: mpsc::Receiver<Handoff<'p>>,
     stats: &DpdkStats,
     stop: &AtomicBool,
 ) -> Result<(), String> {
-    let mut f = DpdkFrontend::new(pool, c, broker, cfg, idle_timeout, stats)?;
+    let mut f = DpdkFrontend::new(pool, c, broker, cfg, stats)?;
     // Poll mode while sessions are open; an idle loop rests (on a host of two CPUs a
     // spinning loop would take a core from the publishers), sleeping on the handoff
     // channel when no session is open at all.

@@ -3,15 +3,19 @@
 //! uses it in place of a socket for its batches; batching, the window of unacknowledged
 //! batches and failover to another broker are the TCP publisher's.
 //!
-//! Each wire has a DPDK port of its own: a memif server that the broker's poll loop attaches
-//! to (`link=memif:`), or a port on a shared Ethernet segment (`link=mac:`). Batches are cut
+//! A memif wire has a port of its own, a memif server that the broker's poll loop attaches
+//! to (`link=memif:`). Wires on a shared Ethernet segment (`link=mac:`) share one port per
+//! process and device: two af_packet sockets of one process on one interface would join one
+//! packet fan-out group and split the acks between them, and a NIC port is one per host
+//! anyway; acks read by one wire for another wait in the port's mailbox. Batches are cut
 //! into frames of the size the broker announced and sent as the window ([`super::link`])
 //! allows; acks bring the frame window and the session's counters.
 
+use std::collections::HashMap;
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use embar_sys::clock::monotonic_ns;
@@ -67,13 +71,53 @@ impl DpdkLinkConfig {
 }
 
 static MBUFS: OnceLock<Result<MbufPool, String>> = OnceLock::new();
+/// Ports on shared segments, by device arguments.
+static SHARED: Mutex<Vec<(String, Arc<SharedPort>)>> = Mutex::new(Vec::new());
+
+/// Acks for a session: (next expected frame, window, counters).
+type Mail = Vec<(u32, u32, AckFrame)>;
+
+/// A port several wires of this process use; the lock is held for each receive or send.
+struct SharedPort {
+    port: Port,
+    mail: Mutex<HashMap<u32, Mail>>,
+}
+
+enum WirePort {
+    Own(Port),
+    Shared(Arc<SharedPort>),
+}
+
+impl WirePort {
+    fn port(&self) -> &Port {
+        match self {
+            WirePort::Own(p) => p,
+            WirePort::Shared(s) => &s.port,
+        }
+    }
+}
+
+/// The shared port for `devargs`, attached on first use.
+fn shared_port(devargs: &str, mbufs: MbufPool) -> Result<Arc<SharedPort>, dpdk::DpdkError> {
+    let mut all = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = all.iter().find(|(d, _)| d == devargs) {
+        return Ok(p.clone());
+    }
+    let port = Port::attach(devargs, mbufs, 1024, 1024)?;
+    let p = Arc::new(SharedPort {
+        port,
+        mail: Mutex::new(HashMap::new()),
+    });
+    all.push((devargs.to_string(), p.clone()));
+    Ok(p)
+}
 static WIRES: AtomicU32 = AtomicU32::new(0);
 
 /// One session's DPDK link to a broker.
 pub struct DpdkWire {
     /// The TCP connection the session opened on: closing it ends the session.
     stream: TcpStream,
-    port: Option<Port>,
+    port: Option<WirePort>,
     mbufs: MbufPool,
     mac: [u8; 6],
     broker_mac: [u8; 6],
@@ -111,7 +155,7 @@ impl DpdkWire {
             .map_err(failed)?;
         let n = WIRES.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
-        let (devargs, link) = match &cfg.link {
+        let (port, devargs, link) = match &cfg.link {
             LinkKind::Memif { dir } => {
                 let socket = dir.join(format!("embar-{pid}-{n}.memif"));
                 let _ = std::fs::remove_file(&socket);
@@ -121,18 +165,18 @@ impl DpdkWire {
                         "a memif socket path without commas or spaces: {s:?}"
                     )));
                 }
-                (
-                    format!("net_memif_p{n},role=server,socket={s},socket-abstract=no,id=0"),
-                    format!("memif:{s}"),
-                )
+                let devargs =
+                    format!("net_memif_p{n},role=server,socket={s},socket-abstract=no,id=0");
+                let port =
+                    Port::attach(&devargs, mbufs, 1024, 1024).map_err(|e| failed(e.to_string()))?;
+                (WirePort::Own(port), devargs, format!("memif:{s}"))
             }
             LinkKind::Port { devargs } => {
-                let (name, rest) = devargs.split_once(',').unwrap_or((devargs, ""));
-                (format!("{name}_p{n},{rest}"), String::new())
+                let p = shared_port(devargs, mbufs).map_err(|e| failed(e.to_string()))?;
+                (WirePort::Shared(p), devargs.clone(), String::new())
             }
         };
-        let port = Port::attach(&devargs, mbufs, 1024, 1024).map_err(|e| failed(e.to_string()))?;
-        let mac = port.mac().map_err(|e| failed(e.to_string()))?;
+        let mac = port.port().mac().map_err(|e| failed(e.to_string()))?;
         let link = if link.is_empty() {
             format!("mac:{}", format_mac(mac))
         } else {
@@ -143,7 +187,9 @@ impl DpdkWire {
             match crate::tcp::publisher::handshake(broker, addr, &hello, wait) {
                 Ok(x) => x,
                 Err(e) => {
-                    let _ = port.detach();
+                    if let WirePort::Own(p) = port {
+                        let _ = p.detach();
+                    }
                     return Err(e);
                 }
             };
@@ -166,9 +212,11 @@ impl DpdkWire {
             return Err(bad("frame_bytes"));
         }
         let began = Instant::now();
-        while !port.link_up() {
+        while !port.port().link_up() {
             if began.elapsed() > wait {
-                let _ = port.detach();
+                if let WirePort::Own(p) = port {
+                    let _ = p.detach();
+                }
                 return Err(failed(format!("the DPDK link ({devargs}) did not come up")));
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -229,10 +277,19 @@ impl DpdkWire {
         &mut self,
         batch: impl Fn(u64) -> Option<(&'a [u8], u32)>,
     ) -> Result<(), String> {
-        let Some(port) = self.port.as_ref() else {
+        let Some(wp) = self.port.as_ref() else {
             return Err("the DPDK link is down".into());
         };
+        let port = wp.port();
+        let mut mail = match wp {
+            WirePort::Own(_) => None,
+            WirePort::Shared(s) => Some(s.mail.lock().unwrap_or_else(|e| e.into_inner())),
+        };
         let now = monotonic_ns();
+        let mut acks: Mail = mail
+            .as_mut()
+            .and_then(|m| m.remove(&self.key))
+            .unwrap_or_default();
         loop {
             let n = port.rx(&mut self.rx);
             for i in 0..n {
@@ -241,14 +298,30 @@ impl DpdkWire {
                 let Ok((h, payload)) = Header::read(f) else {
                     continue;
                 };
-                if h.kind != KIND_ACK || h.session != self.key || payload.len() < AckFrame::BYTES {
+                if h.kind != KIND_ACK || payload.len() < AckFrame::BYTES {
                     continue;
                 }
-                let _ = self.tx.on_ack(h.seq, h.window.min(MAX_WINDOW), now).count();
                 let Some(a) = AckFrame::decode(payload[..AckFrame::BYTES].try_into().expect("64"))
                 else {
                     continue;
                 };
+                if h.session == self.key {
+                    acks.push((h.seq, h.window, a));
+                } else if let Some(m) = mail.as_mut() {
+                    // Another wire's (at most a window's worth kept per session).
+                    let q = m.entry(h.session).or_default();
+                    if q.len() < MAX_WINDOW as usize {
+                        q.push((h.seq, h.window, a));
+                    }
+                }
+            }
+            if n < dpdk::BURST {
+                break;
+            }
+        }
+        for (seq, window, a) in acks {
+            {
+                let _ = self.tx.on_ack(seq, window.min(MAX_WINDOW), now).count();
                 // Acks may come reordered or twice: counters only move forward.
                 let cur = &mut self.acks;
                 cur.batches_received = cur.batches_received.max(a.batches_received);
@@ -261,9 +334,6 @@ impl DpdkWire {
                 if a.closed != 0 {
                     cur.closed = a.closed;
                 }
-            }
-            if n < dpdk::BURST {
-                break;
             }
         }
         if self.acks.closed != 0 {
@@ -322,6 +392,7 @@ impl DpdkWire {
             }
         }
         burst.send(port);
+        drop(mail);
         if now.saturating_sub(self.last_check_ns) < LIFELINE_CHECK_NS {
             return Ok(());
         }
@@ -344,8 +415,17 @@ impl DpdkWire {
 impl Drop for DpdkWire {
     fn drop(&mut self) {
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
-        if let Some(p) = self.port.take() {
-            let _ = p.detach();
+        match self.port.take() {
+            Some(WirePort::Own(p)) => {
+                let _ = p.detach();
+            }
+            Some(WirePort::Shared(p)) => {
+                p.mail
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&self.key);
+            }
+            None => {}
         }
     }
 }

@@ -87,6 +87,9 @@ pub struct DpdkFrontendConfig {
     pub port: Option<String>,
     /// Largest frame, Ethernet header included.
     pub frame_bytes: u32,
+    /// A session half-way through a batch that receives nothing this long is dropped (the
+    /// TCP frontend's idle timeout).
+    pub idle_timeout: Duration,
 }
 
 /// A DPDK publisher's session, accepted by the broker, for the DPDK frontend to answer and
@@ -921,6 +924,9 @@ impl Drop for Live<'_> {
 /// its own (at most `cfg.max_subscribers`), served by [`super::subscriber::serve`].
 ///
 /// `report` gets the counters every [`HOUSEKEEPING`] (for the broker's metrics).
+// The inputs of the frontend's thread, each of another kind (a struct of them would be
+// built at its one call).
+#[allow(clippy::too_many_arguments)]
 pub fn run<C: Coherence>(
     pool: &Pool,
     c: C,
@@ -952,22 +958,14 @@ pub fn run<C: Coherence>(
     std::thread::scope(|scope| {
         #[cfg(feature = "dpdk")]
         let dpdk_handoff = match dpdk {
-            Some(dcfg) => {
+            Some(mut dcfg) => {
+                dcfg.idle_timeout = cfg.idle_timeout;
                 let (tx, rx) = std::sync::mpsc::channel();
                 let stats = &dpdk_stats;
                 std::thread::Builder::new()
                     .name("broker-dpdk".into())
                     .spawn_scoped(scope, move || {
-                        let r = crate::dpdk::frontend::run(
-                            pool,
-                            c,
-                            broker,
-                            dcfg,
-                            cfg.idle_timeout,
-                            rx,
-                            stats,
-                            stop,
-                        );
+                        let r = crate::dpdk::frontend::run(pool, c, broker, dcfg, rx, stats, stop);
                         if let Err(e) = r {
                             log::error!("broker {broker}: the DPDK frontend stopped: {e}");
                         }
