@@ -141,6 +141,10 @@ pub fn bench(a: &BenchArgs) -> CliResult<bool> {
         }
     } else if t.transport == "tcp" {
         pipeline::Transport::Tcp
+    } else if t.transport == "dpdk" {
+        pipeline::Transport::Dpdk {
+            frame_bytes: t.dpdk_frame_bytes.unwrap_or(1514),
+        }
     } else {
         pipeline::Transport::Shm
     };

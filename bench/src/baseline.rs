@@ -108,3 +108,90 @@ pub fn tcp_loopback_gbps(bytes: u64) -> std::io::Result<f64> {
     }
     Ok(best)
 }
+
+/// The raw capacity of a `net_memif` link on this host, GB/s of frame bytes: two ports of
+/// this process joined by one memif socket, one thread filling `frame_bytes` frames from a
+/// buffer and sending them in bursts, another receiving and freeing them, until `bytes` have
+/// arrived (the best of three). The same link the DPDK transport's publishers and brokers use,
+/// without the system: what the transport's figures are set against.
+#[cfg(feature = "dpdk")]
+pub fn memif_link_gbps(frame_bytes: u32, bytes: u64) -> Result<f64, String> {
+    use embar_sys::dpdk::{self, Port, RxBurst, TxBurst};
+    use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+    static LINKS: AtomicU32 = AtomicU32::new(0);
+    let e = |e: dpdk::DpdkError| e.to_string();
+    dpdk::init(&dpdk::vdev_eal_args(256)).map_err(e)?;
+    // The publishers' pool: a pool is never freed, so one per measurement would run the
+    // process out of DPDK memory.
+    let pool = embar_dataplane::dpdk::publisher::mbufs()?;
+    let frame_bytes = frame_bytes.min(embar_dataplane::dpdk::publisher::MAX_FRAME_BYTES);
+    let src = vec![0x5au8; frame_bytes as usize];
+    let mut best = 0.0f64;
+    for _ in 0..3 {
+        let n = LINKS.fetch_add(1, Ordering::Relaxed);
+        let sock = std::env::temp_dir().join(format!(
+            "embar-raw-{}-{n}.memif",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_file(&sock);
+        let args = |name: &str, role: &str| {
+            dpdk::memif_devargs(
+                &format!("{name}{n}"),
+                role,
+                &sock.display().to_string(),
+                frame_bytes,
+            )
+        };
+        let tx_port =
+            Port::attach(&args("net_memif_rawtx", "server"), pool, 1024, 1024).map_err(e)?;
+        let rx_port =
+            Port::attach(&args("net_memif_rawrx", "client"), pool, 1024, 1024).map_err(e)?;
+        let up = Instant::now();
+        while !(tx_port.link_up() && rx_port.link_up()) {
+            if up.elapsed() > std::time::Duration::from_secs(5) {
+                return Err("the memif link did not come up".into());
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let done = AtomicBool::new(false);
+        let limit = std::time::Duration::from_secs(20);
+        let (got, secs) = std::thread::scope(|s| {
+            let rx = s.spawn(|| {
+                let _ = dpdk::register_thread();
+                let mut burst = RxBurst::default();
+                let mut got = 0u64;
+                let mut first: Option<Instant> = None;
+                let began = Instant::now();
+                while got < bytes && began.elapsed() < limit {
+                    let k = rx_port.rx(&mut burst);
+                    for i in 0..k {
+                        got += burst.frame(i).map_or_else(u64::from, |f| f.len() as u64);
+                    }
+                    if k > 0 {
+                        first.get_or_insert_with(Instant::now);
+                    }
+                }
+                done.store(true, Ordering::Relaxed);
+                (got, first.map_or(0.0, |t| t.elapsed().as_secs_f64()))
+            });
+            let _ = dpdk::register_thread();
+            let mut burst = TxBurst::default();
+            while !done.load(Ordering::Relaxed) {
+                while !burst.is_full() {
+                    match burst.push(pool, src.len(), |b| b.copy_from_slice(&src)) {
+                        Ok(true) => {}
+                        _ => break,
+                    }
+                }
+                burst.send(&tx_port);
+            }
+            rx.join().unwrap_or((0, 0.0))
+        });
+        rx_port.detach().map_err(e)?;
+        tx_port.detach().map_err(e)?;
+        if secs > 0.0 {
+            best = best.max(got as f64 / secs / 1e9);
+        }
+    }
+    Ok(best)
+}

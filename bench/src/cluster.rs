@@ -26,6 +26,8 @@ pub struct LocalCluster {
     pub max_brokers: u32,
     /// Brokers also accept verbs publishers on this IP, with this device and GID index.
     pub verbs: Option<(IpAddr, Option<String>, u8)>,
+    /// Brokers also accept DPDK publishers (memif links) with frames of this size.
+    pub dpdk: Option<u32>,
 }
 
 /// A cluster [`LocalCluster::start`] started: stopped when dropped.
@@ -56,6 +58,9 @@ impl LocalCluster {
             if let Some(d) = device {
                 up.args(["--rdma-device", d]);
             }
+        }
+        if let Some(frame_bytes) = self.dpdk {
+            up.args(["--dpdk", "--dpdk-frame-bytes", &frame_bytes.to_string()]);
         }
         let out = up.output().map_err(|source| BenchError::Spawn {
             what: format!("{} cluster up", self.embar.display()),

@@ -81,6 +81,9 @@ pub enum Transport {
     /// Batches over TCP to the brokers; subscribers read the total order from a broker over
     /// TCP too (remote subscribers).
     Tcp,
+    /// Batches as Ethernet frames over memif links to the brokers' DPDK poll loops (a build
+    /// with the `dpdk` feature); subscribers on the pool host.
+    Dpdk { frame_bytes: u32 },
 }
 
 impl Transport {
@@ -89,8 +92,20 @@ impl Transport {
             Transport::Shm => "shm",
             Transport::Verbs { .. } => "verbs",
             Transport::Tcp => "tcp",
+            Transport::Dpdk { .. } => "dpdk",
         }
     }
+}
+
+/// A transport's ceiling on this host, measured beside its runs: what one loopback TCP stream,
+/// or a raw memif link, carries.
+#[derive(Clone, Copy, Debug)]
+pub struct Ceiling {
+    /// Key stem in the JSON (`{key}_gbps`, `ratio_to_{key}`).
+    pub key: &'static str,
+    /// What it is, in the text report.
+    pub what: &'static str,
+    pub gbps: f64,
 }
 
 /// Payloads: a random template whose first 8 bytes are replaced by the message's identity
@@ -253,8 +268,8 @@ impl Progress {
 /// run (the configured ORDER first).
 pub(crate) struct Repetition {
     pub memcpy_gbps: f64,
-    /// The loopback TCP ceiling (one socket pair), measured for the TCP transport.
-    pub tcp_gbps: Option<f64>,
+    /// The transport's ceiling (TCP, DPDK), measured beside the runs.
+    pub ceiling: Option<Ceiling>,
     pub stalls: Stalls,
     pub runs: Vec<Run>,
 }
@@ -266,6 +281,11 @@ pub fn run(a: &Config) -> BenchResult<bool> {
     }
     if a.runs == 0 || a.runs > RUNS_MAX {
         return Err(BenchError::Usage(format!("--runs must be 1 to {RUNS_MAX}")));
+    }
+    if matches!(a.transport, Transport::Dpdk { .. }) && !cfg!(feature = "dpdk") {
+        return Err(BenchError::Usage(
+            "the DPDK transport needs a build with `--features dpdk`".into(),
+        ));
     }
     if matches!(a.transport, Transport::Verbs { .. }) && !cfg!(feature = "verbs") {
         return Err(BenchError::Usage(
@@ -280,7 +300,7 @@ pub fn run(a: &Config) -> BenchResult<bool> {
         Some(_) => None,
         None => {
             let verbs = match &a.transport {
-                Transport::Shm | Transport::Tcp => None,
+                Transport::Shm | Transport::Tcp | Transport::Dpdk { .. } => None,
                 Transport::Verbs { device, gid_index, ip } => Some((
                     ip.ok_or_else(|| BenchError::Usage("--transport verbs: give --verbs-ip (the RDMA netdev's address) or set RDMA_IP".into()))?,
                     device.clone(),
@@ -295,6 +315,10 @@ pub fn run(a: &Config) -> BenchResult<bool> {
                 segment_bytes: a.segment_bytes,
                 max_brokers: a.brokers.max(2),
                 verbs,
+                dpdk: match a.transport {
+                    Transport::Dpdk { frame_bytes } => Some(frame_bytes),
+                    _ => None,
+                },
             };
             Some(local.start()?)
         }
@@ -319,18 +343,30 @@ pub fn run(a: &Config) -> BenchResult<bool> {
     for rep in 0..a.runs {
         // The baselines of each repetition, measured beside its runs (the cluster idle).
         let memcpy_gbps = crate::baseline::memcpy_gbps();
-        let tcp_gbps = match a.transport {
-            Transport::Tcp => Some(
-                crate::baseline::tcp_loopback_gbps(a.total_bytes.clamp(256 << 20, 2 << 30))
+        let ceiling = match a.transport {
+            Transport::Tcp => Some(Ceiling {
+                key: "tcp_loopback",
+                what: "one loopback TCP stream",
+                gbps: crate::baseline::tcp_loopback_gbps(a.total_bytes.clamp(256 << 20, 2 << 30))
                     .map_err(|e| BenchError::Run(format!("the loopback TCP baseline: {e}")))?,
-            ),
+            }),
+            #[cfg(feature = "dpdk")]
+            Transport::Dpdk { frame_bytes } => Some(Ceiling {
+                key: "memif_link",
+                what: "the raw memif link",
+                gbps: crate::baseline::memif_link_gbps(
+                    frame_bytes,
+                    a.total_bytes.clamp(256 << 20, 2 << 30),
+                )
+                .map_err(|e| BenchError::Run(format!("the memif link baseline: {e}")))?,
+            }),
             _ => None,
         };
         let stalls = crate::baseline::host_stalls(Duration::from_secs(1));
         let runs = repetition(a, &pool, control, &brokers, rep)?;
         reps.push(Repetition {
             memcpy_gbps,
-            tcp_gbps,
+            ceiling,
             stalls,
             runs,
         });
@@ -664,6 +700,9 @@ fn one_run<C: Coherence>(c: C, r: OneRun<'_>) -> BenchResult<Run> {
                                 .and_then(|mut publ| load.drive(&mut publ))
                         }
                         Transport::Tcp => drive_tcp(&load, control, topic, cfg),
+                        Transport::Dpdk { frame_bytes } => {
+                            drive_dpdk(&load, control, topic, cfg, frame_bytes)
+                        }
                         Transport::Verbs { .. } => drive_verbs(&load, control, topic, cfg),
                     };
                     if r.is_err() {
@@ -953,6 +992,39 @@ fn drive_tcp(
     };
     let mut publ = TcpPublisher::connect(&brokers, topic, new_client_id(), &tc)?;
     load.drive(&mut publ)
+}
+
+/// Drives one publisher over the DPDK transport (memif links; a build with the feature).
+fn drive_dpdk(
+    load: &Load<'_>,
+    control: SocketAddr,
+    topic: &str,
+    cfg: PublisherConfig,
+    frame_bytes: u32,
+) -> BenchResult<Driven> {
+    #[cfg(feature = "dpdk")]
+    {
+        use embar_dataplane::dpdk::publisher::DpdkLinkConfig;
+        use embar_dataplane::tcp::publisher::{TcpPublisher, TcpPublisherConfig};
+        let brokers = crate::cluster::cluster_view(control)?.tcp_brokers()?;
+        let tc = TcpPublisherConfig {
+            publisher: cfg,
+            ..Default::default()
+        };
+        let link = DpdkLinkConfig {
+            frame_bytes,
+            ..DpdkLinkConfig::memif()
+        };
+        let mut publ = TcpPublisher::connect_dpdk(&brokers, topic, new_client_id(), &tc, &link)?;
+        load.drive(&mut publ)
+    }
+    #[cfg(not(feature = "dpdk"))]
+    {
+        let _ = (load, control, topic, cfg, frame_bytes);
+        Err(BenchError::Usage(
+            "the DPDK transport needs a build with `--features dpdk`".into(),
+        ))
+    }
 }
 
 /// One publisher's share over the verbs transport (a build with the feature).

@@ -45,10 +45,11 @@ fn repetition_json(rep: &Repetition) -> Value {
     let mut out = run_json(main);
     out["memcpy_gbps"] = json!(rep.memcpy_gbps);
     out["ratio_to_memcpy"] = json!(main.gbps() / rep.memcpy_gbps);
-    if let Some(t) = rep.tcp_gbps {
-        out["tcp_loopback_gbps"] = json!(t);
-        out["ratio_to_tcp_loopback"] = json!(main.gbps() / t);
-        out["delivered_ratio_to_tcp_loopback"] =
+    if let Some(c) = rep.ceiling {
+        let (k, t) = (c.key, c.gbps);
+        out[format!("{k}_gbps")] = json!(t);
+        out[format!("ratio_to_{k}")] = json!(main.gbps() / t);
+        out[format!("delivered_ratio_to_{k}")] =
             json!(main.bytes as f64 / main.deliver_elapsed_s / 1e9 / t);
     }
     out["host_stalls"] = json!(rep.stalls);
@@ -235,9 +236,11 @@ fn print_human(a: &Config, brokers: usize, reps: &[Repetition], out: &Value) {
                         "  ({:.2} x memcpy {:.2} GB/s{})",
                         r.gbps() / rep.memcpy_gbps,
                         rep.memcpy_gbps,
-                        rep.tcp_gbps.map_or(String::new(), |t| format!(
-                            "; {:.2} x one loopback TCP stream {t:.2} GB/s",
-                            r.gbps() / t
+                        rep.ceiling.map_or(String::new(), |c| format!(
+                            "; {:.2} x {} {:.2} GB/s",
+                            r.gbps() / c.gbps,
+                            c.what,
+                            c.gbps
                         ))
                     )
                 } else {
@@ -321,6 +324,12 @@ fn print_summary(a: &Config, n: usize, s: &Value) {
             "tcp_loopback_gbps".into(),
             "GB/s",
         ),
+        (
+            format!("ORDER {} / raw memif link", a.order),
+            "ratio_to_memif_link".into(),
+            "",
+        ),
+        ("raw memif link".into(), "memif_link_gbps".into(), "GB/s"),
     ];
     for (what, key) in [
         ("publish-to-ack", "latency_us"),

@@ -268,10 +268,17 @@ impl GrantCursor {
         }
     }
 
-    /// Bytes the session may still place without waiting: what is left of the grant being
-    /// filled and the grants issued and not taken.
-    pub fn room<C: crate::pool::coherence::Coherence>(&self, c: C, s: &Session) -> u64 {
-        let mut room = self.grant.map_or(0, |(_, len, used)| len - used);
+    /// Bytes of batches of up to `batch_limit` bytes the session may still place without
+    /// waiting: the grants issued and not taken, and what is left of the grant being filled
+    /// when any such batch fits it (a batch does not span grants).
+    pub fn room<C: crate::pool::coherence::Coherence>(
+        &self,
+        c: C,
+        s: &Session,
+        batch_limit: u64,
+    ) -> u64 {
+        let left = self.grant.map_or(0, |(_, len, used)| len - used);
+        let mut room = if left >= batch_limit { left } else { 0 };
         let issued = c.observe(&s.grants_issued);
         for k in self.taken..issued.min(self.taken + SESSION_GRANT_SLOTS as u64) {
             let e = &s.grants[grant_slot(k)];

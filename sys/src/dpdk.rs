@@ -444,6 +444,16 @@ impl Drop for TxBurst {
     }
 }
 
+/// Device arguments of a `net_memif` port named `name` (unique in the process) with `role`
+/// `server` or `client` on the file socket `socket` (no commas or spaces), whose ring buffers
+/// hold frames of `frame_bytes` (at least 2 KiB) in one piece.
+pub fn memif_devargs(name: &str, role: &str, socket: &str, frame_bytes: u32) -> String {
+    format!(
+        "{name},role={role},socket={socket},socket-abstract=no,id=0,bsize={}",
+        frame_bytes.max(2048)
+    )
+}
+
 /// EAL options for virtual devices on any Linux host: no hugepages, no PCI scan, no shared
 /// runtime configuration (several DPDK processes on one host share nothing), `mem_mb` of
 /// memory, one lcore, quiet logs.

@@ -210,9 +210,11 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
                 return refuse(&mut stream, format!("bad memif socket {socket:?}"));
             }
             self.next_port += 1;
-            let devargs = format!(
-                "net_memif_b{}s{},role=client,socket={socket},socket-abstract=no,id=0",
-                self.broker, self.next_port
+            let devargs = dpdk::memif_devargs(
+                &format!("net_memif_b{}s{}", self.broker, self.next_port),
+                "client",
+                socket,
+                self.cfg.frame_bytes,
             );
             match Port::attach(&devargs, self.mbufs, 1024, 1024).and_then(|p| {
                 let mac = p.mac()?;
@@ -411,6 +413,9 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
                             start_logical_offset: 0,
                             version_flags: u64::from(BATCH_HEADER_VERSION),
                         });
+                        // Handed on now, so that the next batch's first frame, often in
+                        // this same burst, finds the way clear.
+                        hand_on(s, self.bell, self.stats);
                     }
                 }
                 Verdict::Stale | Verdict::Ahead | Verdict::NoRoom => {
@@ -460,21 +465,7 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
             s.answered = true;
             return 1;
         }
-        let mut work = 0;
-        if let Some(desc) = s.ready {
-            match s.submit.try_publish(&desc) {
-                Ok(_) => {
-                    s.ready = None;
-                    s.submit_received += 1;
-                    s.ack_due = true;
-                    self.stats.batches_received.fetch_add(1, Relaxed);
-                    doorbell::ring(bell);
-                    work += 1;
-                }
-                Err(RingError::Full { .. }) => {}
-                Err(e) => s.closing = Some((ERROR_TRANSPORT, format!("submission ring: {e}"))),
-            }
-        }
+        let mut work = usize::from(hand_on(s, bell, self.stats));
         if now.saturating_sub(s.last_check_ns) > HOUSEKEEPING_NS {
             s.last_check_ns = now;
             let mut b = [0u8; 1];
@@ -557,8 +548,9 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
     /// for (the broker's credits), at most [`MAX_WINDOW`].
     fn window(&self, i: usize) -> u32 {
         let s = &self.sessions[i];
-        let room = s.grants.room(self.c, s.session);
-        let frames = room / u64::from(s.payload_per_frame.max(1));
+        let room =
+            s.grants.room(self.c, s.session, s.batch_limit) + u64::from(s.rx.batch_left());
+        let frames = room.div_ceil(u64::from(s.payload_per_frame.max(1)));
         // A batch's first frame is taken only with room for the whole batch; a window of at
         // least one frame lets the publisher learn when room comes back.
         (frames as u32).clamp(1, MAX_WINDOW)
@@ -633,6 +625,29 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
 
     pub fn has_sessions(&self) -> bool {
         !self.sessions.is_empty()
+    }
+}
+
+/// Publishes a session's completed batch into its submission ring, if one waits and the ring
+/// has room; whether it did.
+fn hand_on<C: Coherence>(s: &mut Sess<'_, C>, bell: &BrokerDoorbell, stats: &DpdkStats) -> bool {
+    let Some(desc) = s.ready else {
+        return false;
+    };
+    match s.submit.try_publish(&desc) {
+        Ok(_) => {
+            s.ready = None;
+            s.submit_received += 1;
+            s.ack_due = true;
+            stats.batches_received.fetch_add(1, Relaxed);
+            doorbell::ring(bell);
+            true
+        }
+        Err(RingError::Full { .. }) => false,
+        Err(e) => {
+            s.closing = Some((ERROR_TRANSPORT, format!("submission ring: {e}")));
+            false
+        }
     }
 }
 

@@ -252,6 +252,11 @@ impl Receiver {
         self.batch.is_some()
     }
 
+    /// Bytes of the batch being received that have not arrived (0 between batches).
+    pub fn batch_left(&self) -> u32 {
+        self.batch.map_or(0, |b| b.bytes - b.have)
+    }
+
     pub fn on_data(&mut self, f: &DataFrame, payload: &[u8], land: &mut impl Landing) -> Verdict {
         if f.seq != self.expected {
             return if before(f.seq, self.expected) {

@@ -71,6 +71,14 @@ impl DpdkLinkConfig {
 }
 
 static MBUFS: OnceLock<Result<MbufPool, String>> = OnceLock::new();
+
+/// The process's pool of frame buffers for publishers (and the bench's link baseline):
+/// 8191 buffers of [`MAX_FRAME_BYTES`], made on first use (DPDK started).
+pub fn mbufs() -> Result<MbufPool, String> {
+    MBUFS
+        .get_or_init(|| MbufPool::new(8191, MAX_FRAME_BYTES).map_err(|e| e.to_string()))
+        .clone()
+}
 /// Ports on shared segments, by device arguments.
 static SHARED: Mutex<Vec<(String, Arc<SharedPort>)>> = Mutex::new(Vec::new());
 
@@ -103,7 +111,7 @@ fn shared_port(devargs: &str, mbufs: MbufPool) -> Result<Arc<SharedPort>, dpdk::
     if let Some((_, p)) = all.iter().find(|(d, _)| d == devargs) {
         return Ok(p.clone());
     }
-    let port = Port::attach(devargs, mbufs, 1024, 1024)?;
+    let port = Port::attach(devargs, mbufs, 256, 1024)?;
     let p = Arc::new(SharedPort {
         port,
         mail: Mutex::new(HashMap::new()),
@@ -149,10 +157,7 @@ impl DpdkWire {
     ) -> Result<(DpdkWire, u64, u8), PublishError> {
         let failed = |why: String| PublishError::Transport(format!("broker {broker}: {why}"));
         dpdk::init(&cfg.eal_args).map_err(|e| failed(e.to_string()))?;
-        let mbufs = MBUFS
-            .get_or_init(|| MbufPool::new(4095, MAX_FRAME_BYTES).map_err(|e| e.to_string()))
-            .clone()
-            .map_err(failed)?;
+        let mbufs = mbufs().map_err(failed)?;
         let n = WIRES.fetch_add(1, Ordering::Relaxed);
         let pid = std::process::id();
         let (port, devargs, link) = match &cfg.link {
@@ -166,7 +171,7 @@ impl DpdkWire {
                     )));
                 }
                 let devargs =
-                    format!("net_memif_p{n},role=server,socket={s},socket-abstract=no,id=0");
+                    dpdk::memif_devargs(&format!("net_memif_p{n}"), "server", &s, cfg.frame_bytes);
                 let port =
                     Port::attach(&devargs, mbufs, 1024, 1024).map_err(|e| failed(e.to_string()))?;
                 (WirePort::Own(port), devargs, format!("memif:{s}"))
