@@ -122,7 +122,8 @@ int embar_dpdk_link_up(uint16_t port) {
     return link.link_status == RTE_ETH_LINK_UP;
 }
 
-/* Stops, closes and removes the port's device. */
+/* Stops the port and removes its device (the driver's remove closes and frees the port:
+ * closing it first would leave rte_dev_remove a freed device). */
 int embar_dpdk_detach(uint16_t port) {
     struct rte_eth_dev_info info;
     int rc = rte_eth_dev_info_get(port, &info);
@@ -131,8 +132,10 @@ int embar_dpdk_detach(uint16_t port) {
     }
     struct rte_device *dev = info.device;
     rte_eth_dev_stop(port);
-    rte_eth_dev_close(port);
-    return dev ? rte_dev_remove(dev) : 0;
+    if (dev == NULL) {
+        return rte_eth_dev_close(port);
+    }
+    return rte_dev_remove(dev);
 }
 
 /* Receives up to `n` frames. Each received frame's mbuf goes to `mbufs[i]`; a frame in one

@@ -109,6 +109,8 @@ struct Sess<'p, C: Coherence> {
     /// The link is not up yet: answered once it is.
     answered: bool,
     since_ns: u64,
+    /// The publisher said it is done (its link may be removed at once).
+    bye: bool,
     /// For the answer: the topic's ACK level and the largest batch.
     ack: u8,
     batch_limit: u64,
@@ -126,6 +128,8 @@ pub struct DpdkFrontend<'p, 's, C: Coherence> {
     mbufs: MbufPool,
     links: Vec<Option<Link>>,
     sessions: Vec<Sess<'p, C>>,
+    /// Memif ports of ended sessions, removed once safe (see `end`).
+    retiring: Vec<(Port, u64)>,
     by_key: HashMap<u32, usize>,
     next_key: u32,
     next_port: u32,
@@ -172,6 +176,7 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
             mbufs,
             links,
             sessions: Vec::new(),
+            retiring: Vec::new(),
             by_key: HashMap::new(),
             // Keys differ from one broker run to the next, so frames of an earlier run's
             // session are not taken for a new one's.
@@ -297,6 +302,7 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
             last_check_ns: now,
             answered: false,
             since_ns: now,
+            bye: false,
             ack,
             batch_limit,
             closing: None,
@@ -307,6 +313,18 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
     pub fn poll_once(&mut self) -> usize {
         let now = monotonic_ns();
         let mut work = 0;
+        let mut k = 0;
+        while k < self.retiring.len() {
+            let (port, deadline) = &self.retiring[k];
+            if *deadline <= now || !port.link_up() {
+                let (port, _) = self.retiring.swap_remove(k);
+                if let Err(e) = port.detach() {
+                    log::warn!("broker {}: detaching a memif port: {e}", self.broker);
+                }
+            } else {
+                k += 1;
+            }
+        }
         for l in 0..self.links.len() {
             work += self.receive(l, now);
         }
@@ -468,7 +486,7 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
         let mut work = usize::from(hand_on(s, bell, self.stats));
         if now.saturating_sub(s.last_check_ns) > HOUSEKEEPING_NS {
             s.last_check_ns = now;
-            let mut b = [0u8; 1];
+            let mut b = [0u8; 8];
             match s.stream.read(&mut b) {
                 Ok(0) => {
                     s.closing = Some((
@@ -477,6 +495,10 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
                     ))
                 }
                 Err(e) if e.kind() == ErrorKind::WouldBlock => {}
+                Ok(n) if b[..n].starts_with(BYE.as_bytes()) => {
+                    s.bye = true;
+                    s.closing = Some((ERROR_TRANSPORT, "the publisher closed its session".into()))
+                }
                 Ok(_) => {
                     self.stats.sessions_dropped.fetch_add(1, Relaxed);
                     s.closing = Some((
@@ -548,8 +570,7 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
     /// for (the broker's credits), at most [`MAX_WINDOW`].
     fn window(&self, i: usize) -> u32 {
         let s = &self.sessions[i];
-        let room =
-            s.grants.room(self.c, s.session, s.batch_limit) + u64::from(s.rx.batch_left());
+        let room = s.grants.room(self.c, s.session, s.batch_limit) + u64::from(s.rx.batch_left());
         let frames = room.div_ceil(u64::from(s.payload_per_frame.max(1)));
         // A batch's first frame is taken only with room for the whole batch; a window of at
         // least one frame lets the publisher learn when room comes back.
@@ -594,9 +615,16 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
         doorbell::ring(self.bell);
         if self.links[s.link].as_ref().is_some_and(|l| l.dedicated) {
             if let Some(l) = self.links[s.link].take() {
-                if let Err(e) = l.port.detach() {
-                    log::warn!("broker {}: detaching a memif port: {e}", self.broker);
-                }
+                // A memif port is removed only when its peer is not removing its own at the
+                // same moment (DPDK 22.11's memif can then crash in its interrupt thread): at
+                // once after the publisher's goodbye (it waits for this side), else once the
+                // link is down (the peer is gone) or a second has passed.
+                let deadline = if s.bye {
+                    0
+                } else {
+                    monotonic_ns() + 1_000_000_000
+                };
+                self.retiring.push((l.port, deadline));
             }
         }
         if code == ERROR_TRANSPORT && !why.contains("closed its connection") {

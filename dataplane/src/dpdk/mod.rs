@@ -30,6 +30,8 @@ use crate::tcp::AckFrame;
 
 /// First word of a publisher's request line.
 pub use crate::tcp::DPDK_HELLO as HELLO;
+/// What a publisher writes on its session's TCP connection when it is done with the session.
+pub const BYE: &str = "BYE\n";
 /// IEEE 802 "local experimental" ethertype.
 pub const ETHERTYPE: u16 = 0x88B5;
 /// `"EBD1"`.

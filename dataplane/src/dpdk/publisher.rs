@@ -419,9 +419,17 @@ impl DpdkWire {
 
 impl Drop for DpdkWire {
     fn drop(&mut self) {
+        // Goodbye, then the broker removes its side of a memif link first, and this side
+        // waits for that before removing its own (both at once can crash DPDK 22.11's memif).
+        let _ = self.stream.set_nonblocking(false);
+        let _ = std::io::Write::write_all(&mut &self.stream, BYE.as_bytes());
         let _ = self.stream.shutdown(std::net::Shutdown::Both);
         match self.port.take() {
             Some(WirePort::Own(p)) => {
+                let began = Instant::now();
+                while p.link_up() && began.elapsed() < Duration::from_secs(1) {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
                 let _ = p.detach();
             }
             Some(WirePort::Shared(p)) => {
