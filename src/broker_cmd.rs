@@ -150,17 +150,10 @@ impl BrokerArgs {
 }
 
 pub fn run(a: &BrokerArgs) -> CliResult<()> {
-    if (a.dpdk || a.dpdk_port.is_some()) && !cfg!(feature = "dpdk") {
-        return Err(CliError::usage(crate::NO_DPDK));
-    }
-    if (a.dpdk || a.dpdk_port.is_some()) && a.tcp.0.is_none() {
-        return Err(CliError::usage(
-            "--dpdk needs the TCP port (DPDK sessions open on it): drop --tcp none",
-        ));
-    }
     let stop = embar_sys::signal::stop_on_term();
     let node = BrokerNode::start(a.config()).map_err(|e| match e {
         StartError::NoVerbs => CliError::usage(crate::NO_VERBS),
+        StartError::NoDpdk => CliError::usage(crate::NO_DPDK),
         StartError::Control(c) => CliError::from(c),
         StartError::Pool(p) => CliError::from(p),
         e => CliError::from(e.to_string()),

@@ -62,6 +62,18 @@ mod dpdk {
     }
 
     #[test]
+    fn a_broker_with_a_bad_dpdk_port_does_not_start_and_says_why() {
+        let _serial = serial();
+        let c = Cluster::up("dpdk-badport", &["--pool-bytes", "64MiB", "--brokers", "1"]);
+        let (ok, _, err) = c.embar(&["broker", "--dpdk-port", "net_nosuchdriver0,x=1"]);
+        assert!(!ok, "started with a bad port");
+        assert!(
+            err.contains("--dpdk") && err.contains("net_nosuchdriver0"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn dpdk_publishers_are_ordered_with_shm_publishers() {
         let _serial = serial();
         let c = Cluster::up("dpdk-order", &["--dpdk", "--pool-bytes", "128MiB"]);
@@ -79,7 +91,8 @@ mod dpdk {
             let out = p.wait_with_output().unwrap();
             assert!(
                 out.status.success(),
-                "{}",
+                "{}: {}",
+                out.status,
                 String::from_utf8_lossy(&out.stderr)
             );
         }

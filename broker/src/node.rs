@@ -130,6 +130,10 @@ pub enum StartError {
     Verbs(#[from] embar_sys::verbs::VerbsError),
     #[error("this build has no verbs transport (the `verbs` feature)")]
     NoVerbs,
+    #[error("this build has no DPDK transport (the `dpdk` feature)")]
+    NoDpdk,
+    #[error("--dpdk: {0}")]
+    Dpdk(String),
     #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
 }
@@ -186,6 +190,20 @@ impl BrokerNode {
             source,
         })?;
         let verbs = open_verbs(cfg.verbs.as_ref())?;
+        if let Some(d) = &cfg.dpdk {
+            if cfg.tcp.is_none() {
+                return Err(StartError::Dpdk(
+                    "DPDK sessions open on the TCP port, which is off (--tcp none)".into(),
+                ));
+            }
+            #[cfg(feature = "dpdk")]
+            embar_dataplane::dpdk::frontend::prepare(d).map_err(StartError::Dpdk)?;
+            #[cfg(not(feature = "dpdk"))]
+            {
+                let _ = d;
+                return Err(StartError::NoDpdk);
+            }
+        }
         let tcp = match cfg.tcp {
             Some(addr) if addr.ip().is_unspecified() => return Err(StartError::TcpWildcard(addr)),
             Some(addr) => Some(listen(addr)?),

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::io::{ErrorKind, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64};
-use std::sync::mpsc;
+use std::sync::{mpsc, Mutex};
 use std::time::Duration;
 
 use embar_sys::clock::monotonic_ns;
@@ -41,6 +41,9 @@ use crate::warn_limited;
 /// release, idle), and how often an ack is repeated while frames are unacknowledged.
 const HOUSEKEEPING_NS: u64 = 100_000_000;
 const ACK_REPEAT_NS: u64 = 1_000_000;
+/// memif publishers served at once (each has a port; DPDK builds have 32 ports, Debian's
+/// included, and the shared port and the ports being removed take some).
+const MEMIF_SESSIONS_MAX: usize = 28;
 /// Longest wait for a memif publisher's link to come up.
 const LINK_TIMEOUT_NS: u64 = 5_000_000_000;
 
@@ -147,14 +150,11 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
         stats: &'s DpdkStats,
     ) -> Result<Self, String> {
         let bell = pool.broker_doorbell(broker).map_err(|e| e.to_string())?;
-        dpdk::init(&cfg.eal_args).map_err(|e| e.to_string())?;
+        let (mbufs, shared) = prepared(&cfg)?;
         dpdk::register_thread().map_err(|e| e.to_string())?;
-        // Room for a whole frame in one buffer, and at least the 2 KiB that af_packet and
-        // memif ports receive into by default.
-        let mbufs = MbufPool::new(8191, cfg.frame_bytes.max(2048)).map_err(|e| e.to_string())?;
         let mut links = Vec::new();
-        if let Some(devargs) = &cfg.port {
-            let port = Port::attach(devargs, mbufs, 1024, 1024).map_err(|e| e.to_string())?;
+        if let Some(port) = shared {
+            let devargs = port.devargs().to_string();
             let mac = port.mac().map_err(|e| e.to_string())?;
             log::info!(
                 "broker {broker}: DPDK port {devargs} up as {}",
@@ -213,6 +213,18 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
         let (link, peer) = if let Some(socket) = link.strip_prefix("memif:") {
             if socket.contains(',') || socket.is_empty() {
                 return refuse(&mut stream, format!("bad memif socket {socket:?}"));
+            }
+            let memif = self.links.iter().flatten().filter(|l| l.dedicated).count();
+            if memif + self.retiring.len() >= MEMIF_SESSIONS_MAX {
+                return refuse(
+                    &mut stream,
+                    format!(
+                        "broker {} serves {MEMIF_SESSIONS_MAX} memif publishers, the most DPDK's \
+                         port table allows (RTE_MAX_ETHPORTS 32 in Debian's build); try \
+                         another broker, or a shared segment (--dpdk-port)",
+                        self.broker
+                    ),
+                );
             }
             self.next_port += 1;
             let devargs = dpdk::memif_devargs(
@@ -720,6 +732,36 @@ impl<C: Coherence> Landing for PoolLanding<'_, '_, C> {
         unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) };
         Ok(())
     }
+}
+
+/// What [`prepare`] made: the frame buffers, and the shared port if one is configured.
+static PREPARED: Mutex<Option<(MbufPool, Option<Port>)>> = Mutex::new(None);
+
+/// Starts DPDK's environment, makes the broker's frame buffers and attaches its shared port,
+/// so that a bad option fails the broker's start with its reason (the frontend takes them
+/// over when it starts).
+pub fn prepare(cfg: &DpdkFrontendConfig) -> Result<(), String> {
+    let mut p = PREPARED.lock().unwrap_or_else(|e| e.into_inner());
+    if p.is_some() {
+        return Ok(());
+    }
+    dpdk::init(&cfg.eal_args).map_err(|e| e.to_string())?;
+    // Room for a whole frame in one buffer, and at least the 2 KiB that af_packet and memif
+    // ports receive into by default.
+    let mbufs = MbufPool::new(8191, cfg.frame_bytes.max(2048)).map_err(|e| e.to_string())?;
+    let port = match &cfg.port {
+        Some(devargs) => Some(Port::attach(devargs, mbufs, 1024, 1024).map_err(|e| e.to_string())?),
+        None => None,
+    };
+    *p = Some((mbufs, port));
+    Ok(())
+}
+
+fn prepared(cfg: &DpdkFrontendConfig) -> Result<(MbufPool, Option<Port>), String> {
+    prepare(cfg)?;
+    let mut p = PREPARED.lock().unwrap_or_else(|e| e.into_inner());
+    let (mbufs, port) = p.as_mut().expect("prepared just now");
+    Ok((*mbufs, port.take()))
 }
 
 /// Runs the DPDK frontend until `stop`, taking sessions from `handoffs`.
