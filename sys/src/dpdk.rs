@@ -446,10 +446,10 @@ impl Drop for TxBurst {
 
 /// Device arguments of a `net_memif` port named `name` (unique in the process) with `role`
 /// `server` or `client` on the file socket `socket` (no commas or spaces), whose ring buffers
-/// hold frames of `frame_bytes` (at least 2 KiB) in one piece.
+/// hold frames of `frame_bytes` (at least 2 KiB) in one piece, 2048 of them per ring.
 pub fn memif_devargs(name: &str, role: &str, socket: &str, frame_bytes: u32) -> String {
     format!(
-        "{name},role={role},socket={socket},socket-abstract=no,id=0,bsize={}",
+        "{name},role={role},socket={socket},socket-abstract=no,id=0,bsize={},rsize=11",
         frame_bytes.max(2048)
     )
 }

@@ -448,7 +448,13 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
                         hand_on(s, self.bell, self.stats);
                     }
                 }
-                Verdict::Stale | Verdict::Ahead | Verdict::NoRoom => {
+                Verdict::Stale => {
+                    // A resend of what arrived (its ack was late): the regular acks say so.
+                    // An ack for each would read as duplicate acks, the sign of a loss, and
+                    // start another resend.
+                    self.stats.frames_not_taken.fetch_add(1, Relaxed);
+                }
+                Verdict::Ahead | Verdict::NoRoom => {
                     self.stats.frames_not_taken.fetch_add(1, Relaxed);
                     s.ack_due = true;
                 }

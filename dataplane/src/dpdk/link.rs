@@ -51,8 +51,9 @@ impl Default for Timing {
 pub struct Sender {
     /// Every frame before this one is acknowledged.
     acked: u32,
-    /// Frames `acked..` not acknowledged yet, with when each was last sent (0: never).
-    queue: VecDeque<(FrameRef, u64)>,
+    /// Frames `acked..` not acknowledged yet, with when each was last sent (0: never) and
+    /// whether it was sent more than once.
+    queue: VecDeque<(FrameRef, u64, bool)>,
     /// Index in `queue` of the next frame to send.
     cursor: usize,
     /// Frames before this one may be in flight.
@@ -61,6 +62,10 @@ pub struct Sender {
     /// A go-back is under way: duplicate acks do not start another until the ack moves.
     recovering: bool,
     rto_ns: u64,
+    /// Smoothed round trip and its variation (RFC 6298), from frames sent once (Karn):
+    /// the timeout follows the link and the peer's scheduling instead of a fixed guess.
+    srtt_ns: u64,
+    rttvar_ns: u64,
     timing: Timing,
     last_ack_ns: u64,
     /// Frames sent again (a measure of loss).
@@ -79,6 +84,8 @@ impl Sender {
             dup_acks: 0,
             recovering: false,
             rto_ns: timing.rto_min_ns,
+            srtt_ns: 0,
+            rttvar_ns: 0,
             timing,
             last_ack_ns: 0,
             resent: 0,
@@ -87,7 +94,7 @@ impl Sender {
 
     /// Queues a frame; it is sent when the window allows.
     pub fn push(&mut self, f: FrameRef) {
-        self.queue.push_back((f, 0));
+        self.queue.push_back((f, 0, false));
     }
 
     /// Frames queued and not acknowledged.
@@ -98,7 +105,7 @@ impl Sender {
     /// The next frame to put on the wire now: its sequence number, and whether it was sent
     /// before.
     pub fn next(&mut self, now_ns: u64) -> Option<(u32, FrameRef, bool)> {
-        let (f, sent) = self.queue.get_mut(self.cursor)?;
+        let (f, sent, resent) = self.queue.get_mut(self.cursor)?;
         let seq = self.acked.wrapping_add(self.cursor as u32);
         if !before(seq, self.window_end) {
             return None;
@@ -106,6 +113,7 @@ impl Sender {
         let again = *sent != 0;
         if again {
             self.resent += 1;
+            *resent = true;
         }
         *sent = now_ns.max(1);
         self.cursor += 1;
@@ -123,11 +131,16 @@ impl Sender {
         let mut done = 0;
         if before(self.acked, next_expected) {
             done = (next_expected.wrapping_sub(self.acked) as usize).min(self.queue.len());
+            if let Some(&(_, sent, false)) = done.checked_sub(1).and_then(|k| self.queue.get(k)) {
+                if sent != 0 {
+                    self.sample_rtt(now_ns.saturating_sub(sent));
+                }
+            }
             self.acked = self.acked.wrapping_add(done as u32);
             self.cursor = self.cursor.saturating_sub(done);
             self.dup_acks = 0;
             self.recovering = false;
-            self.rto_ns = self.timing.rto_min_ns;
+            self.rto_ns = self.base_rto();
             self.last_ack_ns = now_ns;
         } else if next_expected == self.acked && self.cursor > 0 && !self.recovering {
             self.dup_acks += 1;
@@ -142,13 +155,13 @@ impl Sender {
         if window > 0 {
             self.last_ack_ns = self.last_ack_ns.max(now_ns);
         }
-        self.queue.drain(..done).map(|(f, _)| f)
+        self.queue.drain(..done).map(|(f, _, _)| f)
     }
 
     /// Time passes: resends from the oldest unacknowledged frame when it has waited a
     /// retransmission timeout, and probes a closed window.
     pub fn on_tick(&mut self, now_ns: u64) {
-        let Some(&(_, first_sent)) = self.queue.front() else {
+        let Some(&(_, first_sent, _)) = self.queue.front() else {
             return;
         };
         if self.cursor > 0 && now_ns.saturating_sub(first_sent) > self.rto_ns {
@@ -163,6 +176,36 @@ impl Sender {
             self.window_end = self.acked.wrapping_add(1);
             self.last_ack_ns = now_ns;
             self.rto_ns = (self.rto_ns * 2).min(self.timing.rto_max_ns);
+        }
+    }
+
+    fn sample_rtt(&mut self, r: u64) {
+        if self.srtt_ns == 0 {
+            self.srtt_ns = r;
+            self.rttvar_ns = r / 2;
+        } else {
+            let d = self.srtt_ns.abs_diff(r);
+            self.rttvar_ns = (3 * self.rttvar_ns + d) / 4;
+            self.srtt_ns = (7 * self.srtt_ns + r) / 8;
+        }
+    }
+
+    /// The retransmission timeout before any backoff.
+    fn base_rto(&self) -> u64 {
+        (self.srtt_ns + 4 * self.rttvar_ns).clamp(self.timing.rto_min_ns, self.timing.rto_max_ns)
+    }
+
+    /// The retransmission timeout now.
+    pub fn rto_ns(&self) -> u64 {
+        self.rto_ns
+    }
+
+    /// Takes back the frames handed out by [`next`](Self::next) from `seq` on (the port did
+    /// not take them: a full transmit ring is no loss), to be handed out again next.
+    pub fn rewind_to(&mut self, seq: u32) {
+        let at = seq.wrapping_sub(self.acked) as usize;
+        if at < self.cursor {
+            self.cursor = at;
         }
     }
 

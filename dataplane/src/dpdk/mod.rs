@@ -42,8 +42,9 @@ pub const KIND_ACK: u8 = 2;
 pub const ETH_BYTES: usize = 14;
 /// Frame bytes when no option says otherwise: a standard 1500-byte MTU.
 pub const DEFAULT_FRAME_BYTES: u32 = 1514;
-/// Frames a publisher may have unacknowledged on a session (the window's upper bound).
-pub const MAX_WINDOW: u32 = 512;
+/// Frames a publisher may have unacknowledged on a session (the window's upper bound): half
+/// of a memif ring ([`embar_sys::dpdk::memif_devargs`]), so that two sessions' windows fit.
+pub const MAX_WINDOW: u32 = 1024;
 
 /// The fixed part of a frame after the Ethernet header.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]

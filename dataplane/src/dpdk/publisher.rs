@@ -349,6 +349,18 @@ impl DpdkWire {
         }
         self.tx.on_tick(now);
         let mut burst = TxBurst::default();
+        // Sequence numbers of the frames in `burst`.
+        let mut seqs = [0u32; dpdk::BURST];
+        // Sends the burst; what the port did not take goes again next time (a full transmit
+        // ring is back-pressure, not loss). Whether it took everything.
+        let flush = |burst: &mut TxBurst, seqs: &[u32], tx: &mut Sender| {
+            let n = burst.len();
+            let took = burst.send(port);
+            if took < n {
+                tx.rewind_to(seqs[took]);
+            }
+            took == n
+        };
         while let Some((seq, f, again)) = self.tx.next(now) {
             let Some((bytes, num_msg)) = batch(f.batch_seq) else {
                 continue;
@@ -376,9 +388,11 @@ impl DpdkWire {
             }
             let corrupt =
                 !again && self.corrupt_every > 0 && k % u64::from(self.corrupt_every) == 0;
-            if burst.is_full() {
-                burst.send(port);
+            if burst.is_full() && !flush(&mut burst, &seqs, &mut self.tx) {
+                self.tx.rewind_to(seq);
+                break;
             }
+            seqs[burst.len()] = seq;
             let (dst, src) = (self.broker_mac, self.mac);
             let pushed = burst
                 .push(self.mbufs, ETH_BYTES + Header::BYTES + payload.len(), |b| {
@@ -392,11 +406,12 @@ impl DpdkWire {
                 })
                 .map_err(|e| e.to_string())?;
             if !pushed {
-                // No buffer free: the frame counts as lost and goes again on a timeout.
+                // No buffer free: it goes again next time.
+                self.tx.rewind_to(seq);
                 break;
             }
         }
-        burst.send(port);
+        flush(&mut burst, &seqs, &mut self.tx);
         drop(mail);
         if now.saturating_sub(self.last_check_ns) < LIFELINE_CHECK_NS {
             return Ok(());

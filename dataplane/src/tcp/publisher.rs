@@ -371,6 +371,13 @@ impl TcpPublisher {
         };
         // Kept until acknowledged, or sent again with the rest if the connection failed.
         l.inflight.push_back(s);
+        #[cfg(feature = "dpdk")]
+        if matches!(l.stream, Some(Wire::Dpdk(_))) {
+            // Its first frames go now, not at the next poll.
+            if let Err(why) = l.read_acks() {
+                return self.fail_over(i, &why);
+            }
+        }
         match written {
             Ok(()) => Ok(()),
             Err(e) => {
