@@ -429,7 +429,10 @@ mod tests {
         ] {
             check_message(&mut c, &m).unwrap();
         }
-        assert_eq!(passed(&c, 0), "order check passed: 3 messages, 2 publishers");
+        assert_eq!(
+            passed(&c, 0),
+            "order check passed: 3 messages, 2 publishers"
+        );
     }
 
     #[test]

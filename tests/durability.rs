@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::Duration;
 
-use embar_test_support::{exe, lines, serial, signal, wait_until, Cluster};
+use embar_test_support::{
+    exe, lines, number_after, numbered_line, serial, signal, wait_until, Cluster,
+};
 use serde_json::Value;
 
 const BROKERS: u32 = 3;
@@ -460,7 +462,9 @@ impl PoolProgress {
         let st = self.pool.sequencer_state(self.slot);
         st.subscribers
             .iter()
-            .filter(|e| e.state.load(std::sync::atomic::Ordering::Acquire) & 0xff == SUBSCRIBER_ACTIVE)
+            .filter(|e| {
+                e.state.load(std::sync::atomic::Ordering::Acquire) & 0xff == SUBSCRIBER_ACTIVE
+            })
             .count()
     }
 
@@ -470,8 +474,7 @@ impl PoolProgress {
         let st = self.pool.sequencer_state(self.slot);
         let delivered = st.delivered.load(std::sync::atomic::Ordering::Acquire);
         let t = self.pool.tinode(self.slot);
-        (0..brokers)
-            .all(|b| embar_dataplane::replication::progress_of(Coherent, t, b) >= delivered)
+        (0..brokers).all(|b| embar_dataplane::replication::progress_of(Coherent, t, b) >= delivered)
     }
 
     /// The highest delivery index below which a broker has reclaimed log space.
@@ -479,25 +482,19 @@ impl PoolProgress {
         let t = self.pool.tinode(self.slot);
         t.brokers
             .iter()
-            .map(|b| b.broker.reclaimed_below.load(std::sync::atomic::Ordering::Acquire))
+            .map(|b| {
+                b.broker
+                    .reclaimed_below
+                    .load(std::sync::atomic::Ordering::Acquire)
+            })
             .max()
             .unwrap_or(0)
     }
 }
 
-/// Message `i` of the disk-read tests: its number, then filler bytes derived from it, so a
-/// byte of another message or of nothing is caught.
+/// Message `i` of the disk-read tests (every byte checked when read back).
 fn numbered(i: usize) -> String {
-    let mut x = (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let filler: String = (0..900)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            char::from(b'a' + (x % 26) as u8)
-        })
-        .collect();
-    format!("{i:08} {filler}")
+    numbered_line(i as u64, 900)
 }
 
 /// A two-broker cluster whose brokers keep only 2 MiB of each topic in the pool.
@@ -525,14 +522,19 @@ fn publish_chunks(c: &Cluster, topic: &str, chunks: usize, replicated: bool) -> 
     const PER_CHUNK: usize = 1500;
     let progress = PoolProgress::of(c, topic);
     if replicated {
-        wait_until("both replicators hold a cursor", Duration::from_secs(20), || {
-            progress.cursors() >= 2
-        });
+        wait_until(
+            "both replicators hold a cursor",
+            Duration::from_secs(20),
+            || progress.cursors() >= 2,
+        );
     }
     let mut all = Vec::new();
     for k in 0..chunks {
         let lines: Vec<String> = (k * PER_CHUNK..(k + 1) * PER_CHUNK).map(numbered).collect();
-        let out = c.run(&["publish", "--topic", topic], Some(lines.join("\n") + "\n"));
+        let out = c.run(
+            &["publish", "--topic", topic],
+            Some(lines.join("\n") + "\n"),
+        );
         assert!(
             out.status.success(),
             "{}",
@@ -546,22 +548,12 @@ fn publish_chunks(c: &Cluster, topic: &str, chunks: usize, replicated: bool) -> 
         }
     }
     // Settled: a broker reclaims the last grants after the publisher's session closes.
-    wait_until("retention reclaimed old batches", Duration::from_secs(20), || {
-        progress.reclaimed_below() > 0
-    });
+    wait_until(
+        "retention reclaimed old batches",
+        Duration::from_secs(20),
+        || progress.reclaimed_below() > 0,
+    );
     all
-}
-
-/// The number in `text` right after `key`.
-fn number_after(text: &str, key: &str) -> u64 {
-    let at = text.find(key).unwrap_or_else(|| panic!("{key:?} in {text}")) + key.len();
-    text[at..]
-        .trim_start()
-        .split(|ch: char| !ch.is_ascii_digit())
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap_or_else(|_| panic!("a number after {key:?} in {text}"))
 }
 
 #[test]
@@ -612,7 +604,10 @@ fn a_subscriber_from_the_oldest_reads_what_retention_reclaimed_from_the_disks_th
         "20",
     ]);
     assert!(ok, "{err}");
-    assert!(out.lines().eq(published.iter().map(String::as_str)), "{err}");
+    assert!(
+        out.lines().eq(published.iter().map(String::as_str)),
+        "{err}"
+    );
     // A start in the middle of what only the disks hold, inside a batch.
     let (ok, out, err) = c.embar(&[
         "subscribe",
@@ -625,7 +620,13 @@ fn a_subscriber_from_the_oldest_reads_what_retention_reclaimed_from_the_disks_th
     ]);
     assert!(ok, "{err}");
     let got: Vec<&str> = out.lines().collect();
-    assert_eq!(got, published[1001..6001].iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(
+        got,
+        published[1001..6001]
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+    );
 }
 
 #[test]
@@ -656,8 +657,9 @@ fn a_damaged_disk_record_is_an_error_naming_its_position_never_data_and_without_
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(65), "{err}");
     assert!(
-        err.contains(&format!("cannot deliver total order {bad} from the disk logs"))
-            && err.contains("does not verify: CRC32C mismatch")
+        err.contains(&format!(
+            "cannot deliver total order {bad} from the disk logs"
+        )) && err.contains("does not verify: CRC32C mismatch")
             && err.contains(&seg),
         "{err}"
     );
@@ -666,7 +668,10 @@ fn a_damaged_disk_record_is_an_error_naming_its_position_never_data_and_without_
     let got: Vec<&str> = text.lines().collect();
     assert_eq!(
         got,
-        published[..bad as usize].iter().map(String::as_str).collect::<Vec<_>>()
+        published[..bad as usize]
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
     );
 
     // Without replication, what retention reclaimed is gone: the error says where the
@@ -680,7 +685,13 @@ fn a_damaged_disk_record_is_an_error_naming_its_position_never_data_and_without_
     assert!(oldest > 0 && oldest < 9000, "{err}");
     let from = oldest.to_string();
     let (ok, out, err) = c.embar(&[
-        "subscribe", "--topic", "plain", "--from", &from, "--count", "1",
+        "subscribe",
+        "--topic",
+        "plain",
+        "--from",
+        &from,
+        "--count",
+        "1",
     ]);
     assert!(ok, "{err}");
     assert_eq!(out.lines().next(), Some(numbered(oldest as usize).as_str()));

@@ -234,7 +234,10 @@ pub fn encode_message(out: &mut Vec<u8>, header: &MessageHeader, payload: &[u8])
         offset_of!(MessageHeader, size),
         &(payload.len() as u32).to_ne_bytes(),
     );
-    put(offset_of!(MessageHeader, flags), &header.flags.to_ne_bytes());
+    put(
+        offset_of!(MessageHeader, flags),
+        &header.flags.to_ne_bytes(),
+    );
     put(
         offset_of!(MessageHeader, client_id),
         &header.client_id.to_ne_bytes(),

@@ -14,6 +14,9 @@ pub mod checker;
 #[cfg(not(loom))]
 pub mod client;
 pub mod error;
+#[cfg(not(loom))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod idle;
 pub mod log_limit;
 #[cfg(not(loom))]

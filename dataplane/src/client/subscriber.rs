@@ -34,13 +34,13 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::messages::{BadBatch, Claims, Parts};
-use crate::replication::reader::DiskLogs;
 use crate::pool::coherence::Coherence;
 use crate::pool::layout::{
     DeliveryEntry, SequencerState, SubscriberEntry, DELIVERY_SLOTS, SUBSCRIBERS_MAX,
     SUBSCRIBER_ACTIVE,
 };
 use crate::pool::Pool;
+use crate::replication::reader::DiskLogs;
 use crate::sync::Ordering::{AcqRel, Acquire, Relaxed, SeqCst};
 use crate::{PoolError, PoolResult};
 
@@ -356,7 +356,6 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
         }
     }
 
-
     /// The highest delivery index below which some broker may have freed log space.
     fn reclaimed_below(pool: &Pool, c: C, topic: u32) -> u64 {
         let t = pool.tinode(topic);
@@ -607,7 +606,11 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
     fn poll_parts(
         &mut self,
         max_batches: usize,
-        mut f: impl FnMut(&Window<'_>, &crate::messages::Messages<'_>, BatchOrigin) -> Result<usize, BadBatch>,
+        mut f: impl FnMut(
+            &Window<'_>,
+            &crate::messages::Messages<'_>,
+            BatchOrigin,
+        ) -> Result<usize, BadBatch>,
     ) -> PoolResult<usize> {
         let mut n = 0;
         let mut batches = 0;
@@ -816,7 +819,11 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
         &mut self,
         b: &Batch,
         n: &mut usize,
-        f: &mut impl FnMut(&Window<'_>, &crate::messages::Messages<'_>, BatchOrigin) -> Result<usize, BadBatch>,
+        f: &mut impl FnMut(
+            &Window<'_>,
+            &crate::messages::Messages<'_>,
+            BatchOrigin,
+        ) -> Result<usize, BadBatch>,
     ) -> PoolResult<()> {
         let (first, num_msg) = (b.first, b.num_msg);
         let (broker, d) = (b.origin.broker, b.origin.delivery_index);

@@ -19,13 +19,7 @@ use crate::sync::Ordering::Relaxed;
 impl Pool {
     /// The record of broker slot `broker`.
     pub fn broker_info(&self, broker: u32) -> PoolResult<&BrokerInfo> {
-        if broker >= self.geo.max_brokers {
-            return Err(PoolError::OutOfRange {
-                what: "broker id",
-                value: broker.into(),
-                limit: self.geo.max_brokers.into(),
-            });
-        }
+        self.check_topic_broker(0, broker)?;
         // SAFETY: broker < max_brokers, so the record lies inside the broker info region,
         // 64-byte aligned; it is made of atomics.
         Ok(unsafe { self.record(self.geo.broker_info_offset(broker)) })

@@ -247,8 +247,10 @@ impl PoolGeometry {
             .store(self.session_region_offset, crate::sync::Ordering::Relaxed);
         sb.doorbell_region_offset
             .store(self.doorbell_region_offset, crate::sync::Ordering::Relaxed);
-        sb.broker_info_region_offset
-            .store(self.broker_info_region_offset, crate::sync::Ordering::Relaxed);
+        sb.broker_info_region_offset.store(
+            self.broker_info_region_offset,
+            crate::sync::Ordering::Relaxed,
+        );
         use crate::sync::Ordering::Relaxed;
         g.max_topics.store(self.max_topics, Relaxed);
         g.max_brokers.store(self.max_brokers, Relaxed);

@@ -46,7 +46,10 @@ pub enum LogError {
     },
 }
 
-pub(crate) fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> LogError + 'a {
+pub(crate) fn io<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> LogError + 'a {
     move |source| LogError::Io {
         what,
         path: path.to_path_buf(),
@@ -144,7 +147,7 @@ fn body_ok(body: &[u8], num_msg: u32) -> bool {
     n == num_msg
 }
 
-fn encode_header(meta: &RecordMeta, body: &[u8]) -> [u8; RECORD_HEADER_BYTES] {
+pub(crate) fn encode_header(meta: &RecordMeta, body: &[u8]) -> [u8; RECORD_HEADER_BYTES] {
     let mut h = [0u8; RECORD_HEADER_BYTES];
     h[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
     h[8..16].copy_from_slice(&(body.len() as u64).to_le_bytes());
@@ -158,6 +161,13 @@ fn encode_header(meta: &RecordMeta, body: &[u8]) -> [u8; RECORD_HEADER_BYTES] {
     let crc = crc32c::crc32c_append(crc32c::crc32c(&h[8..]), body);
     h[4..8].copy_from_slice(&crc.to_le_bytes());
     h
+}
+
+/// Appends one whole record (header, then body) to `out`: the bytes [`DiskLog::append`]
+/// writes.
+pub fn encode_record(out: &mut Vec<u8>, meta: &RecordMeta, body: &Body) {
+    out.extend_from_slice(&encode_header(meta, body.as_bytes()));
+    out.extend_from_slice(body.as_bytes());
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
@@ -609,7 +619,7 @@ pub fn topic_dir(data_dir: &Path, topic: &str) -> PathBuf {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn meta(t: u64, n: u32) -> RecordMeta {
@@ -632,7 +642,8 @@ mod tests {
         b
     }
 
-    fn tmp(name: &str) -> PathBuf {
+    /// A fresh scratch directory for test `name` (this process and thread).
+    pub(crate) fn tmp(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!(
             "embar-log-{name}-{}-{:?}",
             std::process::id(),
@@ -790,8 +801,7 @@ mod tests {
                     b.push(&vec![(r * 7 + i) as u8; *n]);
                 }
                 let m = meta(r as u64 * 10, msgs.len() as u32);
-                bytes.extend_from_slice(&encode_header(&m, b.as_bytes()));
-                bytes.extend_from_slice(b.as_bytes());
+                encode_record(&mut bytes, &m, &b);
                 written.push((m, b.as_bytes().to_vec()));
             }
             let whole = scan(&bytes);
