@@ -441,7 +441,10 @@ pub fn numbered_line(i: u64, filler: usize) -> String {
 /// count); panics naming both when there is none.
 #[track_caller]
 pub fn number_after(text: &str, key: &str) -> u64 {
-    let at = text.find(key).unwrap_or_else(|| panic!("{key:?} in {text}")) + key.len();
+    let at = text
+        .find(key)
+        .unwrap_or_else(|| panic!("{key:?} in {text}"))
+        + key.len();
     text[at..]
         .trim_start()
         .split(|ch: char| !ch.is_ascii_digit())

@@ -277,11 +277,7 @@ impl LogReader {
         let at = seg.offset + RECORD_HEADER_BYTES as u64;
         // What the file holds of the body, before anything is allocated for it: a header
         // may claim up to `RECORD_BODY_MAX` bytes.
-        let file_len = seg
-            .file
-            .metadata()
-            .map_err(io("cannot read", path))?
-            .len();
+        let file_len = seg.file.metadata().map_err(io("cannot read", path))?.len();
         let got = if file_len.saturating_sub(at) < p.body_len {
             file_len.saturating_sub(at)
         } else {
@@ -447,7 +443,12 @@ mod tests {
         }
         assert!(logs.read(200, &mut Vec::new()).unwrap().is_none());
         // An era no log holds.
-        assert_eq!(DiskLogs::new(std::slice::from_ref(&a), "t", 3).oldest().unwrap(), None);
+        assert_eq!(
+            DiskLogs::new(std::slice::from_ref(&a), "t", 3)
+                .oldest()
+                .unwrap(),
+            None
+        );
         let _ = std::fs::remove_dir_all(&a);
         let _ = std::fs::remove_dir_all(&b);
     }
