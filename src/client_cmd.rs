@@ -389,7 +389,7 @@ pub fn subscribe(a: &SubscribeArgs) -> CliResult<()> {
         return Err(v);
     }
     if let Some(c) = checker {
-        eprintln!("{}", passed(&c));
+        eprintln!("{}", passed(&c, sub.messages_from_disk()));
     }
     Ok(())
 }
@@ -402,9 +402,13 @@ fn check_message(c: &mut OrderChecker, m: &MessageRef<'_>) -> CliResult<()> {
 
 /// The summary line of a check that found nothing wrong. The reading may end inside a batch
 /// (`--count`, a signal, `--idle-timeout-s`), so the last batch's completeness is no rule here.
-fn passed(c: &OrderChecker) -> String {
+fn passed(c: &OrderChecker, from_disk: u64) -> String {
+    let disk = match from_disk {
+        0 => String::new(),
+        n => format!(" ({n} read from the disk logs)"),
+    };
     format!(
-        "order check passed: {} messages, {} publishers",
+        "order check passed: {} messages, {} publishers{disk}",
         c.delivered(),
         c.publishers()
     )
@@ -457,7 +461,10 @@ mod tests {
         ] {
             check_message(&mut c, &m).unwrap();
         }
-        assert_eq!(passed(&c), "order check passed: 3 messages, 2 publishers");
+        assert_eq!(
+            passed(&c, 0),
+            "order check passed: 3 messages, 2 publishers"
+        );
     }
 
     #[test]

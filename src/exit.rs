@@ -446,6 +446,14 @@ mod tests {
                 value: 2,
                 limit: 1,
             },
+            PoolError::DiskLog {
+                position: 3,
+                source: embar_dataplane::replication::log::LogError::Corrupt {
+                    path: path(),
+                    offset: 64,
+                    why: "CRC32C mismatch".into(),
+                },
+            },
         ]);
         all
     }
@@ -473,9 +481,10 @@ mod tests {
             PoolError::BackingShrunk { .. } => 16,
             PoolError::UnreadableBatch { .. } => 17,
             PoolError::OutOfRange { .. } => 18,
+            PoolError::DiskLog { .. } => 19,
         }
     }
-    const POOL_VARIANTS: usize = 19;
+    const POOL_VARIANTS: usize = 20;
 
     /// One error of every variant of the publisher's error type, each pool error wrapped.
     fn every_publish_error() -> Vec<PublishError> {

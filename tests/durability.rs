@@ -8,7 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Command;
 use std::time::Duration;
 
-use embar_test_support::{exe, lines, serial, signal, wait_until, Cluster};
+use embar_test_support::{
+    exe, lines, number_after, numbered_line, serial, signal, wait_until, Cluster,
+};
 use serde_json::Value;
 
 const BROKERS: u32 = 3;
@@ -437,4 +439,260 @@ fn a_replica_on_a_full_disk_acks_nothing_it_could_not_sync_and_says_why() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The pool words of topic `name` that say how far the replication and the retention went.
+struct PoolProgress {
+    pool: embar_dataplane::pool::Pool,
+    slot: u32,
+}
+
+impl PoolProgress {
+    fn of(c: &Cluster, name: &str) -> PoolProgress {
+        use embar_dataplane::pool::{coherence::Coherent, OpenOptions, Pool};
+        let path = c.file()["pool"].as_str().unwrap().to_string();
+        let pool = Pool::open(path.as_ref(), &OpenOptions::default()).unwrap();
+        let slot = pool.find_topic(Coherent, name).unwrap();
+        PoolProgress { pool, slot }
+    }
+
+    /// Active cursors of the topic's subscriber table (a replicator holds one).
+    fn cursors(&self) -> usize {
+        use embar_dataplane::pool::layout::SUBSCRIBER_ACTIVE;
+        let st = self.pool.sequencer_state(self.slot);
+        st.subscribers
+            .iter()
+            .filter(|e| {
+                e.state.load(std::sync::atomic::Ordering::Acquire) & 0xff == SUBSCRIBER_ACTIVE
+            })
+            .count()
+    }
+
+    /// Whether every broker slot in `0..brokers` has made everything ordered durable.
+    fn replicated(&self, brokers: u32) -> bool {
+        use embar_dataplane::pool::coherence::Coherent;
+        let st = self.pool.sequencer_state(self.slot);
+        let delivered = st.delivered.load(std::sync::atomic::Ordering::Acquire);
+        let t = self.pool.tinode(self.slot);
+        (0..brokers).all(|b| embar_dataplane::replication::progress_of(Coherent, t, b) >= delivered)
+    }
+
+    /// The highest delivery index below which a broker has reclaimed log space.
+    fn reclaimed_below(&self) -> u64 {
+        let t = self.pool.tinode(self.slot);
+        t.brokers
+            .iter()
+            .map(|b| {
+                b.broker
+                    .reclaimed_below
+                    .load(std::sync::atomic::Ordering::Acquire)
+            })
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// Message `i` of the disk-read tests (every byte checked when read back).
+fn numbered(i: usize) -> String {
+    numbered_line(i as u64, 900)
+}
+
+/// A two-broker cluster whose brokers keep only 2 MiB of each topic in the pool.
+fn small_retention_cluster(name: &str) -> Cluster {
+    Cluster::up(
+        name,
+        &[
+            "--pool-bytes",
+            "64MiB",
+            "--segment-bytes",
+            "1MiB",
+            "--retention-bytes",
+            "2MiB",
+            "--sync-interval-ms",
+            "20",
+        ],
+    )
+}
+
+/// Publishes `chunks` x 1,500 numbered messages (about 1.4 MiB each, less than one broker's
+/// retention) to `topic`; with `replicated`, waits after each chunk until both brokers made
+/// it durable, so that retention never reclaims what a replicator has not read yet. Returns
+/// the messages in publish order (one publisher: the total order).
+fn publish_chunks(c: &Cluster, topic: &str, chunks: usize, replicated: bool) -> Vec<String> {
+    const PER_CHUNK: usize = 1500;
+    let progress = PoolProgress::of(c, topic);
+    if replicated {
+        wait_until(
+            "both replicators hold a cursor",
+            Duration::from_secs(20),
+            || progress.cursors() >= 2,
+        );
+    }
+    let mut all = Vec::new();
+    for k in 0..chunks {
+        let lines: Vec<String> = (k * PER_CHUNK..(k + 1) * PER_CHUNK).map(numbered).collect();
+        let out = c.run(
+            &["publish", "--topic", topic],
+            Some(lines.join("\n") + "\n"),
+        );
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        all.extend(lines);
+        if replicated {
+            wait_until("both replicas synced", Duration::from_secs(20), || {
+                progress.replicated(2)
+            });
+        }
+    }
+    // Settled: a broker reclaims the last grants after the publisher's session closes.
+    wait_until(
+        "retention reclaimed old batches",
+        Duration::from_secs(20),
+        || progress.reclaimed_below() > 0,
+    );
+    all
+}
+
+#[test]
+fn a_subscriber_from_the_oldest_reads_what_retention_reclaimed_from_the_disks_then_the_pool() {
+    let _serial = serial();
+    let c = small_retention_cluster("disk-read");
+    c.topic("old", &["--rf", "1", "--batch-bytes", "64KiB"]);
+    // About 21 MiB through brokers that keep 2 MiB each in the pool.
+    let published = publish_chunks(&c, "old", 15, true);
+    let count = published.len().to_string();
+    let (ok, out, err) = c.embar(&[
+        "subscribe",
+        "--topic",
+        "old",
+        "--from",
+        "oldest",
+        "--check-order",
+        "--count",
+        &count,
+        "--idle-timeout-s",
+        "20",
+    ]);
+    assert!(ok, "{err}");
+    let got: Vec<&str> = out.lines().collect();
+    assert_eq!(got.len(), published.len(), "{err}");
+    for (k, (g, p)) in got.iter().zip(&published).enumerate() {
+        assert_eq!(g, p, "message {k}");
+    }
+    // Both sources were read: the disks for what the pool had reclaimed, then the pool.
+    let from_disk = number_after(&err, "publishers (");
+    assert!(
+        from_disk > 0 && from_disk < published.len() as u64,
+        "{from_disk} of {} from the disks: {err}",
+        published.len()
+    );
+    // Over TCP: the broker serves the same order through the same subscriber.
+    let (ok, out, err) = c.embar(&[
+        "subscribe",
+        "--transport",
+        "tcp",
+        "--topic",
+        "old",
+        "--from",
+        "oldest",
+        "--count",
+        &count,
+        "--idle-timeout-s",
+        "20",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.lines().eq(published.iter().map(String::as_str)),
+        "{err}"
+    );
+    // A start in the middle of what only the disks hold, inside a batch.
+    let (ok, out, err) = c.embar(&[
+        "subscribe",
+        "--topic",
+        "old",
+        "--from",
+        "1001",
+        "--count",
+        "5000",
+    ]);
+    assert!(ok, "{err}");
+    let got: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        got,
+        published[1001..6001]
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+    );
+}
+
+#[test]
+fn a_damaged_disk_record_is_an_error_naming_its_position_never_data_and_without_replication_the_error_names_both_positions(
+) {
+    let _serial = serial();
+    let c = small_retention_cluster("disk-bad");
+    c.topic("logged", &["--rf", "1", "--batch-bytes", "64KiB"]);
+    c.topic("plain", &["--batch-bytes", "64KiB"]);
+    let published = publish_chunks(&c, "logged", 6, true);
+    // One byte of the body of the second record of broker 0's first segment.
+    let seg = format!("{}/broker-0/topic-logged/{:020}.log", c.dir, 0);
+    let mut bytes = std::fs::read(&seg).unwrap();
+    let record = embar_dataplane::replication::log::scan(&bytes).records[1];
+    bytes[record.body_at as usize + 100] ^= 0x20;
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(&seg).unwrap();
+        let at = record.body_at + 100;
+        f.write_all_at(&bytes[at as usize..at as usize + 1], at)
+            .unwrap();
+    }
+    let bad = record.meta.total_order;
+    let out = c.run(
+        &["subscribe", "--topic", "logged", "--from", "oldest"],
+        None,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(65), "{err}");
+    assert!(
+        err.contains(&format!(
+            "cannot deliver total order {bad} from the disk logs"
+        )) && err.contains("does not verify: CRC32C mismatch")
+            && err.contains(&seg),
+        "{err}"
+    );
+    // Every message before it, intact; nothing of it or after it.
+    let text = String::from_utf8_lossy(&out.stdout);
+    let got: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        got,
+        published[..bad as usize]
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+    );
+
+    // Without replication, what retention reclaimed is gone: the error says where the
+    // subscriber asked and where the oldest retained message is.
+    publish_chunks(&c, "plain", 6, false);
+    let (ok, _, err) = c.embar(&["subscribe", "--topic", "plain", "--from", "0"]);
+    assert!(!ok);
+    assert!(err.contains("fell behind the retention limit"), "{err}");
+    assert_eq!(number_after(&err, "at total order"), 0, "{err}");
+    let oldest = number_after(&err, "oldest retained is total order");
+    assert!(oldest > 0 && oldest < 9000, "{err}");
+    let from = oldest.to_string();
+    let (ok, out, err) = c.embar(&[
+        "subscribe",
+        "--topic",
+        "plain",
+        "--from",
+        &from,
+        "--count",
+        "1",
+    ]);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().next(), Some(numbered(oldest as usize).as_str()));
 }

@@ -7,25 +7,17 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use embar_test_support::{serial, wait_for, wait_for_exit, Cluster, Lines};
+use embar_test_support::{
+    number_after, numbered_line, serial, wait_for, wait_for_exit, Cluster, Lines,
+};
 use serde_json::Value;
 
 /// Payload bytes after each line's index.
 const FILLER_BYTES: usize = 1000;
 
-/// Line `i`: its index, then filler bytes derived from the index (a xorshift stream), so that
-/// any byte of another message, or of nothing, is caught.
+/// Line `i`: its index, then filler bytes derived from it.
 fn line(i: u64) -> String {
-    let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let filler: String = (0..FILLER_BYTES)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            char::from(b'a' + (x % 26) as u8)
-        })
-        .collect();
-    format!("{i:08} {filler}")
+    numbered_line(i, FILLER_BYTES)
 }
 
 /// Waits for `child` to exit, up to `limit`; kills it past that. Whether it succeeded, and
@@ -171,18 +163,8 @@ fn a_slow_subscriber_past_the_retention_limit_gets_only_intact_messages_then_an_
     assert!(err.contains("fell behind the retention limit"), "{err}");
     // The error names where the subscriber was (the next total order it would have printed)
     // and the oldest total order still retained, both usable with `--from`.
-    let number_after = |key: &str| -> u64 {
-        let at = err.find(key).unwrap_or_else(|| panic!("{key:?} in {err}")) + key.len();
-        err[at..]
-            .trim_start()
-            .split(|ch: char| !ch.is_ascii_digit())
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap_or_else(|_| panic!("a number after {key:?} in {err}"))
-    };
-    let position = number_after("at total order");
-    let oldest = number_after("oldest retained is total order");
+    let position = number_after(&err, "at total order");
+    let oldest = number_after(&err, "oldest retained is total order");
     assert_eq!(position, got.len() as u64, "{err}");
     assert!(oldest > position && oldest < n, "{err}");
     let from = oldest.to_string();

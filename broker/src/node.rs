@@ -165,6 +165,26 @@ pub struct BrokerNode {
     tcp_thread: Option<JoinHandle<()>>,
 }
 
+/// Records in the pool where this slot's disk logs are (or that it keeps none), so that
+/// subscribers on the pool host read what the pool no longer holds from them
+/// (`docs/durability.md`). A failure only costs those subscribers the disk: it is logged.
+fn record_data_dir(pool: &Pool, slot: u32, replication: Option<&ReplicationConfig>) {
+    struct Record<'a>(&'a Pool, u32, Option<PathBuf>);
+    impl CoherenceFn<Result<(), PoolError>> for Record<'_> {
+        fn call<C: Coherence>(self, c: C) -> Result<(), PoolError> {
+            self.0.set_broker_data_dir(c, self.1, self.2.as_deref())
+        }
+    }
+    // Absolute: every process on the host reads it, from its own working directory.
+    let dir = replication.map(|r| {
+        let _ = std::fs::create_dir_all(&r.data_dir);
+        std::fs::canonicalize(&r.data_dir).unwrap_or_else(|_| r.data_dir.clone())
+    });
+    if let Err(e) = Pool::with_coherence(pool.coherence_mode(), Record(pool, slot, dir)) {
+        log::warn!("broker {slot}: cannot record its data directory in the pool: {e}");
+    }
+}
+
 impl BrokerNode {
     /// Registers with the control process and starts serving; returns once the data path
     /// runs.
@@ -248,6 +268,7 @@ impl BrokerNode {
         }
         let reg = client.register(&addrs)?;
         let (broker_id, slot) = (reg.broker_id, reg.slot);
+        record_data_dir(&pool, slot, cfg.replication.as_ref());
         // Whether this broker runs the sequencers: pinned, or as the control process says in
         // its answer to every heartbeat.
         let pinned = cfg.sequencer == SequencerRole::Pinned;

@@ -53,6 +53,10 @@ trait Read: Send {
     fn poll(&mut self, max_batches: usize, f: &mut dyn FnMut(&MessageRef<'_>))
         -> PoolResult<usize>;
     fn position(&self) -> u64;
+    /// Messages delivered from the brokers' disk logs.
+    fn messages_from_disk(&self) -> u64 {
+        0
+    }
     fn set_durable_only(&mut self, yes: bool);
     /// A failure of a remote subscription, after `poll` returned what came before it.
     fn take_failure(&mut self) -> Option<Error> {
@@ -75,6 +79,10 @@ impl<C: Coherence> Read for PoolSubscriber<'_, C> {
 
     fn position(&self) -> u64 {
         PoolSubscriber::position(self)
+    }
+
+    fn messages_from_disk(&self) -> u64 {
+        PoolSubscriber::messages_from_disk(self)
     }
 
     fn set_durable_only(&mut self, yes: bool) {
@@ -157,7 +165,9 @@ impl<'p> CoherenceFn<PoolResult<DynRead<'p>>> for OpenSub<'p, '_> {
 /// Reads one topic in total order, from the pool (on the pool host), starting where it was
 /// told: every subscriber of a topic sees the same messages in the same order. It holds a
 /// cursor in the pool: brokers keep the log space it has not read, up to their retention
-/// limit (past it, reading fails with [`ErrorKind::FellBehind`](crate::ErrorKind)).
+/// limit. Past it, a topic with replication is read from the brokers' disk logs until the
+/// pool holds the position again; a topic without fails with
+/// [`ErrorKind::FellBehind`](crate::ErrorKind).
 ///
 /// Three ways to read: [`poll`](Subscriber::poll) lends each message of the next batches to
 /// a closure (no copy per message); [`try_next`](Subscriber::try_next) and
@@ -256,6 +266,14 @@ impl Subscriber {
     /// (0 before the first from `Oldest` or `Latest`).
     pub fn position(&self) -> u64 {
         self.cell.borrow_dependent().position()
+    }
+
+    /// How many of the messages delivered so far came from the brokers' disk logs: a
+    /// subscriber on the pool host reads a position the pool no longer holds (retention) from
+    /// them, on a topic with replication (`docs/durability.md`). 0 over TCP (the broker
+    /// reads the disks there).
+    pub fn messages_from_disk(&self) -> u64 {
+        self.cell.borrow_dependent().messages_from_disk()
     }
 
     /// Lends every message of up to `max_batches` ordered batches to `f`, in total order,

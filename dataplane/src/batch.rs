@@ -219,3 +219,44 @@ pub unsafe fn write_message(dst: *mut u8, header: &MessageHeader, payload: &[u8]
     }
     message_stride(payload.len() as u64)
 }
+
+/// Appends one message to a batch built in a byte buffer (a reader's own copy, never the
+/// pool): `header` with its `size` set to the payload's, the payload, and the padding to the
+/// message stride, in the layout [`write_message`] gives the pool. For a reader that rebuilds
+/// a batch from another form (a disk log record) to read it through `messages::Messages`.
+pub fn encode_message(out: &mut Vec<u8>, header: &MessageHeader, payload: &[u8]) {
+    use std::mem::offset_of;
+    let start = out.len();
+    out.resize(start + message_stride(payload.len() as u64) as usize, 0);
+    let h = &mut out[start..];
+    let mut put = |at: usize, bytes: &[u8]| h[at..at + bytes.len()].copy_from_slice(bytes);
+    put(
+        offset_of!(MessageHeader, size),
+        &(payload.len() as u32).to_ne_bytes(),
+    );
+    put(
+        offset_of!(MessageHeader, flags),
+        &header.flags.to_ne_bytes(),
+    );
+    put(
+        offset_of!(MessageHeader, client_id),
+        &header.client_id.to_ne_bytes(),
+    );
+    put(
+        offset_of!(MessageHeader, batch_seq),
+        &header.batch_seq.to_ne_bytes(),
+    );
+    put(
+        offset_of!(MessageHeader, logical_offset),
+        &header.logical_offset.to_ne_bytes(),
+    );
+    put(
+        offset_of!(MessageHeader, total_order),
+        &header.total_order.to_ne_bytes(),
+    );
+    put(
+        offset_of!(MessageHeader, publish_ts_ns),
+        &header.publish_ts_ns.to_ne_bytes(),
+    );
+    out[start + 64..start + 64 + payload.len()].copy_from_slice(payload);
+}

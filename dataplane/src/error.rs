@@ -73,6 +73,15 @@ pub enum PoolError {
         /// The oldest total order still retained (a start position that works now).
         oldest: u64,
     },
+    /// A subscriber reading what the pool no longer holds from the disk logs found the record
+    /// it needs damaged (it is never delivered) or could not read a log.
+    #[cfg(not(loom))]
+    #[error("cannot deliver total order {position} from the disk logs: {source}")]
+    DiskLog {
+        /// Total order of the next message the subscriber would have delivered.
+        position: u64,
+        source: crate::replication::log::LogError,
+    },
     /// The pool's file is shorter than the pool: it was truncated (or replaced) under the
     /// processes that map it, which stop when they touch the missing part.
     #[error("pool file {path} holds {file_bytes} bytes, less than the pool's {pool_bytes}: it was truncated or replaced under the cluster; its processes stop when they touch the missing part (stop the cluster and start it again)")]
@@ -198,6 +207,11 @@ impl PoolError {
             PoolError::FellBehind { .. } => ErrorClass::FellBehind,
             #[cfg(not(loom))]
             PoolError::UnreadableBatch { .. } => ErrorClass::Unreadable,
+            #[cfg(not(loom))]
+            PoolError::DiskLog { source, .. } => match source {
+                crate::replication::log::LogError::Corrupt { .. } => ErrorClass::Unreadable,
+                _ => ErrorClass::System,
+            },
         }
     }
 }

@@ -16,6 +16,9 @@ pub mod client;
 #[cfg(feature = "dpdk")]
 pub mod dpdk;
 pub mod error;
+#[cfg(not(loom))]
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod idle;
 pub mod log_limit;
 #[cfg(not(loom))]

@@ -421,6 +421,39 @@ pub fn lines(prefix: &str, n: usize, width: usize) -> String {
         .collect()
 }
 
+/// Line `i` of a test that checks every byte it reads back: its index (8 digits), a space,
+/// then `filler` letters derived from the index (a xorshift stream), so that any byte of
+/// another message, or of nothing, is caught.
+pub fn numbered_line(i: u64, filler: usize) -> String {
+    let mut x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let filler: String = (0..filler)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b'a' + (x % 26) as u8)
+        })
+        .collect();
+    format!("{i:08} {filler}")
+}
+
+/// The number in `text` right after `key` (an error message's total order, a summary's
+/// count); panics naming both when there is none.
+#[track_caller]
+pub fn number_after(text: &str, key: &str) -> u64 {
+    let at = text
+        .find(key)
+        .unwrap_or_else(|| panic!("{key:?} in {text}"))
+        + key.len();
+    text[at..]
+        .trim_start()
+        .split(|ch: char| !ch.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap_or_else(|_| panic!("a number after {key:?} in {text}"))
+}
+
 /// Sends `signal` (`-KILL`, `-TERM`, `-STOP`, ...) to process `pid` through the `kill`
 /// command (no unsafe code in tests).
 #[track_caller]

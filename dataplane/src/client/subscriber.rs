@@ -20,15 +20,27 @@
 //! as total orders. The messages are checked and read from the copy through the one checked
 //! view of a batch (`messages::Parts`: the same bounds and errors as the broker's check), so a
 //! header cannot change between its check and its use either.
+//!
+//! Older than the pool: on a topic with replication (RF >= 1), a position the pool no longer
+//! holds is read from the brokers' disk logs instead (`replication::reader`: every record
+//! verified, in total order), transparently: the subscriber releases its cursor (a reader of
+//! the disks holds nothing in the pool), delivers each batch from the disk, and after each one
+//! looks whether the pool holds the next delivery index again; once it does, it registers
+//! there and goes on from the pool, with no gap and no duplicate (disk records carry their
+//! delivery index and total order). A batch on no disk and no longer in the pool is the
+//! "fell behind" error; a record that does not verify is never delivered
+//! ([`PoolError::DiskLog`] names the position).
+use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::messages::{Claims, Parts};
+use crate::messages::{BadBatch, Claims, Parts};
 use crate::pool::coherence::Coherence;
 use crate::pool::layout::{
     DeliveryEntry, SequencerState, SubscriberEntry, DELIVERY_SLOTS, SUBSCRIBERS_MAX,
     SUBSCRIBER_ACTIVE,
 };
 use crate::pool::Pool;
+use crate::replication::reader::DiskLogs;
 use crate::sync::Ordering::{AcqRel, Acquire, Relaxed, SeqCst};
 use crate::{PoolError, PoolResult};
 
@@ -37,6 +49,7 @@ use crate::{PoolError, PoolResult};
 const COPY_WINDOW_BYTES: usize = 64 * 1024;
 
 const RECLAIMED: &str = "start position (log space already reclaimed below delivery index)";
+const NOT_RETAINED: &str = "start position (no longer retained; oldest total order)";
 
 /// Where to start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -110,8 +123,11 @@ pub struct Subscriber<'p, C: Coherence> {
     pool: &'p Pool,
     c: C,
     topic: u32,
+    name: String,
     st: &'p SequencerState,
-    cursor: &'p SubscriberEntry,
+    /// Its entry in the topic's subscriber table, while it reads the pool (none while it
+    /// reads the disks).
+    cursor: Option<&'p SubscriberEntry>,
     /// Next delivery index to read.
     next: u64,
     /// Messages of the first batch to skip (a start inside a batch).
@@ -124,6 +140,48 @@ pub struct Subscriber<'p, C: Coherence> {
     /// Deliver a batch only once it is durable on its replica set (ACK 2's condition).
     durable_only: bool,
     replication_factor: u8,
+    /// Read what the pool no longer holds from the disk logs (RF >= 1).
+    disk_allowed: bool,
+    /// The disk logs, opened the first time they are needed.
+    disk: Option<DiskLogs>,
+    /// While reading from the disks: the total order of the next message.
+    on_disk: Option<u64>,
+    /// A disk record's body, then the batch rebuilt from it in the pool's format.
+    disk_body: Vec<u8>,
+    disk_batch: Vec<u8>,
+    /// Messages delivered from the disk logs so far.
+    disk_messages: u64,
+}
+
+/// Where the bytes of a batch being delivered are.
+#[derive(Clone, Copy)]
+enum Source {
+    /// In the pool, at this address (copied out a window at a time, checked as retained).
+    Pool(*const u8),
+    /// In `disk_batch`, verified.
+    Disk,
+}
+
+/// One ordered batch to deliver.
+#[derive(Clone, Copy)]
+struct Batch {
+    first: u64,
+    num_msg: u32,
+    client_id: u64,
+    batch_seq: u64,
+    total: u64,
+    origin: BatchOrigin,
+    source: Source,
+}
+
+/// What the disks gave for the next position.
+enum DiskStep {
+    /// A batch, rebuilt in `disk_batch`.
+    Batch(Batch),
+    /// The pool holds the next position again: the subscriber is registered there.
+    Rejoined,
+    /// Nothing yet.
+    Nothing,
 }
 
 fn entry(st: &SequencerState, d: u64) -> &DeliveryEntry {
@@ -131,19 +189,73 @@ fn entry(st: &SequencerState, d: u64) -> &DeliveryEntry {
 }
 
 impl<'p, C: Coherence> Subscriber<'p, C> {
-    /// Registers a subscriber of `topic` starting at `start`.
+    /// Registers a subscriber of `topic` starting at `start`. On a topic with replication, a
+    /// start older than the pool reads the disk logs first (see the module docs).
     pub fn open(pool: &'p Pool, c: C, topic: &str, start: StartAt) -> PoolResult<Self> {
+        Self::open_with(pool, c, topic, start, true)
+    }
+
+    /// As [`open`](Self::open); `read_disk: false` reads the pool only (the replicator, which
+    /// writes the disk logs).
+    pub fn open_with(
+        pool: &'p Pool,
+        c: C,
+        topic: &str,
+        start: StartAt,
+        read_disk: bool,
+    ) -> PoolResult<Self> {
         let slot = pool.find_topic(c, topic)?;
         let st = pool.sequencer_state(slot);
+        let mut sub = Subscriber {
+            pool,
+            c,
+            topic: slot,
+            name: topic.to_string(),
+            st,
+            cursor: None,
+            next: 0,
+            skip: 0,
+            buf: vec![0; COPY_WINDOW_BYTES],
+            next_total: None,
+            durable_only: false,
+            replication_factor: pool
+                .read_topic(c, slot)
+                .map_or(0, |t| t.config.replication_factor),
+            disk_allowed: read_disk,
+            disk: None,
+            on_disk: None,
+            disk_body: Vec::new(),
+            disk_batch: Vec::new(),
+            disk_messages: 0,
+        };
         let delivered = c.observe(&st.delivered);
         let oldest = delivered.saturating_sub(DELIVERY_SLOTS as u64);
         let (next, skip) = match start {
             StartAt::Latest => (delivered, 0),
             StartAt::Oldest => {
+                // The disks may hold older batches than the pool.
+                if let Some(t) = sub.disk_oldest()? {
+                    if t < sub.oldest_total_order() {
+                        sub.on_disk = Some(t);
+                        return Ok(sub);
+                    }
+                }
                 let floor = Self::reclaimed_below(pool, c, slot);
                 (oldest.max(floor).min(delivered), 0)
             }
-            StartAt::TotalOrder(t) => Self::find(c, st, oldest, delivered, t)?,
+            StartAt::TotalOrder(t) => match Self::find(c, st, oldest, delivered, t) {
+                Err(PoolError::OutOfRange { what, limit, .. }) if what == NOT_RETAINED => {
+                    if sub.on_disks(t)? {
+                        sub.on_disk = Some(t);
+                        return Ok(sub);
+                    }
+                    return Err(PoolError::FellBehind {
+                        position: t,
+                        oldest: limit,
+                    });
+                }
+                r => r?,
+            },
         };
         let mut next = next;
         let mut attempts = 0;
@@ -156,24 +268,92 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
                     attempts += 1;
                     next = limit.max(next).min(c.observe(&st.delivered).max(limit));
                 }
+                Err(e @ PoolError::OutOfRange { what, .. }) if what == RECLAIMED => {
+                    let StartAt::TotalOrder(t) = start else {
+                        return Err(e);
+                    };
+                    if sub.on_disks(t)? {
+                        sub.on_disk = Some(t);
+                        return Ok(sub);
+                    }
+                    return Err(PoolError::FellBehind {
+                        position: t,
+                        oldest: sub.oldest_total_order(),
+                    });
+                }
                 r => break r?,
             }
         };
-        Ok(Subscriber {
-            pool,
-            c,
-            topic: slot,
-            st,
-            cursor,
-            next,
-            skip,
-            buf: vec![0; COPY_WINDOW_BYTES],
-            next_total: None,
-            durable_only: false,
-            replication_factor: pool
-                .read_topic(c, slot)
-                .map_or(0, |t| t.config.replication_factor),
+        sub.cursor = Some(cursor);
+        sub.next = next;
+        sub.skip = skip;
+        Ok(sub)
+    }
+
+    /// Whether the disks can be read for this topic (RF >= 1, allowed), opening them the
+    /// first time.
+    fn disks(&mut self) -> Option<&mut DiskLogs> {
+        if !self.disk_allowed || self.replication_factor == 0 {
+            return None;
+        }
+        if self.disk.is_none() {
+            let dirs: Vec<PathBuf> = self
+                .pool
+                .broker_data_dirs(self.c)
+                .into_iter()
+                .map(|(_, d)| d)
+                .collect();
+            if dirs.is_empty() {
+                return None;
+            }
+            self.disk = Some(DiskLogs::new(&dirs, &self.name, self.pool.pool_id()));
+        }
+        self.disk.as_mut()
+    }
+
+    /// The oldest total order of this pool that a disk log holds.
+    fn disk_oldest(&mut self) -> PoolResult<Option<u64>> {
+        let Some(d) = self.disks() else {
+            return Ok(None);
+        };
+        d.oldest().map_err(|source| PoolError::DiskLog {
+            position: 0,
+            source,
         })
+    }
+
+    /// Whether a disk log holds total order `t` now.
+    fn on_disks(&mut self, t: u64) -> PoolResult<bool> {
+        let mut body = std::mem::take(&mut self.disk_body);
+        let r = match self.disks() {
+            Some(d) => d.read(t, &mut body).map(|m| m.is_some()),
+            None => Ok(false),
+        };
+        self.disk_body = body;
+        r.map_err(|source| PoolError::DiskLog {
+            position: t,
+            source,
+        })
+    }
+
+    /// Reads the disks from total order `position` on (the pool no longer holds it), if this
+    /// subscriber may; otherwise `behind` is its error.
+    fn fall_back(&mut self, position: u64, behind: PoolError) -> PoolResult<()> {
+        if self.disks().is_none() {
+            return Err(behind);
+        }
+        self.release_cursor();
+        self.skip = 0;
+        self.on_disk = Some(position);
+        Ok(())
+    }
+
+    /// Stops holding a place in the subscriber table.
+    fn release_cursor(&mut self) {
+        if let Some(cur) = self.cursor.take() {
+            let s = cur.state.load(Relaxed);
+            self.c.publish(&cur.state, s & !0xff);
+        }
     }
 
     /// The highest delivery index below which some broker may have freed log space.
@@ -209,7 +389,7 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
         let oldest = first_of(lo).map_or(u64::MAX, |(f, _)| f);
         if t < oldest {
             return Err(PoolError::OutOfRange {
-                what: "start position (no longer retained; oldest total order)",
+                what: NOT_RETAINED,
                 value: t,
                 limit: oldest,
             });
@@ -338,7 +518,14 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
         self.durable_only = yes;
     }
 
-    /// Next delivery index (batch) this subscriber will read.
+    /// Messages this subscriber delivered from the disk logs (positions the pool no longer
+    /// held).
+    pub fn messages_from_disk(&self) -> u64 {
+        self.disk_messages
+    }
+
+    /// Next delivery index (batch) this subscriber will read (while it reads the disk
+    /// logs: the one after the last batch it read there).
     pub fn position(&self) -> u64 {
         self.next
     }
@@ -350,8 +537,9 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
     /// again). Across hosts (a pool without one kernel) the futex is not shared: the wait
     /// is then the timeout, so keep it short there.
     pub fn wait_ordered(&self, timeout: Duration) {
-        if self.durable_only {
-            // Durability comes without a ring: look again soon.
+        if self.durable_only || self.on_disk.is_some() {
+            // Durability comes without a ring, and a disk log is appended without one: look
+            // again soon.
             std::thread::sleep(timeout.min(Duration::from_micros(50)));
             return;
         }
@@ -422,11 +610,24 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             &Window<'_>,
             &crate::messages::Messages<'_>,
             BatchOrigin,
-        ) -> Result<usize, crate::messages::BadBatch>,
+        ) -> Result<usize, BadBatch>,
     ) -> PoolResult<usize> {
-        let delivered = self.c.observe(&self.st.delivered);
         let mut n = 0;
-        for _ in 0..max_batches {
+        let mut batches = 0;
+        while batches < max_batches {
+            if let Some(t) = self.on_disk {
+                match self.disk_step(t)? {
+                    DiskStep::Batch(b) => {
+                        batches += 1;
+                        self.deliver(&b, &mut n, &mut f)?;
+                        self.on_disk = Some(b.first + u64::from(b.num_msg));
+                        continue;
+                    }
+                    DiskStep::Rejoined => {}
+                    DiskStep::Nothing => break,
+                }
+            }
+            let delivered = self.c.observe(&self.st.delivered);
             if self.next >= delivered {
                 break;
             }
@@ -434,105 +635,280 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             let e = entry(self.st, d);
             self.c.invalidate(e);
             let stamp = self.c.observe(&e.stamp);
-            if stamp != d + 1 {
-                return Err(PoolError::OutOfRange {
-                    what: "subscriber total order (its delivery entry was overwritten: this \
-                           subscriber fell a ring behind; a later batch starts at the limit)",
-                    value: self.next_total.unwrap_or(0),
-                    limit: e.total_order.load(Relaxed),
-                });
-            }
             let (first, num_msg) = (e.total_order.load(Relaxed), e.num_msg.load(Relaxed));
             let (client_id, batch_seq) = (e.client_id.load(Relaxed), e.batch_seq.load(Relaxed));
             let (log_idx, total) = (e.log_idx.load(Relaxed), e.total_size.load(Relaxed));
             let broker = e.broker.load(Relaxed);
+            // Read the entry's words, then its stamp again: an entry overwritten meanwhile is
+            // not taken for this one.
+            crate::sync::fence(Acquire);
+            if stamp != d + 1 || self.c.observe(&e.stamp) != stamp {
+                let behind = PoolError::OutOfRange {
+                    what: "subscriber total order (its delivery entry was overwritten: this \
+                           subscriber fell a ring behind; a later batch starts at the limit)",
+                    value: self.next_total.unwrap_or(0),
+                    limit: e.total_order.load(Relaxed),
+                };
+                match self.next_total {
+                    Some(t) => {
+                        self.fall_back(t, behind)?;
+                        continue;
+                    }
+                    None => return Err(behind),
+                }
+            }
             if self.durable_only && !self.durable(broker, d) {
                 break;
             }
             // Past a broker's retention limit, its log space may be reclaimed before this
-            // subscriber read it: then this is an error, never reused bytes.
-            self.check_retained(broker, d, first + u64::from(self.skip))?;
-            let unreadable = |reason| PoolError::UnreadableBatch {
+            // subscriber read it: then the disks, or an error, never reused bytes.
+            let b = Batch {
                 first,
-                end: first + u64::from(num_msg),
-                client_id,
-                batch_seq,
-                reason,
-            };
-            let claims = Claims {
                 num_msg,
                 client_id,
                 batch_seq,
+                total,
+                origin: BatchOrigin {
+                    broker,
+                    delivery_index: d,
+                },
+                source: Source::Pool(std::ptr::null()),
             };
-            let mut parts = Parts::new(claims, total).map_err(unreadable)?;
-            let base = self.pool.data_ptr(log_idx, total)?;
-            let len = total as usize;
-            // The batch is copied a window of whole messages at a time, each window checked
-            // (through the one view of a batch's messages), then delivered from while it is
-            // still in cache: the copy costs one pass over cached bytes.
-            let mut window = COPY_WINDOW_BYTES;
-            while !parts.is_done() {
-                let off = parts.offset() as usize;
-                let w = window.min(len - off);
-                if self.buf.len() < w {
-                    // Only for a message larger than the window (bounded by a segment).
-                    self.buf.resize(w, 0);
+            let r = self
+                .check_retained(broker, d, first + u64::from(self.skip))
+                .and_then(|()| self.pool.data_ptr(log_idx, total))
+                .and_then(|base| {
+                    self.deliver(
+                        &Batch {
+                            source: Source::Pool(base),
+                            ..b
+                        },
+                        &mut n,
+                        &mut f,
+                    )
+                });
+            match r {
+                Ok(()) => {}
+                Err(PoolError::FellBehind { position, oldest }) => {
+                    self.fall_back(position, PoolError::FellBehind { position, oldest })?;
+                    continue;
                 }
-                // SAFETY: `base + off .. base + off + w` lies inside `base..base + len`, which
-                // `data_ptr` bounds-checked in the mapping (`Parts` keeps `off <= len`);
-                // `buf` holds at least `w` bytes and is not the pool. Another process may be
-                // writing that range if a broker reclaimed it meanwhile: the copy is then
-                // discarded by the check below, before anything reads it.
-                unsafe {
-                    let src = base.add(off);
-                    self.c.invalidate_range(src, w);
-                    std::ptr::copy_nonoverlapping(src, self.buf.as_mut_ptr(), w);
-                }
-                // The copy is complete before the watermark is read again (announce-then-free
-                // on the broker's side; see the module documentation).
-                crate::sync::fence(Acquire);
-                let i = parts.index();
-                if let Err(e) = self.check_retained(broker, d, first + u64::from(i.max(self.skip)))
-                {
-                    self.skip = i.max(self.skip);
-                    return Err(e);
-                }
-                let messages = parts.next(&self.buf[..w]).map_err(unreadable)?;
-                let count = parts.index() - i;
-                if count > 0 {
-                    let used = parts.offset() as usize - off;
-                    let window = Window {
-                        batch_total_order: first,
-                        client_id,
-                        batch_seq,
-                        num_msg,
-                        first_index: i,
-                        count,
-                        deliver_from: self.skip,
-                        bytes: &self.buf[..used],
-                    };
-                    let origin = BatchOrigin {
-                        broker,
-                        delivery_index: d,
-                    };
-                    n += f(&window, &messages, origin).map_err(unreadable)?;
-                }
-                // A message the window did not hold whole: the next window holds it.
-                window = window.max(parts.need() as usize);
+                Err(e) => return Err(e),
             }
-            self.skip = 0;
-            self.next = d + 1;
-            self.next_total = Some(first + u64::from(num_msg));
-            self.c.publish(&self.cursor.position, self.next);
+            batches += 1;
+            if let Some(cur) = self.cursor {
+                self.c.publish(&cur.position, self.next);
+            }
         }
         Ok(n)
+    }
+
+    /// One step of a subscriber reading the disks at total order `t`: back to the pool if it
+    /// holds the next batch again, else the batch from the disks.
+    fn disk_step(&mut self, t: u64) -> PoolResult<DiskStep> {
+        if self.try_rejoin(t) {
+            return Ok(DiskStep::Rejoined);
+        }
+        let mut body = std::mem::take(&mut self.disk_body);
+        let read = match self.disks() {
+            Some(d) => d.read(t, &mut body),
+            None => Ok(None),
+        };
+        self.disk_body = body;
+        let meta = match read {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                return match self.gap_is_final() {
+                    true => Err(PoolError::FellBehind {
+                        position: t,
+                        oldest: self.oldest_total_order(),
+                    }),
+                    false => Ok(DiskStep::Nothing),
+                }
+            }
+            Err(source) => {
+                return Err(PoolError::DiskLog {
+                    position: t,
+                    source,
+                })
+            }
+        };
+        if self.durable_only && !self.durable(meta.broker, meta.delivery_index) {
+            return Ok(DiskStep::Nothing);
+        }
+        // The record in the pool's batch format, read through the same checked view.
+        self.disk_batch.clear();
+        for (i, payload) in crate::replication::log::messages(&self.disk_body).enumerate() {
+            let header = crate::pool::layout::MessageHeader {
+                client_id: meta.client_id,
+                batch_seq: meta.batch_seq,
+                total_order: meta.total_order + i as u64,
+                ..Default::default()
+            };
+            crate::batch::encode_message(&mut self.disk_batch, &header, payload);
+        }
+        self.skip = (t - meta.total_order) as u32;
+        Ok(DiskStep::Batch(Batch {
+            first: meta.total_order,
+            num_msg: meta.num_msg,
+            client_id: meta.client_id,
+            batch_seq: meta.batch_seq,
+            total: self.disk_batch.len() as u64,
+            origin: BatchOrigin {
+                broker: meta.broker,
+                delivery_index: meta.delivery_index,
+            },
+            source: Source::Disk,
+        }))
+    }
+
+    /// Whether the pool holds the batch at total order `t` (the next after the last read
+    /// from the disks, at delivery index `next`) with room before the sequencer reaches it
+    /// again: then this subscriber registers there, and reads the pool from it.
+    fn try_rejoin(&mut self, t: u64) -> bool {
+        if self.next_total != Some(t) {
+            return false;
+        }
+        let d = self.next;
+        let delivered = self.c.observe(&self.st.delivered);
+        // Half the delivery ring of room: the sequencer, which may have read the slowest
+        // position before this one is published, cannot overwrite the entry meanwhile.
+        if d > delivered || d + (DELIVERY_SLOTS as u64) / 2 < delivered {
+            return false;
+        }
+        if d < delivered {
+            let e = entry(self.st, d);
+            self.c.invalidate(e);
+            let broker = e.broker.load(Relaxed);
+            let held = self.c.observe(&e.stamp) == d + 1
+                && e.total_order.load(Relaxed) == t
+                && self.check_retained(broker, d, t).is_ok();
+            if !held {
+                return false;
+            }
+        }
+        match Self::register(self.pool, self.c, self.topic, self.st, d) {
+            Ok(cur) => {
+                self.cursor = Some(cur);
+                self.on_disk = None;
+                self.skip = 0;
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Whether a batch the disks do not hold (and the pool no longer does) will never be
+    /// there: every broker that keeps disk logs has made durable past it (the delivery index
+    /// after the last batch read), so it is on none of them.
+    fn gap_is_final(&self) -> bool {
+        if self.next_total.is_none() {
+            return true;
+        }
+        let t = self.pool.tinode(self.topic);
+        self.pool
+            .broker_data_dirs(self.c)
+            .iter()
+            .all(|(b, _)| crate::replication::progress_of(self.c, t, *b) > self.next)
+    }
+
+    /// Delivers batch `b` a window of whole messages at a time: each window copied out of the
+    /// pool (then checked as still retained) or taken from the disk copy, checked through the
+    /// one view of a batch's messages, and handed to `f` while in cache.
+    fn deliver(
+        &mut self,
+        b: &Batch,
+        n: &mut usize,
+        f: &mut impl FnMut(
+            &Window<'_>,
+            &crate::messages::Messages<'_>,
+            BatchOrigin,
+        ) -> Result<usize, BadBatch>,
+    ) -> PoolResult<()> {
+        let (first, num_msg) = (b.first, b.num_msg);
+        let (broker, d) = (b.origin.broker, b.origin.delivery_index);
+        let unreadable = |reason| PoolError::UnreadableBatch {
+            first,
+            end: first + u64::from(num_msg),
+            client_id: b.client_id,
+            batch_seq: b.batch_seq,
+            reason,
+        };
+        let claims = Claims {
+            num_msg,
+            client_id: b.client_id,
+            batch_seq: b.batch_seq,
+        };
+        let mut parts = Parts::new(claims, b.total).map_err(unreadable)?;
+        let len = b.total as usize;
+        // The copy costs one pass over cached bytes.
+        let mut window = COPY_WINDOW_BYTES;
+        while !parts.is_done() {
+            let off = parts.offset() as usize;
+            let w = window.min(len - off);
+            let i = parts.index();
+            let bytes: &[u8] = match b.source {
+                Source::Pool(base) => {
+                    if self.buf.len() < w {
+                        // Only for a message larger than the window (bounded by a segment).
+                        self.buf.resize(w, 0);
+                    }
+                    // SAFETY: `base + off .. base + off + w` lies inside `base..base + len`,
+                    // which `data_ptr` bounds-checked in the mapping (`Parts` keeps
+                    // `off <= len`); `buf` holds at least `w` bytes and is not the pool.
+                    // Another process may be writing that range if a broker reclaimed it
+                    // meanwhile: the copy is then discarded by the check below, before
+                    // anything reads it.
+                    unsafe {
+                        let src = base.add(off);
+                        self.c.invalidate_range(src, w);
+                        std::ptr::copy_nonoverlapping(src, self.buf.as_mut_ptr(), w);
+                    }
+                    // The copy is complete before the watermark is read again
+                    // (announce-then-free on the broker's side; see the module docs).
+                    crate::sync::fence(Acquire);
+                    let position = first + u64::from(i.max(self.skip));
+                    if let Err(e) = self.check_retained(broker, d, position) {
+                        self.skip = i.max(self.skip);
+                        return Err(e);
+                    }
+                    &self.buf[..w]
+                }
+                Source::Disk => &self.disk_batch[off..off + w],
+            };
+            let messages = parts.next(bytes).map_err(unreadable)?;
+            let count = parts.index() - i;
+            if count > 0 {
+                let used = parts.offset() as usize - off;
+                let window = Window {
+                    batch_total_order: first,
+                    client_id: b.client_id,
+                    batch_seq: b.batch_seq,
+                    num_msg,
+                    first_index: i,
+                    count,
+                    deliver_from: self.skip,
+                    bytes: &bytes[..used],
+                };
+                let delivered = f(&window, &messages, b.origin).map_err(unreadable)?;
+                *n += delivered;
+                if let Source::Disk = b.source {
+                    self.disk_messages += delivered as u64;
+                }
+            }
+            // A message the window did not hold whole: the next window holds it.
+            window = window.max(parts.need() as usize);
+        }
+        self.skip = 0;
+        self.next = d + 1;
+        self.next_total = Some(first + u64::from(num_msg));
+        Ok(())
     }
 }
 
 impl<C: Coherence> Drop for Subscriber<'_, C> {
     fn drop(&mut self) {
-        let s = self.cursor.state.load(Relaxed);
-        self.c.publish(&self.cursor.state, s & !0xff);
+        self.release_cursor();
     }
 }
 

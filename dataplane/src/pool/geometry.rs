@@ -8,6 +8,7 @@
 //!                  delivery ring: ~557 KiB each)
 //! (4 KiB aligned)  sessions: max_brokers x SESSIONS_PER_BROKER x Session (4.3 KiB each)
 //! (4 KiB aligned)  doorbells: max_brokers x BrokerDoorbell (128 B each)
+//! (4 KiB aligned)  broker info: max_brokers x BrokerInfo (4 KiB each: data directory)
 //! (4 KiB aligned)  segment table: segment_count x 64 B
 //! (segment align)  segment pool: segment_count x segment_bytes   (the logs)
 //! ```
@@ -56,6 +57,7 @@ pub struct PoolGeometry {
     pub sequencer_region_offset: u64,
     pub session_region_offset: u64,
     pub doorbell_region_offset: u64,
+    pub broker_info_region_offset: u64,
     pub segment_table_offset: u64,
     pub segment_pool_offset: u64,
     pub segment_count: u64,
@@ -109,7 +111,11 @@ impl PoolGeometry {
             u64::from(cfg.max_brokers) * SESSIONS_PER_BROKER as u64 * size_of::<Session>() as u64;
         let doorbell_region_offset = align_up(session_region_offset + session_bytes, REGION_ALIGN);
         let doorbell_bytes = u64::from(cfg.max_brokers) * size_of::<BrokerDoorbell>() as u64;
-        let segment_table_offset = align_up(doorbell_region_offset + doorbell_bytes, REGION_ALIGN);
+        let broker_info_region_offset =
+            align_up(doorbell_region_offset + doorbell_bytes, REGION_ALIGN);
+        let broker_info_bytes = u64::from(cfg.max_brokers) * size_of::<BrokerInfo>() as u64;
+        let segment_table_offset =
+            align_up(broker_info_region_offset + broker_info_bytes, REGION_ALIGN);
         let seg_align = cfg.segment_bytes.min(2 << 20).next_power_of_two();
         let entry = size_of::<SegmentEntry>() as u64;
         let room = cfg.pool_bytes.saturating_sub(segment_table_offset);
@@ -141,6 +147,7 @@ impl PoolGeometry {
             sequencer_region_offset,
             session_region_offset,
             doorbell_region_offset,
+            broker_info_region_offset,
             segment_table_offset,
             segment_pool_offset,
             segment_count,
@@ -194,6 +201,12 @@ impl PoolGeometry {
         self.doorbell_region_offset + u64::from(broker) * size_of::<BrokerDoorbell>() as u64
     }
 
+    /// Pool offset of the [`BrokerInfo`] of broker `broker`.
+    pub fn broker_info_offset(&self, broker: u32) -> u64 {
+        debug_assert!(broker < self.max_brokers);
+        self.broker_info_region_offset + u64::from(broker) * size_of::<BrokerInfo>() as u64
+    }
+
     pub fn segment_offset(&self, segment: u64) -> u64 {
         debug_assert!(segment < self.segment_count);
         self.segment_pool_offset + segment * self.segment_bytes
@@ -234,6 +247,10 @@ impl PoolGeometry {
             .store(self.session_region_offset, crate::sync::Ordering::Relaxed);
         sb.doorbell_region_offset
             .store(self.doorbell_region_offset, crate::sync::Ordering::Relaxed);
+        sb.broker_info_region_offset.store(
+            self.broker_info_region_offset,
+            crate::sync::Ordering::Relaxed,
+        );
         use crate::sync::Ordering::Relaxed;
         g.max_topics.store(self.max_topics, Relaxed);
         g.max_brokers.store(self.max_brokers, Relaxed);
@@ -269,6 +286,7 @@ impl PoolGeometry {
             sequencer_region_offset: sb.sequencer_region_offset.load(Relaxed),
             session_region_offset: sb.session_region_offset.load(Relaxed),
             doorbell_region_offset: sb.doorbell_region_offset.load(Relaxed),
+            broker_info_region_offset: sb.broker_info_region_offset.load(Relaxed),
             segment_table_offset: g.segment_table_offset.load(Relaxed),
             segment_pool_offset: g.segment_pool_offset.load(Relaxed),
             segment_count: g.segment_count.load(Relaxed),
@@ -437,7 +455,9 @@ mod tests {
                 prop_assert!(g.session_offset(brokers - 1, SESSIONS_PER_BROKER as u32 - 1)
                     + size_of::<Session>() as u64 <= g.doorbell_region_offset);
                 prop_assert!(g.doorbell_offset(brokers - 1)
-                    + size_of::<BrokerDoorbell>() as u64 <= g.segment_table_offset);
+                    + size_of::<BrokerDoorbell>() as u64 <= g.broker_info_region_offset);
+                prop_assert!(g.broker_info_offset(brokers - 1)
+                    + size_of::<BrokerInfo>() as u64 <= g.segment_table_offset);
                 prop_assert!(g.segment_table_offset + g.segment_count * 64 <= g.segment_pool_offset);
                 prop_assert!(g.segment_pool_offset + g.segment_pool_bytes() <= cfg.pool_bytes);
                 prop_assert_eq!(g.segment_pool_offset % 64, 0);

@@ -16,7 +16,7 @@ pub const CACHE_LINE: usize = 64;
 /// `"EMBARCXL"` little-endian; written last when a pool is formatted.
 pub const POOL_MAGIC: u64 = u64::from_le_bytes(*b"EMBARCXL");
 /// Bumped whenever any record or region below changes shape.
-pub const LAYOUT_VERSION: u32 = 6;
+pub const LAYOUT_VERSION: u32 = 7;
 /// Brokers a topic can have; fixes the size of a [`TInode`].
 pub const MAX_BROKERS: usize = 32;
 /// Longest topic name, in bytes of UTF-8.
@@ -70,7 +70,9 @@ pub struct Superblock {
     pub session_region_offset: AtomicU64,
     /// Pool offset of the brokers' doorbells ([`BrokerDoorbell`]).
     pub doorbell_region_offset: AtomicU64,
-    pub _reserved: [AtomicU64; 5],
+    /// Pool offset of what each broker slot says of itself ([`BrokerInfo`]).
+    pub broker_info_region_offset: AtomicU64,
+    pub _reserved: [AtomicU64; 4],
 }
 
 /// Line 1 of the superblock: enough to recompute and cross-check every region.
@@ -424,6 +426,27 @@ pub struct BrokerDoorbell {
     pub _pad1: [AtomicU32; 15],
 }
 
+/// Bytes of a broker's data directory path a [`BrokerInfo`] holds at most.
+pub const DATA_DIR_MAX_BYTES: usize = 4096 - 64;
+
+/// What a broker slot says of itself to every process on the pool host, one per slot: the
+/// absolute path of the data directory of its disk logs (`docs/durability.md`), so that a
+/// subscriber can read batches the pool no longer holds from the disks. Written by the broker
+/// that holds the slot, at its start (empty: it keeps no disk log); kept after it exits, so a
+/// dead broker's logs stay readable.
+///
+/// | line | writer | contents |
+/// |---|---|---|
+/// | 0 | the broker | `data_dir_len`: bytes of the path (0: none), stored last |
+/// | 1.. | the broker | the path's bytes |
+#[repr(C, align(64))]
+#[derive(Debug)]
+pub struct BrokerInfo {
+    pub data_dir_len: AtomicU64,
+    pub _pad: [AtomicU64; 7],
+    pub data_dir: [AtomicU64; DATA_DIR_MAX_BYTES / 8],
+}
+
 /// [`BrokerDoorbell::sleeping`]: parked.
 pub const SLEEPING: u32 = 1;
 /// [`BrokerDoorbell::sleeping`]: parked, and its loop runs the sequencers (a batch published
@@ -488,6 +511,9 @@ mod size_checks {
     const _: () = assert!(size_of::<GeometryWords>() == 64);
     const _: () = assert!(offset_of!(Superblock, doorbell_region_offset) == 208);
     const _: () = assert!(size_of::<BrokerDoorbell>() == 128);
+    const _: () = assert!(offset_of!(Superblock, broker_info_region_offset) == 216);
+    const _: () = assert!(size_of::<BrokerInfo>() == 4096);
+    const _: () = assert!(offset_of!(BrokerInfo, data_dir) == 64);
     const _: () = assert!(offset_of!(BrokerDoorbell, doorbell) == 64);
 
     const _: () = assert!(size_of::<TopicHeader>() == 256);

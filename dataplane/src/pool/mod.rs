@@ -6,6 +6,8 @@
 //! [`Pool::open`] validates an existing one through a read-only mapping, so a wrong, foreign
 //! or damaged file gets a clear error and not a single written byte.
 
+#[cfg(not(loom))]
+mod broker_info;
 pub mod coherence;
 #[cfg(not(loom))]
 pub mod doorbell;

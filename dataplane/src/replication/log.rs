@@ -37,9 +37,19 @@ pub enum LogError {
     },
     #[error("a batch of {0} bytes is larger than a record can hold")]
     TooLarge(u64),
+    /// A record that does not verify where one should be: it is never served.
+    #[error("the record at byte {offset} of {path} does not verify: {why}")]
+    Corrupt {
+        path: PathBuf,
+        offset: u64,
+        why: String,
+    },
 }
 
-fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> LogError + 'a {
+pub(crate) fn io<'a>(
+    what: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> LogError + 'a {
     move |source| LogError::Io {
         what,
         path: path.to_path_buf(),
@@ -137,7 +147,7 @@ fn body_ok(body: &[u8], num_msg: u32) -> bool {
     n == num_msg
 }
 
-fn encode_header(meta: &RecordMeta, body: &[u8]) -> [u8; RECORD_HEADER_BYTES] {
+pub(crate) fn encode_header(meta: &RecordMeta, body: &[u8]) -> [u8; RECORD_HEADER_BYTES] {
     let mut h = [0u8; RECORD_HEADER_BYTES];
     h[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
     h[8..16].copy_from_slice(&(body.len() as u64).to_le_bytes());
@@ -151,6 +161,13 @@ fn encode_header(meta: &RecordMeta, body: &[u8]) -> [u8; RECORD_HEADER_BYTES] {
     let crc = crc32c::crc32c_append(crc32c::crc32c(&h[8..]), body);
     h[4..8].copy_from_slice(&crc.to_le_bytes());
     h
+}
+
+/// Appends one whole record (header, then body) to `out`: the bytes [`DiskLog::append`]
+/// writes.
+pub fn encode_record(out: &mut Vec<u8>, meta: &RecordMeta, body: &Body) {
+    out.extend_from_slice(&encode_header(meta, body.as_bytes()));
+    out.extend_from_slice(body.as_bytes());
 }
 
 fn u64_at(b: &[u8], at: usize) -> u64 {
@@ -180,6 +197,45 @@ pub struct Scan {
     pub refused: Option<String>,
 }
 
+/// The body length a record header claims, once its magic and length check.
+pub(crate) fn check_header(h: &[u8; RECORD_HEADER_BYTES]) -> Result<u64, String> {
+    if u32_at(h, 0) != RECORD_MAGIC {
+        return Err("no record magic".into());
+    }
+    let body_len = u64_at(h, 8);
+    if body_len > RECORD_BODY_MAX {
+        return Err(format!("a body length of {body_len}"));
+    }
+    Ok(body_len)
+}
+
+/// What a record whose header and body are `h` and `body` says, once its CRC and body framing
+/// verify (its header passed [`check_header`]).
+pub(crate) fn verify(h: &[u8; RECORD_HEADER_BYTES], body: &[u8]) -> Result<RecordMeta, String> {
+    let crc = crc32c::crc32c_append(crc32c::crc32c(&h[8..]), body);
+    if crc != u32_at(h, 4) {
+        return Err("CRC32C mismatch".into());
+    }
+    let meta = header_meta(h);
+    if !body_ok(body, meta.num_msg) {
+        return Err("a body that does not hold its messages".into());
+    }
+    Ok(meta)
+}
+
+/// The fields of a record header (not verified).
+pub(crate) fn header_meta(h: &[u8; RECORD_HEADER_BYTES]) -> RecordMeta {
+    RecordMeta {
+        total_order: u64_at(h, 16),
+        client_id: u64_at(h, 24),
+        batch_seq: u64_at(h, 32),
+        num_msg: u32_at(h, 40),
+        broker: u32_at(h, 44),
+        era: u64_at(h, 48),
+        delivery_index: u64_at(h, 56),
+    }
+}
+
 /// Verifies records from the start of `bytes` until the end or the first that does not
 /// verify. Any input is safe: every length is checked before use.
 pub fn scan(bytes: &[u8]) -> Scan {
@@ -191,15 +247,14 @@ pub fn scan(bytes: &[u8]) -> Scan {
             s.refused = refuse(format!("a short header ({} bytes)", bytes.len() - at));
             break;
         };
-        if u32_at(h, 0) != RECORD_MAGIC {
-            s.refused = refuse("no record magic".into());
-            break;
-        }
-        let body_len = u64_at(h, 8);
-        if body_len > RECORD_BODY_MAX {
-            s.refused = refuse(format!("a body length of {body_len}"));
-            break;
-        }
+        let h: &[u8; RECORD_HEADER_BYTES] = h.try_into().expect("a header's bytes");
+        let body_len = match check_header(h) {
+            Ok(n) => n,
+            Err(why) => {
+                s.refused = refuse(why);
+                break;
+            }
+        };
         let body_at = at + RECORD_HEADER_BYTES;
         let Some(body) = bytes.get(body_at..body_at + body_len as usize) else {
             s.refused = refuse(format!(
@@ -208,24 +263,13 @@ pub fn scan(bytes: &[u8]) -> Scan {
             ));
             break;
         };
-        let crc = crc32c::crc32c_append(crc32c::crc32c(&h[8..]), body);
-        if crc != u32_at(h, 4) {
-            s.refused = refuse("CRC32C mismatch".into());
-            break;
-        }
-        let meta = RecordMeta {
-            total_order: u64_at(h, 16),
-            client_id: u64_at(h, 24),
-            batch_seq: u64_at(h, 32),
-            num_msg: u32_at(h, 40),
-            broker: u32_at(h, 44),
-            era: u64_at(h, 48),
-            delivery_index: u64_at(h, 56),
+        let meta = match verify(h, body) {
+            Ok(m) => m,
+            Err(why) => {
+                s.refused = refuse(why);
+                break;
+            }
         };
-        if !body_ok(body, meta.num_msg) {
-            s.refused = refuse("a body that does not hold its messages".into());
-            break;
-        }
         s.records.push(Scanned {
             meta,
             offset: at as u64,
@@ -239,7 +283,7 @@ pub fn scan(bytes: &[u8]) -> Scan {
 }
 
 /// Segment files of a log directory, by their first record number, in order.
-fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, LogError> {
+pub(crate) fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, LogError> {
     let mut out = Vec::new();
     let rd = std::fs::read_dir(dir).map_err(io("cannot read", dir))?;
     for e in rd {
@@ -260,7 +304,7 @@ fn segment_path(dir: &Path, first_record: u64) -> PathBuf {
     dir.join(format!("{first_record:020}.log"))
 }
 
-fn index_path(log: &Path) -> PathBuf {
+pub(crate) fn index_path(log: &Path) -> PathBuf {
     log.with_extension("idx")
 }
 
@@ -575,7 +619,7 @@ pub fn topic_dir(data_dir: &Path, topic: &str) -> PathBuf {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     fn meta(t: u64, n: u32) -> RecordMeta {
@@ -598,7 +642,8 @@ mod tests {
         b
     }
 
-    fn tmp(name: &str) -> PathBuf {
+    /// A fresh scratch directory for test `name` (this process and thread).
+    pub(crate) fn tmp(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!(
             "embar-log-{name}-{}-{:?}",
             std::process::id(),
@@ -756,8 +801,7 @@ mod tests {
                     b.push(&vec![(r * 7 + i) as u8; *n]);
                 }
                 let m = meta(r as u64 * 10, msgs.len() as u32);
-                bytes.extend_from_slice(&encode_header(&m, b.as_bytes()));
-                bytes.extend_from_slice(b.as_bytes());
+                encode_record(&mut bytes, &m, &b);
                 written.push((m, b.as_bytes().to_vec()));
             }
             let whole = scan(&bytes);

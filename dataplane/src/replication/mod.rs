@@ -5,12 +5,15 @@
 //!   batches to write) and by the broker's ACK 2 decision (whose progress to wait for).
 //! - [`log`]: the disk log (segments, CRC32C per batch, index by total order, sync policy,
 //!   recovery). Format: `docs/durability.md`.
+//! - [`reader`]: a topic read back from every broker's log in total order, with bounded
+//!   memory (what a subscriber reads once the pool no longer holds a position).
 //! - [`Replicator`]: one (broker, topic): reads the topic's delivery ring through a subscriber
 //!   cursor (which holds the sequencer and retention back until it has read), appends the
 //!   batches of its replica sets, syncs per the policy, and only then publishes
 //!   `durable_delivery` in the pool.
 
 pub mod log;
+pub mod reader;
 
 use std::path::Path;
 use std::time::Instant;
@@ -147,7 +150,7 @@ impl<'p, C: Coherence> Replicator<'p, C> {
             .read_topic(c, slot)
             .ok_or_else(|| PoolError::UnknownTopic(topic.to_string()))?;
         let (log, rec) = DiskLog::open(&log::topic_dir(data_dir, topic), cfg)?;
-        let sub = Subscriber::open(pool, c, topic, StartAt::Oldest)?;
+        let sub = Subscriber::open_with(pool, c, topic, StartAt::Oldest, false)?;
         let era = pool
             .superblock()
             .pool_id
