@@ -352,6 +352,28 @@ impl Cluster {
         c
     }
 
+    /// Waits (5 s at most) until no subscriber's cursor holds `topic`'s log: what a dropped
+    /// or departed subscriber must leave behind.
+    #[track_caller]
+    pub fn wait_no_subscriber_holds(&self, topic: &str) {
+        use embar_dataplane::pool::coherence::Coherent;
+        let pool = embar_dataplane::pool::Pool::open(
+            self.file()["pool"].as_str().expect("a pool path").as_ref(),
+            &Default::default(),
+        )
+        .expect("the cluster's pool opens");
+        let slot = pool.find_topic(Coherent, topic).expect("the topic");
+        let st = pool.sequencer_state(slot);
+        wait_until(
+            "no subscriber holds the topic",
+            Duration::from_secs(5),
+            || {
+                embar_dataplane::client::subscriber::slowest_position(st, Coherent, |_, _, _| true)
+                    .is_none()
+            },
+        );
+    }
+
     /// Runs a rogue publisher with `fault` on topic `t` and checks that its batch was rejected
     /// with a reason containing one of `needles` (`|`-separated).
     #[track_caller]
@@ -419,6 +441,18 @@ pub fn lines(prefix: &str, n: usize, width: usize) -> String {
     (0..n)
         .map(|i| format!("{prefix} {i:06} {}\n", "p".repeat(width)))
         .collect()
+}
+
+/// Waits for `child` to exit and checks that it succeeded (its stderr says why not).
+#[track_caller]
+pub fn succeeded(child: Child) -> Output {
+    let out = child.wait_with_output().expect("the child's output");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 /// Sends `signal` (`-KILL`, `-TERM`, `-STOP`, ...) to process `pid` through the `kill`
