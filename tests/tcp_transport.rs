@@ -429,7 +429,7 @@ fn a_remote_subscriber_that_stops_reading_is_dropped_and_holds_nothing() {
     );
     // Its cursor went with it: the topic's subscriber table holds no one, so log space is
     // reclaimed again (a publisher of more than the pool goes through).
-    c.wait_no_subscriber_holds("t");
+    c.wait_no_subscriber_holds("t", Duration::from_secs(5));
     let big = "x".repeat(1000);
     let cfg = TcpPublisherConfig::default();
     let mut p = TcpPublisher::connect(&brokers, "t", client_id("big"), &cfg).unwrap();

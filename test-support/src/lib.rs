@@ -352,10 +352,8 @@ impl Cluster {
         c
     }
 
-    /// Waits (5 s at most) until no subscriber's cursor holds `topic`'s log: what a dropped
-    /// or departed subscriber must leave behind.
-    #[track_caller]
-    pub fn wait_no_subscriber_holds(&self, topic: &str) {
+    /// Whether a subscriber's cursor holds `topic`'s log (a registered subscriber).
+    pub fn subscriber_holds(&self, topic: &str) -> bool {
         use embar_dataplane::pool::coherence::Coherent;
         let pool = embar_dataplane::pool::Pool::open(
             self.file()["pool"].as_str().expect("a pool path").as_ref(),
@@ -364,14 +362,17 @@ impl Cluster {
         .expect("the cluster's pool opens");
         let slot = pool.find_topic(Coherent, topic).expect("the topic");
         let st = pool.sequencer_state(slot);
-        wait_until(
-            "no subscriber holds the topic",
-            Duration::from_secs(5),
-            || {
-                embar_dataplane::client::subscriber::slowest_position(st, Coherent, |_, _, _| true)
-                    .is_none()
-            },
-        );
+        embar_dataplane::client::subscriber::slowest_position(st, Coherent, |_, _, _| true)
+            .is_some()
+    }
+
+    /// Waits (`limit` at most) until no subscriber's cursor holds `topic`'s log: what a
+    /// dropped or departed subscriber must leave behind.
+    #[track_caller]
+    pub fn wait_no_subscriber_holds(&self, topic: &str, limit: Duration) {
+        wait_until("no subscriber holds the topic", limit, || {
+            !self.subscriber_holds(topic)
+        });
     }
 
     /// Runs a rogue publisher with `fault` on topic `t` and checks that its batch was rejected

@@ -545,12 +545,12 @@ impl Link for VerbsLink {
                     ));
                 }
             }
-            match began {
-                Some(t) if t.elapsed() < timeout => idle.after(0, |rest| {
-                    std::thread::sleep(rest.min(timeout - t.elapsed()))
-                }),
-                _ => return Ok(0),
+            // The time left, read once (it must not go below zero between a check and a use).
+            let left = began.map_or(Duration::ZERO, |t| timeout.saturating_sub(t.elapsed()));
+            if left.is_zero() {
+                return Ok(0);
             }
+            idle.after(0, |rest| std::thread::sleep(rest.min(left)));
         }
     }
 }
