@@ -133,8 +133,8 @@ pub fn bench(a: &BenchArgs) -> CliResult<bool> {
     }
     let transport = if t.verbs() {
         pipeline::Transport::Verbs {
-            device: t.rdma_device(),
-            gid_index: t.gid_index(),
+            device: t.rdma.rdma_device(),
+            gid_index: t.rdma.gid_index(),
             ip: a
                 .verbs_ip
                 .or_else(|| std::env::var("RDMA_IP").ok()?.parse().ok()),

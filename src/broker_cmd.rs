@@ -52,7 +52,8 @@ pub struct BrokerArgs {
     #[arg(long, default_value = "127.0.0.1:0", value_parser = parse_tcp)]
     pub tcp: TcpListen,
     /// A TCP publisher that stalls mid-frame or leaves its acks unread this long, or a TCP
-    /// subscriber that reads nothing this long, is dropped (ms).
+    /// subscriber that reads nothing (a verbs subscriber that returns no credit) this long,
+    /// is dropped (ms).
     #[arg(long, default_value_t = 10_000)]
     pub tcp_idle_timeout_ms: u64,
     /// Accept DPDK publishers (docs/dpdk.md; a build with `--features dpdk`): each memif

@@ -76,6 +76,13 @@ pub struct TransportArgs {
     /// dpdk, for tests of the link's checks: corrupt every Nth data frame sent.
     #[arg(long, default_value_t = 0)]
     pub dpdk_corrupt_every: u32,
+    #[command(flatten)]
+    pub rdma: RdmaArgs,
+}
+
+/// The RDMA device a verbs client uses.
+#[derive(Clone, Debug, clap::Args)]
+pub struct RdmaArgs {
     /// verbs: RDMA device (default: $RDMA_DEVICE, else the first).
     #[arg(long)]
     pub rdma_device: Option<String>,
@@ -84,11 +91,7 @@ pub struct TransportArgs {
     pub gid_index: Option<u8>,
 }
 
-impl TransportArgs {
-    pub fn verbs(&self) -> bool {
-        self.transport == "verbs"
-    }
-
+impl RdmaArgs {
     pub fn rdma_device(&self) -> Option<String> {
         self.rdma_device
             .clone()
@@ -99,6 +102,23 @@ impl TransportArgs {
         self.gid_index
             .or_else(|| std::env::var("RDMA_GID_INDEX").ok()?.parse().ok())
             .unwrap_or(1)
+    }
+
+    /// The library's verbs transport on this device (a usage error in a build without it).
+    pub fn transport(&self) -> CliResult<Transport> {
+        if !cfg!(feature = "verbs") {
+            return Err(CliError::usage(crate::NO_VERBS));
+        }
+        Ok(Transport::Verbs {
+            device: self.rdma_device(),
+            gid_index: Some(self.gid_index()),
+        })
+    }
+}
+
+impl TransportArgs {
+    pub fn verbs(&self) -> bool {
+        self.transport == "verbs"
     }
 
     /// The library's transport for these flags.
@@ -124,13 +144,7 @@ impl TransportArgs {
         if !self.verbs() {
             return Ok(Transport::Shm);
         }
-        if !cfg!(feature = "verbs") {
-            return Err(CliError::usage(crate::NO_VERBS));
-        }
-        Ok(Transport::Verbs {
-            device: self.rdma_device(),
-            gid_index: Some(self.gid_index()),
-        })
+        self.rdma.transport()
     }
 }
 
@@ -281,10 +295,14 @@ pub struct SubscribeArgs {
     /// as ACK 2 waits for); waits at the first that is not yet.
     #[arg(long)]
     pub durable_only: bool,
-    /// `shm` (on the pool host: read the pool) or `tcp` (from any host: read the total
-    /// order from a broker, resuming on another when the connection drops).
-    #[arg(long, default_value = "shm", value_parser = ["shm", "tcp"])]
+    /// `shm` (on the pool host: read the pool), `tcp` (from any host: read the total
+    /// order from a broker, resuming on another when the connection drops) or `verbs` (the
+    /// same from a host with an RDMA device: a broker RDMA-writes the log into this
+    /// subscriber's ring; brokers started with --verbs; a build with --features verbs).
+    #[arg(long, default_value = "shm", value_parser = ["shm", "tcp", "verbs"])]
     pub transport: String,
+    #[command(flatten)]
+    pub rdma: RdmaArgs,
     /// Check the order of every message delivered: total orders contiguous from the first,
     /// each batch's messages together, and (ORDER 4, 5) each publisher's batches in its
     /// order. The first violation is printed to stderr, after the messages up to and
@@ -312,10 +330,10 @@ pub fn subscribe(a: &SubscribeArgs) -> CliResult<()> {
             CliError::usage(format!("--from {n:?}: expected oldest, latest or a number"))
         })?),
     };
-    let transport = if a.transport == "tcp" {
-        Transport::Tcp
-    } else {
-        Transport::Shm
+    let transport = match a.transport.as_str() {
+        "tcp" => Transport::Tcp,
+        "verbs" => a.rdma.transport()?,
+        _ => Transport::Shm,
     };
     let client = connect(a.control, Client::builder().transport(transport))?;
     let mut checker = match a.check_order {

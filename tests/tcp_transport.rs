@@ -429,22 +429,7 @@ fn a_remote_subscriber_that_stops_reading_is_dropped_and_holds_nothing() {
     );
     // Its cursor went with it: the topic's subscriber table holds no one, so log space is
     // reclaimed again (a publisher of more than the pool goes through).
-    let pool = embar_dataplane::pool::Pool::open(
-        c.file()["pool"].as_str().unwrap().as_ref(),
-        &Default::default(),
-    )
-    .unwrap();
-    use embar_dataplane::pool::coherence::Coherent;
-    let slot = pool.find_topic(Coherent, "t").unwrap();
-    let st = pool.sequencer_state(slot);
-    wait_until(
-        "no subscriber holds the topic",
-        Duration::from_secs(5),
-        || {
-            embar_dataplane::client::subscriber::slowest_position(st, Coherent, |_, _, _| true)
-                .is_none()
-        },
-    );
+    c.wait_no_subscriber_holds("t", Duration::from_secs(5));
     let big = "x".repeat(1000);
     let cfg = TcpPublisherConfig::default();
     let mut p = TcpPublisher::connect(&brokers, "t", client_id("big"), &cfg).unwrap();

@@ -1,19 +1,26 @@
 //! The verbs transport as real processes on a real RDMA device (rxe in the test VM, run by
-//! `scripts/rxe-test.sh`): brokers with `--verbs`, verbs publishers, shm subscribers, and
-//! rogue verbs clients.
+//! `scripts/rxe-test.sh`): brokers with `--verbs`, verbs publishers, shm and verbs
+//! subscribers, and rogue verbs clients.
 //!
 //! Without a device (or without `RDMA_IP`, the address brokers listen on) these tests print
 //! why and pass, unless `EMBAR_REQUIRE_RDMA=1` (set in the VM), where that fails them.
 //! `EMBAR_BIN` overrides the `embar` binary (the VM mounts the host's build elsewhere).
 #![cfg(feature = "verbs")]
 
+use std::collections::HashMap;
 use std::io::Write;
+use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
+
+use embar_dataplane::client::subscriber::StartAt;
+use embar_dataplane::verbs::subscriber::{VerbsSubscriber, VerbsSubscriberConfig};
 
 use serde_json::Value;
 
-use embar_test_support::{alive, exe, lines, serial, signal, wait_for, wait_until, Cluster};
+use embar_test_support::{
+    alive, exe, lines, serial, signal, succeeded, wait_for, wait_until, Cluster,
+};
 
 /// The IP brokers listen on for verbs, when a device is usable.
 fn rdma_ip() -> Option<String> {
@@ -151,12 +158,7 @@ fn verbs_publishers_and_subscribers_agree_nothing_lost_or_duplicated() {
         .collect();
     let shm = c.spawn(&["publish", "--topic", "t"], Some(lines("s", 200, 200)));
     for p in pubs.into_iter().chain([shm]) {
-        let out = p.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        succeeded(p);
     }
     let first = c.read_all("t");
     let second = c.read_all("t");
@@ -200,22 +202,9 @@ fn a_write_past_the_grant_fails_at_the_nic_and_nothing_else_is_touched() {
         err.contains("outside the space the broker granted"),
         "{err}"
     );
-    let out = honest.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    succeeded(honest);
     // The brokers still serve new sessions.
-    let after = c
-        .publish_verbs("t", lines("late", 100, 200))
-        .wait_with_output()
-        .unwrap();
-    assert!(
-        after.status.success(),
-        "{}",
-        String::from_utf8_lossy(&after.stderr)
-    );
+    succeeded(c.publish_verbs("t", lines("late", 100, 200)));
     let got = payloads(&c.read_all("t"));
     assert_eq!(
         got.len(),
@@ -247,15 +236,7 @@ fn an_immediate_naming_no_staging_slot_or_a_descriptor_outside_the_grants_is_rej
         );
     }
     c.wait_metric("embar_broker_verbs_bad_immediates_total", 1);
-    let ok = c
-        .publish_verbs("t", lines("h", 50, 200))
-        .wait_with_output()
-        .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    succeeded(c.publish_verbs("t", lines("h", 50, 200)));
     assert_eq!(
         c.read_all("t").len(),
         2 * 10 + 50,
@@ -275,15 +256,7 @@ fn a_session_that_vanishes_mid_batch_publishes_nothing_half_written() {
     // closes the pool session.
     c.wait_metric("embar_broker_verbs_sessions_closed_total", 2);
     assert_eq!(c.metric_sum("embar_broker_verbs_sessions_open"), 0);
-    let ok = c
-        .publish_verbs("t", lines("h", 100, 200))
-        .wait_with_output()
-        .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    succeeded(c.publish_verbs("t", lines("h", 100, 200)));
     let got = payloads(&c.read_all("t"));
     assert_eq!(
         got.len(),
@@ -432,4 +405,256 @@ fn a_deleted_topic_ends_its_verbs_sessions_and_the_publisher_hears_why() {
         err.contains("ended the session") || err.contains("RDMA write"),
         "{err}"
     );
+}
+
+/// The live brokers' verbs ports and pids, in slot order.
+fn verbs_brokers(c: &Cluster) -> Vec<(SocketAddr, u32)> {
+    let status = c.status();
+    let mut v: Vec<(u64, SocketAddr, u32)> = status["brokers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|b| b["alive"] == true)
+        .map(|b| {
+            let a = &b["addresses"];
+            (
+                b["slot"].as_u64().unwrap(),
+                a["verbs"].as_str().unwrap().parse().unwrap(),
+                a["pid"].as_str().unwrap().parse().unwrap(),
+            )
+        })
+        .collect();
+    v.sort();
+    v.into_iter().map(|(_, a, p)| (a, p)).collect()
+}
+
+/// A verbs subscriber through the library, on the device the tests use, with a small ring
+/// (so that a stream of a few megabytes wraps it many times).
+fn verbs_subscriber(brokers: &[SocketAddr], ring_bytes: u64) -> VerbsSubscriber {
+    let cfg = VerbsSubscriberConfig {
+        device: std::env::var("RDMA_DEVICE").ok(),
+        gid_index: std::env::var("RDMA_GID_INDEX")
+            .ok()
+            .and_then(|g| g.parse().ok())
+            .unwrap_or(1),
+        ring_bytes,
+    };
+    VerbsSubscriber::connect(brokers, "t", StartAt::Oldest, Duration::from_secs(20), &cfg)
+        .expect("a verbs subscriber")
+}
+
+/// With a device: the test's turn, and a cluster taking verbs clients (brokers started with
+/// `extra` too) with an ORDER 5 topic `t`.
+fn ordered_verbs_cluster(
+    name: &str,
+    extra: &[&str],
+) -> Option<(std::sync::MutexGuard<'static, ()>, Cluster)> {
+    let ip = rdma_ip()?;
+    let turn = serial();
+    let mut args = vec![
+        "--verbs",
+        &ip,
+        "--pool-bytes",
+        "256MiB",
+        "--segment-bytes",
+        "4MiB",
+    ];
+    args.extend(extra);
+    let c = Cluster::up(&format!("verbs-{name}"), &args);
+    c.topic("t", &["--order", "5"]);
+    Some((turn, c))
+}
+
+/// Publishes `lines(tag, n, width)` over verbs and waits for every ack.
+fn publish_verbs_all(c: &Cluster, tag: &str, n: usize, width: usize) {
+    succeeded(c.publish_verbs("t", lines(tag, n, width)));
+}
+
+#[test]
+fn a_verbs_subscriber_gets_every_message_once_in_total_order() {
+    let Some((_turn, c)) = ordered_verbs_cluster("sub", &[]) else {
+        return;
+    };
+    // Two verbs publishers and a shm one, 10 MB in all: more than the subscriber's ring of
+    // 8 MiB, so its ring wraps.
+    let pubs: Vec<Child> = ["a", "b"]
+        .iter()
+        .map(|p| c.publish_verbs("t", lines(p, 20_000, 200)))
+        .chain([c.spawn(&["publish", "--topic", "t"], Some(lines("s", 5_000, 200)))])
+        .collect();
+    for p in pubs {
+        succeeded(p);
+    }
+    let out = c.run(
+        &[
+            "subscribe",
+            "--topic",
+            "t",
+            "--transport",
+            "verbs",
+            "--check-order",
+            "--count",
+            "45000",
+            "--format",
+            "jsonl",
+        ],
+        None,
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(
+        err.contains("order check passed: 45000 messages, 3 publishers"),
+        "{err}"
+    );
+    let got: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(got.len(), 45_000);
+    assert!(
+        got.iter()
+            .enumerate()
+            .all(|(i, m)| m["total_order"].as_u64() == Some(i as u64)),
+        "total orders 0.. without a gap or a duplicate"
+    );
+    for (p, n) in [("a", 20_000), ("b", 20_000), ("s", 5_000)] {
+        let mine: Vec<String> = payloads(&got)
+            .into_iter()
+            .filter(|l| l.starts_with(&format!("{p} ")))
+            .collect();
+        let want: Vec<String> = lines(p, n, 200).lines().map(String::from).collect();
+        assert_eq!(mine, want, "publisher {p}: all, once, in its order");
+    }
+    // The same as a subscriber on the pool host sees.
+    assert_eq!(got, c.read_all("t"), "verbs and shm subscribers agree");
+}
+
+#[test]
+fn a_verbs_subscriber_resumes_on_the_other_broker_when_its_broker_dies() {
+    let Some((_turn, c)) = ordered_verbs_cluster("sub-resume", &[]) else {
+        return;
+    };
+    let n = 30_000u64;
+    publish_verbs_all(&c, "r", n as usize, 100);
+    let brokers = verbs_brokers(&c);
+    assert_eq!(brokers.len(), 2);
+    // A ring of 64 KiB: the stream is cut mid-way by the kill, whatever was in flight.
+    let mut sub = verbs_subscriber(&[brokers[0].0, brokers[1].0], 64 << 10);
+    let mut next = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while next < n {
+        assert!(Instant::now() < deadline, "only {next} of {n}");
+        let Some(m) = sub
+            .next_timeout(Duration::from_millis(200))
+            .expect("the stream")
+        else {
+            continue;
+        };
+        assert_eq!(m.total_order, next, "no gap, no duplicate");
+        let text = String::from_utf8_lossy(m.payload);
+        assert!(
+            text.starts_with(&format!("r {next:06} ")),
+            "in publish order: {next} is {text:.12}"
+        );
+        next += 1;
+        if next == 1000 {
+            signal(brokers[0].1, "-KILL");
+        }
+    }
+    assert!(
+        sub.next_timeout(Duration::from_millis(500))
+            .unwrap()
+            .is_none(),
+        "no duplicate after the last"
+    );
+    assert_eq!(sub.reconnects(), 1);
+    assert_eq!(sub.broker_addr(), brokers[1].0);
+}
+
+#[test]
+fn a_verbs_subscriber_is_refused_a_position_not_reached_or_an_unknown_topic() {
+    let Some((_turn, c)) = ordered_verbs_cluster("sub-refused", &[]) else {
+        return;
+    };
+    publish_verbs_all(&c, "x", 300, 50);
+    let verbs_from = |from: &str, more: &[&str]| {
+        let mut args = vec![
+            "subscribe",
+            "--topic",
+            "t",
+            "--transport",
+            "verbs",
+            "--from",
+        ];
+        args.push(from);
+        args.extend(more);
+        c.embar(&args)
+    };
+    let (ok, _, err) = verbs_from("999999", &[]);
+    assert!(!ok);
+    assert!(
+        err.contains("not reached yet") && err.contains("999999") && err.contains("300"),
+        "both positions: {err}"
+    );
+    let (ok, _, err) = c.embar(&["subscribe", "--topic", "nope", "--transport", "verbs"]);
+    assert!(!ok && err.contains("unknown topic"), "{err}");
+    // Refusals hold nothing: a subscriber from a retained position reads on.
+    let (ok, out, err) = verbs_from("295", &["--count", "5"]);
+    assert!(ok, "{err}");
+    assert_eq!(out.lines().count(), 5, "{out}");
+    assert!(out.starts_with("x 000295 "), "{out}");
+}
+
+#[test]
+fn a_verbs_subscriber_that_returns_no_credit_is_dropped_and_holds_nothing() {
+    let Some((_turn, c)) = ordered_verbs_cluster("sub-stuck", &["--tcp-idle-timeout-ms", "500"])
+    else {
+        return;
+    };
+    publish_verbs_all(&c, "k", 3000, 200);
+    let brokers = verbs_brokers(&c);
+    // Connected, and never read: its 64 KiB ring fills and it returns no credit. (The
+    // broker's log line says so, "returned no credit for 500ms; dropped", at info level.)
+    let stuck = verbs_subscriber(&[brokers[0].0], 64 << 10);
+    assert!(c.subscriber_holds("t"), "its cursor, while it is served");
+    // Dropped after the idle timeout, its cursor with it: the topic's subscriber table
+    // holds no one.
+    c.wait_no_subscriber_holds("t", Duration::from_secs(20));
+    drop(stuck);
+    // The broker serves the next one as before.
+    let mut sub = verbs_subscriber(&[brokers[0].0], 64 << 10);
+    let mut seen: HashMap<u64, ()> = HashMap::new();
+    while seen.len() < 3000 {
+        let m = sub
+            .next_timeout(Duration::from_secs(10))
+            .expect("the stream")
+            .expect("a message within 10 s");
+        assert!(seen.insert(m.total_order, ()).is_none(), "once each");
+    }
+}
+
+/// Where no device is usable, a verbs subscriber fails at once and says so. (Runs on hosts
+/// without RDMA; in the VM it says why it skips.)
+#[test]
+fn without_a_device_a_verbs_subscriber_says_so() {
+    if embar_sys::verbs::Context::open(None, 1).is_ok() {
+        eprintln!("skipped: this host has a usable RDMA device");
+        return;
+    }
+    let _s = serial();
+    let c = Cluster::up(
+        "verbs-sub-nodev",
+        &[
+            "--brokers",
+            "1",
+            "--pool-bytes",
+            "64MiB",
+            "--segment-bytes",
+            "4MiB",
+        ],
+    );
+    c.topic("t", &[]);
+    let (ok, _, err) = c.embar(&["subscribe", "--topic", "t", "--transport", "verbs"]);
+    assert!(!ok, "a verbs subscriber without a device");
+    assert!(err.contains("no RDMA device"), "{err}");
 }

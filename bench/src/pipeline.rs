@@ -71,7 +71,8 @@ pub struct Config {
 pub enum Transport {
     /// Stores into the pool (publishers on the pool host).
     Shm,
-    /// RDMA writes into broker-registered grants (a build with the `verbs` feature).
+    /// RDMA writes into broker-registered grants (a build with the `verbs` feature);
+    /// subscribers read the total order from a broker over verbs too (remote subscribers).
     Verbs {
         device: Option<String>,
         gid_index: u8,
@@ -915,11 +916,13 @@ impl Load<'_> {
     }
 }
 
-/// A bench subscriber: on the pool host, or (with the TCP transport) a remote one reading
-/// the total order from a broker over TCP.
+/// A bench subscriber: on the pool host, or (with the TCP or verbs transport) a remote one
+/// reading the total order from a broker over that transport.
 enum BenchSub<'p, C: Coherence> {
     Pool(Subscriber<'p, C>),
     Tcp(embar_dataplane::tcp::subscriber::TcpSubscriber),
+    #[cfg(feature = "verbs")]
+    Verbs(Box<embar_dataplane::verbs::subscriber::VerbsSubscriber>),
 }
 
 impl<'p, C: Coherence> BenchSub<'p, C> {
@@ -930,6 +933,32 @@ impl<'p, C: Coherence> BenchSub<'p, C> {
         topic: &str,
         transport: &Transport,
     ) -> BenchResult<Self> {
+        #[cfg(feature = "verbs")]
+        if let Transport::Verbs {
+            device, gid_index, ..
+        } = transport
+        {
+            use embar_dataplane::verbs::subscriber::{VerbsSubscriber, VerbsSubscriberConfig};
+            let brokers: Vec<SocketAddr> = crate::cluster::cluster_view(control)?
+                .verbs_brokers()?
+                .into_iter()
+                .map(|(_, a)| a)
+                .collect();
+            let cfg = VerbsSubscriberConfig {
+                device: device.clone(),
+                gid_index: *gid_index,
+                ..Default::default()
+            };
+            let s = VerbsSubscriber::connect(
+                &brokers,
+                topic,
+                StartAt::Oldest,
+                Duration::from_secs(10),
+                &cfg,
+            )
+            .map_err(|e| BenchError::Run(format!("verbs subscriber: {e}")))?;
+            return Ok(BenchSub::Verbs(Box::new(s)));
+        }
         if *transport != Transport::Tcp {
             return Ok(BenchSub::Pool(Subscriber::open(
                 pool,
@@ -959,6 +988,8 @@ impl<'p, C: Coherence> BenchSub<'p, C> {
         match self {
             BenchSub::Pool(s) => s.wait_ordered(timeout),
             BenchSub::Tcp(s) => s.wait(timeout),
+            #[cfg(feature = "verbs")]
+            BenchSub::Verbs(s) => s.wait(timeout),
         }
     }
 
@@ -973,6 +1004,10 @@ impl<'p, C: Coherence> BenchSub<'p, C> {
             BenchSub::Tcp(s) => s
                 .poll(max_batches * 2048, f)
                 .map_err(|e| BenchError::Run(format!("TCP subscriber: {e}"))),
+            #[cfg(feature = "verbs")]
+            BenchSub::Verbs(s) => s
+                .poll(max_batches * 2048, f)
+                .map_err(|e| BenchError::Run(format!("verbs subscriber: {e}"))),
         }
     }
 }

@@ -55,15 +55,24 @@ impl<'p, C: Coherence> Driver<'p, C> {
         })
     }
 
-    /// Accepts verbs (RDMA) publishers on `listener` with device `ctx`.
+    /// Accepts verbs (RDMA) publishers on `listener` with device `ctx`, and hands verbs
+    /// subscribers that connect there to `subscribers` (refused without it).
     #[cfg(feature = "verbs")]
     pub fn with_verbs(
         mut self,
         listener: std::net::TcpListener,
         ctx: std::sync::Arc<embar_sys::verbs::Context>,
+        subscribers: Option<
+            std::sync::mpsc::Sender<embar_dataplane::remote_subscriber::SubscriberConn>,
+        >,
     ) -> Result<Self, DriverError> {
         self.frontend = Some(embar_dataplane::verbs::frontend::Frontend::new(
-            self.pool, self.c, self.slot, listener, ctx,
+            self.pool,
+            self.c,
+            self.slot,
+            listener,
+            ctx,
+            subscribers,
         )?);
         Ok(self)
     }

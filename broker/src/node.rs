@@ -163,6 +163,7 @@ pub struct BrokerNode {
     heartbeat: Option<JoinHandle<Result<(), String>>>,
     replication: Option<JoinHandle<()>>,
     tcp_thread: Option<JoinHandle<()>>,
+    verbs_subscribers: Option<JoinHandle<()>>,
 }
 
 /// Records in the pool where this slot's disk logs are (or that it keeps none), so that
@@ -209,7 +210,8 @@ impl BrokerNode {
             addr: cfg.metrics,
             source,
         })?;
-        let verbs = open_verbs(cfg.verbs.as_ref())?;
+        #[allow(unused_mut)]
+        let mut verbs = open_verbs(cfg.verbs.as_ref())?;
         if let Some(d) = &cfg.dpdk {
             if cfg.tcp.is_none() {
                 return Err(StartError::Dpdk(
@@ -328,6 +330,8 @@ impl BrokerNode {
             }
             None => None,
         };
+        let verbs_subscribers =
+            serve_verbs_subscribers(&mut verbs, &pool, slot, cfg.tcp_frontend, &stop)?;
         let serve = Serve {
             slot,
             cfg,
@@ -352,6 +356,7 @@ impl BrokerNode {
             heartbeat: Some(heartbeat),
             replication,
             tcp_thread,
+            verbs_subscribers,
         })
     }
 
@@ -407,6 +412,9 @@ impl BrokerNode {
             let _ = r.join();
         }
         if let Some(t) = self.tcp_thread.take() {
+            let _ = t.join();
+        }
+        if let Some(t) = self.verbs_subscribers.take() {
             let _ = t.join();
         }
         self.hb_stop.store(true, Ordering::Relaxed);
@@ -493,7 +501,7 @@ impl CoherenceFn<Result<(), RunError>> for Go<'_> {
         let mut driver = Driver::new(pool, c, s.slot, opts)?;
         #[cfg(feature = "verbs")]
         if let Some(v) = s.verbs {
-            driver = driver.with_verbs(v.listener, v.ctx)?;
+            driver = driver.with_verbs(v.listener, v.ctx, v.subscribers)?;
         }
         #[cfg(not(feature = "verbs"))]
         let _ = s.verbs;
@@ -578,6 +586,9 @@ impl CoherenceFn<Result<(), RunError>> for Go<'_> {
 struct VerbsPort {
     listener: TcpListener,
     ctx: Arc<embar_sys::verbs::Context>,
+    /// Where the verbs frontend hands the subscribers that connect to its port.
+    subscribers:
+        Option<std::sync::mpsc::Sender<embar_dataplane::remote_subscriber::SubscriberConn>>,
 }
 #[cfg(not(feature = "verbs"))]
 type VerbsPort = std::convert::Infallible;
@@ -598,7 +609,85 @@ fn open_verbs(v: Option<&VerbsConfig>) -> Result<Option<VerbsPort>, StartError> 
         listener.local_addr().map_or(v.addr, |a| a),
         ctx.name()
     );
-    Ok(Some(VerbsPort { listener, ctx }))
+    Ok(Some(VerbsPort {
+        listener,
+        ctx,
+        subscribers: None,
+    }))
+}
+
+/// Starts the thread that serves the verbs subscribers of the verbs port (each on a
+/// thread of its own, with the TCP frontend's idle timeout and subscriber limit).
+#[cfg(feature = "verbs")]
+fn serve_verbs_subscribers(
+    verbs: &mut Option<VerbsPort>,
+    pool: &Arc<Pool>,
+    slot: u32,
+    limits: embar_dataplane::tcp::frontend::FrontendConfig,
+    stop: &Arc<AtomicBool>,
+) -> Result<Option<JoinHandle<()>>, StartError> {
+    let Some(v) = verbs.as_mut() else {
+        return Ok(None);
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    v.subscribers = Some(tx);
+    let (pool, stop, ctx) = (pool.clone(), stop.clone(), v.ctx.clone());
+    let cfg = embar_dataplane::verbs::subscriber::ServeConfig {
+        idle_timeout: limits.idle_timeout,
+        max_subscribers: limits.max_subscribers,
+    };
+    std::thread::Builder::new()
+        .name("broker-verbs-sub".into())
+        .spawn(move || {
+            let go = VerbsSubGo {
+                pool: &pool,
+                slot,
+                ctx: &ctx,
+                incoming: rx,
+                cfg,
+                stop: &stop,
+            };
+            Pool::with_coherence(pool.coherence_mode(), go);
+        })
+        .map(Some)
+        .map_err(StartError::Thread)
+}
+
+#[cfg(not(feature = "verbs"))]
+fn serve_verbs_subscribers(
+    _: &mut Option<VerbsPort>,
+    _: &Arc<Pool>,
+    _: u32,
+    _: embar_dataplane::tcp::frontend::FrontendConfig,
+    _: &Arc<AtomicBool>,
+) -> Result<Option<JoinHandle<()>>, StartError> {
+    Ok(None)
+}
+
+/// What the verbs subscribers' thread runs.
+#[cfg(feature = "verbs")]
+struct VerbsSubGo<'a> {
+    pool: &'a Pool,
+    slot: u32,
+    ctx: &'a Arc<embar_sys::verbs::Context>,
+    incoming: std::sync::mpsc::Receiver<embar_dataplane::remote_subscriber::SubscriberConn>,
+    cfg: embar_dataplane::verbs::subscriber::ServeConfig,
+    stop: &'a AtomicBool,
+}
+
+#[cfg(feature = "verbs")]
+impl CoherenceFn<()> for VerbsSubGo<'_> {
+    fn call<C: Coherence>(self, c: C) {
+        embar_dataplane::verbs::subscriber::run(
+            self.pool,
+            c,
+            self.slot,
+            self.ctx,
+            self.incoming,
+            self.cfg,
+            self.stop,
+        )
+    }
 }
 
 #[cfg(not(feature = "verbs"))]

@@ -143,7 +143,9 @@ impl From<SubscribeError> for Error {
 
 fn subscribe_kind(e: &SubscribeError) -> ErrorKind {
     match e {
-        SubscribeError::NoBrokers | SubscribeError::Unreachable { .. } => ErrorKind::Unavailable,
+        SubscribeError::NoBrokers
+        | SubscribeError::Unreachable { .. }
+        | SubscribeError::Local(_) => ErrorKind::Unavailable,
         // The broker's own error, classified where it happened.
         SubscribeError::Refused {
             class: Some(class), ..

@@ -11,6 +11,7 @@ use embar_dataplane::pool::{CoherenceFn, Pool};
 use embar_dataplane::PoolResult;
 
 pub use embar_dataplane::client::subscriber::{Message as MessageRef, StartAt};
+use embar_dataplane::remote_subscriber::{Dial, RemoteSubscriber, SubscribeError};
 
 use crate::client::{Client, Transport};
 use crate::error::{Error, Result};
@@ -95,14 +96,17 @@ impl<C: Coherence> Read for PoolSubscriber<'_, C> {
     }
 }
 
-/// A remote subscriber over TCP, read without blocking.
-struct TcpRead {
-    sub: embar_dataplane::tcp::subscriber::TcpSubscriber,
+/// A remote subscriber (over TCP or verbs), read without blocking.
+struct RemoteRead<D: Dial> {
+    sub: RemoteSubscriber<D>,
     /// A failure kept for the next call (a remote subscription's errors are not PoolErrors).
-    failed: Option<embar_dataplane::tcp::subscriber::SubscribeError>,
+    failed: Option<SubscribeError>,
 }
 
-impl Read for TcpRead {
+impl<D: Dial + Send> Read for RemoteRead<D>
+where
+    D::Link: Send,
+{
     fn poll(
         &mut self,
         max_batches: usize,
@@ -160,6 +164,63 @@ impl<'p> CoherenceFn<PoolResult<DynRead<'p>>> for OpenSub<'p, '_> {
             self.pool, c, self.topic, self.start,
         )?))
     }
+}
+
+/// The cell of a remote subscriber, or its failure to connect (an unknown topic named).
+fn remote<D: Dial + Send + 'static>(
+    sub: std::result::Result<RemoteSubscriber<D>, SubscribeError>,
+    topic: &str,
+) -> Result<Cell>
+where
+    D::Link: Send,
+{
+    let sub = sub.map_err(|e| match e {
+        SubscribeError::Refused {
+            class: Some(embar_dataplane::ErrorClass::NotFound),
+            ..
+        } => Error::UnknownTopic(topic.to_string()),
+        e => Error::from(e),
+    })?;
+    Ok(Cell::new(None, |_| {
+        Box::new(RemoteRead { sub, failed: None }) as DynRead<'static>
+    }))
+}
+
+/// A verbs subscriber of `topic` over the brokers' verbs ports. The device is opened first,
+/// so a host without one hears that, whatever the brokers.
+#[cfg(feature = "verbs")]
+fn open_verbs(
+    client: &Client,
+    topic: &str,
+    start: StartAt,
+    device: &Option<String>,
+    gid_index: Option<u8>,
+) -> Result<Cell> {
+    use embar_dataplane::verbs::subscriber::{VerbsDial, VerbsSubscriberConfig};
+    let cfg = VerbsSubscriberConfig {
+        device: device.clone().or_else(|| std::env::var("RDMA_DEVICE").ok()),
+        gid_index: gid_index
+            .or_else(|| std::env::var("RDMA_GID_INDEX").ok()?.parse().ok())
+            .unwrap_or(1),
+        ..Default::default()
+    };
+    let dial = VerbsDial::new(&cfg)?;
+    let brokers: Vec<std::net::SocketAddr> = client
+        .cluster()?
+        .verbs_brokers()?
+        .into_iter()
+        .map(|(_, a)| a)
+        .collect();
+    let wait = client.config().wait_timeout;
+    remote(
+        RemoteSubscriber::connect_with(dial, &brokers, topic, start, wait),
+        topic,
+    )
+}
+
+#[cfg(not(feature = "verbs"))]
+fn open_verbs(_: &Client, _: &str, _: StartAt, _: &Option<String>, _: Option<u8>) -> Result<Cell> {
+    Err(Error::Unsupported(crate::NO_VERBS))
 }
 
 /// Reads one topic in total order, from the pool (on the pool host), starting where it was
@@ -223,20 +284,15 @@ impl Subscriber {
                     topic,
                     start,
                     client.config().wait_timeout,
-                )
-                .map_err(|e| match e {
-                    embar_dataplane::tcp::subscriber::SubscribeError::Refused {
-                        class: Some(embar_dataplane::ErrorClass::NotFound),
-                        ..
-                    } => Error::UnknownTopic(topic.to_string()),
-                    e => Error::from(e),
-                })?;
-                Cell::new(None, |_| {
-                    Box::new(TcpRead { sub, failed: None }) as DynRead<'static>
-                })
+                );
+                remote(sub, topic)?
             }
+            Transport::Verbs {
+                ref device,
+                gid_index,
+            } => open_verbs(client, topic, start, device, gid_index)?,
             _ => return Err(Error::Unsupported(
-                "a subscriber reads the pool (transport shm) or a broker over TCP (transport tcp)",
+                "a subscriber reads the pool (transport shm) or a broker over TCP or verbs (transports tcp, verbs)",
             )),
         };
         Ok(Subscriber {

@@ -25,6 +25,8 @@ pub mod log_limit;
 pub mod messages;
 pub mod pool;
 #[cfg(not(loom))]
+pub mod remote_subscriber;
+#[cfg(not(loom))]
 pub mod replication;
 pub mod ring;
 // The sequencer parks on a futex over a real pool word; loom models only the ring.

@@ -562,6 +562,49 @@ impl RegisteredBuffer {
     pub fn mr(&self) -> &MemoryRegion {
         &self.mr
     }
+
+    /// Copies `dst.len()` bytes from `offset` out of the buffer, wrapping at its end (a
+    /// ring). Bytes a peer may write remotely can change under the copy: the caller checks
+    /// the copy, never the buffer.
+    pub fn copy_out(&self, offset: usize, dst: &mut [u8]) {
+        assert!(dst.len() <= self.len, "a copy longer than the buffer");
+        let at = offset % self.len.max(1);
+        let first = dst.len().min(self.len - at);
+        // SAFETY: `at + first <= len` and `dst.len() - first <= at <= len`, so both ranges
+        // lie in this live mapping; `dst` is a distinct Rust buffer (the mapping is never
+        // lent out as a slice).
+        unsafe {
+            ptr::copy_nonoverlapping(self.ptr.add(at), dst.as_mut_ptr(), first);
+            ptr::copy_nonoverlapping(self.ptr, dst.as_mut_ptr().add(first), dst.len() - first);
+        }
+    }
+
+    /// Copies `src` into the buffer from `offset`, wrapping at its end (a ring). The caller
+    /// must not change bytes a posted work request still reads (see
+    /// [`QueuePair::post_writes`]); nothing in Rust borrows the mapping, so the copy itself
+    /// aliases nothing.
+    pub fn copy_in(&self, offset: usize, src: &[u8]) {
+        assert!(src.len() <= self.len, "a copy longer than the buffer");
+        let at = offset % self.len.max(1);
+        let first = src.len().min(self.len - at);
+        // SAFETY: as in `copy_out`, both ranges lie in this live mapping, which no Rust
+        // reference covers; `src` is a distinct buffer.
+        unsafe {
+            ptr::copy_nonoverlapping(src.as_ptr(), self.ptr.add(at), first);
+            ptr::copy_nonoverlapping(src.as_ptr().add(first), self.ptr, src.len() - first);
+        }
+    }
+
+    /// The 64-bit word at byte `offset` (8-aligned), read once (a peer may write it).
+    pub fn load_u64(&self, offset: usize) -> u64 {
+        assert!(
+            offset % 8 == 0 && offset + 8 <= self.len,
+            "a word inside the buffer"
+        );
+        // SAFETY: in bounds and aligned (the mapping is page-aligned); a volatile read, since
+        // the NIC writes the word behind the compiler's back.
+        unsafe { ptr::read_volatile(self.ptr.add(offset).cast::<u64>()) }
+    }
 }
 
 impl Drop for RegisteredBuffer {

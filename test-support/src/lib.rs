@@ -352,6 +352,29 @@ impl Cluster {
         c
     }
 
+    /// Whether a subscriber's cursor holds `topic`'s log (a registered subscriber).
+    pub fn subscriber_holds(&self, topic: &str) -> bool {
+        use embar_dataplane::pool::coherence::Coherent;
+        let pool = embar_dataplane::pool::Pool::open(
+            self.file()["pool"].as_str().expect("a pool path").as_ref(),
+            &Default::default(),
+        )
+        .expect("the cluster's pool opens");
+        let slot = pool.find_topic(Coherent, topic).expect("the topic");
+        let st = pool.sequencer_state(slot);
+        embar_dataplane::client::subscriber::slowest_position(st, Coherent, |_, _, _| true)
+            .is_some()
+    }
+
+    /// Waits (`limit` at most) until no subscriber's cursor holds `topic`'s log: what a
+    /// dropped or departed subscriber must leave behind.
+    #[track_caller]
+    pub fn wait_no_subscriber_holds(&self, topic: &str, limit: Duration) {
+        wait_until("no subscriber holds the topic", limit, || {
+            !self.subscriber_holds(topic)
+        });
+    }
+
     /// Runs a rogue publisher with `fault` on topic `t` and checks that its batch was rejected
     /// with a reason containing one of `needles` (`|`-separated).
     #[track_caller]
@@ -452,6 +475,18 @@ pub fn number_after(text: &str, key: &str) -> u64 {
         .unwrap()
         .parse()
         .unwrap_or_else(|_| panic!("a number after {key:?} in {text}"))
+}
+
+/// Waits for `child` to exit and checks that it succeeded (its stderr says why not).
+#[track_caller]
+pub fn succeeded(child: Child) -> Output {
+    let out = child.wait_with_output().expect("the child's output");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
 }
 
 /// Sends `signal` (`-KILL`, `-TERM`, `-STOP`, ...) to process `pid` through the `kill`

@@ -1,6 +1,8 @@
 #!/bin/sh
-# Two hosts (scripts/rxe-test.sh), host B: two verbs publishers RDMA-writing to host A's
-# brokers over the link (no pool here).
+# Two hosts (scripts/rxe-test.sh), host B (no pool): two verbs publishers RDMA-writing to
+# host A's brokers over the link, then a verbs subscriber reading the total order back over
+# the link (the broker RDMA-writes it into this host's ring), checked by the ordering
+# checker; then it tells host A it is done (the topic `done`).
 set -eu
 export RUST_LOG=warn
 N=2000
@@ -14,3 +16,12 @@ seq 0 $((N - 1)) | sed 's/^/x /' | ./embar publish --topic t --transport verbs -
 seq 0 $((N - 1)) | sed 's/^/y /' | ./embar publish --topic t --transport verbs --control "$CONTROL"
 wait $!
 echo "host B: published and acknowledged"
+./embar subscribe --topic t --transport verbs --check-order --count $((2 * N)) \
+    --format text --control "$CONTROL" > /tmp/got.txt 2> /tmp/sub.err || { cat /tmp/sub.err; exit 1; }
+cat /tmp/sub.err
+grep -q "order check passed: $((2 * N)) messages, 2 publishers" /tmp/sub.err
+for p in x y; do
+  grep "^$p " /tmp/got.txt | awk -v n=$N '$2 != NR - 1 { exit 1 } END { exit NR != n }'
+done
+echo "host B: verbs subscriber received $(wc -l < /tmp/got.txt) messages in order"
+./embar topic create done --control "$CONTROL"

@@ -31,11 +31,13 @@ for round in 1 2; do
 done
 awk -v i="$IBW" -v o="$OURS" 'BEGIN { printf "RXE_PUBLISH {\"ib_write_bw_mb_s\":%.1f,\"embar_verbs_mb_s\":%.1f,\"ratio\":%.2f}\n", i, o * 1000, o * 1000 / i }'
 
-echo "== rxe: end-to-end bench over rxe (2 brokers, verbs publisher, subscriber, ordering checked)"
+echo "== rxe: end-to-end bench over rxe (2 brokers, verbs publisher, verbs subscriber, ordering checked)"
 ./embar bench --transport verbs --json --brokers 2 --subscribers 1 --total-bytes 64MiB \
     --batch-bytes "$BATCH" --segment-bytes 4MiB --pool-bytes 512MiB > /tmp/e2e.json
 echo "RXE_E2E $(cat /tmp/e2e.json)"
 grep -q '"order_check":"passed"' /tmp/e2e.json
+# The verbs subscriber's throughput: to the last message it delivered, in the same run.
+echo "RXE_SUBSCRIBE {$(grep -o '"throughput_gbps":[0-9.e-]*' /tmp/e2e.json | head -1),$(grep -o '"delivered_gbps":[0-9.e-]*' /tmp/e2e.json | head -1)} ib_write_bw_mb_s $IBW"
 echo "== rxe: light open loop over rxe (64 B messages, 1000/s), beside ib_write_lat (64 B)"
 ib_write_lat -d "$RDMA_DEVICE" -x "$RDMA_GID_INDEX" -s 64 -n 2000 -F >/tmp/ibl-server.log 2>&1 &
 sleep 1

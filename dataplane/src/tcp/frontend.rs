@@ -155,11 +155,7 @@ pub struct DpdkCounters {
     pub bytes_copied: u64,
 }
 
-/// A subscriber connection, after its request line, for a thread of its own.
-pub struct SubscriberConn {
-    pub stream: std::net::TcpStream,
-    pub line: String,
-}
+pub use crate::remote_subscriber::SubscriberConn;
 
 struct Hello {
     stream: TcpStream,
@@ -911,22 +907,11 @@ impl<'p, C: Coherence> Frontend<'p, C> {
     }
 }
 
-/// One subscriber thread in the count of live ones, until dropped.
-struct Live<'a>(&'a std::sync::atomic::AtomicUsize);
-
-impl Drop for Live<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Relaxed);
-    }
-}
-
 /// Runs the frontend until `stop`: publishers in this thread, each subscriber on a thread of
 /// its own (at most `cfg.max_subscribers`), served by [`super::subscriber::serve`].
 ///
 /// `report` gets the counters every [`HOUSEKEEPING`] (for the broker's metrics).
-// The inputs of the frontend's thread, each of another kind (a struct of them would be
-// built at its one call).
-#[allow(clippy::too_many_arguments)]
+#[allow(clippy::too_many_arguments)] // what one broker's TCP thread serves, each distinct
 pub fn run<C: Coherence>(
     pool: &Pool,
     c: C,
@@ -947,7 +932,7 @@ pub fn run<C: Coherence>(
         ));
     }
     let mut reported = std::time::Instant::now();
-    let live = std::sync::atomic::AtomicUsize::new(0);
+    let threads = crate::remote_subscriber::SubscriberThreads::new(cfg.max_subscribers);
     // Short rests while a connection waits on the pool; the event loop's own wait (whole
     // milliseconds in epoll) only when nothing does.
     let mut idle = Idle::new(IdlePolicy {
@@ -1002,26 +987,9 @@ pub fn run<C: Coherence>(
                 doorbell::ring(f.bell);
             }
             for s in f.take_subscribers() {
-                if live.load(Relaxed) >= cfg.max_subscribers {
-                    let mut st = s.stream;
-                    let _ = writeln!(
-                        st,
-                        "ERR too many subscribers on broker {broker}; try another"
-                    );
-                    continue;
-                }
-                live.fetch_add(1, Relaxed);
-                let live = &live;
-                let spawned = std::thread::Builder::new()
-                    .name("tcp-subscriber".into())
-                    .spawn_scoped(scope, move || {
-                        // Counted out however the thread ends (a panic included).
-                        let _live = Live(live);
-                        super::subscriber::serve(pool, c, broker, s, cfg.idle_timeout, stop);
-                    });
-                if spawned.is_err() {
-                    live.fetch_sub(1, Relaxed);
-                }
+                threads.spawn(scope, broker, "tcp-subscriber", s, move |s| {
+                    super::subscriber::serve(pool, c, broker, s, cfg.idle_timeout, stop)
+                });
             }
             if reported.elapsed() >= HOUSEKEEPING {
                 reported = std::time::Instant::now();

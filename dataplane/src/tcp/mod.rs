@@ -7,7 +7,8 @@
 //! publishes the batch's descriptor into the session's submission ring, where the broker
 //! checks it like any other. Acks come back as the session's cumulative counters. Remote
 //! subscribers ([`subscriber`]) get the topic's ordered messages from a broker, which reads
-//! them from the pool like a local subscriber.
+//! them from the pool like a local subscriber (both ends shared with the verbs subscriber:
+//! [`crate::remote_subscriber`]).
 //!
 //! ## Connection (one line each way, as for verbs; `docs/tcp.md`)
 //!
@@ -201,6 +202,20 @@ impl WindowFrame {
             count: w.count,
             deliver_from: w.deliver_from,
             bytes: w.bytes.len() as u32,
+        }
+    }
+
+    /// The header of the frame that ends a stream: `reason_bytes` of the reason follow.
+    pub fn end_of_stream(class: crate::ErrorClass, reason_bytes: usize) -> WindowFrame {
+        WindowFrame {
+            batch_total_order: END_OF_STREAM,
+            client_id: u64::from(class.code()),
+            batch_seq: 0,
+            num_msg: 0,
+            first_index: 0,
+            count: 0,
+            deliver_from: 0,
+            bytes: reason_bytes as u32,
         }
     }
 

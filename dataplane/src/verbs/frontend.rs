@@ -26,6 +26,7 @@ use crate::log_limit::LogLimit;
 use crate::pool::coherence::Coherence;
 use crate::pool::layout::Session;
 use crate::pool::Pool;
+use crate::remote_subscriber::SubscriberConn;
 use crate::ring::{RingError, RingProducer};
 use crate::session::{self, answer, grant_slot, submission_ring, SessionError, ACCEPTED, RELEASED};
 use crate::sync::Ordering::Relaxed;
@@ -181,13 +182,15 @@ enum RemoteError {
 
 impl<'p, C: Coherence> Frontend<'p, C> {
     /// Serves publishers of pool slot `broker` that connect to `listener`, on device `ctx`
-    /// (`Context::open`).
+    /// (`Context::open`); hands subscribers that connect there to `subscribers` (served by
+    /// `super::subscriber::run`), or refuses them without it.
     pub fn new(
         pool: &'p Pool,
         c: C,
         broker: u32,
         listener: TcpListener,
         ctx: Arc<Context>,
+        subscribers: Option<mpsc::Sender<SubscriberConn>>,
     ) -> Result<Self, FrontendError> {
         pool.check_topic_broker(0, broker)?;
         let send_cq = CompletionQueue::new(&ctx, 4096)?;
@@ -196,7 +199,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
         let (tx, rx) = mpsc::channel();
         std::thread::Builder::new()
             .name("verbs-accept".into())
-            .spawn(move || accept_loop(listener, tx))
+            .spawn(move || accept_loop(listener, tx, subscribers))
             .map_err(FrontendError::Listen)?;
         Ok(Frontend {
             pool,
@@ -822,7 +825,11 @@ impl<C: Coherence> Remote<'_, C> {
 const HELLOS_MAX: usize = 64;
 
 /// Reads each connection's request line (off the polling loop) and hands it over.
-fn accept_loop(listener: TcpListener, tx: mpsc::Sender<Incoming>) {
+fn accept_loop(
+    listener: TcpListener,
+    tx: mpsc::Sender<Incoming>,
+    subscribers: Option<mpsc::Sender<SubscriberConn>>,
+) {
     let reading = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
@@ -831,11 +838,11 @@ fn accept_loop(listener: TcpListener, tx: mpsc::Sender<Incoming>) {
             continue;
         }
         reading.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let (tx, done) = (tx.clone(), reading.clone());
+        let (tx, subs, done) = (tx.clone(), subscribers.clone(), reading.clone());
         let spawned = std::thread::Builder::new()
             .name("verbs-hello".into())
             .spawn(move || {
-                read_hello(stream, &tx);
+                read_hello(stream, &tx, subs.as_ref());
                 done.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
             });
         if spawned.is_err() {
@@ -844,7 +851,11 @@ fn accept_loop(listener: TcpListener, tx: mpsc::Sender<Incoming>) {
     }
 }
 
-fn read_hello(stream: TcpStream, tx: &mpsc::Sender<Incoming>) {
+fn read_hello(
+    stream: TcpStream,
+    tx: &mpsc::Sender<Incoming>,
+    subscribers: Option<&mpsc::Sender<SubscriberConn>>,
+) {
     let _ = stream.set_read_timeout(Some(HANDSHAKE_TIMEOUT));
     let _ = stream.set_nodelay(true);
     let Ok(read) = stream.try_clone() else { return };
@@ -852,10 +863,25 @@ fn read_hello(stream: TcpStream, tx: &mpsc::Sender<Incoming>) {
     let mut r = BufReader::new(read.take(MAX_LINE as u64));
     match r.read_line(&mut line) {
         Ok(n) if n > 0 && line.ends_with('\n') => {
-            let _ = tx.send(Incoming {
-                stream,
-                line: line.trim_end().to_string(),
-            });
+            let line = line.trim_end().to_string();
+            if line.split_ascii_whitespace().next() != Some(SUB_HELLO) {
+                let _ = tx.send(Incoming { stream, line });
+                return;
+            }
+            let refused = match subscribers {
+                Some(subs) => subs
+                    .send(SubscriberConn { stream, line })
+                    .err()
+                    .map(|e| e.0.stream),
+                None => Some(stream),
+            };
+            if let Some(mut s) = refused {
+                let _ = writeln!(
+                    s,
+                    "ERR class={} this broker serves no verbs subscribers",
+                    crate::ErrorClass::Unavailable.code()
+                );
+            }
         }
         _ => {
             let mut s = stream;

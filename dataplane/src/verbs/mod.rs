@@ -32,11 +32,29 @@
 //!    RDMA-writes [`Feedback`] words into a small region the publisher registered; the
 //!    publisher polls its own memory.
 
+//!
+//! ## Remote subscribers (docs/verbs.md, "Remote subscribers")
+//!
+//! ```text
+//! subscriber -> EMBAR-VERBS-SUB/1 topic=T from=oldest|latest|N ep=QPN:PSN:GID ring=ADDR:RKEY:BYTES
+//! broker     -> OK ep=QPN:PSN:GID credit=ADDR:RKEY broker=SLOT   (or ERR class=N reason)
+//! subscriber -> READY            (its QP is connected and its receives posted)
+//! ```
+//!
+//! The broker reads the log for it as for a TCP subscriber (copy, then validate) and
+//! RDMA-writes the same frames (`tcp::WindowFrame` and the window's bytes) as a byte stream
+//! into the subscriber's registered ring, each chain of writes ending in a WRITE_WITH_IMM
+//! whose immediate is the chain's byte count; the subscriber RDMA-writes its read position
+//! (its credit) into a word the broker registered. Accounting: [`credits::RingWriter`],
+//! [`credits::RingReader`].
+
 pub mod credits;
 #[cfg(feature = "verbs")]
 pub mod frontend;
 #[cfg(feature = "verbs")]
 pub mod publisher;
+#[cfg(feature = "verbs")]
+pub mod subscriber;
 
 use crate::batch::BatchDesc;
 use crate::pool::layout::SESSION_GRANT_SLOTS;
@@ -50,6 +68,16 @@ pub const STAGING_SLOTS: u32 = 32;
 pub const SLOT_BYTES: usize = 64;
 /// Longest handshake line.
 pub const MAX_LINE: usize = 1024;
+/// First word of a remote subscriber's request line.
+pub const SUB_HELLO: &str = "EMBAR-VERBS-SUB/1";
+/// Receives a verbs subscriber keeps posted: the broker's chains in flight at most.
+pub const SUB_RECEIVES: u32 = 64;
+/// Bounds of a subscriber's receive ring (the broker keeps a mirror of it as large).
+pub const SUB_RING_BYTES_MIN: u64 = 64 << 10;
+pub const SUB_RING_BYTES_MAX: u64 = 64 << 20;
+/// The broker's credit region: the subscriber's read position, then its complement (a
+/// torn read of the two never matches, so it is ignored until the next look).
+pub const CREDIT_BYTES: usize = 64;
 
 /// The broker-written words in the publisher's memory. Every field is written only by the
 /// broker (RDMA WRITE), read only by the publisher.
