@@ -151,6 +151,9 @@ impl BrokerArgs {
 }
 
 pub fn run(a: &BrokerArgs) -> CliResult<()> {
+    if (a.dpdk || a.dpdk_port.is_some()) && !cfg!(feature = "dpdk") {
+        return Err(CliError::usage(crate::NO_DPDK));
+    }
     let stop = embar_sys::signal::stop_on_term();
     let node = BrokerNode::start(a.config()).map_err(|e| match e {
         StartError::NoVerbs => CliError::usage(crate::NO_VERBS),
