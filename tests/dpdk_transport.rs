@@ -19,21 +19,11 @@ fn a_build_without_dpdk_says_how_to_get_it() {
 mod dpdk {
     use std::io::{BufRead, BufReader, Write};
     use std::net::{SocketAddr, TcpStream};
-    use std::process::Output;
     use std::time::Duration;
 
     use embar_dataplane::dpdk::{parse_mac, write_eth, Header, ETH_BYTES, KIND_DATA};
     use embar_sys::dpdk::{self, MbufPool, Port, TxBurst};
-    use embar_test_support::{lines, serial, wait_until, Cluster};
-
-    fn passed(out: &Output) -> String {
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success(), "{err}");
-        err.lines()
-            .find(|l| l.starts_with("order check passed:"))
-            .unwrap_or_else(|| panic!("no summary in {err:?}"))
-            .to_string()
-    }
+    use embar_test_support::{lines, order_check_passed, serial, succeeded, wait_until, Cluster};
 
     fn publish_ok(c: &Cluster, tag: &str, n: usize, extra: &[&str]) -> std::process::Child {
         let mut args = vec!["publish", "--topic", "t", "--transport", "dpdk"];
@@ -58,7 +48,7 @@ mod dpdk {
             ],
             None,
         );
-        passed(&out)
+        order_check_passed(&out)
     }
 
     #[test]
@@ -88,13 +78,7 @@ mod dpdk {
             ),
         ];
         for p in pubs {
-            let out = p.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "{}: {}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr)
-            );
+            succeeded(p);
         }
         let summary = check(&c, 3 * n);
         assert!(summary.contains("3 publishers"), "{summary}");
@@ -116,12 +100,7 @@ mod dpdk {
             publish_ok(&c, "noisy", n, &["--dpdk-corrupt-every", "11"]),
         ];
         for p in pubs {
-            let out = p.wait_with_output().unwrap();
-            assert!(
-                out.status.success(),
-                "{}",
-                String::from_utf8_lossy(&out.stderr)
-            );
+            succeeded(p);
         }
         check(&c, 2 * n);
         wait_until("corrupt frames counted", Duration::from_secs(5), || {
@@ -242,12 +221,7 @@ mod dpdk {
         let mut end = String::new();
         reader.read_line(&mut end).unwrap();
         assert!(end.contains("overruns batch 0"), "{end:?}");
-        let out = good.wait_with_output().unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        succeeded(good);
         let summary = check(&c, 2000);
         assert!(summary.contains("1 publishers"), "{summary}");
         wait_until(

@@ -6,18 +6,9 @@ use std::process::Output;
 
 use serde_json::Value;
 
-use embar_test_support::{lines, serial, Cluster};
+use embar_test_support::{lines, order_check_passed as summary, serial, Cluster};
 
 /// The summary line a passing check prints on stderr.
-fn summary(out: &Output) -> String {
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "{err}");
-    err.lines()
-        .find(|l| l.starts_with("order check passed:"))
-        .unwrap_or_else(|| panic!("no summary in {err:?}"))
-        .to_string()
-}
-
 fn jsonl(out: &Output) -> Vec<Value> {
     String::from_utf8_lossy(&out.stdout)
         .lines()

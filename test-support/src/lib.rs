@@ -477,13 +477,26 @@ pub fn number_after(text: &str, key: &str) -> u64 {
         .unwrap_or_else(|_| panic!("a number after {key:?} in {text}"))
 }
 
+/// The summary line of a passing `embar subscribe --check-order` (its stderr), after checking
+/// that it exited 0.
+#[track_caller]
+pub fn order_check_passed(out: &Output) -> String {
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{}: {err}", out.status);
+    err.lines()
+        .find(|l| l.starts_with("order check passed:"))
+        .unwrap_or_else(|| panic!("no order check summary in {err:?}"))
+        .to_string()
+}
+
 /// Waits for `child` to exit and checks that it succeeded (its stderr says why not).
 #[track_caller]
 pub fn succeeded(child: Child) -> Output {
     let out = child.wait_with_output().expect("the child's output");
     assert!(
         out.status.success(),
-        "{}",
+        "{}: {}",
+        out.status,
         String::from_utf8_lossy(&out.stderr)
     );
     out
