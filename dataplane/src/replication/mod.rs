@@ -18,7 +18,7 @@ pub mod reader;
 use std::path::Path;
 use std::time::Instant;
 
-use crate::client::subscriber::{StartAt, Subscriber};
+use crate::client::subscriber::{Disks, StartAt, Subscriber};
 use crate::pool::coherence::Coherence;
 use crate::pool::layout::TInode;
 use crate::pool::Pool;
@@ -85,13 +85,17 @@ pub struct Replicator<'p, C: Coherence> {
 }
 
 impl ReplicationError {
-    /// The OS error number behind it (`EIO` when there is none).
-    pub fn errno(&self) -> i32 {
+    /// The OS error number if this broker's own disk log failed (a write, sync or open;
+    /// `EIO` when there is none): what is reported as its disk failure. `None` for the pool
+    /// or a record of another replica's log (read while catching up), which is no fault of
+    /// this disk.
+    pub fn disk_errno(&self) -> Option<i32> {
         match self {
             ReplicationError::Log(LogError::Io { source, .. }) => {
-                source.raw_os_error().unwrap_or(libc::EIO)
+                Some(source.raw_os_error().unwrap_or(libc::EIO))
             }
-            _ => libc::EIO,
+            ReplicationError::Log(_) => Some(libc::EIO),
+            ReplicationError::Pool(_) => None,
         }
     }
 }
@@ -134,9 +138,12 @@ pub fn disk_failures_of<C: Coherence>(pool: &Pool, c: C, me: u32) -> u64 {
 }
 
 impl<'p, C: Coherence> Replicator<'p, C> {
-    /// Opens (recovering) the log of `topic` under `data_dir` and a cursor at the oldest
-    /// batch still retained; batches already in the log (same pool, same or lower total
-    /// order) are passed over.
+    /// Opens (recovering) the log of `topic` under `data_dir` and a subscriber after the
+    /// log's last batch of this pool (or at the oldest batch, in the pool or on the other
+    /// replicas' disks, when it has none); batches already in the log (same pool, same or
+    /// lower total order) are passed over. Positions the pool no longer holds (reclaimed
+    /// while this broker was down, or before a slow replicator read them) are read from the
+    /// other brokers' logs, each record verified (CRC32C) before it is appended here.
     pub fn open(
         pool: &'p Pool,
         c: C,
@@ -150,11 +157,18 @@ impl<'p, C: Coherence> Replicator<'p, C> {
             .read_topic(c, slot)
             .ok_or_else(|| PoolError::UnknownTopic(topic.to_string()))?;
         let (log, rec) = DiskLog::open(&log::topic_dir(data_dir, topic), cfg)?;
-        let sub = Subscriber::open_with(pool, c, topic, StartAt::Oldest, false)?;
         let era = pool
             .superblock()
             .pool_id
             .load(crate::sync::Ordering::Relaxed);
+        // A log that holds batches of this pool goes on after its last one: what was
+        // ordered since (while this broker was down) and the pool no longer holds is read
+        // from the other replicas' logs.
+        let start = match log.last().filter(|l| l.era == era) {
+            Some(l) => StartAt::TotalOrder(l.total_order + u64::from(l.num_msg)),
+            None => StartAt::Oldest,
+        };
+        let sub = Subscriber::open_with(pool, c, topic, start, Disks::OthersThan(me))?;
         let start = sub.position();
         // Progress never goes back: a reopened replicator publishes only past what is there.
         let published = c.observe(
