@@ -390,8 +390,20 @@ fn mount_small_tmpfs(dir: &str, size: &str) -> Option<()> {
 
 #[test]
 fn a_replica_on_a_full_disk_acks_nothing_it_could_not_sync_and_says_why() {
+    a_full_disk_acks_nothing_unsynced_and_the_publisher_is_told_why("durable-full", "shm");
+}
+
+#[test]
+fn a_tcp_publisher_is_told_which_replica_disk_is_full() {
+    a_full_disk_acks_nothing_unsynced_and_the_publisher_is_told_why("durable-full-tcp", "tcp");
+}
+
+/// Broker 1's data directory on a 1 MiB tmpfs (as root; skipped otherwise): an ACK 2
+/// publisher over `transport` times out naming broker 1's disk and the OS error, exits 75,
+/// and every message it saw acknowledged is on each replica's disk.
+fn a_full_disk_acks_nothing_unsynced_and_the_publisher_is_told_why(name: &str, transport: &str) {
     let _g = serial();
-    let c = Cluster::up("durable-full", &cluster_args());
+    let c = Cluster::up(name, &cluster_args());
     // Broker 1's data directory becomes a 1 MiB tmpfs before the topic exists (the broker
     // opens a topic's log when the topic appears).
     let dir = format!("{}/broker-1", c.dir);
@@ -409,7 +421,15 @@ fn a_replica_on_a_full_disk_acks_nothing_it_could_not_sync_and_says_why() {
     // 4 MiB of messages: batches whose replica set holds broker 1 cannot all be synced.
     let (text, _) = message_lines("full", 40_000);
     let out = c.run(
-        &["publish", "--topic", "t", "--ack-timeout-s", "5"],
+        &[
+            "publish",
+            "--topic",
+            "t",
+            "--ack-timeout-s",
+            "5",
+            "--transport",
+            transport,
+        ],
         Some(text),
     );
     let err = String::from_utf8_lossy(&out.stderr);

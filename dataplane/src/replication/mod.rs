@@ -108,23 +108,93 @@ pub fn report_disk_failure<C: Coherence>(pool: &Pool, c: C, slot: u32, me: u32, 
     c.publish(&r.disk_error, errno.unsigned_abs().into());
 }
 
-/// The brokers whose disk log of topic slot `slot` is failing now: `(broker slot, OS error
-/// number, failures so far)`. What a publisher waiting for ACK 2 adds to its timeout.
-pub fn disk_failures<C: Coherence>(pool: &Pool, c: C, slot: u32) -> Vec<(u32, i32, u64)> {
-    let t = pool.tinode(slot);
-    (0..pool.geometry().max_brokers)
-        .filter_map(|b| {
-            let r = &t.brokers[b as usize].replication;
-            let e = c.observe(&r.disk_error);
-            (e != 0).then(|| {
-                (
-                    b,
-                    e as i32,
-                    r.disk_failures.load(crate::sync::Ordering::Relaxed),
-                )
-            })
+/// A broker whose disk log of a topic is failing: what a publisher waiting for ACK 2 is told
+/// when it times out (the pool words `disk_error` and `disk_failures`). Remote publishers get
+/// it packed in one word of their acks ([`DiskFault::pack`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskFault {
+    /// Broker slot.
+    pub broker: u32,
+    /// The last OS error number.
+    pub errno: i32,
+    /// Failures so far.
+    pub failures: u64,
+}
+
+impl DiskFault {
+    /// One word, 0 for none: the OS error number in bits 0..16, the broker slot in 16..32,
+    /// the failures (saturated) in 32..64.
+    pub fn pack(&self) -> u64 {
+        let errno = u64::from(self.errno.clamp(1, 0xffff) as u16);
+        let broker = u64::from(self.broker.min(0xffff));
+        errno | broker << 16 | self.failures.min(u64::from(u32::MAX)) << 32
+    }
+
+    /// The fault in a word [`pack`](Self::pack) made; `None` for 0.
+    pub fn unpack(word: u64) -> Option<DiskFault> {
+        let errno = (word & 0xffff) as i32;
+        (errno != 0).then_some(DiskFault {
+            broker: ((word >> 16) & 0xffff) as u32,
+            errno,
+            failures: word >> 32,
         })
+    }
+}
+
+impl std::fmt::Display for DiskFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "broker slot {} cannot write its disk log of this topic: {} ({} failures)",
+            self.broker,
+            std::io::Error::from_raw_os_error(self.errno),
+            self.failures
+        )
+    }
+}
+
+/// The faults in the packed words of a remote publisher's acks (one per broker link), one per
+/// failing broker.
+pub fn faults_of(words: impl Iterator<Item = u64>) -> Vec<DiskFault> {
+    let mut faults: Vec<DiskFault> = words.filter_map(DiskFault::unpack).collect();
+    faults.sort_by_key(|f| (f.broker, u64::MAX - f.failures));
+    faults.dedup_by_key(|f| f.broker);
+    faults
+}
+
+/// What a publisher adds to its ack timeout: "; " and each fault, or nothing.
+pub fn describe_faults(faults: &[DiskFault]) -> String {
+    faults.iter().map(|f| format!("; {f}")).collect()
+}
+
+/// Broker `b`'s disk fault on topic slot `slot`, if its log is failing now.
+fn fault_of<C: Coherence>(pool: &Pool, c: C, slot: u32, b: u32) -> Option<DiskFault> {
+    let r = &pool.tinode(slot).brokers[b as usize].replication;
+    let e = c.observe(&r.disk_error);
+    (e != 0).then(|| DiskFault {
+        broker: b,
+        errno: e as i32,
+        failures: r.disk_failures.load(crate::sync::Ordering::Relaxed),
+    })
+}
+
+/// The brokers whose disk log of topic slot `slot` is failing now. What a publisher waiting
+/// for ACK 2 adds to its timeout.
+pub fn disk_failures<C: Coherence>(pool: &Pool, c: C, slot: u32) -> Vec<DiskFault> {
+    (0..pool.geometry().max_brokers)
+        .filter_map(|b| fault_of(pool, c, slot, b))
         .collect()
+}
+
+/// The first of [`disk_failures`], packed (0: none; a slot out of range has none): what a
+/// broker puts in the acks of a remote publisher of an ACK 2 topic.
+pub fn disk_fault_word<C: Coherence>(pool: &Pool, c: C, slot: u32) -> u64 {
+    if slot >= pool.geometry().max_topics {
+        return 0;
+    }
+    (0..pool.geometry().max_brokers)
+        .find_map(|b| fault_of(pool, c, slot, b))
+        .map_or(0, |f| f.pack())
 }
 
 /// Failures of broker `me`'s disk logs over every topic (its metric).
@@ -298,6 +368,31 @@ mod tests {
         assert_eq!(set(1, 0, 3), Vec::<u32>::new());
         // RF above the slots: each slot once.
         assert_eq!(set(1, 5, 3), vec![1, 2, 0]);
+    }
+
+    #[test]
+    fn a_disk_fault_survives_its_word_and_names_the_broker_and_the_error() {
+        let f = DiskFault {
+            broker: 2,
+            errno: libc::ENOSPC,
+            failures: 7,
+        };
+        assert_eq!(DiskFault::unpack(f.pack()), Some(f));
+        assert_eq!(DiskFault::unpack(0), None);
+        let huge = DiskFault {
+            failures: u64::MAX,
+            ..f
+        };
+        assert_eq!(
+            DiskFault::unpack(huge.pack()).unwrap().failures,
+            u64::from(u32::MAX)
+        );
+        let text = describe_faults(&[f]);
+        assert!(
+            text.starts_with("; broker slot 2 cannot write its disk log of this topic: ")
+                && text.contains("(os error 28) (7 failures)"),
+            "{text}"
+        );
     }
 
     #[test]
