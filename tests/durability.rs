@@ -517,11 +517,17 @@ fn numbered(i: usize) -> String {
     numbered_line(i as u64, 900)
 }
 
-/// A two-broker cluster whose brokers keep only 2 MiB of each topic in the pool.
-fn small_retention_cluster(name: &str) -> Cluster {
+/// A cluster of `brokers` brokers (as many slots) that keep only 2 MiB of each topic in the
+/// pool.
+fn small_retention_cluster(name: &str, brokers: u32) -> Cluster {
+    let n = brokers.to_string();
     Cluster::up(
         name,
         &[
+            "--brokers",
+            &n,
+            "--max-brokers",
+            &n,
             "--pool-bytes",
             "64MiB",
             "--segment-bytes",
@@ -579,7 +585,7 @@ fn publish_chunks(c: &Cluster, topic: &str, chunks: usize, replicated: bool) -> 
 #[test]
 fn a_subscriber_from_the_oldest_reads_what_retention_reclaimed_from_the_disks_then_the_pool() {
     let _serial = serial();
-    let c = small_retention_cluster("disk-read");
+    let c = small_retention_cluster("disk-read", 2);
     c.topic("old", &["--rf", "1", "--batch-bytes", "64KiB"]);
     // About 21 MiB through brokers that keep 2 MiB each in the pool.
     let published = publish_chunks(&c, "old", 15, true);
@@ -653,7 +659,7 @@ fn a_subscriber_from_the_oldest_reads_what_retention_reclaimed_from_the_disks_th
 fn a_damaged_disk_record_is_an_error_naming_its_position_never_data_and_without_replication_the_error_names_both_positions(
 ) {
     let _serial = serial();
-    let c = small_retention_cluster("disk-bad");
+    let c = small_retention_cluster("disk-bad", 2);
     c.topic("logged", &["--rf", "1", "--batch-bytes", "64KiB"]);
     c.topic("plain", &["--batch-bytes", "64KiB"]);
     let published = publish_chunks(&c, "logged", 6, true);
@@ -743,36 +749,8 @@ fn assert_every_replica_complete(c: &Cluster, topic: &str) {
 fn a_restarted_broker_catches_up_from_the_other_replicas_what_retention_reclaimed_while_it_was_down(
 ) {
     let _g = serial();
-    let c = Cluster::up(
-        "durable-rebuild",
-        &[
-            "--brokers",
-            "3",
-            "--max-brokers",
-            "3",
-            "--pool-bytes",
-            "96MiB",
-            "--segment-bytes",
-            "1MiB",
-            "--retention-bytes",
-            "2MiB",
-            "--sync-interval-ms",
-            "20",
-        ],
-    );
-    c.topic(
-        "t",
-        &[
-            "--order",
-            "5",
-            "--ack",
-            "2",
-            "--rf",
-            "2",
-            "--batch-bytes",
-            "64KiB",
-        ],
-    );
+    let c = small_retention_cluster("durable-rebuild", BROKERS);
+    c.topic("t", &[&ACK2_RF2[..6], &["--batch-bytes", "64KiB"]].concat());
     let progress = PoolProgress::of(&c, "t");
     let numbered_from = |from: usize, n: usize| -> Vec<String> {
         (from..from + n)
