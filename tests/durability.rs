@@ -390,8 +390,20 @@ fn mount_small_tmpfs(dir: &str, size: &str) -> Option<()> {
 
 #[test]
 fn a_replica_on_a_full_disk_acks_nothing_it_could_not_sync_and_says_why() {
+    a_full_disk_acks_nothing_unsynced_and_the_publisher_is_told_why("durable-full", "shm");
+}
+
+#[test]
+fn a_tcp_publisher_is_told_which_replica_disk_is_full() {
+    a_full_disk_acks_nothing_unsynced_and_the_publisher_is_told_why("durable-full-tcp", "tcp");
+}
+
+/// Broker 1's data directory on a 1 MiB tmpfs (as root; skipped otherwise): an ACK 2
+/// publisher over `transport` times out naming broker 1's disk and the OS error, exits 75,
+/// and every message it saw acknowledged is on each replica's disk.
+fn a_full_disk_acks_nothing_unsynced_and_the_publisher_is_told_why(name: &str, transport: &str) {
     let _g = serial();
-    let c = Cluster::up("durable-full", &cluster_args());
+    let c = Cluster::up(name, &cluster_args());
     // Broker 1's data directory becomes a 1 MiB tmpfs before the topic exists (the broker
     // opens a topic's log when the topic appears).
     let dir = format!("{}/broker-1", c.dir);
@@ -409,7 +421,15 @@ fn a_replica_on_a_full_disk_acks_nothing_it_could_not_sync_and_says_why() {
     // 4 MiB of messages: batches whose replica set holds broker 1 cannot all be synced.
     let (text, _) = message_lines("full", 40_000);
     let out = c.run(
-        &["publish", "--topic", "t", "--ack-timeout-s", "5"],
+        &[
+            "publish",
+            "--topic",
+            "t",
+            "--ack-timeout-s",
+            "5",
+            "--transport",
+            transport,
+        ],
         Some(text),
     );
     let err = String::from_utf8_lossy(&out.stderr);
@@ -497,11 +517,17 @@ fn numbered(i: usize) -> String {
     numbered_line(i as u64, 900)
 }
 
-/// A two-broker cluster whose brokers keep only 2 MiB of each topic in the pool.
-fn small_retention_cluster(name: &str) -> Cluster {
+/// A cluster of `brokers` brokers (as many slots) that keep only 2 MiB of each topic in the
+/// pool.
+fn small_retention_cluster(name: &str, brokers: u32) -> Cluster {
+    let n = brokers.to_string();
     Cluster::up(
         name,
         &[
+            "--brokers",
+            &n,
+            "--max-brokers",
+            &n,
             "--pool-bytes",
             "64MiB",
             "--segment-bytes",
@@ -559,7 +585,7 @@ fn publish_chunks(c: &Cluster, topic: &str, chunks: usize, replicated: bool) -> 
 #[test]
 fn a_subscriber_from_the_oldest_reads_what_retention_reclaimed_from_the_disks_then_the_pool() {
     let _serial = serial();
-    let c = small_retention_cluster("disk-read");
+    let c = small_retention_cluster("disk-read", 2);
     c.topic("old", &["--rf", "1", "--batch-bytes", "64KiB"]);
     // About 21 MiB through brokers that keep 2 MiB each in the pool.
     let published = publish_chunks(&c, "old", 15, true);
@@ -633,7 +659,7 @@ fn a_subscriber_from_the_oldest_reads_what_retention_reclaimed_from_the_disks_th
 fn a_damaged_disk_record_is_an_error_naming_its_position_never_data_and_without_replication_the_error_names_both_positions(
 ) {
     let _serial = serial();
-    let c = small_retention_cluster("disk-bad");
+    let c = small_retention_cluster("disk-bad", 2);
     c.topic("logged", &["--rf", "1", "--batch-bytes", "64KiB"]);
     c.topic("plain", &["--batch-bytes", "64KiB"]);
     let published = publish_chunks(&c, "logged", 6, true);
@@ -695,4 +721,142 @@ fn a_damaged_disk_record_is_an_error_naming_its_position_never_data_and_without_
     ]);
     assert!(ok, "{err}");
     assert_eq!(out.lines().next(), Some(numbered(oldest as usize).as_str()));
+}
+
+/// The command line of process `pid` (to start a broker again exactly as it was).
+fn cmdline(pid: u32) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).expect("the broker's command line");
+    raw.split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).to_string())
+        .collect()
+}
+
+/// Every message on any disk is on every disk of its batch's replica set.
+#[track_caller]
+fn assert_every_replica_complete(c: &Cluster, topic: &str) {
+    for (p, (primary, on)) in holders(c, topic) {
+        let want: BTreeSet<u32> =
+            embar_dataplane::replication::replica_set(primary, RF, BROKERS).collect();
+        assert!(
+            want.is_subset(&on),
+            "message {p:?} (landed on broker {primary}) is on the disks of {on:?}, its replica set is {want:?}"
+        );
+    }
+}
+
+#[test]
+fn a_restarted_broker_catches_up_from_the_other_replicas_what_retention_reclaimed_while_it_was_down(
+) {
+    let _g = serial();
+    let c = small_retention_cluster("durable-rebuild", BROKERS);
+    c.topic("t", &[&ACK2_RF2[..6], &["--batch-bytes", "64KiB"]].concat());
+    let progress = PoolProgress::of(&c, "t");
+    let numbered_from = |from: usize, n: usize| -> Vec<String> {
+        (from..from + n)
+            .map(|i| numbered_line(i as u64, 900))
+            .collect()
+    };
+    // 1. A calm run, acked at ACK 2.
+    let calm = numbered_from(0, 1500);
+    let out = c.run(&["publish", "--topic", "t"], Some(calm.join("\n") + "\n"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // 2. SIGKILL broker 1 while a publisher runs (its sessions on broker 1 fail: resending
+    // to a live broker is not built).
+    let victim = broker_pid(&c, 1);
+    let args = cmdline(victim);
+    let log = format!("{}/broker-1/topic-t/00000000000000000000.log", c.dir);
+    let before = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+    let first = c.spawn(
+        &["publish", "--topic", "t", "--ack-timeout-s", "3"],
+        Some(numbered_from(100_000, 20_000).join("\n") + "\n"),
+    );
+    wait_until(
+        "broker 1 appends the run's batches",
+        Duration::from_secs(20),
+        || std::fs::metadata(&log).is_ok_and(|m| m.len() > before + (256 << 10)),
+    );
+    signal(victim, "-KILL");
+    let _ = first.wait_with_output();
+    c.wait_for_status("broker 1 declared dead", Duration::from_secs(20), |s| {
+        s["live_brokers"] == 2
+    });
+    let stale = || {
+        embar_dataplane::replication::progress_of(
+            embar_dataplane::pool::coherence::Coherent,
+            progress.pool.tinode(progress.slot),
+            1,
+        )
+    };
+
+    // 3. While it is down, an ACK 2 publisher on brokers 0 and 2: the batches that landed
+    // on broker 0 need broker 1 (replica set {0, 1}) and wait; retention reclaims them
+    // from the pool.
+    let down = numbered_from(200_000, 12_000);
+    let waiting = c.spawn(
+        &["publish", "--topic", "t", "--ack-timeout-s", "120"],
+        Some(down.join("\n") + "\n"),
+    );
+    wait_until(
+        "retention reclaimed batches broker 1 has not written",
+        Duration::from_secs(60),
+        || {
+            let t = progress.pool.tinode(progress.slot);
+            [0usize, 2].iter().all(|&b| {
+                t.brokers[b]
+                    .broker
+                    .reclaimed_below
+                    .load(std::sync::atomic::Ordering::Acquire)
+                    > stale() + 64
+            })
+        },
+    );
+
+    // 4. Broker 1 again, as it was started, into its own slot and data directory.
+    let restarted = std::fs::File::create(format!("{}/broker-1-restarted.log", c.dir)).unwrap();
+    let mut broker = Command::new(&args[0])
+        .args(&args[1..])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(restarted)
+        .spawn()
+        .unwrap();
+    c.wait_for_status("broker 1 back in its slot", Duration::from_secs(30), |s| {
+        s["brokers"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|b| b["slot"] == 1 && b["alive"] == true))
+    });
+    // ACK 2 resumes: the waiting publisher gets every acknowledgement.
+    let out = waiting.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    let _ = broker.try_wait();
+    assert!(out.status.success(), "{err}");
+    assert_eq!(acknowledged(&err), down.len() as u64, "{err}");
+    wait_until(
+        "every broker made everything durable",
+        Duration::from_secs(30),
+        || progress.replicated(BROKERS),
+    );
+    // Broker 1's log holds every batch of its replica sets again, in order (`dump` checks
+    // the order and every CRC), the ones only the other replicas' disks held included.
+    assert_every_replica_complete(&c, "t");
+    assert_on_every_replica(&c, "t", &calm);
+    assert_on_every_replica(&c, "t", &down);
+    let down_set: BTreeSet<&String> = down.iter().collect();
+    let on_1 = dump(&format!("{}/broker-1", c.dir), "t");
+    let from_0 = on_1
+        .iter()
+        .filter(|(p, b)| *b == 0 && down_set.contains(p))
+        .count();
+    assert!(
+        from_0 > 0,
+        "broker 1 holds none of broker 0's batches of the downtime"
+    );
+    let _ = broker.kill();
+    let _ = broker.wait();
 }

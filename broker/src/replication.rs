@@ -98,7 +98,9 @@ impl CoherenceFn<()> for Go<'_> {
                     Ok(n) => work += n,
                     Err(e) => {
                         log::error!("broker {me}: replication of topic slot {slot}: {e}");
-                        report_disk_failure(pool, c, *slot, me, e.errno());
+                        if let Some(errno) = e.disk_errno() {
+                            report_disk_failure(pool, c, *slot, me, errno);
+                        }
                         failed.push((*slot, *gen));
                     }
                 }
@@ -167,7 +169,9 @@ fn scan<'p, C: Coherence>(
             }
             Err(e) => {
                 retries.failed(slot, info.generation, now);
-                report_disk_failure(pool, c, slot, me, e.errno());
+                if let Some(errno) = e.disk_errno() {
+                    report_disk_failure(pool, c, slot, me, errno);
+                }
                 log::error!(
                     "broker {me}: cannot replicate topic {:?}: {e}; trying again later",
                     info.name

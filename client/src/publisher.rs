@@ -67,14 +67,6 @@ impl std::fmt::Debug for Publisher {
     }
 }
 
-/// The brokers whose disk log of `topic` is failing: `(broker slot, errno, failures)`.
-fn disk_failures<C: Coherence>(pool: &Pool, c: C, topic: &str) -> Vec<(u32, i32, u64)> {
-    match pool.find_topic(c, topic) {
-        Ok(slot) => embar_dataplane::replication::disk_failures(pool, c, slot),
-        Err(_) => Vec::new(),
-    }
-}
-
 /// Opens a shm publisher with the pool's coherence implementation.
 struct OpenShm<'p, 'a> {
     pool: &'p Pool,
@@ -240,27 +232,11 @@ impl Publisher {
         }
     }
 
-    /// Why acknowledgements may be held back, as the pool says (on the pool host): the
-    /// brokers whose disk log of this topic is failing (ACK 2 waits for every replica's
-    /// sync). Empty when there is nothing to say.
+    /// Why acknowledgements may be held back: the brokers whose disk log of this topic is
+    /// failing (ACK 2 waits for every replica's sync), as the pool on this host or the
+    /// brokers' acks (TCP, verbs, DPDK) say. Empty when there is nothing to say.
     fn disk_trouble(&self) -> String {
-        let Some(pool) = self.cell.borrow_owner().as_deref() else {
-            return String::new();
-        };
-        use embar_dataplane::pool::coherence::{CoherenceMode, Coherent, NonCoherent};
-        let failures = match pool.coherence_mode() {
-            CoherenceMode::Coherent => disk_failures(pool, Coherent, &self.topic),
-            CoherenceMode::NonCoherent => disk_failures(pool, NonCoherent::detect(), &self.topic),
-        };
-        failures
-            .into_iter()
-            .map(|(b, errno, n)| {
-                format!(
-                    "; broker slot {b} cannot write its disk log of this topic: {} ({n} failures)",
-                    std::io::Error::from_raw_os_error(errno)
-                )
-            })
-            .collect()
+        embar_dataplane::replication::describe_faults(&self.get(|p| p.disk_faults()))
     }
 
     /// Messages published (handed to `publish`) so far.

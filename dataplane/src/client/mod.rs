@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 pub use publisher::PublishError;
 
+use crate::replication::{describe_faults, DiskFault};
+
 /// A new client id for a publisher: 63 random bits (from the standard library's per-process,
 /// per-call hasher keys), so two publishers never share one. Every publisher, of every
 /// transport, takes its id from here.
@@ -54,6 +56,12 @@ pub trait Publish {
     }
     /// Times the publisher waited for log space (credits).
     fn grant_waits(&self) -> u64;
+    /// The brokers whose disk log of the topic is failing, as this publisher last heard
+    /// (from the pool on its host; from the acks of a remote publisher): why ACK 2 acks may
+    /// not come. Added to an ack timeout's error.
+    fn disk_faults(&self) -> Vec<DiskFault> {
+        Vec::new()
+    }
     /// The topic's ACK level.
     fn ack_level(&self) -> u8;
     /// When the open batch's linger runs out (`CLOCK_MONOTONIC` ns), if a batch is open:
@@ -85,7 +93,10 @@ pub trait Publish {
             }
             if start.elapsed() > timeout {
                 return Err(PublishError::Timeout {
-                    what: format!("acks of {target} messages ({n} acked)"),
+                    what: format!(
+                        "acks of {target} messages ({n} acked){}",
+                        describe_faults(&self.disk_faults())
+                    ),
                     waited: start.elapsed(),
                 });
             }

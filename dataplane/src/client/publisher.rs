@@ -101,6 +101,8 @@ struct OpenBatch {
 pub struct Publisher<'p, C: Coherence> {
     pool: &'p Pool,
     c: C,
+    /// Topic slot.
+    topic: u32,
     client_id: u64,
     batch_bytes: u64,
     ack: u8,
@@ -177,6 +179,7 @@ impl<'p, C: Coherence> Publisher<'p, C> {
         Ok(Publisher {
             pool,
             c,
+            topic: slot,
             client_id,
             batch_bytes: info.config.batch_bytes,
             ack: info.config.ack,
@@ -470,6 +473,10 @@ impl<C: Coherence> Publish for Publisher<'_, C> {
 
     fn grant_waits(&self) -> u64 {
         self.grant_waits
+    }
+
+    fn disk_faults(&self) -> Vec<crate::replication::DiskFault> {
+        crate::replication::disk_failures(self.pool, self.c, self.topic)
     }
 
     fn ack_level(&self) -> u8 {

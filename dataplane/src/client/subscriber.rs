@@ -51,6 +51,19 @@ const COPY_WINDOW_BYTES: usize = 64 * 1024;
 const RECLAIMED: &str = "start position (log space already reclaimed below delivery index)";
 const NOT_RETAINED: &str = "start position (no longer retained; oldest total order)";
 
+/// Which brokers' disk logs a subscriber reads for the positions the pool no longer holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disks {
+    /// None: the pool only ("fell behind" past the retention limit).
+    Never,
+    /// Every broker's that recorded a data directory (what subscribers read).
+    Every,
+    /// Every broker's but this slot's: a replicator that catches up on its own log takes
+    /// what it missed from the other replicas, and a gap is final once those have made it
+    /// durable (its own progress is what it is rebuilding).
+    OthersThan(u32),
+}
+
 /// Where to start.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StartAt {
@@ -140,8 +153,8 @@ pub struct Subscriber<'p, C: Coherence> {
     /// Deliver a batch only once it is durable on its replica set (ACK 2's condition).
     durable_only: bool,
     replication_factor: u8,
-    /// Read what the pool no longer holds from the disk logs (RF >= 1).
-    disk_allowed: bool,
+    /// Whose disk logs to read for what the pool no longer holds (RF >= 1).
+    disk_source: Disks,
     /// The disk logs, opened the first time they are needed.
     disk: Option<DiskLogs>,
     /// While reading from the disks: the total order of the next message.
@@ -192,17 +205,17 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
     /// Registers a subscriber of `topic` starting at `start`. On a topic with replication, a
     /// start older than the pool reads the disk logs first (see the module docs).
     pub fn open(pool: &'p Pool, c: C, topic: &str, start: StartAt) -> PoolResult<Self> {
-        Self::open_with(pool, c, topic, start, true)
+        Self::open_with(pool, c, topic, start, Disks::Every)
     }
 
-    /// As [`open`](Self::open); `read_disk: false` reads the pool only (the replicator, which
-    /// writes the disk logs).
+    /// As [`open`](Self::open), reading the disk logs of `disks` only (the replicator reads
+    /// the other replicas').
     pub fn open_with(
         pool: &'p Pool,
         c: C,
         topic: &str,
         start: StartAt,
-        read_disk: bool,
+        disks: Disks,
     ) -> PoolResult<Self> {
         let slot = pool.find_topic(c, topic)?;
         let st = pool.sequencer_state(slot);
@@ -221,7 +234,7 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             replication_factor: pool
                 .read_topic(c, slot)
                 .map_or(0, |t| t.config.replication_factor),
-            disk_allowed: read_disk,
+            disk_source: disks,
             disk: None,
             on_disk: None,
             disk_body: Vec::new(),
@@ -293,22 +306,28 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
     /// Whether the disks can be read for this topic (RF >= 1, allowed), opening them the
     /// first time.
     fn disks(&mut self) -> Option<&mut DiskLogs> {
-        if !self.disk_allowed || self.replication_factor == 0 {
+        if self.disk_source == Disks::Never || self.replication_factor == 0 {
             return None;
         }
         if self.disk.is_none() {
-            let dirs: Vec<PathBuf> = self
-                .pool
-                .broker_data_dirs(self.c)
-                .into_iter()
-                .map(|(_, d)| d)
-                .collect();
+            let dirs: Vec<PathBuf> = self.disk_dirs().into_iter().map(|(_, d)| d).collect();
             if dirs.is_empty() {
                 return None;
             }
             self.disk = Some(DiskLogs::new(&dirs, &self.name, self.pool.pool_id()));
         }
         self.disk.as_mut()
+    }
+
+    /// The brokers (slot, data directory) whose disk logs this subscriber reads.
+    fn disk_dirs(&self) -> Vec<(u32, PathBuf)> {
+        let mut dirs = self.pool.broker_data_dirs(self.c);
+        match self.disk_source {
+            Disks::Never => dirs.clear(),
+            Disks::Every => {}
+            Disks::OthersThan(me) => dirs.retain(|(b, _)| *b != me),
+        }
+        dirs
     }
 
     /// The oldest total order of this pool that a disk log holds.
@@ -806,8 +825,7 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             return true;
         }
         let t = self.pool.tinode(self.topic);
-        self.pool
-            .broker_data_dirs(self.c)
+        self.disk_dirs()
             .iter()
             .all(|(b, _)| crate::replication::progress_of(self.c, t, *b) > self.next)
     }

@@ -540,7 +540,9 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
                 ));
             }
         }
-        let counters = crate::tcp::frontend::counters(c, s.session, s.submit_received);
+        let disk_topic = (s.ack == 2).then(|| s.session.topic.load(Relaxed) as u32);
+        let counters =
+            crate::tcp::frontend::counters(self.pool, c, s.session, s.submit_received, disk_topic);
         let expected = s.rx.expected();
         let changed = counters != s.sent || expected != s.sent_expected;
         let unacked = s.sent.acked_batches + s.sent.rejected_batches < s.submit_received;

@@ -18,7 +18,7 @@ pub mod reader;
 use std::path::Path;
 use std::time::Instant;
 
-use crate::client::subscriber::{StartAt, Subscriber};
+use crate::client::subscriber::{Disks, StartAt, Subscriber};
 use crate::pool::coherence::Coherence;
 use crate::pool::layout::TInode;
 use crate::pool::Pool;
@@ -85,13 +85,17 @@ pub struct Replicator<'p, C: Coherence> {
 }
 
 impl ReplicationError {
-    /// The OS error number behind it (`EIO` when there is none).
-    pub fn errno(&self) -> i32 {
+    /// The OS error number if this broker's own disk log failed (a write, sync or open;
+    /// `EIO` when there is none): what is reported as its disk failure. `None` for the pool
+    /// or a record of another replica's log (read while catching up), which is no fault of
+    /// this disk.
+    pub fn disk_errno(&self) -> Option<i32> {
         match self {
             ReplicationError::Log(LogError::Io { source, .. }) => {
-                source.raw_os_error().unwrap_or(libc::EIO)
+                Some(source.raw_os_error().unwrap_or(libc::EIO))
             }
-            _ => libc::EIO,
+            ReplicationError::Log(_) => Some(libc::EIO),
+            ReplicationError::Pool(_) => None,
         }
     }
 }
@@ -104,23 +108,93 @@ pub fn report_disk_failure<C: Coherence>(pool: &Pool, c: C, slot: u32, me: u32, 
     c.publish(&r.disk_error, errno.unsigned_abs().into());
 }
 
-/// The brokers whose disk log of topic slot `slot` is failing now: `(broker slot, OS error
-/// number, failures so far)`. What a publisher waiting for ACK 2 adds to its timeout.
-pub fn disk_failures<C: Coherence>(pool: &Pool, c: C, slot: u32) -> Vec<(u32, i32, u64)> {
-    let t = pool.tinode(slot);
-    (0..pool.geometry().max_brokers)
-        .filter_map(|b| {
-            let r = &t.brokers[b as usize].replication;
-            let e = c.observe(&r.disk_error);
-            (e != 0).then(|| {
-                (
-                    b,
-                    e as i32,
-                    r.disk_failures.load(crate::sync::Ordering::Relaxed),
-                )
-            })
+/// A broker whose disk log of a topic is failing: what a publisher waiting for ACK 2 is told
+/// when it times out (the pool words `disk_error` and `disk_failures`). Remote publishers get
+/// it packed in one word of their acks ([`DiskFault::pack`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DiskFault {
+    /// Broker slot.
+    pub broker: u32,
+    /// The last OS error number.
+    pub errno: i32,
+    /// Failures so far.
+    pub failures: u64,
+}
+
+impl DiskFault {
+    /// One word, 0 for none: the OS error number in bits 0..16, the broker slot in 16..32,
+    /// the failures (saturated) in 32..64.
+    pub fn pack(&self) -> u64 {
+        let errno = u64::from(self.errno.clamp(1, 0xffff) as u16);
+        let broker = u64::from(self.broker.min(0xffff));
+        errno | broker << 16 | self.failures.min(u64::from(u32::MAX)) << 32
+    }
+
+    /// The fault in a word [`pack`](Self::pack) made; `None` for 0.
+    pub fn unpack(word: u64) -> Option<DiskFault> {
+        let errno = (word & 0xffff) as i32;
+        (errno != 0).then_some(DiskFault {
+            broker: ((word >> 16) & 0xffff) as u32,
+            errno,
+            failures: word >> 32,
         })
+    }
+}
+
+impl std::fmt::Display for DiskFault {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "broker slot {} cannot write its disk log of this topic: {} ({} failures)",
+            self.broker,
+            std::io::Error::from_raw_os_error(self.errno),
+            self.failures
+        )
+    }
+}
+
+/// The faults in the packed words of a remote publisher's acks (one per broker link), one per
+/// failing broker.
+pub fn faults_of(words: impl Iterator<Item = u64>) -> Vec<DiskFault> {
+    let mut faults: Vec<DiskFault> = words.filter_map(DiskFault::unpack).collect();
+    faults.sort_by_key(|f| (f.broker, u64::MAX - f.failures));
+    faults.dedup_by_key(|f| f.broker);
+    faults
+}
+
+/// What a publisher adds to its ack timeout: "; " and each fault, or nothing.
+pub fn describe_faults(faults: &[DiskFault]) -> String {
+    faults.iter().map(|f| format!("; {f}")).collect()
+}
+
+/// Broker `b`'s disk fault on topic slot `slot`, if its log is failing now.
+fn fault_of<C: Coherence>(pool: &Pool, c: C, slot: u32, b: u32) -> Option<DiskFault> {
+    let r = &pool.tinode(slot).brokers[b as usize].replication;
+    let e = c.observe(&r.disk_error);
+    (e != 0).then(|| DiskFault {
+        broker: b,
+        errno: e as i32,
+        failures: r.disk_failures.load(crate::sync::Ordering::Relaxed),
+    })
+}
+
+/// The brokers whose disk log of topic slot `slot` is failing now. What a publisher waiting
+/// for ACK 2 adds to its timeout.
+pub fn disk_failures<C: Coherence>(pool: &Pool, c: C, slot: u32) -> Vec<DiskFault> {
+    (0..pool.geometry().max_brokers)
+        .filter_map(|b| fault_of(pool, c, slot, b))
         .collect()
+}
+
+/// The first of [`disk_failures`], packed (0: none; a slot out of range has none): what a
+/// broker puts in the acks of a remote publisher of an ACK 2 topic.
+pub fn disk_fault_word<C: Coherence>(pool: &Pool, c: C, slot: u32) -> u64 {
+    if slot >= pool.geometry().max_topics {
+        return 0;
+    }
+    (0..pool.geometry().max_brokers)
+        .find_map(|b| fault_of(pool, c, slot, b))
+        .map_or(0, |f| f.pack())
 }
 
 /// Failures of broker `me`'s disk logs over every topic (its metric).
@@ -134,9 +208,12 @@ pub fn disk_failures_of<C: Coherence>(pool: &Pool, c: C, me: u32) -> u64 {
 }
 
 impl<'p, C: Coherence> Replicator<'p, C> {
-    /// Opens (recovering) the log of `topic` under `data_dir` and a cursor at the oldest
-    /// batch still retained; batches already in the log (same pool, same or lower total
-    /// order) are passed over.
+    /// Opens (recovering) the log of `topic` under `data_dir` and a subscriber after the
+    /// log's last batch of this pool (or at the oldest batch, in the pool or on the other
+    /// replicas' disks, when it has none); batches already in the log (same pool, same or
+    /// lower total order) are passed over. Positions the pool no longer holds (reclaimed
+    /// while this broker was down, or before a slow replicator read them) are read from the
+    /// other brokers' logs, each record verified (CRC32C) before it is appended here.
     pub fn open(
         pool: &'p Pool,
         c: C,
@@ -150,11 +227,18 @@ impl<'p, C: Coherence> Replicator<'p, C> {
             .read_topic(c, slot)
             .ok_or_else(|| PoolError::UnknownTopic(topic.to_string()))?;
         let (log, rec) = DiskLog::open(&log::topic_dir(data_dir, topic), cfg)?;
-        let sub = Subscriber::open_with(pool, c, topic, StartAt::Oldest, false)?;
         let era = pool
             .superblock()
             .pool_id
             .load(crate::sync::Ordering::Relaxed);
+        // A log that holds batches of this pool goes on after its last one: what was
+        // ordered since (while this broker was down) and the pool no longer holds is read
+        // from the other replicas' logs.
+        let start = match log.last().filter(|l| l.era == era) {
+            Some(l) => StartAt::TotalOrder(l.total_order + u64::from(l.num_msg)),
+            None => StartAt::Oldest,
+        };
+        let sub = Subscriber::open_with(pool, c, topic, start, Disks::OthersThan(me))?;
         let start = sub.position();
         // Progress never goes back: a reopened replicator publishes only past what is there.
         let published = c.observe(
@@ -284,6 +368,31 @@ mod tests {
         assert_eq!(set(1, 0, 3), Vec::<u32>::new());
         // RF above the slots: each slot once.
         assert_eq!(set(1, 5, 3), vec![1, 2, 0]);
+    }
+
+    #[test]
+    fn a_disk_fault_survives_its_word_and_names_the_broker_and_the_error() {
+        let f = DiskFault {
+            broker: 2,
+            errno: libc::ENOSPC,
+            failures: 7,
+        };
+        assert_eq!(DiskFault::unpack(f.pack()), Some(f));
+        assert_eq!(DiskFault::unpack(0), None);
+        let huge = DiskFault {
+            failures: u64::MAX,
+            ..f
+        };
+        assert_eq!(
+            DiskFault::unpack(huge.pack()).unwrap().failures,
+            u64::from(u32::MAX)
+        );
+        let text = describe_faults(&[f]);
+        assert!(
+            text.starts_with("; broker slot 2 cannot write its disk log of this topic: ")
+                && text.contains("(os error 28) (7 failures)"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -105,8 +105,16 @@ pub struct Handoff<'p> {
     pub line: String,
 }
 
-/// A session's counters as an ack carries them (`batches_received` is the frontend's).
-pub fn counters<C: Coherence>(c: C, s: &Session, batches_received: u64) -> AckFrame {
+/// A session's counters as an ack carries them (`batches_received` is the frontend's), and
+/// with `disk_topic` (the topic slot of an ACK 2 session) the first broker whose disk log of
+/// that topic is failing.
+pub fn counters<C: Coherence>(
+    pool: &Pool,
+    c: C,
+    s: &Session,
+    batches_received: u64,
+    disk_topic: Option<u32>,
+) -> AckFrame {
     let rejected = c.observe(&s.rejected_batches);
     AckFrame {
         batches_received,
@@ -119,6 +127,7 @@ pub fn counters<C: Coherence>(c: C, s: &Session, batches_received: u64) -> AckFr
             0
         },
         closed: 0,
+        disk: disk_topic.map_or(0, |t| crate::replication::disk_fault_word(pool, c, t)),
     }
 }
 
@@ -203,6 +212,8 @@ struct Remote<'p, C: Coherence> {
     readable: bool,
     grants: GrantCursor,
     received: u64,
+    /// The topic slot of an ACK 2 session, whose disk faults its acks carry.
+    disk_topic: Option<u32>,
     /// The counters last queued for the publisher.
     sent: AckFrame,
     /// An ack frame being written, and how much of it is written.
@@ -635,6 +646,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
                     readable: true,
                     grants: GrantCursor::default(),
                     received: 0,
+                    disk_topic: (info.config.ack == 2).then_some(p.topic),
                     sent: AckFrame::default(),
                     out: None,
                     blocked_since_ns: None,
@@ -845,7 +857,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
     /// Queues the session's counters when they changed and writes what it can.
     fn acks(&mut self, r: &mut Remote<'p, C>, now: u64) -> usize {
         if r.out.is_none() {
-            let frame = counters(self.c, r.session, r.received);
+            let frame = counters(self.pool, self.c, r.session, r.received, r.disk_topic);
             if frame == r.sent {
                 return 0;
             }

@@ -131,6 +131,10 @@ pub struct AckFrame {
     pub error: u64,
     /// Non-zero once the broker ended the session (a session error code).
     pub closed: u64,
+    /// A broker whose disk log of the session's topic is failing
+    /// ([`crate::replication::DiskFault::pack`]; 0: none, and always 0 below ACK 2): what
+    /// the publisher's ack timeout names. Bytes 56..64, zero from a broker that predates it.
+    pub disk: u64,
 }
 
 impl AckFrame {
@@ -146,6 +150,7 @@ impl AckFrame {
             self.rejected_batches,
             self.error,
             self.closed,
+            self.disk,
         ];
         for (i, w) in words.iter().enumerate() {
             b[8 + 8 * i..16 + 8 * i].copy_from_slice(&w.to_le_bytes());
@@ -165,6 +170,7 @@ impl AckFrame {
             rejected_batches: w(3),
             error: w(4),
             closed: w(5),
+            disk: w(6),
         })
     }
 }
@@ -334,8 +340,8 @@ mod tests {
 
     proptest! {
         #[test]
-        fn ack_and_window_frames_round_trip(a: [u64; 6], t: u64, c: u64, s: u64, h: [u32; 5]) {
-            let f = AckFrame { batches_received: a[0], acked_messages: a[1], acked_batches: a[2], rejected_batches: a[3], error: a[4], closed: a[5] };
+        fn ack_and_window_frames_round_trip(a: [u64; 7], t: u64, c: u64, s: u64, h: [u32; 5]) {
+            let f = AckFrame { batches_received: a[0], acked_messages: a[1], acked_batches: a[2], rejected_batches: a[3], error: a[4], closed: a[5], disk: a[6] };
             prop_assert_eq!(AckFrame::decode(&f.encode()), Some(f));
             let w = WindowFrame { batch_total_order: t, client_id: c, batch_seq: s, num_msg: h[0], first_index: h[1], count: h[2], deliver_from: h[3], bytes: h[4] };
             prop_assert_eq!(WindowFrame::decode(&w.encode()), w);

@@ -21,6 +21,7 @@ use super::*;
 use crate::client::filling::{stride_of, Filling};
 use crate::client::publisher::{PublishError, PublisherConfig};
 use crate::client::Publish;
+use crate::replication::{describe_faults, faults_of, DiskFault};
 use crate::verbs::field;
 
 /// Bytes of ack frames read per system call (16 frames).
@@ -410,8 +411,10 @@ impl TcpPublisher {
             if began.elapsed() > self.cfg.publisher.wait_timeout {
                 return Err(PublishError::Timeout {
                     what: format!(
-                        "acks for {} bytes in flight (topic {})",
-                        self.inflight_bytes, self.topic
+                        "acks for {} bytes in flight (topic {}){}",
+                        self.inflight_bytes,
+                        self.topic,
+                        describe_faults(&self.disk_faults())
                     ),
                     waited: began.elapsed(),
                 });
@@ -656,6 +659,10 @@ impl Publish for TcpPublisher {
 
     fn grant_waits(&self) -> u64 {
         self.waits
+    }
+
+    fn disk_faults(&self) -> Vec<DiskFault> {
+        faults_of(self.links.iter().map(|l| l.acks.disk))
     }
 
     fn ack_level(&self) -> u8 {

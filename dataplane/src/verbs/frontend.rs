@@ -115,7 +115,9 @@ struct Remote<'p, C: Coherence> {
     issued_seen: u64,
     taken: u64,
     /// Counters last written to the publisher.
-    sent: [u64; 7],
+    sent: [u64; 8],
+    /// The topic slot of an ACK 2 session, whose disk faults its counters carry.
+    disk_topic: Option<u32>,
     local_rejected: u64,
     local_error: u64,
     /// Why the session ends (a session error code), once it does.
@@ -439,7 +441,8 @@ impl<'p, C: Coherence> Frontend<'p, C> {
             grants: VecDeque::new(),
             issued_seen: 0,
             taken: 0,
-            sent: [u64::MAX; 7],
+            sent: [u64::MAX; 8],
+            disk_topic: (info.config.ack == 2).then_some(p.req.topic),
             local_rejected: 0,
             local_error: 0,
             closing: None,
@@ -584,7 +587,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
                 return 1;
             }
         }
-        if r.write_counters(c, None) {
+        if r.write_counters(pool, c, None) {
             stats.feedback_writes += 1;
         }
         work
@@ -597,7 +600,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
         // session closed.
         r.grants.clear();
         if r.ready {
-            r.write_counters(self.c, Some(code.max(1)));
+            r.write_counters(self.pool, self.c, Some(code.max(1)));
         }
         session::close(self.c, r.session, r.generation);
         self.stats.sessions_closed += 1;
@@ -761,7 +764,7 @@ impl<C: Coherence> Remote<'_, C> {
 
     /// Writes the counters when they changed (or the session ends: `closed`).
     /// Returns whether it wrote.
-    fn write_counters(&mut self, c: C, closed: Option<u64>) -> bool {
+    fn write_counters(&mut self, pool: &Pool, c: C, closed: Option<u64>) -> bool {
         let s = self.session;
         let rejected = c.observe(&s.rejected_batches);
         let error = if rejected > 0 {
@@ -777,13 +780,13 @@ impl<C: Coherence> Remote<'_, C> {
             rejected + self.local_rejected,
             error,
             closed.unwrap_or(0),
+            self.disk_topic
+                .map_or(0, |t| crate::replication::disk_fault_word(pool, c, t)),
         ];
         if now == self.sent || !self.can_post() {
             return false;
         }
-        let mut w = [0u64; 8];
-        w[..7].copy_from_slice(&now);
-        if self.post_feedback(&w, 0).is_ok() {
+        if self.post_feedback(&now, 0).is_ok() {
             self.sent = now;
             true
         } else {

@@ -103,7 +103,9 @@ pub struct Counters {
     pub error: AtomicU64,
     /// Non-zero once the broker ended the session (a `SessionError` code).
     pub closed: AtomicU64,
-    pub _pad: AtomicU64,
+    /// A broker whose disk log of an ACK 2 session's topic is failing
+    /// ([`crate::replication::DiskFault::pack`]; 0: none).
+    pub disk: AtomicU64,
 }
 
 /// One grant as the publisher sees it. Written once, before `grants_issued` counts it.

@@ -309,7 +309,11 @@ impl VerbsPublisher {
             }
             if start.elapsed() > self.cfg.wait_timeout {
                 return Err(PublishError::Timeout {
-                    what: what(self),
+                    what: format!(
+                        "{}{}",
+                        what(self),
+                        crate::replication::describe_faults(&self.disk_faults())
+                    ),
                     waited: start.elapsed(),
                 });
             }
@@ -666,6 +670,14 @@ impl Publish for VerbsPublisher {
 
     fn grant_waits(&self) -> u64 {
         self.grant_waits
+    }
+
+    fn disk_faults(&self) -> Vec<crate::replication::DiskFault> {
+        crate::replication::faults_of(
+            self.links
+                .iter()
+                .map(|l| l.fb().counters.disk.load(Acquire)),
+        )
     }
 
     fn ack_level(&self) -> u8 {
