@@ -454,7 +454,21 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
                     // start another resend.
                     self.stats.frames_not_taken.fetch_add(1, Relaxed);
                 }
-                Verdict::Ahead | Verdict::NoRoom => {
+                Verdict::Ahead => {
+                    self.stats.frames_not_taken.fetch_add(1, Relaxed);
+                    s.ack_due = true;
+                    warn_limited!(
+                        self.warn,
+                        now,
+                        "broker {}: DPDK session {:#x}: frame {} dropped, frame {} expected \
+                         (lost or reordered on the way, or out of the window)",
+                        self.broker,
+                        s.key,
+                        h.seq,
+                        s.rx.expected()
+                    );
+                }
+                Verdict::NoRoom => {
                     self.stats.frames_not_taken.fetch_add(1, Relaxed);
                     s.ack_due = true;
                 }
