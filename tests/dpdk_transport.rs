@@ -23,7 +23,9 @@ mod dpdk {
 
     use embar_dataplane::dpdk::{parse_mac, write_eth, Header, ETH_BYTES, KIND_DATA};
     use embar_sys::dpdk::{self, MbufPool, Port, TxBurst};
-    use embar_test_support::{lines, order_check_passed, serial, succeeded, wait_until, Cluster};
+    use embar_test_support::{
+        lines, order_check_passed, serial, signal, succeeded, wait_until, Cluster,
+    };
 
     fn publish_ok(c: &Cluster, tag: &str, n: usize, extra: &[&str]) -> std::process::Child {
         let mut args = vec!["publish", "--topic", "t", "--transport", "dpdk"];
@@ -111,6 +113,59 @@ mod dpdk {
             "frames after a lost one are not taken"
         );
         assert_eq!(c.metric_sum("embar_broker_dpdk_sessions_dropped_total"), 0);
+    }
+
+    #[test]
+    fn a_publisher_killed_mid_stream_ends_its_session_alone_and_the_brokers_go_on() {
+        let _serial = serial();
+        let c = Cluster::up("dpdk-kill", &["--dpdk", "--pool-bytes", "256MiB"]);
+        c.topic("t", &["--order", "5", "--batch-bytes", "64KiB"]);
+        for round in 0..3 {
+            // A publisher with far more to send than it gets to: killed while frames fly.
+            let mut doomed = publish_ok(&c, "doomed", 400_000, &[]);
+            wait_until(
+                "the doomed publisher's frames",
+                Duration::from_secs(20),
+                || c.metric_sum("embar_broker_dpdk_batches_received_total") > round * 4 + 2,
+            );
+            signal(doomed.id(), "-KILL");
+            let _ = doomed.wait();
+            // Both brokers notice (the session's connection closed), end the session, and
+            // remove its memif port once the link is down; then serve the next publisher.
+            wait_until("no DPDK session open", Duration::from_secs(20), || {
+                c.metric_sum("embar_broker_dpdk_sessions_open") == 0
+            });
+        }
+        let good = publish_ok(&c, "good", 3000, &[]);
+        succeeded(good);
+        // Every message the sequencer ordered (what the killed publishers got in, and the
+        // good one's 3000) reads back in order; the brokers are still the two started.
+        let st = c.status();
+        let alive = st["brokers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|b| b["alive"] == true)
+            .count();
+        assert_eq!(alive, 2, "{st}");
+        let out = c.run(
+            &[
+                "subscribe",
+                "--topic",
+                "t",
+                "--from",
+                "oldest",
+                "--check-order",
+                "--idle-timeout-s",
+                "2",
+                "--format",
+                "jsonl",
+            ],
+            None,
+        );
+        let text = String::from_utf8_lossy(&out.stdout);
+        let good_lines = text.lines().filter(|l| l.contains("good ")).count();
+        assert_eq!(good_lines, 3000, "{}", String::from_utf8_lossy(&out.stderr));
     }
 
     fn tcp_broker(c: &Cluster) -> SocketAddr {
