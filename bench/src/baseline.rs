@@ -152,6 +152,10 @@ pub fn memif_link_gbps(frame_bytes: u32, bytes: u64) -> Result<f64, String> {
         }
         std::thread::sleep(std::time::Duration::from_millis(1));
     }
+    // Connected: the socket's path is not needed again.
+    let _ = std::fs::remove_file(
+        std::env::temp_dir().join(format!("embar-raw-{}.memif", std::process::id())),
+    );
     let src = vec![0x5au8; frame_bytes as usize];
     let mut best = 0.0f64;
     for _ in 0..3 {

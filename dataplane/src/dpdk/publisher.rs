@@ -226,6 +226,13 @@ impl DpdkWire {
             }
             std::thread::sleep(Duration::from_millis(1));
         }
+        if let LinkKind::Memif { .. } = cfg.link {
+            // Connected: the socket's path is not needed again (the listening socket stays
+            // open), and a process that dies leaves no file behind.
+            if let Some(path) = link.strip_prefix("memif:") {
+                let _ = std::fs::remove_file(path);
+            }
+        }
         let _ = stream.set_nonblocking(true);
         // The poll loop of this wire runs on the publisher's thread.
         let _ = dpdk::register_thread();
