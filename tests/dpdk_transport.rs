@@ -226,6 +226,7 @@ mod dpdk {
         wait_until("the rogue's link", Duration::from_secs(10), || {
             port.link_up()
         });
+        let _ = std::fs::remove_file(&sock);
         let mac = port.mac().unwrap();
         let send = |h: Header, payload: &[u8], corrupt: bool| {
             let mut tx = TxBurst::default();
