@@ -21,7 +21,7 @@ mod dpdk {
     use std::net::{SocketAddr, TcpStream};
     use std::time::Duration;
 
-    use embar_dataplane::dpdk::{parse_mac, write_eth, Header, ETH_BYTES, KIND_DATA};
+    use embar_dataplane::dpdk::{parse_mac, push_frame, Header, KIND_DATA};
     use embar_sys::dpdk::{self, MbufPool, Port, TxBurst};
     use embar_test_support::{
         lines, order_check_passed, serial, signal, succeeded, wait_until, Cluster,
@@ -230,16 +230,7 @@ mod dpdk {
         let mac = port.mac().unwrap();
         let send = |h: Header, payload: &[u8], corrupt: bool| {
             let mut tx = TxBurst::default();
-            assert!(tx
-                .push(mbufs, ETH_BYTES + Header::BYTES + payload.len(), |b| {
-                    write_eth(b, broker_mac, mac);
-                    b[ETH_BYTES + Header::BYTES..].copy_from_slice(payload);
-                    h.write(&mut b[ETH_BYTES..]);
-                    if corrupt {
-                        b[ETH_BYTES + 30] ^= 1;
-                    }
-                })
-                .unwrap());
+            assert!(push_frame(&mut tx, mbufs, broker_mac, mac, &h, payload, corrupt).unwrap());
             assert_eq!(tx.send(&port), 1);
         };
         let data = Header {

@@ -102,7 +102,6 @@ struct Sess<'p, C: Coherence> {
     /// A completed batch whose descriptor waits for room in the submission ring.
     ready: Option<BatchDesc>,
     submit_received: u64,
-    payload_per_frame: u32,
     sent: AckFrame,
     sent_expected: u32,
     last_ack_ns: u64,
@@ -139,6 +138,8 @@ pub struct DpdkFrontend<'p, 's, C: Coherence> {
     stats: &'s DpdkStats,
     warn: LogLimit,
     rx: RxBurst,
+    /// An ack burst per link, filled by a round and sent at its end.
+    tx: Vec<TxBurst>,
 }
 
 impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
@@ -185,6 +186,7 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
             stats,
             warn: LogLimit::new(Duration::from_secs(10)),
             rx: RxBurst::default(),
+            tx: Vec::new(),
         })
     }
 
@@ -285,7 +287,6 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
         let key = self.next_key;
         self.next_key = self.next_key.wrapping_add(2);
         let limit = u32::try_from(batch_limit).unwrap_or(u32::MAX);
-        let payload_per_frame = self.cfg.frame_bytes - (ETH_BYTES + Header::BYTES) as u32;
         log::info!(
             "broker {}: DPDK session {key:#x} of client {client_id} opened (ack {ack})",
             self.broker
@@ -305,7 +306,6 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
             submit: RingProducer::new(submission_ring(session), self.c),
             ready: None,
             submit_received: 0,
-            payload_per_frame,
             sent: AckFrame::default(),
             sent_expected: 0,
             last_ack_ns: 0,
@@ -340,15 +340,18 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
         for l in 0..self.links.len() {
             work += self.receive(l, now);
         }
-        let mut tx: Vec<TxBurst> = Vec::new();
+        // The bursts are kept from round to round (no allocation per round).
+        let mut tx = std::mem::take(&mut self.tx);
+        tx.resize_with(self.links.len(), TxBurst::default);
         for i in 0..self.sessions.len() {
             work += self.serve(i, now, &mut tx);
         }
-        for (l, burst) in tx.iter_mut().enumerate() {
-            if let Some(Some(link)) = self.links.get(l) {
+        for (burst, link) in tx.iter_mut().zip(&self.links) {
+            if let Some(link) = link {
                 burst.send(&link.port);
             }
         }
+        self.tx = tx;
         // Sessions that ended leave (from the back, so indices stay valid while removing).
         let mut i = self.sessions.len();
         while i > 0 {
@@ -368,10 +371,14 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
             return 0;
         };
         let n = link.port.rx(&mut self.rx);
+        if n == 0 {
+            return 0;
+        }
+        // Counted per burst, not per frame (the counters are shared with the metrics).
+        let (mut bad, mut unknown, mut not_taken, mut copied) = (0, 0, 0, 0);
         for i in 0..n {
-            self.stats.frames_received.fetch_add(1, Relaxed);
             let Ok(frame) = self.rx.frame(i) else {
-                self.stats.frames_bad.fetch_add(1, Relaxed);
+                bad += 1;
                 continue;
             };
             let Some((src, frame)) = read_eth(frame) else {
@@ -381,7 +388,7 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
             let (h, payload) = match Header::read(frame) {
                 Ok(x) => x,
                 Err(e) => {
-                    self.stats.frames_bad.fetch_add(1, Relaxed);
+                    bad += 1;
                     warn_limited!(
                         self.warn,
                         now,
@@ -396,7 +403,7 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
                     &mut self.sessions[k]
                 }
                 _ => {
-                    self.stats.frames_unknown_session.fetch_add(1, Relaxed);
+                    unknown += 1;
                     warn_limited!(
                         self.warn,
                         now,
@@ -423,9 +430,7 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
             };
             match s.rx.on_data(&h.data(), payload, &mut land) {
                 Verdict::Took(done) => {
-                    self.stats
-                        .bytes_copied
-                        .fetch_add(payload.len() as u64, Relaxed);
+                    copied += payload.len() as u64;
                     if let Some(Complete {
                         batch_seq,
                         num_msg,
@@ -452,10 +457,10 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
                     // A resend of what arrived (its ack was late): the regular acks say so.
                     // An ack for each would read as duplicate acks, the sign of a loss, and
                     // start another resend.
-                    self.stats.frames_not_taken.fetch_add(1, Relaxed);
+                    not_taken += 1;
                 }
                 Verdict::Ahead => {
-                    self.stats.frames_not_taken.fetch_add(1, Relaxed);
+                    not_taken += 1;
                     s.ack_due = true;
                     warn_limited!(
                         self.warn,
@@ -469,7 +474,7 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
                     );
                 }
                 Verdict::NoRoom => {
-                    self.stats.frames_not_taken.fetch_add(1, Relaxed);
+                    not_taken += 1;
                     s.ack_due = true;
                 }
                 Verdict::Violation(why) => {
@@ -478,10 +483,22 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
                 }
             }
         }
+        let st = self.stats;
+        st.frames_received.fetch_add(n as u64, Relaxed);
+        for (counter, v) in [
+            (&st.frames_bad, bad),
+            (&st.frames_unknown_session, unknown),
+            (&st.frames_not_taken, not_taken),
+            (&st.bytes_copied, copied),
+        ] {
+            if v > 0 {
+                counter.fetch_add(v, Relaxed);
+            }
+        }
         n
     }
 
-    fn serve(&mut self, i: usize, now: u64, tx: &mut Vec<TxBurst>) -> usize {
+    fn serve(&mut self, i: usize, now: u64, tx: &mut [TxBurst]) -> usize {
         let (c, bell) = (self.c, self.bell);
         let s = &mut self.sessions[i];
         if s.closing.is_some() {
@@ -567,28 +584,20 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
             let window = self.window(i);
             let s = &mut self.sessions[i];
             let link = self.links[s.link].as_ref().expect("checked above");
-            while tx.len() <= s.link {
-                tx.push(TxBurst::default());
+            let burst = &mut tx[s.link];
+            if burst.is_full() {
+                burst.send(&link.port);
             }
-            if tx[s.link].is_full() {
-                tx[s.link].send(&link.port);
-            }
-            let h = Header {
-                kind: KIND_ACK,
-                len: AckFrame::BYTES as u16,
-                session: s.key,
-                seq: expected,
-                window,
-                ..Header::default()
-            };
-            let payload = ack_payload(&counters);
-            let (dst, src) = (s.peer, link.mac);
-            let pushed =
-                tx[s.link].push(self.mbufs, ETH_BYTES + Header::BYTES + payload.len(), |f| {
-                    write_eth(f, dst, src);
-                    f[ETH_BYTES + Header::BYTES..].copy_from_slice(&payload);
-                    h.write(&mut f[ETH_BYTES..]);
-                });
+            let h = ack_header(s.key, expected, window);
+            let pushed = push_frame(
+                burst,
+                self.mbufs,
+                s.peer,
+                link.mac,
+                &h,
+                &counters.encode(),
+                false,
+            );
             if matches!(pushed, Ok(true)) {
                 s.sent = counters;
                 s.sent_expected = expected;
@@ -605,7 +614,8 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
     fn window(&self, i: usize) -> u32 {
         let s = &self.sessions[i];
         let room = s.grants.room(self.c, s.session, s.batch_limit) + u64::from(s.rx.batch_left());
-        let frames = room.div_ceil(u64::from(s.payload_per_frame.max(1)));
+        let payload_per_frame = self.cfg.frame_bytes - (ETH_BYTES + Header::BYTES) as u32;
+        let frames = room.div_ceil(u64::from(payload_per_frame));
         // A batch's first frame is taken only with room for the whole batch; a window of at
         // least one frame lets the publisher learn when room comes back.
         (frames as u32).clamp(1, MAX_WINDOW)
@@ -626,21 +636,17 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
                 closed: code.max(1),
                 ..s.sent
             };
-            let h = Header {
-                kind: KIND_ACK,
-                len: AckFrame::BYTES as u16,
-                session: s.key,
-                seq: s.rx.expected(),
-                ..Header::default()
-            };
-            let payload = ack_payload(&last);
+            let h = ack_header(s.key, s.rx.expected(), 0);
             let mut tx = TxBurst::default();
-            let (dst, src) = (s.peer, link.mac);
-            let _ = tx.push(self.mbufs, ETH_BYTES + Header::BYTES + payload.len(), |f| {
-                write_eth(f, dst, src);
-                f[ETH_BYTES + Header::BYTES..].copy_from_slice(&payload);
-                h.write(&mut f[ETH_BYTES..]);
-            });
+            let _ = push_frame(
+                &mut tx,
+                self.mbufs,
+                s.peer,
+                link.mac,
+                &h,
+                &last.encode(),
+                false,
+            );
             tx.send(&link.port);
         }
         let _ = writeln!(s.stream, "END {}", describe(code, why));
@@ -687,6 +693,17 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
 
     pub fn has_sessions(&self) -> bool {
         !self.sessions.is_empty()
+    }
+}
+
+/// The header of an ack: the next frame `seq` session `key` expects, `window` more allowed.
+fn ack_header(key: u32, seq: u32, window: u32) -> Header {
+    Header {
+        kind: KIND_ACK,
+        session: key,
+        seq,
+        window,
+        ..Header::default()
     }
 }
 

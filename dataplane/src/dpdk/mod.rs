@@ -19,14 +19,14 @@
 //! Frames: Ethernet (ethertype [`ETHERTYPE`]), then a 48-byte [`Header`] and its payload.
 //! Data frames carry a piece of one batch (its bytes in the pool's format); ack frames carry
 //! the cumulative frame ack and window ([`link`]) and the session's counters as a TCP
-//! [`AckFrame`]. Every frame has a CRC32C over header and payload; a frame that fails it is
+//! [`AckFrame`](crate::tcp::AckFrame). Every frame has a CRC32C over header and payload; a frame that fails it is
 //! dropped and counted, as is a frame for an unknown session.
 
 pub mod frontend;
 pub mod link;
 pub mod publisher;
 
-use crate::tcp::AckFrame;
+use embar_sys::dpdk::{DpdkError, MbufPool, TxBurst};
 
 /// First word of a publisher's request line.
 pub use crate::tcp::DPDK_HELLO as HELLO;
@@ -155,7 +155,7 @@ pub enum BadFrame {
 }
 
 /// Writes an Ethernet header: `dst`, `src`, [`ETHERTYPE`].
-pub fn write_eth(frame: &mut [u8], dst: [u8; 6], src: [u8; 6]) {
+fn write_eth(frame: &mut [u8], dst: [u8; 6], src: [u8; 6]) {
     frame[0..6].copy_from_slice(&dst);
     frame[6..12].copy_from_slice(&src);
     frame[12..14].copy_from_slice(&ETHERTYPE.to_be_bytes());
@@ -169,9 +169,32 @@ pub fn read_eth(frame: &[u8]) -> Option<([u8; 6], &[u8])> {
     Some((frame[6..12].try_into().expect("6"), &frame[ETH_BYTES..]))
 }
 
-/// An ack frame's payload: the session's counters.
-pub fn ack_payload(a: &AckFrame) -> [u8; AckFrame::BYTES] {
-    a.encode()
+/// Adds a frame to `burst`: Ethernet from `src` to `dst`, the header `h` (its `len` set to
+/// `payload`'s), `payload`, then the checksum over both. With `corrupt` (a test aid) a byte is
+/// flipped after the checksum, so the frame arrives damaged. `Ok(false)` as for
+/// [`TxBurst::push`]: the burst is full or no buffer is free.
+pub fn push_frame(
+    burst: &mut TxBurst,
+    mbufs: MbufPool,
+    dst: [u8; 6],
+    src: [u8; 6],
+    h: &Header,
+    payload: &[u8],
+    corrupt: bool,
+) -> Result<bool, DpdkError> {
+    let h = Header {
+        len: payload.len() as u16,
+        ..*h
+    };
+    burst.push(mbufs, ETH_BYTES + Header::BYTES + payload.len(), |f| {
+        write_eth(f, dst, src);
+        f[ETH_BYTES + Header::BYTES..].copy_from_slice(payload);
+        h.write(&mut f[ETH_BYTES..]);
+        if corrupt {
+            let last = f.len() - 1;
+            f[last] ^= 0x5a;
+        }
+    })
 }
 
 pub fn parse_mac(s: &str) -> Option<[u8; 6]> {

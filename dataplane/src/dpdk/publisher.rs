@@ -298,10 +298,12 @@ impl DpdkWire {
             WirePort::Shared(s) => Some(s.mail.lock().unwrap_or_else(|e| e.into_inner())),
         };
         let now = monotonic_ns();
-        let mut acks: Mail = mail
-            .as_mut()
-            .and_then(|m| m.remove(&self.key))
-            .unwrap_or_default();
+        // Acks another wire of the process read for this one.
+        if let Some(mine) = mail.as_mut().and_then(|m| m.remove(&self.key)) {
+            for (seq, window, a) in mine {
+                take_ack(&mut self.tx, &mut self.acks, seq, window, a, now);
+            }
+        }
         loop {
             let n = port.rx(&mut self.rx);
             for i in 0..n {
@@ -318,7 +320,7 @@ impl DpdkWire {
                     continue;
                 };
                 if h.session == self.key {
-                    acks.push((h.seq, h.window, a));
+                    take_ack(&mut self.tx, &mut self.acks, h.seq, h.window, a, now);
                 } else if let Some(m) = mail.as_mut() {
                     // Another wire's (at most a window's worth kept per session).
                     let q = m.entry(h.session).or_default();
@@ -329,23 +331,6 @@ impl DpdkWire {
             }
             if n < dpdk::BURST {
                 break;
-            }
-        }
-        for (seq, window, a) in acks {
-            {
-                let _ = self.tx.on_ack(seq, window.min(MAX_WINDOW), now).count();
-                // Acks may come reordered or twice: counters only move forward.
-                let cur = &mut self.acks;
-                cur.batches_received = cur.batches_received.max(a.batches_received);
-                cur.acked_messages = cur.acked_messages.max(a.acked_messages);
-                cur.acked_batches = cur.acked_batches.max(a.acked_batches);
-                if a.rejected_batches > cur.rejected_batches {
-                    cur.rejected_batches = a.rejected_batches;
-                    cur.error = a.error;
-                }
-                if a.closed != 0 {
-                    cur.closed = a.closed;
-                }
             }
         }
         if self.acks.closed != 0 {
@@ -368,13 +353,18 @@ impl DpdkWire {
             }
             took == n
         };
+        // A batch's frames go out one after another: its bytes are looked up once.
+        let mut current: Option<(u64, &[u8], u32)> = None;
         while let Some((seq, f, again)) = self.tx.next(now) {
-            let Some((bytes, num_msg)) = batch(f.batch_seq) else {
+            if current.is_none_or(|(b, _, _)| b != f.batch_seq) {
+                current = batch(f.batch_seq).map(|(bytes, n)| (f.batch_seq, bytes, n));
+            }
+            let Some((_, bytes, num_msg)) = current else {
                 continue;
             };
             let h = Header {
                 kind: KIND_DATA,
-                len: f.len as u16,
+                len: 0, // set by push_frame
                 session: self.key,
                 seq,
                 window: 0,
@@ -400,18 +390,16 @@ impl DpdkWire {
                 break;
             }
             seqs[burst.len()] = seq;
-            let (dst, src) = (self.broker_mac, self.mac);
-            let pushed = burst
-                .push(self.mbufs, ETH_BYTES + Header::BYTES + payload.len(), |b| {
-                    write_eth(b, dst, src);
-                    b[ETH_BYTES + Header::BYTES..].copy_from_slice(payload);
-                    h.write(&mut b[ETH_BYTES..]);
-                    if corrupt {
-                        let last = b.len() - 1;
-                        b[last] ^= 0x5a;
-                    }
-                })
-                .map_err(|e| e.to_string())?;
+            let pushed = push_frame(
+                &mut burst,
+                self.mbufs,
+                self.broker_mac,
+                self.mac,
+                &h,
+                payload,
+                corrupt,
+            )
+            .map_err(|e| e.to_string())?;
             if !pushed {
                 // No buffer free: it goes again next time.
                 self.tx.rewind_to(seq);
@@ -437,6 +425,24 @@ impl DpdkWire {
     pub fn busy(&self) -> bool {
         self.tx.unacked() > 0
     }
+}
+
+/// Takes an ack for a wire: the frame window moves, and the counters, which may come
+/// reordered or twice, only move forward.
+fn take_ack(tx: &mut Sender, cur: &mut AckFrame, seq: u32, window: u32, a: AckFrame, now: u64) {
+    let _ = tx.on_ack(seq, window.min(MAX_WINDOW), now).count();
+    cur.batches_received = cur.batches_received.max(a.batches_received);
+    cur.acked_messages = cur.acked_messages.max(a.acked_messages);
+    cur.acked_batches = cur.acked_batches.max(a.acked_batches);
+    if a.rejected_batches > cur.rejected_batches {
+        cur.rejected_batches = a.rejected_batches;
+        cur.error = a.error;
+    }
+    if a.closed != 0 {
+        cur.closed = a.closed;
+    }
+    // The disk fault is a state, not a count: the latest word says it.
+    cur.disk = a.disk;
 }
 
 impl Drop for DpdkWire {

@@ -85,7 +85,7 @@ struct Link {
     broker: u32,
     addr: SocketAddr,
     /// `None` once the connection failed.
-    stream: Option<Wire>,
+    wire: Option<Wire>,
     /// The latest counters the broker sent.
     acks: AckFrame,
     /// Ack frames received, the last one possibly in part: `rx[..rx_have]`.
@@ -233,7 +233,7 @@ impl TcpPublisher {
             links.push(Link {
                 broker,
                 addr,
-                stream: Some(wire),
+                wire: Some(wire),
                 acks: AckFrame::default(),
                 rx: [0; ACK_READ_BYTES],
                 rx_have: 0,
@@ -272,7 +272,7 @@ impl TcpPublisher {
 
     /// Brokers whose connection is up.
     pub fn live_brokers(&self) -> usize {
-        self.links.iter().filter(|l| l.stream.is_some()).count()
+        self.links.iter().filter(|l| l.wire.is_some()).count()
     }
 
     /// Reads every ack frame the brokers sent (without blocking) and retires what they
@@ -318,13 +318,13 @@ impl TcpPublisher {
     /// Link `i`'s connection ended: its unacknowledged batches go to another broker.
     fn fail_over(&mut self, i: usize, why: &str) -> Result<(), PublishError> {
         let l = &mut self.links[i];
-        if l.stream.take().is_none() && l.inflight.is_empty() {
+        if l.wire.take().is_none() && l.inflight.is_empty() {
             return Ok(());
         }
         let pending: Vec<Sent> = l.inflight.drain(..).collect();
         let (broker, addr) = (l.broker, l.addr);
         let live: Vec<usize> = (0..self.links.len())
-            .filter(|&k| self.links[k].stream.is_some())
+            .filter(|&k| self.links[k].wire.is_some())
             .collect();
         if !self.cfg.failover || live.is_empty() {
             let err = PublishError::Transport(format!(
@@ -356,7 +356,7 @@ impl TcpPublisher {
     /// Writes a sealed batch's frame to link `i` (failing over if it cannot).
     fn send(&mut self, i: usize, s: Sent) -> Result<(), PublishError> {
         let l = &mut self.links[i];
-        let Some(stream) = l.stream.as_mut() else {
+        let Some(stream) = l.wire.as_mut() else {
             return Err(PublishError::Transport(format!(
                 "broker {} is not connected",
                 l.broker
@@ -373,7 +373,7 @@ impl TcpPublisher {
         // Kept until acknowledged, or sent again with the rest if the connection failed.
         l.inflight.push_back(s);
         #[cfg(feature = "dpdk")]
-        if matches!(l.stream, Some(Wire::Dpdk(_))) {
+        if matches!(l.wire, Some(Wire::Dpdk(_))) {
             // Its first frames go now, not at the next poll.
             if let Err(why) = l.read_acks() {
                 return self.fail_over(i, &why);
@@ -475,7 +475,7 @@ impl TcpPublisher {
         for _ in 0..self.links.len() {
             let i = self.next_link;
             self.next_link = (self.next_link + 1) % self.links.len();
-            if self.links[i].stream.is_some() {
+            if self.links[i].wire.is_some() {
                 return Ok(i);
             }
         }
@@ -549,7 +549,7 @@ impl Link {
     /// the latest (they are cumulative). An error when the connection ended, or the broker
     /// ended the session.
     fn read_acks(&mut self) -> Result<(), String> {
-        let stream = match self.stream.as_mut() {
+        let stream = match self.wire.as_mut() {
             None => return Ok(()),
             Some(Wire::Tcp(stream)) => stream,
             #[cfg(feature = "dpdk")]
