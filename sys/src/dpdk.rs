@@ -14,7 +14,8 @@
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::ptr::NonNull;
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
 
 /// Frames per receive or transmit burst.
 pub const BURST: usize = 32;
@@ -152,17 +153,13 @@ unsafe impl Send for MbufPool {}
 // SAFETY: as above.
 unsafe impl Sync for MbufPool {}
 
-static POOL_NAMES: Mutex<u32> = Mutex::new(0);
+static POOL_NAMES: AtomicU32 = AtomicU32::new(0);
 
 impl MbufPool {
     /// `buffers` buffers with room for a frame of `frame_bytes` each.
     pub fn new(buffers: u32, frame_bytes: u32) -> Result<MbufPool, DpdkError> {
         check_init()?;
-        let name = {
-            let mut n = POOL_NAMES.lock().unwrap_or_else(|e| e.into_inner());
-            *n += 1;
-            format!("embar{}", *n)
-        };
+        let name = format!("embar{}", POOL_NAMES.fetch_add(1, Ordering::Relaxed) + 1);
         // RTE_PKTMBUF_HEADROOM (128) before the frame.
         let data_room = frame_bytes + 128;
         let c = CString::new(name.as_str()).expect("no NUL");
@@ -225,10 +222,6 @@ impl Port {
             return Err(e);
         }
         Ok(port)
-    }
-
-    pub fn id(&self) -> u16 {
-        self.id
     }
 
     pub fn devargs(&self) -> &str {

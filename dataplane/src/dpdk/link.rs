@@ -68,8 +68,6 @@ pub struct Sender {
     rttvar_ns: u64,
     timing: Timing,
     last_ack_ns: u64,
-    /// Frames sent again (a measure of loss).
-    pub resent: u64,
 }
 
 impl Sender {
@@ -88,18 +86,12 @@ impl Sender {
             rttvar_ns: 0,
             timing,
             last_ack_ns: 0,
-            resent: 0,
         }
     }
 
     /// Queues a frame; it is sent when the window allows.
     pub fn push(&mut self, f: FrameRef) {
         self.queue.push_back((f, 0, false));
-    }
-
-    /// Frames queued and not acknowledged.
-    pub fn unacked(&self) -> usize {
-        self.queue.len()
     }
 
     /// The next frame to put on the wire now: its sequence number, and whether it was sent
@@ -112,7 +104,6 @@ impl Sender {
         }
         let again = *sent != 0;
         if again {
-            self.resent += 1;
             *resent = true;
         }
         *sent = now_ns.max(1);
@@ -193,11 +184,6 @@ impl Sender {
     /// The retransmission timeout before any backoff.
     fn base_rto(&self) -> u64 {
         (self.srtt_ns + 4 * self.rttvar_ns).clamp(self.timing.rto_min_ns, self.timing.rto_max_ns)
-    }
-
-    /// The retransmission timeout now.
-    pub fn rto_ns(&self) -> u64 {
-        self.rto_ns
     }
 
     /// Takes back the frames handed out by [`next`](Self::next) from `seq` on (the port did

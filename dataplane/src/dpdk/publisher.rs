@@ -277,11 +277,6 @@ impl DpdkWire {
         self.acks
     }
 
-    /// Frames sent again (lost or corrupt on the way, or their acks were).
-    pub fn resent_frames(&self) -> u64 {
-        self.tx.resent
-    }
-
     /// Takes acks in, sends what the window allows (each frame's bytes from `batch`, by batch
     /// sequence number and the batch's header fields), resends on timeouts. An error when the
     /// session ended.
@@ -419,11 +414,6 @@ impl DpdkWire {
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
             Err(e) => Err(format!("the session's connection: {e}")),
         }
-    }
-
-    /// Whether frames wait to be sent or acknowledged.
-    pub fn busy(&self) -> bool {
-        self.tx.unacked() > 0
     }
 }
 
