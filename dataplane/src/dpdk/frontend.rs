@@ -113,6 +113,8 @@ struct Sess<'p, C: Coherence> {
     since_ns: u64,
     /// The publisher said it is done (its link may be removed at once).
     bye: bool,
+    /// The topic slot of an ACK 2 session, whose disk faults its acks carry.
+    disk_topic: Option<u32>,
     /// For the answer: the topic's ACK level and the largest batch.
     ack: u8,
     batch_limit: u64,
@@ -198,6 +200,7 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
             session,
             generation,
             client_id,
+            topic,
             batch_limit,
             ack,
             line,
@@ -315,6 +318,7 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
             answered: false,
             since_ns: now,
             bye: false,
+            disk_topic: (ack == 2).then_some(topic),
             ack,
             batch_limit,
             closing: None,
@@ -571,9 +575,13 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
                 ));
             }
         }
-        let disk_topic = (s.ack == 2).then(|| s.session.topic.load(Relaxed) as u32);
-        let counters =
-            crate::tcp::frontend::counters(self.pool, c, s.session, s.submit_received, disk_topic);
+        let counters = crate::tcp::frontend::counters(
+            self.pool,
+            c,
+            s.session,
+            s.submit_received,
+            s.disk_topic,
+        );
         let expected = s.rx.expected();
         let changed = counters != s.sent || expected != s.sent_expected;
         let unacked = s.sent.acked_batches + s.sent.rejected_batches < s.submit_received;

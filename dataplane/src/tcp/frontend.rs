@@ -99,6 +99,8 @@ pub struct Handoff<'p> {
     pub session: &'p Session,
     pub generation: u64,
     pub client_id: u64,
+    /// The topic's slot.
+    pub topic: u32,
     pub batch_limit: u64,
     pub ack: u8,
     /// The publisher's request line.
@@ -605,6 +607,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
                         session: p.session,
                         generation: p.generation,
                         client_id: p.client_id,
+                        topic: p.topic,
                         batch_limit,
                         ack: info.config.ack,
                         line,
