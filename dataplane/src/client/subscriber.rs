@@ -556,9 +556,14 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
     /// again). Across hosts (a pool without one kernel) the futex is not shared: the wait
     /// is then the timeout, so keep it short there.
     pub fn wait_ordered(&self, timeout: Duration) {
-        if self.durable_only || self.on_disk.is_some() {
-            // Durability comes without a ring, and a disk log is appended without one: look
-            // again soon.
+        if self.on_disk.is_some() {
+            // A disk log is appended at its sync pace, without a ring to ring, and each look
+            // lists and reads files: a millisecond between looks.
+            std::thread::sleep(timeout.min(Duration::from_millis(1)));
+            return;
+        }
+        if self.durable_only {
+            // Durability comes without a ring: look again soon.
             std::thread::sleep(timeout.min(Duration::from_micros(50)));
             return;
         }
@@ -633,6 +638,9 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
     ) -> PoolResult<usize> {
         let mut n = 0;
         let mut batches = 0;
+        // Read once a poll (on a non-coherent pool each read is a flush and a fence on the
+        // sequencer's busiest line), and again on coming back from the disks.
+        let mut delivered = self.c.observe(&self.st.delivered);
         while batches < max_batches {
             if let Some(t) = self.on_disk {
                 match self.disk_step(t)? {
@@ -642,11 +650,10 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
                         self.on_disk = Some(b.first + u64::from(b.num_msg));
                         continue;
                     }
-                    DiskStep::Rejoined => {}
+                    DiskStep::Rejoined => delivered = self.c.observe(&self.st.delivered),
                     DiskStep::Nothing => break,
                 }
             }
-            let delivered = self.c.observe(&self.st.delivered);
             if self.next >= delivered {
                 break;
             }
@@ -681,30 +688,23 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             }
             // Past a broker's retention limit, its log space may be reclaimed before this
             // subscriber read it: then the disks, or an error, never reused bytes.
-            let b = Batch {
-                first,
-                num_msg,
-                client_id,
-                batch_seq,
-                total,
-                origin: BatchOrigin {
-                    broker,
-                    delivery_index: d,
-                },
-                source: Source::Pool(std::ptr::null()),
-            };
             let r = self
                 .check_retained(broker, d, first + u64::from(self.skip))
                 .and_then(|()| self.pool.data_ptr(log_idx, total))
                 .and_then(|base| {
-                    self.deliver(
-                        &Batch {
-                            source: Source::Pool(base),
-                            ..b
+                    let b = Batch {
+                        first,
+                        num_msg,
+                        client_id,
+                        batch_seq,
+                        total,
+                        origin: BatchOrigin {
+                            broker,
+                            delivery_index: d,
                         },
-                        &mut n,
-                        &mut f,
-                    )
+                        source: Source::Pool(base),
+                    };
+                    self.deliver(&b, &mut n, &mut f)
                 });
             match r {
                 Ok(()) => {}
