@@ -113,8 +113,8 @@ struct Sess<'p, C: Coherence> {
     since_ns: u64,
     /// The publisher said it is done (its link may be removed at once).
     bye: bool,
-    /// The topic slot of an ACK 2 session, whose disk faults its acks carry.
-    disk_topic: Option<u32>,
+    /// The disk faults of an ACK 2 session's topic, which its acks carry.
+    disk: crate::replication::DiskWatch,
     /// For the answer: the topic's ACK level and the largest batch.
     ack: u8,
     batch_limit: u64,
@@ -318,7 +318,7 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
             answered: false,
             since_ns: now,
             bye: false,
-            disk_topic: (ack == 2).then_some(topic),
+            disk: crate::replication::DiskWatch::new(topic, ack),
             ack,
             batch_limit,
             closing: None,
@@ -575,13 +575,8 @@ impl<'p, 's, C: Coherence> DpdkFrontend<'p, 's, C> {
                 ));
             }
         }
-        let counters = crate::tcp::frontend::counters(
-            self.pool,
-            c,
-            s.session,
-            s.submit_received,
-            s.disk_topic,
-        );
+        let disk = s.disk.word(self.pool, c, now);
+        let counters = crate::tcp::frontend::counters(c, s.session, s.submit_received, disk);
         let expected = s.rx.expected();
         let changed = counters != s.sent || expected != s.sent_expected;
         let unacked = s.sent.acked_batches + s.sent.rejected_batches < s.submit_received;

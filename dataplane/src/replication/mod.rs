@@ -197,6 +197,39 @@ pub fn disk_fault_word<C: Coherence>(pool: &Pool, c: C, slot: u32) -> u64 {
         .map_or(0, |f| f.pack())
 }
 
+/// The disk-fault word ([`disk_fault_word`]) of an ACK 2 session's topic, for its acks,
+/// looked up at most every 100 ms: the lookup reads every broker slot's word (on a
+/// non-coherent pool, a flush and a fence each), the word changes rarely, and only a
+/// publisher already waiting for acks reads it. A session below ACK 2 carries 0.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DiskWatch {
+    topic: Option<u32>,
+    word: u64,
+    next_ns: u64,
+}
+
+impl DiskWatch {
+    /// For a session on topic slot `topic` at ACK level `ack`.
+    pub fn new(topic: u32, ack: u8) -> DiskWatch {
+        DiskWatch {
+            topic: (ack == 2).then_some(topic),
+            ..DiskWatch::default()
+        }
+    }
+
+    /// The word as of at most 100 ms before `now_ns`.
+    pub fn word<C: Coherence>(&mut self, pool: &Pool, c: C, now_ns: u64) -> u64 {
+        let Some(t) = self.topic else {
+            return 0;
+        };
+        if now_ns >= self.next_ns {
+            self.word = disk_fault_word(pool, c, t);
+            self.next_ns = now_ns + 100_000_000;
+        }
+        self.word
+    }
+}
+
 /// Failures of broker `me`'s disk logs over every topic (its metric).
 pub fn disk_failures_of<C: Coherence>(pool: &Pool, c: C, me: u32) -> u64 {
     (0..pool.geometry().max_topics)

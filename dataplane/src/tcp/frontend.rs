@@ -37,6 +37,7 @@ use crate::pool::coherence::Coherence;
 use crate::pool::doorbell;
 use crate::pool::layout::{BrokerDoorbell, Session, BATCH_HEADER_VERSION};
 use crate::pool::Pool;
+use crate::replication::DiskWatch;
 use crate::ring::{RingError, RingProducer};
 use crate::session::{
     self, answer, submission_ring, GrantCursor, SessionError, ACCEPTED, RELEASED,
@@ -107,16 +108,9 @@ pub struct Handoff<'p> {
     pub line: String,
 }
 
-/// A session's counters as an ack carries them (`batches_received` is the frontend's), and
-/// with `disk_topic` (the topic slot of an ACK 2 session) the first broker whose disk log of
-/// that topic is failing.
-pub fn counters<C: Coherence>(
-    pool: &Pool,
-    c: C,
-    s: &Session,
-    batches_received: u64,
-    disk_topic: Option<u32>,
-) -> AckFrame {
+/// A session's counters as an ack carries them (`batches_received` is the frontend's, `disk`
+/// the session's [`DiskWatch`] word).
+pub fn counters<C: Coherence>(c: C, s: &Session, batches_received: u64, disk: u64) -> AckFrame {
     let rejected = c.observe(&s.rejected_batches);
     AckFrame {
         batches_received,
@@ -129,7 +123,7 @@ pub fn counters<C: Coherence>(
             0
         },
         closed: 0,
-        disk: disk_topic.map_or(0, |t| crate::replication::disk_fault_word(pool, c, t)),
+        disk,
     }
 }
 
@@ -214,8 +208,8 @@ struct Remote<'p, C: Coherence> {
     readable: bool,
     grants: GrantCursor,
     received: u64,
-    /// The topic slot of an ACK 2 session, whose disk faults its acks carry.
-    disk_topic: Option<u32>,
+    /// The disk faults of an ACK 2 session's topic, which its acks carry.
+    disk: DiskWatch,
     /// The counters last queued for the publisher.
     sent: AckFrame,
     /// An ack frame being written, and how much of it is written.
@@ -649,7 +643,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
                     readable: true,
                     grants: GrantCursor::default(),
                     received: 0,
-                    disk_topic: (info.config.ack == 2).then_some(p.topic),
+                    disk: DiskWatch::new(p.topic, info.config.ack),
                     sent: AckFrame::default(),
                     out: None,
                     blocked_since_ns: None,
@@ -860,7 +854,8 @@ impl<'p, C: Coherence> Frontend<'p, C> {
     /// Queues the session's counters when they changed and writes what it can.
     fn acks(&mut self, r: &mut Remote<'p, C>, now: u64) -> usize {
         if r.out.is_none() {
-            let frame = counters(self.pool, self.c, r.session, r.received, r.disk_topic);
+            let disk = r.disk.word(self.pool, self.c, now);
+            let frame = counters(self.c, r.session, r.received, disk);
             if frame == r.sent {
                 return 0;
             }
@@ -958,8 +953,7 @@ pub fn run<C: Coherence>(
     std::thread::scope(|scope| {
         #[cfg(feature = "dpdk")]
         let dpdk_handoff = match dpdk {
-            Some(mut dcfg) => {
-                dcfg.idle_timeout = cfg.idle_timeout;
+            Some(dcfg) => {
                 let (tx, rx) = std::sync::mpsc::channel();
                 let stats = &dpdk_stats;
                 std::thread::Builder::new()

@@ -116,8 +116,8 @@ struct Remote<'p, C: Coherence> {
     taken: u64,
     /// Counters last written to the publisher.
     sent: [u64; 8],
-    /// The topic slot of an ACK 2 session, whose disk faults its counters carry.
-    disk_topic: Option<u32>,
+    /// The disk faults of an ACK 2 session's topic, which its counters carry.
+    disk: crate::replication::DiskWatch,
     local_rejected: u64,
     local_error: u64,
     /// Why the session ends (a session error code), once it does.
@@ -442,7 +442,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
             issued_seen: 0,
             taken: 0,
             sent: [u64::MAX; 8],
-            disk_topic: (info.config.ack == 2).then_some(p.req.topic),
+            disk: crate::replication::DiskWatch::new(p.req.topic, info.config.ack),
             local_rejected: 0,
             local_error: 0,
             closing: None,
@@ -587,7 +587,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
                 return 1;
             }
         }
-        if r.write_counters(pool, c, None) {
+        if r.write_counters(pool, c, None, now) {
             stats.feedback_writes += 1;
         }
         work
@@ -600,7 +600,7 @@ impl<'p, C: Coherence> Frontend<'p, C> {
         // session closed.
         r.grants.clear();
         if r.ready {
-            r.write_counters(self.pool, self.c, Some(code.max(1)));
+            r.write_counters(self.pool, self.c, Some(code.max(1)), monotonic_ns());
         }
         session::close(self.c, r.session, r.generation);
         self.stats.sessions_closed += 1;
@@ -764,7 +764,7 @@ impl<C: Coherence> Remote<'_, C> {
 
     /// Writes the counters when they changed (or the session ends: `closed`).
     /// Returns whether it wrote.
-    fn write_counters(&mut self, pool: &Pool, c: C, closed: Option<u64>) -> bool {
+    fn write_counters(&mut self, pool: &Pool, c: C, closed: Option<u64>, now_ns: u64) -> bool {
         let s = self.session;
         let rejected = c.observe(&s.rejected_batches);
         let error = if rejected > 0 {
@@ -780,8 +780,7 @@ impl<C: Coherence> Remote<'_, C> {
             rejected + self.local_rejected,
             error,
             closed.unwrap_or(0),
-            self.disk_topic
-                .map_or(0, |t| crate::replication::disk_fault_word(pool, c, t)),
+            self.disk.word(pool, c, now_ns),
         ];
         if now == self.sent || !self.can_post() {
             return false;
