@@ -10,7 +10,7 @@ mod log_cmd;
 mod pool_cmd;
 mod units;
 
-/// The error of a verbs option in a build without the transport.
+/// The error of a DPDK option in a build without the transport.
 pub const NO_DPDK: &str = "this embar was built without the DPDK transport: build it with `cargo build --release --features dpdk` (needs libdpdk-dev and pkg-config)";
 
 /// EAL options: `given` split on spaces, else those for virtual devices on any host.
@@ -24,6 +24,7 @@ pub fn dpdk_eal_args(given: Option<&str>) -> Vec<String> {
     }
 }
 
+/// The error of a verbs option in a build without the transport.
 pub const NO_VERBS: &str = "this embar was built without the verbs transport: build it with `cargo build --release --features verbs` (needs libibverbs-dev, librdmacm-dev, libclang-dev)";
 
 use std::path::PathBuf;

@@ -71,7 +71,7 @@ pub use embar_control::topics::TopicSpec;
 pub use embar_dataplane::client::PublishError;
 pub use embar_dataplane::PoolError;
 
-/// The error of the verbs transport in a build without it.
 /// The error of a DPDK publisher in a build without the `dpdk` feature.
 pub const NO_DPDK: &str = "this build has no DPDK transport: build with the `dpdk` feature (`cargo build --release --features dpdk`; needs libdpdk-dev and pkg-config)";
+/// The error of the verbs transport in a build without it.
 pub const NO_VERBS: &str = "this build has no verbs transport: build with the `verbs` feature (`cargo build --release --features verbs`; needs libibverbs-dev, librdmacm-dev, libclang-dev)";

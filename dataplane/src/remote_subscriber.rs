@@ -231,7 +231,8 @@ impl SubscriberThreads {
             let mut st = conn.stream;
             let _ = writeln!(
                 st,
-                "ERR too many subscribers on broker {broker}; try another"
+                "ERR class={} too many subscribers on broker {broker}; try another",
+                crate::error::ErrorClass::Unavailable.code()
             );
             return;
         }
@@ -427,6 +428,13 @@ impl<D: Dial> RemoteSubscriber<D> {
                         }
                         return Ok(());
                     }
+                    // A broker with no room for another subscriber: the next may have it.
+                    Err(
+                        e @ SubscribeError::Refused {
+                            class: Some(ErrorClass::Unavailable),
+                            ..
+                        },
+                    ) => last = e.to_string(),
                     Err(e @ (SubscribeError::Refused { .. } | SubscribeError::Local(_)))
                         if first =>
                     {

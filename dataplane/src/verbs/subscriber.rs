@@ -226,16 +226,17 @@ impl<'a> RingSink<'a> {
             imm: last.then_some(n as u32),
             signaled: last,
         };
-        let chain = if first == n {
-            vec![write(off, n, true)]
-        } else {
-            vec![write(off, first, false), write(0, n - first, true)]
-        };
+        // At most two writes (the ring wraps once): no allocation per window.
+        let (one, two) = (
+            [write(off, n, true)],
+            [write(off, first, false), write(0, n - first, true)],
+        );
+        let chain: &[_] = if first == n { &one } else { &two };
         // SAFETY: each local range lies in the registered mirror; the writer hands those
         // bytes out again only once this chain completed (`RingWriter::room`), so they are
         // not rewritten while the NIC reads them. The subscriber's registration decides
         // whether the remote range may be written.
-        unsafe { self.qp.post_writes(&chain) }.map_err(|e| e.to_string())
+        unsafe { self.qp.post_writes(chain) }.map_err(|e| e.to_string())
     }
 }
 
