@@ -64,6 +64,9 @@ pub struct UpArgs {
     /// Passed to every broker (see `embar broker --sync-bytes`).
     #[arg(long, value_parser = crate::units::parse_bytes)]
     pub sync_bytes: Option<u64>,
+    /// Passed to the control process (see `embar control --replace-after-ms`).
+    #[arg(long)]
+    pub replace_after_ms: Option<u64>,
     /// Pool options (path defaults to /dev/shm/embar-<dir name>.pool).
     #[command(flatten)]
     pub pool: crate::pool_cmd::CreateArgs,
@@ -232,6 +235,9 @@ pub fn up(a: &UpArgs) -> Result<ClusterFile, String> {
     ];
     if opts.populate {
         control_args.push("--populate".into());
+    }
+    if let Some(ms) = a.replace_after_ms {
+        control_args.extend(["--replace-after-ms".into(), ms.to_string()]);
     }
     let created_pool = (!pool_path.exists()).then(|| pool_path.clone());
     let (control_pid, control_log) = spawn(&a.dir, "control", &control_args)?;

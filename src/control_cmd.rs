@@ -29,6 +29,10 @@ pub struct ControlArgs {
     /// Missed heartbeats after which a broker is dead.
     #[arg(long, default_value_t = 3)]
     pub miss_limit: u32,
+    /// A broker slot without a live broker for this long is passed over by the replica
+    /// sets of what its broker had not made durable (docs/durability.md); 0: never.
+    #[arg(long, default_value_t = embar_control::server::REPLACE_AFTER_DEFAULT.as_millis() as u64)]
+    pub replace_after_ms: u64,
     /// The pool this control process formats (if missing) or attaches to.
     #[command(flatten)]
     pub pool: CreateArgs,
@@ -47,6 +51,7 @@ pub fn run_control(a: &ControlArgs) -> Result<(), String> {
         pool_options,
         heartbeat: Duration::from_millis(a.heartbeat_ms),
         miss_limit: a.miss_limit,
+        replace_after: (a.replace_after_ms > 0).then(|| Duration::from_millis(a.replace_after_ms)),
     };
     let handle = embar_control::start(cfg).map_err(|e| e.to_string())?;
     println!(

@@ -4,8 +4,9 @@
 //! the log: nothing after it is printed, and the command says so and exits non-zero.
 
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
+use embar_dataplane::replication::backfill_dirs;
 use embar_dataplane::replication::log::{messages, read_log, topic_dir};
 
 use crate::exit::{CliError, CliResult};
@@ -21,6 +22,11 @@ pub struct DumpArgs {
     /// Print one summary line per batch instead of every message.
     #[arg(long)]
     pub batches: bool,
+    /// Also dump the topic's backfill logs (batches a re-placement of replicas put in this
+    /// broker's sets after it had read them; docs/durability.md), after the log, each line
+    /// naming its backfill.
+    #[arg(long)]
+    pub backfills: bool,
 }
 
 /// `Ok(false)`: the log has a damaged tail (what verified was printed).
@@ -34,10 +40,31 @@ pub fn dump(a: &DumpArgs) -> CliResult<bool> {
             dir.display()
         )));
     }
-    let (records, rec) = read_log(&dir).map_err(|e| e.to_string())?;
+    let mut logs = vec![(dir.clone(), None)];
+    if a.backfills {
+        for (d, ..) in backfill_dirs(&dir) {
+            let name = d.file_name().map(|n| n.to_string_lossy().to_string());
+            logs.push((d, name));
+        }
+    }
+    let mut complete = true;
+    for (dir, backfill) in logs {
+        complete &= dump_one(a, &dir, backfill.as_deref())?;
+    }
+    Ok(complete)
+}
+
+/// Dumps the log in `dir`; `Ok(false)`: it has a damaged tail.
+fn dump_one(a: &DumpArgs, dir: &Path, backfill: Option<&str>) -> CliResult<bool> {
+    let (records, rec) = read_log(dir).map_err(|e| e.to_string())?;
     let out = std::io::stdout();
     let mut out = std::io::BufWriter::new(out.lock());
-    let mut print = |v: serde_json::Value| writeln!(out, "{v}");
+    let mut print = |mut v: serde_json::Value| {
+        if let Some(b) = backfill {
+            v["backfill"] = b.into();
+        }
+        writeln!(out, "{v}")
+    };
     for r in &records {
         let m = &r.meta;
         let line = if a.batches {

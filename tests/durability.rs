@@ -29,6 +29,13 @@ fn cluster_args() -> Vec<&'static str> {
     ]
 }
 
+/// [`cluster_args`], with a dead broker's slot re-placed after `ms` (0: never).
+fn cluster_args_replacing(ms: &'static str) -> Vec<&'static str> {
+    let mut a = cluster_args();
+    a.extend(["--replace-after-ms", ms]);
+    a
+}
+
 /// What the disk log of `topic` in broker directory `dir` holds: (payload, primary broker)
 /// of every message, checked to be in strictly increasing total order within each era.
 fn dump(dir: &str, topic: &str) -> Vec<(String, u32)> {
@@ -168,7 +175,8 @@ fn restart(c: &mut Cluster) {
 #[test]
 fn acked_messages_are_on_every_replica_disk_even_when_a_broker_is_killed() {
     let _g = serial();
-    let c = Cluster::up("durable-kill", &cluster_args());
+    // Slot 2 is never re-placed: its batches wait for it (the next test re-places it).
+    let c = Cluster::up("durable-kill", &cluster_args_replacing("0"));
     c.topic("t", &ACK2_RF2);
 
     // 1. A whole run, acked at ACK 2: every message on both replicas of its batch.
@@ -518,7 +526,7 @@ fn numbered(i: usize) -> String {
 }
 
 /// A cluster of `brokers` brokers (as many slots) that keep only 2 MiB of each topic in the
-/// pool.
+/// pool. A dead broker's slot is never re-placed (these tests bring it back).
 fn small_retention_cluster(name: &str, brokers: u32) -> Cluster {
     let n = brokers.to_string();
     Cluster::up(
@@ -536,6 +544,8 @@ fn small_retention_cluster(name: &str, brokers: u32) -> Cluster {
             "2MiB",
             "--sync-interval-ms",
             "20",
+            "--replace-after-ms",
+            "0",
         ],
     )
 }
@@ -859,4 +869,222 @@ fn a_restarted_broker_catches_up_from_the_other_replicas_what_retention_reclaime
     );
     let _ = broker.kill();
     let _ = broker.wait();
+}
+
+/// For every message on any disk of the cluster (every broker's log of `topic` and its
+/// backfill logs): the brokers whose disk holds it.
+fn copies(c: &Cluster, topic: &str) -> BTreeMap<String, BTreeSet<u32>> {
+    let mut m: BTreeMap<String, BTreeSet<u32>> = BTreeMap::new();
+    for b in 0..BROKERS {
+        let out = Command::new(exe())
+            .args(["log", "dump", "--backfills", "--topic", topic, "--dir"])
+            .arg(format!("{}/broker-{b}", c.dir))
+            .output()
+            .expect("embar runs");
+        let err = String::from_utf8_lossy(&out.stderr);
+        let torn = out.status.code() == Some(65)
+            && err.contains("the log ends at a record that does not verify");
+        assert!(out.status.success() || torn, "log dump of broker {b}: {err}");
+        for l in String::from_utf8_lossy(&out.stdout).lines() {
+            let v: Value = serde_json::from_str(l).expect("a JSON line");
+            m.entry(v["payload"].as_str().unwrap().to_string())
+                .or_default()
+                .insert(b);
+        }
+    }
+    m
+}
+
+/// Every message of `acked` is on the disks of at least RF brokers.
+#[track_caller]
+fn assert_on_rf_disks(c: &Cluster, topic: &str, acked: &[String]) {
+    let m = copies(c, topic);
+    for p in acked {
+        let on = m.get(p).cloned().unwrap_or_default();
+        assert!(
+            on.len() >= usize::from(RF),
+            "acknowledged message {p:?} is on the disks of {on:?} only"
+        );
+    }
+}
+
+#[test]
+fn a_broker_that_does_not_come_back_is_passed_over_by_the_replica_sets_and_ack_2_goes_on() {
+    let _g = serial();
+    let mut args = cluster_args_replacing("1500");
+    args.extend(["--tcp-idle-timeout-ms", "1000"]);
+    let c = Cluster::up("durable-replace", &args);
+    c.topic("t", &ACK2_RF2);
+    let numbered_from = |from: usize, n: usize| -> Vec<String> {
+        (from..from + n)
+            .map(|i| numbered_line(i as u64, 300))
+            .collect()
+    };
+
+    // 1. SIGKILL broker 2 (not the sequencer's) under an ACK 2 publisher over TCP, which
+    // resends what broker 2 had not acked to the live brokers. Batches whose replica set
+    // names slot 2 wait until the control process re-places it (1.5 s after it was declared
+    // dead); then the next slot writes them, reading again those it had passed over, and
+    // the publisher gets every ack.
+    let victim = broker_pid(&c, 2);
+    let restart_args = cmdline(victim);
+    let log = format!("{}/broker-2/topic-t/00000000000000000000.log", c.dir);
+    let run = numbered_from(0, 60_000);
+    let publisher = c.spawn(
+        &[
+            "publish",
+            "--topic",
+            "t",
+            "--transport",
+            "tcp",
+            "--ack-timeout-s",
+            "120",
+        ],
+        Some(run.join("\n") + "\n"),
+    );
+    wait_until(
+        "broker 2 appends the run's batches",
+        Duration::from_secs(30),
+        || std::fs::metadata(&log).is_ok_and(|m| m.len() > 256 << 10),
+    );
+    signal(victim, "-KILL");
+    let out = publisher.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(acknowledged(&err), run.len() as u64, "{err}");
+    let control_log = std::fs::read_to_string(format!("{}/control.log", c.dir)).unwrap();
+    assert!(
+        control_log.contains("broker slot 2 has had no live broker")
+            && control_log.contains("re-placed from total order"),
+        "{control_log}"
+    );
+
+    // Every message once, in publish order (one publisher), and each on two disks.
+    let out = c.run(
+        &["subscribe", "--topic", "t", "--count", &run.len().to_string()],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert!(seen == run, "{} messages, not the run in order", seen.len());
+    assert_on_rf_disks(&c, "t", &run);
+    let backfills = (0..2)
+        .flat_map(|b| {
+            std::fs::read_dir(format!("{}/broker-{b}/topic-t", c.dir))
+                .unwrap()
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with("backfill-"))
+                .map(|e| e.path())
+                .collect::<Vec<_>>()
+        })
+        .collect::<Vec<_>>();
+    assert!(
+        !backfills.is_empty(),
+        "no live broker wrote again what the re-placement put in its sets"
+    );
+    wait_until("the backfills complete", Duration::from_secs(30), || {
+        backfills.iter().all(|d| d.join("complete").exists())
+    });
+
+    // 2. A broker in slot 2 again: it is in the replica sets from the next total order on,
+    // and ACK 2 waits for it again.
+    let restarted = std::fs::File::create(format!("{}/broker-2-restarted.log", c.dir)).unwrap();
+    let mut broker = Command::new(&restart_args[0])
+        .args(&restart_args[1..])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(restarted)
+        .spawn()
+        .unwrap();
+    c.wait_for_status("broker 2 back in its slot", Duration::from_secs(30), |s| {
+        s["brokers"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|b| b["slot"] == 2 && b["alive"] == true))
+    });
+    wait_until(
+        "slot 2 readmitted",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(format!("{}/control.log", c.dir))
+                .unwrap()
+                .contains("broker slot 2 is in the replica sets again")
+        },
+    );
+    let after = numbered_from(100_000, 5_000);
+    let out = c.run(
+        &["publish", "--topic", "t", "--ack-timeout-s", "60"],
+        Some(after.join("\n") + "\n"),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_on_rf_disks(&c, "t", &after);
+    let on_2 = copies(&c, "t")
+        .into_iter()
+        .filter(|(p, on)| on.contains(&2) && after.contains(p))
+        .count();
+    assert!(on_2 > 0, "the readmitted broker holds none of the new batches");
+    let _ = broker.kill();
+    let _ = broker.wait();
+}
+
+#[test]
+fn a_topic_created_again_under_the_same_name_does_not_take_the_old_topics_disk_records() {
+    let _g = serial();
+    let c = Cluster::up(
+        "durable-reuse",
+        &[
+            "--brokers",
+            "2",
+            "--max-brokers",
+            "2",
+            "--pool-bytes",
+            "128MiB",
+            "--sync-interval-ms",
+            "20",
+        ],
+    );
+    let topic = ["--ack", "2", "--rf", "2", "--batch-bytes", "16KiB"];
+    c.topic("t", &topic);
+    let (text, _) = message_lines("old", 3000);
+    let out = c.run(&["publish", "--topic", "t"], Some(text));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (ok, _, err) = c.embar(&["topic", "delete", "t"]);
+    assert!(ok, "{err}");
+    c.topic("t", &topic);
+    // The new topic orders from total order 0 again; its replicators must not take the old
+    // topic's records (up to total order 2999, in the same directories) for its own, or they
+    // would pass over its first 3,000 messages and ACK 2 would never come.
+    let (text, new) = message_lines("new", 200);
+    let out = c.run(
+        &["publish", "--topic", "t", "--ack-timeout-s", "20"],
+        Some(text),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert_eq!(acknowledged(&err), 200, "{err}");
+    let out = c.run(
+        &["subscribe", "--topic", "t", "--durable-only", "--count", "200"],
+        None,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect();
+    assert_eq!(seen, new);
 }

@@ -6,6 +6,7 @@
 //! - [`topics`]: topic specifications and the cluster-level rules.
 //! - [`store`]: durable state, replaced atomically.
 //! - [`keepalive`]: a broker's side of membership (heartbeats, backoff, grace), sans-IO.
+//! - [`placement`]: re-placing the replicas of a broker slot that stays vacant.
 //! - [`server`]: the process; [`client`]: its Rust client (on `ureq`); [`http`]: the small
 //!   server under the API and the metrics endpoints (request heads parsed by `httparse`).
 //! - [`metrics`]: Prometheus metrics of the control process and of the brokers
@@ -16,6 +17,7 @@ pub mod http;
 pub mod keepalive;
 pub mod membership;
 pub mod metrics;
+pub mod placement;
 pub mod server;
 pub mod store;
 pub mod topics;

@@ -322,6 +322,15 @@ impl Membership {
         died
     }
 
+    /// The slots held by live brokers.
+    pub fn live_slots(&self) -> std::collections::BTreeSet<u32> {
+        self.members
+            .values()
+            .filter(|m| m.alive)
+            .map(|m| m.slot)
+            .collect()
+    }
+
     pub fn live_count(&self) -> u32 {
         self.members.values().filter(|m| m.alive).count() as u32
     }

@@ -34,6 +34,9 @@ pub struct ControlConfig {
     pub pool_options: CreateOptions,
     pub heartbeat: Duration,
     pub miss_limit: u32,
+    /// A broker slot without a live broker for this long is excluded from the replica sets
+    /// of what it has not made durable (`crate::placement`); `None`: never.
+    pub replace_after: Option<Duration>,
 }
 
 struct Inner {
@@ -42,6 +45,7 @@ struct Inner {
     /// When a topic was last deleted: a slot freed then is not given to a new topic before
     /// [`SLOT_REUSE_GRACE`] has passed.
     last_delete: Option<Instant>,
+    vacancies: crate::placement::Vacancies,
 }
 
 /// How long after a deletion before a new topic may take a slot: brokers notice a deleted
@@ -194,6 +198,7 @@ pub fn start(cfg: ControlConfig) -> Result<ControlHandle, StartError> {
             members,
             durable,
             last_delete: None,
+            vacancies: Default::default(),
         }),
         admin: Mutex::new(()),
         changed: Condvar::new(),
@@ -272,7 +277,39 @@ fn ticker(s: &Shared) {
                 log::error!("cannot save that brokers {died:?} died: {e}");
             }
         }
+        if let Some(after) = s.cfg.replace_after {
+            replace_vacant(s, after);
+        }
     }
+}
+
+/// Excludes the slots vacant for `after` from the replica sets (`crate::placement`).
+fn replace_vacant(s: &Shared, after: Duration) {
+    let overdue = {
+        let mut g = lock(s);
+        let live = g.members.live_slots();
+        let slots = s.pool.geometry().max_brokers;
+        g.vacancies.overdue(slots, &live, Instant::now(), after)
+    };
+    if overdue.is_empty() {
+        return;
+    }
+    let _a = admin(s);
+    let names = topic_names(s);
+    // Registrations take the admin lock too: a slot taken meanwhile is not replaced.
+    let live = lock(s).members.live_slots();
+    for slot in overdue.into_iter().filter(|x| !live.contains(x)) {
+        for line in crate::placement::replace(&s.pool, &names, slot) {
+            log::warn!(
+                "broker slot {slot} has had no live broker for {} ms: {line}",
+                after.as_millis()
+            );
+        }
+    }
+}
+
+fn topic_names(s: &Shared) -> Vec<String> {
+    lock(s).durable.topics.iter().map(|t| t.name.clone()).collect()
 }
 
 impl Handler for Shared {
@@ -407,6 +444,9 @@ fn register(s: &Shared, req: &Request) -> Response {
         }
         log::error!("broker {id} rejoined, but the state could not be saved: {e}");
     }
+    for line in crate::placement::readmit(&s.pool, &topic_names(s), slot) {
+        log::info!("broker slot {slot} is in the replica sets again: {line}");
+    }
     drop(a);
     s.changed.notify_all();
     if status == 201 {
@@ -495,17 +535,27 @@ fn create_topic(s: &Shared, req: &Request) -> Response {
     }
     {
         let g = lock(s);
-        if let Err(e) = spec.check_cluster(g.members.live_count(), s.pool.geometry().max_brokers) {
+        let replaced = crate::placement::replaced(
+            &s.pool,
+            &g.durable.topics.iter().map(|t| t.name.clone()).collect::<Vec<_>>(),
+        );
+        if let Err(e) = spec.check_cluster(
+            g.members.live_count(),
+            replaced.len() as u32,
+            s.pool.geometry().max_brokers,
+        ) {
             return Response::error(422, e);
         }
         if g.durable.topics.iter().any(|t| t.name == spec.name) {
             return Response::error(409, format!("topic {:?} already exists", spec.name));
         }
     }
+    let replaced = crate::placement::replaced(&s.pool, &topic_names(s));
     let slot = match s.pool.create_topic(Coherent, &spec.name, &spec.config()) {
         Ok(slot) => slot,
         Err(e) => return Response::error(pool_error_status(&e), e.to_string()),
     };
+    crate::placement::start_topic(&s.pool, slot, &replaced);
     if let Err(e) = persist(s, &a, |d| d.topics.push(spec.clone())) {
         let _ = s.pool.delete_topic(Coherent, &spec.name);
         return Response::error(500, e.to_string());
@@ -529,6 +579,22 @@ fn topic_json(s: &Shared, spec: &TopicSpec) -> Value {
                 "written": e.broker.written.load(Ordering::Acquire),
                 "consumed": e.sequencer.ring_consumed.load(Ordering::Acquire),
                 "ordered_messages": e.sequencer.ordered.load(Ordering::Acquire),
+                // Replication: the delivery index and total order below which every batch
+                // of this broker's replica sets is synced on its disk.
+                "durable_delivery": e.replication.durable_delivery.load(Ordering::Acquire),
+                "durable_total_order": e.replication.durable_total_order.load(Ordering::Acquire),
+            })
+        })
+        .collect();
+    let placement = embar_dataplane::replication::placement::Placement::read(Coherent, &t.placement);
+    let excluded: Vec<Value> = placement
+        .exclusions()
+        .iter()
+        .map(|e| {
+            json!({
+                "slot": e.slot,
+                "from_total_order": e.from,
+                "until_total_order": (!e.is_open()).then_some(e.until),
             })
         })
         .collect();
@@ -546,6 +612,9 @@ fn topic_json(s: &Shared, spec: &TopicSpec) -> Value {
             "clients_tracked": s.pool.sequencer_clients_in_use(Coherent, slot),
         },
         "brokers": progress,
+        // Slots passed over by the replica sets (`crate::placement`); `until_total_order`
+        // null: still.
+        "excluded_slots": excluded,
     })
 }
 
@@ -644,9 +713,13 @@ impl Default for ControlConfig {
             },
             heartbeat: Duration::from_secs(1),
             miss_limit: 3,
+            replace_after: Some(REPLACE_AFTER_DEFAULT),
         }
     }
 }
+
+/// How long a broker slot stays without a live broker before its replicas are re-placed.
+pub const REPLACE_AFTER_DEFAULT: Duration = Duration::from_secs(60);
 
 #[cfg(test)]
 mod tests {

@@ -29,10 +29,12 @@ impl TopicSpec {
     /// values, ACK 2 without replication, sizes) when the topic is written. Replica sets
     /// range over the pool's `broker_slots` (`embar_dataplane::replication::replica_set`),
     /// so an ACK 2 topic (whose acks wait for every replica) needs a live broker in every
-    /// slot; at ACK 0 and 1 the slots without a broker only hold no replica.
+    /// slot that is not replaced (`crate::placement`: `replaced_slots` are passed over); at
+    /// ACK 0 and 1 the slots without a broker only hold no replica.
     pub fn check_cluster(
         &self,
         live_brokers: u32,
+        replaced_slots: u32,
         broker_slots: u32,
     ) -> Result<(), TopicRuleError> {
         check_topic_name(&self.name)?;
@@ -42,7 +44,10 @@ impl TopicSpec {
                 live_brokers,
             });
         }
-        if self.ack == 2 && self.replication_factor > 0 && live_brokers < broker_slots {
+        if self.ack == 2
+            && self.replication_factor > 0
+            && live_brokers + replaced_slots < broker_slots
+        {
             return Err(TopicRuleError::ReplicaSlots {
                 live_brokers,
                 broker_slots,
@@ -66,7 +71,8 @@ pub enum TopicRuleError {
     },
     #[error(
         "replica sets range over the pool's {broker_slots} broker slots and only \
-         {live_brokers} brokers are live: start a broker in every slot, or make the pool \
+         {live_brokers} brokers are live: start a broker in every slot, wait until the \
+         control process replaces the empty ones (--replace-after-ms), or make the pool \
          with --max-brokers {live_brokers}"
     )]
     ReplicaSlots {
@@ -91,20 +97,22 @@ mod tests {
 
     #[test]
     fn a_bad_name_and_too_few_brokers_are_refused_with_what_is_wrong() {
-        assert!(spec("orders", 2).check_cluster(2, 2).is_ok());
-        assert!(spec("orders", 1).check_cluster(2, 4).is_ok());
+        assert!(spec("orders", 2).check_cluster(2, 0, 2).is_ok());
+        assert!(spec("orders", 1).check_cluster(2, 0, 4).is_ok());
         let acked = TopicSpec {
             ack: 2,
             ..spec("orders", 1)
         };
-        let e = acked.check_cluster(3, 4).unwrap_err();
+        let e = acked.check_cluster(3, 0, 4).unwrap_err();
         assert!(matches!(e, TopicRuleError::ReplicaSlots { .. }), "{e}");
-        let e = spec("", 0).check_cluster(2, 2).unwrap_err();
+        // The fourth slot's broker died and its slot was replaced: the sets pass over it.
+        assert!(acked.check_cluster(3, 1, 4).is_ok());
+        let e = spec("", 0).check_cluster(2, 0, 2).unwrap_err();
         assert!(
             matches!(e, TopicRuleError::Name(PoolError::TopicName(..))),
             "{e}"
         );
-        let e = spec("orders", 3).check_cluster(2, 2).unwrap_err();
+        let e = spec("orders", 3).check_cluster(2, 0, 2).unwrap_err();
         assert!(matches!(e, TopicRuleError::ReplicationFactor { .. }), "{e}");
         assert_eq!(
             e.to_string(),

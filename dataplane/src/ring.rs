@@ -122,6 +122,13 @@ impl<'a, C: Coherence> RingProducer<'a, C> {
     /// The sequencer's decision on a published slot below the consumer's watermark, before
     /// the producer reuses the slot: `(outcome, delivery_index)`.
     pub fn decision(&self, index: u64) -> (u64, u64) {
+        let (outcome, delivery, _) = self.decision_at(index);
+        (outcome, delivery)
+    }
+
+    /// As [`decision`](Self::decision), with the batch's first total order (meaningful when
+    /// ordered): `(outcome, delivery_index, total_order)`.
+    pub fn decision_at(&self, index: u64) -> (u64, u64, u64) {
         debug_assert!(index < self.consumed_seen && index + self.ring.capacity() >= self.next);
         let slot = self.ring.slot(index);
         // SAFETY: line 1 of a live slot (64 bytes from its start).
@@ -130,11 +137,12 @@ impl<'a, C: Coherence> RingProducer<'a, C> {
                 .invalidate_range((slot as *const BatchHeader).cast::<u8>().add(64), 64)
         };
         if self.c.observe(&slot.ordered) != index + 1 {
-            return (0, u64::MAX);
+            return (0, u64::MAX, u64::MAX);
         }
         (
             slot.outcome.load(Relaxed),
             slot.delivery_index.load(Relaxed),
+            slot.total_order.load(Relaxed),
         )
     }
 

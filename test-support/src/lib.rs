@@ -411,7 +411,10 @@ impl Drop for Cluster {
         let _ = Command::new(exe())
             .args(["cluster", "down", "--dir", &self.dir])
             .output();
-        let _ = std::fs::remove_dir_all(&self.dir);
+        // EMBAR_TEST_KEEP=1 keeps the logs of the cluster for a look after the test.
+        if std::env::var_os("EMBAR_TEST_KEEP").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
     }
 }
 

@@ -13,6 +13,7 @@
 
 use crate::pool::layout::{OUTCOME_DUPLICATE, OUTCOME_FENCED, OUTCOME_ORDERED, OUTCOME_TABLE_FULL};
 use crate::pool::topics::TopicInfo;
+use crate::replication::placement::Placement;
 use crate::session::{SessionError, STATE_CLOSED, STATE_OPEN};
 
 /// Grants issued to a session and not yet taken (its credits beyond the grant it fills):
@@ -112,45 +113,56 @@ pub enum Effect {
 }
 
 /// What an ACK 2 batch waits for: `durable_delivery > below` on every broker of its replica
-/// set, or, for a duplicate (whose first copy may have landed on another broker, so in
-/// another replica set), on every broker slot.
+/// set (the set of its total order `total_order`, by the topic's placement table), or, for a
+/// duplicate (whose first copy may have landed on another broker, so in another replica set),
+/// on every broker slot not excluded from the sets now.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct DurableWait {
     pub below: u64,
-    pub every_slot: bool,
+    /// The batch's first total order; `None` for a duplicate.
+    pub total_order: Option<u64>,
 }
 
-/// The wait for a batch decided `outcome` with delivery index `delivery`; `next_delivery`
-/// is the topic's next delivery index as read after the decision (a duplicate's first copy
-/// lies below it).
-pub fn durable_wait(outcome: u64, delivery: u64, next_delivery: u64) -> DurableWait {
+/// The wait for a batch decided `outcome` with delivery index `delivery` and first total
+/// order `total_order`; `next_delivery` is the topic's next delivery index as read after the
+/// decision (a duplicate's first copy lies below it).
+pub fn durable_wait(outcome: u64, delivery: u64, total_order: u64, next_delivery: u64) -> DurableWait {
     if outcome == OUTCOME_DUPLICATE {
         DurableWait {
             below: next_delivery.saturating_sub(1),
-            every_slot: true,
+            total_order: None,
         }
     } else {
         DurableWait {
             below: delivery,
-            every_slot: false,
+            total_order: Some(total_order),
         }
     }
 }
 
 /// Whether `w` is met for a batch that landed on `primary` of a topic with replication
-/// factor `rf` over `slots` broker slots, given each slot's `durable_delivery`.
+/// factor `rf` over `slots` broker slots, given the topic's placement table and each slot's
+/// `durable_delivery`.
+///
+/// Waiting on every slot not excluded now is enough for any batch below `w.below`: a slot
+/// excluded now was excluded from its `durable_total_order`, below which it made every batch
+/// of its sets durable already.
 pub fn is_durable(
     w: DurableWait,
     primary: u32,
     rf: u8,
     slots: u32,
+    placement: &Placement,
     progress: impl FnMut(u32) -> u64,
 ) -> bool {
-    use crate::replication::{durable_on, replica_set};
-    if w.every_slot {
-        durable_on(w.below, 0..slots, progress)
-    } else {
-        durable_on(w.below, replica_set(primary, rf, slots), progress)
+    use crate::replication::durable_on;
+    match w.total_order {
+        None => durable_on(
+            w.below,
+            (0..slots).filter(|s| !placement.excluded_now(*s)),
+            progress,
+        ),
+        Some(t) => durable_on(w.below, placement.replica_set(primary, rf, slots, t), progress),
     }
 }
 
@@ -373,20 +385,22 @@ mod tests {
                 error: SessionError::Fenced
             }
         );
-        // Batch at delivery index 7 on broker 2 of 3 slots, RF 2: replicas 2 and 0.
-        let w = durable_wait(OUTCOME_ORDERED, 7, 9);
+        // Batch at delivery index 7 (total order 500) on broker 2 of 3 slots, RF 2: replicas 2
+        // and 0.
+        let none = Placement::none();
+        let w = durable_wait(OUTCOME_ORDERED, 7, 500, 9);
         assert_eq!(
             w,
             DurableWait {
                 below: 7,
-                every_slot: false
+                total_order: Some(500)
             }
         );
         let mut progress = [7u64, 0, 8];
-        assert!(!is_durable(w, 2, 2, 3, |r| progress[r as usize]));
+        assert!(!is_durable(w, 2, 2, 3, &none, |r| progress[r as usize]));
         progress[0] = 8;
         // Broker 1 is not in the set: its progress does not matter.
-        assert!(is_durable(w, 2, 2, 3, |r| progress[r as usize]));
+        assert!(is_durable(w, 2, 2, 3, &none, |r| progress[r as usize]));
         assert_eq!(
             s.durable(4),
             Effect::Ack {
@@ -395,17 +409,25 @@ mod tests {
             }
         );
         // A duplicate waits for every slot past the delivery index before its decision.
-        let d = durable_wait(OUTCOME_DUPLICATE, 0, 9);
+        let d = durable_wait(OUTCOME_DUPLICATE, 0, 0, 9);
         assert_eq!(
             d,
             DurableWait {
                 below: 8,
-                every_slot: true
+                total_order: None
             }
         );
-        assert!(!is_durable(d, 2, 2, 3, |r| progress[r as usize]));
+        assert!(!is_durable(d, 2, 2, 3, &none, |r| progress[r as usize]));
         let all = [9u64, 9, 9];
-        assert!(is_durable(d, 2, 2, 3, |r| all[r as usize]));
+        assert!(is_durable(d, 2, 2, 3, &none, |r| all[r as usize]));
+        // Slot 0 excluded from total order 400 on: the set of total order 500 is 2 and 1, and
+        // a duplicate no longer waits for slot 0.
+        let p = none.with_excluded(0, 400).unwrap();
+        let stuck = [0u64, 8, 8];
+        assert!(is_durable(w, 2, 2, 3, &p, |r| stuck[r as usize]));
+        assert!(!is_durable(w, 2, 2, 3, &none, |r| stuck[r as usize]));
+        let stuck = [0u64, 9, 9];
+        assert!(is_durable(d, 2, 2, 3, &p, |r| stuck[r as usize]));
         assert_eq!(s.decide(OUTCOME_DUPLICATE, 1, policy), Effect::AwaitDurable);
     }
 

@@ -108,6 +108,8 @@ struct TopicState<'p, C: Coherence> {
     order: u8,
     ack: u8,
     replication_factor: u8,
+    /// The topic's placement table as last read (ACK 2: whose progress a batch waits for).
+    placement: crate::replication::placement::Placement,
     /// ACK 2: ordered batches awaiting their replicas' progress, in decision order.
     undurable: VecDeque<Undurable>,
     producer: RingProducer<'p, C>,
@@ -544,6 +546,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
                 order: info.config.order,
                 ack: info.config.ack,
                 replication_factor: info.config.replication_factor,
+                placement: crate::replication::placement::Placement::none(),
                 undurable: VecDeque::new(),
                 orphans_below: producer.next_index(),
                 producer,
@@ -923,7 +926,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
         while t.pending.front().is_some_and(|p| p.ring_index < consumed) {
             let p = t.pending.pop_front().expect("front exists");
             work += 1;
-            let (outcome, delivery) = t.producer.decision(p.ring_index);
+            let (outcome, delivery, total_order) = t.producer.decision_at(p.ring_index);
             if let Some(g) = t.grants.get_mut(&p.grant) {
                 g.inflight -= 1;
                 if outcome == OUTCOME_ORDERED {
@@ -948,7 +951,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
                     session: p.session,
                     generation: p.generation,
                     num_msg: p.num_msg,
-                    wait: self::core::durable_wait(outcome, delivery, next),
+                    wait: self::core::durable_wait(outcome, delivery, total_order, next),
                 });
             }
             apply(self.c, s, effect, p.num_msg, 0, &mut self.stats);
@@ -968,6 +971,8 @@ impl<'p, C: Coherence> Broker<'p, C> {
         let tinode = self.pool.tinode(topic);
         let slots = self.pool.geometry().max_brokers;
         let (c, me, rf) = (self.c, self.broker, t.replication_factor);
+        t.placement.refresh(c, &tinode.placement);
+        let placement = &t.placement;
         let (pool, sessions, stats) = (self.pool, &mut self.sessions, &mut self.stats);
         // Sessions with an earlier batch still waiting: their later ones wait too (acks are
         // cumulative). At most one entry per session.
@@ -980,7 +985,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
                 return false;
             }
             if blocked.contains(&u.session)
-                || !self::core::is_durable(u.wait, me, rf, slots, |r| {
+                || !self::core::is_durable(u.wait, me, rf, slots, placement, |r| {
                     crate::replication::progress_of(c, tinode, r)
                 })
             {

@@ -153,6 +153,10 @@ pub struct Subscriber<'p, C: Coherence> {
     /// Deliver a batch only once it is durable on its replica set (ACK 2's condition).
     durable_only: bool,
     replication_factor: u8,
+    /// The topic slot's generation (with the pool's id, the era of its disk records).
+    generation: u64,
+    /// The topic's placement table as last read (which slots hold a batch's replicas).
+    placement: crate::replication::placement::Placement,
     /// Whose disk logs to read for what the pool no longer holds (RF >= 1).
     disk_source: Disks,
     /// The disk logs, opened the first time they are needed.
@@ -219,6 +223,7 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
     ) -> PoolResult<Self> {
         let slot = pool.find_topic(c, topic)?;
         let st = pool.sequencer_state(slot);
+        let info = pool.read_topic(c, slot);
         let mut sub = Subscriber {
             pool,
             c,
@@ -231,9 +236,9 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             buf: vec![0; COPY_WINDOW_BYTES],
             next_total: None,
             durable_only: false,
-            replication_factor: pool
-                .read_topic(c, slot)
-                .map_or(0, |t| t.config.replication_factor),
+            replication_factor: info.as_ref().map_or(0, |t| t.config.replication_factor),
+            generation: info.as_ref().map_or(0, |t| t.generation),
+            placement: crate::replication::placement::Placement::none(),
             disk_source: disks,
             disk: None,
             on_disk: None,
@@ -314,7 +319,8 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             if dirs.is_empty() {
                 return None;
             }
-            self.disk = Some(DiskLogs::new(&dirs, &self.name, self.pool.pool_id()));
+            let era = crate::replication::topic_era(self.pool.pool_id(), self.topic, self.generation);
+            self.disk = Some(DiskLogs::new(&dirs, &self.name, era));
         }
         self.disk.as_mut()
     }
@@ -467,17 +473,19 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
         })
     }
 
-    /// Whether the batch at delivery index `d`, landed on `broker`, is durable on its
-    /// replica set.
-    fn durable(&self, broker: u32, d: u64) -> bool {
-        use crate::replication::{durable_on, progress_of, replica_set};
-        let t = self.pool.tinode(self.topic);
+    /// Whether the batch at delivery index `d` (first total order `t`), landed on `broker`,
+    /// is durable on its replica set.
+    fn durable(&mut self, broker: u32, d: u64, t: u64) -> bool {
+        use crate::replication::{durable_on, progress_of};
+        let tinode = self.pool.tinode(self.topic);
         let slots = self.pool.geometry().max_brokers;
+        self.placement.refresh(self.c, &tinode.placement);
         self.replication_factor > 0
             && durable_on(
                 d,
-                replica_set(broker, self.replication_factor, slots),
-                |r| progress_of(self.c, t, r),
+                self.placement
+                    .replica_set(broker, self.replication_factor, slots, t),
+                |r| progress_of(self.c, tinode, r),
             )
     }
 
@@ -683,7 +691,7 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
                     None => return Err(behind),
                 }
             }
-            if self.durable_only && !self.durable(broker, d) {
+            if self.durable_only && !self.durable(broker, d, first) {
                 break;
             }
             // Past a broker's retention limit, its log space may be reclaimed before this
@@ -752,7 +760,9 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
                 })
             }
         };
-        if self.durable_only && !self.durable(meta.broker, meta.delivery_index) {
+        if self.durable_only
+            && !self.durable(meta.broker, meta.delivery_index, meta.total_order)
+        {
             return Ok(DiskStep::Nothing);
         }
         // The record in the pool's batch format, read through the same checked view.
@@ -820,13 +830,17 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
     /// Whether a batch the disks do not hold (and the pool no longer does) will never be
     /// there: every broker that keeps disk logs has made durable past it (the delivery index
     /// after the last batch read), so it is on none of them.
-    fn gap_is_final(&self) -> bool {
+    fn gap_is_final(&mut self) -> bool {
         if self.next_total.is_none() {
             return true;
         }
         let t = self.pool.tinode(self.topic);
+        // A slot excluded from the replica sets (its broker died and stayed away) never
+        // makes progress again: it holds what it made durable, and no more.
+        self.placement.refresh(self.c, &t.placement);
         self.disk_dirs()
             .iter()
+            .filter(|(b, _)| !self.placement.excluded_now(*b))
             .all(|(b, _)| crate::replication::progress_of(self.c, t, *b) > self.next)
     }
 

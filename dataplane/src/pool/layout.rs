@@ -16,7 +16,7 @@ pub const CACHE_LINE: usize = 64;
 /// `"EMBARCXL"` little-endian; written last when a pool is formatted.
 pub const POOL_MAGIC: u64 = u64::from_le_bytes(*b"EMBARCXL");
 /// Bumped whenever any record or region below changes shape.
-pub const LAYOUT_VERSION: u32 = 7;
+pub const LAYOUT_VERSION: u32 = 8;
 /// Brokers a topic can have; fixes the size of a [`TInode`].
 pub const MAX_BROKERS: usize = 32;
 /// Longest topic name, in bytes of UTF-8.
@@ -98,6 +98,27 @@ pub struct GeometryWords {
 pub struct TInode {
     pub header: TopicHeader,
     pub brokers: [BrokerEntry; MAX_BROKERS],
+    pub placement: PlacementRegion,
+}
+
+/// Exclusions a topic's placement table holds (`crate::replication::placement`).
+pub const PLACEMENT_MAX: usize = 16;
+
+/// Writer: the control process. Which broker slots the topic's replica sets pass over, and
+/// for which total orders: the slots of brokers that died and did not come back
+/// (`crate::replication::placement`).
+#[repr(C, align(64))]
+#[derive(Debug, Default)]
+pub struct PlacementRegion {
+    /// A sequence word: odd while the control process rewrites the table; readers take a
+    /// copy between two equal even reads.
+    pub version: AtomicU64,
+    /// Exclusions in use.
+    pub count: AtomicU64,
+    pub _pad: [AtomicU64; 6],
+    /// Each `[slot, from, until]`: slot `slot` holds no replica of the batches whose first
+    /// total order lies in `[from, until)` (`until` = `u64::MAX`: still excluded).
+    pub exclusions: [[AtomicU64; 3]; PLACEMENT_MAX],
 }
 
 /// Topic metadata. Writer: the control process (lines 0-3). Readers take a consistent copy by
@@ -527,7 +548,8 @@ mod size_checks {
     const _: () = assert!(size_of::<BrokerEntry>() == 7 * 64);
     const _: () = assert!(offset_of!(BrokerEntry, replication) == 64);
     const _: () = assert!(offset_of!(BrokerEntry, sequencer) == 6 * 64);
-    const _: () = assert!(size_of::<TInode>() == 256 + MAX_BROKERS * 7 * 64);
+    const _: () =
+        assert!(size_of::<TInode>() == 256 + MAX_BROKERS * 7 * 64 + 64 + PLACEMENT_MAX * 24);
     const _: () = assert!(offset_of!(TInode, brokers) == 256);
 
     const _: () = assert!(size_of::<BatchHeader>() == 128);

@@ -237,6 +237,14 @@ impl Pool {
                 unsafe { c.writeback_range(ring.as_ptr().cast(), std::mem::size_of_val(ring)) };
             }
         }
+        let p = &t.placement;
+        p.count.store(0, Relaxed);
+        for e in &p.exclusions {
+            for w in e {
+                w.store(0, Relaxed);
+            }
+        }
+        c.writeback(p);
         let st = self.sequencer_state(slot);
         for w in [
             &st.next_global,

@@ -13,6 +13,7 @@
 //!   `durable_delivery` in the pool.
 
 pub mod log;
+pub mod placement;
 pub mod reader;
 
 use std::path::Path;
@@ -25,6 +26,7 @@ use crate::pool::Pool;
 use crate::PoolError;
 
 use self::log::{Body, DiskLog, LogConfig, LogError, RecordMeta};
+use self::placement::Placement;
 
 /// The replica set of a batch that landed on broker slot `primary` of a topic with
 /// replication factor `rf`, over `brokers` slots: `{(primary + i) mod brokers : i < rf}`.
@@ -36,6 +38,16 @@ use self::log::{Body, DiskLog, LogConfig, LogError, RecordMeta};
 pub fn replica_set(primary: u32, rf: u8, brokers: u32) -> impl Iterator<Item = u32> {
     let n = brokers.max(1);
     (0..u32::from(rf).min(n)).map(move |i| (primary + i) % n)
+}
+
+/// The era of a topic's disk records: its total orders count from 0 in each one, and a log's
+/// readers serve (and its replicator goes on from) the current era's records only. The
+/// pool's `pool_id` (a new pool, as `cluster up` makes, orders from 0 again) mixed with the
+/// topic's pool slot and generation (a topic deleted and created again under the same name
+/// orders from 0 again too, and must not take the old topic's records, still in the same
+/// directory, for its own).
+pub fn topic_era(pool_id: u64, slot: u32, generation: u64) -> u64 {
+    pool_id ^ (u64::from(slot) << 40 ^ generation).wrapping_mul(0x9E37_79B9_7F4A_7C15)
 }
 
 /// Whether the batch at delivery index `d` is durable on every slot of `replicas`, given each
@@ -72,15 +84,23 @@ pub struct Replicator<'p, C: Coherence> {
     rf: u8,
     slot: u32,
     era: u64,
+    topic: String,
+    /// The topic's log directory.
+    dir: std::path::PathBuf,
+    cfg: LogConfig,
     sub: Subscriber<'p, C>,
     log: DiskLog,
     /// The batch being read, its buffer reused from batch to batch.
     body: Body,
-    /// Delivery index after the last batch appended (published once synced).
+    /// Delivery index after the last batch read (published once synced).
     appended_through: u64,
+    /// Total order after the last batch read.
+    read_end: u64,
     /// The `durable_delivery` this replicator last published.
     published: u64,
-    appended_total: u64,
+    /// The topic's placement table as last read.
+    placement: Placement,
+    backfills: Vec<Backfill<'p, C>>,
     bytes_by_src: Vec<u64>,
 }
 
@@ -246,7 +266,8 @@ impl<'p, C: Coherence> Replicator<'p, C> {
     /// replicas' disks, when it has none); batches already in the log (same pool, same or
     /// lower total order) are passed over. Positions the pool no longer holds (reclaimed
     /// while this broker was down, or before a slow replicator read them) are read from the
-    /// other brokers' logs, each record verified (CRC32C) before it is appended here.
+    /// other brokers' logs, each record verified (CRC32C) before it is appended here. A
+    /// backfill a previous run left unfinished goes on.
     pub fn open(
         pool: &'p Pool,
         c: C,
@@ -259,18 +280,23 @@ impl<'p, C: Coherence> Replicator<'p, C> {
         let info = pool
             .read_topic(c, slot)
             .ok_or_else(|| PoolError::UnknownTopic(topic.to_string()))?;
-        let (log, rec) = DiskLog::open(&log::topic_dir(data_dir, topic), cfg)?;
-        let era = pool
-            .superblock()
-            .pool_id
-            .load(crate::sync::Ordering::Relaxed);
+        let dir = log::topic_dir(data_dir, topic);
+        let (log, rec) = DiskLog::open(&dir, cfg)?;
+        let era = topic_era(
+            pool.superblock()
+                .pool_id
+                .load(crate::sync::Ordering::Relaxed),
+            slot,
+            info.generation,
+        );
         // A log that holds batches of this pool goes on after its last one: what was
         // ordered since (while this broker was down) and the pool no longer holds is read
         // from the other replicas' logs.
-        let start = match log.last().filter(|l| l.era == era) {
-            Some(l) => StartAt::TotalOrder(l.total_order + u64::from(l.num_msg)),
-            None => StartAt::Oldest,
-        };
+        let resume = log
+            .last()
+            .filter(|l| l.era == era)
+            .map(|l| l.total_order + u64::from(l.num_msg));
+        let start = resume.map_or(StartAt::Oldest, StartAt::TotalOrder);
         let sub = Subscriber::open_with(pool, c, topic, start, Disks::OthersThan(me))?;
         let start = sub.position();
         // Progress never goes back: a reopened replicator publishes only past what is there.
@@ -279,6 +305,7 @@ impl<'p, C: Coherence> Replicator<'p, C> {
                 .replication
                 .durable_delivery,
         );
+        let backfills = Backfill::unfinished(pool, c, me, topic, &dir, era, cfg)?;
         Ok((
             Replicator {
                 pool,
@@ -287,12 +314,17 @@ impl<'p, C: Coherence> Replicator<'p, C> {
                 rf: info.config.replication_factor,
                 slot,
                 era,
+                topic: topic.to_string(),
+                dir,
+                cfg,
                 sub,
                 log,
                 body: Body::default(),
                 appended_through: start,
+                read_end: resume.unwrap_or(0),
                 published,
-                appended_total: 0,
+                placement: Placement::read(c, &pool.tinode(slot).placement),
+                backfills,
                 bytes_by_src: vec![0; pool.geometry().max_brokers as usize],
             },
             rec,
@@ -303,32 +335,227 @@ impl<'p, C: Coherence> Replicator<'p, C> {
     /// when the policy says, and publishes the progress the sync covers. Returns the batches
     /// read.
     pub fn poll(&mut self, now: Instant) -> Result<usize, ReplicationError> {
+        self.follow_placement()?;
         let (me, rf, n, era) = (self.me, self.rf, self.pool.geometry().max_brokers, self.era);
         let skip_below = self
             .log
             .last()
             .filter(|l| l.era == era)
             .map(|l| l.total_order + u64::from(l.num_msg));
-        let (body, log) = (&mut self.body, &mut self.log);
-        let (bytes_by_src, appended_total) = (&mut self.bytes_by_src, &mut self.appended_total);
+        let mut copy = Pass {
+            me,
+            rf,
+            slots: n,
+            era,
+            placement: &self.placement,
+            skip_below,
+            end: u64::MAX,
+            body: &mut self.body,
+            log: &mut self.log,
+            bytes_by_src: &mut self.bytes_by_src,
+            read_end: &mut self.read_end,
+        };
+        let batches = copy.poll(&mut self.sub, now)?;
+        self.appended_through = self.sub.position();
+        for b in &mut self.backfills {
+            let skip_below = b
+                .log
+                .last()
+                .filter(|l| l.era == era)
+                .map(|l| l.total_order + u64::from(l.num_msg));
+            let mut copy = Pass {
+                me,
+                rf,
+                slots: n,
+                era,
+                placement: &self.placement,
+                skip_below,
+                end: b.end,
+                body: &mut self.body,
+                log: &mut b.log,
+                bytes_by_src: &mut self.bytes_by_src,
+                read_end: &mut b.read_end,
+            };
+            copy.poll(&mut b.sub, now)?;
+        }
+        let due = std::iter::once(&self.log)
+            .chain(self.backfills.iter().map(|b| &b.log))
+            .any(|l| l.unsynced_bytes() > 0 && l.sync_due(now));
+        if due {
+            self.log.sync()?;
+            for b in &mut self.backfills {
+                b.log.sync()?;
+            }
+        }
+        self.finish_backfills()?;
+        let synced = self.log.unsynced_bytes() == 0
+            && self.backfills.iter().all(|b| b.log.unsynced_bytes() == 0);
+        if synced {
+            self.publish();
+        }
+        Ok(batches)
+    }
+
+    /// Takes a new placement table in: when it changes the replica sets of batches this
+    /// replicator has read already, a backfill reads them again and writes those of this
+    /// broker's sets into a log of its own.
+    fn follow_placement(&mut self) -> Result<(), ReplicationError> {
+        let region = &self.pool.tinode(self.slot).placement;
+        if self.c.observe(&region.version) == self.placement.version() {
+            return Ok(());
+        }
+        let new = Placement::read(self.c, region);
+        let changed = new.changed_from(&self.placement);
+        self.placement = new;
+        if let Some(from) = changed.filter(|f| *f < self.read_end) {
+            let b = Backfill::start(
+                self.pool,
+                self.c,
+                self.me,
+                &self.topic,
+                &self.dir,
+                self.era,
+                self.cfg,
+                (from, self.read_end),
+            )?;
+            ::log::info!(
+                "broker slot {}: topic {:?}: replica sets from total order {from} changed; \
+                 writing total orders {from}..{} of its sets again into {}",
+                self.me,
+                self.topic,
+                self.read_end,
+                b.dir.display()
+            );
+            self.backfills.push(b);
+        }
+        Ok(())
+    }
+
+    /// Backfills that read their whole range and synced it: marked complete and dropped.
+    fn finish_backfills(&mut self) -> Result<(), ReplicationError> {
+        let mut i = 0;
+        while i < self.backfills.len() {
+            let b = &self.backfills[i];
+            if b.read_end >= b.end && b.log.unsynced_bytes() == 0 {
+                let b = self.backfills.swap_remove(i);
+                b.complete()?;
+            } else {
+                i += 1;
+            }
+        }
+        Ok(())
+    }
+
+    /// Everything appended is synced: say so in the pool. The progress is the lowest of the
+    /// main read and every unfinished backfill's.
+    fn publish(&mut self) {
+        let through = self
+            .backfills
+            .iter()
+            .map(|b| b.sub.position())
+            .fold(self.appended_through, u64::min);
+        let total = self
+            .backfills
+            .iter()
+            .map(|b| b.read_end)
+            .fold(self.read_end, u64::min);
+        if self.published >= through {
+            return;
+        }
+        let r = &self.pool.tinode(self.slot).brokers[self.me as usize].replication;
+        for (src, bytes) in self.bytes_by_src.iter().enumerate() {
+            r.replication_done[src].store(*bytes, crate::sync::Ordering::Relaxed);
+        }
+        r.durable_total_order
+            .store(total, crate::sync::Ordering::Relaxed);
+        self.c.publish(&r.durable_delivery, through);
+        self.published = through;
+        // It synced: whatever failed before is behind it.
+        if self.c.observe(&r.disk_error) != 0 {
+            self.c.publish(&r.disk_error, 0);
+        }
+    }
+
+    /// Syncs what is appended and publishes it (at shutdown).
+    pub fn flush(&mut self) -> Result<(), ReplicationError> {
+        self.log.sync()?;
+        for b in &mut self.backfills {
+            b.log.sync()?;
+        }
+        self.publish();
+        Ok(())
+    }
+
+    /// Backfills running (for tests and operators).
+    pub fn backfills(&self) -> usize {
+        self.backfills.len()
+    }
+}
+
+/// One pass of a replicator's reading: the batches a subscriber hands out, each appended to
+/// `log` when this broker's slot is in its replica set (by the placement table), it is not in
+/// the log already (`skip_below`) and it lies below `end`.
+struct Pass<'a> {
+    me: u32,
+    rf: u8,
+    slots: u32,
+    era: u64,
+    placement: &'a Placement,
+    skip_below: Option<u64>,
+    end: u64,
+    body: &'a mut Body,
+    log: &'a mut DiskLog,
+    bytes_by_src: &'a mut Vec<u64>,
+    /// Total order after the last batch read (appended or passed over).
+    read_end: &'a mut u64,
+}
+
+impl Pass<'_> {
+    fn poll<C: Coherence>(
+        &mut self,
+        sub: &mut Subscriber<'_, C>,
+        now: Instant,
+    ) -> Result<usize, ReplicationError> {
+        let Pass {
+            me,
+            rf,
+            slots,
+            era,
+            placement,
+            skip_below,
+            end,
+            ..
+        } = *self;
+        if *self.read_end >= end {
+            return Ok(0);
+        }
+        let (body, log) = (&mut *self.body, &mut *self.log);
+        let (bytes_by_src, read_end) = (&mut *self.bytes_by_src, &mut *self.read_end);
         let mut batches = 0;
         // Whether the batch being read is appended: decided at its first message.
         let mut keep = false;
         let mut failed = None;
-        self.sub.poll_batches(64, |m, origin| {
+        sub.poll_batches(64, |m, origin| {
+            let first = m.total_order - u64::from(m.index);
+            if first >= end {
+                return;
+            }
             if m.index == 0 {
                 body.clear();
-                keep = replica_set(origin.broker, rf, n).any(|r| r == me)
-                    && skip_below.is_none_or(|s| m.total_order >= s);
+                keep = placement
+                    .replica_set(origin.broker, rf, slots, first)
+                    .any(|r| r == me)
+                    && skip_below.is_none_or(|s| first >= s);
             }
             if keep {
                 body.push(m.payload);
             }
             if m.index + 1 == m.num_msg {
                 batches += 1;
+                *read_end = first + u64::from(m.num_msg);
                 if keep && failed.is_none() && body.count() == m.num_msg {
                     let meta = RecordMeta {
-                        total_order: m.total_order - u64::from(m.index),
+                        total_order: first,
                         client_id: m.client_id,
                         batch_seq: m.batch_seq,
                         num_msg: m.num_msg,
@@ -341,51 +568,126 @@ impl<'p, C: Coherence> Replicator<'p, C> {
                             if let Some(b) = bytes_by_src.get_mut(meta.broker as usize) {
                                 *b += body.as_bytes().len() as u64;
                             }
-                            *appended_total = meta.total_order + u64::from(meta.num_msg);
                         }
                         Err(e) => failed = Some(e),
                     }
                 }
             }
         })?;
-        if let Some(e) = failed {
-            return Err(e.into());
-        }
-        self.appended_through = self.sub.position();
-        if self.log.unsynced_bytes() > 0 && self.log.sync_due(now) {
-            self.log.sync()?;
-        }
-        if self.log.unsynced_bytes() == 0 {
-            self.publish();
-        }
-        Ok(batches)
-    }
-
-    /// Everything appended is synced: say so in the pool.
-    fn publish(&mut self) {
-        if self.published >= self.appended_through {
-            return;
-        }
-        let r = &self.pool.tinode(self.slot).brokers[self.me as usize].replication;
-        for (src, bytes) in self.bytes_by_src.iter().enumerate() {
-            r.replication_done[src].store(*bytes, crate::sync::Ordering::Relaxed);
-        }
-        r.durable_total_order
-            .store(self.appended_total, crate::sync::Ordering::Relaxed);
-        self.c.publish(&r.durable_delivery, self.appended_through);
-        self.published = self.appended_through;
-        // It synced: whatever failed before is behind it.
-        if self.c.observe(&r.disk_error) != 0 {
-            self.c.publish(&r.disk_error, 0);
+        match failed {
+            Some(e) => Err(e.into()),
+            None => Ok(batches),
         }
     }
+}
 
-    /// Syncs what is appended and publishes it (at shutdown).
-    pub fn flush(&mut self) -> Result<(), ReplicationError> {
-        self.log.sync()?;
-        self.publish();
+/// Batches a replicator read before a placement change put them in its replica sets, read
+/// again (total orders `[from, end)`) and written into a log of their own: the directory
+/// `backfill-FROM-END-ERA` in the topic's log directory, marked `complete` once done. The
+/// disk readers read those logs beside the topic's.
+struct Backfill<'p, C: Coherence> {
+    sub: Subscriber<'p, C>,
+    log: DiskLog,
+    dir: std::path::PathBuf,
+    end: u64,
+    read_end: u64,
+}
+
+/// The file that marks a backfill directory done.
+const BACKFILL_COMPLETE: &str = "complete";
+
+impl<'p, C: Coherence> Backfill<'p, C> {
+    #[allow(clippy::too_many_arguments)]
+    fn start(
+        pool: &'p Pool,
+        c: C,
+        me: u32,
+        topic: &str,
+        topic_dir: &Path,
+        era: u64,
+        cfg: LogConfig,
+        (from, end): (u64, u64),
+    ) -> Result<Self, ReplicationError> {
+        let dir = topic_dir.join(format!("backfill-{from:020}-{end:020}-{era:016x}"));
+        Self::open_dir(pool, c, me, topic, dir, era, cfg, (from, end))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn open_dir(
+        pool: &'p Pool,
+        c: C,
+        me: u32,
+        topic: &str,
+        dir: std::path::PathBuf,
+        era: u64,
+        cfg: LogConfig,
+        (from, end): (u64, u64),
+    ) -> Result<Self, ReplicationError> {
+        let (log, _) = DiskLog::open(&dir, cfg)?;
+        let at = log
+            .last()
+            .filter(|l| l.era == era)
+            .map_or(from, |l| l.total_order + u64::from(l.num_msg))
+            .max(from);
+        let sub = Subscriber::open_with(pool, c, topic, StartAt::TotalOrder(at), Disks::OthersThan(me))?;
+        Ok(Backfill {
+            sub,
+            log,
+            dir,
+            end,
+            read_end: at,
+        })
+    }
+
+    /// The backfills of `topic_dir` not marked complete, of this era, reopened where their
+    /// logs end (a backfill of another era is moot: the placement table began again).
+    fn unfinished(
+        pool: &'p Pool,
+        c: C,
+        me: u32,
+        topic: &str,
+        topic_dir: &Path,
+        era: u64,
+        cfg: LogConfig,
+    ) -> Result<Vec<Self>, ReplicationError> {
+        let mut out = Vec::new();
+        for (dir, from, end, e) in backfill_dirs(topic_dir) {
+            if e != era || dir.join(BACKFILL_COMPLETE).exists() {
+                continue;
+            }
+            out.push(Self::open_dir(pool, c, me, topic, dir, era, cfg, (from, end))?);
+        }
+        Ok(out)
+    }
+
+    /// Marks the backfill done (its log synced already).
+    fn complete(self) -> Result<(), ReplicationError> {
+        let path = self.dir.join(BACKFILL_COMPLETE);
+        std::fs::write(&path, b"")
+            .map_err(|e| ReplicationError::Log(log::io("cannot write", &path)(e)))?;
+        ::log::info!("backfill {} complete", self.dir.display());
         Ok(())
     }
+}
+
+/// The backfill directories in a topic's log directory: `(path, from, end, era)`, by name.
+pub fn backfill_dirs(topic_dir: &Path) -> Vec<(std::path::PathBuf, u64, u64, u64)> {
+    let Ok(rd) = std::fs::read_dir(topic_dir) else {
+        return Vec::new();
+    };
+    let mut out: Vec<_> = rd
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let name = e.file_name().into_string().ok()?;
+            let mut parts = name.strip_prefix("backfill-")?.split('-');
+            let from = parts.next()?.parse().ok()?;
+            let end = parts.next()?.parse().ok()?;
+            let era = u64::from_str_radix(parts.next()?, 16).ok()?;
+            Some((e.path(), from, end, era))
+        })
+        .collect();
+    out.sort();
+    out
 }
 
 #[cfg(test)]

@@ -300,26 +300,63 @@ impl LogReader {
 }
 
 /// The disk logs of one topic on every broker that recorded a data directory, read together
-/// in total order. See the module docs.
+/// in total order: each broker's log of the topic and its backfills (batches a placement
+/// change put in its replica sets after it had read them: `super::placement`). See the
+/// module docs.
 #[derive(Debug)]
 pub struct DiskLogs {
     logs: Vec<LogReader>,
     /// The total order every reader was last placed for (reads that follow on from it need
     /// no seek).
     at: Option<u64>,
+    /// Each broker's log directory of the topic, looked into again for new backfills when
+    /// no log holds a total order (at most every [`RELIST_EVERY`]).
+    topic_dirs: Vec<PathBuf>,
+    era: u64,
+    listed: Vec<PathBuf>,
+    last_list: Option<std::time::Instant>,
 }
+
+/// How often a reader that finds no log holding a total order looks for new backfills.
+const RELIST_EVERY: std::time::Duration = std::time::Duration::from_millis(100);
 
 impl DiskLogs {
     /// The logs of `topic` under each broker data directory of `dirs`, serving era `era`
     /// (the pool's `pool_id`).
     pub fn new(dirs: &[PathBuf], topic: &str, era: u64) -> DiskLogs {
-        DiskLogs {
-            logs: dirs
+        let topic_dirs: Vec<PathBuf> = dirs.iter().map(|d| topic_dir(d, topic)).collect();
+        let mut logs = DiskLogs {
+            logs: topic_dirs
                 .iter()
-                .map(|d| LogReader::new(topic_dir(d, topic), era))
+                .map(|d| LogReader::new(d.clone(), era))
                 .collect(),
             at: None,
+            topic_dirs,
+            era,
+            listed: Vec::new(),
+            last_list: None,
+        };
+        logs.list_backfills();
+        logs
+    }
+
+    /// Adds a reader for each backfill not read yet; whether there was one.
+    fn list_backfills(&mut self) -> bool {
+        self.last_list = Some(std::time::Instant::now());
+        let mut added = false;
+        for d in &self.topic_dirs {
+            for (dir, _, _, era) in super::backfill_dirs(d) {
+                if era == self.era && !self.listed.contains(&dir) {
+                    self.listed.push(dir.clone());
+                    self.logs.push(LogReader::new(dir, self.era));
+                    added = true;
+                }
+            }
         }
+        if added {
+            self.at = None;
+        }
+        added
     }
 
     fn place(&mut self, t: u64) -> Result<(), LogError> {
@@ -348,6 +385,19 @@ impl DiskLogs {
     /// a 4-byte length then its bytes); `None` when no log holds it (yet). A record that does
     /// not verify is an error only when no other log holds `t`.
     pub fn read(&mut self, t: u64, body: &mut Vec<u8>) -> Result<Option<RecordMeta>, LogError> {
+        match self.read_placed(t, body)? {
+            None if self
+                .last_list
+                .is_none_or(|l| l.elapsed() >= RELIST_EVERY)
+                && self.list_backfills() =>
+            {
+                self.read_placed(t, body)
+            }
+            r => Ok(r),
+        }
+    }
+
+    fn read_placed(&mut self, t: u64, body: &mut Vec<u8>) -> Result<Option<RecordMeta>, LogError> {
         self.place(t)?;
         let mut failed = None;
         for i in 0..self.logs.len() {

@@ -1,0 +1,162 @@
+//! Re-placing the replicas of a broker slot whose broker died and stayed away
+//! (`embar_dataplane::replication::placement` has the rule every process applies).
+//!
+//! The control process is the only writer of the topics' placement tables. A slot with no
+//! live broker for `--replace-after` is **replaced**: in every topic with replication, it is
+//! excluded from the replica sets from its own `durable_total_order` on (everything below is
+//! on its disk already), unless that would leave fewer slots than the topic's replication
+//! factor (then the topic's ACK 2 acks keep waiting for it: fail closed). A broker that
+//! registers into a replaced slot readmits it from each topic's next total order. A topic
+//! created while slots are replaced excludes them from its start.
+//!
+//! Which slots are replaced is read back from the pool's tables (a slot is replaced if a
+//! topic excludes it now), so a restarted control process goes on where it was.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use embar_dataplane::pool::coherence::Coherent;
+use embar_dataplane::pool::Pool;
+use embar_dataplane::replication::placement::Placement;
+
+/// What the ticker knows of the slots between two ticks.
+#[derive(Debug, Default)]
+pub struct Vacancies {
+    /// Since when each slot without a live broker has been so.
+    since: BTreeMap<u32, Instant>,
+}
+
+impl Vacancies {
+    /// Slots vacant for at least `after` now, given the slots with a live broker; the
+    /// vacancy clock of a slot starts the first time it is seen vacant.
+    pub fn overdue(
+        &mut self,
+        slots: u32,
+        live: &BTreeSet<u32>,
+        now: Instant,
+        after: Duration,
+    ) -> Vec<u32> {
+        self.since.retain(|s, _| !live.contains(s));
+        (0..slots)
+            .filter(|s| !live.contains(s))
+            .filter(|s| now.duration_since(*self.since.entry(*s).or_insert(now)) >= after)
+            .collect()
+    }
+}
+
+/// The topics of the pool with replication: `(name, slot, replication factor)`.
+fn replicated(pool: &Pool, names: &[String]) -> Vec<(String, u32, u8)> {
+    names
+        .iter()
+        .filter_map(|n| {
+            let slot = pool.find_topic(Coherent, n).ok()?;
+            let info = pool.read_topic(Coherent, slot)?;
+            let rf = info.config.replication_factor;
+            (rf > 0).then(|| (n.clone(), slot, rf))
+        })
+        .collect()
+}
+
+/// The slots some topic excludes now.
+pub fn replaced(pool: &Pool, names: &[String]) -> BTreeSet<u32> {
+    let slots = pool.geometry().max_brokers;
+    replicated(pool, names)
+        .into_iter()
+        .flat_map(|(_, t, _)| {
+            let p = Placement::read(Coherent, &pool.tinode(t).placement);
+            (0..slots).filter(move |s| p.excluded_now(*s))
+        })
+        .collect()
+}
+
+/// Excludes `slot` from the replica sets of every replicated topic, from its durable total
+/// order on; returns what it did, one line per topic, for the log.
+pub fn replace(pool: &Pool, names: &[String], slot: u32) -> Vec<String> {
+    let slots = pool.geometry().max_brokers;
+    let mut done = Vec::new();
+    for (name, t, rf) in replicated(pool, names) {
+        let tinode = pool.tinode(t);
+        let p = Placement::read(Coherent, &tinode.placement);
+        if p.excluded_now(slot) {
+            continue;
+        }
+        let left = (0..slots)
+            .filter(|s| *s != slot && !p.excluded_now(*s))
+            .count();
+        if left < usize::from(rf) {
+            done.push(format!(
+                "topic {name:?}: not re-placed: {left} slots would be left for replication factor {rf}"
+            ));
+            continue;
+        }
+        let from = tinode.brokers[slot as usize]
+            .replication
+            .durable_total_order
+            .load(std::sync::atomic::Ordering::Acquire);
+        match p.with_excluded(slot, from) {
+            Ok(q) => {
+                q.write(Coherent, &tinode.placement);
+                done.push(format!("topic {name:?}: re-placed from total order {from}"));
+            }
+            Err(e) => done.push(format!("topic {name:?}: not re-placed: {e}")),
+        }
+    }
+    done
+}
+
+/// A broker registered into `slot`: it is in the replica sets again, in every topic, from
+/// the topic's next total order.
+pub fn readmit(pool: &Pool, names: &[String], slot: u32) -> Vec<String> {
+    let mut done = Vec::new();
+    for (name, t, _) in replicated(pool, names) {
+        let tinode = pool.tinode(t);
+        let p = Placement::read(Coherent, &tinode.placement);
+        if !p.excluded_now(slot) {
+            continue;
+        }
+        let until = pool
+            .sequencer_state(t)
+            .next_global
+            .load(std::sync::atomic::Ordering::Acquire);
+        p.with_readmitted(slot, until)
+            .write(Coherent, &tinode.placement);
+        done.push(format!("topic {name:?}: from total order {until}"));
+    }
+    done
+}
+
+/// A topic just created in pool slot `t`: the replaced slots are excluded from its start.
+pub fn start_topic(pool: &Pool, t: u32, replaced: &BTreeSet<u32>) {
+    let mut p = Placement::none();
+    for s in replaced {
+        if let Ok(q) = p.with_excluded(*s, 0) {
+            p = q;
+        }
+    }
+    if !p.exclusions().is_empty() {
+        p.write(Coherent, &pool.tinode(t).placement);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_slot_is_overdue_once_vacant_for_the_whole_delay_and_a_live_broker_resets_it() {
+        let mut v = Vacancies::default();
+        let t0 = Instant::now();
+        let d = Duration::from_secs(10);
+        let live: BTreeSet<u32> = [0, 2].into();
+        assert!(v.overdue(3, &live, t0, d).is_empty());
+        assert!(v.overdue(3, &live, t0 + Duration::from_secs(9), d).is_empty());
+        assert_eq!(v.overdue(3, &live, t0 + d, d), vec![1]);
+        // Back for a moment: the clock starts again.
+        let all: BTreeSet<u32> = [0, 1, 2].into();
+        assert!(v.overdue(3, &all, t0 + Duration::from_secs(11), d).is_empty());
+        assert!(v
+            .overdue(3, &live, t0 + Duration::from_secs(12), d)
+            .is_empty());
+        assert_eq!(v.overdue(3, &live, t0 + Duration::from_secs(22), d), vec![1]);
+    }
+}
