@@ -805,26 +805,35 @@ fn a_restarted_broker_catches_up_from_the_other_replicas_what_retention_reclaime
     };
 
     // 3. While it is down, an ACK 2 publisher on brokers 0 and 2: the batches that landed
-    // on broker 0 need broker 1 (replica set {0, 1}) and wait; retention reclaims them
-    // from the pool.
+    // on broker 0 need broker 1 (replica set {0, 1}) and wait, and the pool keeps them
+    // (nothing is reclaimed before it is durable on its replicas); those that landed on
+    // broker 2 (set {2, 0}) are durable without broker 1, and retention reclaims them: broker
+    // 1 reads those from the other brokers' disks when it catches up.
     let down = numbered_from(200_000, 12_000);
     let waiting = c.spawn(
         &["publish", "--topic", "t", "--ack-timeout-s", "120"],
-        Some(down.join("\n") + "\n"),
+        Some(
+            down.join(
+                "
+",
+            ) + "
+",
+        ),
     );
+    let reclaimed = |b: usize| {
+        progress.pool.tinode(progress.slot).brokers[b]
+            .broker
+            .reclaimed_below
+            .load(std::sync::atomic::Ordering::Acquire)
+    };
     wait_until(
-        "retention reclaimed batches broker 1 has not written",
+        "retention reclaimed batches broker 1 has not read",
         Duration::from_secs(60),
-        || {
-            let t = progress.pool.tinode(progress.slot);
-            [0usize, 2].iter().all(|&b| {
-                t.brokers[b]
-                    .broker
-                    .reclaimed_below
-                    .load(std::sync::atomic::Ordering::Acquire)
-                    > stale() + 64
-            })
-        },
+        || reclaimed(2) > stale() + 64,
+    );
+    assert!(
+        reclaimed(0) <= stale(),
+        "broker 0 reclaimed batches of set {{0, 1}} that broker 1 has not made durable"
     );
 
     // 4. Broker 1 again, as it was started, into its own slot and data directory.
@@ -884,7 +893,10 @@ fn copies(c: &Cluster, topic: &str) -> BTreeMap<String, BTreeSet<u32>> {
         let err = String::from_utf8_lossy(&out.stderr);
         let torn = out.status.code() == Some(65)
             && err.contains("the log ends at a record that does not verify");
-        assert!(out.status.success() || torn, "log dump of broker {b}: {err}");
+        assert!(
+            out.status.success() || torn,
+            "log dump of broker {b}: {err}"
+        );
         for l in String::from_utf8_lossy(&out.stdout).lines() {
             let v: Value = serde_json::from_str(l).expect("a JSON line");
             m.entry(v["payload"].as_str().unwrap().to_string())
@@ -961,7 +973,13 @@ fn a_broker_that_does_not_come_back_is_passed_over_by_the_replica_sets_and_ack_2
 
     // Every message once, in publish order (one publisher), and each on two disks.
     let out = c.run(
-        &["subscribe", "--topic", "t", "--count", &run.len().to_string()],
+        &[
+            "subscribe",
+            "--topic",
+            "t",
+            "--count",
+            &run.len().to_string(),
+        ],
         None,
     );
     assert!(
@@ -1008,15 +1026,11 @@ fn a_broker_that_does_not_come_back_is_passed_over_by_the_replica_sets_and_ack_2
             .as_array()
             .is_some_and(|a| a.iter().any(|b| b["slot"] == 2 && b["alive"] == true))
     });
-    wait_until(
-        "slot 2 readmitted",
-        Duration::from_secs(10),
-        || {
-            std::fs::read_to_string(format!("{}/control.log", c.dir))
-                .unwrap()
-                .contains("broker slot 2 is in the replica sets again")
-        },
-    );
+    wait_until("slot 2 readmitted", Duration::from_secs(10), || {
+        std::fs::read_to_string(format!("{}/control.log", c.dir))
+            .unwrap()
+            .contains("broker slot 2 is in the replica sets again")
+    });
     let after = numbered_from(100_000, 5_000);
     let out = c.run(
         &["publish", "--topic", "t", "--ack-timeout-s", "60"],
@@ -1029,7 +1043,10 @@ fn a_broker_that_does_not_come_back_is_passed_over_by_the_replica_sets_and_ack_2
         .into_iter()
         .filter(|(p, on)| on.contains(&2) && after.contains(p))
         .count();
-    assert!(on_2 > 0, "the readmitted broker holds none of the new batches");
+    assert!(
+        on_2 > 0,
+        "the readmitted broker holds none of the new batches"
+    );
     let _ = broker.kill();
     let _ = broker.wait();
 }
@@ -1074,7 +1091,14 @@ fn a_topic_created_again_under_the_same_name_does_not_take_the_old_topics_disk_r
     assert!(out.status.success(), "{err}");
     assert_eq!(acknowledged(&err), 200, "{err}");
     let out = c.run(
-        &["subscribe", "--topic", "t", "--durable-only", "--count", "200"],
+        &[
+            "subscribe",
+            "--topic",
+            "t",
+            "--durable-only",
+            "--count",
+            "200",
+        ],
         None,
     );
     assert!(

@@ -149,14 +149,21 @@ mod tests {
         let d = Duration::from_secs(10);
         let live: BTreeSet<u32> = [0, 2].into();
         assert!(v.overdue(3, &live, t0, d).is_empty());
-        assert!(v.overdue(3, &live, t0 + Duration::from_secs(9), d).is_empty());
+        assert!(v
+            .overdue(3, &live, t0 + Duration::from_secs(9), d)
+            .is_empty());
         assert_eq!(v.overdue(3, &live, t0 + d, d), vec![1]);
         // Back for a moment: the clock starts again.
         let all: BTreeSet<u32> = [0, 1, 2].into();
-        assert!(v.overdue(3, &all, t0 + Duration::from_secs(11), d).is_empty());
+        assert!(v
+            .overdue(3, &all, t0 + Duration::from_secs(11), d)
+            .is_empty());
         assert!(v
             .overdue(3, &live, t0 + Duration::from_secs(12), d)
             .is_empty());
-        assert_eq!(v.overdue(3, &live, t0 + Duration::from_secs(22), d), vec![1]);
+        assert_eq!(
+            v.overdue(3, &live, t0 + Duration::from_secs(22), d),
+            vec![1]
+        );
     }
 }

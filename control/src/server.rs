@@ -309,7 +309,12 @@ fn replace_vacant(s: &Shared, after: Duration) {
 }
 
 fn topic_names(s: &Shared) -> Vec<String> {
-    lock(s).durable.topics.iter().map(|t| t.name.clone()).collect()
+    lock(s)
+        .durable
+        .topics
+        .iter()
+        .map(|t| t.name.clone())
+        .collect()
 }
 
 impl Handler for Shared {
@@ -537,7 +542,11 @@ fn create_topic(s: &Shared, req: &Request) -> Response {
         let g = lock(s);
         let replaced = crate::placement::replaced(
             &s.pool,
-            &g.durable.topics.iter().map(|t| t.name.clone()).collect::<Vec<_>>(),
+            &g.durable
+                .topics
+                .iter()
+                .map(|t| t.name.clone())
+                .collect::<Vec<_>>(),
         );
         if let Err(e) = spec.check_cluster(
             g.members.live_count(),
@@ -586,7 +595,8 @@ fn topic_json(s: &Shared, spec: &TopicSpec) -> Value {
             })
         })
         .collect();
-    let placement = embar_dataplane::replication::placement::Placement::read(Coherent, &t.placement);
+    let placement =
+        embar_dataplane::replication::placement::Placement::read(Coherent, &t.placement);
     let excluded: Vec<Value> = placement
         .exclusions()
         .iter()

@@ -126,7 +126,12 @@ pub struct DurableWait {
 /// The wait for a batch decided `outcome` with delivery index `delivery` and first total
 /// order `total_order`; `next_delivery` is the topic's next delivery index as read after the
 /// decision (a duplicate's first copy lies below it).
-pub fn durable_wait(outcome: u64, delivery: u64, total_order: u64, next_delivery: u64) -> DurableWait {
+pub fn durable_wait(
+    outcome: u64,
+    delivery: u64,
+    total_order: u64,
+    next_delivery: u64,
+) -> DurableWait {
     if outcome == OUTCOME_DUPLICATE {
         DurableWait {
             below: next_delivery.saturating_sub(1),
@@ -162,7 +167,11 @@ pub fn is_durable(
             (0..slots).filter(|s| !placement.excluded_now(*s)),
             progress,
         ),
-        Some(t) => durable_on(w.below, placement.replica_set(primary, rf, slots, t), progress),
+        Some(t) => durable_on(
+            w.below,
+            placement.replica_set(primary, rf, slots, t),
+            progress,
+        ),
     }
 }
 

@@ -1029,15 +1029,46 @@ impl<'p, C: Coherence> Broker<'p, C> {
             .collect()
     }
 
+    /// With replication, the delivery index below which every batch of `topic` that landed
+    /// here is durable on its replica set. Log space above it is never reclaimed, past the
+    /// retention limit or not: a replica that is down or behind reads those batches from the
+    /// pool when it catches up, and they may be nowhere else. `u64::MAX` without replication.
+    ///
+    /// The sets of this broker's batches lie within the first `RF + e` slots from it around
+    /// the ring (`e`: the slots the placement table names), less the slots excluded now
+    /// (such a slot made every batch of its sets durable below where it was excluded).
+    fn durable_floor(&mut self, topic: u32) -> u64 {
+        let Some(t) = self.topics.get_mut(&topic) else {
+            return u64::MAX;
+        };
+        if t.replication_factor == 0 {
+            return u64::MAX;
+        }
+        let tinode = self.pool.tinode(topic);
+        t.placement.refresh(self.c, &tinode.placement);
+        let n = self.pool.geometry().max_brokers;
+        let mut named: Vec<u32> = t.placement.exclusions().iter().map(|e| e.slot).collect();
+        named.sort_unstable();
+        named.dedup();
+        let width = (usize::from(t.replication_factor) + named.len()).min(n as usize) as u32;
+        (0..width)
+            .map(|i| (self.broker + i) % n)
+            .filter(|r| !t.placement.excluded_now(*r))
+            .map(|r| crate::replication::progress_of(self.c, tinode, r))
+            .min()
+            .unwrap_or(u64::MAX)
+    }
+
     /// Past the retention limit, announces that the oldest settled segments of `topic` are
     /// reclaimed (keeping at least the newest `limit` bytes of decided batches in settled
     /// segments); they are freed after [`RETENTION_GRACE`]. Space of open grants is never
     /// taken.
     fn enforce_retention(&mut self, topic: u32, limit: u64, now: u64) -> Result<(), PoolError> {
+        let durable = self.durable_floor(topic);
         let mut held: Vec<(Option<u64>, u64, u64)> = self
             .settled_segments(topic)
             .into_iter()
-            .filter(|s| s.1.is_some())
+            .filter(|s| s.1.is_some_and(|d| d < durable))
             .map(|(i, newest, bytes)| (newest, i, bytes))
             .collect();
         let mut bytes: u64 = held.iter().map(|h| h.2).sum();
@@ -1106,7 +1137,9 @@ impl<'p, C: Coherence> Broker<'p, C> {
         let slowest = |c: C| slowest_position(st, c, |_, _, e| pid_alive(e.pid.load(Relaxed)));
         let floor = match mode {
             Reclaim::Unreadable => 0,
-            _ => slowest(self.c).unwrap_or_else(|| self.c.observe(&st.delivered)),
+            _ => slowest(self.c)
+                .unwrap_or_else(|| self.c.observe(&st.delivered))
+                .min(self.durable_floor(topic)),
         };
         settled.retain(|s| s.1.is_none_or(|d| d < floor));
         if let (Reclaim::Short, Some(limit)) = (mode, self.retention_bytes) {

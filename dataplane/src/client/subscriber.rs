@@ -319,7 +319,8 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
             if dirs.is_empty() {
                 return None;
             }
-            let era = crate::replication::topic_era(self.pool.pool_id(), self.topic, self.generation);
+            let era =
+                crate::replication::topic_era(self.pool.pool_id(), self.topic, self.generation);
             self.disk = Some(DiskLogs::new(&dirs, &self.name, era));
         }
         self.disk.as_mut()
@@ -760,9 +761,7 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
                 })
             }
         };
-        if self.durable_only
-            && !self.durable(meta.broker, meta.delivery_index, meta.total_order)
-        {
+        if self.durable_only && !self.durable(meta.broker, meta.delivery_index, meta.total_order) {
             return Ok(DiskStep::Nothing);
         }
         // The record in the pool's batch format, read through the same checked view.

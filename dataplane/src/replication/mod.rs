@@ -305,7 +305,7 @@ impl<'p, C: Coherence> Replicator<'p, C> {
                 .replication
                 .durable_delivery,
         );
-        let backfills = Backfill::unfinished(pool, c, me, topic, &dir, era, cfg)?;
+        let backfills = Backfill::unfinished(pool, c, topic, &dir, era, cfg)?;
         Ok((
             Replicator {
                 pool,
@@ -343,6 +343,7 @@ impl<'p, C: Coherence> Replicator<'p, C> {
             .filter(|l| l.era == era)
             .map(|l| l.total_order + u64::from(l.num_msg));
         let mut copy = Pass {
+            held_by: None,
             me,
             rf,
             slots: n,
@@ -364,6 +365,7 @@ impl<'p, C: Coherence> Replicator<'p, C> {
                 .filter(|l| l.era == era)
                 .map(|l| l.total_order + u64::from(l.num_msg));
             let mut copy = Pass {
+                held_by: Some(&self.log),
                 me,
                 rf,
                 slots: n,
@@ -411,7 +413,6 @@ impl<'p, C: Coherence> Replicator<'p, C> {
             let b = Backfill::start(
                 self.pool,
                 self.c,
-                self.me,
                 &self.topic,
                 &self.dir,
                 self.era,
@@ -496,6 +497,8 @@ impl<'p, C: Coherence> Replicator<'p, C> {
 /// `log` when this broker's slot is in its replica set (by the placement table), it is not in
 /// the log already (`skip_below`) and it lies below `end`.
 struct Pass<'a> {
+    /// A backfill's: the main log, whose batches are not written again.
+    held_by: Option<&'a DiskLog>,
     me: u32,
     rf: u8,
     slots: u32,
@@ -517,6 +520,7 @@ impl Pass<'_> {
         now: Instant,
     ) -> Result<usize, ReplicationError> {
         let Pass {
+            held_by,
             me,
             rf,
             slots,
@@ -545,7 +549,8 @@ impl Pass<'_> {
                 keep = placement
                     .replica_set(origin.broker, rf, slots, first)
                     .any(|r| r == me)
-                    && skip_below.is_none_or(|s| first >= s);
+                    && skip_below.is_none_or(|s| first >= s)
+                    && held_by.is_none_or(|l| l.find(era, first).is_none());
             }
             if keep {
                 body.push(m.payload);
@@ -601,7 +606,6 @@ impl<'p, C: Coherence> Backfill<'p, C> {
     fn start(
         pool: &'p Pool,
         c: C,
-        me: u32,
         topic: &str,
         topic_dir: &Path,
         era: u64,
@@ -609,14 +613,13 @@ impl<'p, C: Coherence> Backfill<'p, C> {
         (from, end): (u64, u64),
     ) -> Result<Self, ReplicationError> {
         let dir = topic_dir.join(format!("backfill-{from:020}-{end:020}-{era:016x}"));
-        Self::open_dir(pool, c, me, topic, dir, era, cfg, (from, end))
+        Self::open_dir(pool, c, topic, dir, era, cfg, (from, end))
     }
 
     #[allow(clippy::too_many_arguments)]
     fn open_dir(
         pool: &'p Pool,
         c: C,
-        me: u32,
         topic: &str,
         dir: std::path::PathBuf,
         era: u64,
@@ -629,7 +632,11 @@ impl<'p, C: Coherence> Backfill<'p, C> {
             .filter(|l| l.era == era)
             .map_or(from, |l| l.total_order + u64::from(l.num_msg))
             .max(from);
-        let sub = Subscriber::open_with(pool, c, topic, StartAt::TotalOrder(at), Disks::OthersThan(me))?;
+        // Every disk, this broker's own included: the range holds batches this broker has
+        // in its main log (of its sets before the change), which it reads through, and which
+        // may be nowhere else any more (the pool reclaimed them; the dead broker never wrote
+        // them).
+        let sub = Subscriber::open_with(pool, c, topic, StartAt::TotalOrder(at), Disks::Every)?;
         Ok(Backfill {
             sub,
             log,
@@ -644,7 +651,6 @@ impl<'p, C: Coherence> Backfill<'p, C> {
     fn unfinished(
         pool: &'p Pool,
         c: C,
-        me: u32,
         topic: &str,
         topic_dir: &Path,
         era: u64,
@@ -655,7 +661,7 @@ impl<'p, C: Coherence> Backfill<'p, C> {
             if e != era || dir.join(BACKFILL_COMPLETE).exists() {
                 continue;
             }
-            out.push(Self::open_dir(pool, c, me, topic, dir, era, cfg, (from, end))?);
+            out.push(Self::open_dir(pool, c, topic, dir, era, cfg, (from, end))?);
         }
         Ok(out)
     }

@@ -260,7 +260,11 @@ mod tests {
         assert_eq!(set(&p, 0, 2, 3, 99), vec![0, 1]);
         assert_eq!(set(&p, 0, 2, 3, 100), vec![0, 2]);
         assert_eq!(set(&p, 1, 2, 3, 100), vec![2, 0], "its own batches too");
-        assert_eq!(set(&p, 2, 2, 3, 100), vec![2, 0], "unchanged: it did not name 1");
+        assert_eq!(
+            set(&p, 2, 2, 3, 100),
+            vec![2, 0],
+            "unchanged: it did not name 1"
+        );
         let q = p.with_readmitted(1, 500);
         assert_eq!(set(&q, 0, 2, 3, 499), vec![0, 2]);
         assert_eq!(set(&q, 0, 2, 3, 500), vec![0, 1]);

@@ -386,9 +386,7 @@ impl DiskLogs {
     /// not verify is an error only when no other log holds `t`.
     pub fn read(&mut self, t: u64, body: &mut Vec<u8>) -> Result<Option<RecordMeta>, LogError> {
         match self.read_placed(t, body)? {
-            None if self
-                .last_list
-                .is_none_or(|l| l.elapsed() >= RELIST_EVERY)
+            None if self.last_list.is_none_or(|l| l.elapsed() >= RELIST_EVERY)
                 && self.list_backfills() =>
             {
                 self.read_placed(t, body)

@@ -135,6 +135,11 @@ pub enum Action {
 /// Named bounds of the core.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Limits {
+    /// Batches one client may have held past a gap. As many as all clients together by
+    /// default: after a broker dies, a publisher's resent batch can reach the rings behind a
+    /// whole window of its later batches (a new sequencer finds rings that filled while
+    /// none ran), and a tighter bound fenced such a client for what is only a failover.
+    /// Past the total bound the client with the oldest gap is fenced.
     pub held_per_client_max: usize,
     pub held_total_max: usize,
     pub hold_timeout_ns: u64,
@@ -144,7 +149,7 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            held_per_client_max: 256,
+            held_per_client_max: 4096,
             held_total_max: 4096,
             hold_timeout_ns: 5_000_000_000,
             clients_max: 4096,

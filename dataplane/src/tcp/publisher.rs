@@ -132,6 +132,10 @@ impl Prefix {
     }
 }
 
+/// On a failover, this many of the dead connection's newest unacknowledged batches are sent
+/// again first (below the sequencer's 256 held batches per client).
+const RESEND_NEWEST_FIRST: usize = 128;
+
 /// See the module docs.
 pub struct TcpPublisher {
     client_id: u64,
@@ -344,6 +348,15 @@ impl TcpPublisher {
             pending.len(),
             self.links[live[0]].broker
         );
+        // The newest batches go first: those are the ones the dead broker may not have had
+        // ordered. Under ACK 2 most of the rest are ordered already and only wait for their
+        // acks, so they come back as duplicates; sent first, a thousand of them would queue in
+        // the live broker's ring behind the batches the sequencer holds for the missing one
+        // (the ring is freed in order), fill it, and keep the missing batch out until the
+        // sequencer fences the client.
+        let mut pending = pending;
+        let newest = pending.len().saturating_sub(RESEND_NEWEST_FIRST);
+        pending.rotate_left(newest);
         for s in pending {
             // Round-robin over the live brokers, in batch order per broker.
             let k = live[(s.batch_seq as usize) % live.len()];
