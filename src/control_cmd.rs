@@ -161,9 +161,29 @@ fn print_topic(v: &Value) {
     for b in v["brokers"].as_array().into_iter().flatten() {
         if b["written"].as_u64().unwrap_or(0) > 0 {
             println!(
-                "  broker {}: {} batches published, {} consumed, {} messages ordered",
-                b["broker"], b["written"], b["consumed"], b["ordered_messages"]
+                "  broker {}: {} batches published, {} consumed, {} messages ordered{}",
+                b["broker"],
+                b["written"],
+                b["consumed"],
+                b["ordered_messages"],
+                if v["topic"]["replication_factor"].as_u64().unwrap_or(0) > 0 {
+                    format!(", durable below total order {}", b["durable_total_order"])
+                } else {
+                    String::new()
+                }
             );
+        }
+    }
+    for e in v["excluded_slots"].as_array().into_iter().flatten() {
+        match e["until_total_order"].as_u64() {
+            Some(u) => println!(
+                "  slot {} held no replicas of total orders {}..{}",
+                e["slot"], e["from_total_order"], u
+            ),
+            None => println!(
+                "  slot {} holds no replicas from total order {} on (re-placed)",
+                e["slot"], e["from_total_order"]
+            ),
         }
     }
 }

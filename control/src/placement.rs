@@ -24,6 +24,8 @@ use embar_dataplane::replication::placement::Placement;
 pub struct Vacancies {
     /// Since when each slot without a live broker has been so.
     since: BTreeMap<u32, Instant>,
+    /// Topics a vacant slot could not be re-placed in, already logged (once per vacancy).
+    reported: BTreeSet<(u32, String)>,
 }
 
 impl Vacancies {
@@ -37,10 +39,16 @@ impl Vacancies {
         after: Duration,
     ) -> Vec<u32> {
         self.since.retain(|s, _| !live.contains(s));
+        self.reported.retain(|(s, _)| !live.contains(s));
         (0..slots)
             .filter(|s| !live.contains(s))
             .filter(|s| now.duration_since(*self.since.entry(*s).or_insert(now)) >= after)
             .collect()
+    }
+
+    /// Whether this refusal to re-place `slot` in `topic` is news (to be logged).
+    pub fn first_report(&mut self, slot: u32, topic: &str) -> bool {
+        self.reported.insert((slot, topic.to_string()))
     }
 }
 
@@ -69,9 +77,10 @@ pub fn replaced(pool: &Pool, names: &[String]) -> BTreeSet<u32> {
         .collect()
 }
 
-/// Excludes `slot` from the replica sets of every replicated topic, from its durable total
-/// order on; returns what it did, one line per topic, for the log.
-pub fn replace(pool: &Pool, names: &[String], slot: u32) -> Vec<String> {
+/// Excludes `slot` from the replica sets of every replicated topic that does not exclude it
+/// yet, from its durable total order on: per topic, the total order it was re-placed from,
+/// or why it was not.
+pub fn replace(pool: &Pool, names: &[String], slot: u32) -> Vec<(String, Result<u64, String>)> {
     let slots = pool.geometry().max_brokers;
     let mut done = Vec::new();
     for (name, t, rf) in replicated(pool, names) {
@@ -84,9 +93,8 @@ pub fn replace(pool: &Pool, names: &[String], slot: u32) -> Vec<String> {
             .filter(|s| *s != slot && !p.excluded_now(*s))
             .count();
         if left < usize::from(rf) {
-            done.push(format!(
-                "topic {name:?}: not re-placed: {left} slots would be left for replication factor {rf}"
-            ));
+            let why = format!("{left} slots would be left for replication factor {rf}");
+            done.push((name, Err(why)));
             continue;
         }
         let from = tinode.brokers[slot as usize]
@@ -96,9 +104,9 @@ pub fn replace(pool: &Pool, names: &[String], slot: u32) -> Vec<String> {
         match p.with_excluded(slot, from) {
             Ok(q) => {
                 q.write(Coherent, &tinode.placement);
-                done.push(format!("topic {name:?}: re-placed from total order {from}"));
+                done.push((name, Ok(from)));
             }
-            Err(e) => done.push(format!("topic {name:?}: not re-placed: {e}")),
+            Err(e) => done.push((name, Err(e.to_string()))),
         }
     }
     done

@@ -299,11 +299,17 @@ fn replace_vacant(s: &Shared, after: Duration) {
     // Registrations take the admin lock too: a slot taken meanwhile is not replaced.
     let live = lock(s).members.live_slots();
     for slot in overdue.into_iter().filter(|x| !live.contains(x)) {
-        for line in crate::placement::replace(&s.pool, &names, slot) {
-            log::warn!(
-                "broker slot {slot} has had no live broker for {} ms: {line}",
-                after.as_millis()
-            );
+        for (topic, r) in crate::placement::replace(&s.pool, &names, slot) {
+            let ms = after.as_millis();
+            match r {
+                Ok(from) => log::warn!(
+                    "broker slot {slot} has had no live broker for {ms} ms: topic {topic:?}: re-placed from total order {from}"
+                ),
+                Err(why) if lock(s).vacancies.first_report(slot, &topic) => log::warn!(
+                    "broker slot {slot} has had no live broker for {ms} ms: topic {topic:?}: not re-placed: {why}"
+                ),
+                Err(_) => {}
+            }
         }
     }
 }
