@@ -34,6 +34,25 @@ pub struct BenchArgs {
     pub order: u8,
     #[arg(long, default_value_t = 1)]
     pub ack: u8,
+    /// Replication factor of the bench's topics: each ordered batch is written to the disk
+    /// logs of this many brokers (0: none). `--ack 2` needs at least 1; a run with replicas
+    /// also measures this disk's ceiling, and `--ack 2` runs ACK 1 on the same topic shape
+    /// beside it.
+    #[arg(long, default_value_t = 0)]
+    pub rf: u8,
+    /// Passed to the brokers of the cluster the bench starts (see `embar broker
+    /// --sync-bytes`), and used by the disk ceiling.
+    #[arg(long, value_parser = parse_bytes)]
+    pub sync_bytes: Option<u64>,
+    /// Passed to the brokers of the cluster the bench starts (see `embar broker
+    /// --sync-interval-ms`), and used by the disk ceiling.
+    #[arg(long)]
+    pub sync_interval_ms: Option<u64>,
+    /// The cluster the bench starts keeps its state and its brokers' disk logs in
+    /// DIR/embar-bench-PID (removed at the end), and the disk ceiling is measured there
+    /// (with --control: in DIR); default: the temporary directory ($TMPDIR, else /tmp).
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
     /// Also run this ORDER in the same run and report the ratio (e.g. 0).
     #[arg(long)]
     pub compare_order: Option<u8>,
@@ -159,6 +178,10 @@ pub fn bench(a: &BenchArgs) -> CliResult<bool> {
         batch_bytes: a.batch_bytes,
         order: a.order,
         ack: a.ack,
+        rf: a.rf,
+        sync_bytes: a.sync_bytes,
+        sync_interval_ms: a.sync_interval_ms,
+        data_dir: a.data_dir.clone(),
         compare_order: a.compare_order,
         rate: a.rate,
         pool_bytes: a.pool_bytes,

@@ -139,3 +139,91 @@ fn repeated_runs_report_each_run_a_summary_svg_plots_and_a_readable_hdr_log() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn bench_ack_2_without_a_replication_factor_is_a_usage_error_that_says_what_to_give() {
+    let mut cmd = Command::new(exe());
+    cmd.args(["bench", "--ack", "2", "--total-bytes", "1MiB"]);
+    let out = output_within(cmd, Duration::from_secs(30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("--ack 2 needs --rf N") && stderr.contains("--brokers 3"),
+        "{stderr}"
+    );
+    // Refused before any cluster was started: nothing on stdout.
+    assert!(
+        out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}
+
+#[test]
+fn bench_ack_2_rf_2_reports_the_disk_ceiling_and_ack_1_on_the_same_topic_shape() {
+    let _serial = serial();
+    let dir = std::env::temp_dir().join(format!("embar-bench-ack2-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cmd = Command::new(exe());
+    cmd.args(["bench", "--ack", "2", "--rf", "2", "--brokers", "3"])
+        .args(["--total-bytes", "64MiB", "--pool-bytes", "256MiB"])
+        .args(["--sync-interval-ms", "50", "--json", "--data-dir"])
+        .arg(&dir);
+    let out = output_within(cmd, Duration::from_secs(120));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    let r: Value = serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"));
+    assert_eq!(r["order_check"], "passed", "{r:#}");
+    assert_eq!(r["ack"], 2, "{r:#}");
+    assert_eq!(r["messages"], 64 * 1024, "{r:#}");
+    assert_eq!(r["config"]["rf"], 2, "{r:#}");
+    assert_eq!(r["config"]["sync_interval_ms"], 50, "{r:#}");
+    let ceiling = r["disk_ceiling_gbps"].as_f64().unwrap();
+    assert!(ceiling > 0.0, "{r:#}");
+    let per_replica = r["disk_ceiling_per_replica_gbps"].as_f64().unwrap();
+    assert!(
+        (per_replica - ceiling / 2.0).abs() <= 1e-9 * ceiling,
+        "{r:#}"
+    );
+    let ratio = r["ratio_to_disk_ceiling"].as_f64().unwrap();
+    let gbps = r["throughput_gbps"].as_f64().unwrap();
+    assert!((ratio - gbps / per_replica).abs() <= 1e-9 * ratio, "{r:#}");
+    for key in ["p50", "p99"] {
+        assert!(r["latency_us"][key].as_f64().unwrap() > 0.0, "{key}: {r:#}");
+    }
+    let ack1 = &r["ack_comparison"];
+    assert_eq!(ack1["run"]["ack"], 1, "{r:#}");
+    assert_eq!(ack1["run"]["order"], 5, "{r:#}");
+    assert_eq!(ack1["run"]["order_check"], "passed", "{r:#}");
+    assert_eq!(ack1["run"]["messages"], 64 * 1024, "{r:#}");
+    assert!(
+        ack1["run"]["throughput_gbps"].as_f64().unwrap() > 0.0,
+        "{r:#}"
+    );
+    assert!(
+        ack1["run"]["latency_us"]["p99"].as_f64().unwrap() > 0.0,
+        "{r:#}"
+    );
+    assert!(ack1["ratio"].as_f64().unwrap() > 0.0, "{r:#}");
+    assert!(
+        ack1["ratio_to_disk_ceiling"].as_f64().unwrap() > 0.0,
+        "{r:#}"
+    );
+    for key in [
+        "disk_ceiling_gbps",
+        "ratio_to_disk_ceiling",
+        "ack_comparison.ratio",
+        "ack_comparison.run.throughput_gbps",
+    ] {
+        assert!(
+            r["summary"][key]["median"].as_f64().unwrap() > 0.0,
+            "{key}: {r:#}"
+        );
+    }
+    // The cluster's directory (its brokers' logs) and the ceiling's file are gone.
+    let left: Vec<_> = std::fs::read_dir(&dir).unwrap().flatten().collect();
+    assert!(left.is_empty(), "{left:?}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

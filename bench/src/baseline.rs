@@ -207,3 +207,85 @@ pub fn memif_link_gbps(frame_bytes: u32, bytes: u64) -> Result<f64, String> {
     }
     Ok(best)
 }
+
+/// How the disk logs sync (the brokers' `--sync-bytes` and `--sync-interval-ms`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyncPolicy {
+    pub bytes: u64,
+    pub interval: std::time::Duration,
+}
+
+impl Default for SyncPolicy {
+    fn default() -> Self {
+        use embar_dataplane::replication::log::{SYNC_BYTES_DEFAULT, SYNC_INTERVAL_DEFAULT};
+        SyncPolicy {
+            bytes: SYNC_BYTES_DEFAULT,
+            interval: SYNC_INTERVAL_DEFAULT,
+        }
+    }
+}
+
+/// This disk's ceiling for the disk logs, GB/s: one thread appending `record_bytes` writes to
+/// a new file in `dir` (the brokers' log directory, so the same filesystem) for `bytes` in
+/// all, with `fdatasync` as the logs do it (once `policy.bytes` are unsynced or the oldest
+/// unsynced byte is `policy.interval` old, the synced pages then dropped from the page cache)
+/// and a last one at the end, which the time counts: the bytes are on the disk, not in the
+/// page cache. The better of two passes; the file is
+/// removed after each. What one replica's log could write here at best, with nothing else
+/// running.
+pub fn disk_gbps(
+    dir: &std::path::Path,
+    record_bytes: usize,
+    bytes: u64,
+    policy: SyncPolicy,
+) -> std::io::Result<f64> {
+    use std::io::Write;
+    let record_bytes = record_bytes.max(1);
+    // Bytes that are not all one value, like a record's.
+    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
+    let buf: Vec<u8> = (0..record_bytes)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let path = dir.join(format!("disk-ceiling-{}.tmp", std::process::id()));
+    let mut best = 0.0f64;
+    for _ in 0..2 {
+        /// Removes the file however the pass ends.
+        struct Remove<'a>(&'a std::path::Path);
+        impl Drop for Remove<'_> {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_file(self.0);
+            }
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)?;
+        let _remove = Remove(&path);
+        let t = Instant::now();
+        let (mut written, mut unsynced) = (0u64, 0u64);
+        let mut unsynced_since: Option<Instant> = None;
+        while written < bytes {
+            f.write_all(&buf)?;
+            written += buf.len() as u64;
+            unsynced += buf.len() as u64;
+            let now = Instant::now();
+            let since = *unsynced_since.get_or_insert(now);
+            if unsynced >= policy.bytes || now.duration_since(since) >= policy.interval {
+                f.sync_data()?;
+                // As the disk logs do after a sync (`DiskLog::sync`).
+                let _ = embar_sys::file::drop_cached(&f, written - unsynced, unsynced);
+                unsynced = 0;
+                unsynced_since = None;
+            }
+        }
+        f.sync_data()?;
+        best = best.max(written as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    Ok(best)
+}

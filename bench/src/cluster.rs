@@ -28,6 +28,10 @@ pub struct LocalCluster {
     pub verbs: Option<(IpAddr, Option<String>, u8)>,
     /// Brokers also accept DPDK publishers (memif links) with frames of this size.
     pub dpdk: Option<u32>,
+    /// The brokers' disk log sync policy (`--sync-bytes`, `--sync-interval-ms`; `None`:
+    /// the brokers' defaults). Their logs are in `dir/broker-N`.
+    pub sync_bytes: Option<u64>,
+    pub sync_interval_ms: Option<u64>,
 }
 
 /// A cluster [`LocalCluster::start`] started: stopped when dropped.
@@ -62,6 +66,12 @@ impl LocalCluster {
         if let Some(frame_bytes) = self.dpdk {
             up.args(["--dpdk", "--dpdk-frame-bytes", &frame_bytes.to_string()]);
         }
+        if let Some(n) = self.sync_bytes {
+            up.args(["--sync-bytes", &n.to_string()]);
+        }
+        if let Some(ms) = self.sync_interval_ms {
+            up.args(["--sync-interval-ms", &ms.to_string()]);
+        }
         let out = up.output().map_err(|source| BenchError::Spawn {
             what: format!("{} cluster up", self.embar.display()),
             source,
@@ -83,6 +93,13 @@ impl LocalCluster {
             .map_err(|e| BenchError::Cluster(format!("after `cluster up`: {e}")))?
             .addr;
         Ok(started)
+    }
+}
+
+impl Started {
+    /// The cluster's directory: its state, and its brokers' data directories `broker-N`.
+    pub fn dir(&self) -> &Path {
+        &self.dir
     }
 }
 

@@ -1,7 +1,8 @@
 //! `embar bench --hdr-log FILE`: every run's latency histograms in HdrHistogram's interval log
 //! format (what `HistogramLogProcessor` and HdrHistogram's plotters read), values in
 //! nanoseconds, one interval per run and figure, tagged `run<N>-o<ORDER>-ack` (publish-to-ack)
-//! and `run<N>-o<ORDER>-deliver` (publish-to-deliver), timestamps from the bench's start.
+//! and `run<N>-o<ORDER>-deliver` (publish-to-deliver), timestamps from the bench's start; with
+//! `--ack 2`, whose repetitions run ACK 1 too, `run<N>-o<ORDER>-a<ACK>-ack` and so on.
 
 use std::io::Write;
 use std::path::Path;
@@ -13,9 +14,12 @@ use hdrhistogram::serialization::V2DeflateSerializer;
 use crate::pipeline::{Began, Repetition};
 use crate::{BenchError, BenchResult};
 
-/// The tag of one run's histogram of one figure.
-pub fn tag(run: usize, order: u8, figure: &str) -> String {
-    format!("run{run}-o{order}-{figure}")
+/// The tag of one run's histogram of one figure; `ack` when runs of a repetition differ in it.
+pub fn tag(run: usize, order: u8, ack: Option<u8>, figure: &str) -> String {
+    match ack {
+        Some(ack) => format!("run{run}-o{order}-a{ack}-{figure}"),
+        None => format!("run{run}-o{order}-{figure}"),
+    }
 }
 
 pub(crate) fn write(path: &Path, reps: &[Repetition], began: &Began) -> BenchResult<()> {
@@ -27,7 +31,7 @@ pub(crate) fn write(path: &Path, reps: &[Repetition], began: &Began) -> BenchRes
     let mut serializer = V2DeflateSerializer::new();
     {
         let mut log = IntervalLogWriterBuilder::new()
-            .add_comment("embar bench: latencies in nanoseconds; tags run<N>-o<ORDER>-ack (publish-to-ack, per batch) and run<N>-o<ORDER>-deliver (publish-to-deliver, per message)")
+            .add_comment("embar bench: latencies in nanoseconds; tags run<N>-o<ORDER>-ack (publish-to-ack, per batch) and run<N>-o<ORDER>-deliver (publish-to-deliver, per message), run<N>-o<ORDER>-a<ACK>-... when a run compares ACK levels")
             .with_start_time(began.wall)
             .with_base_time(began.wall)
             // The max column in microseconds, as the bench reports.
@@ -35,11 +39,12 @@ pub(crate) fn write(path: &Path, reps: &[Repetition], began: &Began) -> BenchRes
             .begin_log_with(&mut buf, &mut serializer)
             .map_err(|e| fail(e.to_string()))?;
         for (k, rep) in reps.iter().enumerate() {
+            let acks_differ = rep.runs.iter().any(|x| x.ack != rep.runs[0].ack);
             for r in &rep.runs {
                 let start = Duration::from_nanos(r.first_ns.saturating_sub(began.mono_ns));
                 let length = Duration::from_secs_f64(r.elapsed_s);
                 for (figure, h) in [("ack", &r.latency), ("deliver", &r.deliver)] {
-                    let t = tag(k + 1, r.order, figure);
+                    let t = tag(k + 1, r.order, acks_differ.then_some(r.ack), figure);
                     log.write_histogram(h, start, length, Tag::new(&t))
                         .map_err(|e| fail(format!("{e:?}")))?;
                 }

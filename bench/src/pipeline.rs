@@ -41,6 +41,15 @@ pub struct Config {
     pub batch_bytes: u64,
     pub order: u8,
     pub ack: u8,
+    /// Replication factor of the bench's topics (0: no disk logs written). With ACK 2 (which
+    /// needs at least 1) each repetition also runs ACK 1 on the same topic shape.
+    pub rf: u8,
+    /// The brokers' sync policy (`None`: their defaults), which the disk ceiling uses too.
+    pub sync_bytes: Option<u64>,
+    pub sync_interval_ms: Option<u64>,
+    /// Where a started cluster lives (`DIR/embar-bench-PID`, its brokers' disk logs in it)
+    /// and the disk ceiling is measured (`None`: the temporary directory).
+    pub data_dir: Option<PathBuf>,
     /// Also run this ORDER in the same run and report the ratio.
     pub compare_order: Option<u8>,
     /// Open loop: messages per second per publisher, paced by a schedule; latency counts
@@ -185,9 +194,10 @@ impl Payloads {
     }
 }
 
-/// One ORDER's run: what it moved, its latencies, and its checks.
+/// One run of a topic shape (ORDER, ACK): what it moved, its latencies, and its checks.
 pub(crate) struct Run {
     pub order: u8,
+    pub ack: u8,
     pub messages: u64,
     pub bytes: u64,
     /// From the first publish to the last ack.
@@ -271,6 +281,8 @@ pub(crate) struct Repetition {
     pub memcpy_gbps: f64,
     /// The transport's ceiling (TCP, DPDK), measured beside the runs.
     pub ceiling: Option<Ceiling>,
+    /// This disk's ceiling for the disk logs, GB/s, with replicas (`--rf`).
+    pub disk_gbps: Option<f64>,
     pub stalls: Stalls,
     pub runs: Vec<Run>,
 }
@@ -283,6 +295,7 @@ pub fn run(a: &Config) -> BenchResult<bool> {
     if a.runs == 0 || a.runs > RUNS_MAX {
         return Err(BenchError::Usage(format!("--runs must be 1 to {RUNS_MAX}")));
     }
+    check_durability(a)?;
     if matches!(a.transport, Transport::Dpdk { .. }) && !cfg!(feature = "dpdk") {
         return Err(BenchError::Usage(
             "the DPDK transport needs a build with `--features dpdk`".into(),
@@ -310,16 +323,28 @@ pub fn run(a: &Config) -> BenchResult<bool> {
             };
             let local = LocalCluster {
                 embar: a.embar.clone(),
-                dir: std::env::temp_dir().join(format!("embar-bench-{}", std::process::id())),
+                dir: a
+                    .data_dir
+                    .clone()
+                    .unwrap_or_else(std::env::temp_dir)
+                    .join(format!("embar-bench-{}", std::process::id())),
                 brokers: a.brokers,
                 pool_bytes: a.pool_bytes,
                 segment_bytes: a.segment_bytes,
-                max_brokers: a.brokers.max(2),
+                // An ACK 2 topic needs a live broker in every slot its replica sets range
+                // over (docs/durability.md).
+                max_brokers: if a.ack == 2 {
+                    a.brokers
+                } else {
+                    a.brokers.max(2)
+                },
                 verbs,
                 dpdk: match a.transport {
                     Transport::Dpdk { frame_bytes } => Some(frame_bytes),
                     _ => None,
                 },
+                sync_bytes: a.sync_bytes,
+                sync_interval_ms: a.sync_interval_ms,
             };
             Some(local.start()?)
         }
@@ -339,6 +364,23 @@ pub fn run(a: &Config) -> BenchResult<bool> {
     }
     let brokers = cluster.broker_slots()?;
     let pool = crate::cluster::open_pool(&cluster.pool_path)?;
+    // The brokers' data directories (`DIR/broker-N`) of a started cluster: the disk ceiling
+    // is measured on their filesystem, and each run's logs are removed after it.
+    let logs = started.as_ref().map(|s| s.dir().to_path_buf());
+    let disk_dir = logs
+        .clone()
+        .unwrap_or_else(|| a.data_dir.clone().unwrap_or_else(std::env::temp_dir));
+    if a.rf > 0 && !a.json {
+        eprintln!(
+            "bench: the disk ceiling is measured in {}{}",
+            disk_dir.display(),
+            if logs.is_some() {
+                " (beside the brokers' disk logs)"
+            } else {
+                " (give --data-dir on the brokers' log filesystem)"
+            }
+        );
+    }
     warm_up(a, &pool, control, &brokers)?;
     let mut reps = Vec::new();
     for rep in 0..a.runs {
@@ -363,16 +405,76 @@ pub fn run(a: &Config) -> BenchResult<bool> {
             }),
             _ => None,
         };
+        let disk_gbps = if a.rf > 0 {
+            Some(
+                crate::baseline::disk_gbps(
+                    &disk_dir,
+                    a.batch_bytes as usize,
+                    a.total_bytes
+                        .clamp(DISK_CEILING_BYTES_MIN, DISK_CEILING_BYTES_MAX),
+                    sync_policy(a),
+                )
+                .map_err(|e| {
+                    BenchError::Run(format!("the disk ceiling in {}: {e}", disk_dir.display()))
+                })?,
+            )
+        } else {
+            None
+        };
         let stalls = crate::baseline::host_stalls(Duration::from_secs(1));
-        let runs = repetition(a, &pool, control, &brokers, rep)?;
+        let runs = repetition(a, &pool, control, &brokers, logs.as_deref(), rep)?;
         reps.push(Repetition {
             memcpy_gbps,
             ceiling,
+            disk_gbps,
             stalls,
             runs,
         });
     }
     crate::report::report(a, brokers.len(), &reps, &began)
+}
+
+/// Bytes the disk ceiling writes in each of its passes: the run's total, within these.
+const DISK_CEILING_BYTES_MIN: u64 = 64 << 20;
+const DISK_CEILING_BYTES_MAX: u64 = 1 << 30;
+
+/// The brokers' sync policy: the one given to the cluster, else their defaults.
+pub(crate) fn sync_policy(a: &Config) -> crate::baseline::SyncPolicy {
+    let d = crate::baseline::SyncPolicy::default();
+    crate::baseline::SyncPolicy {
+        bytes: a.sync_bytes.unwrap_or(d.bytes),
+        interval: a.sync_interval_ms.map_or(d.interval, Duration::from_millis),
+    }
+}
+
+/// The durability flags that cannot make a run.
+fn check_durability(a: &Config) -> BenchResult<()> {
+    if a.ack == 2 && a.rf == 0 {
+        return Err(BenchError::Usage(
+            "--ack 2 needs --rf N with N at least 1: an ACK 2 ack waits until every replica's \
+             disk log has synced the batch, and a topic without replicas has none (e.g. \
+             `embar bench --ack 2 --rf 2 --brokers 3`)"
+                .into(),
+        ));
+    }
+    if a.ack > 2 {
+        return Err(BenchError::Usage(format!(
+            "--ack {}: ACK is 0, 1 or 2",
+            a.ack
+        )));
+    }
+    if a.control.is_none() && u32::from(a.rf) > a.brokers {
+        return Err(BenchError::Usage(format!(
+            "--rf {} needs at least as many brokers (--brokers {})",
+            a.rf, a.brokers
+        )));
+    }
+    if a.ack == 2 && a.compare_order.is_some() {
+        return Err(BenchError::Usage(
+            "--ack 2 compares with ACK 1 in the same run; run --compare-order separately".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// Publishes one pass over the pool's log space (at most what a run publishes; or `--warmup`
@@ -401,19 +503,23 @@ fn warm_up(a: &Config, pool: &Pool, control: SocketAddr, brokers: &[u32]) -> Ben
     let name = format!("bench-warmup-{}", std::process::id());
     let in_use = || pool.segments_in_use(embar_dataplane::pool::coherence::Coherent);
     let free_before = in_use();
+    // The pool's pages and the sequencer are what it warms: no disk logs (ACK 2 needs them).
+    let ack = a.ack.min(1);
     ControlClient::new(control).create_topic(&TopicSpec {
         name: name.clone(),
         order: a.order,
-        ack: a.ack,
+        ack,
         replication_factor: 0,
         batch_bytes: a.batch_bytes,
     })?;
+    let w = Config { rf: 0, ack, ..w };
     let one = OneRun {
         pool,
         a: &w,
         topic: &name,
         brokers,
         order: a.order,
+        ack,
         control,
         label: "warm-up",
     };
@@ -445,37 +551,55 @@ pub(crate) struct Began {
     pub mono_ns: u64,
 }
 
-/// The runs of one repetition: the configured ORDER, and the compared one.
+/// The runs of one repetition: the configured topic shape (ORDER, ACK), and the compared one
+/// (`--compare-order`, or ACK 1 beside ACK 2), the configured first. `logs`: the brokers' data
+/// directories of a started cluster, where each run's disk logs are removed after it.
 fn repetition(
     a: &Config,
     pool: &Pool,
     control: SocketAddr,
     brokers: &[u32],
+    logs: Option<&std::path::Path>,
     rep: u32,
 ) -> BenchResult<Vec<Run>> {
-    // With a comparison, the two orders alternate twice and each keeps its best run: a run's
+    // With a comparison, the two shapes alternate twice and each keeps its best run: a run's
     // position in the sequence moves its figure more than the ORDER does on this machine.
-    let orders: Vec<u8> = match a.compare_order {
-        Some(other) => vec![a.order, other, other, a.order],
-        None => vec![a.order],
+    let main = (a.order, a.ack);
+    let other = match (a.compare_order, a.ack) {
+        (Some(o), _) => Some((o, a.ack)),
+        (None, 2) => Some((a.order, 1)),
+        (None, _) => None,
+    };
+    let shapes: Vec<(u8, u8)> = match other {
+        Some(other) => vec![main, other, other, main],
+        None => vec![main],
     };
     let mut runs = Vec::new();
-    for order in orders {
-        let name = format!("bench-o{order}-{}-{rep}-{}", std::process::id(), runs.len());
+    for (order, ack) in shapes {
+        let name = format!(
+            "bench-o{order}-a{ack}-{}-{rep}-{}",
+            std::process::id(),
+            runs.len()
+        );
         let spec = TopicSpec {
             name: name.clone(),
             order,
-            ack: a.ack,
-            replication_factor: 0,
+            ack,
+            replication_factor: a.rf,
             batch_bytes: a.batch_bytes,
         };
         let in_use = || pool.segments_in_use(embar_dataplane::pool::coherence::Coherent);
         let free_before = in_use();
         ControlClient::new(control).create_topic(&spec)?;
-        let label = if a.runs > 1 {
-            format!("run {}/{} ORDER {order}", rep + 1, a.runs)
+        let shape = if a.ack == 2 {
+            format!("ORDER {order} ACK {ack}")
         } else {
             format!("ORDER {order}")
+        };
+        let label = if a.runs > 1 {
+            format!("run {}/{} {shape}", rep + 1, a.runs)
+        } else {
+            shape
         };
         let one = OneRun {
             pool,
@@ -483,20 +607,25 @@ fn repetition(
             topic: &name,
             brokers,
             order,
+            ack,
             control,
             label: &label,
         };
         runs.push(Pool::with_coherence(pool.coherence_mode(), one)?);
-        // Each run starts with the pool's log space free. Waited for, not assumed.
+        // Each run starts with the pool's log space free and the disks idle. Waited for, not
+        // assumed.
         let _ = ControlClient::new(control).delete_topic(&name);
         wait_segments_freed(in_use, free_before);
+        if let (Some(dir), true) = (logs, a.rf > 0) {
+            remove_topic_logs(dir, &name);
+        }
     }
     let mut kept = Vec::new();
-    for order in [Some(a.order), a.compare_order].into_iter().flatten() {
+    for shape in [Some(main), other].into_iter().flatten() {
         let mut mine: Vec<Run> = Vec::new();
         let mut rest = Vec::new();
         for r in runs.drain(..) {
-            if r.order == order {
+            if (r.order, r.ack) == shape {
                 mine.push(r);
             } else {
                 rest.push(r);
@@ -515,13 +644,61 @@ fn repetition(
     Ok(kept)
 }
 
-/// One ORDER's run on a topic made for it.
+/// Removes a deleted topic's disk logs from every broker's data directory (`DIR/broker-N`)
+/// of a started cluster: the next run writes to a disk that does not hold the last one's.
+fn remove_topic_logs(cluster_dir: &std::path::Path, topic: &str) {
+    let Ok(entries) = std::fs::read_dir(cluster_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        if e.file_name().to_string_lossy().starts_with("broker-") && e.path().is_dir() {
+            let dir = embar_dataplane::replication::log::topic_dir(&e.path(), topic);
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Waits until every broker's replicator of topic `slot` has read and synced the run's
+/// `total` messages (its `durable_total_order`), so that the next run, or the next
+/// repetition's disk ceiling, does not share the disk with this run's tail. Gives up when no
+/// broker's progress moved for [`DURABLE_STALL`] (a broker without a data directory of a
+/// cluster given by `--control` never reports any).
+fn wait_replicas_synced<C: Coherence>(pool: &Pool, c: C, slot: u32, brokers: &[u32], total: u64) {
+    let progress = || -> Vec<u64> {
+        brokers
+            .iter()
+            .map(|&b| {
+                c.observe(
+                    &pool.tinode(slot).brokers[b as usize]
+                        .replication
+                        .durable_total_order,
+                )
+            })
+            .collect()
+    };
+    let mut last = progress();
+    let mut moved = Instant::now();
+    while last.iter().any(|&t| t < total) && moved.elapsed() < DURABLE_STALL {
+        std::thread::sleep(Duration::from_millis(5));
+        let now = progress();
+        if now != last {
+            last = now;
+            moved = Instant::now();
+        }
+    }
+}
+
+/// How long [`wait_replicas_synced`] waits for progress that does not move.
+const DURABLE_STALL: Duration = Duration::from_secs(2);
+
+/// One run of a topic shape on a topic made for it.
 struct OneRun<'a> {
     pool: &'a Pool,
     a: &'a Config,
     topic: &'a str,
     brokers: &'a [u32],
     order: u8,
+    ack: u8,
     control: SocketAddr,
     /// What the progress line calls it.
     label: &'a str,
@@ -540,6 +717,7 @@ fn one_run<C: Coherence>(c: C, r: OneRun<'_>) -> BenchResult<Run> {
         topic,
         brokers,
         order,
+        ack,
         control,
         label,
     } = r;
@@ -785,6 +963,7 @@ fn one_run<C: Coherence>(c: C, r: OneRun<'_>) -> BenchResult<Run> {
         }
         Ok::<Run, BenchError>(Run {
             order,
+            ack,
             messages: total,
             bytes: total * a.message_bytes,
             elapsed_s: end_ns.saturating_sub(first_ns).max(1) as f64 / 1e9,
@@ -797,6 +976,9 @@ fn one_run<C: Coherence>(c: C, r: OneRun<'_>) -> BenchResult<Run> {
             timeline,
         })
     })?;
+    if a.rf > 0 {
+        wait_replicas_synced(pool, c, slot, brokers, total);
+    }
     Ok(result)
 }
 

@@ -24,6 +24,7 @@ fn latency_json(h: &Histogram<u64>) -> Value {
 fn run_json(r: &Run) -> Value {
     json!({
         "order": r.order,
+        "ack": r.ack,
         "throughput_gbps": r.gbps(),
         "messages_per_s": r.messages as f64 / r.elapsed_s,
         "messages": r.messages,
@@ -39,8 +40,18 @@ fn run_json(r: &Run) -> Value {
     })
 }
 
-/// One repetition: its main run's figures, its baselines, and the compared ORDER's run.
-fn repetition_json(rep: &Repetition) -> Value {
+/// The keys of the compared run: `comparison` for another ORDER, `ack_comparison` for ACK 1
+/// beside ACK 2.
+fn comparison_key(main: &Run, other: &Run) -> &'static str {
+    if other.ack != main.ack {
+        "ack_comparison"
+    } else {
+        "comparison"
+    }
+}
+
+/// One repetition: its main run's figures, its baselines, and the compared run.
+fn repetition_json(a: &Config, rep: &Repetition) -> Value {
     let main = &rep.runs[0];
     let mut out = run_json(main);
     out["memcpy_gbps"] = json!(rep.memcpy_gbps);
@@ -52,20 +63,32 @@ fn repetition_json(rep: &Repetition) -> Value {
         out[format!("delivered_ratio_to_{k}")] =
             json!(main.bytes as f64 / main.deliver_elapsed_s / 1e9 / t);
     }
+    // Every replica writes to a disk of its own in a real cluster; here they all share this
+    // one, so the fair ceiling of a topic's throughput is the disk's over RF.
+    let per_replica = rep.disk_gbps.map(|d| d / f64::from(a.rf.max(1)));
+    if let (Some(d), Some(per)) = (rep.disk_gbps, per_replica) {
+        out["disk_ceiling_gbps"] = json!(d);
+        out["disk_ceiling_per_replica_gbps"] = json!(per);
+        out["ratio_to_disk_ceiling"] = json!(main.gbps() / per);
+    }
     out["host_stalls"] = json!(rep.stalls);
     if let Some(other) = rep.runs.get(1) {
         let og = other.gbps();
-        out["comparison"] = json!({
+        let key = comparison_key(main, other);
+        out[key] = json!({
             "run": run_json(other),
             "ratio": if og > 0.0 { main.gbps() / og } else { 0.0 },
         });
+        if let Some(per) = per_replica {
+            out[key]["ratio_to_disk_ceiling"] = json!(og / per);
+        }
     }
     out
 }
 
 /// Keys that are not figures to summarise (settings, counts, checks, series).
-const NOT_FIGURES: [&str; 6] = [
-    "order", "messages", "errors", "timeline", "cpus", "probe_ms",
+const NOT_FIGURES: [&str; 7] = [
+    "order", "ack", "messages", "errors", "timeline", "cpus", "probe_ms",
 ];
 
 /// The JSON pointers of every number in a repetition's object (the figures).
@@ -131,7 +154,7 @@ pub(crate) fn report(
     reps: &[Repetition],
     began: &Began,
 ) -> BenchResult<bool> {
-    let per_rep: Vec<Value> = reps.iter().map(repetition_json).collect();
+    let per_rep: Vec<Value> = reps.iter().map(|r| repetition_json(a, r)).collect();
     let summary = summary(&per_rep);
     // The top level keeps the shape of one run's object, each figure its median over the
     // repetitions (with one run, that run's figures).
@@ -151,25 +174,34 @@ pub(crate) fn report(
         .collect();
     out["order_check"] = json!(if passed { "passed" } else { "failed" });
     out["errors"] = json!(errors);
-    if let Some(c) = out.get_mut("comparison") {
-        let other_ok = reps
-            .iter()
-            .all(|r| r.runs.get(1).is_none_or(|x| x.errors.is_empty()));
-        c["run"]["order_check"] = json!(if other_ok { "passed" } else { "failed" });
+    for key in ["comparison", "ack_comparison"] {
+        if let Some(c) = out.get_mut(key) {
+            let other_ok = reps
+                .iter()
+                .all(|r| r.runs.get(1).is_none_or(|x| x.errors.is_empty()));
+            c["run"]["order_check"] = json!(if other_ok { "passed" } else { "failed" });
+        }
     }
     if let Some(m) = out.as_object_mut() {
         m.remove("timeline");
-        if let Some(c) = m.get_mut("comparison").and_then(Value::as_object_mut) {
-            if let Some(r) = c.get_mut("run").and_then(Value::as_object_mut) {
-                r.remove("timeline");
+        for key in ["comparison", "ack_comparison"] {
+            if let Some(c) = m.get_mut(key).and_then(Value::as_object_mut) {
+                if let Some(r) = c.get_mut("run").and_then(Value::as_object_mut) {
+                    r.remove("timeline");
+                }
             }
         }
     }
+    let policy = crate::pipeline::sync_policy(a);
     out["config"] = json!({
         "transport": a.transport.name(),
         "brokers": brokers,
         "order": a.order,
         "ack": a.ack,
+        "rf": a.rf,
+        // The brokers' disk log sync policy, which the disk ceiling uses too.
+        "sync_bytes": policy.bytes,
+        "sync_interval_ms": policy.interval.as_millis() as u64,
         "message_size": a.message_bytes,
         "batch_size": a.batch_bytes,
         "publishers": a.publishers,
@@ -205,11 +237,22 @@ pub(crate) fn report(
 
 fn print_human(a: &Config, brokers: usize, reps: &[Repetition], out: &Value) {
     println!(
-        "embar bench: {} brokers, {} transport, ORDER {} ACK {}, {} B messages, {} batches, {} publisher(s), {} subscriber(s){}",
+        "embar bench: {} brokers, {} transport, ORDER {} ACK {}{}, {} B messages, {} batches, {} publisher(s), {} subscriber(s){}",
         brokers,
         a.transport.name(),
         a.order,
         a.ack,
+        if a.rf > 0 {
+            let p = crate::pipeline::sync_policy(a);
+            format!(
+                " RF {} (fdatasync every {} or {} ms)",
+                a.rf,
+                format_bytes(p.bytes),
+                p.interval.as_millis()
+            )
+        } else {
+            String::new()
+        },
         a.message_bytes,
         format_bytes(a.batch_bytes),
         a.publishers,
@@ -220,10 +263,25 @@ fn print_human(a: &Config, brokers: usize, reps: &[Repetition], out: &Value) {
         if reps.len() > 1 {
             println!("  run {} of {}:", k + 1, reps.len());
         }
-        for (i, r) in rep.runs.iter().enumerate() {
+        if let Some(d) = rep.disk_gbps {
             println!(
-                "  ORDER {}: {} in {} messages, {:.2} s: {:.2} GB/s, {:.2} M msgs/s (all delivered in {:.2} s: {:.2} GB/s){}",
-                r.order,
+                "  disk ceiling (sequential {} writes, same fdatasync policy, same filesystem): {:.2} GB/s, / RF {}: {:.2} GB/s",
+                format_bytes(a.batch_bytes),
+                d,
+                a.rf,
+                d / f64::from(a.rf.max(1))
+            );
+        }
+        for (i, r) in rep.runs.iter().enumerate() {
+            let disk = rep.disk_gbps.map_or(String::new(), |d| {
+                format!(
+                    "  ({:.2} x disk ceiling / RF)",
+                    r.gbps() / (d / f64::from(a.rf.max(1)))
+                )
+            });
+            println!(
+                "  {}: {} in {} messages, {:.2} s: {:.2} GB/s, {:.2} M msgs/s (all delivered in {:.2} s: {:.2} GB/s){}{disk}",
+                shape_name(a, r),
                 format_bytes(r.bytes),
                 r.messages,
                 r.elapsed_s,
@@ -268,15 +326,25 @@ fn print_human(a: &Config, brokers: usize, reps: &[Repetition], out: &Value) {
         );
         if let [main, other] = &rep.runs[..] {
             println!(
-                "  ORDER {} / ORDER {} throughput: {:.2}",
-                main.order,
-                other.order,
+                "  {} / {} throughput: {:.2}",
+                shape_name(a, main),
+                shape_name(a, other),
                 main.gbps() / other.gbps()
             );
         }
     }
     if reps.len() > 1 {
         print_summary(a, reps.len(), &out["summary"]);
+    }
+}
+
+/// What the text report calls a run's topic shape: its ORDER, and its ACK when the runs
+/// compare ACK levels.
+fn shape_name(a: &Config, r: &Run) -> String {
+    if a.ack == 2 {
+        format!("ORDER {} ACK {}", r.order, r.ack)
+    } else {
+        format!("ORDER {}", r.order)
     }
 }
 
@@ -297,25 +365,22 @@ fn print_latency(what: &str, h: &Histogram<u64>, tail: &str) {
 
 fn print_summary(a: &Config, n: usize, s: &Value) {
     println!("  over {n} runs, min / median / max:");
+    let me = if a.ack == 2 {
+        format!("ORDER {} ACK 2", a.order)
+    } else {
+        format!("ORDER {}", a.order)
+    };
     let mut rows: Vec<(String, String, &str)> = vec![
+        (format!("{me} throughput"), "throughput_gbps".into(), "GB/s"),
+        (format!("{me} / memcpy"), "ratio_to_memcpy".into(), ""),
         (
-            format!("ORDER {} throughput", a.order),
-            "throughput_gbps".into(),
-            "GB/s",
-        ),
-        (
-            format!("ORDER {} / memcpy", a.order),
-            "ratio_to_memcpy".into(),
-            "",
-        ),
-        (
-            format!("ORDER {} all delivered", a.order),
+            format!("{me} all delivered"),
             "delivered_gbps".into(),
             "GB/s",
         ),
         ("memcpy".into(), "memcpy_gbps".into(), "GB/s"),
         (
-            format!("ORDER {} / loopback TCP", a.order),
+            format!("{me} / loopback TCP"),
             "ratio_to_tcp_loopback".into(),
             "",
         ),
@@ -325,11 +390,17 @@ fn print_summary(a: &Config, n: usize, s: &Value) {
             "GB/s",
         ),
         (
-            format!("ORDER {} / raw memif link", a.order),
+            format!("{me} / raw memif link"),
             "ratio_to_memif_link".into(),
             "",
         ),
         ("raw memif link".into(), "memif_link_gbps".into(), "GB/s"),
+        (
+            format!("{me} / (disk / RF)"),
+            "ratio_to_disk_ceiling".into(),
+            "",
+        ),
+        ("disk ceiling".into(), "disk_ceiling_gbps".into(), "GB/s"),
     ];
     for (what, key) in [
         ("publish-to-ack", "latency_us"),
@@ -339,17 +410,34 @@ fn print_summary(a: &Config, n: usize, s: &Value) {
             rows.push((format!("{what} {name}"), format!("{key}.{q}"), "us"));
         }
     }
+    if a.ack == 2 {
+        let k = "ack_comparison";
+        rows.push((
+            "ACK 1 throughput".into(),
+            format!("{k}.run.throughput_gbps"),
+            "GB/s",
+        ));
+        rows.push((
+            "ACK 1 / (disk / RF)".into(),
+            format!("{k}.ratio_to_disk_ceiling"),
+            "",
+        ));
+        rows.push(("ACK 2 / ACK 1".into(), format!("{k}.ratio"), ""));
+        for q in ["p50", "p99"] {
+            rows.push((
+                format!("ACK 1 publish-to-ack {q}"),
+                format!("{k}.run.latency_us.{q}"),
+                "us",
+            ));
+        }
+    }
     if let Some(o) = a.compare_order {
         rows.push((
             format!("ORDER {o} throughput"),
             "comparison.run.throughput_gbps".into(),
             "GB/s",
         ));
-        rows.push((
-            format!("ORDER {} / ORDER {o}", a.order),
-            "comparison.ratio".into(),
-            "",
-        ));
+        rows.push((format!("{me} / ORDER {o}"), "comparison.ratio".into(), ""));
     }
     for (name, key, unit) in rows {
         let f = &s[key.as_str()];
@@ -387,9 +475,9 @@ fn plots(a: &Config, reps: &[Repetition], dir: &Path) -> BenchResult<()> {
     let several = reps.len() > 1;
     let name = |k: usize, r: &Run| {
         if several {
-            format!("ORDER {} run {}", r.order, k + 1)
+            format!("{} run {}", shape_name(a, r), k + 1)
         } else {
-            format!("ORDER {}", r.order)
+            shape_name(a, r)
         }
     };
     let mut latency = Vec::new();

@@ -8,6 +8,7 @@
 //!   `dc cvac`/`dc civac` on aarch64) and the fences around them, with run-time detection.
 //! - [`numa`]: bind a mapping to a NUMA node (`mbind`).
 //! - [`cpu`]: pin the calling thread to a CPU.
+//! - [`file`]: page-cache advice for the disk logs (`posix_fadvise`).
 //! - [`futex`]: park on, and wake, a 32-bit word of shared memory across processes.
 //! - `dpdk` (feature `dpdk`): DPDK poll-mode ports (EAL, mbuf pools, bursts) over a C shim.
 //! - `verbs` (feature `verbs`): RDMA verbs: device, CQ, MR, RC QP, posting and polling.
@@ -20,6 +21,7 @@ pub mod clock;
 pub mod cpu;
 #[cfg(feature = "dpdk")]
 pub mod dpdk;
+pub mod file;
 pub mod futex;
 pub mod mapping;
 pub mod numa;
