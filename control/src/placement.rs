@@ -46,6 +46,15 @@ impl Vacancies {
             .collect()
     }
 
+    /// The slots vacant for at least `after` as of the last [`overdue`](Self::overdue).
+    pub fn overdue_as_of(&self, now: Instant, after: Duration) -> BTreeSet<u32> {
+        self.since
+            .iter()
+            .filter(|(_, t)| now.duration_since(**t) >= after)
+            .map(|(s, _)| *s)
+            .collect()
+    }
+
     /// Whether this refusal to re-place `slot` in `topic` is news (to be logged).
     pub fn first_report(&mut self, slot: u32, topic: &str) -> bool {
         self.reported.insert((slot, topic.to_string()))
@@ -89,25 +98,45 @@ pub fn replace(pool: &Pool, names: &[String], slot: u32) -> Vec<(String, Result<
         if p.excluded_now(slot) {
             continue;
         }
-        let left = (0..slots)
-            .filter(|s| *s != slot && !p.excluded_now(*s))
-            .count();
+        // Where to exclude it from: its durable total order, below which its disk holds
+        // everything of its sets; but not past a table change it had not taken in (its
+        // progress did not account for it yet); and for a slot that never kept a disk log,
+        // from the next total order (nothing before was ever on its disk to count on).
+        let r = &tinode.brokers[slot as usize].replication;
+        let keeps_logs = pool
+            .broker_info(slot)
+            .is_ok_and(|i| i.data_dir_len.load(std::sync::atomic::Ordering::Acquire) > 0);
+        let from = if !keeps_logs {
+            pool.sequencer_state(t)
+                .next_global
+                .load(std::sync::atomic::Ordering::Acquire)
+        } else {
+            let durable = r
+                .durable_total_order
+                .load(std::sync::atomic::Ordering::Acquire);
+            let seen = r.placement_seen.load(std::sync::atomic::Ordering::Acquire);
+            if seen < p.version() {
+                durable.min(p.first_touched().unwrap_or(durable))
+            } else {
+                durable
+            }
+        };
+        let q = match p.with_excluded(slot, from) {
+            Ok(q) => q,
+            Err(e) => {
+                done.push((name, Err(e.to_string())));
+                continue;
+            }
+        };
+        // Every total order from there on must keep RF slots, closed exclusions included.
+        let left = q.fewest_slots_from(from, slots);
         if left < usize::from(rf) {
             let why = format!("{left} slots would be left for replication factor {rf}");
             done.push((name, Err(why)));
             continue;
         }
-        let from = tinode.brokers[slot as usize]
-            .replication
-            .durable_total_order
-            .load(std::sync::atomic::Ordering::Acquire);
-        match p.with_excluded(slot, from) {
-            Ok(q) => {
-                q.write(Coherent, &tinode.placement);
-                done.push((name, Ok(from)));
-            }
-            Err(e) => done.push((name, Err(e.to_string()))),
-        }
+        q.write(Coherent, &tinode.placement);
+        done.push((name, Ok(from)));
     }
     done
 }
@@ -133,17 +162,16 @@ pub fn readmit(pool: &Pool, names: &[String], slot: u32) -> Vec<String> {
     done
 }
 
-/// A topic just created in pool slot `t`: the replaced slots are excluded from its start.
-pub fn start_topic(pool: &Pool, t: u32, replaced: &BTreeSet<u32>) {
+/// The placement table of a topic about to be created: the replaced slots excluded from
+/// its start.
+pub fn start_table(replaced: &BTreeSet<u32>) -> Placement {
     let mut p = Placement::none();
     for s in replaced {
         if let Ok(q) = p.with_excluded(*s, 0) {
             p = q;
         }
     }
-    if !p.exclusions().is_empty() {
-        p.write(Coherent, &pool.tinode(t).placement);
-    }
+    p
 }
 
 #[cfg(test)]

@@ -314,6 +314,24 @@ fn replace_vacant(s: &Shared, after: Duration) {
     }
 }
 
+/// The slots a new topic's replica sets pass over: those the existing topics exclude now,
+/// and those vacant for `--replace-after-ms` (with no replicated topic yet, no table says
+/// so).
+fn replaced_slots(s: &Shared, g: &Inner) -> std::collections::BTreeSet<u32> {
+    let names: Vec<String> = g.durable.topics.iter().map(|t| t.name.clone()).collect();
+    let mut r = crate::placement::replaced(&s.pool, &names);
+    if let Some(after) = s.cfg.replace_after {
+        let live = g.members.live_slots();
+        r.extend(
+            g.vacancies
+                .overdue_as_of(Instant::now(), after)
+                .into_iter()
+                .filter(|x| !live.contains(x)),
+        );
+    }
+    r
+}
+
 fn topic_names(s: &Shared) -> Vec<String> {
     lock(s)
         .durable
@@ -546,14 +564,7 @@ fn create_topic(s: &Shared, req: &Request) -> Response {
     }
     {
         let g = lock(s);
-        let replaced = crate::placement::replaced(
-            &s.pool,
-            &g.durable
-                .topics
-                .iter()
-                .map(|t| t.name.clone())
-                .collect::<Vec<_>>(),
-        );
+        let replaced = replaced_slots(s, &g);
         if let Err(e) = spec.check_cluster(
             g.members.live_count(),
             replaced.len() as u32,
@@ -565,12 +576,14 @@ fn create_topic(s: &Shared, req: &Request) -> Response {
             return Response::error(409, format!("topic {:?} already exists", spec.name));
         }
     }
-    let replaced = crate::placement::replaced(&s.pool, &topic_names(s));
-    let slot = match s.pool.create_topic(Coherent, &spec.name, &spec.config()) {
+    let table = crate::placement::start_table(&replaced_slots(s, &lock(s)));
+    let slot = match s
+        .pool
+        .create_topic_placed(Coherent, &spec.name, &spec.config(), &table)
+    {
         Ok(slot) => slot,
         Err(e) => return Response::error(pool_error_status(&e), e.to_string()),
     };
-    crate::placement::start_topic(&s.pool, slot, &replaced);
     if let Err(e) = persist(s, &a, |d| d.topics.push(spec.clone())) {
         let _ = s.pool.delete_topic(Coherent, &spec.name);
         return Response::error(500, e.to_string());

@@ -986,7 +986,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
             }
             if blocked.contains(&u.session)
                 || !self::core::is_durable(u.wait, me, rf, slots, placement, |r| {
-                    crate::replication::progress_of(c, tinode, r)
+                    crate::replication::progress_under(c, tinode, placement, r)
                 })
             {
                 if !blocked.contains(&u.session) {
@@ -1036,7 +1036,8 @@ impl<'p, C: Coherence> Broker<'p, C> {
     ///
     /// The sets of this broker's batches lie within the first `RF + e` slots from it around
     /// the ring (`e`: the slots the placement table names), less the slots excluded now
-    /// (such a slot made every batch of its sets durable below where it was excluded).
+    /// (such a slot made every batch of its sets durable below where it was excluded) and
+    /// those that keep no disk log.
     fn durable_floor(&mut self, topic: u32) -> u64 {
         let Some(t) = self.topics.get_mut(&topic) else {
             return u64::MAX;
@@ -1051,10 +1052,17 @@ impl<'p, C: Coherence> Broker<'p, C> {
         named.sort_unstable();
         named.dedup();
         let width = (usize::from(t.replication_factor) + named.len()).min(n as usize) as u32;
+        let (pool, c) = (self.pool, self.c);
+        // A slot that keeps no disk log (no broker yet, or one without `--data-dir`) never
+        // makes anything durable: waiting for it would hold the pool for good.
+        let keeps_logs = |r: u32| {
+            pool.broker_info(r)
+                .is_ok_and(|i| c.observe(&i.data_dir_len) > 0)
+        };
         (0..width)
             .map(|i| (self.broker + i) % n)
-            .filter(|r| !t.placement.excluded_now(*r))
-            .map(|r| crate::replication::progress_of(self.c, tinode, r))
+            .filter(|r| !t.placement.excluded_now(*r) && keeps_logs(*r))
+            .map(|r| crate::replication::progress_under(self.c, tinode, &t.placement, r))
             .min()
             .unwrap_or(u64::MAX)
     }

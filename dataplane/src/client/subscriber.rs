@@ -477,7 +477,7 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
     /// Whether the batch at delivery index `d` (first total order `t`), landed on `broker`,
     /// is durable on its replica set.
     fn durable(&mut self, broker: u32, d: u64, t: u64) -> bool {
-        use crate::replication::{durable_on, progress_of};
+        use crate::replication::{durable_on, progress_under};
         let tinode = self.pool.tinode(self.topic);
         let slots = self.pool.geometry().max_brokers;
         self.placement.refresh(self.c, &tinode.placement);
@@ -486,7 +486,7 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
                 d,
                 self.placement
                     .replica_set(broker, self.replication_factor, slots, t),
-                |r| progress_of(self.c, tinode, r),
+                |r| progress_under(self.c, tinode, &self.placement, r),
             )
     }
 
@@ -746,13 +746,17 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
         let meta = match read {
             Ok(Some(m)) => m,
             Ok(None) => {
-                return match self.gap_is_final() {
-                    true => Err(PoolError::FellBehind {
-                        position: t,
-                        oldest: self.oldest_total_order(),
-                    }),
-                    false => Ok(DiskStep::Nothing),
+                if !self.gap_is_final() {
+                    return Ok(DiskStep::Nothing);
                 }
+                // A backfill log may have begun since the disks were last looked at.
+                if self.disks().is_some_and(|d| d.relist()) {
+                    return Ok(DiskStep::Nothing);
+                }
+                return Err(PoolError::FellBehind {
+                    position: t,
+                    oldest: self.oldest_total_order(),
+                });
             }
             Err(source) => {
                 return Err(PoolError::DiskLog {
@@ -840,7 +844,9 @@ impl<'p, C: Coherence> Subscriber<'p, C> {
         self.disk_dirs()
             .iter()
             .filter(|(b, _)| !self.placement.excluded_now(*b))
-            .all(|(b, _)| crate::replication::progress_of(self.c, t, *b) > self.next)
+            .all(|(b, _)| {
+                crate::replication::progress_under(self.c, t, &self.placement, *b) > self.next
+            })
     }
 
     /// Delivers batch `b` a window of whole messages at a time: each window copied out of the

@@ -173,20 +173,27 @@ pub struct BrokerRegion {
 /// Line 0 is the progress ACK 2 waits for: `durable_delivery` is the topic's delivery index
 /// below which every ordered batch whose replica set holds `b` is on `b`'s disk and synced
 /// (batches of other replica sets are passed over). Published only after the `fdatasync`
-/// that covers it; it only grows. Lines 1-4: `replication_done[src]`, bytes of broker `src`'s
-/// ordered batches that `b` holds durably (for operators; nothing waits on it).
+/// that covers it; it grows, except that it is lowered when a placement change puts batches
+/// below it into `b`'s sets (`crate::replication::placement`). Lines 1-4:
+/// `replication_done[src]`, bytes of broker `src`'s ordered batches that `b` holds durably
+/// (for operators; nothing waits on it).
 #[repr(C, align(64))]
 #[derive(Debug, Default)]
 pub struct ReplicationRegion {
     pub durable_delivery: AtomicU64,
-    /// Total order after the last batch covered by `durable_delivery` (for operators).
+    /// Total order below which every batch of `b`'s sets is synced on its disk (what the
+    /// control process re-places a dead slot from).
     pub durable_total_order: AtomicU64,
     /// Writes, syncs or opens of this broker's disk log of the topic that failed.
     pub disk_failures: AtomicU64,
     /// The OS error number of the last failure while it lasts (0 once the log syncs again):
     /// what a publisher waiting for ACK 2 is told.
     pub disk_error: AtomicU64,
-    pub _pad: [AtomicU64; 4],
+    /// The version of the topic's placement table the progress above accounts for
+    /// (published after the progress was lowered for it): a reader trusts the progress
+    /// only under that version.
+    pub placement_seen: AtomicU64,
+    pub _pad: [AtomicU64; 3],
     pub replication_done: [AtomicU64; MAX_BROKERS],
 }
 

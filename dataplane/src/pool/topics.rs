@@ -164,6 +164,23 @@ impl Pool {
         name: &str,
         cfg: &TopicConfig,
     ) -> PoolResult<u32> {
+        self.create_topic_placed(
+            c,
+            name,
+            cfg,
+            &crate::replication::placement::Placement::none(),
+        )
+    }
+
+    /// As [`create_topic`](Self::create_topic), with the topic's placement table written
+    /// before the topic turns active (no process sees it without its exclusions).
+    pub fn create_topic_placed<C: Coherence>(
+        &self,
+        c: C,
+        name: &str,
+        cfg: &TopicConfig,
+        placement: &crate::replication::placement::Placement,
+    ) -> PoolResult<u32> {
         check_topic_name(name)?;
         cfg.check(self.geometry())?;
         let (slot, seen) = match self.probe(c, name) {
@@ -198,6 +215,9 @@ impl Pool {
         }
         c.writeback(h);
         self.reset_topic_regions(c, slot);
+        if !placement.exclusions().is_empty() {
+            placement.write(c, &self.tinode(slot).placement);
+        }
         c.publish(&h.state, generation << 8 | STATE_ACTIVE);
         Ok(slot)
     }
@@ -220,6 +240,7 @@ impl Pool {
             }
             e.replication.durable_delivery.store(0, Relaxed);
             e.replication.durable_total_order.store(0, Relaxed);
+            e.replication.placement_seen.store(0, Relaxed);
             for w in &e.replication.replication_done {
                 w.store(0, Relaxed);
             }

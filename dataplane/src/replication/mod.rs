@@ -60,7 +60,22 @@ pub fn durable_on(
     replicas.all(|r| progress(r) > d)
 }
 
-/// Broker `b`'s published progress on a topic.
+/// Broker `b`'s published progress on a topic, as far as it can be trusted under the
+/// topic's placement table `p`: a slot that has not taken the table's version in yet may
+/// still publish progress past batches that version newly put in its sets (0 then); a slot
+/// excluded now keeps its progress (it was excluded from where it had made everything of
+/// its sets durable).
+pub fn progress_under<C: Coherence>(c: C, t: &TInode, p: &Placement, b: u32) -> u64 {
+    let Some(e) = t.brokers.get(b as usize) else {
+        return 0;
+    };
+    if !p.excluded_now(b) && c.observe(&e.replication.placement_seen) < p.version() {
+        return 0;
+    }
+    c.observe(&e.replication.durable_delivery)
+}
+
+/// Broker `b`'s published progress on a topic (as it is; see [`progress_under`]).
 pub fn progress_of<C: Coherence>(c: C, t: &TInode, b: u32) -> u64 {
     t.brokers
         .get(b as usize)
@@ -323,7 +338,20 @@ impl<'p, C: Coherence> Replicator<'p, C> {
                 appended_through: start,
                 read_end: resume.unwrap_or(0),
                 published,
-                placement: Placement::read(c, &pool.tinode(slot).placement),
+                // The table this broker's progress accounts for: the current one if it took
+                // it in before (`placement_seen`); otherwise none, so that the first poll
+                // treats every exclusion as new and backfills what the log passed over
+                // under an older table (a change made while this replicator was down).
+                placement: {
+                    let t = pool.tinode(slot);
+                    let current = Placement::read(c, &t.placement);
+                    let seen = c.observe(&t.brokers[me as usize].replication.placement_seen);
+                    if seen == current.version() {
+                        current
+                    } else {
+                        Placement::none()
+                    }
+                },
                 backfills,
                 bytes_by_src: vec![0; pool.geometry().max_brokers as usize],
             },
@@ -401,9 +429,17 @@ impl<'p, C: Coherence> Replicator<'p, C> {
     /// Takes a new placement table in: when it changes the replica sets of batches this
     /// replicator has read already, a backfill reads them again and writes those of this
     /// broker's sets into a log of its own.
+    ///
+    /// Readers trust this broker's progress only under the table version it says it took in
+    /// (`placement_seen`), so the progress is lowered to where the backfill starts before
+    /// the version is published: the batches the change put in its sets are not counted
+    /// durable here until the backfill has synced them.
     fn follow_placement(&mut self) -> Result<(), ReplicationError> {
-        let region = &self.pool.tinode(self.slot).placement;
-        if self.c.observe(&region.version) == self.placement.version() {
+        let tinode = self.pool.tinode(self.slot);
+        let region = &tinode.placement;
+        let r = &tinode.brokers[self.me as usize].replication;
+        let version = self.c.observe(&region.version);
+        if version == self.placement.version() && self.c.observe(&r.placement_seen) == version {
             return Ok(());
         }
         let new = Placement::read(self.c, region);
@@ -427,8 +463,18 @@ impl<'p, C: Coherence> Replicator<'p, C> {
                 self.read_end,
                 b.dir.display()
             );
+            let lowered = b.sub.position();
             self.backfills.push(b);
+            if self.published > lowered {
+                self.c.publish(&r.durable_delivery, lowered);
+                self.published = lowered;
+            }
+            let total = self.c.observe(&r.durable_total_order);
+            if total > from {
+                self.c.publish(&r.durable_total_order, from);
+            }
         }
+        self.c.publish(&r.placement_seen, self.placement.version());
         Ok(())
     }
 
@@ -467,9 +513,13 @@ impl<'p, C: Coherence> Replicator<'p, C> {
         for (src, bytes) in self.bytes_by_src.iter().enumerate() {
             r.replication_done[src].store(*bytes, crate::sync::Ordering::Relaxed);
         }
-        r.durable_total_order
-            .store(total, crate::sync::Ordering::Relaxed);
+        // The delivery index first: a process killed between the two stores leaves the
+        // total order behind it, and the control process re-places a dead slot from its
+        // total order (an older one is safe, a newer one would claim batches it never
+        // synced).
         self.c.publish(&r.durable_delivery, through);
+        r.durable_total_order
+            .store(total, crate::sync::Ordering::Release);
         self.published = through;
         // It synced: whatever failed before is behind it.
         if self.c.observe(&r.disk_error) != 0 {

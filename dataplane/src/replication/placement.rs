@@ -108,6 +108,27 @@ impl Placement {
             .take(usize::from(rf))
     }
 
+    /// The fewest slots (of `slots`) not excluded at any total order from `from` on: what a
+    /// replica set from there can hold at most.
+    pub fn fewest_slots_from(&self, from: u64, slots: u32) -> usize {
+        let points = std::iter::once(from).chain(
+            self.exclusions
+                .iter()
+                .flat_map(|e| [e.from, e.until])
+                .filter(|t| *t >= from && *t != u64::MAX),
+        );
+        points
+            .map(|t| (0..slots).filter(|s| !self.excluded_at(*s, t)).count())
+            .min()
+            .unwrap_or(slots as usize)
+    }
+
+    /// The lowest total order whose set any exclusion of the table touches (`None` for an
+    /// empty table).
+    pub fn first_touched(&self) -> Option<u64> {
+        self.exclusions.iter().map(|e| e.from).min()
+    }
+
     /// The lowest total order whose replica set may differ between `old` and this table, if
     /// any may: an exclusion added changes the sets from its `from` on, one closed from its
     /// `until` on.
@@ -173,12 +194,15 @@ impl Placement {
     /// reads of the sequence word (the control process rewrites the table rarely).
     pub fn read<C: Coherence>(c: C, region: &PlacementRegion) -> Placement {
         loop {
+            // Drop the lines first, then observe the word (its fence orders the drop before
+            // the loads), as `read_topic` does: a drop after the observe may not be ordered
+            // before the loads on a non-coherent pool.
+            c.invalidate(region);
             let v = c.observe(&region.version);
             if v % 2 == 1 {
                 std::hint::spin_loop();
                 continue;
             }
-            c.invalidate(region);
             let n = (region.count.load(crate::sync::Ordering::Relaxed) as usize).min(PLACEMENT_MAX);
             let exclusions = region.exclusions[..n]
                 .iter()
@@ -275,6 +299,23 @@ mod tests {
         assert!(p.with_readmitted(1, 100).exclusions().is_empty());
         // Excluding an excluded slot changes nothing.
         assert_eq!(p.with_excluded(1, 200).unwrap(), p);
+    }
+
+    #[test]
+    fn the_fewest_slots_count_every_exclusion_that_overlaps_from_on() {
+        // Slot 1 excluded over 100..200; slot 2 excluded from 150 on: at 150..200 only
+        // slot 0 is left.
+        let p = Placement::none()
+            .with_excluded(1, 100)
+            .unwrap()
+            .with_readmitted(1, 200)
+            .with_excluded(2, 150)
+            .unwrap();
+        assert_eq!(p.fewest_slots_from(150, 3), 1);
+        assert_eq!(p.fewest_slots_from(200, 3), 2);
+        assert_eq!(p.fewest_slots_from(0, 3), 1);
+        assert_eq!(Placement::none().fewest_slots_from(0, 3), 3);
+        assert_eq!(p.first_touched(), Some(100));
     }
 
     #[test]

@@ -340,6 +340,12 @@ impl DiskLogs {
         logs
     }
 
+    /// Looks for backfill logs begun since the last look: whether there was one (a reader
+    /// about to call a position lost looks once more first).
+    pub fn relist(&mut self) -> bool {
+        self.list_backfills()
+    }
+
     /// Adds a reader for each backfill not read yet; whether there was one.
     fn list_backfills(&mut self) -> bool {
         self.last_list = Some(std::time::Instant::now());

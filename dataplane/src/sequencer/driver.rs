@@ -224,7 +224,9 @@ impl<'p, C: Coherence> Sequencer<'p, C> {
             last_tick_ns: 0,
             ordered_unsaved: vec![0; brokers as usize],
             next_delivery: 0,
-            burst: (limits.held_per_client_max / (2 * brokers as usize)).clamp(1, 64),
+            // Sized as when a client could hold 256 batches: the hold bound rose for
+            // failovers, the per-round burst did not need to.
+            burst: (256 / (2 * brokers as usize)).clamp(1, 64),
             generation: info.generation,
             stats: DriverStats::default(),
             last_sweep_ns: 0,

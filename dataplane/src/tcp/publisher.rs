@@ -133,7 +133,7 @@ impl Prefix {
 }
 
 /// On a failover, this many of the dead connection's newest unacknowledged batches are sent
-/// again first (below the sequencer's 256 held batches per client).
+/// again first (well below the batches the sequencer holds for one client).
 const RESEND_NEWEST_FIRST: usize = 128;
 
 /// See the module docs.
