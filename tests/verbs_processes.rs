@@ -475,6 +475,48 @@ fn a_verbs_subscriber_gets_every_message_once_in_total_order() {
     let Some((_turn, c)) = ordered_verbs_cluster("sub", &[]) else {
         return;
     };
+    // The subscriber first, from total order 0, and its cursor registered before anything
+    // is published: a subscriber that comes later starts at the oldest batch the delivery
+    // ring still holds, and under TCG the publishers' batches linger out small (more than
+    // the ring's 8,192 entries for these 45,000 messages), so a late one waited for ever.
+    let sub = c.spawn(
+        &[
+            "subscribe",
+            "--topic",
+            "t",
+            "--transport",
+            "verbs",
+            "--from",
+            "0",
+            "--check-order",
+            "--count",
+            "45000",
+            "--format",
+            "jsonl",
+        ],
+        None,
+    );
+    // Drained as it comes: a full pipe would stop the subscriber, hold the delivery ring and
+    // so the publishers.
+    let sub = std::thread::spawn(move || sub.wait_with_output().unwrap());
+    let pool = {
+        use embar_dataplane::pool::{OpenOptions, Pool};
+        let path = c.file()["pool"].as_str().unwrap().to_string();
+        Pool::open(path.as_ref(), &OpenOptions::default()).unwrap()
+    };
+    let topic = pool
+        .find_topic(embar_dataplane::pool::coherence::Coherent, "t")
+        .unwrap();
+    wait_until(
+        "the verbs subscriber's cursor in the topic's subscriber table",
+        Duration::from_secs(60),
+        || {
+            pool.sequencer_state(topic).subscribers.iter().any(|e| {
+                e.state.load(std::sync::atomic::Ordering::Acquire) & 0xff
+                    == embar_dataplane::pool::layout::SUBSCRIBER_ACTIVE
+            })
+        },
+    );
     // Two verbs publishers and a shm one, 10 MB in all: more than the subscriber's ring of
     // 8 MiB, so its ring wraps.
     let pubs: Vec<Child> = ["a", "b"]
@@ -485,21 +527,7 @@ fn a_verbs_subscriber_gets_every_message_once_in_total_order() {
     for p in pubs {
         succeeded(p);
     }
-    let out = c.run(
-        &[
-            "subscribe",
-            "--topic",
-            "t",
-            "--transport",
-            "verbs",
-            "--check-order",
-            "--count",
-            "45000",
-            "--format",
-            "jsonl",
-        ],
-        None,
-    );
+    let out = sub.join().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(
