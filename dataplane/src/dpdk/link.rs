@@ -7,8 +7,8 @@
 //! acks with the next sequence number it expects and a window (how many frames past that the
 //! sender may have in flight; the broker ties it to the room its grants have left). The
 //! sender resends from its oldest unacknowledged frame after three duplicate acks or a
-//! retransmission timeout (doubling to a bound); with a closed window it probes with one
-//! frame per timeout. Batches are reassembled in order: frames carry the batch's sequence
+//! retransmission timeout (doubling to a bound), that frame alone until the ack moves, then
+//! the rest; with a closed window it probes with one frame per timeout. Batches are reassembled in order: frames carry the batch's sequence
 //! number, size and the frame's offset in it, and an offset other than the bytes already
 //! taken, or a batch that overruns its size or its grant, is a protocol violation that ends
 //! the session. Go-back-N rather than selective repeat: a receiver that takes frames in
@@ -97,6 +97,13 @@ impl Sender {
     /// The next frame to put on the wire now: its sequence number, and whether it was sent
     /// before.
     pub fn next(&mut self, now_ns: u64) -> Option<(u32, FrameRef, bool)> {
+        if self.recovering && self.cursor > 0 {
+            // After a go-back, the oldest unacknowledged frame goes alone until the ack
+            // moves (TCP's window of one after a loss): resending the whole window at once
+            // let a loss that recurs with the window's period hit the same frame every time
+            // (found by the property test below).
+            return None;
+        }
         let (f, sent, resent) = self.queue.get_mut(self.cursor)?;
         let seq = self.acked.wrapping_add(self.cursor as u32);
         if !before(seq, self.window_end) {

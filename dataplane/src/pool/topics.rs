@@ -164,22 +164,34 @@ impl Pool {
         name: &str,
         cfg: &TopicConfig,
     ) -> PoolResult<u32> {
-        self.create_topic_placed(
-            c,
-            name,
-            cfg,
-            &crate::replication::placement::Placement::none(),
-        )
+        self.create_topic_with(c, name, cfg, |_| {})
     }
 
     /// As [`create_topic`](Self::create_topic), with the topic's placement table written
     /// before the topic turns active (no process sees it without its exclusions).
+    #[cfg(not(loom))]
     pub fn create_topic_placed<C: Coherence>(
         &self,
         c: C,
         name: &str,
         cfg: &TopicConfig,
         placement: &crate::replication::placement::Placement,
+    ) -> PoolResult<u32> {
+        self.create_topic_with(c, name, cfg, |slot| {
+            if !placement.exclusions().is_empty() {
+                placement.write(c, &self.tinode(slot).placement);
+            }
+        })
+    }
+
+    /// Creates the topic; `before_active` runs once its regions are reset, before it turns
+    /// active.
+    fn create_topic_with<C: Coherence>(
+        &self,
+        c: C,
+        name: &str,
+        cfg: &TopicConfig,
+        before_active: impl FnOnce(u32),
     ) -> PoolResult<u32> {
         check_topic_name(name)?;
         cfg.check(self.geometry())?;
@@ -215,9 +227,7 @@ impl Pool {
         }
         c.writeback(h);
         self.reset_topic_regions(c, slot);
-        if !placement.exclusions().is_empty() {
-            placement.write(c, &self.tinode(slot).placement);
-        }
+        before_active(slot);
         c.publish(&h.state, generation << 8 | STATE_ACTIVE);
         Ok(slot)
     }
