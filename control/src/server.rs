@@ -178,6 +178,21 @@ pub fn start(cfg: ControlConfig) -> Result<ControlHandle, StartError> {
             Err(source) => return Err(pool_err(source)),
         }
     }
+    // This process is the placement tables' only writer: one it was killed in the middle
+    // of writing is completed, or every reader would wait for it.
+    for t in &durable.topics {
+        if let Ok(slot) = pool.find_topic(Coherent, &t.name) {
+            if embar_dataplane::replication::placement::Placement::repair(
+                Coherent,
+                &pool.tinode(slot).placement,
+            ) {
+                log::warn!(
+                    "topic {:?}: completed a placement table write left half done",
+                    t.name
+                );
+            }
+        }
+    }
     let mut members = Membership::new(
         durable.next_broker_id,
         pool.geometry().max_brokers,

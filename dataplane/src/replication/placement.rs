@@ -233,6 +233,22 @@ impl Placement {
         true
     }
 
+    /// Completes a write the control process did not finish (it was killed with the sequence
+    /// word odd, and every reader would wait for ever): the word is made even again over
+    /// the entries as they are. Whatever a write left is a valid table: entries are stored
+    /// before the count that takes them in, and an exclusion's `until` is one word. Returns
+    /// whether there was one to complete.
+    pub fn repair<C: Coherence>(c: C, region: &PlacementRegion) -> bool {
+        let v = c.observe(&region.version);
+        if v % 2 == 0 {
+            return false;
+        }
+        c.writeback(region);
+        c.fence();
+        c.publish(&region.version, v + 1);
+        true
+    }
+
     /// Writes this table into `region`. The control process is its only writer.
     pub fn write<C: Coherence>(&self, c: C, region: &PlacementRegion) {
         use crate::sync::Ordering::Relaxed;
@@ -345,6 +361,23 @@ mod tests {
         Placement::none().write(c, &region);
         assert!(q.refresh(c, &region));
         assert!(q.exclusions().is_empty());
+    }
+
+    #[test]
+    fn a_write_left_half_done_is_completed_with_the_entries_it_stored() {
+        let region = PlacementRegion::default();
+        let c = crate::pool::coherence::Coherent;
+        let p = Placement::none().with_excluded(2, 40).unwrap();
+        p.write(c, &region);
+        // A writer killed after it made the word odd and stored a new count's entry but not
+        // the count: the table stays the old one.
+        region.version.fetch_add(1, crate::sync::Ordering::SeqCst);
+        region.exclusions[1][0].store(3, crate::sync::Ordering::Relaxed);
+        assert!(Placement::repair(c, &region));
+        assert!(!Placement::repair(c, &region));
+        let q = Placement::read(c, &region);
+        assert_eq!(q.exclusions(), p.exclusions());
+        assert_eq!(q.version() % 2, 0);
     }
 
     fn exclusions() -> impl Strategy<Value = Vec<(u32, u64, Option<u64>)>> {
