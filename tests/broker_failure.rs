@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use embar_test_support::{exe, serial, signal, wait_until, Cluster};
+use embar_test_support::{cmdline, exe, serial, signal, wait_until, Cluster};
 use serde_json::Value;
 
 fn cluster(name: &str, replace_after_ms: &str) -> Cluster {
@@ -90,6 +90,8 @@ fn publisher(c: &Cluster, who: &'static str, stop: Arc<AtomicBool>) -> Fed {
                 break;
             }
             n += 500;
+            // Pacing (about 50,000 lines a second), not a wait for anything: a steady load
+            // that outlasts the kills without filling the disk.
             std::thread::sleep(Duration::from_millis(10));
         }
         n
@@ -108,31 +110,6 @@ fn finished(f: Fed) -> usize {
         "{n} lines fed: {err}"
     );
     n
-}
-
-fn broker_pid(c: &Cluster, slot: u64) -> u32 {
-    c.status()["brokers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["slot"] == slot && b["alive"] == true)
-        .and_then(|b| b["addresses"]["pid"].as_str())
-        .and_then(|p| p.parse().ok())
-        .expect("a live broker in the slot")
-}
-
-fn cmdline(pid: u32) -> Vec<String> {
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).expect("the broker's command line");
-    raw.split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).to_string())
-        .collect()
-}
-
-fn live(c: &Cluster, slot: u64) -> bool {
-    c.status()["brokers"]
-        .as_array()
-        .is_some_and(|a| a.iter().any(|b| b["slot"] == slot && b["alive"] == true))
 }
 
 /// Bytes broker `slot`'s disk log of the topic holds (every segment).
@@ -157,11 +134,11 @@ fn kill(c: &Cluster, slot: u64) -> Vec<String> {
         Duration::from_secs(60),
         || log_bytes(c, slot) > before + (256 << 10),
     );
-    let pid = broker_pid(c, slot);
+    let pid = c.broker_pid(slot as u32);
     let args = cmdline(pid);
     signal(pid, "-KILL");
     wait_until("the broker declared dead", Duration::from_secs(20), || {
-        !live(c, slot)
+        !c.slot_live(slot as u32)
     });
     args
 }
@@ -179,7 +156,7 @@ fn restart(c: &Cluster, slot: u64, args: &[String], n: usize) -> Child {
     wait_until(
         "the broker back in its slot",
         Duration::from_secs(30),
-        || live(c, slot),
+        || c.slot_live(slot as u32),
     );
     child
 }

@@ -9,7 +9,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use embar_test_support::{
-    exe, lines, number_after, numbered_line, serial, signal, wait_until, Cluster,
+    cmdline, exe, lines, number_after, numbered_line, serial, signal, wait_until, Cluster,
 };
 use serde_json::Value;
 
@@ -124,17 +124,6 @@ fn message_lines(prefix: &str, n: usize) -> (String, Vec<String>) {
     (text, v)
 }
 
-fn broker_pid(c: &Cluster, slot: u64) -> u32 {
-    c.status()["brokers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|b| b["slot"] == slot && b["alive"] == true)
-        .and_then(|b| b["addresses"]["pid"].as_str())
-        .and_then(|p| p.parse().ok())
-        .expect("a live broker in the slot")
-}
-
 /// The replicated topic of these tests: ORDER 5, ACK 2, RF 2, small batches.
 const ACK2_RF2: [&str; 8] = [
     "--order",
@@ -191,7 +180,7 @@ fn acked_messages_are_on_every_replica_disk_even_when_a_broker_is_killed() {
     // library, in this process) runs: every prefix it saw acknowledged is on the disks of
     // the replicas, the surviving ones included.
     let (_, all) = message_lines("kill", 40_000);
-    let victim = broker_pid(&c, 2);
+    let victim = c.broker_pid(2);
     let log = format!("{}/broker-2/topic-t/00000000000000000000.log", c.dir);
     let before = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
     let control = c.control.clone();
@@ -748,15 +737,6 @@ fn a_damaged_disk_record_is_an_error_naming_its_position_never_data_and_without_
     assert_eq!(out.lines().next(), Some(numbered(oldest as usize).as_str()));
 }
 
-/// The command line of process `pid` (to start a broker again exactly as it was).
-fn cmdline(pid: u32) -> Vec<String> {
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).expect("the broker's command line");
-    raw.split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).to_string())
-        .collect()
-}
-
 /// Every message on any disk is on every disk of its batch's replica set.
 #[track_caller]
 fn assert_every_replica_complete(c: &Cluster, topic: &str) {
@@ -793,7 +773,7 @@ fn a_restarted_broker_catches_up_from_the_other_replicas_what_retention_reclaime
 
     // 2. SIGKILL broker 1 while a publisher runs (its sessions on broker 1 fail: resending
     // to a live broker is not built).
-    let victim = broker_pid(&c, 1);
+    let victim = c.broker_pid(1);
     let args = cmdline(victim);
     let log = format!("{}/broker-1/topic-t/00000000000000000000.log", c.dir);
     let before = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
@@ -860,10 +840,8 @@ fn a_restarted_broker_catches_up_from_the_other_replicas_what_retention_reclaime
         .stderr(restarted)
         .spawn()
         .unwrap();
-    c.wait_for_status("broker 1 back in its slot", Duration::from_secs(30), |s| {
-        s["brokers"]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|b| b["slot"] == 1 && b["alive"] == true))
+    wait_until("broker 1 back in its slot", Duration::from_secs(30), || {
+        c.slot_live(1)
     });
     // ACK 2 resumes: the waiting publisher gets every acknowledgement.
     let out = waiting.wait_with_output().unwrap();
@@ -969,7 +947,7 @@ fn a_broker_that_does_not_come_back_is_passed_over_by_the_replica_sets_and_ack_2
     // names slot 2 wait until the control process re-places it (1.5 s after it was declared
     // dead); then the next slot writes them, reading again those it had passed over, and
     // the publisher gets every ack.
-    let victim = broker_pid(&c, 2);
+    let victim = c.broker_pid(2);
     let restart_args = cmdline(victim);
     let log = format!("{}/broker-2/topic-t/00000000000000000000.log", c.dir);
     let run = numbered_from(0, 60_000);
@@ -1060,10 +1038,8 @@ fn a_broker_that_does_not_come_back_is_passed_over_by_the_replica_sets_and_ack_2
         .stderr(restarted)
         .spawn()
         .unwrap();
-    c.wait_for_status("broker 2 back in its slot", Duration::from_secs(30), |s| {
-        s["brokers"]
-            .as_array()
-            .is_some_and(|a| a.iter().any(|b| b["slot"] == 2 && b["alive"] == true))
+    wait_until("broker 2 back in its slot", Duration::from_secs(30), || {
+        c.slot_live(2)
     });
     wait_until("slot 2 readmitted", Duration::from_secs(10), || {
         std::fs::read_to_string(format!("{}/control.log", c.dir))

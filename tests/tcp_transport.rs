@@ -35,18 +35,6 @@ fn tcp_brokers(c: &Cluster) -> Vec<(u32, SocketAddr)> {
     out
 }
 
-/// The pid of the broker in pool slot `slot`.
-fn broker_pid(c: &Cluster, slot: u32) -> u32 {
-    let st = c.status();
-    st["brokers"]
-        .as_array()
-        .expect("brokers")
-        .iter()
-        .find(|b| b["slot"].as_u64() == Some(u64::from(slot)) && b["alive"] == true)
-        .and_then(|b| b["addresses"]["pid"].as_str()?.parse().ok())
-        .expect("a live broker in that slot")
-}
-
 /// A cluster whose brokers drop a TCP peer idle mid-frame (or not reading) after 500 ms,
 /// with an ORDER 5 topic `t`; its brokers' TCP addresses.
 fn impatient_cluster(name: &str) -> (Cluster, Vec<(u32, SocketAddr)>) {
@@ -463,7 +451,7 @@ fn a_remote_subscriber_resumes_on_another_broker_when_its_broker_dies() {
     .expect("a remote subscriber");
     let first = read_all(&mut sub, 1000);
     assert_eq!(first.len(), 1000);
-    signal(broker_pid(&c, brokers[0].0), "-KILL");
+    signal(c.broker_pid(brokers[0].0), "-KILL");
     let mut rest = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while rest.len() < (n - 1000) as usize {
@@ -510,7 +498,7 @@ fn a_tcp_publisher_resends_to_a_live_broker_when_its_broker_dies() {
         p.publish(format!("f {i:06} {}", "x".repeat(100)).as_bytes())
             .expect("publish goes on through the failover");
         if i == n / 4 && !killed {
-            signal(broker_pid(&c, victim), "-KILL");
+            signal(c.broker_pid(victim), "-KILL");
             killed = true;
         }
     }

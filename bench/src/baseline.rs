@@ -242,15 +242,7 @@ pub fn disk_gbps(
     use std::io::Write;
     let record_bytes = record_bytes.max(1);
     // Bytes that are not all one value, like a record's.
-    let mut x = 0x9e37_79b9_7f4a_7c15_u64;
-    let buf: Vec<u8> = (0..record_bytes)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
+    let buf = crate::noise_bytes(0x9e37_79b9_7f4a_7c15, record_bytes);
     let path = dir.join(format!("disk-ceiling-{}.tmp", std::process::id()));
     let mut best = 0.0f64;
     for _ in 0..2 {

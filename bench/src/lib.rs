@@ -98,3 +98,17 @@ pub enum BenchError {
 }
 
 pub type BenchResult<T> = Result<T, BenchError>;
+
+/// `n` bytes of xorshift64 from `seed` (made odd): payloads and records that are not all one
+/// value, the same for the same seed.
+pub(crate) fn noise_bytes(seed: u64, n: usize) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}

@@ -143,15 +143,7 @@ struct Stamp {
 
 impl Payloads {
     fn new(bytes: usize) -> Payloads {
-        let mut x = 0x5eed_u64;
-        let template: Vec<u8> = (0..bytes)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
+        let template = crate::noise_bytes(0x5eed, bytes);
         let tail_sum = word_sum(&template[Self::header(bytes)..]);
         Payloads { template, tail_sum }
     }

@@ -62,15 +62,7 @@ impl Workload {
     }
 
     fn template(&self) -> Vec<u8> {
-        let mut x = self.seed | 1;
-        (0..self.message_bytes)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect()
+        crate::noise_bytes(self.seed, self.message_bytes as usize)
     }
 }
 

@@ -86,6 +86,14 @@ pub fn replaced(pool: &Pool, names: &[String]) -> BTreeSet<u32> {
         .collect()
 }
 
+/// Whether some replicated topic's replica sets do not pass over `slot` yet (what
+/// [`replace`] would try), read without the control process's admin lock.
+pub fn pending(pool: &Pool, names: &[String], slot: u32) -> bool {
+    replicated(pool, names)
+        .into_iter()
+        .any(|(_, t, _)| !Placement::read(Coherent, &pool.tinode(t).placement).excluded_now(slot))
+}
+
 /// Excludes `slot` from the replica sets of every replicated topic that does not exclude it
 /// yet, from its durable total order on: per topic, the total order it was re-placed from,
 /// or why it was not.

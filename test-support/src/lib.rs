@@ -271,6 +271,26 @@ impl Cluster {
     }
 
     /// The control process's status.
+    /// The pid of the live broker in pool slot `slot`.
+    #[track_caller]
+    pub fn broker_pid(&self, slot: u32) -> u32 {
+        self.status()["brokers"]
+            .as_array()
+            .expect("brokers")
+            .iter()
+            .find(|b| b["slot"].as_u64() == Some(u64::from(slot)) && b["alive"] == true)
+            .and_then(|b| b["addresses"]["pid"].as_str()?.parse().ok())
+            .expect("a live broker in that slot")
+    }
+
+    /// Whether a live broker holds pool slot `slot`.
+    pub fn slot_live(&self, slot: u32) -> bool {
+        self.status()["brokers"].as_array().is_some_and(|a| {
+            a.iter()
+                .any(|b| b["slot"].as_u64() == Some(u64::from(slot)) && b["alive"] == true)
+        })
+    }
+
     pub fn status(&self) -> Value {
         embar_control::ControlClient::new(self.control.parse().expect("an address"))
             .status()
@@ -569,4 +589,13 @@ pub fn output_within(mut cmd: Command, limit: std::time::Duration) -> Output {
             panic!("{cmd:?} did not end within {limit:?}");
         }
     }
+}
+
+/// The command line of process `pid` (to start a process again exactly as it was).
+pub fn cmdline(pid: u32) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).expect("the process's command line");
+    raw.split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).to_string())
+        .collect()
 }

@@ -978,6 +978,9 @@ impl<'p, C: Coherence> Broker<'p, C> {
         // cumulative). At most one entry per session.
         let mut blocked: Vec<usize> = Vec::new();
         let mut acked = 0;
+        // Each slot's progress read once a round, when a batch first needs it (two words,
+        // each a flush and a fence on a non-coherent pool), not once per waiting batch.
+        let mut progress = [None::<u64>; crate::pool::layout::MAX_BROKERS];
         // One pass in decision order, each batch kept or removed in place.
         t.undurable.retain(|u| {
             let st = &mut sessions[u.session];
@@ -986,7 +989,9 @@ impl<'p, C: Coherence> Broker<'p, C> {
             }
             if blocked.contains(&u.session)
                 || !self::core::is_durable(u.wait, me, rf, slots, placement, |r| {
-                    crate::replication::progress_under(c, tinode, placement, r)
+                    *progress[r as usize].get_or_insert_with(|| {
+                        crate::replication::progress_under(c, tinode, placement, r)
+                    })
                 })
             {
                 if !blocked.contains(&u.session) {

@@ -449,6 +449,15 @@ impl DiskLog {
         self.last.as_ref()
     }
 
+    /// The total order after the log's last record of era `era` (`None` when its last
+    /// record is of another era, or it has none): where appending that era goes on.
+    pub fn end_of_era(&self, era: u64) -> Option<u64> {
+        self.last
+            .as_ref()
+            .filter(|l| l.era == era)
+            .map(|l| l.total_order + u64::from(l.num_msg))
+    }
+
     pub fn records(&self) -> u64 {
         self.records
     }

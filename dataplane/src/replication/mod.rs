@@ -297,20 +297,11 @@ impl<'p, C: Coherence> Replicator<'p, C> {
             .ok_or_else(|| PoolError::UnknownTopic(topic.to_string()))?;
         let dir = log::topic_dir(data_dir, topic);
         let (log, rec) = DiskLog::open(&dir, cfg)?;
-        let era = topic_era(
-            pool.superblock()
-                .pool_id
-                .load(crate::sync::Ordering::Relaxed),
-            slot,
-            info.generation,
-        );
+        let era = topic_era(pool.pool_id(), slot, info.generation);
         // A log that holds batches of this pool goes on after its last one: what was
         // ordered since (while this broker was down) and the pool no longer holds is read
         // from the other replicas' logs.
-        let resume = log
-            .last()
-            .filter(|l| l.era == era)
-            .map(|l| l.total_order + u64::from(l.num_msg));
+        let resume = log.end_of_era(era);
         let start = resume.map_or(StartAt::Oldest, StartAt::TotalOrder);
         let sub = Subscriber::open_with(pool, c, topic, start, Disks::OthersThan(me))?;
         let start = sub.position();
@@ -365,11 +356,6 @@ impl<'p, C: Coherence> Replicator<'p, C> {
     pub fn poll(&mut self, now: Instant) -> Result<usize, ReplicationError> {
         self.follow_placement()?;
         let (me, rf, n, era) = (self.me, self.rf, self.pool.geometry().max_brokers, self.era);
-        let skip_below = self
-            .log
-            .last()
-            .filter(|l| l.era == era)
-            .map(|l| l.total_order + u64::from(l.num_msg));
         let mut copy = Pass {
             held_by: None,
             me,
@@ -377,7 +363,6 @@ impl<'p, C: Coherence> Replicator<'p, C> {
             slots: n,
             era,
             placement: &self.placement,
-            skip_below,
             end: u64::MAX,
             body: &mut self.body,
             log: &mut self.log,
@@ -387,11 +372,6 @@ impl<'p, C: Coherence> Replicator<'p, C> {
         let batches = copy.poll(&mut self.sub, now)?;
         self.appended_through = self.sub.position();
         for b in &mut self.backfills {
-            let skip_below = b
-                .log
-                .last()
-                .filter(|l| l.era == era)
-                .map(|l| l.total_order + u64::from(l.num_msg));
             let mut copy = Pass {
                 held_by: Some(&self.log),
                 me,
@@ -399,7 +379,6 @@ impl<'p, C: Coherence> Replicator<'p, C> {
                 slots: n,
                 era,
                 placement: &self.placement,
-                skip_below,
                 end: b.end,
                 body: &mut self.body,
                 log: &mut b.log,
@@ -545,7 +524,7 @@ impl<'p, C: Coherence> Replicator<'p, C> {
 
 /// One pass of a replicator's reading: the batches a subscriber hands out, each appended to
 /// `log` when this broker's slot is in its replica set (by the placement table), it is not in
-/// the log already (`skip_below`) and it lies below `end`.
+/// the log already (its end in this era, as the pass begins) and it lies below `end`.
 struct Pass<'a> {
     /// A backfill's: the main log, whose batches are not written again.
     held_by: Option<&'a DiskLog>,
@@ -554,7 +533,6 @@ struct Pass<'a> {
     slots: u32,
     era: u64,
     placement: &'a Placement,
-    skip_below: Option<u64>,
     end: u64,
     body: &'a mut Body,
     log: &'a mut DiskLog,
@@ -576,13 +554,13 @@ impl Pass<'_> {
             slots,
             era,
             placement,
-            skip_below,
             end,
             ..
         } = *self;
         if *self.read_end >= end {
             return Ok(0);
         }
+        let skip_below = self.log.end_of_era(era);
         let (body, log) = (&mut *self.body, &mut *self.log);
         let (bytes_by_src, read_end) = (&mut *self.bytes_by_src, &mut *self.read_end);
         let mut batches = 0;
@@ -677,11 +655,7 @@ impl<'p, C: Coherence> Backfill<'p, C> {
         (from, end): (u64, u64),
     ) -> Result<Self, ReplicationError> {
         let (log, _) = DiskLog::open(&dir, cfg)?;
-        let at = log
-            .last()
-            .filter(|l| l.era == era)
-            .map_or(from, |l| l.total_order + u64::from(l.num_msg))
-            .max(from);
+        let at = log.end_of_era(era).map_or(from, |e| e.max(from));
         // Every disk, this broker's own included: the range holds batches this broker has
         // in its main log (of its sets before the change), which it reads through, and which
         // may be nowhere else any more (the pool reclaimed them; the dead broker never wrote

@@ -336,18 +336,13 @@ impl DiskLogs {
             listed: Vec::new(),
             last_list: None,
         };
-        logs.list_backfills();
+        logs.relist();
         logs
     }
 
-    /// Looks for backfill logs begun since the last look: whether there was one (a reader
-    /// about to call a position lost looks once more first).
+    /// Adds a reader for each backfill log not read yet (begun since the last look):
+    /// whether there was one. A reader about to call a position lost looks once more first.
     pub fn relist(&mut self) -> bool {
-        self.list_backfills()
-    }
-
-    /// Adds a reader for each backfill not read yet; whether there was one.
-    fn list_backfills(&mut self) -> bool {
         self.last_list = Some(std::time::Instant::now());
         let mut added = false;
         for d in &self.topic_dirs {
@@ -392,9 +387,7 @@ impl DiskLogs {
     /// not verify is an error only when no other log holds `t`.
     pub fn read(&mut self, t: u64, body: &mut Vec<u8>) -> Result<Option<RecordMeta>, LogError> {
         match self.read_placed(t, body)? {
-            None if self.last_list.is_none_or(|l| l.elapsed() >= RELIST_EVERY)
-                && self.list_backfills() =>
-            {
+            None if self.last_list.is_none_or(|l| l.elapsed() >= RELIST_EVERY) && self.relist() => {
                 self.read_placed(t, body)
             }
             r => Ok(r),
