@@ -553,8 +553,23 @@ fn a_verbs_subscriber_gets_every_message_once_in_total_order() {
         let want: Vec<String> = lines(p, n, 200).lines().map(String::from).collect();
         assert_eq!(mine, want, "publisher {p}: all, once, in its order");
     }
-    // The same as a subscriber on the pool host sees.
-    assert_eq!(got, c.read_all("t"), "verbs and shm subscribers agree");
+    // The same as a subscriber on the pool host sees. That one comes last, so it starts at
+    // the oldest batch the delivery ring still holds (total order 0 only when the 45,000
+    // messages took fewer than its 8,192 entries: not under TCG, where batches linger out
+    // small); from there on the two agree message for message.
+    let shm = c.read_all("t");
+    let first = shm.first().expect("the shm subscriber read something")["total_order"]
+        .as_u64()
+        .expect("a total order") as usize;
+    assert_eq!(shm.len(), got.len() - first, "the shm subscriber read to the end");
+    if let Some(i) = shm.iter().zip(&got[first..]).position(|(a, b)| a != b) {
+        panic!(
+            "verbs and shm subscribers disagree at total order {}: {} against {}",
+            first + i,
+            got[first + i],
+            shm[i]
+        );
+    }
 }
 
 #[test]
