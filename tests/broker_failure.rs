@@ -1,6 +1,7 @@
-//! Brokers killed under ACK 2 load (ORDER 5, RF 2, three brokers), with real processes: TCP
-//! publishers fed for as long as the test runs resend what a dead broker had not acked to the
-//! live ones, and finish with exit 0 and every message acknowledged; a subscriber then reads
+//! Brokers killed under ACK 2 load (ORDER 5, RF 2, three brokers), with real processes: a TCP
+//! publisher and an shm (pool-direct) one, fed for as long as the test runs, resend what a
+//! dead broker had not acked to the live ones, and finish with exit 0 and every message
+//! acknowledged; a subscriber then reads
 //! every message exactly once, in total order, each publisher's in its order
 //! (`--check-order`, and checked again here).
 //!
@@ -59,14 +60,14 @@ struct Fed {
     feeder: JoinHandle<usize>,
 }
 
-fn publisher(c: &Cluster, who: &'static str, stop: Arc<AtomicBool>) -> Fed {
+fn publisher(c: &Cluster, who: &'static str, transport: &str, stop: Arc<AtomicBool>) -> Fed {
     let mut child = Command::new(exe())
         .args([
             "publish",
             "--topic",
             "t",
             "--transport",
-            "tcp",
+            transport,
             "--ack-timeout-s",
             "120",
             "--control",
@@ -214,8 +215,8 @@ fn ack_2_publishers_lose_nothing_when_a_broker_is_killed_and_then_another_after_
     let c = cluster("failure-kills", "0");
     let stop = Arc::new(AtomicBool::new(false));
     let pubs = [
-        ("a", publisher(&c, "a", stop.clone())),
-        ("b", publisher(&c, "b", stop.clone())),
+        ("a", publisher(&c, "a", "tcp", stop.clone())),
+        ("b", publisher(&c, "b", "shm", stop.clone())),
     ];
     let args = kill(&c, 2);
     let mut first = restart(&c, 2, &args, 1);
@@ -239,8 +240,8 @@ fn ack_2_publishers_lose_nothing_when_the_sequencers_broker_is_killed_for_good()
         .expect("a sequencer assigned");
     let stop = Arc::new(AtomicBool::new(false));
     let pubs = [
-        ("a", publisher(&c, "a", stop.clone())),
-        ("b", publisher(&c, "b", stop.clone())),
+        ("a", publisher(&c, "a", "tcp", stop.clone())),
+        ("b", publisher(&c, "b", "shm", stop.clone())),
     ];
     kill(&c, seq);
     c.wait_for_status("the sequencer moved", Duration::from_secs(20), |s| {

@@ -561,7 +561,11 @@ fn a_verbs_subscriber_gets_every_message_once_in_total_order() {
     let first = shm.first().expect("the shm subscriber read something")["total_order"]
         .as_u64()
         .expect("a total order") as usize;
-    assert_eq!(shm.len(), got.len() - first, "the shm subscriber read to the end");
+    assert_eq!(
+        shm.len(),
+        got.len() - first,
+        "the shm subscriber read to the end"
+    );
     if let Some(i) = shm.iter().zip(&got[first..]).position(|(a, b)| a != b) {
         panic!(
             "verbs and shm subscribers disagree at total order {}: {} against {}",

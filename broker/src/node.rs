@@ -19,6 +19,7 @@ use embar_dataplane::pool::coherence::Coherence;
 use embar_dataplane::pool::doorbell::Park;
 use embar_dataplane::pool::{CoherenceFn, OpenOptions, Pool};
 use embar_dataplane::PoolError;
+use embar_sys::process::ProcessId;
 
 use crate::driver::{Driver, DriverError, DriverOptions};
 use crate::sequencers::sequence_all;
@@ -164,16 +165,29 @@ pub struct BrokerNode {
     replication: Option<JoinHandle<()>>,
     tcp_thread: Option<JoinHandle<()>>,
     verbs_subscribers: Option<JoinHandle<()>>,
+    pool: Arc<Pool>,
+    /// This process is recorded in the pool as the slot's (cleared once stopped).
+    recorded: bool,
 }
 
 /// Records in the pool where this slot's disk logs are (or that it keeps none), so that
 /// subscribers on the pool host read what the pool no longer holds from them
-/// (`docs/durability.md`). A failure only costs those subscribers the disk: it is logged.
-fn record_data_dir(pool: &Pool, slot: u32, replication: Option<&ReplicationConfig>) {
-    struct Record<'a>(&'a Pool, u32, Option<PathBuf>);
+/// (`docs/durability.md`), and which process serves the slot (`None`: none, at a clean stop),
+/// so that publishers on the pool host see it die. A failure only costs those readers: it is
+/// logged.
+fn record_slot(
+    pool: &Pool,
+    slot: u32,
+    replication: Option<&ReplicationConfig>,
+    process: Option<ProcessId>,
+) {
+    struct Record<'a>(&'a Pool, u32, Option<PathBuf>, Option<ProcessId>, bool);
     impl CoherenceFn<Result<(), PoolError>> for Record<'_> {
         fn call<C: Coherence>(self, c: C) -> Result<(), PoolError> {
-            self.0.set_broker_data_dir(c, self.1, self.2.as_deref())
+            if self.4 {
+                self.0.set_broker_data_dir(c, self.1, self.2.as_deref())?;
+            }
+            self.0.set_broker_process(c, self.1, self.3)
         }
     }
     // Absolute: every process on the host reads it, from its own working directory.
@@ -181,8 +195,12 @@ fn record_data_dir(pool: &Pool, slot: u32, replication: Option<&ReplicationConfi
         let _ = std::fs::create_dir_all(&r.data_dir);
         std::fs::canonicalize(&r.data_dir).unwrap_or_else(|_| r.data_dir.clone())
     });
-    if let Err(e) = Pool::with_coherence(pool.coherence_mode(), Record(pool, slot, dir)) {
-        log::warn!("broker {slot}: cannot record its data directory in the pool: {e}");
+    let starting = process.is_some();
+    if let Err(e) = Pool::with_coherence(
+        pool.coherence_mode(),
+        Record(pool, slot, dir, process, starting),
+    ) {
+        log::warn!("broker {slot}: cannot record itself in the pool: {e}");
     }
 }
 
@@ -270,7 +288,12 @@ impl BrokerNode {
         }
         let reg = client.register(&addrs)?;
         let (broker_id, slot) = (reg.broker_id, reg.slot);
-        record_data_dir(&pool, slot, cfg.replication.as_ref());
+        record_slot(
+            &pool,
+            slot,
+            cfg.replication.as_ref(),
+            Some(ProcessId::current()),
+        );
         // Whether this broker runs the sequencers: pinned, or as the control process says in
         // its answer to every heartbeat.
         let pinned = cfg.sequencer == SequencerRole::Pinned;
@@ -340,6 +363,7 @@ impl BrokerNode {
             run_sequencer,
             verbs,
         };
+        let own_pool = pool.clone();
         let data = std::thread::Builder::new()
             .name("broker-data".into())
             .spawn(move || Pool::with_coherence(pool.coherence_mode(), Go(&pool, serve)))
@@ -357,6 +381,8 @@ impl BrokerNode {
             replication,
             tcp_thread,
             verbs_subscribers,
+            pool: own_pool,
+            recorded: true,
         })
     }
 
@@ -416,6 +442,9 @@ impl BrokerNode {
         }
         if let Some(t) = self.verbs_subscribers.take() {
             let _ = t.join();
+        }
+        if std::mem::take(&mut self.recorded) {
+            record_slot(&self.pool, self.slot, None, None);
         }
         self.hb_stop.store(true, Ordering::Relaxed);
         if let Some(h) = self.heartbeat.take() {

@@ -208,6 +208,12 @@ const BROKER_METRICS: &[(&str, &str, Kind, Read)] = &[
         |s| s.broker.ring_full_waits,
     ),
     (
+        "resends_dropped",
+        "Resent batches the sequencer had ordered already, decided duplicate without a ring slot",
+        Kind::Counter,
+        |s| s.broker.resends_dropped,
+    ),
+    (
         "segments_reclaimed",
         "Segments freed after every reader passed",
         Kind::Counter,

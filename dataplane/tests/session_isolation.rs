@@ -84,7 +84,7 @@ fn one_message(pool: &Pool, p: &Publisher<'_, Coherent>, size: u32) -> BatchDesc
 }
 
 /// The rogue's error, waited for with a deadline.
-fn rejection(p: &Publisher<'_, Coherent>) -> &'static str {
+fn rejection(p: &mut Publisher<'_, Coherent>) -> &'static str {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match p.acked() {
@@ -137,7 +137,7 @@ fn run(fault: &str, want: SessionError) {
             }
             other => panic!("{other}"),
         }
-        assert_eq!(rejection(&rogue), want.describe(), "{fault}");
+        assert_eq!(rejection(&mut rogue), want.describe(), "{fault}");
         for i in 0..2000 {
             honest.publish(format!("honest {i}").as_bytes()).unwrap();
         }

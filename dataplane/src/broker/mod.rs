@@ -17,7 +17,7 @@ use crate::batch::{BatchDesc, BatchLimits};
 use crate::client::subscriber::{pid_alive, slowest_position};
 use crate::messages::Messages;
 use crate::pool::coherence::Coherence;
-use crate::pool::layout::{Session, OUTCOME_ORDERED, SESSION_GRANT_SLOTS};
+use crate::pool::layout::{Session, OUTCOME_DUPLICATE, OUTCOME_ORDERED, SESSION_GRANT_SLOTS};
 use crate::pool::segments::{AllocPolicy, Segment, SegmentAllocator, SegmentOwner};
 use crate::pool::Pool;
 use crate::ring::{Polled, RingConsumer, RingProducer};
@@ -63,6 +63,9 @@ pub struct BrokerStats {
     pub sessions_closed: u64,
     /// Sessions the broker ended because their publisher broke the protocol.
     pub sessions_ended: u64,
+    /// Resends of batches the sequencer had ordered already, decided `duplicate` without a
+    /// ring slot.
+    pub resends_dropped: u64,
 }
 
 /// A range of log space granted to one session, carved from a segment that several grants
@@ -86,11 +89,42 @@ struct Grant {
 
 #[derive(Debug)]
 struct Pending {
+    /// Its ring slot; for an `early` duplicate, the ring's next index when it came (it is
+    /// decided once every slot before that is).
     ring_index: u64,
     session: usize,
     generation: u64,
     num_msg: u32,
     grant: u64,
+    /// A resend of a batch the sequencer had ordered already, known from the topic's client
+    /// table before it took a ring slot: decided `duplicate` without one, in its turn (acks
+    /// stay in submission order per session).
+    early: bool,
+}
+
+impl Pending {
+    /// Whether its decision can be read, given the ring's consumed count.
+    fn decided(&self, consumed: u64) -> bool {
+        if self.early {
+            self.ring_index <= consumed
+        } else {
+            self.ring_index < consumed
+        }
+    }
+}
+
+/// Whether the sequencer of topic `topic` has ordered batch `batch_seq` of `client_id`
+/// already: a resend after a failover, which would only come back `duplicate` (see
+/// [`Pool::client_progress`]; a stale read only says "not yet", and the ring decides then).
+fn ordered_before<C: Coherence>(
+    pool: &Pool,
+    c: C,
+    topic: u32,
+    client_id: u64,
+    batch_seq: u64,
+) -> bool {
+    pool.client_progress(c, topic, client_id)
+        .is_some_and(|(next_expected, fenced)| !fenced && batch_seq < next_expected)
 }
 
 /// An ACK 2 batch ordered and not yet durable on its replica set.
@@ -347,7 +381,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
     pub fn ring_occupancy(&self) -> Vec<(u32, u64)> {
         self.topics
             .iter()
-            .map(|(t, s)| (*t, s.pending.len() as u64))
+            .map(|(t, s)| (*t, s.pending.iter().filter(|p| !p.early).count() as u64))
             .collect()
     }
 
@@ -852,6 +886,36 @@ impl<'p, C: Coherence> Broker<'p, C> {
                 }),
             };
             match (verdict, p) {
+                (Ok(grant_id), Polled::Batch { index, desc })
+                    if matches!(t.order, 4 | 5)
+                        && ordered_before(
+                            self.pool,
+                            self.c,
+                            st.topic,
+                            desc.client_id,
+                            desc.batch_seq,
+                        ) =>
+                {
+                    // A resend of a batch ordered before (its publisher failed over from a
+                    // dead broker): decided here, so resends never fill the ring while a
+                    // batch held for a gap keeps its slots from being reused.
+                    let g = t.grants.get_mut(&grant_id).expect("checked grant");
+                    g.fill = desc.log_idx + desc.total_size;
+                    t.pending.push_back(Pending {
+                        ring_index: t.producer.next_index(),
+                        session: i,
+                        generation: st.generation,
+                        num_msg: desc.num_msg,
+                        grant: grant_id,
+                        early: true,
+                    });
+                    self.stats.resends_dropped += 1;
+                    st.consumer
+                        .as_mut()
+                        .expect("open")
+                        .finish(index)
+                        .map_err(|e| PoolError::BadRange(e.to_string()))?;
+                }
                 (Ok(grant_id), Polled::Batch { index, desc }) => {
                     let published = BatchDesc {
                         start_logical_offset: t.logical,
@@ -872,6 +936,7 @@ impl<'p, C: Coherence> Broker<'p, C> {
                         generation: st.generation,
                         num_msg: desc.num_msg,
                         grant: grant_id,
+                        early: false,
                     });
                     self.stats.batches_landed += 1;
                     let policy = AckPolicy {
@@ -923,11 +988,17 @@ impl<'p, C: Coherence> Broker<'p, C> {
         };
         let consumed = t.producer.consumed();
         let mut work = 0;
-        while t.pending.front().is_some_and(|p| p.ring_index < consumed) {
+        while t.pending.front().is_some_and(|p| p.decided(consumed)) {
             let p = t.pending.pop_front().expect("front exists");
             work += 1;
-            let (outcome, delivery, total_order) = t.producer.decision_at(p.ring_index);
-            if let Some(g) = t.grants.get_mut(&p.grant) {
+            let (outcome, delivery, total_order) = if p.early {
+                (OUTCOME_DUPLICATE, 0, 0)
+            } else {
+                t.producer.decision_at(p.ring_index)
+            };
+            if p.early {
+                // No ring slot, so nothing of the grant's in flight.
+            } else if let Some(g) = t.grants.get_mut(&p.grant) {
                 g.inflight -= 1;
                 if outcome == OUTCOME_ORDERED {
                     g.max_delivery = Some(g.max_delivery.map_or(delivery, |m| m.max(delivery)));

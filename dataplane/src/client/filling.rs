@@ -91,6 +91,7 @@ impl Filling {
 
 /// Sealed batches of one broker link not yet acknowledged, for publish-to-ack latency: acks
 /// come as a cumulative message count, so each batch is known by the count at its seal.
+#[cfg(feature = "verbs")]
 #[derive(Debug, Default)]
 pub(crate) struct Unacked {
     sealed_messages: u64,
@@ -98,6 +99,7 @@ pub(crate) struct Unacked {
     batches: std::collections::VecDeque<(u64, u64)>,
 }
 
+#[cfg(feature = "verbs")]
 impl Unacked {
     /// A batch of `num_msg` messages, the first published at `first_ns`, was submitted.
     pub fn sealed(&mut self, num_msg: u32, first_ns: u64) {
@@ -124,6 +126,7 @@ impl Unacked {
 /// batches in order (a cumulative count per link) while batches are striped over links, so
 /// the sum over links can run ahead of this prefix; a caller waiting for message `m` needs
 /// the prefix to pass `m`.
+#[cfg(feature = "verbs")]
 #[derive(Debug, Default)]
 pub(crate) struct AckedPrefix {
     /// `(link, link messages at seal, publisher messages at seal)` per batch not yet seen
@@ -132,6 +135,7 @@ pub(crate) struct AckedPrefix {
     prefix: u64,
 }
 
+#[cfg(feature = "verbs")]
 impl AckedPrefix {
     /// Batches kept before a seal looks at the acks itself, so that the memory stays
     /// bounded for a caller that never asks.
@@ -172,13 +176,98 @@ impl AckedPrefix {
     }
 }
 
+/// Acknowledged batches by `batch_seq`, for the acknowledged prefix of a publisher that
+/// fails over: a batch sent again after its broker died is acknowledged on another link than
+/// the one it was sealed for, so a count per link (`AckedPrefix`) cannot place it.
+#[derive(Debug, Default)]
+pub(crate) struct SeqPrefix {
+    /// `(num_msg, acked)` of batches from `first_seq` on.
+    batches: std::collections::VecDeque<(u32, bool)>,
+    first_seq: u64,
+    /// Messages of every batch before `first_seq` (all acknowledged).
+    messages: u64,
+}
+
+impl SeqPrefix {
+    /// The next batch (`batch_seq` one past the last) was sealed with `num_msg` messages.
+    pub fn sealed(&mut self, num_msg: u32) {
+        self.batches.push_back((num_msg, false));
+    }
+
+    /// Batch `batch_seq` was acknowledged (again: a resend's duplicate, no matter).
+    pub fn acked(&mut self, batch_seq: u64) {
+        if let Some(b) = batch_seq
+            .checked_sub(self.first_seq)
+            .and_then(|i| self.batches.get_mut(i as usize))
+        {
+            b.1 = true;
+        }
+        while let Some(&(n, true)) = self.batches.front() {
+            self.messages += u64::from(n);
+            self.first_seq += 1;
+            self.batches.pop_front();
+        }
+    }
+
+    /// Messages acknowledged without a gap from the first.
+    pub fn messages(&self) -> u64 {
+        self.messages
+    }
+}
+
+/// On a failover, this many of the dead broker's newest unacknowledged batches are sent again
+/// first (well below the batches the sequencer holds for one client): those are the ones it
+/// may not have had ordered. Under ACK 2 most of the rest are ordered already and only wait
+/// for their acks, so they come back as duplicates; sent first, a thousand of them would
+/// queue in the live broker's ring behind the batches the sequencer holds for the missing one
+/// (the ring is freed in order), fill it, and keep the missing batch out until the sequencer
+/// fences the client.
+pub(crate) const RESEND_NEWEST_FIRST: usize = 128;
+
+/// `pending` (oldest first) in the order a failover sends it again: the newest
+/// [`RESEND_NEWEST_FIRST`] first, then the rest from the oldest.
+pub(crate) fn resend_order<T>(pending: &mut [T]) {
+    let newest = pending.len().saturating_sub(RESEND_NEWEST_FIRST);
+    pending.rotate_left(newest);
+}
+
 #[cfg(test)]
 mod tests {
-    use super::AckedPrefix;
+    use super::SeqPrefix;
 
     #[test]
+    fn the_seq_prefix_moves_only_over_batches_acknowledged_without_a_gap() {
+        let mut p = SeqPrefix::default();
+        for n in [3, 4, 5] {
+            p.sealed(n);
+        }
+        p.acked(1);
+        assert_eq!(p.messages(), 0, "batch 0 is not acknowledged yet");
+        p.acked(0);
+        assert_eq!(p.messages(), 7);
+        // Unknown and repeated batches change nothing.
+        p.acked(7);
+        p.acked(1);
+        p.acked(2);
+        assert_eq!(p.messages(), 12);
+    }
+
+    #[test]
+    fn a_resend_starts_with_the_newest_batches() {
+        let mut v: Vec<usize> = (0..200).collect();
+        super::resend_order(&mut v);
+        assert_eq!(v[0], 72);
+        assert_eq!(v[127], 199);
+        assert_eq!(v[128], 0);
+        let mut short = vec![1, 2, 3];
+        super::resend_order(&mut short);
+        assert_eq!(short, [1, 2, 3]);
+    }
+
+    #[cfg(feature = "verbs")]
+    #[test]
     fn the_acked_prefix_stops_at_the_first_batch_its_link_has_not_acknowledged() {
-        let mut p = AckedPrefix::default();
+        let mut p = super::AckedPrefix::default();
         // Batches of 10, 20, 30 and 40 messages striped over links 0, 1, 0, 1.
         p.sealed(0, 10, 10);
         p.sealed(1, 20, 30);

@@ -3,14 +3,29 @@
 //! a batch is sealed at the topic's batch size, on `flush`, or when it has lingered, and
 //! submitted to its broker's session. Batches are striped round-robin over the brokers, with
 //! a per-client dense `batch_seq`. Acks come back as per-session cumulative counts.
+//!
+//! **Failover.** Each broker records in the pool the process serving its slot
+//! ([`Pool::broker_process`]). A publisher waiting on a broker (for acks, a grant or a ring
+//! slot) looks at that process every [`LIVENESS_CHECK`]; once it is gone (exited, a zombie,
+//! or the slot now served by another process), the publisher closes its session there and
+//! sends every batch that broker had not acknowledged again to the live brokers, unchanged
+//! (same `batch_seq`): the batch's bytes are still in the pool, in the dead broker's grant,
+//! and are copied into a grant of the live broker, then checked (every message header names
+//! this client and the batch) before they are submitted, so a batch whose space was reused
+//! meanwhile is reported lost, never sent wrong. The sequencer drops the copies it had
+//! ordered already and they are acked again, so the resend completes, as for the TCP
+//! publisher (`docs/tcp.md`).
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 use embar_sys::clock::monotonic_ns;
+use embar_sys::process::ProcessId;
 
 use crate::batch::BatchDesc;
-use crate::client::filling::{stride_of, AckedPrefix, Filling, Unacked};
+use crate::client::filling::{stride_of, Filling, SeqPrefix};
 use crate::client::Publish;
+use crate::messages::{Claims, Messages};
 use crate::pool::coherence::Coherence;
 use crate::pool::doorbell;
 use crate::pool::layout::{BrokerDoorbell, Session, BATCH_HEADER_VERSION};
@@ -58,6 +73,12 @@ pub enum PublishError {
     },
     #[error("no broker to publish to")]
     NoBrokers,
+    #[error("batch {batch_seq} of this publisher was not acknowledged by broker {broker}, which is gone, and cannot be sent again: {why}")]
+    Lost {
+        broker: u32,
+        batch_seq: u64,
+        why: String,
+    },
 }
 
 impl PublishError {
@@ -66,9 +87,10 @@ impl PublishError {
         use crate::error::ErrorClass;
         match self {
             PublishError::Pool(e) => e.class(),
-            PublishError::Refused { .. } | PublishError::Transport(_) | PublishError::NoBrokers => {
-                ErrorClass::Unavailable
-            }
+            PublishError::Refused { .. }
+            | PublishError::Transport(_)
+            | PublishError::NoBrokers
+            | PublishError::Lost { .. } => ErrorClass::Unavailable,
             PublishError::Timeout { .. } => ErrorClass::TimedOut,
             PublishError::TooLarge { .. } => ErrorClass::InvalidInput,
             PublishError::Rejected { .. } => ErrorClass::Rejected,
@@ -76,17 +98,41 @@ impl PublishError {
     }
 }
 
+/// How often a publisher waiting on a broker looks whether the broker's process still runs.
+pub const LIVENESS_CHECK: Duration = Duration::from_millis(10);
+
+/// Ack latencies kept for a caller that never takes them (the rest are not recorded).
+const LATENCIES_KEPT_MAX: usize = 1 << 20;
+
 struct Link<'p, C: Coherence> {
     broker: u32,
     session: &'p Session,
+    /// The session's generation this publisher claimed.
+    generation: u64,
     /// Rung (when the broker is parked) after each submission, grant taken and close.
     bell: &'p BrokerDoorbell,
     submit: RingProducer<'p, C>,
     taken: u64,
     /// Current grant: (offset, bytes, used).
     grant: Option<(u64, u64, u64)>,
-    /// Sealed batches not yet acknowledged (latency).
-    unacked: Unacked,
+    /// The process serving the broker slot when the session opened (`None`: not recorded,
+    /// so never taken for dead).
+    process: Option<ProcessId>,
+    /// Cleared once its broker is gone: nothing more goes to it.
+    live: bool,
+    /// Messages submitted on this session (its acknowledgements count up to it).
+    submitted: u64,
+    /// Submitted batches not yet acknowledged, oldest first (not kept at ACK 0).
+    inflight: VecDeque<InFlight>,
+}
+
+/// A sealed batch: where its bytes are, and what is needed to send it again.
+#[derive(Clone, Copy, Debug)]
+struct InFlight {
+    desc: BatchDesc,
+    /// Its link's `submitted` once it was submitted.
+    upto: u64,
+    first_ns: u64,
 }
 
 struct OpenBatch {
@@ -112,28 +158,85 @@ pub struct Publisher<'p, C: Coherence> {
     batch_seq: u64,
     open: Option<OpenBatch>,
     sealed_messages: u64,
+    acked_messages: u64,
     /// Which messages are acknowledged in publish order.
-    prefix: AckedPrefix,
+    prefix: SeqPrefix,
+    /// Sealed batches whose broker died before it acknowledged them, to send again.
+    orphans: VecDeque<InFlight>,
+    latencies: Vec<u64>,
+    /// When the brokers' processes were last looked at.
+    checked_ns: u64,
+    resent_batches: u64,
     submit_waits: u64,
     grant_waits: u64,
+}
+
+/// How a wait on one broker ended, other than with what it waited for.
+enum Stop {
+    /// The broker's process is gone.
+    Down,
+    Failed(PublishError),
+}
+
+/// A batch that did not go, and why.
+struct Unsent(InFlight, Stop);
+
+impl Unsent {
+    /// The error of a batch that did not go for another reason than its broker's death.
+    fn failure(self) -> PublishError {
+        match self.1 {
+            Stop::Failed(e) => e,
+            Stop::Down => {
+                PublishError::Transport(format!("broker {} is gone", self.0.desc.broker_id))
+            }
+        }
+    }
+}
+
+impl From<PublishError> for Stop {
+    fn from(e: PublishError) -> Stop {
+        Stop::Failed(e)
+    }
 }
 
 fn wait<T>(
     what: impl Fn() -> String,
     timeout: Duration,
-    mut f: impl FnMut() -> Option<T>,
+    f: impl FnMut() -> Option<T>,
 ) -> Result<T, PublishError> {
+    match wait_on(what, timeout, || false, f) {
+        Ok(v) => Ok(v),
+        Err(Stop::Failed(e)) => Err(e),
+        Err(Stop::Down) => unreachable!("never down"),
+    }
+}
+
+/// Waits for `f`, asking `down` every [`LIVENESS_CHECK`] once the wait is longer than that.
+fn wait_on<T>(
+    what: impl Fn() -> String,
+    timeout: Duration,
+    mut down: impl FnMut() -> bool,
+    mut f: impl FnMut() -> Option<T>,
+) -> Result<T, Stop> {
     let start = Instant::now();
+    let mut next_check = LIVENESS_CHECK;
     let mut spins = 0u32;
     loop {
         if let Some(v) = f() {
             return Ok(v);
         }
-        if start.elapsed() > timeout {
-            return Err(PublishError::Timeout {
+        let waited = start.elapsed();
+        if waited >= next_check {
+            if down() {
+                return Err(Stop::Down);
+            }
+            next_check = waited + LIVENESS_CHECK;
+        }
+        if waited > timeout {
+            return Err(Stop::Failed(PublishError::Timeout {
                 what: what(),
-                waited: start.elapsed(),
-            });
+                waited,
+            }));
         }
         spins += 1;
         if spins < 64 {
@@ -143,6 +246,15 @@ fn wait<T>(
         } else {
             std::thread::sleep(Duration::from_micros(50));
         }
+    }
+}
+
+/// Whether the broker a link was opened with is gone: its process exited (or is a zombie),
+/// or the slot is now served by another process.
+fn broker_down<C: Coherence>(pool: &Pool, c: C, broker: u32, process: Option<ProcessId>) -> bool {
+    match process {
+        None => false,
+        Some(p) => pool.broker_process(c, broker) != Some(p) || !p.alive(),
     }
 }
 
@@ -165,15 +277,19 @@ impl<'p, C: Coherence> Publisher<'p, C> {
             .ok_or_else(|| PoolError::UnknownTopic(topic.to_string()))?;
         let mut links = Vec::with_capacity(brokers.len());
         for &b in brokers {
-            let session = Self::claim(pool, c, b, slot, client_id, cfg)?;
+            let (session, generation) = Self::claim(pool, c, b, slot, client_id, cfg)?;
             links.push(Link {
                 broker: b,
                 session,
+                generation,
                 bell: pool.broker_doorbell(b)?,
                 submit: RingProducer::new(submission_ring(session), c),
                 taken: 0,
                 grant: None,
-                unacked: Unacked::default(),
+                process: pool.broker_process(c, b),
+                live: true,
+                submitted: 0,
+                inflight: VecDeque::new(),
             });
         }
         Ok(Publisher {
@@ -189,7 +305,12 @@ impl<'p, C: Coherence> Publisher<'p, C> {
             batch_seq: 0,
             open: None,
             sealed_messages: 0,
-            prefix: AckedPrefix::default(),
+            acked_messages: 0,
+            prefix: SeqPrefix::default(),
+            orphans: VecDeque::new(),
+            latencies: Vec::new(),
+            checked_ns: monotonic_ns(),
+            resent_batches: 0,
             submit_waits: 0,
             grant_waits: 0,
         })
@@ -202,7 +323,7 @@ impl<'p, C: Coherence> Publisher<'p, C> {
         topic: u32,
         client_id: u64,
         cfg: PublisherConfig,
-    ) -> Result<&'p Session, PublishError> {
+    ) -> Result<(&'p Session, u64), PublishError> {
         let Some((s, _, mine)) = try_claim(
             pool,
             c,
@@ -229,7 +350,7 @@ impl<'p, C: Coherence> Publisher<'p, C> {
             || answer(c, s, mine),
         );
         match answer {
-            Ok(ACCEPTED) => Ok(s),
+            Ok(ACCEPTED) => Ok((s, mine)),
             Ok(_) => {
                 let reason = SessionError::from_code(s.error.load(Relaxed))
                     .describe()
@@ -246,6 +367,16 @@ impl<'p, C: Coherence> Publisher<'p, C> {
     /// Times the publisher waited for a grant (credits) or a submission slot.
     pub fn waits(&self) -> (u64, u64) {
         (self.grant_waits, self.submit_waits)
+    }
+
+    /// Batches sent again to a live broker after theirs died.
+    pub fn resent_batches(&self) -> u64 {
+        self.resent_batches
+    }
+
+    /// Brokers this publisher still sends to.
+    pub fn live_brokers(&self) -> usize {
+        self.links.iter().filter(|l| l.live).count()
     }
 
     /// Appends one message to the current batch, sealing batches as they fill or linger.
@@ -268,24 +399,65 @@ impl<'p, C: Coherence> Publisher<'p, C> {
         Ok(())
     }
 
+    /// The next live link in the round-robin.
+    fn next_live(&mut self) -> Result<usize, PublishError> {
+        for _ in 0..self.links.len() {
+            let i = self.next_link;
+            self.next_link = (self.next_link + 1) % self.links.len();
+            if self.links[i].live {
+                return Ok(i);
+            }
+        }
+        Err(PublishError::Transport(
+            "every broker this publisher had a session with is gone".into(),
+        ))
+    }
+
     fn start_batch(&mut self, stride: u64, now: u64) -> Result<(), PublishError> {
-        let i = self.next_link;
-        self.next_link = (self.next_link + 1) % self.links.len();
-        let timeout = self.cfg.wait_timeout;
+        let (i, offset, limit) = loop {
+            let i = self.next_live()?;
+            match self.room(i, stride) {
+                Ok((offset, free)) => break (i, offset, self.batch_bytes.min(free)),
+                Err(Stop::Down) => {
+                    self.link_down(i, "waiting for log space");
+                    self.drain_orphans()?;
+                }
+                Err(Stop::Failed(e)) => return Err(e),
+            }
+        };
+        // One bounds check per batch, not per message.
+        let base = self.pool.data_ptr(offset, limit)?;
+        self.open = Some(OpenBatch {
+            link: i,
+            start: offset,
+            // SAFETY: `base..base + limit` was bounds-checked in the mapping just above and
+            // lies in a grant this publisher took, which nobody else writes (the broker reads
+            // it only after the batch is submitted); grants and offsets in them are 64-byte
+            // aligned.
+            batch: unsafe { Filling::new(base, limit, now) },
+        });
+        Ok(())
+    }
+
+    /// Where link `i`'s current grant has at least `need` bytes free (taking the next grant
+    /// when it has not): `(offset, free bytes)`. Nothing is marked used.
+    fn room(&mut self, i: usize, need: u64) -> Result<(u64, u64), Stop> {
+        let (pool, c, timeout) = (self.pool, self.c, self.cfg.wait_timeout);
         let link = &mut self.links[i];
         if link
             .grant
-            .is_none_or(|(_, bytes, used)| used + stride > bytes)
+            .is_none_or(|(_, bytes, used)| used + need > bytes)
         {
             let s = link.session;
             let k = link.taken;
-            let c = self.c;
+            let (broker, process) = (link.broker, link.process);
             let mut waited = false;
-            wait(
+            wait_on(
                 || {
-                    format!("log space from broker {} (every grant is in use: subscribers or the sequencer are behind)", link.broker)
+                    format!("log space from broker {broker} (every grant is in use: subscribers or the sequencer are behind)")
                 },
                 timeout,
+                || broker_down(pool, c, broker, process),
                 || {
                     let ok = c.observe(&s.grants_issued) > k;
                     waited |= !ok;
@@ -305,34 +477,29 @@ impl<'p, C: Coherence> Publisher<'p, C> {
             doorbell::ring(link.bell);
             // The pool is not faulted in as a whole (a client pays only for what it
             // touches): the grant is, in one call, before the batches fill it.
-            self.pool.populate_range(g_offset, g_bytes);
+            pool.populate_range(g_offset, g_bytes);
         }
         let (offset, bytes, used) = link.grant.expect("a grant");
-        let limit = self.batch_bytes.min(bytes - used);
-        // One bounds check per batch, not per message.
-        let base = self.pool.data_ptr(offset + used, limit)?;
-        self.open = Some(OpenBatch {
-            link: i,
-            start: offset + used,
-            // SAFETY: `base..base + limit` was bounds-checked in the mapping just above and
-            // lies in a grant this publisher took, which nobody else writes (the broker reads
-            // it only after the batch is submitted); grants and offsets in them are 64-byte
-            // aligned.
-            batch: unsafe { Filling::new(base, limit, now) },
-        });
-        Ok(())
+        Ok((offset + used, bytes - used))
     }
 
     /// Seals the open batch and submits it to its broker.
     fn seal(&mut self) -> Result<(), PublishError> {
-        let Some(OpenBatch {
+        let Some(open) = self.open.take() else {
+            return Ok(());
+        };
+        let (i, f) = self.finish(open);
+        self.submit_or_orphan(i, f)?;
+        self.drain_orphans()
+    }
+
+    /// Closes the open batch: its descriptor, its space marked used, its `batch_seq` taken.
+    fn finish(&mut self, open: OpenBatch) -> (usize, InFlight) {
+        let OpenBatch {
             link: i,
             start,
             batch: b,
-        }) = self.open.take()
-        else {
-            return Ok(());
-        };
+        } = open;
         // SAFETY: the batch's bytes, inside the range checked when it opened.
         unsafe { self.c.writeback_range(b.base(), b.fill() as usize) };
         let link = &mut self.links[i];
@@ -346,12 +513,49 @@ impl<'p, C: Coherence> Publisher<'p, C> {
             start_logical_offset: 0,
             version_flags: u64::from(BATCH_HEADER_VERSION),
         };
+        if let Some((_, _, used)) = link.grant.as_mut() {
+            *used += b.fill();
+        }
+        self.sealed_messages += u64::from(b.num_msg());
+        self.batch_seq += 1;
+        if self.ack > 0 {
+            self.prefix.sealed(b.num_msg());
+        }
+        let f = InFlight {
+            desc,
+            upto: 0,
+            first_ns: b.first_ns,
+        };
+        (i, f)
+    }
+
+    /// Submits `f` to link `i`; if its broker is gone, `f` joins the orphans and the link is
+    /// closed (the caller drains the orphans).
+    fn submit_or_orphan(&mut self, i: usize, f: InFlight) -> Result<(), PublishError> {
+        match self.submit(i, f) {
+            Ok(()) => Ok(()),
+            Err(unsent) if matches!(unsent.1, Stop::Down) => {
+                self.orphans.push_back(unsent.0);
+                self.link_down(i, "waiting to submit a batch");
+                Ok(())
+            }
+            Err(unsent) => Err(unsent.failure()),
+        }
+    }
+
+    /// Puts `f` (whose descriptor names link `i`'s broker and space) in link `i`'s
+    /// submission ring.
+    fn submit(&mut self, i: usize, mut f: InFlight) -> Result<(), Box<Unsent>> {
+        let (pool, c) = (self.pool, self.c);
+        let link = &mut self.links[i];
+        let (broker, process) = (link.broker, link.process);
         let mut waited = false;
-        let broker = link.broker;
         let submit = &mut link.submit;
-        wait(
+        let desc = f.desc;
+        if let Err(stop) = wait_on(
             || format!("broker {broker} to take submitted batches"),
             self.cfg.wait_timeout,
+            || broker_down(pool, c, broker, process),
             || match submit.try_publish(&desc) {
                 Ok(_) => Some(()),
                 Err(RingError::Full { .. }) => {
@@ -360,29 +564,210 @@ impl<'p, C: Coherence> Publisher<'p, C> {
                 }
                 Err(_) => None,
             },
-        )?;
+        ) {
+            return Err(Box::new(Unsent(f, stop)));
+        }
         doorbell::ring(link.bell);
         if waited {
             self.submit_waits += 1;
         }
-        if let Some((_, _, used)) = link.grant.as_mut() {
-            *used += b.fill();
+        if self.ack > 0 {
+            link.submitted += u64::from(desc.num_msg);
+            f.upto = link.submitted;
+            link.inflight.push_back(f);
+            self.retire(i);
         }
-        link.unacked.sealed(b.num_msg(), b.first_ns);
-        let link_sealed = link.unacked.sealed_messages();
-        self.sealed_messages += u64::from(b.num_msg());
-        self.batch_seq += 1;
-        if self.prefix.is_full() {
-            self.advance_prefix();
-        }
-        self.prefix.sealed(i, link_sealed, self.sealed_messages);
         Ok(())
     }
 
-    fn advance_prefix(&mut self) -> u64 {
-        let (c, links) = (self.c, &self.links);
-        self.prefix
-            .advance(|l| c.observe(&links[l].session.acked_messages))
+    /// Retires what link `i`'s broker acknowledged.
+    fn retire(&mut self, i: usize) {
+        let Self {
+            links,
+            c,
+            prefix,
+            latencies,
+            acked_messages,
+            ..
+        } = self;
+        let l = &mut links[i];
+        let Some(front) = l.inflight.front() else {
+            return;
+        };
+        let acked = c.observe(&l.session.acked_messages);
+        if front.upto > acked {
+            return;
+        }
+        // The broker's stamp (same host's clock), so a publisher that looks late does not
+        // inflate it (it may round a batch up to a later ack of the same session).
+        let ack_ns = l.session.ack_ns.load(Relaxed);
+        while l.inflight.front().is_some_and(|f| f.upto <= acked) {
+            let f = l.inflight.pop_front().expect("front exists");
+            *acked_messages += u64::from(f.desc.num_msg);
+            prefix.acked(f.desc.batch_seq);
+            if latencies.len() < LATENCIES_KEPT_MAX {
+                latencies.push(ack_ns.saturating_sub(f.first_ns));
+            }
+        }
+    }
+
+    /// Looks (at most every [`LIVENESS_CHECK`]) whether the brokers with batches not yet
+    /// acknowledged still run, and sends a dead one's again.
+    fn check_brokers(&mut self) -> Result<(), PublishError> {
+        let now = monotonic_ns();
+        if now.saturating_sub(self.checked_ns) < LIVENESS_CHECK.as_nanos() as u64 {
+            return Ok(());
+        }
+        self.checked_ns = now;
+        for i in 0..self.links.len() {
+            let l = &self.links[i];
+            if l.live
+                && !l.inflight.is_empty()
+                && broker_down(self.pool, self.c, l.broker, l.process)
+            {
+                self.link_down(i, "waiting for acknowledgements");
+            }
+        }
+        self.drain_orphans()
+    }
+
+    /// Link `i`'s broker is gone: the session is closed, and what it had not acknowledged
+    /// (and the open batch, if it is in its space) joins the orphans.
+    fn link_down(&mut self, i: usize, doing: &str) {
+        if !self.links[i].live {
+            return;
+        }
+        // What it acknowledged before it died counts.
+        self.retire(i);
+        let mut pending: Vec<InFlight> = self.links[i].inflight.drain(..).collect();
+        if self.open.as_ref().is_some_and(|o| o.link == i) {
+            let open = self.open.take().expect("open");
+            pending.push(self.finish(open).1);
+        }
+        let l = &mut self.links[i];
+        l.live = false;
+        l.grant = None;
+        close(self.c, l.session, l.generation);
+        doorbell::ring(l.bell);
+        log::warn!(
+            "publisher {}: broker {} is gone ({doing}); sending its {} unacknowledged batch(es) to the live brokers",
+            self.client_id,
+            l.broker,
+            pending.len(),
+        );
+        // What the sequencer has not ordered goes first, oldest first: the gap it holds this
+        // client's later batches for is there. The rest come back `duplicate` (their broker
+        // decides so without a ring slot) and only need that ack.
+        let next = self
+            .pool
+            .client_progress(self.c, self.topic, self.client_id)
+            .map_or(0, |(next_expected, _)| next_expected);
+        pending.sort_by_key(|f| (f.desc.batch_seq < next, f.desc.batch_seq));
+        self.orphans.extend(pending);
+    }
+
+    /// Sends every orphan again, each to a live broker (round-robin by `batch_seq`).
+    fn drain_orphans(&mut self) -> Result<(), PublishError> {
+        if self.orphans.is_empty() {
+            return Ok(());
+        }
+        if self.ack == 0 {
+            // Nothing was promised: whatever the dead broker had not ordered is lost.
+            let n = self.orphans.len();
+            self.orphans.clear();
+            log::warn!(
+                "publisher {}: up to {n} batch(es) of ACK 0 may be lost with their broker",
+                self.client_id
+            );
+            return Ok(());
+        }
+        // The open batch sits in a live link's grant, where the copies go: it is submitted
+        // first.
+        if let Some(open) = self.open.take() {
+            let (i, f) = self.finish(open);
+            self.submit_or_orphan(i, f)?;
+        }
+        let (began, before) = (Instant::now(), self.resent_batches);
+        while let Some(f) = self.orphans.pop_front() {
+            let live: Vec<usize> = (0..self.links.len())
+                .filter(|&k| self.links[k].live)
+                .collect();
+            if live.is_empty() {
+                return Err(PublishError::Transport(format!(
+                    "every broker this publisher had a session with is gone; {} batch(es) from batch {} on were not acknowledged",
+                    self.orphans.len() + 1,
+                    f.desc.batch_seq
+                )));
+            }
+            let k = live[f.desc.batch_seq as usize % live.len()];
+            match self.resend(k, f) {
+                Ok(()) => self.resent_batches += 1,
+                Err(unsent) if matches!(unsent.1, Stop::Down) => {
+                    self.orphans.push_front(unsent.0);
+                    self.link_down(k, "sending a batch again");
+                }
+                Err(unsent) => return Err(unsent.failure()),
+            }
+        }
+        log::info!(
+            "publisher {}: {} batch(es) sent again in {:?}",
+            self.client_id,
+            self.resent_batches - before,
+            began.elapsed()
+        );
+        Ok(())
+    }
+
+    /// Copies orphan `f` into link `k`'s space, checks the copy, and submits it there.
+    fn resend(&mut self, k: usize, f: InFlight) -> Result<(), Box<Unsent>> {
+        let size = f.desc.total_size;
+        let (offset, _) = self.room(k, size).map_err(|s| Box::new(Unsent(f, s)))?;
+        let lost = |why: String| {
+            Box::new(Unsent(
+                f,
+                Stop::Failed(PublishError::Lost {
+                    broker: f.desc.broker_id,
+                    batch_seq: f.desc.batch_seq,
+                    why,
+                }),
+            ))
+        };
+        let from = self
+            .pool
+            .data_ptr(f.desc.log_idx, size)
+            .map_err(|e| lost(e.to_string()))?;
+        let to = self
+            .pool
+            .data_ptr(offset, size)
+            .map_err(|e| Box::new(Unsent(f, Stop::Failed(e.into()))))?;
+        // SAFETY: both ranges were bounds-checked in the mapping just above. `to` lies in a
+        // grant of this publisher's that nobody else writes; `from` in a dead broker's grant
+        // this publisher filled, which may have been reused since (then the check below
+        // fails). `copy` allows the two to overlap (a reused segment granted here again).
+        let copy = unsafe {
+            self.c.invalidate_range(from, size as usize);
+            std::ptr::copy(from, to, size as usize);
+            std::slice::from_raw_parts(to, size as usize)
+        };
+        if let Err(e) = Messages::over(copy, Claims::from(&f.desc)) {
+            return Err(lost(format!(
+                "its space was reused before it could be sent again ({e})"
+            )));
+        }
+        // SAFETY: the range checked above.
+        unsafe { self.c.writeback_range(to, size as usize) };
+        if let Some((_, _, used)) = self.links[k].grant.as_mut() {
+            *used += size;
+        }
+        let moved = InFlight {
+            desc: BatchDesc {
+                broker_id: self.links[k].broker,
+                log_idx: offset,
+                ..f.desc
+            },
+            ..f
+        };
+        self.submit(k, moved)
     }
 
     /// Submits `desc` as it is to broker link `link`, bypassing every check this library
@@ -401,9 +786,9 @@ impl<'p, C: Coherence> Publisher<'p, C> {
         self.links.get(link).and_then(|l| l.grant)
     }
 
-    /// Messages acknowledged so far, over every broker; an error if a broker rejected any.
-    pub fn acked(&self) -> Result<u64, PublishError> {
-        let mut total = 0;
+    /// Messages acknowledged so far, over every broker (a batch sent again counted once); an
+    /// error if a broker rejected any.
+    pub fn acked(&mut self) -> Result<u64, PublishError> {
         for l in &self.links {
             let rejected = self.c.observe(&l.session.rejected_batches);
             if rejected > 0 {
@@ -415,9 +800,12 @@ impl<'p, C: Coherence> Publisher<'p, C> {
                     batch_seq: e >> 8,
                 });
             }
-            total += self.c.observe(&l.session.acked_messages);
         }
-        Ok(total)
+        for i in 0..self.links.len() {
+            self.retire(i);
+        }
+        self.check_brokers()?;
+        Ok(self.acked_messages)
     }
 }
 
@@ -458,17 +846,14 @@ impl<C: Coherence> Publish for Publisher<'_, C> {
         if self.ack == 0 {
             return Ok(self.sealed_messages);
         }
-        Ok(self.advance_prefix())
+        Ok(self.prefix.messages())
     }
 
-    /// The ack time is the broker's stamp (same host's clock), so a publisher that looks late
-    /// does not inflate it (it may round a batch up to a later ack of the same session).
     fn take_ack_latencies(&mut self, out: &mut Vec<u64>) {
-        for l in &mut self.links {
-            let acked = self.c.observe(&l.session.acked_messages);
-            let ack_ns = l.session.ack_ns.load(Relaxed);
-            l.unacked.take(acked, ack_ns, out);
+        for i in 0..self.links.len() {
+            self.retire(i);
         }
+        out.append(&mut self.latencies);
     }
 
     fn grant_waits(&self) -> u64 {
@@ -493,9 +878,8 @@ impl<C: Coherence> Publish for Publisher<'_, C> {
 impl<C: Coherence> Drop for Publisher<'_, C> {
     fn drop(&mut self) {
         let _ = self.seal();
-        for l in &self.links {
-            let gen = l.session.state.load(Relaxed) >> 8;
-            self.c.publish(&l.session.state, gen << 8 | STATE_CLOSED);
+        for l in self.links.iter().filter(|l| l.live) {
+            close(self.c, l.session, l.generation);
             doorbell::ring(l.bell);
         }
     }

@@ -1,7 +1,8 @@
 //! What each broker slot says of itself in the pool ([`BrokerInfo`]): the data directory of
 //! its disk logs, so that a subscriber on the pool host finds the logs of every broker
 //! without asking the control process (a dead broker's too: the record stays until another
-//! broker takes the slot).
+//! broker takes the slot), and the process serving the slot, so that a publisher on the pool
+//! host sees its broker die without asking the control process either.
 //!
 //! The broker of a slot is its only writer, at its start: it stores the length 0, the path's
 //! bytes, then the length (published last); a reader loads the length, the bytes, and the
@@ -9,6 +10,8 @@
 //! its sequence: a broker rewrites its record at most once per process start).
 
 use std::path::{Path, PathBuf};
+
+use embar_sys::process::ProcessId;
 
 use super::coherence::Coherence;
 use super::layout::{BrokerInfo, DATA_DIR_MAX_BYTES};
@@ -79,6 +82,39 @@ impl Pool {
             std::hint::spin_loop();
         }
         None
+    }
+
+    /// Records `process` as the one serving broker slot `broker` (`None`: nobody, a broker
+    /// that stops cleanly). A broker clears only its own record, so a later broker of the
+    /// slot is not erased by an earlier one's exit.
+    pub fn set_broker_process<C: Coherence>(
+        &self,
+        c: C,
+        broker: u32,
+        process: Option<ProcessId>,
+    ) -> PoolResult<()> {
+        let info = self.broker_info(broker)?;
+        match process {
+            Some(p) => c.publish(&info.pid, p.pack()),
+            None => {
+                let me = ProcessId::current().pack();
+                if c.observe(&info.pid) == me {
+                    c.publish(&info.pid, 0);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The process serving broker slot `broker`, as it recorded itself (`None`: none
+    /// recorded). It may have died since: see [`ProcessId::alive`].
+    pub fn broker_process<C: Coherence>(&self, c: C, broker: u32) -> Option<ProcessId> {
+        let info = self.broker_info(broker).ok()?;
+        c.invalidate(info);
+        match c.observe(&info.pid) {
+            0 => None,
+            w => Some(ProcessId::unpack(w)),
+        }
     }
 
     /// Every broker slot's recorded data directory: `(slot, directory)`.

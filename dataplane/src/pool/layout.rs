@@ -459,19 +459,22 @@ pub const DATA_DIR_MAX_BYTES: usize = 4096 - 64;
 
 /// What a broker slot says of itself to every process on the pool host, one per slot: the
 /// absolute path of the data directory of its disk logs (`docs/durability.md`), so that a
-/// subscriber can read batches the pool no longer holds from the disks. Written by the broker
-/// that holds the slot, at its start (empty: it keeps no disk log); kept after it exits, so a
-/// dead broker's logs stay readable.
+/// subscriber can read batches the pool no longer holds from the disks, and the process
+/// serving the slot, so that a publisher with a session on it can tell when it is gone
+/// (`crate::client::publisher`, failover). Written by the broker that holds the slot, at its
+/// start (empty: it keeps no disk log); the path is kept after it exits, so a dead broker's
+/// logs stay readable; the process word is cleared when a broker stops cleanly.
 ///
 /// | line | writer | contents |
 /// |---|---|---|
-/// | 0 | the broker | `data_dir_len`: bytes of the path (0: none), stored last |
+/// | 0 | the broker | `data_dir_len`: bytes of the path (0: none), stored last; `pid`: the serving process, a packed `embar_sys::process::ProcessId` (0: none) |
 /// | 1.. | the broker | the path's bytes |
 #[repr(C, align(64))]
 #[derive(Debug)]
 pub struct BrokerInfo {
     pub data_dir_len: AtomicU64,
-    pub _pad: [AtomicU64; 7],
+    pub pid: AtomicU64,
+    pub _pad: [AtomicU64; 6],
     pub data_dir: [AtomicU64; DATA_DIR_MAX_BYTES / 8],
 }
 

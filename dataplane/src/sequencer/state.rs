@@ -266,6 +266,39 @@ impl<'p, C: Coherence> PoolState<'p, C> {
 }
 
 impl crate::pool::Pool {
+    /// What topic slot `topic`'s sequencer saved of client `client_id` (ORDER 4 and 5):
+    /// `(next_expected batch_seq, fenced)`, or `None` when the table has no entry for it.
+    /// Every `batch_seq` below `next_expected` was ordered: the saved value never runs ahead
+    /// of what was ordered (it is written back per round, after the ordering). The entry is
+    /// read between two loads of its key, so an entry freed and taken by another client
+    /// meanwhile is not taken for this one's (a freed entry's `next_expected` is cleared
+    /// before its key is set again).
+    pub fn client_progress<C: Coherence>(
+        &self,
+        c: C,
+        topic: u32,
+        client_id: u64,
+    ) -> Option<(u64, bool)> {
+        use crate::sync::Ordering::Acquire;
+        let st = self.sequencer_state(topic);
+        let start = home(client_id);
+        for k in 0..SEQUENCER_CLIENTS_MAX {
+            let e = &st.clients[(start + k) % SEQUENCER_CLIENTS_MAX];
+            c.invalidate(e);
+            let key = e.client_key.load(Acquire);
+            if key == 0 {
+                return None;
+            }
+            if key != client_id + 1 {
+                continue;
+            }
+            let next_expected = e.next_expected.load(Acquire);
+            let fenced = e.flags.load(Acquire) & FENCED != 0;
+            return (e.client_key.load(Acquire) == key).then_some((next_expected, fenced));
+        }
+        None
+    }
+
     /// Entries of topic slot `topic`'s sequencer client table in use (ORDER 4 and 5 track
     /// their publishers there), read from the pool: for status and tests. Panics if `topic`
     /// is out of range, as [`sequencer_state`](crate::pool::Pool::sequencer_state) does.

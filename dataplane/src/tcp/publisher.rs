@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use embar_sys::clock::monotonic_ns;
 
 use super::*;
-use crate::client::filling::{stride_of, Filling};
+use crate::client::filling::{resend_order, stride_of, Filling, SeqPrefix};
 use crate::client::publisher::{PublishError, PublisherConfig};
 use crate::client::Publish;
 use crate::replication::{describe_faults, faults_of, DiskFault};
@@ -100,42 +100,6 @@ struct Link {
     batch_limit: u64,
 }
 
-/// Acknowledged batches by `batch_seq`, for the acknowledged prefix. Not the shm and verbs
-/// publishers' `AckedPrefix`, which counts per link: here a batch sent again after a failover
-/// is acknowledged on another link than the one it was sealed for.
-#[derive(Default)]
-struct Prefix {
-    /// `(num_msg, acked)` of batches from `first_seq` on.
-    batches: VecDeque<(u32, bool)>,
-    first_seq: u64,
-    /// Messages of every batch before `first_seq` (all acknowledged).
-    messages: u64,
-}
-
-impl Prefix {
-    fn sealed(&mut self, num_msg: u32) {
-        self.batches.push_back((num_msg, false));
-    }
-
-    fn acked(&mut self, batch_seq: u64) {
-        if let Some(b) = batch_seq
-            .checked_sub(self.first_seq)
-            .and_then(|i| self.batches.get_mut(i as usize))
-        {
-            b.1 = true;
-        }
-        while let Some(&(n, true)) = self.batches.front() {
-            self.messages += u64::from(n);
-            self.first_seq += 1;
-            self.batches.pop_front();
-        }
-    }
-}
-
-/// On a failover, this many of the dead connection's newest unacknowledged batches are sent
-/// again first (well below the batches the sequencer holds for one client).
-const RESEND_NEWEST_FIRST: usize = 128;
-
 /// See the module docs.
 pub struct TcpPublisher {
     client_id: u64,
@@ -153,7 +117,7 @@ pub struct TcpPublisher {
     inflight_bytes: u64,
     sealed_messages: u64,
     acked_messages: u64,
-    prefix: Prefix,
+    prefix: SeqPrefix,
     latencies: Vec<u64>,
     resent_batches: u64,
     waits: u64,
@@ -261,7 +225,7 @@ impl TcpPublisher {
             inflight_bytes: 0,
             sealed_messages: 0,
             acked_messages: 0,
-            prefix: Prefix::default(),
+            prefix: SeqPrefix::default(),
             latencies: Vec::new(),
             resent_batches: 0,
             waits: 0,
@@ -348,15 +312,9 @@ impl TcpPublisher {
             pending.len(),
             self.links[live[0]].broker
         );
-        // The newest batches go first: those are the ones the dead broker may not have had
-        // ordered. Under ACK 2 most of the rest are ordered already and only wait for their
-        // acks, so they come back as duplicates; sent first, a thousand of them would queue in
-        // the live broker's ring behind the batches the sequencer holds for the missing one
-        // (the ring is freed in order), fill it, and keep the missing batch out until the
-        // sequencer fences the client.
+        // The newest first (see `resend_order`).
         let mut pending = pending;
-        let newest = pending.len().saturating_sub(RESEND_NEWEST_FIRST);
-        pending.rotate_left(newest);
+        resend_order(&mut pending);
         for s in pending {
             // Round-robin over the live brokers, in batch order per broker.
             let k = live[(s.batch_seq as usize) % live.len()];
@@ -658,7 +616,7 @@ impl Publish for TcpPublisher {
         if self.ack == 0 {
             return Ok(self.sealed_messages);
         }
-        Ok(self.prefix.messages)
+        Ok(self.prefix.messages())
     }
 
     fn ack_poll_interval(&self) -> Option<Duration> {
@@ -698,21 +656,6 @@ impl Drop for TcpPublisher {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_prefix_moves_only_over_batches_acknowledged_without_a_gap() {
-        let mut p = Prefix::default();
-        for n in [3, 4, 5] {
-            p.sealed(n);
-        }
-        p.acked(1);
-        assert_eq!(p.messages, 0, "batch 0 is not acknowledged yet");
-        p.acked(0);
-        assert_eq!(p.messages, 7);
-        p.acked(7);
-        p.acked(2);
-        assert_eq!(p.messages, 12);
-    }
 
     #[test]
     fn a_frame_buffer_places_the_batch_on_a_64_byte_boundary_with_room_for_the_header() {
