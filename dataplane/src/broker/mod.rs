@@ -181,6 +181,11 @@ struct SessionState<'p, C: Coherence> {
     /// Grant ids by grant number, for this session.
     grants: VecDeque<(u64, u64)>,
     consumer: Option<RingConsumer<'p, C>>,
+    /// The highest `batch_seq` it submitted. A publisher's batches come to each session in
+    /// `batch_seq` order, so one at or below it is a resend (a failover) and the only kind
+    /// worth looking up in the client table (`ordered_before`), which the sequencer writes:
+    /// not one shared cache line per batch.
+    max_batch_seq: Option<u64>,
     /// Its rejected batches are said at most every 10 s, with the count since: a publisher
     /// that keeps sending bad batches must not flood the log.
     reject_log: crate::log_limit::LogLimit,
@@ -309,6 +314,7 @@ impl<C: Coherence> Default for SessionState<'_, C> {
             core: SessionCore::default(),
             grants: VecDeque::new(),
             consumer: None,
+            max_batch_seq: None,
             reject_log: Default::default(),
         }
     }
@@ -885,17 +891,28 @@ impl<'p, C: Coherence> Broker<'p, C> {
                         .map_err(|e| (SessionError::BadMessage, e.to_string()))
                 }),
             };
-            match (verdict, p) {
-                (Ok(grant_id), Polled::Batch { index, desc })
-                    if matches!(t.order, 4 | 5)
+            // A publisher's batches come to a session in `batch_seq` order: one at or below
+            // the highest so far is a resend, the only kind looked up in the client table.
+            let early_duplicate = match (&verdict, &p) {
+                (Ok(_), Polled::Batch { desc, .. }) if matches!(t.order, 4 | 5) => {
+                    let resend = st.max_batch_seq.is_none_or(|m| desc.batch_seq <= m);
+                    st.max_batch_seq = Some(
+                        st.max_batch_seq
+                            .map_or(desc.batch_seq, |m| m.max(desc.batch_seq)),
+                    );
+                    resend
                         && ordered_before(
                             self.pool,
                             self.c,
                             st.topic,
                             desc.client_id,
                             desc.batch_seq,
-                        ) =>
-                {
+                        )
+                }
+                _ => false,
+            };
+            match (verdict, p) {
+                (Ok(grant_id), Polled::Batch { index, desc }) if early_duplicate => {
                     // A resend of a batch ordered before (its publisher failed over from a
                     // dead broker): decided here, so resends never fill the ring while a
                     // batch held for a gap keeps its slots from being reused.
