@@ -705,3 +705,106 @@ fn without_a_device_a_verbs_subscriber_says_so() {
     assert!(!ok, "a verbs subscriber without a device");
     assert!(err.contains("no RDMA device"), "{err}");
 }
+
+#[test]
+fn a_verbs_publisher_sends_what_a_dead_broker_had_not_acknowledged_to_the_live_one() {
+    let Some((_turn, c)) = ordered_verbs_cluster("failover", &[]) else {
+        return;
+    };
+    // The broker that does not run the sequencer dies (the sequencer's own failover is
+    // another test's).
+    let seq = c.status()["sequencer"]["slot"].as_u64().unwrap_or(0) as u32;
+    let victim = 1 - seq;
+    // A subscriber from total order 0 before anything is published, reading as it comes.
+    let sub = c.spawn(
+        &[
+            "subscribe",
+            "--topic",
+            "t",
+            "--from",
+            "0",
+            "--format",
+            "jsonl",
+            "--check-order",
+            "--idle-timeout-s",
+            "10",
+        ],
+        None,
+    );
+    let sub = std::thread::spawn(move || sub.wait_with_output().unwrap());
+    let mut publisher = Command::new(exe())
+        .args([
+            "publish",
+            "--topic",
+            "t",
+            "--transport",
+            "verbs",
+            "--control",
+            &c.control,
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("embar runs");
+    let mut stdin = publisher.stdin.take().unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let feeding = stop.clone();
+    // Fed for as long as the test runs (at least 4,000 lines), in chunks.
+    let feeder = std::thread::spawn(move || {
+        let mut n = 0usize;
+        while !feeding.load(std::sync::atomic::Ordering::Relaxed) || n < 4_000 {
+            let chunk: String = (n..n + 200)
+                .map(|i| format!("v {i:06} {}\n", "w".repeat(90)))
+                .collect();
+            if stdin.write_all(chunk.as_bytes()).is_err() {
+                break;
+            }
+            n += 200;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        n
+    });
+    wait_until(
+        "the run under way on the broker to be killed",
+        Duration::from_secs(60),
+        || {
+            c.metric(
+                u64::from(victim),
+                "embar_broker_verbs_batches_forwarded_total",
+            ) >= 20
+        },
+    );
+    signal(c.broker_pid(victim), "-KILL");
+    let live = u64::from(seq);
+    let before = c.metric(live, "embar_broker_verbs_batches_forwarded_total");
+    wait_until("the run going on", Duration::from_secs(60), || {
+        c.metric(live, "embar_broker_verbs_batches_forwarded_total") >= before + 50
+    });
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let n = feeder.join().unwrap();
+    let out = publisher.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains(&format!("{n} acknowledged")), "{n} fed: {err}");
+    assert!(err.contains("is gone"), "the publisher failed over: {err}");
+    let out = sub.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(got.len(), n, "every line once");
+    for (i, m) in got.iter().enumerate() {
+        assert_eq!(m["total_order"].as_u64(), Some(i as u64), "no gap");
+        let p = m["payload"].as_str().unwrap();
+        assert!(
+            p.starts_with(&format!("v {i:06} ")),
+            "in publish order: {i} is {p:.10}"
+        );
+    }
+}

@@ -138,6 +138,7 @@ impl<'p, C: Coherence> Driver<'p, C> {
                 sessions_closed: v.sessions_closed,
                 sessions_refused: v.sessions_refused,
                 batches_forwarded: v.batches_forwarded,
+                resends_copied: v.resends_copied,
                 bad_immediates: v.bad_immediates,
                 grants_registered: v.grants_registered,
             };

@@ -152,6 +152,7 @@ pub struct VerbsSnapshot {
     pub sessions_closed: u64,
     pub sessions_refused: u64,
     pub batches_forwarded: u64,
+    pub resends_copied: u64,
     pub bad_immediates: u64,
     pub grants_registered: u64,
 }
@@ -272,6 +273,12 @@ const BROKER_METRICS: &[(&str, &str, Kind, Read)] = &[
         "Descriptors taken from verbs sessions",
         Kind::Counter,
         |s| s.verbs.batches_forwarded,
+    ),
+    (
+        "verbs_resends_copied",
+        "Verbs publishers' resends after a broker died, copied inside the pool instead of written again",
+        Kind::Counter,
+        |s| s.verbs.resends_copied,
     ),
     (
         "verbs_bad_immediates",

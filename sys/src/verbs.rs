@@ -765,6 +765,21 @@ impl QueuePair {
         })
     }
 
+    /// Moves the QP to the error state: every request still posted completes at once with a
+    /// flush error (the NIC reads no more of their memory), and nothing more is sent. For a
+    /// peer known to be gone, whose outstanding requests would otherwise wait out the
+    /// transport retries.
+    pub fn to_error(&mut self) -> Result<(), VerbsError> {
+        // SAFETY: zeroed is a valid ibv_qp_attr; the QP is live and the mask names only the
+        // state, which is set.
+        let mut a: ibv_qp_attr = unsafe { std::mem::zeroed() };
+        a.qp_state = ibv_qp_state::IBV_QPS_ERR;
+        // SAFETY: see above.
+        check_ret("ibv_modify_qp(ERR)", unsafe {
+            ibv_modify_qp(self.qp, &mut a, ibv_qp_attr_mask::IBV_QP_STATE.0 as i32)
+        })
+    }
+
     /// Posts up to four writes as one chain (one doorbell), executed in order.
     ///
     /// # Safety

@@ -89,96 +89,10 @@ impl Filling {
     }
 }
 
-/// Sealed batches of one broker link not yet acknowledged, for publish-to-ack latency: acks
-/// come as a cumulative message count, so each batch is known by the count at its seal.
-#[cfg(feature = "verbs")]
-#[derive(Debug, Default)]
-pub(crate) struct Unacked {
-    sealed_messages: u64,
-    /// `(cumulative messages at seal, first publish ns)` per batch, oldest first.
-    batches: std::collections::VecDeque<(u64, u64)>,
-}
-
-#[cfg(feature = "verbs")]
-impl Unacked {
-    /// A batch of `num_msg` messages, the first published at `first_ns`, was submitted.
-    pub fn sealed(&mut self, num_msg: u32, first_ns: u64) {
-        self.sealed_messages += u64::from(num_msg);
-        self.batches.push_back((self.sealed_messages, first_ns));
-    }
-
-    /// Messages sealed on this link so far.
-    pub fn sealed_messages(&self) -> u64 {
-        self.sealed_messages
-    }
-
-    /// The latency to `ack_ns` of every batch `acked` (cumulative messages) covers.
-    pub fn take(&mut self, acked: u64, ack_ns: u64, out: &mut Vec<u64>) {
-        while self.batches.front().is_some_and(|(cum, _)| *cum <= acked) {
-            let (_, first) = self.batches.pop_front().expect("front exists");
-            out.push(ack_ns.saturating_sub(first));
-        }
-    }
-}
-
-/// Which of a publisher's messages are acknowledged, counted in publish order from its
-/// first: the prefix that is acknowledged without a gap. Each broker acknowledges its own
-/// batches in order (a cumulative count per link) while batches are striped over links, so
-/// the sum over links can run ahead of this prefix; a caller waiting for message `m` needs
-/// the prefix to pass `m`.
-#[cfg(feature = "verbs")]
-#[derive(Debug, Default)]
-pub(crate) struct AckedPrefix {
-    /// `(link, link messages at seal, publisher messages at seal)` per batch not yet seen
-    /// acknowledged, oldest first.
-    batches: std::collections::VecDeque<(usize, u64, u64)>,
-    prefix: u64,
-}
-
-#[cfg(feature = "verbs")]
-impl AckedPrefix {
-    /// Batches kept before a seal looks at the acks itself, so that the memory stays
-    /// bounded for a caller that never asks.
-    pub const KEPT_MAX: usize = 1024;
-
-    /// A batch was sealed on `link`, which has `link_sealed` messages with it; the publisher
-    /// has `sealed` in all.
-    pub fn sealed(&mut self, link: usize, link_sealed: u64, sealed: u64) {
-        self.batches.push_back((link, link_sealed, sealed));
-    }
-
-    /// Whether a seal should call [`AckedPrefix::advance`] first.
-    pub fn is_full(&self) -> bool {
-        self.batches.len() >= Self::KEPT_MAX
-    }
-
-    /// The prefix, given each link's cumulative acknowledged messages.
-    pub fn advance(&mut self, mut link_acked: impl FnMut(usize) -> u64) -> u64 {
-        // One read per link and call: a link's count is read once even if several of its
-        // batches are passed.
-        let mut seen: Option<(usize, u64)> = None;
-        while let Some(&(link, link_sealed, sealed)) = self.batches.front() {
-            let acked = match seen {
-                Some((l, a)) if l == link => a,
-                _ => {
-                    let a = link_acked(link);
-                    seen = Some((link, a));
-                    a
-                }
-            };
-            if acked < link_sealed {
-                break;
-            }
-            self.prefix = sealed;
-            self.batches.pop_front();
-        }
-        self.prefix
-    }
-}
-
-/// Acknowledged batches by `batch_seq`, for the acknowledged prefix of a publisher that
-/// fails over: a batch sent again after its broker died is acknowledged on another link than
-/// the one it was sealed for, so a count per link (`AckedPrefix`) cannot place it.
+/// Acknowledged batches by `batch_seq`, for a publisher's acknowledged prefix: the messages
+/// acknowledged without a gap from its first. Acks come per link, in the order each link
+/// took its batches, while batches are striped over links and, after a failover, sent again
+/// on another link than the one they were sealed for: so they are placed by `batch_seq`.
 #[derive(Debug, Default)]
 pub(crate) struct SeqPrefix {
     /// `(num_msg, acked)` of batches from `first_seq` on.
@@ -262,24 +176,5 @@ mod tests {
         let mut short = vec![1, 2, 3];
         super::resend_order(&mut short);
         assert_eq!(short, [1, 2, 3]);
-    }
-
-    #[cfg(feature = "verbs")]
-    #[test]
-    fn the_acked_prefix_stops_at_the_first_batch_its_link_has_not_acknowledged() {
-        let mut p = super::AckedPrefix::default();
-        // Batches of 10, 20, 30 and 40 messages striped over links 0, 1, 0, 1.
-        p.sealed(0, 10, 10);
-        p.sealed(1, 20, 30);
-        p.sealed(0, 40, 60);
-        p.sealed(1, 60, 100);
-        let acks = |a: [u64; 2]| move |l: usize| a[l];
-        // Link 1 acknowledged everything, link 0 nothing: nothing is acknowledged in order.
-        assert_eq!(p.advance(acks([0, 60])), 0);
-        assert_eq!(p.advance(acks([10, 60])), 30);
-        // Counts only grow; a later call goes on from where the last stopped.
-        assert_eq!(p.advance(acks([40, 60])), 100);
-        assert_eq!(p.advance(acks([40, 60])), 100);
-        assert!(!p.is_full());
     }
 }

@@ -55,6 +55,9 @@ pub struct FrontendStats {
     pub sessions_closed: u64,
     pub sessions_refused: u64,
     pub batches_forwarded: u64,
+    /// Resends by copy (a publisher's failover from a dead broker): batches copied inside the
+    /// pool instead of written again over the network.
+    pub resends_copied: u64,
     pub bad_immediates: u64,
     pub grants_registered: u64,
     pub feedback_writes: u64,
@@ -569,7 +572,14 @@ impl<'p, C: Coherence> Frontend<'p, C> {
             return usize::from(r.read_ready());
         }
         let mut work = 0;
-        work += r.forward(pool, &mut warn.submission, broker, now);
+        work += r.forward(
+            pool,
+            c,
+            &mut warn.submission,
+            broker,
+            now,
+            &mut stats.resends_copied,
+        );
         stats.batches_forwarded += work as u64;
         match r.new_grants(pool, c, ctx) {
             Ok(n) => {
@@ -670,8 +680,48 @@ impl<C: Coherence> Remote<'_, C> {
         false
     }
 
+    /// A resend by copy ([`Staged`]): the batch's bytes at pool offset `from` (a dead
+    /// broker's grant, where this publisher wrote them) into the descriptor's place, which must
+    /// lie in one of this session's grants. Out of range on either side, nothing is copied;
+    /// either way the broker checks what the place holds like any batch (so bytes that are not
+    /// this client's batch are rejected with the reason). Returns whether it copied.
+    fn copy_resend(&self, pool: &Pool, c: C, d: &BatchDesc, from: u64) -> bool {
+        let size = d.total_size;
+        let inside = self.grants.iter().any(|g| {
+            d.log_idx >= g.offset
+                && d.log_idx
+                    .checked_add(size)
+                    .is_some_and(|end| end <= g.offset + g.bytes)
+        });
+        if !inside || size == 0 {
+            return false;
+        }
+        let (Ok(src), Ok(dst)) = (pool.data_ptr(from, size), pool.data_ptr(d.log_idx, size)) else {
+            return false;
+        };
+        // SAFETY: both ranges were bounds-checked in the pool mapping just above; `dst` lies
+        // in a grant of this session, which only its publisher writes (by RDMA, and it wrote
+        // nothing there for a resend: the broker has not taken the descriptor yet, so it does
+        // not read it either). `copy` allows the ranges to overlap.
+        unsafe {
+            c.invalidate_range(src, size as usize);
+            std::ptr::copy(src, dst, size as usize);
+            c.writeback_range(dst, size as usize);
+        }
+        true
+    }
+
     /// Takes announced descriptors into the submission ring, in order, while it has room.
-    fn forward(&mut self, pool: &Pool, warn: &mut LogLimit, broker: u32, now: u64) -> usize {
+    /// A resend by copy gets its bytes first (counted in `resends`).
+    fn forward(
+        &mut self,
+        pool: &Pool,
+        c: C,
+        warn: &mut LogLimit,
+        broker: u32,
+        now: u64,
+        resends: &mut u64,
+    ) -> usize {
         let mut n = 0;
         while let Some(&slot) = self.queue.front() {
             let mut raw = [0u8; SLOT_BYTES];
@@ -685,7 +735,13 @@ impl<C: Coherence> Remote<'_, C> {
                     SLOT_BYTES,
                 )
             };
-            let desc = decode_descriptor(&raw);
+            let staged = decode_staged(&raw);
+            let desc = staged.desc;
+            if let Some(from) = staged.copy_from {
+                if self.copy_resend(pool, c, &desc, from) {
+                    *resends += 1;
+                }
+            }
             match self.submit.try_publish(&desc) {
                 Ok(_) => {}
                 Err(RingError::Full { .. }) => break,

@@ -132,8 +132,30 @@ pub fn grant_offset(i: usize) -> u64 {
     (64 * (1 + i)) as u64
 }
 
-/// The 64-byte wire form of a descriptor: eight little-endian words.
+/// The 64-byte wire form of a descriptor: eight little-endian words, the last one
+/// `copy_from + 1` of a resend by copy (0: none; see [`Staged`]).
 pub fn encode_descriptor(d: &BatchDesc) -> [u8; SLOT_BYTES] {
+    encode_staged(&Staged {
+        desc: *d,
+        copy_from: None,
+    })
+}
+
+/// What a publisher stages: a descriptor, and for a resend after its broker died, where in
+/// the pool the batch already is (`copy_from`: the dead broker's grant, where the publisher
+/// RDMA-wrote it). The frontend copies those bytes into the descriptor's place in this
+/// session's grant before it submits the descriptor, so a resend moves no payload over the
+/// network; the broker checks the copy like any batch (every message header names the
+/// session's client and the batch), so bytes that are not this client's batch are rejected.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Staged {
+    pub desc: BatchDesc,
+    pub copy_from: Option<u64>,
+}
+
+/// The wire form of `s` (see [`encode_descriptor`]).
+pub fn encode_staged(s: &Staged) -> [u8; SLOT_BYTES] {
+    let d = &s.desc;
     let words = [
         d.batch_seq,
         d.client_id,
@@ -142,7 +164,7 @@ pub fn encode_descriptor(d: &BatchDesc) -> [u8; SLOT_BYTES] {
         d.log_idx,
         d.start_logical_offset,
         d.version_flags,
-        0,
+        s.copy_from.map_or(0, |f| f.wrapping_add(1)),
     ];
     let mut out = [0u8; SLOT_BYTES];
     for (i, w) in words.iter().enumerate() {
@@ -151,18 +173,21 @@ pub fn encode_descriptor(d: &BatchDesc) -> [u8; SLOT_BYTES] {
     out
 }
 
-/// Inverse of [`encode_descriptor`]. Any 64 bytes decode; the broker's checks judge them.
-pub fn decode_descriptor(b: &[u8; SLOT_BYTES]) -> BatchDesc {
+/// Inverse of [`encode_staged`]. Any 64 bytes decode; the broker's checks judge them.
+pub fn decode_staged(b: &[u8; SLOT_BYTES]) -> Staged {
     let w = |i: usize| u64::from_le_bytes(b[8 * i..8 * i + 8].try_into().expect("8 bytes"));
-    BatchDesc {
-        batch_seq: w(0),
-        client_id: w(1),
-        num_msg: w(2) as u32,
-        broker_id: (w(2) >> 32) as u32,
-        total_size: w(3),
-        log_idx: w(4),
-        start_logical_offset: w(5),
-        version_flags: w(6),
+    Staged {
+        desc: BatchDesc {
+            batch_seq: w(0),
+            client_id: w(1),
+            num_msg: w(2) as u32,
+            broker_id: (w(2) >> 32) as u32,
+            total_size: w(3),
+            log_idx: w(4),
+            start_logical_offset: w(5),
+            version_flags: w(6),
+        },
+        copy_from: w(7).checked_sub(1),
     }
 }
 
@@ -226,7 +251,10 @@ mod tests {
         #[test]
         fn descriptors_round_trip(seq: u64, client: u64, n: u32, b: u32, size: u64, idx: u64, lo: u64, v: u64) {
             let d = BatchDesc { batch_seq: seq, client_id: client, num_msg: n, broker_id: b, total_size: size, log_idx: idx, start_logical_offset: lo, version_flags: v };
-            prop_assert_eq!(decode_descriptor(&encode_descriptor(&d)), d);
+            let plain = Staged { desc: d, copy_from: None };
+            prop_assert_eq!(decode_staged(&encode_descriptor(&d)), plain);
+            let resend = Staged { desc: d, copy_from: Some(lo >> 1) };
+            prop_assert_eq!(decode_staged(&encode_staged(&resend)), resend);
         }
     }
 

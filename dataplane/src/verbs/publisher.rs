@@ -3,7 +3,17 @@
 //! the protocol in [`super`]. Same batching rules as the shm publisher: seal at the batch
 //! size, on `flush`, or after the linger time; dense per-client `batch_seq`; batches striped
 //! round-robin over the brokers.
+//!
+//! **Failover.** A broker is gone when its session's TCP connection ends or a write to it
+//! fails (its QP is then moved to the error state, which completes everything still posted).
+//! What it had not acknowledged goes to the live brokers, unchanged (same `batch_seq`): a
+//! batch whose writes completed is already in the pool, in the dead broker's grant, so only
+//! its descriptor goes, asking the live broker to copy it from there into its grant
+//! ([`Staged::copy_from`]; the broker checks the copy like any batch); a batch whose writes
+//! did not complete is still in its local buffer and is written again. The sequencer drops
+//! the copies it had ordered already and they are acked again, as for the TCP publisher.
 
+use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Write as _};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
@@ -17,12 +27,16 @@ use embar_sys::verbs::{
 use super::credits::StagingCredits;
 use super::frontend::describe_code;
 use super::*;
-use crate::client::filling::{stride_of, AckedPrefix, Filling, Unacked};
+use crate::client::filling::{resend_order, stride_of, Filling, SeqPrefix};
 use crate::client::publisher::{PublishError, PublisherConfig};
 use crate::client::Publish;
 use crate::pool::layout::BATCH_HEADER_VERSION;
 use crate::sync::Ordering::Acquire;
 
+/// How often a publisher waiting on its brokers looks whether their connections still stand.
+const LIVENESS_CHECK: Duration = Duration::from_millis(10);
+/// Ack latencies kept for a caller that never takes them (the rest are not recorded).
+const LATENCIES_KEPT_MAX: usize = 1 << 20;
 /// How often a caller timing acks looks at them (see `Publish::ack_poll_interval`).
 const ACK_POLL_INTERVAL: Duration = Duration::from_micros(50);
 /// Local batch buffers (batches in flight per publisher).
@@ -49,7 +63,9 @@ struct Grant {
 struct Link {
     broker: u32,
     qp: QueuePair,
-    _stream: TcpStream,
+    /// The session's lifeline (non-blocking once the session is up): its end is the
+    /// broker's.
+    stream: TcpStream,
     feedback: RegisteredBuffer,
     staging_addr: u64,
     staging_rkey: u32,
@@ -57,8 +73,35 @@ struct Link {
     credits: StagingCredits,
     taken: u64,
     grant: Option<Grant>,
-    /// Sealed batches not yet acknowledged (latency).
-    unacked: Unacked,
+    /// Cleared once its broker is gone: nothing more goes to it.
+    live: bool,
+    /// Buffers with writes posted on this QP and no completion seen yet.
+    posted: Vec<usize>,
+    /// Messages staged on this session (its acknowledgements count up to it).
+    staged: u64,
+    /// Staged batches not yet acknowledged, oldest first (not kept at ACK 0).
+    inflight: VecDeque<InFlight>,
+}
+
+/// Where a sealed batch's bytes are, for a resend.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Bytes {
+    /// In this local buffer, written (or to be written) and not yet known to have landed.
+    Local(usize),
+    /// In the pool at this offset: landed (the writes completed), or the source of a resend
+    /// by copy.
+    Pool(u64),
+}
+
+/// A sealed batch, kept until its broker acknowledges it.
+#[derive(Clone, Copy, Debug)]
+struct InFlight {
+    /// As staged on its link (its place in that link's grant).
+    desc: crate::batch::BatchDesc,
+    bytes: Bytes,
+    /// Its link's `staged` once it was staged.
+    upto: u64,
+    first_ns: u64,
 }
 
 impl Link {
@@ -67,6 +110,18 @@ impl Link {
         // at creation (a valid Feedback: atomics), and lives as long as `self`. The broker
         // writes it by RDMA; every field is an atomic read here.
         unsafe { &*self.feedback.as_ptr().cast::<Feedback>() }
+    }
+
+    /// Whether the session's TCP connection has ended (the broker process is gone, or it
+    /// dropped the session). Nothing is expected on it after the handshake.
+    fn lifeline_ended(&mut self) -> bool {
+        use std::io::{ErrorKind, Read};
+        let mut b = [0u8; 64];
+        match self.stream.read(&mut b) {
+            Ok(0) => true,
+            Ok(_) => false,
+            Err(e) => !matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::Interrupted),
+        }
     }
 }
 
@@ -95,8 +150,15 @@ pub struct VerbsPublisher {
     batch_seq: u64,
     open: Option<OpenBatch>,
     sealed_messages: u64,
+    acked_messages: u64,
     /// Which messages are acknowledged in publish order.
-    prefix: AckedPrefix,
+    prefix: SeqPrefix,
+    /// Sealed batches whose broker died before it acknowledged them, to send again.
+    orphans: VecDeque<InFlight>,
+    latencies: Vec<u64>,
+    /// When the links' connections were last looked at.
+    checked_ns: u64,
+    resent_batches: u64,
     grant_waits: u64,
     staging_waits: u64,
     completions: Vec<Completion>,
@@ -146,7 +208,12 @@ impl VerbsPublisher {
             batch_seq: 0,
             open: None,
             sealed_messages: 0,
-            prefix: AckedPrefix::default(),
+            acked_messages: 0,
+            prefix: SeqPrefix::default(),
+            orphans: VecDeque::new(),
+            latencies: Vec::new(),
+            checked_ns: monotonic_ns(),
+            resent_batches: 0,
             grant_waits: 0,
             staging_waits: 0,
             completions: Vec::with_capacity(16),
@@ -226,18 +293,25 @@ impl VerbsPublisher {
         stream
             .write_all(b"READY\n")
             .map_err(|e| refused(e.to_string()))?;
+        // From here on it is only watched for its end (`Link::lifeline_ended`).
+        stream
+            .set_nonblocking(true)
+            .map_err(|e| refused(e.to_string()))?;
         Ok((
             Link {
                 broker,
                 qp,
-                _stream: stream,
+                stream,
                 feedback,
                 staging_addr: st[0],
                 staging_rkey: st[1] as u32,
                 credits: StagingCredits::new(st[2] as u32),
                 taken: 0,
                 grant: None,
-                unacked: Unacked::default(),
+                live: true,
+                posted: Vec::new(),
+                staged: 0,
+                inflight: VecDeque::new(),
             },
             batch_bytes,
             ack,
@@ -249,38 +323,258 @@ impl VerbsPublisher {
         (self.grant_waits, self.staging_waits)
     }
 
-    /// Reaps send completions: frees batch buffers; an error fails the publisher.
+    /// Batches sent again to a live broker after theirs died.
+    pub fn resent_batches(&self) -> u64 {
+        self.resent_batches
+    }
+
+    /// Brokers this publisher still sends to.
+    pub fn live_brokers(&self) -> usize {
+        self.links.iter().filter(|l| l.live).count()
+    }
+
+    /// Reaps send completions: a buffer whose writes completed is free again (its batch is
+    /// in the pool now); a failed write takes its link down (its broker is gone), unless the
+    /// broker refused the range (a bug or a rogue: the publisher fails).
     fn reap(&mut self) -> Result<(), PublishError> {
+        let mut down: Vec<(usize, String)> = Vec::new();
         loop {
             self.completions.clear();
             if self.cq.poll(&mut self.completions).map_err(transport)? == 0 {
                 break;
             }
-            for c in &self.completions {
+            for k in 0..self.completions.len() {
+                let c = self.completions[k];
+                let buffer = c.wr_id as usize;
+                let Some(i) = self.links.iter().position(|l| l.qp.qp_num() == c.qp_num) else {
+                    continue;
+                };
+                let l = &mut self.links[i];
+                let Some(at) = l.posted.iter().position(|&b| b == buffer) else {
+                    // The second completion of a chain that failed (both carry the buffer).
+                    continue;
+                };
+                l.posted.swap_remove(at);
+                let holder = l
+                    .inflight
+                    .iter_mut()
+                    .chain(self.orphans.iter_mut())
+                    .find(|f| f.bytes == Bytes::Local(buffer));
                 if c.ok() {
-                    self.free.push(c.wr_id as usize);
-                } else if self.failure.is_none() {
-                    let broker = self
-                        .links
-                        .iter()
-                        .find(|l| l.qp.qp_num() == c.qp_num)
-                        .map_or(u32::MAX, |l| l.broker);
+                    if let Some(f) = holder {
+                        f.bytes = Bytes::Pool(f.desc.log_idx);
+                    }
+                    self.free.push(buffer);
+                    continue;
+                }
+                if c.remote_access_error() && self.failure.is_none() {
                     self.failure = Some(format!(
-                        "RDMA write to broker {broker} failed: {}{}",
-                        c.status_str(),
-                        if c.remote_access_error() {
-                            " (outside the space the broker granted)"
-                        } else {
-                            ""
-                        }
+                        "RDMA write to broker {} failed: {} (outside the space the broker granted)",
+                        l.broker,
+                        c.status_str()
                     ));
+                }
+                // Its batch (if it still waits for an ack) is sent again from the buffer.
+                if holder.is_none() {
+                    self.free.push(buffer);
+                }
+                if l.live && !down.iter().any(|(d, _)| *d == i) {
+                    down.push((i, c.status_str()));
                 }
             }
         }
-        match &self.failure {
-            Some(f) => Err(PublishError::Transport(f.clone())),
-            None => Ok(()),
+        if let Some(f) = &self.failure {
+            return Err(PublishError::Transport(f.clone()));
         }
+        for (i, why) in down {
+            self.link_down(i, &format!("a write to it failed: {why}"))?;
+        }
+        Ok(())
+    }
+
+    /// Retires what link `i`'s broker acknowledged.
+    fn retire(&mut self, i: usize) {
+        let Self {
+            links,
+            prefix,
+            latencies,
+            acked_messages,
+            ..
+        } = self;
+        let l = &mut links[i];
+        let Some(front) = l.inflight.front() else {
+            return;
+        };
+        let acked = l.fb().counters.acked_messages.load(Acquire);
+        if front.upto > acked {
+            return;
+        }
+        // The broker's clock is another host's: an ack is timed when it is seen here.
+        let now = monotonic_ns();
+        while l.inflight.front().is_some_and(|f| f.upto <= acked) {
+            let f = l.inflight.pop_front().expect("front exists");
+            *acked_messages += u64::from(f.desc.num_msg);
+            prefix.acked(f.desc.batch_seq);
+            if latencies.len() < LATENCIES_KEPT_MAX {
+                latencies.push(now.saturating_sub(f.first_ns));
+            }
+        }
+    }
+
+    /// Looks (at most every [`LIVENESS_CHECK`]) whether the live links' connections still
+    /// stand, and sends a dead one's batches again.
+    fn check_links(&mut self) -> Result<(), PublishError> {
+        let now = monotonic_ns();
+        if now.saturating_sub(self.checked_ns) < LIVENESS_CHECK.as_nanos() as u64 {
+            return Ok(());
+        }
+        self.checked_ns = now;
+        for i in 0..self.links.len() {
+            if self.links[i].live && self.links[i].lifeline_ended() {
+                self.link_down(i, "its connection ended")?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Link `i`'s broker is gone: its QP goes to the error state (what is still posted
+    /// completes, flushed), and what it had not acknowledged (and the open batch, if it is for
+    /// it) joins the orphans, sent again to the live brokers.
+    fn link_down(&mut self, i: usize, why: &str) -> Result<(), PublishError> {
+        if !self.links[i].live {
+            return Ok(());
+        }
+        self.retire(i);
+        let l = &mut self.links[i];
+        l.live = false;
+        l.grant = None;
+        if let Err(e) = l.qp.to_error() {
+            log::warn!("broker {}: {e}", l.broker);
+        }
+        let mut pending: Vec<InFlight> = l.inflight.drain(..).collect();
+        if self.open.as_ref().is_some_and(|o| o.link == i) {
+            let open = self.open.take().expect("open");
+            let (_, f) = self.finish(open);
+            pending.push(f);
+        }
+        log::warn!(
+            "publisher {}: broker {} is gone ({why}); sending its {} unacknowledged batch(es) to the live brokers",
+            self.client_id,
+            self.links[i].broker,
+            pending.len()
+        );
+        if self.ack == 0 {
+            // Nothing was promised: whatever it had not ordered is lost. (Buffers still
+            // posted come back with their flushed completions.)
+            for f in pending {
+                if let Bytes::Local(b) = f.bytes {
+                    if !self.links[i].posted.contains(&b) {
+                        self.free.push(b);
+                    }
+                }
+            }
+            log::warn!(
+                "publisher {}: batches of ACK 0 broker {} had not ordered are lost",
+                self.client_id,
+                self.links[i].broker
+            );
+            return Ok(());
+        }
+        // Queued before its flushed writes are reaped, which mark what landed (`reap` finds
+        // them among the orphans).
+        resend_order(&mut pending);
+        self.orphans.extend(pending);
+        // Its flushed writes free their buffers first (the NIC reads them no more).
+        let deadline = Instant::now() + self.cfg.wait_timeout;
+        while !self.links[i].posted.is_empty() {
+            self.reap()?;
+            if Instant::now() > deadline {
+                return Err(PublishError::Timeout {
+                    what: format!(
+                        "the flushed writes of broker {} to complete",
+                        self.links[i].broker
+                    ),
+                    waited: self.cfg.wait_timeout,
+                });
+            }
+            std::thread::yield_now();
+        }
+        self.drain_orphans()
+    }
+
+    /// Sends every orphan again, each to a live broker (round-robin by `batch_seq`).
+    fn drain_orphans(&mut self) -> Result<(), PublishError> {
+        if self.orphans.is_empty() {
+            return Ok(());
+        }
+        // The open batch is for a live link's grant, where the resends go: it goes first.
+        if self.open.is_some() {
+            self.seal()?;
+        }
+        while let Some(f) = self.orphans.pop_front() {
+            let live: Vec<usize> = (0..self.links.len())
+                .filter(|&k| self.links[k].live)
+                .collect();
+            if live.is_empty() {
+                return Err(PublishError::Transport(format!(
+                    "every broker this publisher had a session with is gone; {} batch(es) from batch {} on were not acknowledged",
+                    self.orphans.len() + 1,
+                    f.desc.batch_seq
+                )));
+            }
+            let k = live[f.desc.batch_seq as usize % live.len()];
+            if let Err(e) = self.stage(k, f) {
+                // `stage` put it back with the orphans if its link went down meanwhile.
+                if self.links[k].live {
+                    return Err(e);
+                }
+                continue;
+            }
+            self.resent_batches += 1;
+        }
+        Ok(())
+    }
+
+    /// Stages orphan `f` on live link `k`: room in `k`'s grant, then the writes (the bytes
+    /// from its buffer, or only the descriptor asking for a copy from the pool).
+    fn stage(&mut self, k: usize, f: InFlight) -> Result<(), PublishError> {
+        let size = f.desc.total_size;
+        let (offset, _) = match self.room(k, size) {
+            Ok(r) => r,
+            Err(e) => {
+                self.orphans.push_front(f);
+                return Err(e);
+            }
+        };
+        let desc = crate::batch::BatchDesc {
+            broker_id: self.links[k].broker,
+            log_idx: offset,
+            ..f.desc
+        };
+        let (buffer, copy_from) = match f.bytes {
+            Bytes::Local(b) => (b, None),
+            Bytes::Pool(at) => match self.take_buffer() {
+                Ok(b) => (b, Some(at)),
+                Err(e) => {
+                    self.orphans.push_front(f);
+                    return Err(e);
+                }
+            },
+        };
+        let staged = Staged { desc, copy_from };
+        if let Err(e) = self.post(k, buffer, &staged) {
+            if copy_from.is_some() {
+                self.free.push(buffer);
+            }
+            self.orphans.push_front(f);
+            return Err(e);
+        }
+        self.note_staged(k, InFlight { desc, ..f });
+        Ok(())
+    }
+
+    fn take_buffer(&mut self) -> Result<usize, PublishError> {
+        self.wait(|_| "a free batch buffer".into(), |p| p.free.pop())
     }
 
     fn wait<T>(
@@ -298,7 +592,7 @@ impl VerbsPublisher {
             if let Some(l) = self
                 .links
                 .iter()
-                .find(|l| l.fb().counters.closed.load(Acquire) != 0)
+                .find(|l| l.live && l.fb().counters.closed.load(Acquire) != 0)
             {
                 let code = l.fb().counters.closed.load(Acquire);
                 return Err(PublishError::Transport(format!(
@@ -306,6 +600,9 @@ impl VerbsPublisher {
                     l.broker,
                     describe_code(code)
                 )));
+            }
+            if start.elapsed() > LIVENESS_CHECK {
+                self.check_links()?;
             }
             if start.elapsed() > self.cfg.wait_timeout {
                 return Err(PublishError::Timeout {
@@ -326,41 +623,58 @@ impl VerbsPublisher {
         }
     }
 
-    fn start_batch(&mut self, stride: u64, now: u64) -> Result<(), PublishError> {
-        let i = self.next_link;
-        self.next_link = (self.next_link + 1) % self.links.len();
-        let buffer = self.wait(|_| "a free batch buffer".into(), |p| p.free.pop())?;
+    /// The next live link in the round-robin.
+    fn next_live(&mut self) -> Result<usize, PublishError> {
+        for _ in 0..self.links.len() {
+            let i = self.next_link;
+            self.next_link = (self.next_link + 1) % self.links.len();
+            if self.links[i].live {
+                return Ok(i);
+            }
+        }
+        Err(PublishError::Transport(
+            "every broker this publisher had a session with is gone".into(),
+        ))
+    }
+
+    /// Where link `i`'s current grant has at least `need` bytes free (taking the next grant
+    /// when it has not): `(pool offset, free bytes)`. Nothing is marked used.
+    fn room(&mut self, i: usize, need: u64) -> Result<(u64, u64), PublishError> {
         let needs_grant = self.links[i]
             .grant
             .as_ref()
-            .is_none_or(|g| g.used + stride > g.bytes);
+            .is_none_or(|g| g.used + need > g.bytes);
         if needs_grant {
             let k = self.links[i].taken;
             let mut waited = false;
             let grant = self.wait(
                 |p| format!("log space from broker {} (every grant is in use: subscribers or the sequencer are behind)", p.links[i].broker),
                 |p| {
-                    let fb = p.links[i].fb();
+                    let l = &p.links[i];
+                    if !l.live {
+                        // Gone while waiting: the caller finds it down.
+                        return Some(None);
+                    }
+                    let fb = l.fb();
                     if fb.counters.grants_issued.load(Acquire) <= k {
                         waited = true;
                         return None;
                     }
                     let g = &fb.grants[crate::session::grant_slot(k)];
-                    (g.number.load(Acquire) == k + 1).then(|| Grant {
+                    (g.number.load(Acquire) == k + 1).then(|| Some(Grant {
                         offset: g.offset.load(Acquire),
                         bytes: g.bytes.load(Acquire),
                         addr: g.addr.load(Acquire),
                         rkey: g.rkey.load(Acquire) as u32,
                         used: 0,
-                    })
+                    }))
                 },
-            );
-            let grant = match grant {
-                Ok(g) => g,
-                Err(e) => {
-                    self.free.push(buffer);
-                    return Err(e);
-                }
+            )?;
+            let Some(grant) = grant else {
+                return Err(PublishError::Transport(format!(
+                    "broker {} is gone",
+                    self.links[i].broker
+                )));
             };
             if waited {
                 self.grant_waits += 1;
@@ -370,8 +684,28 @@ impl VerbsPublisher {
             l.taken = k + 1;
         }
         let g = self.links[i].grant.as_ref().expect("a grant");
-        let limit = self.batch_bytes.min(g.bytes - g.used);
-        let start = g.offset + g.used;
+        Ok((g.offset + g.used, g.bytes - g.used))
+    }
+
+    fn start_batch(&mut self, stride: u64, now: u64) -> Result<(), PublishError> {
+        let buffer = self.take_buffer()?;
+        let (i, start, limit) = loop {
+            let i = match self.next_live() {
+                Ok(i) => i,
+                Err(e) => {
+                    self.free.push(buffer);
+                    return Err(e);
+                }
+            };
+            match self.room(i, stride) {
+                Ok((start, free)) => break (i, start, self.batch_bytes.min(free)),
+                Err(_) if !self.links[i].live => continue,
+                Err(e) => {
+                    self.free.push(buffer);
+                    return Err(e);
+                }
+            }
+        };
         self.open = Some(OpenBatch {
             link: i,
             buffer,
@@ -391,39 +725,14 @@ impl VerbsPublisher {
         unsafe { self.buffers.as_ptr().add(buffer * stride) }
     }
 
-    /// Seals the open batch: payload WRITE into the grant, descriptor WRITE_WITH_IMM.
-    fn seal(&mut self) -> Result<(), PublishError> {
-        let Some(OpenBatch {
+    /// Closes the open batch: its descriptor for its link, its `batch_seq` taken.
+    fn finish(&mut self, open: OpenBatch) -> (usize, InFlight) {
+        let OpenBatch {
             link: i,
             buffer,
             start,
             batch: b,
-        }) = self.open.take()
-        else {
-            return Ok(());
-        };
-        let mut waited = false;
-        let r = self.wait(
-            |p| format!("broker {} to take staged descriptors", p.links[i].broker),
-            |p| {
-                let l = &p.links[i];
-                let slot = l
-                    .credits
-                    .next_slot(l.fb().counters.staged_consumed.load(Acquire));
-                waited |= slot.is_none();
-                slot
-            },
-        );
-        let slot = match r {
-            Ok(slot) => slot,
-            Err(e) => {
-                self.free.push(buffer);
-                return Err(e);
-            }
-        };
-        if waited {
-            self.staging_waits += 1;
-        }
+        } = open;
         let desc = crate::batch::BatchDesc {
             batch_seq: self.batch_seq,
             client_id: self.client_id,
@@ -434,10 +743,84 @@ impl VerbsPublisher {
             start_logical_offset: 0,
             version_flags: u64::from(BATCH_HEADER_VERSION),
         };
+        self.sealed_messages += u64::from(b.num_msg());
+        self.batch_seq += 1;
+        if self.ack > 0 {
+            self.prefix.sealed(b.num_msg());
+        }
+        let f = InFlight {
+            desc,
+            bytes: Bytes::Local(buffer),
+            upto: 0,
+            first_ns: b.first_ns,
+        };
+        (i, f)
+    }
+
+    /// Seals the open batch: payload WRITE into the grant, descriptor WRITE_WITH_IMM.
+    fn seal(&mut self) -> Result<(), PublishError> {
+        let Some(open) = self.open.take() else {
+            return Ok(());
+        };
+        let (i, f) = self.finish(open);
+        let Bytes::Local(buffer) = f.bytes else {
+            unreachable!("a new batch is in its buffer")
+        };
+        let staged = Staged {
+            desc: f.desc,
+            copy_from: None,
+        };
+        match self.post(i, buffer, &staged) {
+            Ok(()) => {
+                self.note_staged(i, f);
+                self.drain_orphans()
+            }
+            Err(_) if !self.links[i].live => {
+                // Its link went down while it waited for a staging slot: it goes with that
+                // link's batches (its bytes are still in its buffer).
+                self.orphans.push_back(f);
+                self.drain_orphans()
+            }
+            Err(e) => {
+                self.free.push(buffer);
+                Err(e)
+            }
+        }
+    }
+
+    /// Posts `staged` on link `i` from `buffer`: the batch's bytes (unless it is a resend by
+    /// copy) into its place in the grant, then the descriptor into the next staging slot.
+    fn post(&mut self, i: usize, buffer: usize, staged: &Staged) -> Result<(), PublishError> {
+        let mut waited = false;
+        let slot = self.wait(
+            |p| format!("broker {} to take staged descriptors", p.links[i].broker),
+            |p| {
+                let l = &p.links[i];
+                if !l.live {
+                    return Some(None);
+                }
+                let slot = l
+                    .credits
+                    .next_slot(l.fb().counters.staged_consumed.load(Acquire));
+                waited |= slot.is_none();
+                slot.map(Some)
+            },
+        )?;
+        let Some(slot) = slot else {
+            return Err(PublishError::Transport(format!(
+                "broker {} is gone",
+                self.links[i].broker
+            )));
+        };
+        if waited {
+            self.staging_waits += 1;
+        }
+        let desc = &staged.desc;
         let base = self.buffer_ptr(buffer);
-        let wire = encode_descriptor(&desc);
+        let wire = encode_staged(staged);
         // SAFETY: the descriptor slot follows the batch bytes of this buffer, inside the
-        // region; the buffer is ours until its completion (it was taken from `free`).
+        // region; the buffer is ours until its completion (taken from `free`, or given back
+        // by its completion when its earlier link failed).
         unsafe {
             std::ptr::copy_nonoverlapping(
                 wire.as_ptr(),
@@ -447,48 +830,51 @@ impl VerbsPublisher {
         };
         let off = base as u64 - self.buffers.mr().addr();
         let l = &mut self.links[i];
-        let g = l.grant.as_mut().expect("an open batch has a grant");
-        let writes = [
-            Write {
-                wr_id: buffer as u64,
-                local: self.buffers.mr().sge(off, b.fill() as u32),
-                remote_addr: g.addr + (start - g.offset),
-                rkey: g.rkey,
-                imm: None,
-                signaled: false,
-            },
-            Write {
-                wr_id: buffer as u64,
-                local: self
-                    .buffers
-                    .mr()
-                    .sge(off + self.batch_bytes, SLOT_BYTES as u32),
-                remote_addr: l.staging_addr + u64::from(slot) * SLOT_BYTES as u64,
-                rkey: l.staging_rkey,
-                imm: Some(slot),
-                signaled: true,
-            },
-        ];
-        // SAFETY: the buffer is not written again until the signaled completion of the
-        // second write returns it to `free` (RC completes the first before the second).
-        unsafe { l.qp.post_writes(&writes) }.map_err(transport)?;
-        g.used += b.fill();
+        let g = l.grant.as_mut().expect("a batch is placed in a grant");
+        let data = Write {
+            wr_id: buffer as u64,
+            local: self.buffers.mr().sge(off, desc.total_size as u32),
+            remote_addr: g.addr + (desc.log_idx - g.offset),
+            rkey: g.rkey,
+            imm: None,
+            signaled: false,
+        };
+        let descriptor = Write {
+            wr_id: buffer as u64,
+            local: self
+                .buffers
+                .mr()
+                .sge(off + self.batch_bytes, SLOT_BYTES as u32),
+            remote_addr: l.staging_addr + u64::from(slot) * SLOT_BYTES as u64,
+            rkey: l.staging_rkey,
+            imm: Some(slot),
+            signaled: true,
+        };
+        let posted = if staged.copy_from.is_some() {
+            // SAFETY: as below, for the descriptor alone.
+            unsafe { l.qp.post_writes(&[descriptor]) }
+        } else {
+            // SAFETY: the buffer is not written again until the signaled completion of the
+            // second write returns it to `free` (RC completes the first before the second).
+            unsafe { l.qp.post_writes(&[data, descriptor]) }
+        };
+        posted.map_err(transport)?;
+        l.posted.push(buffer);
+        g.used += desc.total_size;
         l.credits.staged();
-        l.unacked.sealed(b.num_msg(), b.first_ns);
-        let link_sealed = l.unacked.sealed_messages();
-        self.sealed_messages += u64::from(b.num_msg());
-        self.batch_seq += 1;
-        if self.prefix.is_full() {
-            self.advance_prefix();
-        }
-        self.prefix.sealed(i, link_sealed, self.sealed_messages);
         Ok(())
     }
 
-    fn advance_prefix(&mut self) -> u64 {
-        let links = &self.links;
-        self.prefix
-            .advance(|l| links[l].fb().counters.acked_messages.load(Acquire))
+    /// `f` was staged on link `i`: kept until acknowledged.
+    fn note_staged(&mut self, i: usize, mut f: InFlight) {
+        if self.ack == 0 {
+            return;
+        }
+        let l = &mut self.links[i];
+        l.staged += u64::from(f.desc.num_msg);
+        f.upto = l.staged;
+        l.inflight.push_back(f);
+        self.retire(i);
     }
 
     /// Writes a batch of `bytes` bytes at `remote_offset` past the start of link `link`'s
@@ -617,7 +1003,6 @@ impl Publish for VerbsPublisher {
 
     fn acked(&mut self) -> Result<u64, PublishError> {
         self.reap()?;
-        let mut total = 0;
         for l in &self.links {
             let c = &l.fb().counters;
             let rejected = c.rejected_batches.load(Acquire);
@@ -631,16 +1016,21 @@ impl Publish for VerbsPublisher {
                 });
             }
             let closed = c.closed.load(Acquire);
-            if closed != 0 {
+            if l.live && closed != 0 {
                 return Err(PublishError::Transport(format!(
                     "broker {} ended the session: {}",
                     l.broker,
                     describe_code(closed)
                 )));
             }
-            total += c.acked_messages.load(Acquire);
         }
-        Ok(total)
+        for i in 0..self.links.len() {
+            self.retire(i);
+        }
+        if self.links.iter().any(|l| l.live && !l.inflight.is_empty()) {
+            self.check_links()?;
+        }
+        Ok(self.acked_messages)
     }
 
     fn sealed_messages(&self) -> u64 {
@@ -652,7 +1042,7 @@ impl Publish for VerbsPublisher {
         if self.ack == 0 {
             return Ok(self.sealed_messages);
         }
-        Ok(self.advance_prefix())
+        Ok(self.prefix.messages())
     }
 
     /// The broker's clock is another host's: an ack is timed when it is seen here.
@@ -661,11 +1051,10 @@ impl Publish for VerbsPublisher {
     }
 
     fn take_ack_latencies(&mut self, out: &mut Vec<u64>) {
-        let now = monotonic_ns();
-        for l in &mut self.links {
-            let acked = l.fb().counters.acked_messages.load(Acquire);
-            l.unacked.take(acked, now, out);
+        for i in 0..self.links.len() {
+            self.retire(i);
         }
+        out.append(&mut self.latencies);
     }
 
     fn grant_waits(&self) -> u64 {
@@ -696,7 +1085,10 @@ impl Drop for VerbsPublisher {
         let _ = self.seal();
         // Wait (briefly) for posted writes to complete before the buffers are unmapped.
         let deadline = Instant::now() + Duration::from_secs(2);
-        while self.free.len() < BUFFERS && self.failure.is_none() && Instant::now() < deadline {
+        while self.links.iter().any(|l| !l.posted.is_empty())
+            && self.failure.is_none()
+            && Instant::now() < deadline
+        {
             if self.reap().is_err() {
                 break;
             }
