@@ -778,9 +778,17 @@ fn a_verbs_publisher_sends_what_a_dead_broker_had_not_acknowledged_to_the_live_o
     signal(c.broker_pid(victim), "-KILL");
     let live = u64::from(seq);
     let before = c.metric(live, "embar_broker_verbs_batches_forwarded_total");
-    wait_until("the run going on", Duration::from_secs(60), || {
+    let going_on = wait_for(Duration::from_secs(60), || {
         c.metric(live, "embar_broker_verbs_batches_forwarded_total") >= before + 50
     });
+    if !going_on {
+        let _ = publisher.kill();
+        let out = publisher.wait_with_output().unwrap();
+        panic!(
+            "the run stopped after the kill; the publisher said: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     let n = feeder.join().unwrap();
     let out = publisher.wait_with_output().unwrap();

@@ -499,6 +499,11 @@ impl VerbsPublisher {
             }
             std::thread::yield_now();
         }
+        // Those still in a local buffer first: they hold the buffers a resend by copy needs
+        // for its descriptor, and they are the newest, which the broker may not have ordered.
+        self.orphans
+            .make_contiguous()
+            .sort_by_key(|f| !matches!(f.bytes, Bytes::Local(_)));
         self.drain_orphans()
     }
 
