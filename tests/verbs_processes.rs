@@ -775,8 +775,19 @@ fn a_verbs_publisher_sends_what_a_dead_broker_had_not_acknowledged_to_the_live_o
             ) >= 20
         },
     );
-    signal(c.broker_pid(victim), "-KILL");
+    // Frozen first: its NIC still takes the publisher's writes (RDMA needs no process), but
+    // nothing is forwarded or acked, so the batches written meanwhile are in the pool and
+    // unacknowledged when it dies, and go again by copy.
+    let pid = c.broker_pid(victim);
+    signal(pid, "-STOP");
     let live = u64::from(seq);
+    let before = c.metric(live, "embar_broker_verbs_batches_forwarded_total");
+    wait_until(
+        "the publisher going on with the live broker",
+        Duration::from_secs(60),
+        || c.metric(live, "embar_broker_verbs_batches_forwarded_total") >= before + 10,
+    );
+    signal(pid, "-KILL");
     let before = c.metric(live, "embar_broker_verbs_batches_forwarded_total");
     let going_on = wait_for(Duration::from_secs(60), || {
         c.metric(live, "embar_broker_verbs_batches_forwarded_total") >= before + 50
@@ -796,6 +807,10 @@ fn a_verbs_publisher_sends_what_a_dead_broker_had_not_acknowledged_to_the_live_o
     assert!(out.status.success(), "{err}");
     assert!(err.contains(&format!("{n} acknowledged")), "{n} fed: {err}");
     assert!(err.contains("is gone"), "the publisher failed over: {err}");
+    assert!(
+        c.metric(live, "embar_broker_verbs_resends_copied_total") >= 1,
+        "batches already in the pool went again by copy: {err}"
+    );
     let out = sub.join().unwrap();
     assert!(
         out.status.success(),
