@@ -10,14 +10,10 @@
 //!   the dead slot is re-placed in the replica sets so ACK 2 goes on.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::Duration;
 
-use embar_test_support::{cmdline, exe, serial, signal, wait_until, Cluster};
+use embar_test_support::{cmdline, serial, signal, wait_until, Cluster, FedPublisher};
 use serde_json::Value;
 
 fn cluster(name: &str, replace_after_ms: &str) -> Cluster {
@@ -54,56 +50,13 @@ fn cluster(name: &str, replace_after_ms: &str) -> Cluster {
     c
 }
 
-/// A TCP publisher whose stdin is fed `who NNNNNNN ...` lines until told to stop.
-struct Fed {
-    child: Child,
-    feeder: JoinHandle<usize>,
-}
-
-fn publisher(c: &Cluster, who: &'static str, transport: &str, stop: Arc<AtomicBool>) -> Fed {
-    let mut child = Command::new(exe())
-        .args([
-            "publish",
-            "--topic",
-            "t",
-            "--transport",
-            transport,
-            "--ack-timeout-s",
-            "120",
-            "--control",
-            &c.control,
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("embar runs");
-    let mut stdin = child.stdin.take().unwrap();
-    let feeder = std::thread::spawn(move || {
-        let mut n = 0usize;
-        // Until told to stop, and at least a few thousand lines, in chunks (the publisher
-        // reads, batches and sends as they come).
-        while !stop.load(Ordering::Relaxed) || n < 5_000 {
-            let chunk: String = (n..n + 500)
-                .map(|i| format!("{who} {i:07} {}\n", "q".repeat(180)))
-                .collect();
-            if stdin.write_all(chunk.as_bytes()).is_err() {
-                break;
-            }
-            n += 500;
-            // Pacing (about 50,000 lines a second), not a wait for anything: a steady load
-            // that outlasts the kills without filling the disk.
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        n
-    });
-    Fed { child, feeder }
+fn publisher(c: &Cluster, who: &'static str, transport: &str) -> FedPublisher {
+    FedPublisher::start(c, "t", who, transport, &["--ack-timeout-s", "120"])
 }
 
 /// Waits for the publisher: exit 0 and every line it was fed acknowledged.
-fn finished(f: Fed) -> usize {
-    let n = f.feeder.join().unwrap();
-    let out = f.child.wait_with_output().unwrap();
+fn finished(f: FedPublisher) -> usize {
+    let (n, out) = f.finish();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(
@@ -213,16 +166,17 @@ fn ack_2_publishers_lose_nothing_when_a_broker_is_killed_and_then_another_after_
     let _g = serial();
     // Never re-placed: the ACK 2 batches that need a dead broker wait for it to come back.
     let c = cluster("failure-kills", "0");
-    let stop = Arc::new(AtomicBool::new(false));
     let pubs = [
-        ("a", publisher(&c, "a", "tcp", stop.clone())),
-        ("b", publisher(&c, "b", "shm", stop.clone())),
+        ("a", publisher(&c, "a", "tcp")),
+        ("b", publisher(&c, "b", "shm")),
     ];
     let args = kill(&c, 2);
     let mut first = restart(&c, 2, &args, 1);
     let args = kill(&c, 1);
     let mut second = restart(&c, 1, &args, 2);
-    stop.store(true, Ordering::Relaxed);
+    for (_, p) in &pubs {
+        p.stop();
+    }
     let fed: Vec<(&str, usize)> = pubs.into_iter().map(|(w, f)| (w, finished(f))).collect();
     check_delivery(&c, &fed);
     for b in [&mut first, &mut second] {
@@ -238,10 +192,9 @@ fn ack_2_publishers_lose_nothing_when_the_sequencers_broker_is_killed_for_good()
     let seq = c.status()["sequencer"]["slot"]
         .as_u64()
         .expect("a sequencer assigned");
-    let stop = Arc::new(AtomicBool::new(false));
     let pubs = [
-        ("a", publisher(&c, "a", "tcp", stop.clone())),
-        ("b", publisher(&c, "b", "shm", stop.clone())),
+        ("a", publisher(&c, "a", "tcp")),
+        ("b", publisher(&c, "b", "shm")),
     ];
     kill(&c, seq);
     c.wait_for_status("the sequencer moved", Duration::from_secs(20), |s| {
@@ -258,7 +211,9 @@ fn ack_2_publishers_lose_nothing_when_the_sequencers_broker_is_killed_for_good()
     wait_until("the run goes on", Duration::from_secs(60), || {
         log_bytes(&c, (seq + 1) % 3) > grown + (256 << 10)
     });
-    stop.store(true, Ordering::Relaxed);
+    for (_, p) in &pubs {
+        p.stop();
+    }
     let fed: Vec<(&str, usize)> = pubs.into_iter().map(|(w, f)| (w, finished(f))).collect();
     check_delivery(&c, &fed);
 }

@@ -19,7 +19,7 @@ use embar_dataplane::verbs::subscriber::{VerbsSubscriber, VerbsSubscriberConfig}
 use serde_json::Value;
 
 use embar_test_support::{
-    alive, exe, lines, serial, signal, succeeded, wait_for, wait_until, Cluster,
+    alive, exe, lines, serial, signal, succeeded, wait_for, wait_until, Cluster, FedPublisher,
 };
 
 /// The IP brokers listen on for verbs, when a device is usable.
@@ -732,39 +732,7 @@ fn a_verbs_publisher_sends_what_a_dead_broker_had_not_acknowledged_to_the_live_o
         None,
     );
     let sub = std::thread::spawn(move || sub.wait_with_output().unwrap());
-    let mut publisher = Command::new(exe())
-        .args([
-            "publish",
-            "--topic",
-            "t",
-            "--transport",
-            "verbs",
-            "--control",
-            &c.control,
-        ])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("embar runs");
-    let mut stdin = publisher.stdin.take().unwrap();
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let feeding = stop.clone();
-    // Fed for as long as the test runs (at least 4,000 lines), in chunks.
-    let feeder = std::thread::spawn(move || {
-        let mut n = 0usize;
-        while !feeding.load(std::sync::atomic::Ordering::Relaxed) || n < 4_000 {
-            let chunk: String = (n..n + 200)
-                .map(|i| format!("v {i:06} {}\n", "w".repeat(90)))
-                .collect();
-            if stdin.write_all(chunk.as_bytes()).is_err() {
-                break;
-            }
-            n += 200;
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        n
-    });
+    let mut publisher = FedPublisher::start(&c, "t", "v", "verbs", &[]);
     wait_until(
         "the run under way on the broker to be killed",
         Duration::from_secs(60),
@@ -793,16 +761,13 @@ fn a_verbs_publisher_sends_what_a_dead_broker_had_not_acknowledged_to_the_live_o
         c.metric(live, "embar_broker_verbs_batches_forwarded_total") >= before + 50
     });
     if !going_on {
-        let _ = publisher.kill();
-        let out = publisher.wait_with_output().unwrap();
+        let out = publisher.kill();
         panic!(
             "the run stopped after the kill; the publisher said: {}",
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let n = feeder.join().unwrap();
-    let out = publisher.wait_with_output().unwrap();
+    let (n, out) = publisher.finish();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(err.contains(&format!("{n} acknowledged")), "{n} fed: {err}");
@@ -826,7 +791,7 @@ fn a_verbs_publisher_sends_what_a_dead_broker_had_not_acknowledged_to_the_live_o
         assert_eq!(m["total_order"].as_u64(), Some(i as u64), "no gap");
         let p = m["payload"].as_str().unwrap();
         assert!(
-            p.starts_with(&format!("v {i:06} ")),
+            p.starts_with(&format!("v {i:07} ")),
             "in publish order: {i} is {p:.10}"
         );
     }

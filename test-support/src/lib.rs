@@ -9,6 +9,7 @@
 //!   [`wait_for_file`] (a file appearing), [`wait_for_exit`] (a process ending),
 //!   [`Lines::wait_for`] (a line of a process's output). [`assert_holds`] checks that a
 //!   condition stays true for a while (what a test of "nothing happens" needs).
+//! - [`FedPublisher`]: an `embar publish` process fed lines for as long as a test runs.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -222,6 +223,89 @@ impl Lines {
             text.push('\n');
         }
         text
+    }
+}
+
+/// An `embar publish` process fed lines `WHO NNNNNNN qqq...` (200 bytes each, numbered from
+/// 0) in chunks for as long as the test runs, and at least 5,000 of them: a steady load that
+/// outlasts the kills of a failure test. The 10 ms between chunks paces the load (about
+/// 50,000 lines a second, without filling disks); it waits for nothing.
+pub struct FedPublisher {
+    child: Child,
+    feeder: std::thread::JoinHandle<usize>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FedPublisher {
+    /// Starts `embar publish --topic TOPIC --transport TRANSPORT EXTRA --control ...`.
+    pub fn start(
+        c: &Cluster,
+        topic: &str,
+        who: &'static str,
+        transport: &str,
+        extra: &[&str],
+    ) -> Self {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let mut child = Command::new(exe())
+            .args(["publish", "--topic", topic, "--transport", transport])
+            .args(extra)
+            .args(["--control", &c.control])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("embar runs");
+        let mut stdin = child.stdin.take().expect("piped");
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let feeding = stop.clone();
+        let feeder = std::thread::spawn(move || {
+            let mut n = 0usize;
+            while !feeding.load(Ordering::Relaxed) || n < 5_000 {
+                let chunk: String = (n..n + 500)
+                    .map(|i| format!("{who} {i:07} {}\n", "q".repeat(186 - who.len())))
+                    .collect();
+                if stdin.write_all(chunk.as_bytes()).is_err() {
+                    break;
+                }
+                n += 500;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            n
+        });
+        FedPublisher {
+            child,
+            feeder,
+            stop,
+        }
+    }
+
+    /// Stops feeding it (it publishes what it was given, then exits).
+    pub fn stop(&self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Stops feeding it and waits for it: the lines it was fed, and its output.
+    pub fn finish(self) -> (usize, Output) {
+        self.stop();
+        let n = self.feeder.join().expect("the feeder");
+        (n, self.child.wait_with_output().expect("it was started"))
+    }
+
+    /// Kills it (a test that failed).
+    pub fn kill(&mut self) -> Output {
+        let _ = self.child.kill();
+        self.stop();
+        Output {
+            status: self.child.wait().expect("it was started"),
+            stdout: Vec::new(),
+            stderr: {
+                let mut e = Vec::new();
+                if let Some(mut pipe) = self.child.stderr.take() {
+                    let _ = pipe.read_to_end(&mut e);
+                }
+                e
+            },
+        }
     }
 }
 

@@ -2,10 +2,11 @@
 //! publisher, a registered buffer for the verbs one): the same rules seal it and the same
 //! format fills it.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use super::PublishError;
-use crate::batch::BatchWriter;
+use crate::batch::{BatchDesc, BatchWriter};
 use crate::pool::layout::{message_stride, MessageHeader, BATCH_MESSAGES_MAX};
 
 /// The bytes a message of `payload_len` takes in a batch, or why it cannot go in one.
@@ -96,7 +97,7 @@ impl Filling {
 #[derive(Debug, Default)]
 pub(crate) struct SeqPrefix {
     /// `(num_msg, acked)` of batches from `first_seq` on.
-    batches: std::collections::VecDeque<(u32, bool)>,
+    batches: VecDeque<(u32, bool)>,
     first_seq: u64,
     /// Messages of every batch before `first_seq` (all acknowledged).
     messages: u64,
@@ -126,6 +127,96 @@ impl SeqPrefix {
     /// Messages acknowledged without a gap from the first.
     pub fn messages(&self) -> u64 {
         self.messages
+    }
+}
+
+/// Ack latencies kept for a caller that never takes them (the rest are not recorded).
+const LATENCIES_KEPT_MAX: usize = 1 << 20;
+
+/// A publisher's acknowledgements, counted as its links' batches are retired: messages
+/// acknowledged (a batch sent again after a failover counted once), the prefix acknowledged
+/// without a gap, and each batch's publish-to-ack latency.
+#[derive(Debug, Default)]
+pub(crate) struct Acks {
+    prefix: SeqPrefix,
+    messages: u64,
+    latencies: Vec<u64>,
+}
+
+impl Acks {
+    /// The next batch was sealed with `num_msg` messages.
+    pub fn sealed(&mut self, num_msg: u32) {
+        self.prefix.sealed(num_msg);
+    }
+
+    /// Messages acknowledged.
+    pub fn messages(&self) -> u64 {
+        self.messages
+    }
+
+    /// Messages acknowledged without a gap from the first.
+    pub fn prefix(&self) -> u64 {
+        self.prefix.messages()
+    }
+
+    /// Moves the latencies recorded so far to `out`.
+    pub fn take_latencies(&mut self, out: &mut Vec<u64>) {
+        out.append(&mut self.latencies);
+    }
+
+    /// Retires the batches at the front of a link's `inflight` (oldest first) that the link's
+    /// cumulative acknowledged-message count `acked` covers: `sent` gives each one's
+    /// `(descriptor, link count that covers it, first publish ns)`, and `at_ns` (read only
+    /// when something is retired) the time the acknowledgement is counted at.
+    pub fn retire<T>(
+        &mut self,
+        inflight: &mut VecDeque<T>,
+        sent: impl Fn(&T) -> (&BatchDesc, u64, u64),
+        acked: u64,
+        at_ns: impl FnOnce() -> u64,
+    ) {
+        if inflight.front().is_none_or(|f| sent(f).1 > acked) {
+            return;
+        }
+        let at = at_ns();
+        while let Some(f) = inflight.front() {
+            let (desc, upto, first_ns) = sent(f);
+            if upto > acked {
+                break;
+            }
+            self.messages += u64::from(desc.num_msg);
+            self.prefix.acked(desc.batch_seq);
+            if self.latencies.len() < LATENCIES_KEPT_MAX {
+                self.latencies.push(at.saturating_sub(first_ns));
+            }
+            inflight.pop_front();
+        }
+    }
+}
+
+/// A check made at most once per period (a publisher looking whether its brokers live).
+#[derive(Debug)]
+pub(crate) struct Every {
+    period_ns: u64,
+    last_ns: u64,
+}
+
+impl Every {
+    pub fn new(period: Duration) -> Every {
+        Every {
+            period_ns: period.as_nanos() as u64,
+            last_ns: embar_sys::clock::monotonic_ns(),
+        }
+    }
+
+    /// Whether a period has passed since the last time this said so.
+    pub fn due(&mut self) -> bool {
+        let now = embar_sys::clock::monotonic_ns();
+        if now.saturating_sub(self.last_ns) < self.period_ns {
+            return false;
+        }
+        self.last_ns = now;
+        true
     }
 }
 

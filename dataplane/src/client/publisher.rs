@@ -23,7 +23,7 @@ use embar_sys::clock::monotonic_ns;
 use embar_sys::process::ProcessId;
 
 use crate::batch::BatchDesc;
-use crate::client::filling::{stride_of, Filling, SeqPrefix};
+use crate::client::filling::{stride_of, Acks, Every, Filling};
 use crate::client::Publish;
 use crate::messages::{Claims, Messages};
 use crate::pool::coherence::Coherence;
@@ -101,9 +101,6 @@ impl PublishError {
 /// How often a publisher waiting on a broker looks whether the broker's process still runs.
 pub const LIVENESS_CHECK: Duration = Duration::from_millis(10);
 
-/// Ack latencies kept for a caller that never takes them (the rest are not recorded).
-const LATENCIES_KEPT_MAX: usize = 1 << 20;
-
 struct Link<'p, C: Coherence> {
     broker: u32,
     session: &'p Session,
@@ -158,14 +155,11 @@ pub struct Publisher<'p, C: Coherence> {
     batch_seq: u64,
     open: Option<OpenBatch>,
     sealed_messages: u64,
-    acked_messages: u64,
-    /// Which messages are acknowledged in publish order.
-    prefix: SeqPrefix,
+    acks: Acks,
     /// Sealed batches whose broker died before it acknowledged them, to send again.
     orphans: VecDeque<InFlight>,
-    latencies: Vec<u64>,
-    /// When the brokers' processes were last looked at.
-    checked_ns: u64,
+    /// When the brokers' processes are looked at next.
+    liveness: Every,
     resent_batches: u64,
     submit_waits: u64,
     grant_waits: u64,
@@ -305,11 +299,9 @@ impl<'p, C: Coherence> Publisher<'p, C> {
             batch_seq: 0,
             open: None,
             sealed_messages: 0,
-            acked_messages: 0,
-            prefix: SeqPrefix::default(),
+            acks: Acks::default(),
             orphans: VecDeque::new(),
-            latencies: Vec::new(),
-            checked_ns: monotonic_ns(),
+            liveness: Every::new(LIVENESS_CHECK),
             resent_batches: 0,
             submit_waits: 0,
             grant_waits: 0,
@@ -519,7 +511,7 @@ impl<'p, C: Coherence> Publisher<'p, C> {
         self.sealed_messages += u64::from(b.num_msg());
         self.batch_seq += 1;
         if self.ack > 0 {
-            self.prefix.sealed(b.num_msg());
+            self.acks.sealed(b.num_msg());
         }
         let f = InFlight {
             desc,
@@ -580,45 +572,27 @@ impl<'p, C: Coherence> Publisher<'p, C> {
         Ok(())
     }
 
-    /// Retires what link `i`'s broker acknowledged.
+    /// Retires what link `i`'s broker acknowledged. The ack time is the broker's stamp (same
+    /// host's clock), so a publisher that looks late does not inflate it (it may round a
+    /// batch up to a later ack of the same session).
     fn retire(&mut self, i: usize) {
-        let Self {
-            links,
-            c,
-            prefix,
-            latencies,
-            acked_messages,
-            ..
-        } = self;
-        let l = &mut links[i];
-        let Some(front) = l.inflight.front() else {
-            return;
-        };
-        let acked = c.observe(&l.session.acked_messages);
-        if front.upto > acked {
-            return;
-        }
-        // The broker's stamp (same host's clock), so a publisher that looks late does not
-        // inflate it (it may round a batch up to a later ack of the same session).
-        let ack_ns = l.session.ack_ns.load(Relaxed);
-        while l.inflight.front().is_some_and(|f| f.upto <= acked) {
-            let f = l.inflight.pop_front().expect("front exists");
-            *acked_messages += u64::from(f.desc.num_msg);
-            prefix.acked(f.desc.batch_seq);
-            if latencies.len() < LATENCIES_KEPT_MAX {
-                latencies.push(ack_ns.saturating_sub(f.first_ns));
-            }
-        }
+        let l = &mut self.links[i];
+        let acked = self.c.observe(&l.session.acked_messages);
+        let ack_ns = &l.session.ack_ns;
+        self.acks.retire(
+            &mut l.inflight,
+            |f| (&f.desc, f.upto, f.first_ns),
+            acked,
+            || ack_ns.load(Relaxed),
+        );
     }
 
     /// Looks (at most every [`LIVENESS_CHECK`]) whether the brokers with batches not yet
     /// acknowledged still run, and sends a dead one's again.
     fn check_brokers(&mut self) -> Result<(), PublishError> {
-        let now = monotonic_ns();
-        if now.saturating_sub(self.checked_ns) < LIVENESS_CHECK.as_nanos() as u64 {
+        if !self.liveness.due() {
             return Ok(());
         }
-        self.checked_ns = now;
         for i in 0..self.links.len() {
             let l = &self.links[i];
             if l.live
@@ -805,7 +779,7 @@ impl<'p, C: Coherence> Publisher<'p, C> {
             self.retire(i);
         }
         self.check_brokers()?;
-        Ok(self.acked_messages)
+        Ok(self.acks.messages())
     }
 }
 
@@ -846,14 +820,14 @@ impl<C: Coherence> Publish for Publisher<'_, C> {
         if self.ack == 0 {
             return Ok(self.sealed_messages);
         }
-        Ok(self.prefix.messages())
+        Ok(self.acks.prefix())
     }
 
     fn take_ack_latencies(&mut self, out: &mut Vec<u64>) {
         for i in 0..self.links.len() {
             self.retire(i);
         }
-        out.append(&mut self.latencies);
+        self.acks.take_latencies(out);
     }
 
     fn grant_waits(&self) -> u64 {

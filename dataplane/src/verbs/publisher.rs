@@ -27,7 +27,7 @@ use embar_sys::verbs::{
 use super::credits::StagingCredits;
 use super::frontend::describe_code;
 use super::*;
-use crate::client::filling::{resend_order, stride_of, Filling, SeqPrefix};
+use crate::client::filling::{resend_order, stride_of, Acks, Every, Filling};
 use crate::client::publisher::{PublishError, PublisherConfig};
 use crate::client::Publish;
 use crate::pool::layout::BATCH_HEADER_VERSION;
@@ -35,8 +35,6 @@ use crate::sync::Ordering::Acquire;
 
 /// How often a publisher waiting on its brokers looks whether their connections still stand.
 const LIVENESS_CHECK: Duration = Duration::from_millis(10);
-/// Ack latencies kept for a caller that never takes them (the rest are not recorded).
-const LATENCIES_KEPT_MAX: usize = 1 << 20;
 /// How often a caller timing acks looks at them (see `Publish::ack_poll_interval`).
 const ACK_POLL_INTERVAL: Duration = Duration::from_micros(50);
 /// Local batch buffers (batches in flight per publisher).
@@ -150,14 +148,11 @@ pub struct VerbsPublisher {
     batch_seq: u64,
     open: Option<OpenBatch>,
     sealed_messages: u64,
-    acked_messages: u64,
-    /// Which messages are acknowledged in publish order.
-    prefix: SeqPrefix,
+    acks: Acks,
     /// Sealed batches whose broker died before it acknowledged them, to send again.
     orphans: VecDeque<InFlight>,
-    latencies: Vec<u64>,
-    /// When the links' connections were last looked at.
-    checked_ns: u64,
+    /// When the links' connections are looked at next.
+    liveness: Every,
     resent_batches: u64,
     grant_waits: u64,
     staging_waits: u64,
@@ -208,11 +203,9 @@ impl VerbsPublisher {
             batch_seq: 0,
             open: None,
             sealed_messages: 0,
-            acked_messages: 0,
-            prefix: SeqPrefix::default(),
+            acks: Acks::default(),
             orphans: VecDeque::new(),
-            latencies: Vec::new(),
-            checked_ns: monotonic_ns(),
+            liveness: Every::new(LIVENESS_CHECK),
             resent_batches: 0,
             grant_waits: 0,
             staging_waits: 0,
@@ -392,43 +385,25 @@ impl VerbsPublisher {
         Ok(())
     }
 
-    /// Retires what link `i`'s broker acknowledged.
+    /// Retires what link `i`'s broker acknowledged. The broker's clock is another host's: an
+    /// ack is timed when it is seen here.
     fn retire(&mut self, i: usize) {
-        let Self {
-            links,
-            prefix,
-            latencies,
-            acked_messages,
-            ..
-        } = self;
-        let l = &mut links[i];
-        let Some(front) = l.inflight.front() else {
-            return;
-        };
+        let l = &mut self.links[i];
         let acked = l.fb().counters.acked_messages.load(Acquire);
-        if front.upto > acked {
-            return;
-        }
-        // The broker's clock is another host's: an ack is timed when it is seen here.
-        let now = monotonic_ns();
-        while l.inflight.front().is_some_and(|f| f.upto <= acked) {
-            let f = l.inflight.pop_front().expect("front exists");
-            *acked_messages += u64::from(f.desc.num_msg);
-            prefix.acked(f.desc.batch_seq);
-            if latencies.len() < LATENCIES_KEPT_MAX {
-                latencies.push(now.saturating_sub(f.first_ns));
-            }
-        }
+        self.acks.retire(
+            &mut l.inflight,
+            |f| (&f.desc, f.upto, f.first_ns),
+            acked,
+            monotonic_ns,
+        );
     }
 
     /// Looks (at most every [`LIVENESS_CHECK`]) whether the live links' connections still
     /// stand, and sends a dead one's batches again.
     fn check_links(&mut self) -> Result<(), PublishError> {
-        let now = monotonic_ns();
-        if now.saturating_sub(self.checked_ns) < LIVENESS_CHECK.as_nanos() as u64 {
+        if !self.liveness.due() {
             return Ok(());
         }
-        self.checked_ns = now;
         for i in 0..self.links.len() {
             if self.links[i].live && self.links[i].lifeline_ended() {
                 self.link_down(i, "its connection ended")?;
@@ -751,7 +726,7 @@ impl VerbsPublisher {
         self.sealed_messages += u64::from(b.num_msg());
         self.batch_seq += 1;
         if self.ack > 0 {
-            self.prefix.sealed(b.num_msg());
+            self.acks.sealed(b.num_msg());
         }
         let f = InFlight {
             desc,
@@ -913,7 +888,9 @@ impl VerbsPublisher {
             signaled: true,
         };
         // SAFETY: the buffer is ours until its completion.
-        unsafe { l.qp.post_writes(&[w]) }.map_err(transport)
+        unsafe { l.qp.post_writes(&[w]) }.map_err(transport)?;
+        l.posted.push(buffer);
+        Ok(())
     }
 
     /// Posts a WRITE_WITH_IMM with immediate `imm` and a descriptor `desc` into staging slot
@@ -948,6 +925,7 @@ impl VerbsPublisher {
         };
         // SAFETY: as above.
         unsafe { l.qp.post_writes(&[w]) }.map_err(transport)?;
+        l.posted.push(buffer);
         l.credits.staged();
         Ok(())
     }
@@ -1035,7 +1013,7 @@ impl Publish for VerbsPublisher {
         if self.links.iter().any(|l| l.live && !l.inflight.is_empty()) {
             self.check_links()?;
         }
-        Ok(self.acked_messages)
+        Ok(self.acks.messages())
     }
 
     fn sealed_messages(&self) -> u64 {
@@ -1047,7 +1025,7 @@ impl Publish for VerbsPublisher {
         if self.ack == 0 {
             return Ok(self.sealed_messages);
         }
-        Ok(self.prefix.messages())
+        Ok(self.acks.prefix())
     }
 
     /// The broker's clock is another host's: an ack is timed when it is seen here.
@@ -1059,7 +1037,7 @@ impl Publish for VerbsPublisher {
         for i in 0..self.links.len() {
             self.retire(i);
         }
-        out.append(&mut self.latencies);
+        self.acks.take_latencies(out);
     }
 
     fn grant_waits(&self) -> u64 {
