@@ -51,7 +51,7 @@ fn cluster(name: &str, replace_after_ms: &str) -> Cluster {
 }
 
 fn publisher(c: &Cluster, who: &'static str, transport: &str) -> FedPublisher {
-    FedPublisher::start(c, "t", who, transport, &["--ack-timeout-s", "120"])
+    FedPublisher::start(c, "t", who, transport, &["--ack-timeout-s", "120"], 500)
 }
 
 /// Waits for the publisher: exit 0 and every line it was fed acknowledged.

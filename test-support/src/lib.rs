@@ -228,8 +228,8 @@ impl Lines {
 
 /// An `embar publish` process fed lines `WHO NNNNNNN qqq...` (200 bytes each, numbered from
 /// 0) in chunks for as long as the test runs, and at least 5,000 of them: a steady load that
-/// outlasts the kills of a failure test. The 10 ms between chunks paces the load (about
-/// 50,000 lines a second, without filling disks); it waits for nothing.
+/// outlasts the kills of a failure test. The 10 ms between chunks of `chunk` lines paces the
+/// load (500: about 50,000 lines a second, without filling disks); it waits for nothing.
 pub struct FedPublisher {
     child: Child,
     feeder: std::thread::JoinHandle<usize>,
@@ -244,6 +244,7 @@ impl FedPublisher {
         who: &'static str,
         transport: &str,
         extra: &[&str],
+        chunk: usize,
     ) -> Self {
         use std::sync::atomic::{AtomicBool, Ordering};
         let mut child = Command::new(exe())
@@ -261,13 +262,13 @@ impl FedPublisher {
         let feeder = std::thread::spawn(move || {
             let mut n = 0usize;
             while !feeding.load(Ordering::Relaxed) || n < 5_000 {
-                let chunk: String = (n..n + 500)
+                let lines: String = (n..n + chunk)
                     .map(|i| format!("{who} {i:07} {}\n", "q".repeat(186 - who.len())))
                     .collect();
-                if stdin.write_all(chunk.as_bytes()).is_err() {
+                if stdin.write_all(lines.as_bytes()).is_err() {
                     break;
                 }
-                n += 500;
+                n += chunk;
                 std::thread::sleep(Duration::from_millis(10));
             }
             n

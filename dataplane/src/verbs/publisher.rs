@@ -348,9 +348,12 @@ impl VerbsPublisher {
                     continue;
                 };
                 l.posted.swap_remove(at);
+                // At most one batch per buffer is still in it, among the newest: searched
+                // from the back.
                 let holder = l
                     .inflight
                     .iter_mut()
+                    .rev()
                     .chain(self.orphans.iter_mut())
                     .find(|f| f.bytes == Bytes::Local(buffer));
                 if c.ok() {
