@@ -220,6 +220,26 @@ impl Every {
     }
 }
 
+/// The link an orphan (a batch whose broker died before acknowledging it) goes to:
+/// round-robin by `batch_seq` over the links `live` says are up (each live broker gets the
+/// orphans in batch order); when none is, the error says what was not acknowledged.
+pub(crate) fn resend_target(
+    live: impl Iterator<Item = bool>,
+    batch_seq: u64,
+    orphans: usize,
+) -> Result<usize, PublishError> {
+    let up: Vec<usize> = live
+        .enumerate()
+        .filter_map(|(k, l)| l.then_some(k))
+        .collect();
+    if up.is_empty() {
+        return Err(PublishError::Transport(format!(
+            "every broker this publisher had a session with is gone; {orphans} batch(es) from batch {batch_seq} on were not acknowledged"
+        )));
+    }
+    Ok(up[batch_seq as usize % up.len()])
+}
+
 /// On a failover, this many of the dead broker's newest unacknowledged batches are sent again
 /// first (well below the batches the sequencer holds for one client): those are the ones it
 /// may not have had ordered. Under ACK 2 most of the rest are ordered already and only wait

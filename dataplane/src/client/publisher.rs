@@ -23,7 +23,7 @@ use embar_sys::clock::monotonic_ns;
 use embar_sys::process::ProcessId;
 
 use crate::batch::BatchDesc;
-use crate::client::filling::{stride_of, Acks, Every, Filling};
+use crate::client::filling::{resend_target, stride_of, Acks, Every, Filling};
 use crate::client::Publish;
 use crate::messages::{Claims, Messages};
 use crate::pool::coherence::Coherence;
@@ -663,17 +663,11 @@ impl<'p, C: Coherence> Publisher<'p, C> {
         }
         let (began, before) = (Instant::now(), self.resent_batches);
         while let Some(f) = self.orphans.pop_front() {
-            let live: Vec<usize> = (0..self.links.len())
-                .filter(|&k| self.links[k].live)
-                .collect();
-            if live.is_empty() {
-                return Err(PublishError::Transport(format!(
-                    "every broker this publisher had a session with is gone; {} batch(es) from batch {} on were not acknowledged",
-                    self.orphans.len() + 1,
-                    f.desc.batch_seq
-                )));
-            }
-            let k = live[f.desc.batch_seq as usize % live.len()];
+            let k = resend_target(
+                self.links.iter().map(|l| l.live),
+                f.desc.batch_seq,
+                self.orphans.len() + 1,
+            )?;
             match self.resend(k, f) {
                 Ok(()) => self.resent_batches += 1,
                 Err(unsent) if matches!(unsent.1, Stop::Down) => {

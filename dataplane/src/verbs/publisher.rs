@@ -27,7 +27,7 @@ use embar_sys::verbs::{
 use super::credits::StagingCredits;
 use super::frontend::describe_code;
 use super::*;
-use crate::client::filling::{resend_order, stride_of, Acks, Every, Filling};
+use crate::client::filling::{resend_order, resend_target, stride_of, Acks, Every, Filling};
 use crate::client::publisher::{PublishError, PublisherConfig};
 use crate::client::Publish;
 use crate::pool::layout::BATCH_HEADER_VERSION;
@@ -495,17 +495,11 @@ impl VerbsPublisher {
             self.seal()?;
         }
         while let Some(f) = self.orphans.pop_front() {
-            let live: Vec<usize> = (0..self.links.len())
-                .filter(|&k| self.links[k].live)
-                .collect();
-            if live.is_empty() {
-                return Err(PublishError::Transport(format!(
-                    "every broker this publisher had a session with is gone; {} batch(es) from batch {} on were not acknowledged",
-                    self.orphans.len() + 1,
-                    f.desc.batch_seq
-                )));
-            }
-            let k = live[f.desc.batch_seq as usize % live.len()];
+            let k = resend_target(
+                self.links.iter().map(|l| l.live),
+                f.desc.batch_seq,
+                self.orphans.len() + 1,
+            )?;
             if let Err(e) = self.stage(k, f) {
                 // `stage` put it back with the orphans if its link went down meanwhile.
                 if self.links[k].live {
