@@ -19,7 +19,7 @@ use embar_dataplane::pool::coherence::Coherent;
 use embar_dataplane::pool::layout::{MessageHeader, BATCH_HEADER_VERSION};
 use embar_dataplane::pool::{OpenOptions, Pool};
 use embar_dataplane::session::SESSIONS;
-use embar_test_support::{alive, serial, signal, wait_until, Cluster};
+use embar_test_support::{alive, freeze, serial, signal, wait_until, Cluster};
 use serde_json::Value;
 
 fn cluster(name: &str) -> (Cluster, Pool) {
@@ -62,10 +62,10 @@ fn acked_prefix(p: &mut Publisher<'_, Coherent>, n: u64) -> Result<(), PublishEr
     }
 }
 
-/// Freezes broker 1 and returns its pid.
+/// Freezes broker 1 (every thread of it stopped) and returns its pid.
 fn freeze_broker_1(c: &Cluster) -> u32 {
     let pid = c.broker_pid(1);
-    signal(pid, "-STOP");
+    freeze(pid);
     pid
 }
 

@@ -19,7 +19,8 @@ use embar_dataplane::verbs::subscriber::{VerbsSubscriber, VerbsSubscriberConfig}
 use serde_json::Value;
 
 use embar_test_support::{
-    alive, exe, lines, serial, signal, succeeded, wait_for, wait_until, Cluster, FedPublisher,
+    alive, exe, freeze, lines, serial, signal, succeeded, wait_for, wait_until, Cluster,
+    FedPublisher,
 };
 
 /// The IP brokers listen on for verbs, when a device is usable.
@@ -749,7 +750,7 @@ fn a_verbs_publisher_sends_what_a_dead_broker_had_not_acknowledged_to_the_live_o
     // nothing is forwarded or acked, so the batches written meanwhile are in the pool and
     // unacknowledged when it dies, and go again by copy.
     let pid = c.broker_pid(victim);
-    signal(pid, "-STOP");
+    freeze(pid);
     let live = u64::from(seq);
     let before = c.metric(live, "embar_broker_verbs_batches_forwarded_total");
     wait_until(
