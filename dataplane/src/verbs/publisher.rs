@@ -60,6 +60,8 @@ struct Grant {
 
 struct Link {
     broker: u32,
+    /// The broker's verbs port.
+    addr: SocketAddr,
     qp: QueuePair,
     /// The session's lifeline (non-blocking once the session is up): its end is the
     /// broker's.
@@ -108,6 +110,28 @@ impl Link {
         // at creation (a valid Feedback: atomics), and lives as long as `self`. The broker
         // writes it by RDMA; every field is an atomic read here.
         unsafe { &*self.feedback.as_ptr().cast::<Feedback>() }
+    }
+
+    /// Whether a write the broker refused (remote access error) is its process dying rather
+    /// than a write outside the grant: a broker process that exits deregisters its memory
+    /// before its QPs are gone, so writes in flight are refused on the way. Told apart by the
+    /// broker's verbs port: a dying broker's session ends (within a second) and its port no
+    /// longer takes connections; a live broker that refused the write (and ended the session
+    /// for it) still does.
+    fn dying(&mut self) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(1);
+        while !self.lifeline_ended() {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (0..3).any(|k| {
+            if k > 0 {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            TcpStream::connect_timeout(&self.addr, Duration::from_millis(200)).is_err()
+        })
     }
 
     /// Whether the session's TCP connection has ended (the broker process is gone, or it
@@ -293,6 +317,7 @@ impl VerbsPublisher {
         Ok((
             Link {
                 broker,
+                addr,
                 qp,
                 stream,
                 feedback,
@@ -363,16 +388,17 @@ impl VerbsPublisher {
                     self.free.push(buffer);
                     continue;
                 }
-                if c.remote_access_error() && self.failure.is_none() {
+                // Its batch (if it still waits for an ack) is sent again from the buffer.
+                if holder.is_none() {
+                    self.free.push(buffer);
+                }
+                let l = &mut self.links[i];
+                if c.remote_access_error() && self.failure.is_none() && l.live && !l.dying() {
                     self.failure = Some(format!(
                         "RDMA write to broker {} failed: {} (outside the space the broker granted)",
                         l.broker,
                         c.status_str()
                     ));
-                }
-                // Its batch (if it still waits for an ack) is sent again from the buffer.
-                if holder.is_none() {
-                    self.free.push(buffer);
                 }
                 if l.live && !down.iter().any(|(d, _)| *d == i) {
                     down.push((i, c.status_str()));
