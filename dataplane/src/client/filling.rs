@@ -220,6 +220,25 @@ impl Every {
     }
 }
 
+/// The next link whose broker is up in a publisher's round-robin over `links` links,
+/// advancing `next` past it; an error when none is.
+pub(crate) fn next_live(
+    next: &mut usize,
+    links: usize,
+    live: impl Fn(usize) -> bool,
+) -> Result<usize, PublishError> {
+    for _ in 0..links {
+        let i = *next;
+        *next = (*next + 1) % links;
+        if live(i) {
+            return Ok(i);
+        }
+    }
+    Err(PublishError::Transport(
+        "every broker this publisher had a session with is gone".into(),
+    ))
+}
+
 /// The link an orphan (a batch whose broker died before acknowledging it) goes to:
 /// round-robin by `batch_seq` over the links `live` says are up (each live broker gets the
 /// orphans in batch order); when none is, the error says what was not acknowledged.

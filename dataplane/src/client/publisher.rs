@@ -23,7 +23,7 @@ use embar_sys::clock::monotonic_ns;
 use embar_sys::process::ProcessId;
 
 use crate::batch::BatchDesc;
-use crate::client::filling::{resend_target, stride_of, Acks, Every, Filling};
+use crate::client::filling::{next_live, resend_target, stride_of, Acks, Every, Filling};
 use crate::client::Publish;
 use crate::messages::{Claims, Messages};
 use crate::pool::coherence::Coherence;
@@ -393,16 +393,8 @@ impl<'p, C: Coherence> Publisher<'p, C> {
 
     /// The next live link in the round-robin.
     fn next_live(&mut self) -> Result<usize, PublishError> {
-        for _ in 0..self.links.len() {
-            let i = self.next_link;
-            self.next_link = (self.next_link + 1) % self.links.len();
-            if self.links[i].live {
-                return Ok(i);
-            }
-        }
-        Err(PublishError::Transport(
-            "every broker this publisher had a session with is gone".into(),
-        ))
+        let links = &self.links;
+        next_live(&mut self.next_link, links.len(), |i| links[i].live)
     }
 
     fn start_batch(&mut self, stride: u64, now: u64) -> Result<(), PublishError> {

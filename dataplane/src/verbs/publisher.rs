@@ -27,7 +27,9 @@ use embar_sys::verbs::{
 use super::credits::StagingCredits;
 use super::frontend::describe_code;
 use super::*;
-use crate::client::filling::{resend_order, resend_target, stride_of, Acks, Every, Filling};
+use crate::client::filling::{
+    next_live, resend_order, resend_target, stride_of, Acks, Every, Filling,
+};
 use crate::client::publisher::{PublishError, PublisherConfig};
 use crate::client::Publish;
 use crate::pool::layout::BATCH_HEADER_VERSION;
@@ -628,16 +630,8 @@ impl VerbsPublisher {
 
     /// The next live link in the round-robin.
     fn next_live(&mut self) -> Result<usize, PublishError> {
-        for _ in 0..self.links.len() {
-            let i = self.next_link;
-            self.next_link = (self.next_link + 1) % self.links.len();
-            if self.links[i].live {
-                return Ok(i);
-            }
-        }
-        Err(PublishError::Transport(
-            "every broker this publisher had a session with is gone".into(),
-        ))
+        let links = &self.links;
+        next_live(&mut self.next_link, links.len(), |i| links[i].live)
     }
 
     /// Where link `i`'s current grant has at least `need` bytes free (taking the next grant
