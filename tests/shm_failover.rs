@@ -10,7 +10,7 @@
 //!   broker without a ring slot, acked, and delivered once.
 
 use std::sync::atomic::Ordering::Relaxed;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use embar_dataplane::batch::BatchDesc;
 use embar_dataplane::client::publisher::{PublishError, Publisher, PublisherConfig};
@@ -19,7 +19,7 @@ use embar_dataplane::pool::coherence::Coherent;
 use embar_dataplane::pool::layout::{MessageHeader, BATCH_HEADER_VERSION};
 use embar_dataplane::pool::{OpenOptions, Pool};
 use embar_dataplane::session::SESSIONS;
-use embar_test_support::{alive, freeze, serial, signal, wait_until, Cluster};
+use embar_test_support::{alive, freeze, serial, signal, wait_for, wait_until, Cluster};
 use serde_json::Value;
 
 fn cluster(name: &str) -> (Cluster, Pool) {
@@ -51,15 +51,22 @@ fn one_batch(p: &mut Publisher<'_, Coherent>, i: u64) {
 
 /// Polls the publisher's acknowledged prefix until it reaches `n` (or it fails).
 fn acked_prefix(p: &mut Publisher<'_, Coherent>, n: u64) -> Result<(), PublishError> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let got = p.acked_prefix()?;
-        if got >= n {
-            return Ok(());
+    let (mut got, mut failed) = (0, None);
+    let reached = wait_for(Duration::from_secs(30), || match p.acked_prefix() {
+        Ok(k) => {
+            got = k;
+            k >= n
         }
-        assert!(Instant::now() < deadline, "only {got} of {n} acknowledged");
-        std::thread::sleep(Duration::from_millis(2));
+        Err(e) => {
+            failed = Some(e);
+            true
+        }
+    });
+    if let Some(e) = failed {
+        return Err(e);
     }
+    assert!(reached, "only {got} of {n} acknowledged");
+    Ok(())
 }
 
 /// Freezes broker 1 (every thread of it stopped) and returns its pid.

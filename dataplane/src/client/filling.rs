@@ -75,6 +75,27 @@ impl Filling {
             || now > self.deadline_ns(linger)
     }
 
+    /// The descriptor of this batch, sealed as it is: batch `batch_seq` of `client_id`, at pool
+    /// offset `log_idx` of broker slot `broker_id`'s space.
+    pub fn descriptor(
+        &self,
+        client_id: u64,
+        batch_seq: u64,
+        broker_id: u32,
+        log_idx: u64,
+    ) -> BatchDesc {
+        BatchDesc {
+            batch_seq,
+            client_id,
+            num_msg: self.num_msg(),
+            broker_id,
+            total_size: self.fill(),
+            log_idx,
+            start_logical_offset: 0,
+            version_flags: u64::from(crate::pool::layout::BATCH_HEADER_VERSION),
+        }
+    }
+
     /// Appends one message (its 64-byte header, then the payload). A caller that checked
     /// `must_seal` first never trips the bound check.
     pub fn append(&mut self, client_id: u64, batch_seq: u64, now: u64, payload: &[u8]) {

@@ -28,7 +28,7 @@ use crate::client::Publish;
 use crate::messages::{Claims, Messages};
 use crate::pool::coherence::Coherence;
 use crate::pool::doorbell;
-use crate::pool::layout::{BrokerDoorbell, Session, BATCH_HEADER_VERSION};
+use crate::pool::layout::{BrokerDoorbell, Session};
 use crate::pool::Pool;
 use crate::ring::{RingError, RingProducer};
 use crate::session::*;
@@ -487,16 +487,7 @@ impl<'p, C: Coherence> Publisher<'p, C> {
         // SAFETY: the batch's bytes, inside the range checked when it opened.
         unsafe { self.c.writeback_range(b.base(), b.fill() as usize) };
         let link = &mut self.links[i];
-        let desc = BatchDesc {
-            batch_seq: self.batch_seq,
-            client_id: self.client_id,
-            num_msg: b.num_msg(),
-            broker_id: link.broker,
-            total_size: b.fill(),
-            log_idx: start,
-            start_logical_offset: 0,
-            version_flags: u64::from(BATCH_HEADER_VERSION),
-        };
+        let desc = b.descriptor(self.client_id, self.batch_seq, link.broker, start);
         if let Some((_, _, used)) = link.grant.as_mut() {
             *used += b.fill();
         }

@@ -32,7 +32,6 @@ use crate::client::filling::{
 };
 use crate::client::publisher::{PublishError, PublisherConfig};
 use crate::client::Publish;
-use crate::pool::layout::BATCH_HEADER_VERSION;
 use crate::sync::Ordering::Acquire;
 
 /// How often a publisher waiting on its brokers looks whether their connections still stand.
@@ -730,16 +729,7 @@ impl VerbsPublisher {
             start,
             batch: b,
         } = open;
-        let desc = crate::batch::BatchDesc {
-            batch_seq: self.batch_seq,
-            client_id: self.client_id,
-            num_msg: b.num_msg(),
-            broker_id: self.links[i].broker,
-            total_size: b.fill(),
-            log_idx: start,
-            start_logical_offset: 0,
-            version_flags: u64::from(BATCH_HEADER_VERSION),
-        };
+        let desc = b.descriptor(self.client_id, self.batch_seq, self.links[i].broker, start);
         self.sealed_messages += u64::from(b.num_msg());
         self.batch_seq += 1;
         if self.ack > 0 {
