@@ -37,7 +37,12 @@ fn publisher(pool: &Pool) -> Publisher<'_, Coherent> {
         "t",
         &[0, 1],
         0x5eed_0000 + u64::from(std::process::id()),
-        PublisherConfig::default(),
+        // One message a batch, striped over both brokers (small batches would otherwise all
+        // go to the broker that runs the sequencers).
+        PublisherConfig {
+            small_batches_to_sequencer: false,
+            ..PublisherConfig::default()
+        },
     )
     .unwrap()
 }

@@ -539,6 +539,9 @@ impl CoherenceFn<Result<(), RunError>> for Go<'_> {
         let inline = embar_sys::cpu::available_cpus() <= 2;
         let bell = pool.broker_doorbell(s.slot).map_err(DriverError::from)?;
         let seq_stop = AtomicBool::new(false);
+        // A word an earlier process of this slot left set (it died sequencing) is cleared.
+        pool.set_broker_sequencing(c, s.slot, false)
+            .map_err(DriverError::from)?;
         std::thread::scope(|scope| {
             let mut seq_thread = None;
             let mut idle = Idle::new(IdlePolicy::default());
@@ -555,8 +558,13 @@ impl CoherenceFn<Result<(), RunError>> for Go<'_> {
                         let (stops, pin) = ([&*s.stop, &seq_stop], s.cfg.pin_cpu.map(|p| p + 1));
                         seq_thread = Some(scope.spawn(move || sequence_all(pool, c, stops, pin)));
                     }
+                    // Publishers send small batches here (`Publisher`, "Where a batch goes").
+                    pool.set_broker_sequencing(c, s.slot, true)
+                        .map_err(DriverError::from)?;
                 } else if !want && running {
                     log::info!("stopping the sequencer");
+                    pool.set_broker_sequencing(c, s.slot, false)
+                        .map_err(DriverError::from)?;
                     driver.sequence_here(false);
                     seq_stop.store(true, Ordering::Relaxed);
                     if let Some(t) = seq_thread.take() {
@@ -603,6 +611,8 @@ impl CoherenceFn<Result<(), RunError>> for Go<'_> {
                 }
             }
             s.stop.store(true, Ordering::Relaxed);
+            pool.set_broker_sequencing(c, s.slot, false)
+                .map_err(DriverError::from)?;
             Ok(())
         })
         .inspect_err(|_| s.stop.store(true, Ordering::Relaxed))

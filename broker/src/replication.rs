@@ -1,7 +1,8 @@
 //! The broker's replication thread: one [`Replicator`] per topic with a replication factor,
 //! found by scanning the topic table every 100 ms, each polled in turn; an idle round sleeps
-//! 1 ms (the thread must not take a core from the data path on a small host). At stop, every
-//! log is synced and its progress published.
+//! 1 ms, or until the next scan when no topic is replicated (the thread must not take a core
+//! from the data path on a small host). At stop, every log is synced and its progress
+//! published.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -110,7 +111,15 @@ impl CoherenceFn<()> for Go<'_> {
                 retries.failed(slot, gen, now);
             }
             if work == 0 {
-                std::thread::sleep(IDLE_SLEEP);
+                // With no topic to replicate nothing comes before the next scan: a thread
+                // that woke every millisecond for nothing took the data path's cores (on a
+                // small host each wake-up preempts a polling loop or a client).
+                let rest = if topics.is_empty() {
+                    TOPIC_SCAN_INTERVAL.saturating_sub(now.elapsed())
+                } else {
+                    IDLE_SLEEP
+                };
+                std::thread::sleep(rest.max(IDLE_SLEEP));
             }
         }
         for (slot, (_, r)) in topics.iter_mut() {

@@ -98,6 +98,7 @@ impl Publisher {
         let pc = PublisherConfig {
             linger: cfg.linger,
             wait_timeout: cfg.wait_timeout,
+            ..PublisherConfig::default()
         };
         let client_id = new_client_id();
         let cell = match &cfg.transport {

@@ -1,8 +1,19 @@
 //! A publisher on the pool host (shm transport). `publish` writes each message straight into
 //! log space its broker granted (the one copy of the data), so the batch is built in place;
 //! a batch is sealed at the topic's batch size, on `flush`, or when it has lingered, and
-//! submitted to its broker's session. Batches are striped round-robin over the brokers, with
-//! a per-client dense `batch_seq`. Acks come back as per-session cumulative counts.
+//! submitted to its broker's session, with a per-client dense `batch_seq`. Acks come back as
+//! per-session cumulative counts.
+//!
+//! **Where a batch goes.** Full batches are striped round-robin over the brokers: each
+//! broker's loop checks the message headers of its share, so the brokers share that work
+//! under load. A batch that follows one sealed at less than half the batch size (by `flush`
+//! or linger: the publisher is not sending at full speed) goes to the broker whose process
+//! runs the sequencers, when one of the publisher's brokers says so in the pool
+//! ([`Pool::broker_sequencing`]): there the batch is checked, ordered and acknowledged in one
+//! loop, where on another broker it crosses two processes (that broker's loop, the
+//! sequencer's, and that broker's again for the ack), and the other brokers' loops stay idle
+//! (they park) instead of taking the cores of a small host. As soon as batches fill up again
+//! they are striped again. `PublisherConfig::small_batches_to_sequencer` turns it off.
 //!
 //! **Failover.** Each broker records in the pool the process serving its slot
 //! ([`Pool::broker_process`]). A publisher waiting on a broker (for acks, a grant or a ring
@@ -41,6 +52,9 @@ pub struct PublisherConfig {
     pub linger: Duration,
     /// Longest wait for a broker (session answer, a grant, a ring slot) before an error.
     pub wait_timeout: Duration,
+    /// After a batch sealed at less than half the batch size, send the next one to the
+    /// broker that runs the sequencers (see the module docs, "Where a batch goes").
+    pub small_batches_to_sequencer: bool,
 }
 
 impl Default for PublisherConfig {
@@ -48,6 +62,7 @@ impl Default for PublisherConfig {
         PublisherConfig {
             linger: Duration::from_millis(1),
             wait_timeout: Duration::from_secs(10),
+            small_batches_to_sequencer: true,
         }
     }
 }
@@ -152,6 +167,8 @@ pub struct Publisher<'p, C: Coherence> {
     cfg: PublisherConfig,
     links: Vec<Link<'p, C>>,
     next_link: usize,
+    /// The last batch sealed held less than half the batch size.
+    last_small: bool,
     batch_seq: u64,
     open: Option<OpenBatch>,
     sealed_messages: u64,
@@ -296,6 +313,7 @@ impl<'p, C: Coherence> Publisher<'p, C> {
             cfg,
             links,
             next_link: 0,
+            last_small: false,
             batch_seq: 0,
             open: None,
             sealed_messages: 0,
@@ -361,6 +379,11 @@ impl<'p, C: Coherence> Publisher<'p, C> {
         (self.grant_waits, self.submit_waits)
     }
 
+    /// Batches sealed so far (the next batch's `batch_seq`).
+    pub fn batches_sealed(&self) -> u64 {
+        self.batch_seq
+    }
+
     /// Batches sent again to a live broker after theirs died.
     pub fn resent_batches(&self) -> u64 {
         self.resent_batches
@@ -397,9 +420,23 @@ impl<'p, C: Coherence> Publisher<'p, C> {
         next_live(&mut self.next_link, links.len(), |i| links[i].live)
     }
 
+    /// The link the next batch goes to: after a small batch, the live link whose broker runs
+    /// the sequencers, if there is one; else the next in the round-robin.
+    fn next_link(&mut self) -> Result<usize, PublishError> {
+        if self.last_small && self.cfg.small_batches_to_sequencer {
+            let (pool, c) = (self.pool, self.c);
+            if let Some(i) =
+                (self.links.iter()).position(|l| l.live && pool.broker_sequencing(c, l.broker))
+            {
+                return Ok(i);
+            }
+        }
+        self.next_live()
+    }
+
     fn start_batch(&mut self, stride: u64, now: u64) -> Result<(), PublishError> {
         let (i, offset, limit) = loop {
-            let i = self.next_live()?;
+            let i = self.next_link()?;
             match self.room(i, stride) {
                 Ok((offset, free)) => break (i, offset, self.batch_bytes.min(free)),
                 Err(Stop::Down) => {
@@ -492,6 +529,7 @@ impl<'p, C: Coherence> Publisher<'p, C> {
             *used += b.fill();
         }
         self.sealed_messages += u64::from(b.num_msg());
+        self.last_small = b.fill() * 2 < self.batch_bytes;
         self.batch_seq += 1;
         if self.ack > 0 {
             self.acks.sealed(b.num_msg());

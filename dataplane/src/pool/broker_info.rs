@@ -117,6 +117,28 @@ impl Pool {
         }
     }
 
+    /// Records whether broker slot `broker`'s process runs the sequencers of every topic
+    /// (its own loop, or a thread of its own). Its writer is that broker: set when it starts
+    /// them, cleared when it stops them, at its start and at a clean stop.
+    pub fn set_broker_sequencing<C: Coherence>(
+        &self,
+        c: C,
+        broker: u32,
+        on: bool,
+    ) -> PoolResult<()> {
+        let info = self.broker_info(broker)?;
+        c.publish(&info.sequencing, u64::from(on));
+        Ok(())
+    }
+
+    /// Whether broker slot `broker` says it runs the sequencers. Its process may have died
+    /// since (a dead broker's word is not cleared): ask [`Pool::broker_process`] too, or know
+    /// it is alive.
+    pub fn broker_sequencing<C: Coherence>(&self, c: C, broker: u32) -> bool {
+        self.broker_info(broker)
+            .is_ok_and(|info| c.observe(&info.sequencing) == 1)
+    }
+
     /// Every broker slot's recorded data directory: `(slot, directory)`.
     pub fn broker_data_dirs<C: Coherence>(&self, c: C) -> Vec<(u32, PathBuf)> {
         (0..self.geo.max_brokers)

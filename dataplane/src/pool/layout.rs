@@ -463,18 +463,21 @@ pub const DATA_DIR_MAX_BYTES: usize = 4096 - 64;
 /// serving the slot, so that a publisher with a session on it can tell when it is gone
 /// (`crate::client::publisher`, failover). Written by the broker that holds the slot, at its
 /// start (empty: it keeps no disk log); the path is kept after it exits, so a dead broker's
-/// logs stay readable; the process word is cleared when a broker stops cleanly.
+/// logs stay readable; the process word is cleared when a broker stops cleanly. The
+/// sequencing word tells publishers where a small batch is acknowledged soonest
+/// (`crate::client::publisher`, "Where a batch goes").
 ///
 /// | line | writer | contents |
 /// |---|---|---|
-/// | 0 | the broker | `data_dir_len`: bytes of the path (0: none), stored last; `pid`: the serving process, a packed `embar_sys::process::ProcessId` (0: none) |
+/// | 0 | the broker | `data_dir_len`: bytes of the path (0: none), stored last; `pid`: the serving process, a packed `embar_sys::process::ProcessId` (0: none); `sequencing`: 1 while its loop (or a thread of its process) runs the sequencers of every topic |
 /// | 1.. | the broker | the path's bytes |
 #[repr(C, align(64))]
 #[derive(Debug)]
 pub struct BrokerInfo {
     pub data_dir_len: AtomicU64,
     pub pid: AtomicU64,
-    pub _pad: [AtomicU64; 6],
+    pub sequencing: AtomicU64,
+    pub _pad: [AtomicU64; 5],
     pub data_dir: [AtomicU64; DATA_DIR_MAX_BYTES / 8],
 }
 
