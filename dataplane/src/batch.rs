@@ -134,7 +134,14 @@ pub struct BatchWriter {
     fill: u64,
     limit: u64,
     num_msg: u32,
+    /// Payloads of [`STREAM_MIN_BYTES`] or more are written with non-temporal stores.
+    streaming: bool,
 }
+
+/// The smallest payload a [`BatchWriter::streaming`] writer copies with non-temporal stores:
+/// below it a plain copy costs less than the fence and the lost cache line (the threshold
+/// persistent-memory libraries use for the same choice).
+pub const STREAM_MIN_BYTES: usize = 256;
 
 /// A message that does not fit in the rest of its batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
@@ -159,6 +166,26 @@ impl BatchWriter {
             fill: 0,
             limit,
             num_msg: 0,
+            streaming: false,
+        }
+    }
+
+    /// Writes payloads of [`STREAM_MIN_BYTES`] or more with non-temporal stores
+    /// (`embar_sys::cacheline::stream_copy`): for a batch in the pool, which the writer does
+    /// not read again and other processes read later, so its lines are not first read into
+    /// the writer's cache (a copy into the pool read every destination line from memory
+    /// before it wrote it). Headers stay plain stores: the broker reads them soon after.
+    /// [`fence`](Self::fence) before the batch is published.
+    pub fn streaming(mut self) -> BatchWriter {
+        self.streaming = true;
+        self
+    }
+
+    /// Orders every store of the batch before the stores that follow (the descriptor that
+    /// publishes it): the non-temporal stores of a streaming writer are weakly ordered.
+    pub fn fence(&self) {
+        if self.streaming {
+            embar_sys::cacheline::store_fence();
         }
     }
 
@@ -175,10 +202,20 @@ impl BatchWriter {
             size: payload.len() as u32,
             ..*header
         };
-        // SAFETY: `fill + stride <= limit`, and `base..base + limit` is this batch's,
-        // writable and 64-byte aligned (the contract of `new`); strides are multiples of 64,
-        // so the message starts aligned.
-        unsafe { write_message(self.base.add(self.fill as usize), &header, payload) };
+        let dst = self.base.wrapping_add(self.fill as usize);
+        if self.streaming && payload.len() >= STREAM_MIN_BYTES {
+            // SAFETY: as below; the payload goes at `dst + 64`, 64-byte aligned, inside the
+            // stride, and `payload` (the caller's) is not the pool space this batch owns.
+            unsafe {
+                dst.cast::<MessageHeader>().write(header);
+                embar_sys::cacheline::stream_copy(dst.add(64), payload.as_ptr(), payload.len());
+            }
+        } else {
+            // SAFETY: `fill + stride <= limit`, and `base..base + limit` is this batch's,
+            // writable and 64-byte aligned (the contract of `new`); strides are multiples of
+            // 64, so the message starts aligned.
+            unsafe { write_message(dst, &header, payload) };
+        }
         self.fill += stride;
         self.num_msg += 1;
         Ok(())

@@ -49,6 +49,20 @@ impl Filling {
         }
     }
 
+    /// Writes large payloads with non-temporal stores (`BatchWriter::streaming`): for a batch
+    /// in the pool. [`fence`](Self::fence) before it is submitted.
+    pub fn streaming(self) -> Filling {
+        Filling {
+            writer: self.writer.streaming(),
+            ..self
+        }
+    }
+
+    /// Orders the batch's stores before the descriptor that submits it.
+    pub fn fence(&self) {
+        self.writer.fence();
+    }
+
     pub fn base(&self) -> *mut u8 {
         self.writer.base()
     }

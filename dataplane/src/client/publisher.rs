@@ -455,7 +455,7 @@ impl<'p, C: Coherence> Publisher<'p, C> {
             // lies in a grant this publisher took, which nobody else writes (the broker reads
             // it only after the batch is submitted); grants and offsets in them are 64-byte
             // aligned.
-            batch: unsafe { Filling::new(base, limit, now) },
+            batch: unsafe { Filling::new(base, limit, now) }.streaming(),
         });
         Ok(())
     }
@@ -521,6 +521,8 @@ impl<'p, C: Coherence> Publisher<'p, C> {
             start,
             batch: b,
         } = open;
+        // Its payloads went in by non-temporal stores: ordered before what follows.
+        b.fence();
         // SAFETY: the batch's bytes, inside the range checked when it opened.
         unsafe { self.c.writeback_range(b.base(), b.fill() as usize) };
         let link = &mut self.links[i];
