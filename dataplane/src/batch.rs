@@ -204,8 +204,8 @@ impl BatchWriter {
         };
         let dst = self.base.wrapping_add(self.fill as usize);
         if self.streaming && payload.len() >= STREAM_MIN_BYTES {
-            // SAFETY: as below; the payload goes at `dst + 64`, 64-byte aligned, inside the
-            // stride, and `payload` (the caller's) is not the pool space this batch owns.
+            // SAFETY: as below; the payload goes at `dst + 64`, inside the stride, and
+            // `payload` (the caller's) is not the pool space this batch owns.
             unsafe {
                 dst.cast::<MessageHeader>().write(header);
                 embar_sys::cacheline::stream_copy(dst.add(64), payload.as_ptr(), payload.len());

@@ -268,7 +268,8 @@ pub fn prefetch_read(ptr: *const u8) {
 }
 
 /// Copies `len` bytes from `src` to `dst` with non-temporal stores where the target has them
-/// (x86_64 `movntdq`, 64 bytes a step, the tail under 64 bytes by plain stores): the
+/// (x86_64 `movntdq`, 64 bytes a step; the bytes before `dst`'s first 16-byte boundary and the
+/// tail under 64 bytes by plain stores): the
 /// destination's lines are written to memory without being read into this CPU's cache first
 /// (no read-for-ownership) and without evicting what the caller works on. For data another
 /// CPU or host reads later (a batch written into the pool), as persistent-memory libraries
@@ -279,18 +280,20 @@ pub fn prefetch_read(ptr: *const u8) {
 ///
 /// # Safety
 ///
-/// `src..src + len` is readable, `dst..dst + len` writable, they do not overlap, and `dst` is
-/// 16-byte aligned.
+/// `src..src + len` is readable, `dst..dst + len` writable, and they do not overlap.
 #[inline]
 pub unsafe fn stream_copy(dst: *mut u8, src: *const u8, len: usize) {
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: SSE2 is part of the x86_64 baseline. Every load reads 16 bytes inside
-    // `src..src + whole` and every store writes 16 bytes inside `dst..dst + whole`, at a
-    // 16-byte aligned address (dst is aligned, steps are multiples of 16); the tail is a
-    // plain copy inside both ranges. The caller guarantees the ranges and no overlap.
+    // SAFETY: SSE2 is part of the x86_64 baseline. The head (up to `dst`'s next 16-byte
+    // boundary, at most `len`) is a plain copy inside both ranges; after it every load reads
+    // 16 bytes inside `src..src + len` and every store writes 16 bytes inside
+    // `dst..dst + len` at a 16-byte aligned address (steps are multiples of 16); the tail is
+    // a plain copy inside both ranges. The caller guarantees the ranges and no overlap.
     unsafe {
         use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm_stream_si128};
-        debug_assert_eq!(dst as usize % 16, 0);
+        let head = dst.align_offset(16).min(len);
+        std::ptr::copy_nonoverlapping(src, dst, head);
+        let (dst, src, len) = (dst.add(head), src.add(head), len - head);
         let whole = len / 64 * 64;
         let mut i = 0;
         while i < whole {
@@ -318,13 +321,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_streamed_copy_equals_the_source_at_every_length_and_source_alignment() {
+    fn a_streamed_copy_equals_the_source_at_every_length_and_alignment() {
         let src: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
-        let mut dst = vec![0u8; 4096 + 64];
-        // A 64-byte aligned place in `dst`, as a batch's payload is.
-        let at = dst.as_ptr().align_offset(64);
+        let mut dst = vec![0u8; 4096 + 256];
+        // A 64-byte aligned place in `dst` (a batch's payload), and places off it (a frame's
+        // piece of a batch).
+        let aligned = dst.as_ptr().align_offset(64);
         for len in (0..300).chain([1023, 1024, 1025, 4000]) {
-            for skew in [0, 1, 7, 15, 33] {
+            for (skew, off) in [
+                (0, 0),
+                (1, 0),
+                (7, 0),
+                (15, 0),
+                (33, 0),
+                (0, 5),
+                (3, 17),
+                (0, 63),
+            ] {
+                let at = aligned + off;
                 let d = &mut dst[at..at + len + 64];
                 d.fill(0xee);
                 let s = &src[skew..skew + len];
@@ -332,7 +346,11 @@ mod tests {
                 // len bytes, and they are different vectors.
                 unsafe { stream_copy(d.as_mut_ptr(), s.as_ptr(), len) };
                 store_fence();
-                assert_eq!(&d[..len], s, "length {len}, source skew {skew}");
+                assert_eq!(
+                    &d[..len],
+                    s,
+                    "length {len}, source skew {skew}, offset {off}"
+                );
                 assert!(d[len..].iter().all(|&b| b == 0xee), "nothing past the end");
             }
         }

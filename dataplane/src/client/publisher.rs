@@ -1,5 +1,9 @@
 //! A publisher on the pool host (shm transport). `publish` writes each message straight into
 //! log space its broker granted (the one copy of the data), so the batch is built in place;
+//! payloads of 256 bytes or more go in by non-temporal stores (`BatchWriter::streaming`):
+//! the publisher never reads them again and other processes read them later, so reading each
+//! destination line into its cache before writing it (what a plain copy does) was wasted
+//! memory traffic;
 //! a batch is sealed at the topic's batch size, on `flush`, or when it has lingered, and
 //! submitted to its broker's session, with a per-client dense `batch_seq`. Acks come back as
 //! per-session cumulative counts.

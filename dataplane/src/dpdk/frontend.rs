@@ -716,6 +716,8 @@ fn hand_on<C: Coherence>(s: &mut Sess<'_, C>, bell: &BrokerDoorbell, stats: &Dpd
     let Some(desc) = s.ready else {
         return false;
     };
+    // The batch's bytes went in by non-temporal stores (`PoolLanding::write`).
+    embar_sys::cacheline::store_fence();
     match s.submit.try_publish(&desc) {
         Ok(_) => {
             s.ready = None;
@@ -771,7 +773,9 @@ impl<C: Coherence> Landing for PoolLanding<'_, '_, C> {
         // inside a place `GrantCursor::place` gave for the batch): nothing else writes it,
         // and the broker reads it only after the batch's descriptor is published. The
         // source is a received frame's buffer, not pool memory, so the ranges do not overlap.
-        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), dst, bytes.len()) };
+        // Non-temporal stores: this thread does not read the batch again (`hand_on` fences
+        // them before the descriptor goes out).
+        unsafe { embar_sys::cacheline::stream_copy(dst, bytes.as_ptr(), bytes.len()) };
         Ok(())
     }
 }
