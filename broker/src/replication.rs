@@ -115,7 +115,8 @@ impl CoherenceFn<()> for Go<'_> {
                 // that woke every millisecond for nothing took the data path's cores (on a
                 // small host each wake-up preempts a polling loop or a client).
                 let rest = if topics.is_empty() {
-                    TOPIC_SCAN_INTERVAL.saturating_sub(now.elapsed())
+                    let scanned = last_scan.map_or(TOPIC_SCAN_INTERVAL, |t| t.elapsed());
+                    TOPIC_SCAN_INTERVAL.saturating_sub(scanned)
                 } else {
                     IDLE_SLEEP
                 };

@@ -136,6 +136,17 @@ pub struct BatchWriter {
     num_msg: u32,
     /// Payloads of [`STREAM_MIN_BYTES`] or more are written with non-temporal stores.
     streaming: bool,
+    /// The thread that made the last non-temporal stores (its [`thread_tag`]; 0: none yet),
+    /// and whether an earlier one was another thread.
+    streamed_by: usize,
+    streamed_by_several: bool,
+}
+
+/// A number that tells the calling thread from every other live thread (the address of a
+/// thread-local), for a few nanoseconds.
+fn thread_tag() -> usize {
+    thread_local!(static TAG: u8 = const { 0 });
+    TAG.with(|t| t as *const u8 as usize)
 }
 
 /// The smallest payload a [`BatchWriter::streaming`] writer copies with non-temporal stores:
@@ -167,6 +178,8 @@ impl BatchWriter {
             limit,
             num_msg: 0,
             streaming: false,
+            streamed_by: 0,
+            streamed_by_several: false,
         }
     }
 
@@ -175,18 +188,32 @@ impl BatchWriter {
     /// not read again and other processes read later, so its lines are not first read into
     /// the writer's cache (a copy into the pool read every destination line from memory
     /// before it wrote it). Headers stay plain stores: the broker reads them soon after.
-    /// [`fence`](Self::fence) before the batch is published.
+    /// [`fence`](Self::fence) before the batch is published. Only where other threads'
+    /// non-temporal stores can be fenced too
+    /// (`embar_sys::cacheline::other_threads_fence_available`), since a batch may be sealed by
+    /// another thread than the one that filled it; elsewhere the writer stays plain.
     pub fn streaming(mut self) -> BatchWriter {
-        self.streaming = true;
+        self.streaming = embar_sys::cacheline::other_threads_fence_available();
         self
     }
 
     /// Orders every store of the batch before the stores that follow (the descriptor that
-    /// publishes it): the non-temporal stores of a streaming writer are weakly ordered.
-    pub fn fence(&self) {
-        if self.streaming {
-            embar_sys::cacheline::store_fence();
+    /// publishes it): the non-temporal stores of a streaming writer are weakly ordered, and
+    /// `sfence` orders only the calling thread's. If another thread streamed into this batch
+    /// (a publisher moved between threads, or an async ack future sealing a lingered batch on
+    /// an executor thread), every thread's are fenced (`fence_other_threads`, a system call:
+    /// rare).
+    pub fn fence(&mut self) {
+        if self.streamed_by == 0 {
+            return;
         }
+        embar_sys::cacheline::store_fence();
+        if self.streamed_by_several || self.streamed_by != thread_tag() {
+            // Available: `streaming` turned on only where it is.
+            embar_sys::cacheline::fence_other_threads();
+        }
+        self.streamed_by = 0;
+        self.streamed_by_several = false;
     }
 
     /// Appends one message: `header` with its `size` set to the payload's, then `payload`.
@@ -204,6 +231,11 @@ impl BatchWriter {
         };
         let dst = self.base.wrapping_add(self.fill as usize);
         if self.streaming && payload.len() >= STREAM_MIN_BYTES {
+            let me = thread_tag();
+            if self.streamed_by != me {
+                self.streamed_by_several |= self.streamed_by != 0;
+                self.streamed_by = me;
+            }
             // SAFETY: as below; the payload goes at `dst + 64`, inside the stride, and
             // `payload` (the caller's) is not the pool space this batch owns.
             unsafe {
@@ -296,4 +328,95 @@ pub fn encode_message(out: &mut Vec<u8>, header: &MessageHeader, payload: &[u8])
         &header.publish_ts_ns.to_ne_bytes(),
     );
     out[start + 64..start + 64 + payload.len()].copy_from_slice(payload);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::messages::{Claims, Messages};
+
+    /// One cache line: a vector of them is a 64-byte aligned buffer.
+    #[derive(Clone, Copy)]
+    #[repr(C, align(64))]
+    struct Line([u8; 64]);
+
+    fn aligned(n: usize) -> Vec<Line> {
+        vec![Line([0; 64]); n / 64]
+    }
+
+    fn bytes(lines: &[Line]) -> Vec<u8> {
+        lines.iter().flat_map(|l| l.0).collect()
+    }
+
+    fn fill(w: &mut BatchWriter, payloads: &[Vec<u8>]) {
+        for (i, p) in payloads.iter().enumerate() {
+            let h = MessageHeader {
+                client_id: 7,
+                batch_seq: 3,
+                publish_ts_ns: i as u64,
+                ..MessageHeader::default()
+            };
+            w.append(&h, p).unwrap();
+        }
+    }
+
+    /// Payloads on both sides of the streaming threshold, and lengths that end mid-line.
+    fn payloads() -> Vec<Vec<u8>> {
+        [0usize, 1, 63, 255, 256, 257, 1000, 1024, 4095, 20_000]
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| (0..n).map(|i| (i * 31 + k) as u8).collect())
+            .collect()
+    }
+
+    /// A batch writer handed to another thread (the test's own `Send`, as `Filling` has).
+    struct Moved(BatchWriter);
+    // SAFETY: the buffer the writer points into outlives both threads (scoped), and only one
+    // thread uses the writer at a time.
+    unsafe impl Send for Moved {}
+
+    #[test]
+    fn a_streaming_writer_lays_out_the_same_bytes_as_a_plain_one_even_fenced_on_another_thread() {
+        const BYTES: usize = 64 << 10;
+        let (mut plain, mut streamed) = (aligned(BYTES), aligned(BYTES));
+        // SAFETY: each buffer is BYTES long, 64-byte aligned by its type, and written only
+        // through its writer until the writers are done.
+        let (pw, sw) = unsafe {
+            (
+                BatchWriter::new(plain.as_mut_ptr().cast(), BYTES as u64),
+                BatchWriter::new(streamed.as_mut_ptr().cast(), BYTES as u64),
+            )
+        };
+        let mut pw = pw;
+        fill(&mut pw, &payloads());
+        let mut moved = Moved(sw.streaming());
+        assert_eq!(
+            moved.0.streaming,
+            embar_sys::cacheline::other_threads_fence_available(),
+            "streams wherever other threads can be fenced"
+        );
+        // Filled on one thread, fenced and read on this one.
+        moved = std::thread::scope(|s| {
+            s.spawn(move || {
+                fill(&mut moved.0, &payloads());
+                moved
+            })
+            .join()
+            .unwrap()
+        });
+        moved.0.fence();
+        assert_eq!(moved.0.fill(), pw.fill());
+        let n = pw.fill() as usize;
+        let (plain, bytes) = (bytes(&plain), bytes(&streamed));
+        assert_eq!(plain[..n], bytes[..n], "same bytes");
+        let bytes = &bytes[..n];
+        let claims = Claims {
+            num_msg: pw.num_msg(),
+            client_id: 7,
+            batch_seq: 3,
+        };
+        let m = Messages::over(bytes, claims).unwrap();
+        let got: Vec<Vec<u8>> = m.iter().map(|r| r.unwrap().payload.to_vec()).collect();
+        assert_eq!(got, payloads());
+    }
 }

@@ -59,8 +59,13 @@ impl Filling {
     }
 
     /// Orders the batch's stores before the descriptor that submits it.
-    pub fn fence(&self) {
+    pub fn fence(&mut self) {
         self.writer.fence();
+    }
+
+    /// Bytes the batch may hold at most (the batch size, or less at the end of a grant).
+    pub fn limit(&self) -> u64 {
+        self.writer.limit()
     }
 
     pub fn base(&self) -> *mut u8 {

@@ -523,7 +523,7 @@ impl<'p, C: Coherence> Publisher<'p, C> {
         let OpenBatch {
             link: i,
             start,
-            batch: b,
+            batch: mut b,
         } = open;
         // Its payloads went in by non-temporal stores: ordered before what follows.
         b.fence();
@@ -535,7 +535,8 @@ impl<'p, C: Coherence> Publisher<'p, C> {
             *used += b.fill();
         }
         self.sealed_messages += u64::from(b.num_msg());
-        self.last_small = b.fill() * 2 < self.batch_bytes;
+        // Against its own limit: a batch cut short by the end of a grant is not small.
+        self.last_small = b.fill() * 2 < b.limit();
         self.batch_seq += 1;
         if self.ack > 0 {
             self.acks.sealed(b.num_msg());
