@@ -38,6 +38,15 @@ fn landed(c: &Cluster, total: u64) -> [u64; 2] {
     per
 }
 
+/// `n` batches of one message each (a flush after each), all acknowledged.
+fn one_message_batches(p: &mut Publisher<'_, Coherent>, n: u64) {
+    for i in 0..n {
+        p.publish(format!("message {i}").as_bytes()).unwrap();
+        p.flush().unwrap();
+    }
+    all_acked(p);
+}
+
 fn all_acked(p: &mut Publisher<'_, Coherent>) {
     let n = p.sealed_messages();
     wait_until(
@@ -75,11 +84,7 @@ fn small_batches_go_to_the_broker_that_runs_the_sequencers_and_full_ones_are_str
     // Forty one-message batches: the first goes to the first link (nothing was sealed
     // before it), every later one follows a small batch.
     let mut p = publisher(&pool, seq as u32, 0x7007_0001, true);
-    for i in 0..40 {
-        p.publish(format!("small {i}").as_bytes()).unwrap();
-        p.flush().unwrap();
-    }
-    all_acked(&mut p);
+    one_message_batches(&mut p, 40);
     let small = landed(&c, 40);
     assert_eq!(
         (small[seq], small[1 - seq]),
@@ -103,11 +108,7 @@ fn small_batches_go_to_the_broker_that_runs_the_sequencers_and_full_ones_are_str
 
     // With the option off, small batches are striped too.
     let mut q = publisher(&pool, seq as u32, 0x7007_0002, false);
-    for i in 0..40 {
-        q.publish(format!("striped {i}").as_bytes()).unwrap();
-        q.flush().unwrap();
-    }
-    all_acked(&mut q);
+    one_message_batches(&mut q, 40);
     let striped = landed(&c, p.batches_sealed() + 40);
     assert_eq!(
         [striped[0] - full[0], striped[1] - full[1]],
