@@ -27,7 +27,7 @@
 use std::marker::PhantomData;
 
 use crate::batch::BatchDesc;
-use crate::pool::coherence::Coherence;
+use crate::pool::coherence::{Coherence, CoherenceMode};
 use crate::pool::layout::{message_stride, MessageHeader, BATCH_MESSAGES_MAX, MESSAGE_BYTES_MAX};
 use crate::pool::Pool;
 
@@ -235,8 +235,15 @@ impl Span {
     }
 }
 
-/// How many messages ahead the walk over a batch in the pool asks for header lines.
+/// How many messages ahead the walk over a batch in the pool asks for header lines: on a
+/// coherent pool the line is likely in the shared cache (the publisher just wrote it); on a
+/// non-coherent one it was just invalidated, so each is a miss to memory and the walk looks
+/// further ahead.
 const PREFETCH_AHEAD: u64 = 4;
+const PREFETCH_AHEAD_NON_COHERENT: u64 = 16;
+/// Header lines invalidated ahead that the walk remembers (a power of two, more than
+/// `PREFETCH_AHEAD_NON_COHERENT`: a guess is reached that many steps after it is made).
+const FRESH_SLOTS: usize = 32;
 
 impl<'a> Messages<'a> {
     /// Checks the batch `desc` names (its `log_idx`, `total_size`, `num_msg`, `client_id`
@@ -296,19 +303,51 @@ impl<'a> Messages<'a> {
             end: total,
         };
         let mut at = At::START;
+        // Header lines invalidated ahead of the walk (on a non-coherent pool), by offset: a
+        // header found at one of them is not invalidated again (that would evict the line its
+        // prefetch brought in, and read it from memory after all).
+        // Guesses are made, and reached, in increasing offset order: a queue (`fresh[first..
+        // guessed]`, indices mod FRESH_SLOTS) whose stale front is dropped as the walk passes.
+        let mut fresh = [0u64; FRESH_SLOTS];
+        let (mut first, mut guessed) = (0usize, 0usize);
+        // Whether each header line must be invalidated before it is read.
+        let per_header = !whole && c.mode() == CoherenceMode::NonCoherent;
+        let look_ahead = if per_header {
+            PREFETCH_AHEAD_NON_COHERENT
+        } else {
+            PREFETCH_AHEAD
+        };
         while at.index < claims.num_msg {
-            if !whole && at.offset + HEADER_BYTES <= total {
+            while first < guessed && fresh[first % FRESH_SLOTS] < at.offset {
+                first += 1;
+            }
+            let invalidated = first < guessed && fresh[first % FRESH_SLOTS] == at.offset;
+            if per_header && at.offset + HEADER_BYTES <= total && !invalidated {
                 // SAFETY: the header's line, inside the range `data_ptr` checked.
                 unsafe { c.invalidate_range(base.add(at.offset as usize), 64) };
             }
             let next = at.after(&span.step_whole(&claims, total, at)?);
             // Each header's place depends on the one before: the lines of the headers a few
             // messages on (guessing the sizes stay the same, as they mostly do) are asked for
-            // now, so that their misses overlap instead of coming one after another.
+            // now, so that their misses overlap instead of coming one after another. On a
+            // non-coherent pool the guessed line is invalidated first (after the descriptor
+            // was seen, so what the prefetch loads is what the publisher wrote back).
             let ahead = next
                 .offset
-                .saturating_add((next.offset - at.offset).saturating_mul(PREFETCH_AHEAD));
+                .saturating_add((next.offset - at.offset).saturating_mul(look_ahead));
             if ahead < total {
+                let newest = (first < guessed).then(|| fresh[(guessed - 1) % FRESH_SLOTS]);
+                if per_header
+                    && ahead + HEADER_BYTES <= total
+                    && newest.is_none_or(|n| ahead > n)
+                    && guessed - first < FRESH_SLOTS
+                {
+                    // SAFETY: a line inside the range `data_ptr` checked (`ahead + 64 <=
+                    // total`); invalidating a line of the batch changes none of its bytes.
+                    unsafe { c.invalidate_range(base.add(ahead as usize), 64) };
+                    fresh[guessed % FRESH_SLOTS] = ahead;
+                    guessed += 1;
+                }
                 embar_sys::cacheline::prefetch_read(base.wrapping_add(ahead as usize));
             }
             at = next;
