@@ -253,6 +253,54 @@ impl BatchWriter {
         Ok(())
     }
 
+    /// Calls `f(offset, bytes)` for each range of the batch that plain stores wrote, adjacent
+    /// ones merged: for a writer on a non-coherent pool, what it must write back from its
+    /// cache (non-temporal stores went to memory). Every byte written, for a plain writer;
+    /// for a streaming one, the message headers, the tails (under 64 bytes) of streamed
+    /// payloads, and whole messages whose payload was not streamed.
+    pub fn plain_ranges(&self, mut f: impl FnMut(u64, u64)) {
+        if !self.streaming {
+            if self.fill > 0 {
+                f(0, self.fill);
+            }
+            return;
+        }
+        let mut pending: Option<(u64, u64)> = None;
+        let mut emit = |start: u64, end: u64| match pending {
+            Some((s, e)) if e == start => pending = Some((s, end)),
+            _ => {
+                if let Some((s, e)) = pending {
+                    f(s, e - s);
+                }
+                pending = Some((start, end));
+            }
+        };
+        let mut at = 0u64;
+        for _ in 0..self.num_msg {
+            // SAFETY: `at` is the start of a message this writer appended (each appended
+            // message advanced `fill` by its stride, and we step by the same strides), so a
+            // whole header lies at `base + at`, written by this writer and read by nobody else
+            // yet (the contract of `new`).
+            let size = unsafe { self.base.add(at as usize).cast::<MessageHeader>().read() }.size;
+            let stride = message_stride(u64::from(size));
+            if size as usize >= STREAM_MIN_BYTES {
+                // The payload starts at `at + 64`, 64-byte aligned: `stream_copy` wrote no
+                // head by plain stores, and the tail under 64 bytes is one line.
+                emit(at, at + 64);
+                let whole = u64::from(size) / 64 * 64;
+                if u64::from(size) > whole {
+                    emit(at + 64 + whole, at + 128 + whole);
+                }
+            } else {
+                emit(at, at + stride);
+            }
+            at += stride;
+        }
+        if let Some((s, e)) = pending {
+            f(s, e - s);
+        }
+    }
+
     /// The batch's first byte.
     pub fn base(&self) -> *mut u8 {
         self.base
@@ -406,6 +454,32 @@ mod tests {
         });
         moved.0.fence();
         assert_eq!(moved.0.fill(), pw.fill());
+        // What plain stores wrote: everything but the 64-byte lines of streamed payloads.
+        let mut plain_bytes = 0;
+        let mut last_end = 0;
+        moved.0.plain_ranges(|o, n| {
+            assert!(
+                o >= last_end,
+                "ranges in order, merged: {o} after {last_end}"
+            );
+            assert!(o % 64 == 0 && n % 64 == 0, "whole lines: {o}+{n}");
+            last_end = o + n;
+            plain_bytes += n;
+        });
+        let streamed_lines: u64 = payloads()
+            .iter()
+            .filter(|p| p.len() >= STREAM_MIN_BYTES)
+            .map(|p| p.len() as u64 / 64 * 64)
+            .sum();
+        if moved.0.streaming {
+            assert_eq!(plain_bytes, moved.0.fill() - streamed_lines);
+        }
+        let mut all = 0;
+        pw.plain_ranges(|o, n| {
+            assert_eq!(o, 0);
+            all += n
+        });
+        assert_eq!(all, pw.fill(), "a plain writer: one range, the whole batch");
         let n = pw.fill() as usize;
         let (plain, bytes) = (bytes(&plain), bytes(&streamed));
         assert_eq!(plain[..n], bytes[..n], "same bytes");

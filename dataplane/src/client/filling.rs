@@ -63,6 +63,11 @@ impl Filling {
         self.writer.fence();
     }
 
+    /// See [`BatchWriter::plain_ranges`].
+    pub fn plain_ranges(&self, f: impl FnMut(u64, u64)) {
+        self.writer.plain_ranges(f);
+    }
+
     /// Bytes the batch may hold at most (the batch size, or less at the end of a grant).
     pub fn limit(&self) -> u64 {
         self.writer.limit()

@@ -41,7 +41,7 @@ use crate::batch::BatchDesc;
 use crate::client::filling::{next_live, resend_target, stride_of, Acks, Every, Filling};
 use crate::client::Publish;
 use crate::messages::{Claims, Messages};
-use crate::pool::coherence::Coherence;
+use crate::pool::coherence::{Coherence, CoherenceMode};
 use crate::pool::doorbell;
 use crate::pool::layout::{BrokerDoorbell, Session};
 use crate::pool::Pool;
@@ -527,8 +527,14 @@ impl<'p, C: Coherence> Publisher<'p, C> {
         } = open;
         // Its payloads went in by non-temporal stores: ordered before what follows.
         b.fence();
-        // SAFETY: the batch's bytes, inside the range checked when it opened.
-        unsafe { self.c.writeback_range(b.base(), b.fill() as usize) };
+        // On a non-coherent pool: what plain stores wrote goes back to memory (the streamed
+        // payloads are there already).
+        if self.c.mode() == CoherenceMode::NonCoherent {
+            let (c, base) = (self.c, b.base());
+            // SAFETY: every range lies inside the batch's bytes, inside the range checked when
+            // it opened.
+            b.plain_ranges(|at, n| unsafe { c.writeback_range(base.add(at as usize), n as usize) });
+        }
         let link = &mut self.links[i];
         let desc = b.descriptor(self.client_id, self.batch_seq, link.broker, start);
         if let Some((_, _, used)) = link.grant.as_mut() {
