@@ -542,7 +542,7 @@ impl CoherenceFn<Result<(), RunError>> for Go<'_> {
         // A word an earlier process of this slot left set (it died sequencing) is cleared.
         pool.set_broker_sequencing(c, s.slot, false)
             .map_err(DriverError::from)?;
-        std::thread::scope(|scope| {
+        let ran = std::thread::scope(|scope| {
             let mut seq_thread = None;
             let mut idle = Idle::new(IdlePolicy::default());
             let mut last = Instant::now();
@@ -611,11 +611,12 @@ impl CoherenceFn<Result<(), RunError>> for Go<'_> {
                 }
             }
             s.stop.store(true, Ordering::Relaxed);
-            pool.set_broker_sequencing(c, s.slot, false)
-                .map_err(DriverError::from)?;
             Ok(())
         })
-        .inspect_err(|_| s.stop.store(true, Ordering::Relaxed))
+        .inspect_err(|_| s.stop.store(true, Ordering::Relaxed));
+        // However the loop ended (a stop, or an error of its own), it runs no sequencer now.
+        let _ = pool.set_broker_sequencing(c, s.slot, false);
+        ran
     }
 }
 

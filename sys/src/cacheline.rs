@@ -378,8 +378,8 @@ mod tests {
     fn a_streamed_copy_equals_the_source_at_every_length_and_alignment() {
         let src: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
         let mut dst = vec![0u8; 4096 + 256];
-        // A 64-byte aligned place in `dst` (a batch's payload), and places off it (a frame's
-        // piece of a batch).
+        // A 64-byte aligned place in `dst` (a batch's payload), and places off it (the
+        // contract allows any destination).
         let aligned = dst.as_ptr().align_offset(64);
         for len in (0..300).chain([1023, 1024, 1025, 4000]) {
             for (skew, off) in [

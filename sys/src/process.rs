@@ -106,8 +106,22 @@ pub fn host_name() -> Option<String> {
         .map(|h| h.trim().to_string())
 }
 
-/// What liveness needs of `/proc/<pid>/stat`.
+/// Whether every thread of process `pid` is stopped (state `T`, by a stop signal, or `t`, by a
+/// tracer): a stop signal reaches a process's threads one by one, and a thread runs on until
+/// its own turn. False when the process is gone.
+pub fn all_threads_stopped(pid: u32) -> bool {
+    std::fs::read_dir(format!("/proc/{pid}/task")).is_ok_and(|tasks| {
+        tasks.filter_map(|t| t.ok()).all(|t| {
+            Stat::read_path(&t.path().join("stat"))
+                .is_some_and(|s| s.state == 'T' || s.state == 't')
+        })
+    })
+}
+
+/// What liveness needs of `/proc/<pid>/stat` (or of a thread's `/proc/<pid>/task/<tid>/stat`).
 struct Stat {
+    /// The state letter (field 3).
+    state: char,
     /// State `Z` (zombie) or `X` (being reaped).
     zombie: bool,
     /// Start time in clock ticks after boot (field 22).
@@ -116,13 +130,18 @@ struct Stat {
 
 impl Stat {
     fn read(pid: u32) -> Option<Stat> {
-        let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        Stat::read_path(std::path::Path::new(&format!("/proc/{pid}/stat")))
+    }
+
+    fn read_path(path: &std::path::Path) -> Option<Stat> {
+        let s = std::fs::read_to_string(path).ok()?;
         // The command name is in parentheses and may hold spaces and parentheses itself;
         // the fields after it start with the state (field 3).
         let mut fields = s.rsplit_once(')')?.1.split_whitespace();
         let state = fields.next()?;
         let start = fields.nth(18)?.parse().ok()?;
         Some(Stat {
+            state: state.chars().next()?,
             zombie: state == "Z" || state == "X",
             start,
         })
@@ -147,6 +166,42 @@ mod tests {
         child.wait().unwrap();
         assert!(!super::alive(id.pid as i32));
         assert!(!id.alive());
+    }
+
+    #[test]
+    fn a_process_stopped_by_a_signal_has_every_thread_stopped() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        assert!(
+            !super::all_threads_stopped(pid),
+            "a sleeping process is not stopped"
+        );
+        let kill = |sig: &str| {
+            let ok = std::process::Command::new("kill")
+                .args([sig, &pid.to_string()])
+                .status()
+                .unwrap()
+                .success();
+            assert!(ok, "kill {sig} {pid}");
+        };
+        kill("-STOP");
+        let start = std::time::Instant::now();
+        while !super::all_threads_stopped(pid) {
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(10),
+                "SIGSTOP never showed"
+            );
+            std::thread::yield_now();
+        }
+        kill("-KILL");
+        child.wait().unwrap();
+        assert!(
+            !super::all_threads_stopped(pid),
+            "a reaped process is not stopped"
+        );
     }
 
     #[test]

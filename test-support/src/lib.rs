@@ -610,9 +610,6 @@ pub fn succeeded(child: Child) -> Output {
     out
 }
 
-/// Sends `signal` (`-KILL`, `-TERM`, `-STOP`, ...) to process `pid` through the `kill`
-/// command (no unsafe code in tests).
-#[track_caller]
 /// Freezes process `pid` (SIGSTOP) and returns once every thread of it is stopped: a signal
 /// reaches a process's threads one by one, and a polling thread runs on until its own turn.
 pub fn freeze(pid: u32) {
@@ -620,23 +617,13 @@ pub fn freeze(pid: u32) {
     wait_until(
         "every thread of the process stopped",
         Duration::from_secs(10),
-        || {
-            std::fs::read_dir(format!("/proc/{pid}/task"))
-                .map(|tasks| {
-                    tasks.filter_map(|t| t.ok()).all(|t| {
-                        std::fs::read_to_string(t.path().join("stat")).is_ok_and(|stat| {
-                            // The state follows the command name's closing parenthesis.
-                            stat.rsplit_once(") ").is_some_and(|(_, rest)| {
-                                rest.starts_with('T') || rest.starts_with('t')
-                            })
-                        })
-                    })
-                })
-                .unwrap_or(false)
-        },
+        || embar_sys::process::all_threads_stopped(pid),
     );
 }
 
+/// Sends `signal` (`-KILL`, `-TERM`, `-STOP`, ...) to process `pid` through the `kill`
+/// command (no unsafe code in tests).
+#[track_caller]
 pub fn signal(pid: u32, signal: &str) {
     let ok = Command::new("kill")
         .args([signal, &pid.to_string()])
